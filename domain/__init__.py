@@ -1,0 +1,1 @@
+"""Example write models built on the event store."""

@@ -1,0 +1,60 @@
+"""What a projection is: a name, the DDL of its read-model tables and one handler per event class.
+
+Handlers only run SQL on the connection they are given, inside the worker's transaction, with unqualified
+table names (the search_path points at the deployment's schema, or at a shadow schema during a rebuild).
+They never commit, ack, retry or log at INFO; the worker does all of that around them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, Literal, LiteralString, TypeVar
+
+from store import db
+from store.event_store import RecordedEvent
+
+Policy = Literal["halt", "skip"]
+Handler = Callable[[Any, db.Conn, RecordedEvent], Awaitable[None]]
+H = TypeVar("H", bound=Handler)
+
+
+def handles(*event_classes: type[Any]) -> Callable[[H], H]:
+    """Mark a method of a Projection as the handler of these event classes."""
+
+    def mark(fn: H) -> H:
+        fn._eventfleet_handles = event_classes  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+class Projection:
+    """Base class of read models. Subclasses set name, tables, ddl and decorate handlers with @handles."""
+
+    name: ClassVar[str]
+    #: The read-model tables this projection owns (rebuild swaps exactly these).
+    tables: ClassVar[tuple[str, ...]]
+    #: Idempotent DDL (CREATE TABLE IF NOT EXISTS ...) for those tables, with unqualified names.
+    ddl: ClassVar[LiteralString]
+    #: What happens to a stream whose event keeps failing: stop it there (halt) or move past it (skip).
+    policy: ClassVar[Policy] = "halt"
+    _handlers: ClassVar[dict[type[Any], Handler]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        found: dict[type[Any], Handler] = {}
+        for klass in reversed(cls.__mro__):
+            for attr in vars(klass).values():
+                for event_class in getattr(attr, "_eventfleet_handles", ()):
+                    found[event_class] = attr
+        cls._handlers = found
+
+    def handles_event(self, event: RecordedEvent) -> bool:
+        """Whether this projection has a handler for the event's class."""
+        return type(event.event) in self._handlers
+
+    async def apply(self, conn: db.Conn, event: RecordedEvent) -> None:
+        """Apply one event with its handler; events without a handler change nothing."""
+        handler = self._handlers.get(type(event.event))
+        if handler is not None:
+            await handler(self, conn, event)

@@ -1,0 +1,42 @@
+"""Projections by name. Registering a projection is the only step to make it known everywhere."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TypeVar
+
+from store import errors, names
+from projections.base import Projection
+
+P = TypeVar("P", bound=type[Projection])
+
+REGISTRY: dict[str, type[Projection]] = {}
+
+# Modules imported on first use so that their @register decorators run.
+_BUILTIN_MODULES = ("projections.orders",)
+
+
+def register(cls: P) -> P:
+    """Class decorator: make a projection known by its name."""
+    names.identifier(cls.name, what="projection")
+    if REGISTRY.get(cls.name, cls) is not cls:
+        raise errors.InvalidName(f"projection {cls.name!r} is already registered")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def load_builtin() -> dict[str, type[Projection]]:
+    """Import the shipped projections and return the registry."""
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    return REGISTRY
+
+
+def get(name: str) -> type[Projection]:
+    """The projection registered under name; raises InvalidName / KeyError-like errors clearly."""
+    load_builtin()
+    names.identifier(name, what="projection")
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise errors.InvalidName(f"no projection named {name!r}; known: {sorted(REGISTRY)}") from None

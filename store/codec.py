@@ -1,0 +1,279 @@
+"""msgpack encoding of events, the registry of event classes and upcasting of old versions.
+
+Values round-trip exactly: timezone-aware ``datetime`` (with its zone), ``date``, ``Decimal`` and
+``UUID`` are msgpack ext types. Event classes are frozen dataclasses registered under ``Name.vN``;
+decoding builds the current class of that name, upcasting older versions field mapping by field mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import types
+import typing
+import uuid
+import zoneinfo
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import msgpack
+
+from store import errors
+
+_EXT_DATETIME = 1
+_EXT_DECIMAL = 2
+_EXT_UUID = 3
+_EXT_DATE = 4
+
+Fields = dict[str, Any]
+Upcaster = Callable[[Fields], Fields]
+T = TypeVar("T")
+
+
+# --- msgpack with exact ext types -------------------------------------------------------------------
+
+
+def _default(value: object) -> msgpack.ExtType:
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise errors.CodecError(f"naive datetime {value.isoformat()} cannot be encoded: make it timezone-aware")
+        zone: str | int
+        if isinstance(value.tzinfo, zoneinfo.ZoneInfo):
+            zone = value.tzinfo.key
+        else:
+            offset = value.utcoffset()
+            assert offset is not None
+            zone = int(offset.total_seconds() * 1_000_000)
+        naive = value.replace(tzinfo=None)
+        body = [naive.toordinal(), naive.hour * 3600 + naive.minute * 60 + naive.second, naive.microsecond,
+                value.fold, zone]
+        return msgpack.ExtType(_EXT_DATETIME, msgpack.packb(body))
+    if isinstance(value, dt.date):
+        return msgpack.ExtType(_EXT_DATE, msgpack.packb(value.toordinal()))
+    if isinstance(value, decimal.Decimal):
+        return msgpack.ExtType(_EXT_DECIMAL, str(value).encode("ascii"))
+    if isinstance(value, uuid.UUID):
+        return msgpack.ExtType(_EXT_UUID, value.bytes)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}  # type: ignore[return-value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)  # type: ignore[return-value]
+    raise errors.CodecError(f"cannot encode a value of type {type(value).__name__}")
+
+
+def _ext_hook(code: int, data: bytes) -> object:
+    if code == _EXT_DATETIME:
+        ordinal, seconds, micros, fold, zone = msgpack.unpackb(data)
+        tz: dt.tzinfo = (zoneinfo.ZoneInfo(zone) if isinstance(zone, str)
+                         else dt.timezone(dt.timedelta(microseconds=zone)))
+        day = dt.datetime.fromordinal(ordinal)
+        return day.replace(hour=seconds // 3600, minute=seconds // 60 % 60, second=seconds % 60,
+                           microsecond=micros, fold=fold, tzinfo=tz)
+    if code == _EXT_DATE:
+        return dt.date.fromordinal(msgpack.unpackb(data))
+    if code == _EXT_DECIMAL:
+        return decimal.Decimal(data.decode("ascii"))
+    if code == _EXT_UUID:
+        return uuid.UUID(bytes=data)
+    raise errors.CorruptEvent(f"unknown msgpack ext type {code}")
+
+
+def packb(value: object) -> bytes:
+    """Encode a value (maps, lists, scalars, dataclasses and the ext types) to msgpack."""
+    try:
+        return msgpack.packb(value, default=_default, use_bin_type=True, datetime=False)
+    except errors.CodecError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise errors.CodecError(f"cannot encode: {exc}") from exc
+
+
+def unpackb(data: bytes) -> Any:
+    """Decode msgpack bytes written by packb; raise CorruptEvent on anything else."""
+    try:
+        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=True,
+                               timestamp=0)
+    except errors.CodecError:
+        raise
+    except Exception as exc:  # msgpack raises many unrelated types for corrupt input
+        raise errors.CorruptEvent(f"corrupt msgpack: {type(exc).__name__}: {exc}") from exc
+
+
+# --- registry of event classes ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Registered:
+    name: str
+    version: int
+    cls: type[Any]
+
+
+class Registry:
+    """Event classes by name and version, and the upcasters between versions."""
+
+    def __init__(self) -> None:
+        self._by_type: dict[type[Any], _Registered] = {}
+        self._by_name: dict[str, dict[int, _Registered]] = {}
+        self._upcasters: dict[tuple[str, int], Upcaster] = {}
+
+    def event(self, name: str, *, version: int = 1) -> Callable[[type[T]], type[T]]:
+        """Register a frozen dataclass as event ``name`` at ``version``; its type name is ``Name.vN``."""
+
+        def register(cls: type[T]) -> type[T]:
+            if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+                raise TypeError(f"{cls.__name__} must be a frozen dataclass to be an event")
+            if version < 1 or "." in name or not name:
+                raise ValueError(f"invalid event name/version {name!r}/{version}")
+            versions = self._by_name.setdefault(name, {})
+            if version in versions and versions[version].cls is not cls:
+                raise ValueError(f"{name}.v{version} is already registered")
+            entry = _Registered(name, version, cls)
+            versions[version] = entry
+            self._by_type[cls] = entry
+            return cls
+
+        return register
+
+    def upcaster(self, name: str, *, from_version: int) -> Callable[[Upcaster], Upcaster]:
+        """Register a function turning the fields of ``name`` v``from_version`` into v``from_version+1``."""
+
+        def register(fn: Upcaster) -> Upcaster:
+            self._upcasters[(name, from_version)] = fn
+            return fn
+
+        return register
+
+    def type_name(self, payload: object) -> str:
+        """The ``Name.vN`` of a registered event instance."""
+        entry = self._by_type.get(type(payload))
+        if entry is None:
+            raise errors.UnknownEventType(f"{type(payload).__name__} is not a registered event class")
+        return f"{entry.name}.v{entry.version}"
+
+    def current_type_name(self, name: str) -> str:
+        """The ``Name.vN`` of the newest registered version of ``name``."""
+        versions = self._by_name.get(name)
+        if not versions:
+            raise errors.UnknownEventType(f"no event named {name!r}")
+        return f"{name}.v{max(versions)}"
+
+    def known(self, event_type: str) -> bool:
+        """Whether event_type names a registered name at or below its newest version."""
+        try:
+            name, version = _split(event_type)
+        except errors.UnknownEventType:
+            return False
+        versions = self._by_name.get(name)
+        return bool(versions) and version <= max(versions)  # type: ignore[type-var]
+
+    def encode(self, payload: object) -> tuple[str, bytes]:
+        """Return (event_type, data) for an event instance."""
+        event_type = self.type_name(payload)
+        fields = {f.name: getattr(payload, f.name) for f in dataclasses.fields(payload)}  # type: ignore[arg-type]
+        return event_type, packb(fields)
+
+    def decode(self, event_type: str, data: bytes) -> Any:
+        """Decode data stored as event_type into an instance of the newest class of that name."""
+        name, version = _split(event_type)
+        versions = self._by_name.get(name)
+        if not versions:
+            raise errors.UnknownEventType(f"unknown event type {event_type!r}")
+        current = max(versions)
+        if version > current:
+            raise errors.UnknownEventType(f"event type {event_type!r} is newer than this code (v{current})")
+        fields = unpackb(data)
+        if not isinstance(fields, dict):
+            raise errors.CorruptEvent(f"{event_type} data is a {type(fields).__name__}, not a map")
+        for step in range(version, current):
+            upcast = self._upcasters.get((name, step))
+            if upcast is None:
+                raise errors.UnknownEventType(f"no upcaster from {name}.v{step} to v{step + 1}")
+            fields = upcast(dict(fields))
+        return build(versions[current].cls, fields)
+
+
+def _split(event_type: str) -> tuple[str, int]:
+    name, sep, version = event_type.rpartition(".v")
+    if not sep or not name or not version.isdigit():
+        raise errors.UnknownEventType(f"malformed event type {event_type!r}: expected Name.vN")
+    return name, int(version)
+
+
+# --- type-directed construction of dataclasses from decoded values -------------------------------------
+
+_hints_cache: dict[type[Any], dict[str, Any]] = {}
+
+
+def build(cls: type[T], fields: Mapping[str, Any]) -> T:
+    """Construct dataclass cls from a decoded mapping, checking every field against its annotation."""
+    hints = _hints_cache.get(cls)
+    if hints is None:
+        hints = _hints_cache[cls] = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = set(fields) - names
+    if unknown:
+        raise errors.EventSchemaMismatch(f"{cls.__name__} has no fields {sorted(unknown)}")
+    kwargs = {}
+    for name in names:
+        if name not in fields:
+            continue  # a default may apply; a missing required field fails below
+        kwargs[name] = _convert(hints[name], fields[name], f"{cls.__name__}.{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise errors.EventSchemaMismatch(f"{cls.__name__}: {exc}") from exc
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:  # noqa: C901 - one branch per kind of type
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _convert(option, value, where)
+            except errors.EventSchemaMismatch:
+                continue
+        raise errors.EventSchemaMismatch(f"{where}: {value!r} fits none of {hint}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise errors.EventSchemaMismatch(f"{where}: expected None, got {type(value).__name__}")
+    if origin in (list, tuple, frozenset, set) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise errors.EventSchemaMismatch(f"{where}: expected a sequence, got {type(value).__name__}")
+        args = typing.get_args(hint)
+        item = args[0] if args else Any
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if args and len(args) != len(value):
+                raise errors.EventSchemaMismatch(f"{where}: expected {len(args)} items")
+            return tuple(_convert(a, v, where) for a, v in zip(args or [Any] * len(value), value, strict=True))
+        items = [_convert(item, v, f"{where}[]") for v in value]
+        container = origin or hint
+        return container(items)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise errors.EventSchemaMismatch(f"{where}: expected a map, got {type(value).__name__}")
+        key_t, val_t = typing.get_args(hint) or (Any, Any)
+        return {_convert(key_t, k, where): _convert(val_t, v, where) for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise errors.EventSchemaMismatch(f"{where}: expected a map for {hint.__name__}")
+        return build(hint, value)  # type: ignore[arg-type]
+    if isinstance(hint, type):
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if hint is int and isinstance(value, bool):
+            raise errors.EventSchemaMismatch(f"{where}: expected int, got bool")
+        if hint is dt.date and isinstance(value, dt.datetime):
+            raise errors.EventSchemaMismatch(f"{where}: expected date, got datetime")
+        if not isinstance(value, hint):
+            raise errors.EventSchemaMismatch(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+        return value
+    return value
+
+
+# The process-wide registry behind ``store.event`` / ``store.upcaster``.
+REGISTRY = Registry()

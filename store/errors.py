@@ -1,0 +1,80 @@
+"""The error tree of eventfleet: every error the project raises derives from EventFleetError.
+
+The class says what the caller should do: ``TransientError`` may succeed when retried, everything else
+will fail the same way again.
+"""
+
+from __future__ import annotations
+
+
+class EventFleetError(Exception):
+    """Unexpected eventfleet error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.__doc__)
+
+
+class StoreError(EventFleetError):
+    """Unexpected event store error."""
+
+
+class TransientError(StoreError):
+    """The database was unreachable or aborted the transaction; retrying may succeed."""
+
+
+class InvalidInput(EventFleetError, ValueError):
+    """The input was rejected before it reached the database."""
+
+
+class InvalidStreamId(InvalidInput):
+    """A stream id must be 1 to 255 characters of printable text without NUL."""
+
+
+class InvalidName(InvalidInput):
+    """A schema, prefix or projection name must be lowercase letters, digits and underscores."""
+
+
+class PayloadTooLarge(InvalidInput):
+    """An encoded event is larger than the configured limit."""
+
+
+class InvalidExpectedVersion(InvalidInput):
+    """expected_version must be an int >= -1 (NO_STREAM)."""
+
+
+class VersionConflict(StoreError):
+    """The stream moved past the expected version before this append committed."""
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        super().__init__(f"stream {stream_id!r} is at version {actual}, expected {expected}")
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class DuplicateEventId(StoreError):
+    """An event id was appended before at another stream or version."""
+
+
+class CodecError(StoreError):
+    """An event could not be encoded or decoded; it is poison and is never retried."""
+
+
+class UnknownEventType(CodecError):
+    """No event class is registered under this type name."""
+
+
+class CorruptEvent(CodecError):
+    """The stored or delivered bytes are not a valid encoded event."""
+
+
+class EventSchemaMismatch(CodecError):
+    """The decoded fields do not fit the event class."""
+
+
+class ConfigError(EventFleetError):
+    """Invalid configuration."""
+
+
+class DomainError(EventFleetError):
+    """A command was rejected by the domain model."""

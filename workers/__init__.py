@@ -1,0 +1,1 @@
+"""The eventfleet runtime: relay, projection workers and the operator CLI."""

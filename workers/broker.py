@@ -1,0 +1,155 @@
+"""RabbitMQ names, topology and the message format of CONTRACT.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import aio_pika
+import msgpack
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+
+from store import codec, errors, names
+from store.event_store import Position, RecordedEvent
+from workers.errors import MalformedMessage
+
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+_REQUIRED = ("event_id", "stream_id", "version", "global_position", "event_type", "data", "metadata",
+             "recorded_at")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Names:
+    """Every exchange and queue name of one deployment, derived from its prefix."""
+
+    prefix: str
+
+    def __post_init__(self) -> None:
+        names.prefix(self.prefix)
+
+    @property
+    def exchange(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.prefix}.dlx"
+
+    def queue(self, projection: str) -> str:
+        return f"{self.prefix}.{names.identifier(projection, what='projection')}"
+
+    def dead_letter_queue(self, projection: str) -> str:
+        return f"{self.queue(projection)}.dlq"
+
+
+async def declare_exchange(channel: AbstractChannel, n: Names) -> AbstractExchange:
+    """Declare (idempotently) the durable topic exchange events are published to."""
+    return await channel.declare_exchange(n.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+
+
+async def declare_topology(channel: AbstractChannel, n: Names, projections: Iterable[str]) -> AbstractExchange:
+    """Declare the exchange and, per projection, its quorum queue bound with '#' and its dead-letter queue."""
+    exchange = await declare_exchange(channel, n)
+    dlx = await channel.declare_exchange(n.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+    for projection in projections:
+        dlq = await channel.declare_queue(n.dead_letter_queue(projection), durable=True,
+                                          arguments={"x-queue-type": "quorum"})
+        await dlq.bind(dlx, routing_key=projection)
+        queue = await channel.declare_queue(
+            n.queue(projection), durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-dead-letter-exchange": n.dead_letter_exchange,
+                "x-dead-letter-routing-key": projection,
+            },
+        )
+        await queue.bind(exchange, routing_key="#")
+    return exchange
+
+
+def to_message(event: RecordedEvent) -> aio_pika.Message:
+    """The contract's message for a stored event: msgpack body, event id as message id, persistent."""
+    body = {
+        "event_id": str(event.event_id),
+        "stream_id": event.stream_id,
+        "version": event.version,
+        "global_position": event.global_position,
+        "transaction_id": event.position.transaction_id,
+        "event_type": event.event_type,
+        "data": event.data,
+        "metadata": event.metadata,
+        "recorded_at": msgpack.Timestamp.from_datetime(event.recorded_at),
+    }
+    return message_from_body(codec.packb(body), event.event_id, event.event_type, event.stream_id, event.version)
+
+
+def message_from_body(body: bytes, event_id: uuid.UUID, event_type: str, stream_id: str,
+                      version: int) -> aio_pika.Message:
+    """Wrap an encoded body with the contract's properties and headers."""
+    return aio_pika.Message(
+        body,
+        message_id=str(event_id),
+        content_type="application/msgpack",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        headers={"event_type": event_type, "stream_id": stream_id, "version": version},
+    )
+
+
+def encode_row(row: Any) -> aio_pika.Message:
+    """Build the message straight from an events row, without decoding the payload (the relay's path)."""
+    body = {
+        "event_id": str(row["event_id"]),
+        "stream_id": row["stream_id"],
+        "version": row["version"],
+        "global_position": row["global_position"],
+        "transaction_id": row["transaction_id"],
+        "event_type": row["event_type"],
+        "data": row["data"],
+        "metadata": codec.unpackb(row["metadata"]),
+        "recorded_at": msgpack.Timestamp.from_datetime(row["recorded_at"]),
+    }
+    return message_from_body(codec.packb(body), row["event_id"], row["event_type"], row["stream_id"],
+                             row["version"])
+
+
+def from_body(body: bytes, registry: codec.Registry = codec.REGISTRY) -> RecordedEvent:
+    """Decode a delivered body into a RecordedEvent; anything wrong raises MalformedMessage."""
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise MalformedMessage(f"message of {len(body)} bytes is over the {MAX_MESSAGE_BYTES} limit")
+    try:
+        fields = msgpack.unpackb(body, ext_hook=codec._ext_hook, raw=False, timestamp=3)
+    except Exception as exc:  # msgpack raises many unrelated types for corrupt input
+        raise MalformedMessage(f"body is not msgpack: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise MalformedMessage("body is not a msgpack map")
+    missing = [k for k in _REQUIRED if k not in fields]
+    if missing:
+        raise MalformedMessage(f"body lacks {missing}")
+    try:
+        event_id = uuid.UUID(str(fields["event_id"]))
+        stream_id = names.stream_id(fields["stream_id"])
+        version, position, txid = fields["version"], fields["global_position"], fields.get("transaction_id", 0)
+        event_type, data, metadata, recorded_at = (fields["event_type"], fields["data"], fields["metadata"],
+                                                   fields["recorded_at"])
+        for value, kind in ((version, int), (position, int), (txid, int), (event_type, str), (data, bytes),
+                            (metadata, dict), (recorded_at, dt.datetime)):
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise MalformedMessage(f"body field of type {type(value).__name__} where {kind.__name__} belongs")
+        if version < 0 or position < 1:
+            raise MalformedMessage(f"version {version} / position {position} out of range")
+        payload = registry.decode(event_type, data)
+    except MalformedMessage:
+        raise
+    except (errors.CodecError, errors.InvalidInput, ValueError, TypeError) as exc:
+        raise MalformedMessage(f"{type(exc).__name__}: {exc}") from exc
+    return RecordedEvent(event_id=event_id, stream_id=stream_id, version=version, global_position=position,
+                         position=Position(txid, position), event_type=event_type, event=payload, data=data,
+                         metadata=metadata, recorded_at=recorded_at)
+
+
+def from_message(message: AbstractIncomingMessage, registry: codec.Registry = codec.REGISTRY) -> RecordedEvent:
+    """Decode a delivery (see from_body)."""
+    return from_body(message.body, registry)

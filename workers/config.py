@@ -1,0 +1,81 @@
+"""Settings read once from the EVENTFLEET_* environment variables (CONTRACT.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+from store import errors, names
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a process needs to know about its environment."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    amqp_url: str = DEFAULT_AMQP_URL
+    schema: str = "eventfleet"
+    prefix: str = "eventfleet"
+    http_port: int = 9108
+    log_format: str = "text"
+    # Not in the contract's env table: tuning knobs with safe defaults.
+    prefetch: int = 500
+    batch_size: int = 200
+    stop_timeout: float = 10.0
+    max_payload_bytes: int = 1024 * 1024
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Read and validate the EVENTFLEET_* variables; an invalid value names its variable."""
+
+        def get(name: str, default: str) -> str:
+            return environ.get(name, default)
+
+        database_url = get("EVENTFLEET_DATABASE_URL", DEFAULT_DATABASE_URL)
+        if not database_url.startswith(("postgresql://", "postgres://")):
+            raise errors.ConfigError("EVENTFLEET_DATABASE_URL must be a postgresql:// URL")
+        amqp_url = get("EVENTFLEET_AMQP_URL", DEFAULT_AMQP_URL)
+        if not amqp_url.startswith(("amqp://", "amqps://")):
+            raise errors.ConfigError("EVENTFLEET_AMQP_URL must be an amqp:// or amqps:// URL")
+        schema = get("EVENTFLEET_SCHEMA", "eventfleet")
+        try:
+            names.identifier(schema, what="schema")
+        except errors.InvalidName as exc:
+            raise errors.ConfigError(f"EVENTFLEET_SCHEMA: {exc}") from exc
+        prefix = get("EVENTFLEET_PREFIX", "eventfleet")
+        try:
+            names.prefix(prefix)
+        except errors.InvalidName as exc:
+            raise errors.ConfigError(f"EVENTFLEET_PREFIX: {exc}") from exc
+        log_format = get("EVENTFLEET_LOG_FORMAT", "text")
+        if log_format not in ("text", "json"):
+            raise errors.ConfigError("EVENTFLEET_LOG_FORMAT must be 'text' or 'json'")
+        return cls(
+            database_url=database_url,
+            amqp_url=amqp_url,
+            schema=schema,
+            prefix=prefix,
+            http_port=_int(environ, "EVENTFLEET_HTTP_PORT", 9108, 0, 65535),
+            log_format=log_format,
+            prefetch=_int(environ, "EVENTFLEET_PREFETCH", 500, 1, 65535),
+            batch_size=_int(environ, "EVENTFLEET_BATCH_SIZE", 200, 1, 10_000),
+            stop_timeout=float(_int(environ, "EVENTFLEET_STOP_TIMEOUT", 10, 1, 3600)),
+            max_payload_bytes=_int(environ, "EVENTFLEET_MAX_PAYLOAD_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
+        )
+
+
+def _int(environ: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise errors.ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise errors.ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
