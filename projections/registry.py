@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 from typing import TypeVar
 
-from store import errors, names
 from projections.base import Projection
+from store import errors, names
 
 P = TypeVar("P", bound=type[Projection])
 

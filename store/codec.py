@@ -166,7 +166,7 @@ class Registry:
         except errors.UnknownEventType:
             return False
         versions = self._by_name.get(name)
-        return bool(versions) and version <= max(versions)  # type: ignore[type-var]
+        return versions is not None and version <= max(versions)
 
     def encode(self, payload: object) -> tuple[str, bytes]:
         """Return (event_type, data) for an event instance."""
@@ -226,7 +226,7 @@ def build(cls: type[T], fields: Mapping[str, Any]) -> T:
         raise errors.EventSchemaMismatch(f"{cls.__name__}: {exc}") from exc
 
 
-def _convert(hint: Any, value: Any, where: str) -> Any:  # noqa: C901 - one branch per kind of type
+def _convert(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if hint is Any:
         return value
@@ -260,7 +260,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:  # noqa: C901 - one bran
         return {_convert(key_t, k, where): _convert(val_t, v, where) for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
-            raise errors.EventSchemaMismatch(f"{where}: expected a map for {hint.__name__}")
+            raise errors.EventSchemaMismatch(f"{where}: expected a map for {hint!r}")
         return build(hint, value)  # type: ignore[arg-type]
     if isinstance(hint, type):
         if hint is float and isinstance(value, int) and not isinstance(value, bool):

@@ -62,4 +62,5 @@ async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int
 async def connect(dsn: str, schema: str, **kwargs: Any) -> asyncpg.Connection[Any]:
     """Open a single connection (LISTEN, admin work) resolving names in ``schema``."""
     async with translate_errors():
-        return await asyncpg.connect(dsn, **connect_kwargs(schema), **kwargs)
+        conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, **connect_kwargs(schema), **kwargs)
+    return conn

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from importlib import resources
-from typing import LiteralString, cast
+from typing import LiteralString
 
 from store import db, names
 
@@ -31,7 +31,7 @@ def store_migrations() -> list[Migration]:
         if entry.name.endswith(".sql"):
             number, _, rest = entry.name.partition("_")
             # Shipped with the package and reviewed like code: as trusted as a literal.
-            found.append(Migration(int(number), rest.removesuffix(".sql"), cast(LiteralString, entry.read_text("utf-8"))))
+            found.append(Migration(int(number), rest.removesuffix(".sql"), entry.read_text("utf-8")))
     return sorted(found, key=lambda m: m.version)
 
 
@@ -47,8 +47,8 @@ async def migrate(conn: db.Conn, schema: str, *, extra_ddl: Sequence[LiteralStri
     async with db.translate_errors(), conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{_LOCK_NAMESPACE}.{schema}")
         # CREATE SCHEMA IF NOT EXISTS is not safe under concurrency by itself; the lock makes it so.
-        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")  # type: ignore[arg-type]
-        await conn.execute(f"SET LOCAL search_path TO {quoted}")  # type: ignore[arg-type]
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
+        await conn.execute(f"SET LOCAL search_path TO {quoted}")
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             " version integer PRIMARY KEY, name text NOT NULL,"

@@ -8,7 +8,8 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from store import errors
 from workers import logs
@@ -16,7 +17,7 @@ from workers.config import Settings
 
 logger = logging.getLogger(__name__)
 
-Command = Callable[[Settings, argparse.Namespace], Awaitable[int]]
+Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 # subcommand -> "module:function"; imported on use so each command loads only what it needs.
 _COMMANDS = {

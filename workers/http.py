@@ -39,7 +39,7 @@ def make_app(ready: Check) -> web.Application:
 
 
 @contextlib.asynccontextmanager
-async def serve(port: int, ready: Check, host: str = "0.0.0.0") -> AsyncIterator[int]:  # noqa: S104
+async def serve(port: int, ready: Check, host: str = "0.0.0.0") -> AsyncIterator[int]:
     """Serve the endpoints on port (0 = off) until exit; yields the bound port (0 when off)."""
     if port == 0:
         yield 0

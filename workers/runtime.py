@@ -20,11 +20,16 @@ async def run_until_stopped(*jobs: Coroutine[Any, Any, None], stop: asyncio.Even
     try:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(job) for job in jobs]
-            stopper = tg.create_task(stop.wait())
-            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            # If a job fails first, the group cancels this wait and re-raises the failure.
+            await stop.wait()
             logger.info("stopping")
-            for task in (*tasks, stopper):
+            for task in tasks:
                 task.cancel()
+    except BaseExceptionGroup as group:
+        # One failing job is the common case: surface it as itself, not wrapped.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

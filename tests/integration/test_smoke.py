@@ -3,15 +3,17 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 
+import pytest
+
 from domain.events import OrderPaid
 from store import NO_STREAM, Position, VersionConflict
-import pytest
 
 
 async def test_append_then_read_all_and_load(event_store):
     now = dt.datetime.now(dt.UTC)
     r = await event_store.append("order-1", [OrderPaid("1", "c", Decimal("1.50"), now)], NO_STREAM)
-    assert r.first_version == 0 and r.last_version == 0
+    assert r.first_version == 0
+    assert r.last_version == 0
     events = await event_store.read_all(Position.START)
     assert [e.event for e in events] == [OrderPaid("1", "c", Decimal("1.50"), now)]
     with pytest.raises(VersionConflict) as info:
