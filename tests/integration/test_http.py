@@ -1,0 +1,82 @@
+"""The HTTP endpoints over real HTTP: /metrics, /readyz following its check, /healthz and the watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import aiohttp
+
+from workers import http
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}{path}") as response:
+        return response.status, await response.text()
+
+
+async def poll(port: int, path: str, status: int, within: float = 30) -> tuple[int, str]:
+    """GET path until it answers status or the deadline passes; return the last answer."""
+    deadline = time.monotonic() + within
+    while True:
+        result = await get(port, path)
+        if result[0] == status or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.05)
+
+
+async def test_metrics_healthz_and_readyz_follow_the_check():
+    up = {"ready": False}
+    async with http.serve(free_port(), lambda: up["ready"], host="127.0.0.1") as port:
+        status, body = await get(port, "/metrics")
+        assert status == 200
+        assert "eventfleet_outbox_pending" in body
+        assert "eventfleet_end_to_end_seconds_bucket" in body or "eventfleet_end_to_end_seconds" in body
+        assert await get(port, "/healthz") == (200, "ok\n")
+        assert (await get(port, "/readyz"))[0] == 503
+        up["ready"] = True
+        assert (await get(port, "/readyz"))[0] == 200
+
+
+async def test_port_zero_serves_nothing():
+    async with http.serve(0, lambda: True) as port:
+        assert port == 0
+
+
+async def test_healthz_is_503_while_the_loop_is_blocked_and_200_after(caplog):
+    seen: list[tuple[int, str]] = []
+    release = threading.Event()
+
+    def probe_until_503(port: int) -> None:
+        # Runs in its own thread with its own loop, while the test's loop is deliberately blocked.
+        async def probe() -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                result = await get(port, "/healthz")
+                seen.append(result)
+                if result[0] == 503:
+                    return
+        try:
+            asyncio.run(probe())
+        finally:
+            release.set()
+
+    async with http.serve(free_port(), lambda: True, host="127.0.0.1", stall_after=0.3) as port:
+        assert (await get(port, "/healthz"))[0] == 200
+        prober = threading.Thread(target=probe_until_503, args=(port,))
+        prober.start()
+        release.wait(timeout=60)  # blocks the event loop until the prober saw the 503
+        prober.join()
+        assert seen[-1][0] == 503
+        assert "event loop blocked" in seen[-1][1]
+        assert await poll(port, "/healthz", 200) == (200, "ok\n")
+    assert "event loop blocked" in caplog.text
