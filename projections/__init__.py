@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from projections.base import Projection, handles
 from projections.registry import REGISTRY, get, register
+from projections.wait import WaitTimeout, wait_for
 
-__all__ = ["REGISTRY", "Projection", "get", "handles", "register"]
+__all__ = ["REGISTRY", "Projection", "WaitTimeout", "get", "handles", "register", "wait_for"]
