@@ -1,0 +1,45 @@
+"""The transactional outbox: claim rows with their events, delete them once published, measure the backlog.
+
+The relay calls ``claim`` and ``delete`` inside one transaction of its own; nothing here commits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from store import db, queries
+
+SQL = queries.load("store", "outbox.sql")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Backlog:
+    """Outbox rows not yet published, and how old the oldest of them is."""
+
+    pending: int
+    oldest_age_seconds: float
+
+
+async def claim(conn: db.Conn, limit: int) -> list[Any]:
+    """Lock up to ``limit`` unclaimed rows (skipping locked ones) and return their events rows in order.
+
+    Must run inside a transaction: the locks, and the rows' fate, end with it.
+    """
+    async with db.translate_errors():
+        return await conn.fetch(SQL["claim"], limit)
+
+
+async def delete(conn: db.Conn, positions: Sequence[int]) -> None:
+    """Delete the rows of ``positions`` (published); takes effect when the caller's transaction commits."""
+    async with db.translate_errors():
+        await conn.execute(SQL["delete"], positions)
+
+
+async def backlog(conn: db.Conn | db.Pool) -> Backlog:
+    """Count the pending rows and the age of the oldest."""
+    async with db.translate_errors():
+        row = await conn.fetchrow(SQL["pending"])
+    assert row is not None
+    return Backlog(row["pending"], row["oldest_age_seconds"])
