@@ -7,7 +7,7 @@ They never commit, ack, retry or log at INFO; the worker does all of that around
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Literal, LiteralString, TypeVar
 
 from store import db
@@ -58,3 +58,14 @@ class Projection:
         handler = self._handlers.get(type(event.event))
         if handler is not None:
             await handler(self, conn, event)
+
+    async def apply_batch(self, conn: db.Conn, events: Sequence[RecordedEvent]) -> None:
+        """Apply events (grouped by stream, each stream in version order) with the effect of ``apply`` on each.
+
+        Override with set-based SQL (one statement for the whole batch) as a fast path; it must leave the
+        same rows as applying the events one by one, and take row locks in a fixed order (sorted keys) so
+        that concurrent workers never deadlock. When it raises, the worker re-runs the batch event by event
+        to find the failing event.
+        """
+        for event in events:
+            await self.apply(conn, event)

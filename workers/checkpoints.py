@@ -1,0 +1,218 @@
+"""Exactly-once effects over at-least-once delivery: a batch, its read-model writes and checkpoints, one transaction.
+
+Per projection and stream the checkpoint is the last applied version. Within the batch's transaction the
+checkpoint rows are locked (in stream order, so workers never deadlock) and decide each event's fate:
+version <= checkpoint is a duplicate, checkpoint + 1 is applied, anything beyond is a gap that is filled
+from the event store first. Whatever the broker does (reorder, duplicate, lose), the read model ends up
+the fold of the store's events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+from projections.base import Policy, Projection
+from store import db
+from store import errors as store_errors
+from store.event_store import EventStore, RecordedEvent, record_from_row
+from store.queries import load
+from workers import errors
+
+SQL = load("workers", "checkpoints.sql")
+
+
+def projection_lock_key(schema: str, projection: str) -> str:
+    """The advisory lock a batch shares and a rebuild takes exclusively to swap the projection's tables."""
+    return f"eventfleet.projection.{schema}.{projection}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failure:
+    """Why an event is to be parked: its handler's last error after ``attempts`` tries."""
+
+    error: str
+    traceback: str
+    attempts: int
+
+    @classmethod
+    def of(cls, exc: BaseException, attempts: int) -> Failure:
+        cause = exc.__cause__ if isinstance(exc, HandlerFailed) and exc.__cause__ else exc
+        text = "".join(traceback.format_exception(cause))
+        return cls(f"{type(cause).__name__}: {cause}", text, attempts)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Parked:
+    """An event this batch dead-lettered, and what became of its stream."""
+
+    dead_letter_id: int
+    event: RecordedEvent
+    policy: Policy
+
+
+@dataclasses.dataclass(slots=True)
+class BatchResult:
+    """What a batch did: events applied (gap fills included, in order), duplicates, held and parked."""
+
+    applied: list[RecordedEvent] = dataclasses.field(default_factory=list)
+    duplicates: int = 0
+    gaps_filled: int = 0
+    held: int = 0
+    parked: list[Parked] = dataclasses.field(default_factory=list)
+
+    def add(self, other: BatchResult) -> None:
+        self.applied += other.applied
+        self.duplicates += other.duplicates
+        self.gaps_filled += other.gaps_filled
+        self.held += other.held
+        self.parked += other.parked
+
+
+class HandlerFailed(errors.WorkerError):
+    """A projection's handler raised; ``event`` is None when a set-based apply_batch failed as a whole."""
+
+    def __init__(self, projection: str, event: RecordedEvent | None, cause: BaseException) -> None:
+        where = f"{event.stream_id}@{event.version} ({event.event_type})" if event else "a set-based batch"
+        super().__init__(f"projection {projection}: handler failed on {where}: {type(cause).__name__}: {cause}")
+        self.event = event
+
+
+@dataclasses.dataclass(slots=True)
+class _Stream:
+    """The plan of one stream in a batch."""
+
+    checkpoint: int
+    halted: int | None
+    delivered: dict[int, RecordedEvent]
+    missing: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+
+    def target(self) -> int:
+        return max(self.delivered)
+
+
+async def apply_batch(store: EventStore, projection: Projection, events: Sequence[RecordedEvent], *,
+                      park: Mapping[tuple[str, int], Failure] | None = None,
+                      set_based: bool = True) -> BatchResult:
+    """Apply events to the projection and move its checkpoints, in one transaction; see the module doc.
+
+    Events listed in ``park`` are dead-lettered instead of applied, per the projection's policy: ``halt``
+    stops the stream there (its later events are held until ``dead-letters retry``), ``skip`` moves the
+    checkpoint past it. A handler exception rolls everything back and raises HandlerFailed (transient
+    database errors raise TransientError instead, to be retried as a whole).
+    """
+    result = BatchResult()
+    streams: dict[str, _Stream] = {}
+    for event in events:
+        plan = streams.setdefault(event.stream_id, _Stream(-1, None, {}))
+        if event.version in plan.delivered:
+            result.duplicates += 1
+        else:
+            plan.delivered[event.version] = event
+    if not streams:
+        return result
+    async with db.translate_errors(), store.pool.acquire() as conn, conn.transaction():
+        await conn.execute(SQL["lock_projection_shared"], projection_lock_key(store.schema, projection.name))
+        for row in await conn.fetch(SQL["lock_checkpoints"], projection.name, list(streams)):
+            plan = streams[row["stream_id"]]
+            plan.checkpoint, plan.halted = row["version"], row["halted_version"]
+        filled = await _load_gaps(conn, store, streams, result)
+        ordered = [(sid, streams[sid]) for sid in sorted(streams)]
+        to_apply: list[RecordedEvent] = []
+        moves: list[tuple[str, int, int | None]] = []
+        for sid, plan in ordered:
+            before = len(to_apply)
+            version, halted = await _walk(conn, projection, plan, filled.get(sid, {}), park or {}, result,
+                                          to_apply)
+            result.gaps_filled += sum(1 for e in to_apply[before:] if e.version not in plan.delivered)
+            if (version, halted) != (plan.checkpoint, plan.halted):
+                moves.append((sid, version, halted))
+        await _apply(conn, projection, to_apply, set_based)
+        if moves:
+            await conn.execute(SQL["advance_checkpoints"], projection.name, [m[0] for m in moves],
+                               [m[1] for m in moves], [m[2] for m in moves], len(to_apply))
+    result.applied = to_apply
+    return result
+
+
+async def _load_gaps(conn: db.Conn, store: EventStore, streams: dict[str, _Stream],
+                     result: BatchResult) -> dict[str, dict[int, RecordedEvent]]:
+    """Count duplicates and held events, and read every version missing below a delivered one, in one query."""
+    ranges: list[tuple[str, int, int]] = []
+    for sid, plan in streams.items():
+        result.duplicates += sum(1 for v in plan.delivered if v <= plan.checkpoint)
+        plan.delivered = {v: e for v, e in plan.delivered.items() if v > plan.checkpoint}
+        if plan.halted is not None:
+            result.held += len(plan.delivered)
+            plan.delivered = {}
+        expected = plan.checkpoint + 1
+        for v in sorted(plan.delivered):
+            if v > expected:
+                ranges.append((sid, expected, v - 1))
+            expected = v + 1
+    if not ranges:
+        return {}
+    rows = await conn.fetch(SQL["load_ranges"], [r[0] for r in ranges], [r[1] for r in ranges],
+                            [r[2] for r in ranges])
+    filled: dict[str, dict[int, RecordedEvent]] = {}
+    for row in rows:
+        filled.setdefault(row["stream_id"], {})[row["version"]] = record_from_row(row, store.registry)
+    wanted = sum(last - first + 1 for _, first, last in ranges)
+    if len(rows) != wanted:
+        raise store_errors.StoreError(f"gap filling found {len(rows)} of {wanted} missing events in the store")
+    return filled
+
+
+async def _walk(conn: db.Conn, projection: Projection, plan: _Stream, filled: dict[int, RecordedEvent],
+                park: Mapping[tuple[str, int], Failure], result: BatchResult,
+                to_apply: list[RecordedEvent]) -> tuple[int, int | None]:
+    """Queue one stream's events in version order, parking those in ``park``; return its new checkpoint."""
+    version, halted = plan.checkpoint, plan.halted
+    if halted is not None or not plan.delivered:
+        return version, halted
+    for v in range(plan.checkpoint + 1, plan.target() + 1):
+        event = plan.delivered.get(v) or filled[v]
+        failure = park.get((event.stream_id, v))
+        if failure is None:
+            to_apply.append(event)
+            version = v
+            continue
+        status = "parked" if projection.policy == "halt" else "skipped"
+        dead_letter_id: int = await conn.fetchval(
+            SQL["insert_dead_letter"], projection.name, event.stream_id, v, event.global_position,
+            event.event_id, event.event_type, failure.error, failure.traceback, failure.attempts, status)
+        result.parked.append(Parked(dead_letter_id, event, projection.policy))
+        if projection.policy == "halt":
+            result.held += sum(1 for d in plan.delivered if d > v)
+            return version, v
+        version = v
+    return version, halted
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, (*db.TRANSIENT, store_errors.TransientError))
+
+
+async def _apply(conn: db.Conn, projection: Projection, events: list[RecordedEvent], set_based: bool) -> None:
+    """Run the handlers: set-based when the projection has a fast path, else one event at a time."""
+    if not events:
+        return
+    if set_based and type(projection).apply_batch is not Projection.apply_batch:
+        try:
+            await projection.apply_batch(conn, events)
+        except Exception as exc:  # noqa: BLE001 - a handler's own error, whatever its type, is poison
+            _raise_for(projection, None, exc)
+        return
+    for event in events:
+        try:
+            await projection.apply(conn, event)
+        except Exception as exc:  # noqa: BLE001 - a handler's own error, whatever its type, is poison
+            _raise_for(projection, event, exc)
+
+
+def _raise_for(projection: Projection, event: RecordedEvent | None, exc: Exception) -> NoReturn:
+    if _is_transient(exc):
+        raise store_errors.TransientError(f"{type(exc).__name__}: {exc}") from exc
+    raise HandlerFailed(projection.name, event, exc) from exc

@@ -1,0 +1,76 @@
+-- Lag of a projection, exact and cheap: a low watermark in read_all order (transaction id, position)
+-- below which every event is applied, skipped or belongs to a halted stream; only the tail after it and
+-- the halted streams' unapplied events are counted against the checkpoints.
+
+-- name: lock_watermark
+-- Serialize with a release of halted streams (dead-letters retry), which may make passed events count again.
+SELECT pg_advisory_xact_lock(hashtextextended($1, 0));
+
+-- name: try_lock_watermark
+-- Advance only if no other process advances or releases a stream right now; skipping a round is harmless.
+SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0));
+
+-- name: advance_watermark
+-- Move the watermark over the next $2 events below the read_all horizon up to the first event that is
+-- neither applied nor of a halted stream. Events of transactions at or above the horizon may still be
+-- joined by a late commit of a smaller id, so the watermark never passes them.
+WITH tail AS (
+    SELECT e.transaction_id, e.global_position,
+           coalesce(c.version >= e.version OR c.halted_version IS NOT NULL, false) AS passable
+    FROM events AS e
+    LEFT JOIN checkpoints AS c ON c.projection = $1 AND c.stream_id = e.stream_id
+    WHERE (e.transaction_id, e.global_position) > (
+              coalesce((SELECT watermark_txid FROM projection_status WHERE projection = $1), '0'::xid8),
+              coalesce((SELECT watermark_position FROM projection_status WHERE projection = $1), 0))
+      AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY e.transaction_id, e.global_position
+    LIMIT $2
+), blocked AS (
+    SELECT transaction_id, global_position FROM tail WHERE NOT passable
+    ORDER BY transaction_id, global_position
+    LIMIT 1
+), target AS (
+    SELECT t.transaction_id, t.global_position FROM tail AS t
+    WHERE NOT EXISTS (SELECT 1 FROM blocked AS b
+                      WHERE (t.transaction_id, t.global_position) >= (b.transaction_id, b.global_position))
+    ORDER BY t.transaction_id DESC, t.global_position DESC
+    LIMIT 1
+), moved AS (
+    INSERT INTO projection_status AS s (projection, watermark_txid, watermark_position)
+    SELECT $1, transaction_id, global_position FROM target
+    ON CONFLICT (projection) DO UPDATE
+        SET watermark_txid = EXCLUDED.watermark_txid, watermark_position = EXCLUDED.watermark_position,
+            updated_at = clock_timestamp()
+        WHERE (s.watermark_txid, s.watermark_position) < (EXCLUDED.watermark_txid, EXCLUDED.watermark_position)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM tail) AS scanned,
+       (SELECT count(*) FROM blocked) AS blocked,
+       (SELECT count(*) FROM moved) AS moved;
+
+-- name: measure_lag
+-- Unapplied committed events: the tail after the watermark not covered by its stream's checkpoint, plus
+-- the events at or before it of halted streams above their checkpoint; and the oldest one's age.
+WITH w AS (
+    SELECT coalesce((SELECT watermark_txid FROM projection_status WHERE projection = $1), '0'::xid8) AS txid,
+           coalesce((SELECT watermark_position FROM projection_status WHERE projection = $1), 0) AS pos
+), tail AS (
+    SELECT e.recorded_at
+    FROM events AS e
+    LEFT JOIN checkpoints AS c ON c.projection = $1 AND c.stream_id = e.stream_id
+    WHERE (e.transaction_id, e.global_position) > ((SELECT txid FROM w), (SELECT pos FROM w))
+      AND (c.version IS NULL OR c.version < e.version)
+), halted AS (
+    SELECT e.recorded_at
+    FROM checkpoints AS c
+    JOIN events AS e ON e.stream_id = c.stream_id AND e.version > c.version
+    WHERE c.projection = $1 AND c.halted_version IS NOT NULL
+      AND (e.transaction_id, e.global_position) <= ((SELECT txid FROM w), (SELECT pos FROM w))
+), unapplied AS (
+    SELECT recorded_at FROM tail
+    UNION ALL
+    SELECT recorded_at FROM halted
+)
+SELECT count(*) AS lag_events,
+       greatest(coalesce(extract(epoch FROM clock_timestamp() - min(recorded_at))::float8, 0), 0) AS lag_seconds
+FROM unapplied;
