@@ -41,26 +41,28 @@ async def translate_errors() -> AsyncIterator[None]:
         raise errors.StoreError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def connect_kwargs(schema: str) -> dict[str, Any]:
+def connect_kwargs(schema: str, application_name: str = "eventfleet") -> dict[str, Any]:
     """Connection settings shared by pools and single connections: every name resolves in ``schema``."""
-    return {"server_settings": {"search_path": names.quote(schema), "application_name": "eventfleet"}}
+    return {"server_settings": {"search_path": names.quote(schema), "application_name": application_name}}
 
 
 @contextlib.asynccontextmanager
 async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10,
-                      **kwargs: Any) -> AsyncIterator[Pool]:
+                      application_name: str = "eventfleet", **kwargs: Any) -> AsyncIterator[Pool]:
     """Open a pool whose connections resolve unqualified names in ``schema``; close it on exit."""
     async with translate_errors():
         pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                         **connect_kwargs(schema), **kwargs)
+                                         **connect_kwargs(schema, application_name), **kwargs)
     try:
         yield pool
     finally:
         await pool.close()
 
 
-async def connect(dsn: str, schema: str, **kwargs: Any) -> asyncpg.Connection[Any]:
+async def connect(dsn: str, schema: str, *, application_name: str = "eventfleet",
+                  **kwargs: Any) -> asyncpg.Connection[Any]:
     """Open a single connection (LISTEN, admin work) resolving names in ``schema``."""
     async with translate_errors():
-        conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, **connect_kwargs(schema), **kwargs)
+        conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, **connect_kwargs(schema, application_name),
+                                                              **kwargs)
     return conn
