@@ -190,13 +190,23 @@ class Registry:
             upcast = self._upcasters.get((name, step))
             if upcast is None:
                 raise errors.UnknownEventType(f"no upcaster from {name}.v{step} to v{step + 1}")
-            fields = upcast(dict(fields))
+            try:
+                fields = upcast(dict(fields))
+            except Exception as exc:  # old data the upcaster cannot read is poison, not a crash
+                raise errors.EventSchemaMismatch(
+                    f"upcasting {name}.v{step} failed: {type(exc).__name__}: {exc}") from exc
+            if not isinstance(fields, dict):
+                raise errors.EventSchemaMismatch(f"upcaster of {name}.v{step} returned a {type(fields).__name__}")
         return build(versions[current].cls, fields)
 
 
 def _split(event_type: str) -> tuple[str, int]:
+    if not isinstance(event_type, str):
+        raise errors.UnknownEventType(f"event type must be text, got {type(event_type).__name__}")
     name, sep, version = event_type.rpartition(".v")
-    if not sep or not name or not version.isdigit():
+    # ASCII digits only: superscript two is isdigit() but not int(), Arabic-Indic one would alias v1;
+    # at most 9 digits keep int() cheap.
+    if not sep or not name or not (version.isascii() and version.isdigit() and len(version) <= 9):
         raise errors.UnknownEventType(f"malformed event type {event_type!r}: expected Name.vN")
     return name, int(version)
 

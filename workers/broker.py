@@ -138,8 +138,9 @@ def from_body(body: bytes, registry: codec.Registry = codec.REGISTRY) -> Recorde
                             (metadata, dict), (recorded_at, dt.datetime)):
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise MalformedMessage(f"body field of type {type(value).__name__} where {kind.__name__} belongs")
-        if version < 0 or position < 1:
-            raise MalformedMessage(f"version {version} / position {position} out of range")
+        # Postgres bigint / xid8 ranges: a bigger value would fail at the checkpoint, not here, as poison.
+        if not (0 <= version < 2**63 and 1 <= position < 2**63 and 0 <= txid < 2**64):
+            raise MalformedMessage(f"version {version} / position {position} / transaction {txid} out of range")
         payload = registry.decode(event_type, data)
     except MalformedMessage:
         raise
