@@ -207,21 +207,19 @@ async def _relay_loop(pool: db.Pool, exchange: AbstractExchange, config: RelayCo
     next_refresh = time.monotonic() + config.metrics_interval
     while True:
         session.wake.clear()  # before claiming: a NOTIFY from now on wakes the next wait
-        while (n := await _publish_finishing_on_stop(pool, exchange, config)) == config.batch_size:
+        while True:
+            n = await _publish_finishing_on_stop(pool, exchange, config)
             session.progressed = True
             session.check()
             if time.monotonic() >= next_refresh:
                 await refresh_backlog(pool)
                 next_refresh = time.monotonic() + config.metrics_interval
-        session.progressed = True
-        session.check()
-        if time.monotonic() >= next_refresh:
-            await refresh_backlog(pool)
-            next_refresh = time.monotonic() + config.metrics_interval
+            if n < config.batch_size:  # drained (or the rest is claimed by other relays)
+                break
         if idle is not None and n == 0:
             idle.set()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(config.poll_interval):
+            async with asyncio.timeout(config.poll_interval):  # the fallback: a NOTIFY can be lost
                 await session.wake.wait()
         if idle is not None:
             idle.clear()
