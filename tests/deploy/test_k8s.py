@@ -385,3 +385,14 @@ def test_queries_in_manifests_use_only_exported_metrics(deployed: dict[tuple[str
     exported = set(exported_series_names()) | SYNTHETIC
     for obj in by_kind(list(deployed.values()), "ScaledObject"):
         assert metric_names(trigger_metadata(obj)["query"]) <= exported
+
+
+def test_the_migrate_phase_is_self_sufficient(deployed: dict[tuple[str, str], Doc]) -> None:
+    """`kubectl apply -l eventfleet.io/phase=migrate` (README) creates the Job and all it needs, nothing more."""
+    phase = {k for k, d in deployed.items() if d["metadata"].get("labels", {}).get("eventfleet.io/phase") == "migrate"}
+    job = deployed["Job", "eventfleet-migrate"]
+    (container,) = containers(job)
+    needs = {("Job", "eventfleet-migrate"), ("Namespace", job["metadata"]["namespace"])}
+    needs |= {("ConfigMap", s["configMapRef"]["name"]) for s in container["envFrom"]}
+    needs |= {("Secret", v["valueFrom"]["secretKeyRef"]["name"]) for v in container["env"] if "valueFrom" in v}
+    assert phase == needs
