@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from store import errors
-from workers import logs
+from workers import logs, redact
 from workers.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -78,16 +78,18 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     except errors.ConfigError as exc:
         print(f"eventfleet: configuration error: {exc}", file=sys.stderr)
         return 2
-    logs.setup(settings.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    secrets = redact.secrets_of(settings.database_url, settings.amqp_url)
+    logs.setup(settings.log_format, logging.DEBUG if args.verbose else logging.INFO, secrets=secrets)
     try:
         return asyncio.run(_resolve(args.command)(settings, args))
     except KeyboardInterrupt:
         return 0
     except errors.EventFleetError as exc:
         logger.debug("command failed", exc_info=True)
-        print(f"eventfleet {args.command}: {exc}", file=sys.stderr)
+        print(redact.text(f"eventfleet {args.command}: {exc}", secrets), file=sys.stderr)
         return 1
     except Exception as exc:
         logger.debug("command failed", exc_info=True)
-        print(f"eventfleet {args.command}: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(redact.text(f"eventfleet {args.command}: unexpected {type(exc).__name__}: {exc}", secrets),
+              file=sys.stderr)
         return 1

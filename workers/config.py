@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import urllib.parse
 from collections.abc import Mapping
 
 from store import errors, names
+from workers import redact
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -28,6 +30,11 @@ class Settings:
     stop_timeout: float = 10.0
     max_payload_bytes: int = 1024 * 1024
 
+    def __repr__(self) -> str:
+        # The URLs carry passwords: a logged or printed Settings must not show them.
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return f"Settings({redact.text(fields)})"
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
         """Read and validate the EVENTFLEET_* variables; an invalid value names its variable."""
@@ -38,9 +45,11 @@ class Settings:
         database_url = get("EVENTFLEET_DATABASE_URL", DEFAULT_DATABASE_URL)
         if not database_url.startswith(("postgresql://", "postgres://")):
             raise errors.ConfigError("EVENTFLEET_DATABASE_URL must be a postgresql:// URL")
+        _check_url("EVENTFLEET_DATABASE_URL", database_url)
         amqp_url = get("EVENTFLEET_AMQP_URL", DEFAULT_AMQP_URL)
         if not amqp_url.startswith(("amqp://", "amqps://")):
             raise errors.ConfigError("EVENTFLEET_AMQP_URL must be an amqp:// or amqps:// URL")
+        _check_url("EVENTFLEET_AMQP_URL", amqp_url)
         schema = get("EVENTFLEET_SCHEMA", "eventfleet")
         try:
             names.identifier(schema, what="schema")
@@ -66,6 +75,19 @@ class Settings:
             stop_timeout=float(_int(environ, "EVENTFLEET_STOP_TIMEOUT", 10, 1, 3600)),
             max_payload_bytes=_int(environ, "EVENTFLEET_MAX_PAYLOAD_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
         )
+
+
+def _check_url(name: str, value: str) -> None:
+    """Refuse a URL the drivers would misparse: their errors would echo part of the password."""
+    try:
+        parts = urllib.parse.urlsplit(value)
+        for host in parts.netloc.rpartition("@")[2].split(","):  # libpq allows host1:port1,host2:port2
+            urllib.parse.urlsplit(f"//{host}").port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        parts = None
+    if parts is None or "@" in parts.path:
+        # Never echo the value: it holds the password.
+        raise errors.ConfigError(f"{name} is not a valid URL: percent-encode '@', ':' and '/' in the password")
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

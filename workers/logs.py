@@ -6,7 +6,10 @@ import datetime as dt
 import json
 import logging
 import sys
+from collections.abc import Iterable
 from typing import Any
+
+from workers import redact
 
 _STANDARD = set(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime", "taskName"}
 
@@ -45,10 +48,11 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup(log_format: str = "text", level: int = logging.INFO) -> None:
-    """Send the root logger to stderr in the chosen format."""
+def setup(log_format: str = "text", level: int = logging.INFO, secrets: Iterable[str] = ()) -> None:
+    """Send the root logger to stderr in the chosen format, with ``secrets`` and URL passwords masked."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    formatter = JsonFormatter() if log_format == "json" else TextFormatter()
+    handler.setFormatter(redact.RedactingFormatter(formatter, secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -1,0 +1,101 @@
+"""Credentials never reach a log line, an error message or a printed Settings."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import urllib.parse
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workers import logs, redact
+from workers.config import Settings
+
+PG = "postgresql://app:Pg-S3cret%40x@db.example:5432/prod?sslmode=verify-full"
+MQ = "amqps://svc:Mq-S3cret@mq.example:5671/vhost?cafile=/etc/ca.pem"
+
+
+@pytest.mark.parametrize(("url", "masked"), [
+    (PG, "postgresql://app:***@db.example:5432/prod?sslmode=verify-full"),
+    (MQ, "amqps://svc:***@mq.example:5671/vhost?cafile=/etc/ca.pem"),
+    ("amqp://guest:guest@127.0.0.1:5672/", "amqp://guest:***@127.0.0.1:5672/"),
+    ("postgresql://u@h/db?password=xyz12&sslmode=require", "postgresql://u@h/db?password=***&sslmode=require"),
+    ("postgresql://postgres@127.0.0.1:5432/postgres", "postgresql://postgres@127.0.0.1:5432/postgres"),
+    ("postgresql://u:p@h1:5432,h2:5433/db", "postgresql://u:***@h1:5432,h2:5433/db"),
+    ("postgresql://u:p@[::1/db", "postgresql://***"),
+])
+def test_url_masks_the_password_and_keeps_everything_else(url: str, masked: str) -> None:
+    assert redact.url(url) == masked
+
+
+def test_secrets_of_finds_passwords_as_written_and_decoded() -> None:
+    found = redact.secrets_of(PG, MQ, "postgresql://u@h/db?password=Qp-777")
+    assert set(found) == {"Pg-S3cret%40x", "Pg-S3cret@x", "Mq-S3cret", "Qp-777"}
+    assert redact.secrets_of("postgresql://postgres@127.0.0.1/db") == ()
+
+
+def test_text_masks_secrets_and_any_url_password() -> None:
+    secrets = redact.secrets_of(PG, MQ)
+    line = "auth failed for Pg-S3cret@x via amqp://other:hunter22@h/ and dsn host=h password=zzz9 end"
+    out = redact.text(line, secrets)
+    for leak in ("Pg-S3cret", "hunter22", "zzz9"):
+        assert leak not in out
+    assert out == "auth failed for *** via amqp://other:***@h/ and dsn host=h password=*** end"
+
+
+def test_a_short_password_is_masked_in_urls_but_does_not_erase_words() -> None:
+    out = redact.text("user a wrote to amqp://u:ab@h/", redact.secrets_of("amqp://u:ab@h/"))
+    assert out == "user a wrote to amqp://u:***@h/"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8", exclude_characters="*"), min_size=4, max_size=30),
+       st.text(max_size=40), st.text(max_size=40))
+def test_a_configured_secret_never_survives_text(secret: str, before: str, after: str) -> None:
+    quoted = urllib.parse.quote(secret, safe="")
+    secrets = redact.secrets_of(f"amqp://user:{quoted}@host/")
+    assert secret in secrets
+    assert quoted in secrets
+    for form in (secret, quoted):
+        assert form not in redact.text(before + form + after, secrets)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_every_formatted_record_is_redacted(log_format: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.setup(log_format, logging.DEBUG, secrets=redact.secrets_of(PG, MQ))
+        log = logging.getLogger("test.redact")
+        log.info("connecting to %s", PG)
+        log.warning("outage", extra={"cause": "login Mq-S3cret refused", "url": MQ})
+        try:
+            raise ConnectionError(f"could not reach {PG} with Pg-S3cret@x")
+        except ConnectionError:
+            log.exception("failed")
+        log.debug("stack", stack_info=True, extra={"settings": Settings(database_url=PG, amqp_url=MQ)})
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    output = stream.getvalue()
+    assert "ConnectionError" in output
+    assert "db.example" in output
+    for leak in ("Pg-S3cret", "Mq-S3cret"):
+        assert leak not in output
+    if log_format == "json":
+        docs = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+        assert [d["message"] for d in docs] == [
+            "connecting to postgresql://app:***@db.example:5432/prod?sslmode=verify-full", "outage", "failed",
+            "stack"]
+
+
+def test_settings_repr_hides_passwords_but_keeps_tls_options() -> None:
+    text = repr(Settings(database_url=PG, amqp_url=MQ))
+    assert "S3cret" not in text
+    assert "sslmode=verify-full" in text
+    assert "amqps://svc:***@mq.example:5671/vhost?cafile=/etc/ca.pem" in text
