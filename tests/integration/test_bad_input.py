@@ -1,0 +1,170 @@
+"""Hostile input against the real database: exact round trips or typed errors, never a crash or SQL text."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from domain.events import OrderPaid
+from store import db, errors, migrate, names
+from store.event_store import NO_STREAM, EventStore
+from tests.conftest import DATABASE_URL
+from workers import commands
+from workers.config import Settings
+
+NOW = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+PAID = OrderPaid("o", "c", Decimal("1.25"), NOW)
+
+HOSTILE_STREAM_IDS = [
+    'order-"1"', "order-'1'", "o'; DROP TABLE events; --", 'o"; DROP TABLE events; --', "\\x00", "%s%n",
+    "ordre-é", "日本語-ストリーム", "🎉-party", "e\u0301", "a b c", "$1",
+    "x" * 255, "é" * 255, "\U0001d54f" * 255,
+]
+
+
+async def _round_trip(event_store: EventStore, stream_id: str) -> None:
+    version = await event_store.stream_version(stream_id)
+    result = await event_store.append(stream_id, [PAID], version)
+    assert result.stream_id == stream_id
+    loaded = await event_store.load(stream_id)
+    assert [e.stream_id for e in loaded] == [stream_id] * (version + 2)
+    assert loaded[-1].event == PAID
+
+
+@pytest.mark.parametrize("stream_id", HOSTILE_STREAM_IDS)
+async def test_unicode_and_quoted_stream_ids_round_trip_exactly(
+        event_store: EventStore, pool: db.Pool, stream_id: str) -> None:
+    await _round_trip(event_store, stream_id)
+    assert await pool.fetchval("SELECT stream_id FROM events") == stream_id
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(stream_id=st.text(min_size=1, max_size=300))
+async def test_any_text_stream_id_round_trips_or_is_refused(event_store: EventStore, stream_id: str) -> None:
+    try:
+        names.stream_id(stream_id)
+    except errors.InvalidStreamId:
+        with pytest.raises(errors.InvalidStreamId):
+            await event_store.append(stream_id, [PAID], NO_STREAM)
+        return
+    await _round_trip(event_store, stream_id)
+
+
+@pytest.mark.parametrize("stream_id", ["a\x00b", "\x00", "x" * 10_000, "x" * 256, "", "\ud800x", "tab\there",
+                                       "\u202eevil"])
+async def test_nul_and_over_long_stream_ids_are_refused_and_nothing_is_written(
+        event_store: EventStore, pool: db.Pool, stream_id: str) -> None:
+    with pytest.raises(errors.InvalidStreamId):
+        await event_store.append(stream_id, [PAID], NO_STREAM)
+    with pytest.raises(errors.InvalidStreamId):
+        await event_store.append_batch([("order-ok", [PAID], NO_STREAM), (stream_id, [PAID], NO_STREAM)])
+    assert await pool.fetchval("SELECT count(*) FROM events") == 0
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+
+
+@pytest.mark.parametrize("expected", [-2, -(10**6), 2**62, 2**63, 2**64, 10**30, "0", 0.0, None, True, Decimal(0)])
+async def test_bad_expected_versions_are_refused(event_store: EventStore, pool: db.Pool, expected: Any) -> None:
+    await event_store.append("order-1", [PAID], NO_STREAM)
+    with pytest.raises(errors.InvalidExpectedVersion):
+        await event_store.append("order-1", [PAID], expected)
+    assert await event_store.stream_version("order-1") == 0
+
+
+async def test_a_huge_valid_expected_version_is_a_conflict_not_a_crash(event_store: EventStore) -> None:
+    await event_store.append("order-1", [PAID], NO_STREAM)
+    with pytest.raises(errors.VersionConflict) as info:
+        await event_store.append("order-1", [PAID], 2**62 - 1)
+    assert (info.value.expected, info.value.actual) == (2**62 - 1, 0)
+
+
+async def test_an_oversized_event_is_refused_and_nothing_is_written(pool: db.Pool, schema: str) -> None:
+    store = EventStore(pool, schema=schema, max_payload_bytes=4096)
+    big = OrderPaid("o" * 10_000, "c", Decimal(1), NOW)
+    with pytest.raises(errors.PayloadTooLarge):
+        await store.append("order-big", [PAID, big], NO_STREAM)
+    assert await pool.fetchval("SELECT count(*) FROM events") == 0
+
+
+# --- injected names never reach SQL ------------------------------------------------------------------
+
+INJECTED_SCHEMAS = ['x"; DROP TABLE canary; --', "public; DROP TABLE canary", 'canary_s"."canary', "x' OR 1=1"]
+
+
+@pytest.fixture
+async def canary(schema: str) -> str:
+    """A table whose survival shows that no injected statement ran."""
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        await conn.execute(f'CREATE TABLE "{schema}".canary (id int); INSERT INTO "{schema}".canary VALUES (1)')
+    finally:
+        await conn.close()
+    return schema
+
+
+async def _canary_alive(schema: str) -> bool:
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        return bool(await conn.fetchval(f'SELECT count(*) = 1 FROM "{schema}".canary'))
+    finally:
+        await conn.close()
+
+
+async def _statements_seen(marker: str) -> int:
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        return int(await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()",
+            marker))
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("evil", INJECTED_SCHEMAS)
+async def test_injected_schema_names_are_refused_before_connecting(canary: str, evil: str) -> None:
+    with pytest.raises(errors.ConfigError, match="EVENTFLEET_SCHEMA"):
+        Settings.from_env({"EVENTFLEET_SCHEMA": evil})
+    # The lower layers refuse it too, before opening any connection.
+    with pytest.raises(errors.InvalidName):
+        await commands.run_migrate(DATABASE_URL, evil)
+    with pytest.raises(errors.InvalidName):
+        async with db.create_pool(DATABASE_URL, evil):
+            pass
+    with pytest.raises(errors.InvalidName):
+        await db.connect(DATABASE_URL, evil)
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        with pytest.raises(errors.InvalidName):
+            await migrate.migrate(conn, evil)
+        assert await conn.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", evil) == 0
+    finally:
+        await conn.close()
+    assert await _canary_alive(canary)
+
+
+async def test_a_hostile_stream_id_is_a_parameter_not_sql(event_store: EventStore, canary: str) -> None:
+    marker = uuid.uuid4().hex
+    evil = f"o'; DROP TABLE canary; -- {marker}"
+    await event_store.append(evil, [PAID], NO_STREAM)
+    assert [e.stream_id for e in await event_store.load(evil)] == [evil]
+    assert await _canary_alive(canary)
+    assert await _statements_seen(marker) == 0
+
+
+# --- URL options reach the drivers -------------------------------------------------------------------
+
+async def test_sslmode_in_the_url_reaches_asyncpg() -> None:
+    # This server has no TLS: require must fail where disable connects, so the option was honoured.
+    plain = Settings.from_env({"EVENTFLEET_DATABASE_URL": f"{DATABASE_URL}?sslmode=disable"}).database_url
+    conn = await db.connect(plain, "public")
+    await conn.close()
+    required = Settings.from_env({"EVENTFLEET_DATABASE_URL": f"{DATABASE_URL}?sslmode=require"}).database_url
+    with pytest.raises(errors.TransientError, match="SSL"):
+        await db.connect(required, "public")
