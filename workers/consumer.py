@@ -233,18 +233,21 @@ def _store(pool: db.Pool, settings: Settings) -> EventStore:
 
 
 async def run_worker(settings: Settings, projections: Sequence[Projection], health_: health.Health,
-                     stop: asyncio.Event) -> dict[str, Stats]:
-    """Open Postgres, then (re)connect to RabbitMQ and consume every projection until ``stop``.
+                     stop: asyncio.Event, *, pool: db.Pool | None = None) -> dict[str, Stats]:
+    """Open Postgres (unless given a pool), then (re)connect to RabbitMQ and consume until ``stop``.
 
     A broker outage ends the session: its unacked deliveries return to the queue, and a new connection
     picks them up again (the checkpoints absorb the duplicates). Postgres outages are retried per batch.
     """
     stats = {p.name: Stats() for p in projections}
     async with contextlib.AsyncExitStack() as stack:
-        pool = await _open_pool(stack, settings, len(projections) + 2, health_)
+        if pool is None:
+            pool = await _open_pool(stack, settings, len(projections) + 2, health_)
+        else:
+            health_.up("postgres")
         store = _store(pool, settings)
         monitor = asyncio.create_task(lag.run_lag_monitor(pool, [p.name for p in projections], health=health_))
-        stack.callback(monitor.cancel)
+        stack.push_async_callback(_cancel, monitor)
         failures = 0
         while not stop.is_set():
             try:
@@ -257,6 +260,12 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
     return stats
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _open_pool(stack: contextlib.AsyncExitStack, settings: Settings, size: int,
@@ -288,9 +297,15 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
             consumers.append(Consumer(store, channel, projection, settings, health_=health_,
                                       stats=stats[projection.name]))
         logger.info("consuming", extra={"projections": [p.name for p in projections], "prefix": settings.prefix})
-        async with asyncio.TaskGroup() as group:
-            for consumer in consumers:
-                group.create_task(consumer.run(stop))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for consumer in consumers:
+                    group.create_task(consumer.run(stop))
+        except BaseExceptionGroup as group:
+            # One lost connection ends every consumer of it: report it as the single outage it is.
+            if all(isinstance(e, health.OUTAGE_ERRORS) for e in group.exceptions):
+                raise group.exceptions[0] from None
+            raise
 
 
 def resolve(names: Sequence[str]) -> list[Projection]:

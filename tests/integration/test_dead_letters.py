@@ -1,0 +1,176 @@
+"""Poison events: retried, then parked per policy (halt or skip) with their message in the DLQ; retry re-drives."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar, LiteralString
+
+import aio_pika
+import pytest
+
+from domain.events import OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
+from projections.base import Policy, Projection, handles
+from store import NO_STREAM, EventStore, RecordedEvent, db
+from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.unit.test_projection_fold import cancelled, paid, placed
+from workers import broker, consumer, dead_letters, lag
+from workers.checkpoints import HandlerFailed
+from workers.config import Settings
+
+
+class Probe(Projection):
+    """Records every event it sees; raises on a cancellation whose reason is 'boom' while broken."""
+
+    name = "poison_probe"
+    tables = ("poison_probe",)
+    ddl: ClassVar[LiteralString] = (
+        "CREATE TABLE IF NOT EXISTS poison_probe (projection text, stream_id text, version bigint, "
+        "PRIMARY KEY (projection, stream_id, version))")
+
+    def __init__(self) -> None:
+        self.broken = True
+        self.calls = 0
+
+    @handles(OrderPlaced, OrderPaid, OrderShipped, OrderCancelled)
+    async def record(self, conn: db.Conn, event: RecordedEvent) -> None:
+        if isinstance(event.event, OrderCancelled) and event.event.reason == "boom":
+            self.calls += 1
+            if self.broken:
+                raise ValueError(f"boom at {event.stream_id}@{event.version}")
+        await conn.execute("INSERT INTO poison_probe VALUES ($1, $2, $3)", self.name, event.stream_id, event.version)
+
+
+class SkippingProbe(Probe):
+    name = "poison_probe_skip"
+    policy: ClassVar[Policy] = "skip"
+
+
+@pytest.fixture
+def settings(schema: str, prefix: str) -> Settings:
+    return Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
+
+
+@pytest.fixture
+async def channel(prefix: str, pool: db.Pool) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    await pool.execute(Probe.ddl)
+    names = broker.Names(prefix)
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        ch = await connection.channel()
+        await broker.declare_topology(ch, names, [Probe.name, SkippingProbe.name])
+        yield ch
+        for p in (Probe.name, SkippingProbe.name):
+            await ch.queue_delete(names.queue(p))
+            await ch.queue_delete(names.dead_letter_queue(p))
+        await ch.exchange_delete(names.exchange)
+        await ch.exchange_delete(names.dead_letter_exchange)
+
+
+async def history(event_store: EventStore) -> tuple[list[RecordedEvent], list[RecordedEvent]]:
+    await event_store.append("order-a", [placed("a", "c"), cancelled("a", "c", "boom"), paid("a", "c")], NO_STREAM)
+    await event_store.append("order-b", [placed("b", "c"), paid("b", "c")], NO_STREAM)
+    return await event_store.load("order-a"), await event_store.load("order-b")
+
+
+async def publish(channel: aio_pika.abc.AbstractChannel, prefix: str, events: list[RecordedEvent]) -> None:
+    exchange = await channel.get_exchange(broker.Names(prefix).exchange, ensure=False)
+    for e in events:
+        await exchange.publish(broker.to_message(e), routing_key=e.event_type)
+
+
+async def dlq(channel: aio_pika.abc.AbstractChannel, prefix: str, projection: str) -> list[tuple[str, int]]:
+    queue = await channel.get_queue(broker.Names(prefix).dead_letter_queue(projection), ensure=False)
+    found = []
+    while (m := await queue.get(no_ack=True, fail=False)) is not None:
+        event = broker.from_message(m)
+        found.append((event.stream_id, event.version))
+    return found
+
+
+async def seen(pool: db.Pool, projection: str) -> list[tuple[str, int]]:
+    rows = await pool.fetch("SELECT stream_id, version FROM poison_probe WHERE projection = $1 ORDER BY 1, 2",
+                            projection)
+    return [(r[0], r[1]) for r in rows]
+
+
+async def checkpoint(pool: db.Pool, projection: str, stream_id: str) -> tuple[Any, Any]:
+    row = await pool.fetchrow("SELECT version, halted_version FROM checkpoints WHERE projection = $1 "
+                              "AND stream_id = $2", projection, stream_id)
+    assert row is not None
+    return row[0], row[1]
+
+
+async def test_halt_parks_the_event_stops_its_stream_and_retry_releases_it(pool, event_store, channel, prefix,
+                                                                          settings):
+    a, b = await history(event_store)
+    await publish(channel, prefix, [*a, *b])
+    probe = Probe()
+    stats = await consumer.consume_until_idle(pool, channel, probe, settings)
+    assert (stats.applied, stats.dead_lettered, stats.held) == (3, 1, 1)
+    assert probe.calls > dead_letters.ATTEMPTS, "retried before parking"
+    assert await seen(pool, "poison_probe") == [("order-a", 0), ("order-b", 0), ("order-b", 1)]
+    assert await checkpoint(pool, "poison_probe", "order-a") == (0, 1)
+    assert await dlq(channel, prefix, "poison_probe") == [("order-a", 1)]
+    (row,) = await dead_letters.list_parked(pool, "poison_probe")
+    assert (row["stream_id"], row["version"], row["event_type"], row["attempts"]) == (
+        "order-a", 1, "OrderCancelled.v1", dead_letters.ATTEMPTS)
+    full = await pool.fetchrow("SELECT error, traceback, status FROM dead_letters WHERE id = $1", row["id"])
+    assert "boom" in full["error"]
+    assert "ValueError" in full["traceback"]
+    assert full["status"] == "parked"
+    # The halted stream's events count as lag: the parked one and the one waiting behind it.
+    assert (await lag.measure(pool, "poison_probe")).lag_events == 2
+
+    # Still broken: the retry fails, changes nothing but the attempts.
+    with pytest.raises(HandlerFailed):
+        await dead_letters.retry(event_store, row["id"], resolve=lambda _: probe)
+    assert (await dead_letters.list_parked(pool))[0]["attempts"] == dead_letters.ATTEMPTS + 1
+    assert await checkpoint(pool, "poison_probe", "order-a") == (0, 1)
+
+    probe.broken = False
+    done = await dead_letters.retry(event_store, row["id"], resolve=lambda _: probe)
+    assert (done.stream_id, done.applied, done.version) == ("order-a", 2, 2)
+    assert await checkpoint(pool, "poison_probe", "order-a") == (2, None)
+    assert await seen(pool, "poison_probe") == [("order-a", 0), ("order-a", 1), ("order-a", 2),
+                                                ("order-b", 0), ("order-b", 1)]
+    assert await dead_letters.list_parked(pool) == []
+    assert (await lag.measure(pool, "poison_probe")).lag_events == 0
+    with pytest.raises(dead_letters.NotRetryable):
+        await dead_letters.retry(event_store, row["id"], resolve=lambda _: probe)
+
+
+async def test_skip_parks_the_event_and_moves_the_stream_past_it(pool, event_store, channel, prefix, settings):
+    a, b = await history(event_store)
+    # The poison event's own message is lost: it is met while filling the gap, and a copy goes to the DLQ.
+    await publish(channel, prefix, [a[0], a[2], *b])
+    probe = SkippingProbe()
+    stats = await consumer.consume_until_idle(pool, channel, probe, settings)
+    assert (stats.applied, stats.dead_lettered, stats.held) == (4, 1, 0)
+    assert await seen(pool, probe.name) == [("order-a", 0), ("order-a", 2), ("order-b", 0), ("order-b", 1)]
+    assert await checkpoint(pool, probe.name, "order-a") == (2, None)
+    assert await dlq(channel, prefix, probe.name) == [("order-a", 1)]
+    status = await pool.fetchval("SELECT status FROM dead_letters WHERE projection = $1", probe.name)
+    assert status == "skipped"
+    assert (await lag.measure(pool, probe.name)).lag_events == 0
+    dead_id = await pool.fetchval("SELECT id FROM dead_letters WHERE projection = $1", probe.name)
+    with pytest.raises(dead_letters.NotRetryable, match="skipped"):
+        await dead_letters.retry(event_store, dead_id, resolve=lambda _: probe)
+
+
+async def test_a_halted_stream_holds_later_events_while_other_streams_flow(pool, event_store, channel, prefix,
+                                                                           settings):
+    a, b = await history(event_store)
+    probe = Probe()
+    await publish(channel, prefix, a[:2])
+    await consumer.consume_until_idle(pool, channel, probe, settings)
+    # Later events of the halted stream arrive in their own batches: held, acked, counted as lag.
+    await event_store.append("order-a", [paid("a", "c", "1.00")], 2)
+    later = await event_store.load("order-a", 2)
+    await publish(channel, prefix, [*later, *b])
+    stats = await consumer.consume_until_idle(pool, channel, probe, settings)
+    assert (stats.applied, stats.held, stats.dead_lettered) == (2, 2, 0)
+    assert (await lag.measure(pool, "poison_probe")).lag_events == 3
+    probe.broken = False
+    assert (await dead_letters.retry(event_store, (await dead_letters.list_parked(pool))[0]["id"],
+                                     resolve=lambda _: probe)).applied == 3
+    assert (await lag.measure(pool, "poison_probe")).lag_events == 0

@@ -1,0 +1,194 @@
+"""The consumer over real RabbitMQ: batches, undecodable messages to the DLQ, stop, reconnects."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import msgpack
+import pytest
+
+from projections.orders import CustomerStats
+from store import NO_STREAM, EventStore, RecordedEvent, db
+from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.unit.test_projection_fold import fold, order_life, read_models
+from workers import broker, consumer, dead_letters, health, metrics
+from workers.config import Settings
+
+Declare = Callable[[list[str]], Awaitable[aio_pika.abc.AbstractExchange]]
+
+
+@pytest.fixture
+def settings(schema: str, prefix: str) -> Settings:
+    return Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0,
+                    prefetch=100, batch_size=50)
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        yield await connection.channel()
+
+
+@pytest.fixture
+async def declare(prefix: str) -> AsyncIterator[Declare]:
+    """Declare the topology of some projections; delete their queues and exchanges after the test."""
+    names, declared = broker.Names(prefix), []
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel()
+
+    async def run(projections: list[str]) -> aio_pika.abc.AbstractExchange:
+        declared.extend(projections)
+        return await broker.declare_topology(channel, names, projections)
+
+    yield run
+    cleanup = await connection.channel()
+    for p in declared:
+        await cleanup.queue_delete(names.queue(p))
+        await cleanup.queue_delete(names.dead_letter_queue(p))
+    await cleanup.exchange_delete(names.exchange)
+    await cleanup.exchange_delete(names.dead_letter_exchange)
+    await connection.close()
+
+
+async def append_orders(event_store: EventStore, orders: int, length: int, seed: int = 1) -> list[RecordedEvent]:
+    rng = random.Random(seed)
+    batch = [(f"order-{i}", order_life(str(i), f"c{i % 7}", length, rng), NO_STREAM) for i in range(orders)]
+    await event_store.append_batch(batch)
+    return [e for stream, _, _ in batch for e in await event_store.load(stream)]
+
+
+async def publish(exchange: aio_pika.abc.AbstractExchange, events: list[RecordedEvent]) -> None:
+    await asyncio.gather(*(exchange.publish(broker.to_message(e), routing_key=e.event_type) for e in events))
+
+
+async def drain(channel: aio_pika.abc.AbstractChannel, queue: str) -> list[bytes]:
+    q = await channel.get_queue(queue, ensure=False)
+    bodies = []
+    while (m := await q.get(no_ack=True, fail=False)) is not None:
+        bodies.append(m.body)
+    return bodies
+
+
+def counter(name: str, projection: str) -> float:
+    return metrics.registry.get_sample_value(name, {"projection": projection}) or 0.0
+
+
+async def test_until_idle_applies_everything_in_batches_and_counts(pool, event_store, channel, declare, settings):
+    exchange = await declare(["customer_stats"])
+    events = await append_orders(event_store, 30, 4)
+    await publish(exchange, events + events[:10])  # ten redeliveries
+    before = counter("eventfleet_projection_duplicates_total", "customer_stats")
+    stats = await consumer.consume_until_idle(pool, channel, CustomerStats(), settings)
+    assert (stats.applied, stats.duplicates) == (120, 10)
+    assert stats.batches >= 3, "prefetched deliveries are applied in batches"
+    assert counter("eventfleet_projection_duplicates_total", "customer_stats") - before == 10
+    async with pool.acquire() as conn:
+        assert (await read_models(conn)).customer_stats == fold(e.event for e in events).customer_stats
+
+
+async def test_garbage_goes_to_the_dlq_while_good_events_are_applied(pool, event_store, channel, declare, settings,
+                                                                       capsys):
+    exchange = await declare(["customer_stats"])
+    names = broker.Names(settings.prefix)
+    good = await append_orders(event_store, 5, 2)
+    fields = {"event_id": "not-a-uuid", "stream_id": "s", "version": 0, "global_position": 1,
+              "event_type": "Nope.v1", "data": b"", "metadata": {}, "recorded_at": 0}
+    garbage = [b"\xc1 not msgpack", msgpack.packb({"only": "this"}), msgpack.packb(fields),
+               b"\x00" * (broker.MAX_MESSAGE_BYTES + 1)]
+    await publish(exchange, good[:5])
+    for body in garbage:  # straight to the queue, as a foreign publisher would
+        await channel.default_exchange.publish(aio_pika.Message(body), routing_key=names.queue("customer_stats"))
+    await publish(exchange, good[5:])
+    before = counter("eventfleet_projection_dead_lettered_total", "customer_stats")
+    stats = await consumer.consume_until_idle(pool, channel, CustomerStats(), settings)
+    assert (stats.applied, stats.undecodable) == (10, 4)
+    assert counter("eventfleet_projection_dead_lettered_total", "customer_stats") - before == 4
+    assert sorted(await drain(channel, names.dead_letter_queue("customer_stats"))) == sorted(garbage)
+    rows = await pool.fetch("SELECT body, status, stream_id FROM dead_letters ORDER BY id")
+    assert sorted(r["body"] for r in rows) == sorted(garbage)
+    assert {(r["status"], r["stream_id"]) for r in rows} == {("parked", None)}
+    await dead_letters.cmd_dead_letters(settings, _ns(action="list", projection=None))
+    assert "4 parked" in capsys.readouterr().out
+    async with pool.acquire() as conn:
+        assert (await read_models(conn)).customer_stats == fold(e.event for e in good).customer_stats
+
+
+async def test_run_consumer_stops_after_committing_the_batch_in_flight(pool, event_store, channel, declare, settings):
+    exchange = await declare(["customer_stats"])
+    events = await append_orders(event_store, 20, 3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run_consumer(pool, channel, CustomerStats(), settings, stop=stop))
+    await publish(exchange, events)
+    await _until(lambda: _applied(pool), 60)
+    stop.set()
+    stats = await asyncio.wait_for(task, 10)
+    assert stats.applied == 60
+    assert not channel.is_closed
+
+
+@pytest.mark.slow
+async def test_worker_survives_postgres_and_rabbitmq_outages(pool, event_store, declare, settings, caplog):
+    caplog.set_level(logging.WARNING, logger="workers.health")
+    exchange = await declare(["customer_stats"])
+    events = await append_orders(event_store, 40, 3)
+    h, stop = health.Health(), asyncio.Event()
+    async with db.create_pool(DATABASE_URL, settings.schema, min_size=2, max_size=4) as worker_pool:
+        task = asyncio.create_task(consumer.run_worker(settings, [CustomerStats()], h, stop, pool=worker_pool))
+        await publish(exchange, events[:60])
+        await _until(lambda: _applied(pool, 60), 60)
+        assert h.ready()
+        # Postgres drops every connection of the worker; RabbitMQ closes its connection.
+        holders = worker_pool._holders  # type: ignore[attr-defined]
+        pids = [holder._con.get_server_pid() for holder in holders if holder._con is not None]
+        await pool.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", pids)
+        _close_amqp_connection(f"eventfleet worker {socket.gethostname()}:{os.getpid()}")
+        await publish(exchange, events[60:])
+        await _until(lambda: _applied(pool, 120), 90)
+        await _until(lambda: _true(h.ready()), 30)
+        stop.set()
+        stats = await asyncio.wait_for(task, 15)
+    assert stats["customer_stats"].applied == 120
+    assert any(getattr(r, "service", None) == "rabbitmq" for r in caplog.records if r.getMessage() == "outage")
+    async with pool.acquire() as conn:
+        assert (await read_models(conn)).customer_stats == fold(e.event for e in events).customer_stats
+
+
+def _close_amqp_connection(name: str) -> None:
+    out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    pids = [line.split("\t")[0] for line in out.splitlines() if f'{{"connection_name","{name}"}}' in line]
+    assert pids, f"no connection named {name!r}"
+    for pid in pids:
+        subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test outage"], check=True, timeout=60)
+
+
+async def _applied(pool: db.Pool, n: int = 60) -> bool:
+    total = await pool.fetchval("SELECT coalesce(sum(version + 1), 0) FROM checkpoints WHERE projection = 'customer_stats'")
+    return bool(total >= n)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _until(check: Callable[[], Awaitable[bool]], within: float) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def _ns(**kwargs: Any) -> argparse.Namespace:
+    return argparse.Namespace(**kwargs)
+
