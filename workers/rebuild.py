@@ -1,13 +1,328 @@
-"""Placeholder: implemented by its issue."""
+"""``eventfleet rebuild NAME``: rebuild a projection from the store while live workers serve the old tables.
+
+The rebuild fills shadow copies of the projection's tables in the schema ``<schema>_rb_<projection>``. Its
+connection resolves names with ``"<shadow>", "<schema>"`` on the search_path, so the handlers' unqualified
+table names hit the shadow tables while ``events`` and ``checkpoints`` stay the live ones. It reads the
+store with ``read_all`` in large batches and records, in the transaction of each batch, the shadow's
+checkpoint of every stream and its read cursor: a killed rebuild resumes where it stopped.
+
+Once it has caught up with the tail, one swap transaction takes the projection's exclusive advisory lock
+(live workers hold it shared per batch, so they pause), applies to the shadow whatever the live workers
+applied that the shadow lacks (per stream, from the store), replaces the live tables by the shadow ones,
+adopts the shadow's checkpoints and drops the shadow. Readers see the old tables until that commit and
+the new ones after it; a stream the shadow got further in than the live workers is skipped by them as
+duplicates, so no event is lost or applied twice.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Literal, LiteralString
 
+import asyncpg
+
+from projections import registry
+from projections.base import Projection
+from store import db, errors, queries
+from store.event_store import EventStore, Position, record_from_row
+from workers import rebuild_apply as applier
 from workers.config import Settings
+
+logger = logging.getLogger(__name__)
+
+SQL = queries.load("workers", "rebuild.sql")
+
+BATCH_SIZE = 5000
+_SHADOW = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_BOOKKEEPING = ("rebuild_checkpoints", "rebuild_cursor")
+_SWAP_ATTEMPTS = 5
+_FIRST_PAUSE = 0.05
+_SWAP_LOCK_TIMEOUT: LiteralString = "SET LOCAL lock_timeout = '5s'"
+
+State = Literal["rebuilding", "backfilling"]
+#: Called after every batch with (events done, events in all, seconds so far).
+Progress = Callable[[int, int, float], None]
+
+
+class RebuildError(errors.EventFleetError):
+    """The projection could not be rebuilt."""
+
+
+class RebuildRunning(RebuildError):
+    """Another process is rebuilding this projection right now."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RebuildResult:
+    """What a rebuild did."""
+
+    projection: str
+    events: int  # read from the store by this run (not counting a killed run's share)
+    seconds: float
+    resumed: bool
+    caught_up_streams: int  # streams the live workers were ahead in at the swap
+    skipped: int  # events whose handler failed under the "skip" policy
+    halted_streams: tuple[str, ...]  # streams stopped at a failing event under the "halt" policy
+
+
+def shadow_schema(schema: str, projection: str) -> str:
+    """The shadow schema of a rebuild: ``<schema>_rb_<projection>``, hashed down to 63 characters."""
+    name = f"{schema}_rb_{projection}"
+    if len(name) > 63:
+        digest = hashlib.sha256(f"{schema}.{projection}".encode()).hexdigest()[:16]
+        name = f"{schema[:40]}_rb_{digest}"
+    if not _SHADOW.fullmatch(name):
+        raise errors.InvalidName(f"invalid shadow schema name {name!r}")
+    return name
+
+
+def _quote(identifier: str) -> str:
+    """Quote a validated identifier: DDL on the shadow is built from these alone (as migrate.py does)."""
+    if not _SHADOW.fullmatch(identifier):
+        raise errors.InvalidName(f"invalid identifier {identifier!r}")
+    return f'"{identifier}"'
+
+
+def projection_lock_key(schema: str, projection: str) -> str:
+    """The advisory lock live workers hold shared around each batch; the swap takes it exclusively."""
+    from workers import checkpoints  # the worker's module owns the key
+
+    key: str = checkpoints.projection_lock_key(schema, projection)
+    return key
+
+
+def _rebuild_lock_key(schema: str, projection: str) -> str:
+    return f"eventfleet.rebuild.{schema}.{projection}"
+
+
+def _fingerprint(projection: type[Projection]) -> str:
+    """What a resumed rebuild must share with the killed one: the tables and their DDL."""
+    text = "\n".join([projection.name, *projection.tables, projection.ddl])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Rebuild:
+    """One rebuild (or backfill) of one projection; ``run()`` does it all."""
+
+    def __init__(self, pool: db.Pool, store: EventStore, projection: type[Projection], *,
+                 state: State = "rebuilding", batch_size: int = BATCH_SIZE,
+                 progress: Progress | None = None) -> None:
+        if set(projection.tables) & set(_BOOKKEEPING):
+            raise RebuildError(f"projection {projection.name!r} uses a table name reserved by rebuild")
+        self.pool, self.store, self.projection = pool, store, projection
+        self.schema = store.schema
+        self.shadow = shadow_schema(self.schema, projection.name)
+        self.state, self.batch_size, self.progress = state, batch_size, progress
+        self.applier = applier.Applier(projection(), store)
+        self.events = 0
+
+    async def run(self) -> RebuildResult:
+        """Rebuild into the shadow, catch up, swap; raise RebuildRunning if another process is at it."""
+        started = time.monotonic()
+        async with self.pool.acquire() as conn:
+            async with db.translate_errors():
+                locked = await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                                             _rebuild_lock_key(self.schema, self.projection.name))
+            if not locked:
+                raise RebuildRunning(f"projection {self.projection.name!r} is being rebuilt by another process")
+            try:
+                previous = await self._prepare(conn)
+                try:
+                    cursor, resumed = await self._open_cursor(conn)
+                    await self._fill(conn, cursor)
+                    caught_up = await self._swap(conn)
+                except BaseException:
+                    if self.state == "rebuilding":  # the old tables still serve: say so
+                        with contextlib.suppress(Exception):
+                            await self._set_state(conn, previous or "live")
+                    raise
+            finally:
+                # The pool's reset on release also restores the search_path and drops session locks.
+                with contextlib.suppress(*db.TRANSIENT):
+                    await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+                                       _rebuild_lock_key(self.schema, self.projection.name))
+        return RebuildResult(self.projection.name, self.events, time.monotonic() - started, resumed, caught_up,
+                             self.applier.skipped, tuple(sorted(self.applier.halted)))
+
+    async def _set_state(self, conn: db.Conn, state: str) -> None:
+        async with db.translate_errors():
+            await conn.execute(SQL["set_state"], self.projection.name, state)
+
+    async def _prepare(self, conn: db.Conn) -> str | None:
+        """Create the shadow schema and tables (a no-op when resuming); mark the projection's state."""
+        main, shadow = _quote(self.schema), _quote(self.shadow)
+        async with db.translate_errors():
+            await conn.execute(f"SET search_path TO {shadow}, {main}")
+            previous: str | None = await conn.fetchval(SQL["projection_state"], self.projection.name)
+            async with conn.transaction():
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {shadow}")
+                # Only the shadow on the path: CREATE TABLE IF NOT EXISTS must not see the live tables.
+                await conn.execute(f"SET LOCAL search_path TO {shadow}")
+                await conn.execute(self.projection.ddl)
+                await conn.execute(SQL["create_rebuild_tables"])
+            await conn.execute(SQL["set_state"], self.projection.name, self.state)
+        return previous
+
+    async def _open_cursor(self, conn: db.Conn) -> tuple[Position, bool]:
+        """The cursor of a killed run of the same projection code, or a fresh shadow at the start."""
+        fingerprint = _fingerprint(self.projection)
+        async with db.translate_errors():
+            row = await conn.fetchrow(SQL["read_cursor"], self.projection.name)
+            if row is not None and row["fingerprint"] == fingerprint:
+                cursor = Position(row["transaction_id"], row["global_position"])
+                logger.info("resuming rebuild", extra={"projection": self.projection.name,
+                                                       "events_done": row["events"]})
+                return cursor, True
+            if row is not None:  # the projection changed since: its half-built shadow is useless
+                await conn.execute(f"DROP SCHEMA {_quote(self.shadow)} CASCADE")
+                await self._prepare(conn)
+            await conn.execute(SQL["start_cursor"], self.projection.name, fingerprint)
+        return Position.START, False
+
+    async def _fill(self, conn: db.Conn, cursor: Position) -> int:
+        """Apply the store from cursor on to the shadow, batch by batch, up to the tail.
+
+        The tail is where read_all comes back short once every transaction older than this call has
+        ended: a writer that committed before the rebuild began but behind an older open transaction is
+        still read, so a new projection misses nothing published before its queue existed.
+        """
+        async with db.translate_errors():
+            total: int = await conn.fetchval(SQL["count_after"], cursor.transaction_id, cursor.global_position)
+            must_pass = await conn.fetchval(SQL["snapshot_xmax"])
+        done, started, pause = 0, time.monotonic(), _FIRST_PAUSE
+        reader = applier.Prefetcher(self.store, cursor, self.batch_size)
+        try:
+            while True:
+                events = await reader.next()
+                if events:
+                    async with db.translate_errors(), conn.transaction():
+                        await self.applier.apply(conn, events)
+                        last = events[-1].position
+                        await conn.execute(SQL["advance_cursor"], self.projection.name, last.transaction_id,
+                                           last.global_position, len(events))
+                    done += len(events)
+                    if self.progress:
+                        self.progress(done, max(total, done), time.monotonic() - started)
+                if len(events) == self.batch_size:
+                    continue
+                async with db.translate_errors():
+                    if await conn.fetchval(SQL["horizon_passed"], must_pass):
+                        break  # at the tail: the swap applies what live workers did since
+                if pause == _FIRST_PAUSE:
+                    logger.info("rebuild waits for transactions older than it to end",
+                                extra={"projection": self.projection.name})
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+        finally:
+            await reader.aclose()
+        self.events += done
+        return done
+
+    async def _swap(self, conn: db.Conn) -> int:
+        """Pause live workers, bring the shadow level with them, swap tables and checkpoints; retry on lock waits."""
+        for attempt in range(1, _SWAP_ATTEMPTS + 1):
+            try:
+                async with db.translate_errors(), conn.transaction():
+                    await conn.execute(_SWAP_LOCK_TIMEOUT)
+                    return await self._swap_once(conn)
+            except errors.StoreError as exc:
+                if not isinstance(exc.__cause__, asyncpg.exceptions.LockNotAvailableError):
+                    raise
+                logger.warning("rebuild swap waited too long for a lock; retrying",
+                               extra={"projection": self.projection.name, "attempt": attempt})
+                await self._fill(conn, await self._cursor(conn))
+        raise RebuildError(f"could not swap {self.projection.name!r}: its tables stayed locked by readers")
+
+    async def _cursor(self, conn: db.Conn) -> Position:
+        row = await conn.fetchrow(SQL["read_cursor"], self.projection.name)
+        assert row is not None
+        return Position(row["transaction_id"], row["global_position"])
+
+    async def _swap_once(self, conn: db.Conn) -> int:
+        name, main, shadow = self.projection.name, _quote(self.schema), _quote(self.shadow)
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                           projection_lock_key(self.schema, name))
+        behind = await conn.fetch(SQL["live_ahead"], name)
+        if behind:
+            rows = await conn.fetch(SQL["load_ranges"], [r["stream_id"] for r in behind],
+                                    [r["shadow_version"] + 1 for r in behind], [r["live_version"] for r in behind])
+            await self.applier.apply(conn, [record_from_row(r, self.store.registry) for r in rows])
+        for table in self.projection.tables:
+            await conn.execute(f"DROP TABLE IF EXISTS {main}.{_quote(table)}")
+            await conn.execute(f"ALTER TABLE {shadow}.{_quote(table)} SET SCHEMA {main}")
+        await conn.execute(SQL["adopt_shadow_checkpoints"], name)
+        cursor = await self._cursor(conn)
+        await conn.execute(SQL["finish_status"], name, cursor.transaction_id, cursor.global_position)
+        await conn.execute(f"DROP SCHEMA {shadow} CASCADE")
+        return len(behind)
+
+
+async def rebuild(pool: db.Pool, store: EventStore, projection: type[Projection], **kwargs: Any) -> RebuildResult:
+    """Rebuild one projection (see Rebuild)."""
+    return await Rebuild(pool, store, projection, **kwargs).run()
+
+
+async def backfill_if_new(pool: db.Pool, store: EventStore, projection: type[Projection], *,
+                          progress: Progress | None = None) -> RebuildResult | None:
+    """Backfill a projection seen for the first time (no status row), or finish a killed backfill.
+
+    Workers call this at start-up before consuming. Over an empty store the projection simply goes live.
+    Returns None when there was nothing to do or another process is already backfilling it.
+    """
+    name = projection.name
+    async with db.translate_errors():
+        state = await pool.fetchval(SQL["projection_state"], name)
+        if state is not None and state != "backfilling":
+            return None
+        if state is None and await pool.fetchval(SQL["store_is_empty"]):
+            await pool.execute(SQL["mark_live_if_new"], name)
+            return None
+    try:
+        return await rebuild(pool, store, projection, state="backfilling", progress=progress)
+    except RebuildRunning:
+        return None
+
+
+def print_progress(name: str) -> Progress:
+    """A progress line on stderr: events done of total, rate and ETA (redrawn in place on a terminal)."""
+    tty = sys.stderr.isatty()
+    shown = [0.0]
+
+    def show(done: int, total: int, seconds: float) -> None:
+        if seconds - shown[0] < 1.0 and done < total:
+            return
+        shown[0] = seconds
+        rate = done / seconds if seconds > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        line = (f"rebuild {name}: {done:,}/{total:,} events ({100 * done / max(total, 1):.0f}%), "
+                f"{rate:,.0f} events/s, ETA {eta:.0f}s")
+        print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    return show
 
 
 async def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
-    """Not implemented yet."""
-    print("not implemented yet")
-    return 1
+    """``eventfleet rebuild NAME``."""
+    projection = registry.get(args.name)
+    async with db.create_pool(settings.database_url, settings.schema, min_size=2, max_size=4) as pool:
+        store = EventStore(pool, schema=settings.schema, max_payload_bytes=settings.max_payload_bytes)
+        result = await rebuild(pool, store, projection, progress=print_progress(projection.name))
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    rate = result.events / result.seconds if result.seconds else 0.0
+    print(f"rebuilt {result.projection}: {result.events:,} events in {result.seconds:.1f}s "
+          f"({rate:,.0f} events/s){', resumed' if result.resumed else ''}; "
+          f"{result.caught_up_streams} streams caught up at the swap")
+    if result.skipped or result.halted_streams:
+        print(f"  {result.skipped} events skipped by failing handlers; "
+              f"{len(result.halted_streams)} streams halted: {', '.join(result.halted_streams[:10])}")
+    return 0

@@ -1,0 +1,121 @@
+-- Named queries of workers.rebuild. They run on a connection whose search_path is
+-- "<shadow>", "<schema>": the shadow's own tables (rebuild_checkpoints, rebuild_cursor and the projection's
+-- read-model tables) resolve there, everything else (events, checkpoints, projection_status) in the schema.
+
+-- name: create_rebuild_tables
+-- The rebuild's bookkeeping in the shadow schema (run with the shadow alone on the search_path).
+CREATE TABLE IF NOT EXISTS rebuild_checkpoints (
+    stream_id      text   NOT NULL,
+    version        bigint NOT NULL,
+    -- Set when a handler failed on this version under the "halt" policy (as in checkpoints).
+    halted_version bigint,
+    CONSTRAINT rebuild_checkpoints_pkey PRIMARY KEY (stream_id)
+);
+CREATE TABLE IF NOT EXISTS rebuild_cursor (
+    projection      text        NOT NULL,
+    fingerprint     text        NOT NULL,
+    transaction_id  xid8        NOT NULL DEFAULT '0',
+    global_position bigint      NOT NULL DEFAULT 0,
+    events          bigint      NOT NULL DEFAULT 0,
+    started_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    CONSTRAINT rebuild_cursor_pkey PRIMARY KEY (projection)
+);
+
+-- name: read_cursor
+-- Where a rebuild got to, to resume it.
+SELECT fingerprint, transaction_id, global_position, events FROM rebuild_cursor WHERE projection = $1;
+
+-- name: start_cursor
+-- Start a rebuild at the beginning of the store.
+INSERT INTO rebuild_cursor (projection, fingerprint) VALUES ($1, $2);
+
+-- name: advance_cursor
+-- Record, with the batch it belongs to, how far the rebuild has read the store.
+UPDATE rebuild_cursor
+SET transaction_id = $2, global_position = $3, events = events + $4
+WHERE projection = $1;
+
+-- name: count_after
+-- How many events lie after the cursor (for the progress line).
+SELECT count(*) FROM events WHERE (transaction_id, global_position) > ($1::xid8, $2::bigint);
+
+-- name: snapshot_xmax
+-- The first transaction id not yet assigned: every transaction below it has at least started.
+SELECT pg_snapshot_xmax(pg_current_snapshot());
+
+-- name: horizon_passed
+-- Whether every transaction below $1 has ended, so read_all returns all of their events.
+SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::xid8;
+
+-- name: shadow_versions
+-- The shadow's checkpoints of some streams.
+SELECT stream_id, version, halted_version FROM rebuild_checkpoints WHERE stream_id = ANY($1::text[]);
+
+-- name: save_shadow_versions
+-- Set the shadow's checkpoints of some streams.
+INSERT INTO rebuild_checkpoints AS c (stream_id, version, halted_version)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])
+ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version, halted_version = EXCLUDED.halted_version;
+
+-- name: park_failure
+-- Record an event whose handler failed during a rebuild, unless the live workers parked it already.
+INSERT INTO dead_letters (projection, stream_id, version, global_position, event_id, event_type, error,
+                          traceback, status)
+SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
+WHERE NOT EXISTS (SELECT 1 FROM dead_letters
+                  WHERE projection = $1 AND stream_id = $2 AND version = $3 AND status = $9);
+
+-- name: load_ranges
+-- Events of several streams, each from first to last version inclusive, in stream and version order.
+SELECT e.global_position, e.event_id, e.stream_id, e.version, e.event_type, e.data, e.metadata,
+       e.recorded_at, e.transaction_id
+FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS r(stream_id, first_version, last_version)
+JOIN events AS e ON e.stream_id = r.stream_id AND e.version BETWEEN r.first_version AND r.last_version
+ORDER BY e.stream_id, e.version;
+
+-- name: projection_state
+-- A projection's state row, if it has one.
+SELECT state FROM projection_status WHERE projection = $1;
+
+-- name: set_state
+-- Put a projection in a state, creating its status row if needed.
+INSERT INTO projection_status AS s (projection, state) VALUES ($1, $2)
+ON CONFLICT (projection) DO UPDATE SET state = EXCLUDED.state, updated_at = clock_timestamp();
+
+-- name: mark_live_if_new
+-- A new projection over an empty store has nothing to backfill: it is live at once.
+INSERT INTO projection_status (projection, state) VALUES ($1, 'live') ON CONFLICT (projection) DO NOTHING;
+
+-- name: store_is_empty
+-- Whether the store holds no event at all.
+SELECT NOT EXISTS (SELECT 1 FROM events);
+
+-- name: live_ahead
+-- Streams whose live checkpoint is ahead of the shadow's: the swap applies what the shadow lacks.
+SELECT l.stream_id, coalesce(s.version, -1) AS shadow_version, l.version AS live_version
+FROM checkpoints AS l
+LEFT JOIN rebuild_checkpoints AS s ON s.stream_id = l.stream_id
+WHERE l.projection = $1 AND l.version > coalesce(s.version, -1);
+
+-- name: adopt_shadow_checkpoints
+-- Make the shadow's checkpoints the live ones (after the swap the shadow is behind live only where a
+-- handler failed and halted the stream in the shadow).
+INSERT INTO checkpoints AS c (projection, stream_id, version, halted_version)
+SELECT $1, stream_id, version, halted_version FROM rebuild_checkpoints
+ON CONFLICT (projection, stream_id) DO UPDATE
+    SET version = EXCLUDED.version, halted_version = EXCLUDED.halted_version, updated_at = clock_timestamp()
+    WHERE (c.version, c.halted_version) IS DISTINCT FROM (EXCLUDED.version, EXCLUDED.halted_version);
+
+-- name: finish_status
+-- The rebuilt projection is live; its watermark is the later of the live one and the rebuild's cursor
+-- (the shadow applied, skipped or halted every event up to it); applied counts the events its
+-- checkpoints cover, as the workers' per-batch sums do for a projection that was never rebuilt.
+UPDATE projection_status
+SET state = 'live',
+    applied = (SELECT coalesce(sum(version + 1), 0) FROM rebuild_checkpoints),
+    watermark_txid = CASE WHEN (watermark_txid, watermark_position) < ($2::xid8, $3::bigint)
+                          THEN $2::xid8 ELSE watermark_txid END,
+    watermark_position = CASE WHEN (watermark_txid, watermark_position) < ($2::xid8, $3::bigint)
+                              THEN $3::bigint ELSE watermark_position END,
+    updated_at = clock_timestamp()
+WHERE projection = $1;
