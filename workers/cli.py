@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("migrate", help="create or upgrade the schema (idempotent, safe concurrently)")
+    migrate = sub.add_parser("migrate", help="create or upgrade the schema (idempotent, safe concurrently)")
+    migrate.add_argument("--roles", action="store_true",
+                         help="also create the NOLOGIN roles <schema>_writer, _relay, _worker and grant "
+                              "their privileges (needs CREATEROLE; idempotent)")
     sub.add_parser("relay", help="publish the outbox to RabbitMQ until SIGTERM/SIGINT")
     worker = sub.add_parser("worker", help="apply projections until SIGTERM/SIGINT")
     worker.add_argument("--projection", action="append", default=[], metavar="NAME",

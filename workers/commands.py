@@ -7,7 +7,7 @@ import logging
 from typing import LiteralString
 
 from projections import registry
-from store import db, migrate
+from store import db, migrate, roles
 from workers.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -27,11 +27,25 @@ async def run_migrate(database_url: str, schema: str) -> list[int]:
         await conn.close()
 
 
+async def run_roles(database_url: str, schema: str) -> list[str]:
+    """Create the least-privilege roles of ``schema`` and grant them; return the roles created now."""
+    tables = [t for cls in registry.load_builtin().values() for t in cls.tables]
+    conn = await db.connect(database_url, schema)
+    try:
+        return await roles.apply(conn, schema, tables)
+    finally:
+        await conn.close()
+
+
 async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    """``eventfleet migrate``."""
+    """``eventfleet migrate [--roles]``."""
     applied = await run_migrate(settings.database_url, settings.schema)
     if applied:
         print(f"schema {settings.schema}: applied migrations {', '.join(map(str, applied))}")
     else:
         print(f"schema {settings.schema}: up to date")
+    if getattr(args, "roles", False):
+        created = await run_roles(settings.database_url, settings.schema)
+        print(f"schema {settings.schema}: roles {', '.join(roles.Roles(settings.schema).all())} granted"
+              + (f" (created {', '.join(created)})" if created else ""))
     return 0

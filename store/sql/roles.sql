@@ -1,0 +1,45 @@
+-- Least-privilege group roles of one deployment (store/roles.py). The blocks hold identifier
+-- placeholders in braces: {schema}, {role}, {table}. roles.py substitutes only identifiers it has
+-- validated with store.names and double-quoted; no value is ever formatted into these statements.
+-- Every role is NOLOGIN: grant it to a LOGIN role per service (GRANT "<schema>_writer" TO app_writer).
+-- Not granted on purpose: USAGE on the identity sequences (an identity column needs only INSERT on
+-- its table), CREATE on the schema (migrate and rebuild run as the owner), anything on
+-- schema_migrations. UPDATE, DELETE and TRUNCATE on events are refused to everyone by its triggers.
+
+-- name: lock
+-- The migrate lock of the schema: roles are granted after, never during, a migration.
+SELECT pg_advisory_xact_lock(hashtextextended($1, 0));
+
+-- name: role_exists
+-- Whether a role of this name exists (cluster-wide).
+SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1);
+
+-- name: create_role
+-- A group role: it cannot log in; logins are granted membership.
+CREATE ROLE {role} NOLOGIN;
+
+-- name: grant_writer
+-- Appends events with their outbox rows, reads streams, keeps snapshots.
+GRANT USAGE ON SCHEMA {schema} TO {role};
+GRANT SELECT, INSERT ON TABLE {schema}.events TO {role};
+GRANT INSERT ON TABLE {schema}.outbox TO {role};
+GRANT SELECT, INSERT, UPDATE ON TABLE {schema}.snapshots TO {role};
+
+-- name: grant_relay
+-- Reads the outbox and its events, deletes published rows. Claiming rows FOR UPDATE SKIP LOCKED needs
+-- UPDATE on at least one column; created_at is the one whose change would harm nothing.
+GRANT USAGE ON SCHEMA {schema} TO {role};
+GRANT SELECT, DELETE ON TABLE {schema}.outbox TO {role};
+GRANT UPDATE (created_at) ON TABLE {schema}.outbox TO {role};
+GRANT SELECT ON TABLE {schema}.events TO {role};
+
+-- name: grant_worker
+-- Reads events; writes checkpoints, projection status and dead letters.
+GRANT USAGE ON SCHEMA {schema} TO {role};
+GRANT SELECT ON TABLE {schema}.events TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {schema}.checkpoints, {schema}.projection_status,
+    {schema}.dead_letters TO {role};
+
+-- name: grant_worker_read_model
+-- Writes one read-model table of a registered projection.
+GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {schema}.{table} TO {role};
