@@ -85,12 +85,14 @@ async def delete_prefixed(prefix: str, amqp: AbstractRobustConnection, cleanup: 
 
     def register(queues: list[str], exchanges: list[str]) -> None:
         async def undo() -> None:
-            channel = await amqp.channel()
-            for q in queues:
-                await channel.queue_delete(q)
-            for x in exchanges:
-                await channel.exchange_delete(x)
-            await channel.close()
+            # Its own connection: `cleanup` tears down after the `amqp` fixture has closed its connection.
+            connection = await aio_pika.connect(AMQP_URL)
+            async with connection:
+                channel = await connection.channel()
+                for q in queues:
+                    await channel.queue_delete(q)
+                for x in exchanges:
+                    await channel.exchange_delete(x)
 
         cleanup(undo)
 
