@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
+import sys
 import urllib.parse
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers import logs, redact
+from store import errors
+from workers import cli, logs, redact
 from workers.config import Settings
 
 PG = "postgresql://app:Pg-S3cret%40x@db.example:5432/prod?sslmode=verify-full"
@@ -99,3 +102,25 @@ def test_settings_repr_hides_passwords_but_keeps_tls_options() -> None:
     assert "S3cret" not in text
     assert "sslmode=verify-full" in text
     assert "amqps://svc:***@mq.example:5671/vhost?cafile=/etc/ca.pem" in text
+
+
+def test_cli_main_redacts_its_logs_and_its_error_line(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    async def leaky(settings: Settings, args: argparse.Namespace) -> int:
+        logging.getLogger("test.leaky").warning("connecting to %s and %s", settings.database_url, settings.amqp_url)
+        raise errors.TransientError(f"could not reach {settings.database_url} (password Pg-S3cret@x)")
+
+    monkeypatch.setitem(cli._COMMANDS, "migrate", f"{__name__}:LEAKY")
+    monkeypatch.setattr(sys.modules[__name__], "LEAKY", leaky, raising=False)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        code = cli.main(["migrate"], environ={"EVENTFLEET_DATABASE_URL": PG, "EVENTFLEET_AMQP_URL": MQ})
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "connecting to postgresql://app:***@db.example" in err
+    assert "eventfleet migrate: could not reach postgresql://app:***@db.example" in err
+    assert "S3cret" not in out + err
