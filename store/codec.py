@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import decimal
+import threading
 import types
 import typing
 import uuid
@@ -48,9 +49,9 @@ def _default(value: object) -> msgpack.ExtType:
         naive = value.replace(tzinfo=None)
         body = [naive.toordinal(), naive.hour * 3600 + naive.minute * 60 + naive.second, naive.microsecond,
                 value.fold, zone]
-        return msgpack.ExtType(_EXT_DATETIME, msgpack.packb(body))
+        return msgpack.ExtType(_EXT_DATETIME, _PACKERS.body.pack(body))
     if isinstance(value, dt.date):
-        return msgpack.ExtType(_EXT_DATE, msgpack.packb(value.toordinal()))
+        return msgpack.ExtType(_EXT_DATE, _PACKERS.body.pack(value.toordinal()))
     if isinstance(value, decimal.Decimal):
         return msgpack.ExtType(_EXT_DECIMAL, str(value).encode("ascii"))
     if isinstance(value, uuid.UUID):
@@ -79,10 +80,22 @@ def _ext_hook(code: int, data: bytes) -> object:
     raise errors.CorruptEvent(f"unknown msgpack ext type {code}")
 
 
+class _Packers(threading.local):
+    """Reusable packers, one set per thread: ``msgpack.packb`` allocates a 256 KiB buffer per call."""
+
+    def __init__(self) -> None:
+        self.main = msgpack.Packer(default=_default, use_bin_type=True, datetime=False)
+        # Ext bodies are packed while ``main`` is mid-pack, so they need a packer of their own.
+        self.body = msgpack.Packer(use_bin_type=True)
+
+
+_PACKERS = _Packers()
+
+
 def packb(value: object) -> bytes:
     """Encode a value (maps, lists, scalars, dataclasses and the ext types) to msgpack."""
     try:
-        return msgpack.packb(value, default=_default, use_bin_type=True, datetime=False)
+        return _PACKERS.main.pack(value)
     except errors.CodecError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
@@ -108,6 +121,7 @@ class _Registered:
     name: str
     version: int
     cls: type[Any]
+    fields: tuple[str, ...]
 
 
 class Registry:
@@ -129,7 +143,7 @@ class Registry:
             versions = self._by_name.setdefault(name, {})
             if version in versions and versions[version].cls is not cls:
                 raise ValueError(f"{name}.v{version} is already registered")
-            entry = _Registered(name, version, cls)
+            entry = _Registered(name, version, cls, tuple(f.name for f in dataclasses.fields(cls)))
             versions[version] = entry
             self._by_type[cls] = entry
             return cls
@@ -170,9 +184,10 @@ class Registry:
 
     def encode(self, payload: object) -> tuple[str, bytes]:
         """Return (event_type, data) for an event instance."""
-        event_type = self.type_name(payload)
-        fields = {f.name: getattr(payload, f.name) for f in dataclasses.fields(payload)}  # type: ignore[arg-type]
-        return event_type, packb(fields)
+        entry = self._by_type.get(type(payload))
+        if entry is None:
+            raise errors.UnknownEventType(f"{type(payload).__name__} is not a registered event class")
+        return f"{entry.name}.v{entry.version}", packb({name: getattr(payload, name) for name in entry.fields})
 
     def decode(self, event_type: str, data: bytes) -> Any:
         """Decode data stored as event_type into an instance of the newest class of that name."""

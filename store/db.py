@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
@@ -30,15 +31,35 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 
-@contextlib.asynccontextmanager
-async def translate_errors() -> AsyncIterator[None]:
+class _Translate:
+    """``with`` / ``async with`` block re-raising driver errors as store errors (a class: it sits on
+    every statement's path, and a generator-based context manager costs several microseconds more)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, TRANSIENT):
+            raise errors.TransientError(f"{type(exc).__name__}: {exc}") from exc
+        if isinstance(exc, asyncpg.PostgresError):
+            raise errors.StoreError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+_TRANSLATE = _Translate()
+
+
+def translate_errors() -> _Translate:
     """Re-raise driver errors as store errors, keeping the original as __cause__."""
-    try:
-        yield
-    except TRANSIENT as exc:
-        raise errors.TransientError(f"{type(exc).__name__}: {exc}") from exc
-    except asyncpg.PostgresError as exc:
-        raise errors.StoreError(f"{type(exc).__name__}: {exc}") from exc
+    return _TRANSLATE
 
 
 def connect_kwargs(schema: str, application_name: str = "eventfleet") -> dict[str, Any]:
@@ -46,10 +67,39 @@ def connect_kwargs(schema: str, application_name: str = "eventfleet") -> dict[st
     return {"server_settings": {"search_path": names.quote(schema), "application_name": application_name}}
 
 
+_CLEAN_USE: contextvars.ContextVar[bool] = contextvars.ContextVar("eventfleet_clean_use", default=False)
+
+
+class clean_use:
+    """Declare that pooled connections used in this block change no session state (no SET, LISTEN,
+    session advisory lock, cursor), so releasing them may skip the reset round trip.
+
+    The event store's one-statement appends pay a second round trip for asyncpg's reset otherwise.
+    """
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> None:
+        self._token = _CLEAN_USE.set(True)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _CLEAN_USE.reset(self._token)
+
+
+async def _reset(conn: asyncpg.Connection[Any]) -> None:
+    """asyncpg's session reset on release, unless the connection was used under clean_use()."""
+    # The pool has already rolled back any open transaction before calling this.
+    if not _CLEAN_USE.get():
+        query = conn.get_reset_query()
+        if query:
+            await conn.execute(query)
+
+
 @contextlib.asynccontextmanager
 async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10,
                       application_name: str = "eventfleet", **kwargs: Any) -> AsyncIterator[Pool]:
     """Open a pool whose connections resolve unqualified names in ``schema``; close it on exit."""
+    kwargs.setdefault("reset", _reset)
     async with translate_errors():
         pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
                                          **connect_kwargs(schema, application_name), **kwargs)

@@ -1,21 +1,29 @@
-"""The event store: append with optimistic concurrency and outbox rows, load streams, read all in order."""
+"""The event store: append with optimistic concurrency and outbox rows, load streams, read all in order.
+
+Every append is one SQL statement (a data-modifying CTE: check the stream's version, insert the events,
+insert their outbox rows), so it is one round trip and one transaction. Relays are woken after commit
+(see ``store.notify``). ``read_all`` reads in (transaction id, global position) order and only below the
+oldest running transaction: see ``read_all`` and ``horizon`` for why and what it costs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import asyncpg
 
-from store import codec, db, errors, names
+from store import codec, db, errors, names, notify
 from store.queries import QUERIES
 
 NO_STREAM = -1
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 _EMPTY_METADATA = codec.packb({})
+_VERSION_KEY = "events_stream_version_key"
+_EVENT_ID_KEY = "events_event_id_key"
 
 
 @dataclasses.dataclass(frozen=True, slots=True, order=True)
@@ -67,7 +75,24 @@ class RecordedEvent:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Encoded:
+class Snapshot:
+    """A stream's state as of ``version``, decoded (and upcast) like an event."""
+
+    stream_id: str
+    version: int
+    snapshot_type: str
+    state: Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Horizon:
+    """read_all returns only events of transactions below ``xmin``; the oldest writer has held it this long."""
+
+    xmin: int
+    oldest_transaction_age_seconds: float
+
+
+class _Encoded(NamedTuple):
     event_id: uuid.UUID
     event_type: str
     data: bytes
@@ -101,6 +126,7 @@ class EventStore:
         self.schema = names.identifier(schema, what="schema")
         self.max_payload_bytes = max_payload_bytes
         self.registry = registry
+        self.notifier = notify.Notifier(pool, self.schema)
 
     # --- writing ---------------------------------------------------------------------------------
 
@@ -109,90 +135,106 @@ class EventStore:
         names.stream_id(stream_id)
         _check_expected(expected_version)
         encoded = self._encode_all(events)
-        async with db.translate_errors():
-            try:
-                row = await self.pool.fetchrow(
-                    QUERIES["append_stream"], stream_id, expected_version,
-                    [e.event_id for e in encoded], [e.event_type for e in encoded],
-                    [e.data for e in encoded], [e.metadata for e in encoded],
-                )
-            except asyncpg.UniqueViolationError as exc:
-                # A racing writer took a version (or the event ids exist): decide which it was.
-                return await self._after_unique_violation(stream_id, expected_version, encoded, exc)
+        try:
+            async with _statement():
+                if len(encoded) == 1:
+                    e = encoded[0]
+                    row = await self.pool.fetchrow(QUERIES["append_event"], stream_id, expected_version,
+                                                   e.event_id, e.event_type, e.data, e.metadata)
+                else:
+                    row = await self.pool.fetchrow(
+                        QUERIES["append_events"], stream_id, expected_version,
+                        [e.event_id for e in encoded], [e.event_type for e in encoded],
+                        [e.data for e in encoded], [e.metadata for e in encoded])
+        except errors.StoreError as exc:
+            # A racing writer took one of the versions, or an event id exists: a retry or a conflict.
+            return await self._after_rejection(stream_id, expected_version, encoded, exc)
         assert row is not None
-        if row["positions"] is None:
-            return await self._after_mismatch(stream_id, expected_version, encoded, row["actual"])
-        return AppendResult(stream_id, expected_version + 1, expected_version + len(encoded),
-                            tuple(row["positions"]))
+        positions = row["positions"]
+        if positions is None:
+            return await self._after_rejection(stream_id, expected_version, encoded, None, row["actual"])
+        self.notifier.poke()
+        return AppendResult(stream_id, expected_version + 1, expected_version + len(encoded), tuple(positions))
 
     async def append_batch(self, batch: Sequence[tuple[str, Sequence[Any], int]]) -> list[AppendResult]:
         """Append to several streams in one transaction: all of them or none."""
         if not batch:
             raise errors.InvalidInput("append_batch needs at least one stream")
-        seen: set[str] = set()
         columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
+        stream_ids, expected_ids, steps, event_ids, event_types, datas, metadatas = columns
         encoded_batch: list[list[_Encoded]] = []
         for stream_id, events, expected in batch:
             names.stream_id(stream_id)
             _check_expected(expected)
-            if stream_id in seen:
-                raise errors.InvalidInput(f"stream {stream_id!r} appears twice in one batch")
-            seen.add(stream_id)
             encoded = self._encode_all(events)
             encoded_batch.append(encoded)
             for step, e in enumerate(encoded, start=1):
-                for column, value in zip(columns, (stream_id, expected, step, e.event_id, e.event_type,
-                                                   e.data, e.metadata), strict=True):
-                    column.append(value)
-        async with db.translate_errors():
-            try:
-                rows = await self.pool.fetch(QUERIES["append_streams"], *columns)
-            except asyncpg.UniqueViolationError as exc:
-                return await self._batch_after_unique_violation(batch, encoded_batch, exc)
-        if rows and rows[0]["global_position"] is not None:
-            results, i = [], 0
-            for (stream_id, _, expected), encoded in zip(batch, encoded_batch, strict=True):
-                positions = tuple(r["global_position"] for r in rows[i:i + len(encoded)])
-                results.append(AppendResult(stream_id, expected + 1, expected + len(encoded), positions))
-                i += len(encoded)
-            return results
-        return await self._batch_after_unique_violation(batch, encoded_batch, None)
+                stream_ids.append(stream_id)
+                expected_ids.append(expected)
+                steps.append(step)
+                event_ids.append(e.event_id)
+                event_types.append(e.event_type)
+                datas.append(e.data)
+                metadatas.append(e.metadata)
+        if len(set(stream_ids)) != len(encoded_batch):
+            raise errors.InvalidInput("a stream appears twice in one append_batch")
+        _check_unique_ids(event_ids)
+        try:
+            async with _statement():
+                positions = await self.pool.fetchval(QUERIES["append_batch"], *columns)
+        except errors.StoreError as exc:
+            return await self._batch_after_rejection(batch, encoded_batch, exc)
+        if positions is None:
+            return await self._batch_after_rejection(batch, encoded_batch, None)
+        self.notifier.poke()
+        results, i = [], 0
+        for (stream_id, _, expected), encoded in zip(batch, encoded_batch, strict=True):
+            results.append(AppendResult(stream_id, expected + 1, expected + len(encoded),
+                                        tuple(positions[i:i + len(encoded)])))
+            i += len(encoded)
+        return results
 
     def _encode_all(self, events: Sequence[Any]) -> list[_Encoded]:
         if isinstance(events, (str, bytes)) or not isinstance(events, Sequence) or not events:
             raise errors.InvalidInput("append needs a non-empty sequence of events")
-        return [self._encode(e) for e in events]
+        encoded = [self._encode(e) for e in events]
+        if len(encoded) > 1:
+            _check_unique_ids([e.event_id for e in encoded])
+        return encoded
 
     def _encode(self, event: Any) -> _Encoded:
-        new = event if isinstance(event, NewEvent) else NewEvent(event)
-        event_type, data = self.registry.encode(new.payload)
-        metadata = _EMPTY_METADATA if not new.metadata else codec.packb(dict(new.metadata))
+        if isinstance(event, NewEvent):
+            payload, event_id, meta = event.payload, event.event_id, event.metadata
+        else:
+            payload, event_id, meta = event, None, None
+        event_type, data = self.registry.encode(payload)
+        metadata = codec.packb(dict(meta)) if meta else _EMPTY_METADATA
         if len(data) + len(metadata) > self.max_payload_bytes:
             raise errors.PayloadTooLarge(
                 f"{event_type} encodes to {len(data) + len(metadata)} bytes, over the {self.max_payload_bytes} limit")
-        return _Encoded(new.event_id or uuid.uuid4(), event_type, data, metadata)
+        return _Encoded(event_id or uuid.uuid4(), event_type, data, metadata)
 
-    async def _after_mismatch(self, stream_id: str, expected: int, encoded: list[_Encoded],
-                              actual: int) -> AppendResult:
+    async def _after_rejection(self, stream_id: str, expected: int, encoded: list[_Encoded],
+                               exc: errors.StoreError | None, actual: int | None = None) -> AppendResult:
+        """Decide what a rejected append was: a retry of a committed one, a conflict or an error."""
+        cause = _unique_violation(exc)
+        if exc is not None and cause is None:
+            raise exc
         existing = await self._existing_result(stream_id, expected, encoded)
         if existing is not None:
             return existing
-        raise errors.VersionConflict(stream_id, expected, actual)
-
-    async def _after_unique_violation(self, stream_id: str, expected: int, encoded: list[_Encoded],
-                                      exc: asyncpg.UniqueViolationError) -> AppendResult:
-        existing = await self._existing_result(stream_id, expected, encoded)
-        if existing is not None:
-            return existing
-        if exc.constraint_name == "events_event_id_key":
+        if cause is not None and cause.constraint_name == _EVENT_ID_KEY:
             raise errors.DuplicateEventId(f"an event id of this append to {stream_id!r} exists elsewhere") from exc
-        actual = await self.stream_version(stream_id)
+        if actual is None:
+            actual = await self.stream_version(stream_id)
         raise errors.VersionConflict(stream_id, expected, actual) from exc
 
-    async def _batch_after_unique_violation(
-        self, batch: Sequence[tuple[str, Sequence[Any], int]], encoded_batch: list[list[_Encoded]],
-        exc: asyncpg.UniqueViolationError | None,
-    ) -> list[AppendResult]:
+    async def _batch_after_rejection(self, batch: Sequence[tuple[str, Sequence[Any], int]],
+                                     encoded_batch: list[list[_Encoded]],
+                                     exc: errors.StoreError | None) -> list[AppendResult]:
+        cause = _unique_violation(exc)
+        if exc is not None and cause is None:
+            raise exc
         results = []
         for (stream_id, _, expected), encoded in zip(batch, encoded_batch, strict=True):
             existing = await self._existing_result(stream_id, expected, encoded)
@@ -200,19 +242,20 @@ class EventStore:
                 break
             results.append(existing)
         else:
-            return results
-        if exc is not None and exc.constraint_name == "events_event_id_key":
+            return results  # the whole batch is a retry of one that committed
+        if cause is not None and cause.constraint_name == _EVENT_ID_KEY:
             raise errors.DuplicateEventId("an event id of this batch exists elsewhere") from exc
         for stream_id, _, expected in batch:
             actual = await self.stream_version(stream_id)
             if actual != expected:
                 raise errors.VersionConflict(stream_id, expected, actual) from exc
-        raise errors.TransientError("append_batch raced with another writer; retry") from exc
+        # Every stream is where we expected now: the writer we collided with rolled back. Retry.
+        raise errors.TransientError("append_batch collided with a writer that rolled back; retry") from exc
 
     async def _existing_result(self, stream_id: str, expected: int,
                                encoded: list[_Encoded]) -> AppendResult | None:
-        """The original result if these exact event ids already sit at these versions (a retried append)."""
-        async with db.translate_errors():
+        """The original result if these exact events already sit at these versions (a retried append)."""
+        async with _statement():
             rows = await self.pool.fetch(QUERIES["find_events"], [e.event_id for e in encoded])
         if not rows:
             return None
@@ -223,6 +266,8 @@ class EventStore:
             if row is None or row["stream_id"] != stream_id or row["version"] != expected + step:
                 raise errors.DuplicateEventId(
                     f"event {e.event_id} was appended before at another stream or version")
+            if row["event_type"] != e.event_type or row["data"] != e.data or row["metadata"] != e.metadata:
+                raise errors.DuplicateEventId(f"event {e.event_id} was appended before with other content")
             positions.append(row["global_position"])
         return AppendResult(stream_id, expected + 1, expected + len(encoded), tuple(positions))
 
@@ -230,7 +275,7 @@ class EventStore:
 
     async def stream_version(self, stream_id: str) -> int:
         """The stream's current version (NO_STREAM when empty)."""
-        async with db.translate_errors():
+        async with _statement():
             version: int = await self.pool.fetchval(QUERIES["stream_version"], stream_id)
         return version
 
@@ -238,7 +283,7 @@ class EventStore:
                    conn: db.Conn | None = None) -> list[RecordedEvent]:
         """A stream's events from from_version on, decoded and upcast, in version order."""
         names.stream_id(stream_id)
-        async with db.translate_errors():
+        async with _statement():
             rows = await (conn or self.pool).fetch(QUERIES["load_stream"], stream_id, from_version)
         return [record_from_row(r, self.registry) for r in rows]
 
@@ -250,26 +295,67 @@ class EventStore:
 
     async def read_all(self, after: Position = Position.START, limit: int = 1000, *,
                        conn: db.Conn | None = None) -> list[RecordedEvent]:
-        """Events of all streams after ``after`` in commit-safe order; pass the last one's position next."""
-        async with db.translate_errors():
+        """Events of all streams after ``after`` in commit-safe order; pass the last one's position next.
+
+        Global positions are handed out at insert but become visible at commit, so a transaction holding
+        a smaller position can commit after a larger one was read. Reading only rows of transactions
+        below the oldest running one, in (transaction id, position) order, means nothing can later
+        appear before the cursor. The cost: one long-running writing transaction anywhere in the
+        cluster holds every reader back until it ends (watch ``horizon()``).
+        """
+        if limit < 1:
+            raise errors.InvalidInput(f"limit must be >= 1, got {limit}")
+        async with _statement():
             rows = await (conn or self.pool).fetch(
                 QUERIES["read_all"], after.transaction_id, after.global_position, limit)
         return [record_from_row(r, self.registry) for r in rows]
 
     async def horizon(self) -> Horizon:
-        """The safe frontier of read_all and how long the oldest open transaction has held it back."""
-        async with db.translate_errors():
+        """The safe frontier of read_all and how long the oldest writing transaction has held it back."""
+        async with _statement():
             row = await self.pool.fetchrow(QUERIES["horizon"])
         assert row is not None
         return Horizon(row["xmin"], row["oldest_transaction_age"])
 
+    # --- snapshots -------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Horizon:
-    """read_all returns only events of transactions below ``xmin``."""
+    async def save_snapshot(self, stream_id: str, version: int, state: Any) -> bool:
+        """Store ``state`` (a registered class) as the stream's state at ``version``; False if a newer exists."""
+        names.stream_id(stream_id)
+        snapshot_type, data = self.registry.encode(state)
+        if len(data) > self.max_payload_bytes:
+            raise errors.PayloadTooLarge(f"snapshot of {stream_id!r} encodes to {len(data)} bytes")
+        async with _statement():
+            status = await self.pool.execute(QUERIES["save_snapshot"], stream_id, version, snapshot_type, data)
+        return bool(status == "INSERT 0 1")
 
-    xmin: int
-    oldest_transaction_age_seconds: float
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        """The stream's newest snapshot, decoded and upcast; None when there is none."""
+        names.stream_id(stream_id)
+        async with _statement():
+            row = await self.pool.fetchrow(QUERIES["load_snapshot"], stream_id)
+        if row is None:
+            return None
+        try:
+            state = self.registry.decode(row["snapshot_type"], row["data"])
+        except errors.CodecError as exc:
+            raise type(exc)(f"{exc} (snapshot of stream {stream_id!r}, version {row['version']})") from exc
+        return Snapshot(stream_id, row["version"], row["snapshot_type"], state)
+
+
+class _statement:
+    """Run one of the store's statements: it leaves no session state behind, errors are translated."""
+
+    __slots__ = ("_clean",)
+
+    async def __aenter__(self) -> None:
+        self._clean = db.clean_use()
+        self._clean.__enter__()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> None:
+        self._clean.__exit__()
+        db.translate_errors().__exit__(exc_type, exc, tb)
 
 
 def _check_expected(expected: object) -> None:
@@ -277,6 +363,13 @@ def _check_expected(expected: object) -> None:
         raise errors.InvalidExpectedVersion(f"expected_version must be an int >= -1, got {expected!r}")
 
 
-def positions_of(results: Iterable[AppendResult]) -> list[int]:
-    """All global positions of several append results, in order."""
-    return [p for r in results for p in r.global_positions]
+def _check_unique_ids(event_ids: list[uuid.UUID]) -> None:
+    if len(set(event_ids)) != len(event_ids):
+        raise errors.DuplicateEventId("the same event id appears twice in one append")
+
+
+def _unique_violation(exc: BaseException | None) -> asyncpg.UniqueViolationError | None:
+    cause = exc.__cause__ if exc is not None else None
+    if isinstance(cause, asyncpg.UniqueViolationError) and cause.constraint_name in (_VERSION_KEY, _EVENT_ID_KEY):
+        return cause
+    return None

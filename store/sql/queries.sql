@@ -1,7 +1,21 @@
 -- Named queries of the event store. Every name resolves through the connection's search_path,
 -- which db.connect_kwargs sets to the deployment's schema.
 
--- name: append_stream
+-- name: append_event
+-- Append one event to a stream if the stream is at $2 (-1: no stream), with its outbox row, in one
+-- statement. Returns the stream's version before the append and, if it matched, the new position.
+WITH head AS (
+    SELECT coalesce(max(version), -1) AS actual FROM events WHERE stream_id = $1
+), inserted AS (
+    INSERT INTO events (event_id, stream_id, version, event_type, data, metadata)
+    SELECT $3, $1, $2::bigint + 1, $4, $5, $6 FROM head WHERE head.actual = $2::bigint
+    RETURNING global_position
+), outboxed AS (
+    INSERT INTO outbox (global_position) SELECT global_position FROM inserted
+)
+SELECT head.actual, (SELECT ARRAY[global_position] FROM inserted) AS positions FROM head;
+
+-- name: append_events
 -- Append events to one stream if it is at $2 (-1: no stream), with one outbox row each, in one statement.
 -- Returns the stream's version before the append and, if it matched, the new global positions.
 WITH head AS (
@@ -17,42 +31,44 @@ WITH head AS (
 ), outboxed AS (
     INSERT INTO outbox (global_position) SELECT global_position FROM inserted
 )
-SELECT (SELECT actual FROM head) AS actual,
-       (SELECT array_agg(global_position ORDER BY global_position) FROM inserted) AS positions;
+SELECT head.actual, (SELECT array_agg(global_position ORDER BY global_position) FROM inserted) AS positions
+FROM head;
 
--- name: append_streams
+-- name: append_batch
 -- Append to many streams, all or nothing: nothing is written unless every stream is at its expected
--- version. One row per input event, in input order: its stream's version before and its position.
+-- version. Input: one row per event ($3 = its 1-based step within its stream). Returns the positions in
+-- input order (rows are inserted in that order, so their identities ascend with it), or NULL.
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::uuid[], $5::text[], $6::bytea[], $7::bytea[])
         WITH ORDINALITY AS i(stream_id, expected, step, event_id, event_type, data, metadata, ord)
-), heads AS (
-    SELECT s.stream_id, s.expected,
-           coalesce((SELECT max(e.version) FROM events e WHERE e.stream_id = s.stream_id), -1) AS actual
-    FROM (SELECT DISTINCT stream_id, expected FROM input) AS s
+), mismatched AS (
+    SELECT 1 FROM input AS i
+    WHERE i.step = 1
+      AND i.expected <> coalesce((SELECT max(e.version) FROM events AS e WHERE e.stream_id = i.stream_id), -1)
 ), inserted AS (
     INSERT INTO events (event_id, stream_id, version, event_type, data, metadata)
     SELECT i.event_id, i.stream_id, i.expected + i.step, i.event_type, i.data, i.metadata
     FROM input AS i
-    WHERE NOT EXISTS (SELECT 1 FROM heads AS h WHERE h.actual <> h.expected)
+    WHERE NOT EXISTS (SELECT 1 FROM mismatched)
     ORDER BY i.ord
-    RETURNING global_position, event_id
+    RETURNING global_position
 ), outboxed AS (
     INSERT INTO outbox (global_position) SELECT global_position FROM inserted
 )
-SELECT h.actual, ins.global_position
-FROM input AS i
-JOIN heads AS h ON h.stream_id = i.stream_id
-LEFT JOIN inserted AS ins ON ins.event_id = i.event_id
-ORDER BY i.ord;
+SELECT array_agg(global_position ORDER BY global_position) FROM inserted;
+
+-- name: notify_outbox
+-- Wake the relays listening on channel $1 (sent after the appends committed, see store/notify.py).
+SELECT pg_notify($1, '');
 
 -- name: stream_version
 -- The stream's current version, -1 when it has no events.
 SELECT coalesce(max(version), -1) FROM events WHERE stream_id = $1;
 
 -- name: find_events
--- Where the given event ids were stored, for recognising a retried append.
-SELECT event_id, stream_id, version, global_position FROM events WHERE event_id = ANY($1::uuid[]);
+-- Where and what the given event ids were stored as, for recognising a retried append.
+SELECT event_id, stream_id, version, global_position, event_type, data, metadata
+FROM events WHERE event_id = ANY($1::uuid[]);
 
 -- name: load_stream
 -- A stream's events from a version on, in version order.
@@ -79,12 +95,14 @@ ORDER BY transaction_id, global_position
 LIMIT $3;
 
 -- name: horizon
--- The safe frontier of read_all: the oldest running transaction id, and the age in seconds of the
--- oldest transaction still open (0 when none), which holds every reader back.
+-- The safe frontier of read_all (the oldest transaction id still running, cluster-wide) and the age in
+-- seconds of the oldest transaction holding an id, running or prepared (0 when none): it holds every
+-- reader back. Other users' sessions are visible to a role with pg_read_all_stats (or pg_monitor).
 SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin,
-       coalesce((SELECT extract(epoch FROM clock_timestamp() - min(xact_start))::float8
-                 FROM pg_stat_activity
-                 WHERE backend_xid IS NOT NULL OR backend_xmin IS NOT NULL), 0) AS oldest_transaction_age;
+       coalesce(extract(epoch FROM clock_timestamp() - least(
+           (SELECT min(xact_start) FROM pg_stat_activity
+            WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()),
+           (SELECT min(prepared) FROM pg_prepared_xacts)))::float8, 0) AS oldest_transaction_age;
 
 -- name: save_snapshot
 -- Keep the newest snapshot per stream; an older one never replaces a newer one.

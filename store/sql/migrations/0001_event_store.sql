@@ -40,16 +40,8 @@ CREATE TABLE outbox (
     CONSTRAINT outbox_pkey PRIMARY KEY (global_position)
 );
 
--- Wake relays: channel "<schema>.outbox". Postgres folds repeated notifications of one transaction.
-CREATE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify(TG_TABLE_SCHEMA || '.outbox', '');
-    RETURN NULL;
-END;
-$$;
-
-CREATE TRIGGER outbox_notify AFTER INSERT ON outbox
-    FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify();
+-- No NOTIFY trigger here: a notifying transaction takes a cluster-wide lock through its commit, which
+-- serializes concurrent appends. EventStore notifies channel "<schema>.outbox" after commit (store/notify.py).
 
 CREATE TABLE snapshots (
     stream_id     text        NOT NULL,

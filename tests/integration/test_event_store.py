@@ -1,0 +1,289 @@
+"""The event store's promises against the real database: appends, outbox, concurrency, idempotency,
+all-or-nothing batches, immutability, input checks and the relay wake-up."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+
+from domain.events import OrderPaid
+from store import (
+    NO_STREAM,
+    DuplicateEventId,
+    EventStore,
+    InvalidInput,
+    InvalidStreamId,
+    NewEvent,
+    PayloadTooLarge,
+    StoreError,
+    TransientError,
+    VersionConflict,
+    db,
+    notify,
+)
+from store.queries import QUERIES
+from tests.conftest import DATABASE_URL
+
+NOW = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def paid(n: int = 1) -> OrderPaid:
+    return OrderPaid(f"o{n}", "c1", Decimal(n), NOW)
+
+
+async def counts(pool: db.Pool) -> tuple[int, int]:
+    row = await pool.fetchrow("SELECT (SELECT count(*) FROM events) AS e, (SELECT count(*) FROM outbox) AS o")
+    assert row is not None
+    return row["e"], row["o"]
+
+
+async def wait_until_blocked_by(pool: db.Pool, blocker_pid: int, within: float = 30) -> int:
+    """The pid of a backend waiting on a lock held by ``blocker_pid``; poll until there is one."""
+    deadline = asyncio.get_running_loop().time() + within
+    while asyncio.get_running_loop().time() < deadline:
+        pid = await pool.fetchval("SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                                  blocker_pid)
+        if pid is not None:
+            return int(pid)
+        await asyncio.sleep(0.01)
+    raise AssertionError("no backend got blocked")
+
+
+async def test_append_writes_versions_positions_and_one_outbox_row_per_event(event_store, pool):
+    first = await event_store.append("order-1", [paid(1), paid(2)], NO_STREAM)
+    second = await event_store.append("order-1", [paid(3)], 1)
+    assert (first.stream_id, first.first_version, first.last_version) == ("order-1", 0, 1)
+    assert (second.first_version, second.last_version) == (2, 2)
+    positions = [*first.global_positions, *second.global_positions]
+    assert positions == sorted(positions)
+    assert len(set(positions)) == 3
+    assert await pool.fetchval("SELECT array_agg(global_position ORDER BY 1) FROM outbox") == positions
+    loaded = await event_store.load("order-1")
+    assert [(e.version, e.global_position, e.event) for e in loaded] == [
+        (0, positions[0], paid(1)), (1, positions[1], paid(2)), (2, positions[2], paid(3))]
+    assert [e.version for e in await event_store.load("order-1", from_version=2)] == [2]
+    assert await event_store.stream_version("order-1") == 2
+    assert await event_store.stream_version("order-none") == NO_STREAM
+
+
+async def test_new_event_keeps_its_id_and_metadata(event_store):
+    event_id = uuid.uuid4()
+    await event_store.append("s", [NewEvent(paid(), event_id, {"correlation_id": "abc", "n": 1})], NO_STREAM)
+    (loaded,) = await event_store.load("s")
+    assert loaded.event_id == event_id
+    assert loaded.metadata == {"correlation_id": "abc", "n": 1}
+    assert loaded.event_type == "OrderPaid.v1"
+    assert loaded.recorded_at.tzinfo is not None
+
+
+@pytest.mark.parametrize(("expected", "actual"), [(NO_STREAM, 0), (5, 0), (0, NO_STREAM)])
+async def test_a_wrong_expected_version_raises_version_conflict_and_writes_nothing(
+        event_store, pool, expected, actual):
+    if actual == 0:
+        await event_store.append("s", [paid()], NO_STREAM)
+    before = await counts(pool)
+    with pytest.raises(VersionConflict) as info:
+        await event_store.append("s" if actual == 0 else "empty", [paid(2)], expected)
+    assert (info.value.expected, info.value.actual) == (expected, actual)
+    assert info.value.stream_id == ("s" if actual == 0 else "empty")
+    assert await counts(pool) == before
+
+
+async def test_a_racing_transaction_surfaces_as_version_conflict_not_a_driver_error(event_store, pool, schema):
+    """Both writers pass the version check; the loser meets the unique index and must get VersionConflict."""
+    rival = await db.connect(DATABASE_URL, schema)
+    try:
+        async with rival.transaction():
+            await rival.fetchrow(QUERIES["append_event"], "s", NO_STREAM, uuid.uuid4(), "OrderPaid.v1",
+                                 b"\x80", b"\x80")
+            loser = asyncio.create_task(event_store.append("s", [paid()], NO_STREAM))
+            await wait_until_blocked_by(pool, rival.get_server_pid())  # it passed the check, waits on the index
+        with pytest.raises(VersionConflict) as info:
+            await loser
+    finally:
+        await rival.close()
+    assert (info.value.expected, info.value.actual) == (NO_STREAM, 0)
+    assert isinstance(info.value.__cause__, StoreError)
+    assert isinstance(info.value.__cause__.__cause__, asyncpg.UniqueViolationError)
+    assert await counts(pool) == (1, 1)
+
+
+async def test_concurrent_appends_at_one_version_let_exactly_one_win(event_store, pool):
+    results = await asyncio.gather(*(event_store.append("s", [paid(n)], NO_STREAM) for n in range(8)),
+                                   return_exceptions=True)
+    assert sum(not isinstance(r, BaseException) for r in results) == 1
+    assert all(isinstance(r, VersionConflict) for r in results if isinstance(r, BaseException))
+    assert await counts(pool) == (1, 1)
+
+
+async def test_retrying_an_append_returns_the_original_result_and_writes_nothing(event_store, pool):
+    events = [NewEvent(paid(1), uuid.uuid4()), NewEvent(paid(2), uuid.uuid4())]
+    original = await event_store.append("s", events, NO_STREAM)
+    await event_store.append("s", [paid(3)], 1)  # the stream moved on since
+    assert await event_store.append("s", events, NO_STREAM) == original
+    single = NewEvent(paid(4), uuid.uuid4())
+    again = await event_store.append("t", [single], NO_STREAM)
+    assert await event_store.append("t", [single], NO_STREAM) == again
+    assert await counts(pool) == (4, 4)
+
+
+@pytest.mark.parametrize(("stream_id", "payloads", "expected"), [
+    ("t", [paid(2)], NO_STREAM),  # another stream
+    ("s", [paid(2)], 1),  # another version
+    ("s", [paid(1), paid(9)], NO_STREAM),  # the same place, other content
+])
+async def test_the_same_event_id_at_another_place_is_a_clear_error(event_store, pool, stream_id, payloads, expected):
+    first_id, second_id = uuid.uuid4(), uuid.uuid4()
+    await event_store.append("s", [NewEvent(paid(1), first_id), NewEvent(paid(2), second_id)], NO_STREAM)
+    before = await counts(pool)
+    retry = [NewEvent(p, i) for p, i in zip(payloads, [first_id, second_id][-len(payloads):], strict=True)]
+    with pytest.raises(DuplicateEventId):
+        await event_store.append(stream_id, retry, expected)
+    assert await counts(pool) == before
+
+
+async def test_one_event_id_twice_in_one_append_is_refused(event_store, pool):
+    event_id = uuid.uuid4()
+    with pytest.raises(DuplicateEventId):
+        await event_store.append("s", [NewEvent(paid(1), event_id), NewEvent(paid(2), event_id)], NO_STREAM)
+    assert await counts(pool) == (0, 0)
+
+
+async def test_append_batch_writes_every_stream_in_one_go(event_store, pool):
+    await event_store.append("a", [paid(1)], NO_STREAM)
+    results = await event_store.append_batch([("a", [paid(2), paid(3)], 0), ("b", [paid(4)], NO_STREAM)])
+    assert [(r.stream_id, r.first_version, r.last_version, len(r.global_positions)) for r in results] == [
+        ("a", 1, 2, 2), ("b", 0, 0, 1)]
+    loaded = {e.global_position: (e.stream_id, e.version) for s in "ab" for e in await event_store.load(s)}
+    assert [loaded[p] for r in results for p in r.global_positions] == [("a", 1), ("a", 2), ("b", 0)]
+    assert await counts(pool) == (4, 4)
+
+
+async def test_append_batch_is_all_or_nothing(event_store, pool):
+    await event_store.append("a", [paid(1)], NO_STREAM)
+    before = await counts(pool)
+    with pytest.raises(VersionConflict) as info:
+        await event_store.append_batch([("b", [paid(2)], NO_STREAM), ("a", [paid(3)], NO_STREAM),
+                                        ("c", [paid(4)], NO_STREAM)])
+    assert (info.value.stream_id, info.value.expected, info.value.actual) == ("a", NO_STREAM, 0)
+    assert await counts(pool) == before
+    taken = (await event_store.load("a"))[0].event_id
+    with pytest.raises(DuplicateEventId):  # a clash found by the database, not the version check
+        await event_store.append_batch([("b", [paid(2)], NO_STREAM), ("c", [NewEvent(paid(3), taken)], NO_STREAM)])
+    assert await counts(pool) == before
+
+
+async def test_retrying_a_batch_returns_the_original_results(event_store, pool):
+    batch = [("a", [NewEvent(paid(1), uuid.uuid4())], NO_STREAM), ("b", [NewEvent(paid(2), uuid.uuid4())], NO_STREAM)]
+    original = await event_store.append_batch(batch)
+    assert await event_store.append_batch(batch) == original
+    assert await counts(pool) == (2, 2)
+
+
+async def test_append_batch_refuses_an_empty_batch_and_a_stream_twice(event_store):
+    with pytest.raises(InvalidInput):
+        await event_store.append_batch([])
+    with pytest.raises(InvalidInput):
+        await event_store.append_batch([("a", [paid(1)], NO_STREAM), ("a", [paid(2)], 0)])
+
+
+@pytest.mark.parametrize("statement", ["UPDATE events SET event_type = 'x'", "DELETE FROM events",
+                                       "TRUNCATE events", "TRUNCATE events CASCADE"])
+async def test_the_database_refuses_to_change_events(event_store, pool, statement):
+    await event_store.append("s", [paid()], NO_STREAM)
+    with pytest.raises(asyncpg.RestrictViolationError, match="events are immutable"):
+        await pool.execute(statement)
+    assert [e.event for e in await event_store.load("s")] == [paid()]
+
+
+async def test_a_crash_between_append_and_commit_leaves_neither_event_nor_outbox_row(event_store, pool, schema):
+    """The append's backend dies after inserting its event, while its outbox insert waits: nothing stays."""
+    sequence = await pool.fetchval("SELECT pg_get_serial_sequence('events', 'global_position')")
+    next_position = await pool.fetchval("SELECT nextval($1::regclass)", sequence) + 1
+    blocker = await db.connect(DATABASE_URL, schema)
+    try:
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute("INSERT INTO outbox (global_position) VALUES ($1)", next_position)
+        append = asyncio.create_task(event_store.append("s", [paid()], NO_STREAM))
+        victim = await wait_until_blocked_by(pool, blocker.get_server_pid())  # its event is inserted
+        assert await pool.fetchval("SELECT pg_terminate_backend($1)", victim)
+        with pytest.raises(TransientError):
+            await append
+        await transaction.rollback()
+    finally:
+        await blocker.close()
+    assert await counts(pool) == (0, 0)
+    assert await event_store.load("s") == []
+
+
+async def test_an_outbox_failure_rolls_the_event_back(event_store, pool):
+    """Events and outbox rows are written by one statement: when the outbox insert fails, no event stays."""
+    sequence = await pool.fetchval("SELECT pg_get_serial_sequence('events', 'global_position')")
+    next_position = await pool.fetchval("SELECT nextval($1::regclass)", sequence) + 1
+    await pool.execute("INSERT INTO outbox (global_position) VALUES ($1)", next_position)
+    with pytest.raises(StoreError, match="outbox_pkey") as info:
+        await event_store.append("s", [paid()], NO_STREAM)
+    assert not isinstance(info.value, VersionConflict)
+    assert await counts(pool) == (0, 1)
+
+
+@pytest.mark.parametrize(("stream_id", "events", "error"), [
+    ("", [paid()], InvalidStreamId),
+    ("x" * 256, [paid()], InvalidStreamId),
+    ("s", [], InvalidInput),
+    ("s", (), InvalidInput),
+])
+async def test_bad_input_is_refused_before_the_database(pool, schema, stream_id, events, error):
+    async with db.create_pool(DATABASE_URL, schema, min_size=0, max_size=1) as closed:
+        pass  # closed: any database access would raise a TransientError, not the input error
+    store = EventStore(closed, schema=schema)
+    with pytest.raises(error):
+        await store.append(stream_id, events, NO_STREAM)
+    with pytest.raises(error):
+        await store.append_batch([(stream_id, events, NO_STREAM)])
+
+
+async def test_payloads_over_the_limit_are_refused_default_one_mebibyte(event_store, pool, schema):
+    assert event_store.max_payload_bytes == 1024 * 1024
+    big = OrderPaid("o", "c" * (1024 * 1024), Decimal(1), NOW)
+    with pytest.raises(PayloadTooLarge, match="over the 1048576 limit"):
+        await event_store.append("s", [big], NO_STREAM)
+    small_limit = EventStore(pool, schema=schema, max_payload_bytes=200)
+    with pytest.raises(PayloadTooLarge):
+        await small_limit.append("s", [NewEvent(paid(), metadata={"pad": "x" * 200})], NO_STREAM)
+    await small_limit.append("s", [paid()], NO_STREAM)
+    assert await counts(pool) == (1, 1)
+
+
+async def test_an_append_wakes_listening_relays_after_commit(event_store, schema):
+    listener = await db.connect(DATABASE_URL, schema)
+    woken: asyncio.Queue[Any] = asyncio.Queue()
+    try:
+        await listener.add_listener(notify.channel(schema), lambda *args: woken.put_nowait(args))
+        await event_store.append("s", [paid()], NO_STREAM)
+        await asyncio.wait_for(woken.get(), 30)
+        # A burst of appends is coalesced into fewer notifications, and still wakes the relay.
+        await asyncio.gather(*(event_store.append(f"b{n}", [paid()], NO_STREAM) for n in range(20)))
+        await event_store.notifier.flush()
+        await asyncio.wait_for(woken.get(), 30)
+    finally:
+        await listener.close()
+
+
+async def test_pooled_connections_skip_the_reset_only_under_clean_use(schema):
+    async with db.create_pool(DATABASE_URL, schema, min_size=1, max_size=1) as one:
+        async with one.acquire() as conn:
+            await conn.execute("SET statement_timeout = 12345")
+        assert await one.fetchval("SHOW statement_timeout") == "0"  # reset on release, as asyncpg does
+        with db.clean_use():
+            async with one.acquire() as conn:
+                await conn.execute("SET statement_timeout = 777")  # breaking the promise, to observe it
+        assert await one.fetchval("SHOW statement_timeout") == "777ms"  # no reset round trip was made
+        assert await one.fetchval("SHOW statement_timeout") == "0"

@@ -1,0 +1,74 @@
+"""``eventfleet migrate``: numbered migrations tracked in a table, idempotent, safe when ten pods run it at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from store import db, migrate
+from store.queries import QUERIES
+from tests.conftest import DATABASE_URL
+from workers import commands
+
+
+@pytest.fixture
+async def fresh_schema() -> AsyncIterator[str]:
+    """A schema name nobody has migrated yet; dropped after the test."""
+    name = f"t_mig_{uuid.uuid4().hex[:12]}"
+    yield name
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    finally:
+        await conn.close()
+
+
+async def test_ten_concurrent_runs_apply_each_migration_exactly_once(fresh_schema):
+    shipped = [m.version for m in migrate.store_migrations()]
+    assert shipped == sorted(set(shipped))
+    assert shipped[0] == 1
+    applied = await asyncio.gather(*(commands.run_migrate(DATABASE_URL, fresh_schema) for _ in range(10)))
+    assert sorted(v for run in applied for v in run) == shipped  # one run applied them, nine found them done
+    assert sum(1 for run in applied if run) == 1
+    conn = await db.connect(DATABASE_URL, fresh_schema)
+    try:
+        rows = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
+        assert [r["version"] for r in rows] == shipped
+    finally:
+        await conn.close()
+    assert await commands.run_migrate(DATABASE_URL, fresh_schema) == []  # idempotent
+
+
+async def test_every_named_query_prepares_against_the_migrated_schema(schema):
+    conn = await db.connect(DATABASE_URL, schema)
+    try:
+        for name, sql in QUERIES.items():
+            try:
+                await conn.prepare(sql)
+            except asyncpg.PostgresError as exc:
+                pytest.fail(f"query {name}: {exc}")
+    finally:
+        await conn.close()
+
+
+def run_cli(*args: str, schema: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EVENTFLEET_DATABASE_URL": DATABASE_URL, "EVENTFLEET_SCHEMA": schema}
+    return subprocess.run([sys.executable, "-m", "workers", *args], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+@pytest.mark.slow
+def test_the_command_line_migrates_then_reports_up_to_date(fresh_schema):
+    first = run_cli("migrate", schema=fresh_schema)
+    assert first.returncode == 0, first.stderr
+    assert "applied migrations 1, 2" in first.stdout
+    second = run_cli("migrate", schema=fresh_schema)
+    assert second.returncode == 0, second.stderr
+    assert "up to date" in second.stdout
