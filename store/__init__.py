@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from store.aggregate import Aggregate, Executed, Repository
 from store.codec import REGISTRY
 from store.errors import (
     CodecError,
     CorruptEvent,
+    DomainError,
     DuplicateEventId,
     EventFleetError,
     EventSchemaMismatch,
@@ -27,6 +29,7 @@ from store.event_store import (
     NewEvent,
     Position,
     RecordedEvent,
+    Snapshot,
 )
 
 event = REGISTRY.event
@@ -35,13 +38,16 @@ upcaster = REGISTRY.upcaster
 __all__ = [
     "NO_STREAM",
     "REGISTRY",
+    "Aggregate",
     "AppendResult",
     "CodecError",
     "CorruptEvent",
+    "DomainError",
     "DuplicateEventId",
     "EventFleetError",
     "EventSchemaMismatch",
     "EventStore",
+    "Executed",
     "Horizon",
     "InvalidExpectedVersion",
     "InvalidInput",
@@ -51,6 +57,8 @@ __all__ = [
     "PayloadTooLarge",
     "Position",
     "RecordedEvent",
+    "Repository",
+    "Snapshot",
     "StoreError",
     "TransientError",
     "UnknownEventType",

@@ -1,0 +1,236 @@
+"""Append throughput and latency: ``EventStore`` against a minimal hand-written baseline, alternating.
+
+    python -m bench.append [--seconds 2] [--rounds 3] [--writers 1,8,32] [--streams 1000]
+
+Baseline: one connection per writer, one statement per append (a data-modifying CTE that checks the
+version, inserts the event and its outbox row), the payload encoded once up front. Store: ``append`` of
+one event per transaction through a pool, encoding each event. Both write the same schema (a fresh one,
+dropped at the end), each writer cycling over its own share of ``--streams`` streams so there are no
+conflicts. Batches: ``append_batch`` of 100 events (10 streams x 10) against a plain ``unnest`` insert
+of 100 event rows. Segments alternate (ABBA) so drift of this shared machine hits both sides alike.
+Database: ``EVENTFLEET_DATABASE_URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import functools
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from domain.events import OrderPaid
+from store import EventStore, codec, db
+from workers import commands
+from workers.config import DEFAULT_DATABASE_URL
+
+BASELINE_APPEND = """
+WITH head AS (SELECT coalesce(max(version), -1) AS v FROM events WHERE stream_id = $1),
+ins AS (INSERT INTO events (event_id, stream_id, version, event_type, data, metadata)
+        SELECT $3, $1, $2::bigint + 1, $4, $5, $6 FROM head WHERE head.v = $2::bigint
+        RETURNING global_position)
+INSERT INTO outbox (global_position) SELECT global_position FROM ins RETURNING global_position
+"""
+BASELINE_UNNEST = """
+INSERT INTO events (event_id, stream_id, version, event_type, data, metadata)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::bytea[], $6::bytea[])
+"""
+BATCH_STREAMS, BATCH_PER_STREAM = 10, 10
+
+
+@dataclasses.dataclass
+class Sample:
+    events: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, other: Sample) -> None:
+        self.events += other.events
+        self.seconds += other.seconds
+        self.latencies.extend(other.latencies)
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
+
+
+def sample_event() -> OrderPaid:
+    return OrderPaid("o-1", "c-1", Decimal("129.90"), dt.datetime.now(dt.UTC))
+
+
+async def timed(writers: int, seconds: float, per_event: int,
+                step: Callable[[int, int], Awaitable[None]]) -> Sample:
+    """Run ``step(writer, i)`` in ``writers`` loops for ``seconds``; count per_event events per step."""
+    sample = Sample()
+    deadline = time.perf_counter() + seconds
+
+    async def loop(w: int) -> None:
+        i = 0
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            await step(w, i)
+            sample.latencies.append(time.perf_counter() - t)
+            sample.events += per_event
+            i += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(loop(w) for w in range(writers)))
+    sample.seconds = time.perf_counter() - started
+    return sample
+
+
+class Writers:
+    """Per-segment stream names and local versions: writer w owns streams w, w+W, ... of ``streams``."""
+
+    def __init__(self, writers: int, streams: int) -> None:
+        self.tag = uuid.uuid4().hex[:8]
+        self.mine = [[f"{self.tag}-{s}" for s in range(w, streams, writers)] for w in range(writers)]
+        self.versions: dict[str, int] = {}
+
+    def next(self, w: int, i: int) -> tuple[str, int]:
+        streams = self.mine[w]
+        stream = streams[i % len(streams)]
+        return stream, self.versions.get(stream, -1)
+
+
+async def baseline_append(conns: list[asyncpg.Connection[Any]], writers: int, streams: int,
+                          seconds: float, data: bytes) -> Sample:
+    ws = Writers(writers, streams)
+
+    async def step(w: int, i: int) -> None:
+        stream, version = ws.next(w, i)
+        position = await conns[w].fetchval(BASELINE_APPEND, stream, version, uuid.uuid4(), "OrderPaid.v1",
+                                           data, b"\x80")
+        assert position is not None
+        ws.versions[stream] = version + 1
+
+    return await timed(writers, seconds, 1, step)
+
+
+async def store_append(store: EventStore, writers: int, streams: int, seconds: float) -> Sample:
+    ws = Writers(writers, streams)
+    event = sample_event()
+
+    async def step(w: int, i: int) -> None:
+        stream, version = ws.next(w, i)
+        await store.append(stream, [event], version)
+        ws.versions[stream] = version + 1
+
+    return await timed(writers, seconds, 1, step)
+
+
+async def baseline_batch(conn: asyncpg.Connection[Any], seconds: float, data: bytes) -> Sample:
+    n = BATCH_STREAMS * BATCH_PER_STREAM
+
+    async def step(w: int, i: int) -> None:
+        tag = uuid.uuid4().hex[:8]
+        streams = [f"{tag}-{s}" for s in range(BATCH_STREAMS) for _ in range(BATCH_PER_STREAM)]
+        versions = [v for _ in range(BATCH_STREAMS) for v in range(BATCH_PER_STREAM)]
+        await conn.execute(BASELINE_UNNEST, [uuid.uuid4() for _ in range(n)], streams, versions,
+                           ["OrderPaid.v1"] * n, [data] * n, [b"\x80"] * n)
+
+    return await timed(1, seconds, n, step)
+
+
+async def store_batch(store: EventStore, seconds: float) -> Sample:
+    event = sample_event()
+
+    async def step(w: int, i: int) -> None:
+        tag = uuid.uuid4().hex[:8]
+        await store.append_batch([(f"{tag}-{s}", [event] * BATCH_PER_STREAM, -1) for s in range(BATCH_STREAMS)])
+
+    return await timed(1, seconds, BATCH_STREAMS * BATCH_PER_STREAM, step)
+
+
+def report(label: str, base: Sample, ours: Sample) -> str:
+    return (f"{label:<28} baseline {base.rate:8.0f} ev/s p50 {base.pct(0.5):6.3f} ms p99 {base.pct(0.99):6.3f} ms"
+            f" | store {ours.rate:8.0f} ev/s p50 {ours.pct(0.5):6.3f} ms p99 {ours.pct(0.99):6.3f} ms"
+            f" | ratio {ours.rate / base.rate if base.rate else float('nan'):5.2f}")
+
+
+async def alternate(rounds: int, baseline: Callable[[], Awaitable[Sample]],
+                    ours: Callable[[], Awaitable[Sample]]) -> tuple[Sample, Sample]:
+    """Run baseline and ours ``rounds`` times each, in ABBA order; return their merged samples."""
+    totals = (Sample(), Sample())
+    for r in range(rounds):
+        pairs = [(totals[0], baseline), (totals[1], ours)]
+        for total, segment in pairs if r % 2 == 0 else pairs[::-1]:
+            total.add(await segment())
+    return totals
+
+
+async def bench_appends(dsn: str, schema: str, writers: int, args: argparse.Namespace, payload: bytes) -> str:
+    conns = [await db.connect(dsn, schema) for _ in range(writers)]
+    try:
+        async with db.create_pool(dsn, schema, min_size=writers, max_size=writers) as pool:
+            store = EventStore(pool, schema=schema)
+            baseline = functools.partial(baseline_append, conns, writers, args.streams, args.seconds, payload)
+            ours = functools.partial(store_append, store, writers, args.streams, args.seconds)
+            await baseline_append(conns, writers, args.streams, 0.3, payload)  # warm-up: plans, caches
+            await store_append(store, writers, args.streams, 0.3)
+            base, mine = await alternate(args.rounds, baseline, ours)
+            await store.notifier.flush()
+    finally:
+        for c in conns:
+            await c.close()
+    return report(f"append x1, {writers} writers", base, mine)
+
+
+async def bench_batches(dsn: str, schema: str, args: argparse.Namespace, payload: bytes) -> str:
+    conn = await db.connect(dsn, schema)
+    try:
+        async with db.create_pool(dsn, schema, min_size=1, max_size=1) as pool:
+            store = EventStore(pool, schema=schema)
+            await baseline_batch(conn, 0.3, payload)
+            await store_batch(store, 0.3)
+            base, mine = await alternate(args.rounds, functools.partial(baseline_batch, conn, args.seconds, payload),
+                                         functools.partial(store_batch, store, args.seconds))
+            await store.notifier.flush()
+    finally:
+        await conn.close()
+    return report("append_batch x100, 1 writer", base, mine)
+
+
+async def run(dsn: str, args: argparse.Namespace) -> None:
+    schema = f"bench_append_{uuid.uuid4().hex[:8]}"
+    await commands.run_migrate(dsn, schema)
+    _, payload = codec.REGISTRY.encode(sample_event())
+    try:
+        for writers in [int(w) for w in args.writers.split(",")]:
+            print(await bench_appends(dsn, schema, writers, args, payload), flush=True)
+        print(await bench_batches(dsn, schema, args, payload), flush=True)
+    finally:
+        admin = await asyncpg.connect(dsn)
+        try:
+            await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await admin.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of one timed segment")
+    parser.add_argument("--rounds", type=int, default=3, help="baseline/store pairs per configuration")
+    parser.add_argument("--writers", default="1,8,32", help="comma-separated writer counts")
+    parser.add_argument("--streams", type=int, default=1000)
+    args = parser.parse_args()
+    dsn = os.environ.get("EVENTFLEET_DATABASE_URL", DEFAULT_DATABASE_URL)
+    print(f"bench.append: {args.rounds} x {args.seconds}s per side and configuration, {args.streams} streams,"
+          f" load average {os.getloadavg()[0]:.2f}", flush=True)
+    asyncio.run(run(dsn, args))
+
+
+if __name__ == "__main__":
+    main()
