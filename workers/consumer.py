@@ -30,7 +30,7 @@ from projections import registry
 from projections.base import Projection
 from store import db
 from store.event_store import EventStore, RecordedEvent
-from workers import broker, dead_letters, errors, health, http, lag, metrics
+from workers import broker, dead_letters, errors, health, http, lag, metrics, rebuild_backfill
 from workers.checkpoints import BatchResult
 from workers.config import Settings
 
@@ -291,6 +291,8 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
     connection = await aio_pika.connect(settings.amqp_url, client_properties={"connection_name": name})
     async with connection:
         health_.up("rabbitmq")
+        # Projections first seen (no status row, no queue yet) are backfilled alongside: see rebuild_backfill.
+        backfills = await rebuild_backfill.claim_backfills(store, connection, settings.prefix, projections)
         consumers = []
         for projection in projections:
             channel = await connection.channel()
@@ -301,6 +303,8 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
             async with asyncio.TaskGroup() as group:
                 for consumer in consumers:
                     group.create_task(consumer.run(stop))
+                if backfills:
+                    group.create_task(rebuild_backfill.run_backfills(store, backfills, stop))
         except BaseExceptionGroup as group:
             # One lost connection ends every consumer of it: report it as the single outage it is.
             if all(isinstance(e, health.OUTAGE_ERRORS) for e in group.exceptions):

@@ -271,27 +271,6 @@ async def rebuild(pool: db.Pool, store: EventStore, projection: type[Projection]
     return await Rebuild(pool, store, projection, **kwargs).run()
 
 
-async def backfill_if_new(pool: db.Pool, store: EventStore, projection: type[Projection], *,
-                          progress: Progress | None = None) -> RebuildResult | None:
-    """Backfill a projection seen for the first time (no status row), or finish a killed backfill.
-
-    Workers call this at start-up before consuming. Over an empty store the projection simply goes live.
-    Returns None when there was nothing to do or another process is already backfilling it.
-    """
-    name = projection.name
-    async with db.translate_errors():
-        state = await pool.fetchval(SQL["projection_state"], name)
-        if state is not None and state != "backfilling":
-            return None
-        if state is None and await pool.fetchval(SQL["store_is_empty"]):
-            await pool.execute(SQL["mark_live_if_new"], name)
-            return None
-    try:
-        return await rebuild(pool, store, projection, state="backfilling", progress=progress)
-    except RebuildRunning:
-        return None
-
-
 def print_progress(name: str) -> Progress:
     """A progress line on stderr: events done of total, rate and ETA (redrawn in place on a terminal)."""
     tty = sys.stderr.isatty()

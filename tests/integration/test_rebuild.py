@@ -114,19 +114,6 @@ async def test_a_second_rebuild_of_the_same_projection_is_refused_while_one_runs
             await rebuild.rebuild(pool, event_store, OrderSummary)
 
 
-async def test_a_new_projection_is_backfilled_once_and_an_empty_store_goes_live_at_once(pool, event_store):
-    assert await rebuild.backfill_if_new(pool, event_store, CustomerStats) is None
-    assert tuple(await status_row(pool, "customer_stats")) == ("live", 0)
-
-    total = await write_orders(event_store, 30, random.Random(3))
-    result = await rebuild.backfill_if_new(pool, event_store, OrderSummary)
-    assert result is not None
-    assert result.events == total
-    assert tuple(await status_row(pool, "order_summary")) == ("live", total)
-    assert (await read_models(pool)).order_summary == (await expected(event_store)).order_summary
-    assert await rebuild.backfill_if_new(pool, event_store, OrderSummary) is None
-
-
 class _Probe(Projection):
     """A projection whose handler fails on order-bad's version 1 and reads before it writes (no batching)."""
 

@@ -82,13 +82,11 @@ SELECT state FROM projection_status WHERE projection = $1;
 INSERT INTO projection_status AS s (projection, state) VALUES ($1, $2)
 ON CONFLICT (projection) DO UPDATE SET state = EXCLUDED.state, updated_at = clock_timestamp();
 
--- name: mark_live_if_new
--- A new projection over an empty store has nothing to backfill: it is live at once.
-INSERT INTO projection_status (projection, state) VALUES ($1, 'live') ON CONFLICT (projection) DO NOTHING;
-
--- name: store_is_empty
--- Whether the store holds no event at all.
-SELECT NOT EXISTS (SELECT 1 FROM events);
+-- name: claim_backfill
+-- A projection first seen: over a non-empty store it must be backfilled before it is live.
+INSERT INTO projection_status (projection, state)
+VALUES ($1, CASE WHEN EXISTS (SELECT 1 FROM events) THEN 'backfilling' ELSE 'live' END)
+ON CONFLICT (projection) DO NOTHING;
 
 -- name: live_ahead
 -- Streams whose live checkpoint is ahead of the shadow's: the swap applies what the shadow lacks.

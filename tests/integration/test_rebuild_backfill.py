@@ -1,0 +1,83 @@
+"""A projection registered for the first time is backfilled from the store before it goes live."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import aio_pika
+import pytest
+
+from projections.orders import CustomerStats, OrderSummary
+from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.integration.test_rebuild_helpers import expected, read_models, write_orders
+from workers import broker, consumer, health, rebuild_backfill
+from workers.config import Settings
+
+
+async def state_of(pool, projection: str) -> str | None:
+    state: str | None = await pool.fetchval("SELECT state FROM projection_status WHERE projection = $1", projection)
+    return state
+
+
+async def test_backfill_if_new_fills_once_and_an_empty_store_goes_live_at_once(pool, event_store):
+    assert await rebuild_backfill.backfill_if_new(pool, event_store, CustomerStats) is None
+    assert await state_of(pool, "customer_stats") == "live"
+
+    total = await write_orders(event_store, 30, random.Random(3))
+    # A queue that exists delivers everything: no backfill for a projection merely without a status row.
+    assert await rebuild_backfill.backfill_if_new(pool, event_store, OrderSummary, queue_exists=True) is None
+    assert await state_of(pool, "order_summary") is None
+
+    result = await rebuild_backfill.backfill_if_new(pool, event_store, OrderSummary)
+    assert result is not None
+    assert result.events == total
+    assert await state_of(pool, "order_summary") == "live"
+    assert (await read_models(pool)).order_summary == (await expected(event_store)).order_summary
+    assert await rebuild_backfill.backfill_if_new(pool, event_store, OrderSummary) is None
+
+
+@pytest.mark.slow
+async def test_a_worker_backfills_a_new_projection_whose_events_predate_its_queue(pool, event_store, schema,
+                                                                                   prefix, cleanup):
+    # Events published before the projection's queue existed never reach it: only the store has them.
+    await write_orders(event_store, 40, random.Random(5))
+    names = broker.Names(prefix)
+
+    amqp = await aio_pika.connect(AMQP_URL)
+
+    async def delete_topology() -> None:
+        channel = await amqp.channel()
+        for queue in (names.queue("customer_stats"), names.dead_letter_queue("customer_stats")):
+            await channel.queue_delete(queue)
+        for exchange in (names.exchange, names.dead_letter_exchange):
+            await channel.exchange_delete(exchange)
+        await amqp.close()
+
+    cleanup(delete_topology)
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(consumer.run_worker(settings, [CustomerStats()], health.Health(), stop, pool=pool))
+    try:
+        deadline = time.monotonic() + 60
+        while await state_of(pool, "customer_stats") != "live":
+            assert time.monotonic() < deadline, "no backfill"
+            assert not worker.done(), worker
+            await asyncio.sleep(0.05)
+        assert (await read_models(pool)).customer_stats == (await expected(event_store)).customer_stats
+        # Events written from now on arrive through the queue and are applied once, on the new table.
+        await write_orders(event_store, 5, random.Random(6), prefix="late")
+        channel = await amqp.channel()
+        exchange = await channel.get_exchange(names.exchange)
+        for i in range(5):
+            for event in await event_store.load(f"order-late{i}"):
+                await exchange.publish(broker.to_message(event), routing_key=event.event_type, mandatory=True)
+        await channel.close()
+        want = (await expected(event_store)).customer_stats
+        while (await read_models(pool)).customer_stats != want:
+            assert time.monotonic() < deadline + 30, "late events not applied"
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(worker, 30)
