@@ -7,6 +7,8 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
+import aio_pika
+import aiormq.exceptions
 import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -168,3 +170,10 @@ async def test_sslmode_in_the_url_reaches_asyncpg() -> None:
     required = Settings.from_env({"EVENTFLEET_DATABASE_URL": f"{DATABASE_URL}?sslmode=require"}).database_url
     with pytest.raises(errors.TransientError, match="SSL"):
         await db.connect(required, "public")
+
+
+async def test_amqps_in_the_url_reaches_aio_pika() -> None:
+    # This broker port speaks plain AMQP: an amqps:// URL must attempt a TLS handshake there and fail.
+    url = Settings.from_env({"EVENTFLEET_AMQP_URL": "amqps://guest:guest@127.0.0.1:5672/"}).amqp_url
+    with pytest.raises(aiormq.exceptions.AMQPConnectionError, match="SSL"):
+        await aio_pika.connect(url, timeout=10)
