@@ -100,7 +100,8 @@ def projection_lock_key(schema: str, projection: str) -> str:
     return key
 
 
-def _rebuild_lock_key(schema: str, projection: str) -> str:
+def rebuild_lock_key(schema: str, projection: str) -> str:
+    """The session advisory lock a running rebuild or backfill of the projection holds."""
     return f"eventfleet.rebuild.{schema}.{projection}"
 
 
@@ -131,7 +132,7 @@ class Rebuild:
         async with self.pool.acquire() as conn:
             async with db.translate_errors():
                 locked = await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-                                             _rebuild_lock_key(self.schema, self.projection.name))
+                                             rebuild_lock_key(self.schema, self.projection.name))
             if not locked:
                 raise RebuildRunning(f"projection {self.projection.name!r} is being rebuilt by another process")
             try:
@@ -146,10 +147,10 @@ class Rebuild:
                             await self._set_state(conn, previous or "live")
                     raise
             finally:
-                # The pool's reset on release also restores the search_path and drops session locks.
                 with contextlib.suppress(*db.TRANSIENT):
                     await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))",
-                                       _rebuild_lock_key(self.schema, self.projection.name))
+                                       rebuild_lock_key(self.schema, self.projection.name))
+                    await conn.execute("RESET search_path")  # even if the pool skips its reset
         return RebuildResult(self.projection.name, self.events, time.monotonic() - started, resumed, caught_up,
                              self.applier.skipped, tuple(sorted(self.applier.halted)))
 

@@ -1,0 +1,94 @@
+"""``eventfleet status`` as a process against a known state: exact lag, parked, queue depth, outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import aio_pika
+import pytest
+
+from projections.orders import CustomerStats
+from store import NO_STREAM
+from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.unit.test_projection_fold import paid, placed, shipped
+from workers import broker, checkpoints, lag, rebuild
+from workers import status as status_mod
+
+pytestmark = pytest.mark.slow
+
+PROJECTIONS = ["customer_stats", "order_summary"]
+
+
+async def status(schema: str, prefix: str, *args: str, amqp_url: str = AMQP_URL) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EVENTFLEET_DATABASE_URL": DATABASE_URL, "EVENTFLEET_AMQP_URL": amqp_url,
+           "EVENTFLEET_SCHEMA": schema, "EVENTFLEET_PREFIX": prefix}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "workers", "status", *args, env=env,
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+
+
+@pytest.fixture
+async def known_state(pool, event_store, prefix, delete_prefixed) -> dict[str, Any]:
+    """7 events; customer_stats applied 4 of them; 1 parked failure; 5 messages in each queue."""
+    await event_store.append("order-a", [placed("a", "c"), paid("a", "c"), paid("a", "c")], NO_STREAM)
+    await event_store.append("order-b", [placed("b", "c"), paid("b", "c")], NO_STREAM)
+    await event_store.append("order-c", [placed("c", "d"), shipped("c", "d")], NO_STREAM)
+    applied = [*await event_store.load("order-a"), *(await event_store.load("order-b"))[:1]]
+    await checkpoints.apply_batch(event_store, CustomerStats(), applied)
+    for state in ("parked", "retried"):
+        await pool.execute("INSERT INTO dead_letters (projection, stream_id, version, error, status) "
+                           "VALUES ('customer_stats', 'order-x', 0, 'boom', $1)", state)
+    names = broker.Names(prefix)
+    delete_prefixed([q for p in PROJECTIONS for q in (names.queue(p), names.dead_letter_queue(p))],
+                    [names.exchange, names.dead_letter_exchange])
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await broker.declare_topology(channel, names, PROJECTIONS)
+        for event in (await event_store.load("order-a")) + (await event_store.load("order-b")):
+            await exchange.publish(broker.to_message(event), routing_key=event.event_type)
+    return {"events": 7}
+
+
+async def test_json_reports_the_exact_lag_parked_queue_depth_and_outbox(pool, schema, prefix, known_state):
+    result = await status(schema, prefix, "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert set(doc) == {"projections", "outbox"}
+    for row in doc["projections"]:
+        assert set(row) == {"name", "state", "applied", "lag_events", "lag_seconds", "parked", "queue_depth"}
+        assert row["lag_seconds"] > 0
+    got = {r["name"]: (r["state"], r["applied"], r["lag_events"], r["parked"], r["queue_depth"])
+           for r in doc["projections"]}
+    assert got == {"customer_stats": ("live", 4, 3, 1, 5), "order_summary": ("live", 0, 7, 0, 5)}
+    assert doc["outbox"]["pending"] == 7
+    assert doc["outbox"]["oldest_age_seconds"] > 0
+    # The same figures as the lag gauges, which come from lag.measure.
+    assert (await lag.measure(pool, "customer_stats")).lag_events == 3
+
+
+async def test_table_shows_a_stopped_rebuild_and_survives_rabbitmq_being_unreachable(pool, schema, prefix,
+                                                                                     known_state):
+    await pool.execute("INSERT INTO projection_status (projection, state) VALUES ('order_summary', 'rebuilding')")
+    result = await status(schema, prefix, amqp_url="amqp://guest:guest@127.0.0.1:1/")
+    assert result.returncode == 0, result.stderr
+    assert "RabbitMQ unreachable" in result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["PROJECTION", "STATE", "APPLIED"]
+    assert lines[1].split() == ["customer_stats", "live", "4", "3", lines[1].split()[4], "1", "0", "-"]
+    assert lines[2].startswith("order_summary   rebuilding (not running)")
+    assert lines[-1].startswith("outbox: 7 pending, oldest ")
+    # While a rebuild holds its lock the state is just "rebuilding" (pg_locks splits the key in two).
+    key = rebuild.rebuild_lock_key(schema, "order_summary")
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", key)
+        assert await pool.fetchval(status_mod.SQL["lock_held"], key)
+        await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
+    assert not await pool.fetchval(status_mod.SQL["lock_held"], key)
