@@ -1,8 +1,8 @@
 """``eventfleet load``: a writer load through the store API, with real version conflicts.
 
 Every order gets a life decided by the seed: placed, then paid and shipped, or cancelled (before or
-after payment). The load is a queue of "advance order X by one step" tokens; the tokens of a few orders
-at a time are shuffled together, so ``--concurrency`` tasks regularly work on the same order at once.
+after payment). The load is a queue of "advance order X by one step" tokens; the tokens of ``2 x --concurrency`` orders
+at a time are shuffled together, so the writers regularly work on the same order at once.
 They then collide on its version, and the repository reloads and re-decides: each token still advances
 its order by exactly one step, so every order ends exactly at the end of its life.
 """
@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import random
 import time
+import uuid
 from collections.abc import Sequence
 from decimal import Decimal
 
@@ -49,10 +50,11 @@ class LoadReport:
         return self.events / self.seconds if self.seconds > 0 else 0.0
 
 
-def plan_orders(count: int, seed: int | None) -> list[Plan]:
-    """The lives of ``count`` orders, reproducible from ``seed`` (ids, customers, items, outcomes)."""
+def plan_orders(count: int, seed: int | None, run_id: str | None = None) -> list[Plan]:
+    """The lives of ``count`` orders: customers, items and outcomes reproducible from ``seed``; the order
+    ids carry ``run_id`` (random by default), so the same seeded load can run again on the same store."""
     rng = random.Random(seed)
-    run = f"{rng.getrandbits(32):08x}"
+    run = run_id or uuid.uuid4().hex[:8]
     customers = [f"c-{n:05d}" for n in range(max(1, count // 4))]
     plans = []
     for n in range(count):
@@ -81,11 +83,13 @@ def tokens(plans: Sequence[Plan], group: int, seed: int | None) -> list[Plan]:
     return queue
 
 
-async def run_load(store: EventStore, count: int, *, concurrency: int = 8, seed: int | None = None) -> LoadReport:
+async def run_load(store: EventStore, count: int, *, concurrency: int = 8, seed: int | None = None,
+                   run_id: str | None = None) -> LoadReport:
     """Drive ``count`` orders through their lives with ``concurrency`` tasks; return what was written."""
     repository = Repository(store, orders.Order, max_attempts=64)
-    plans = plan_orders(count, seed)
-    queue = iter(tokens(plans, max(2, concurrency // 2), seed))
+    plans = plan_orders(count, seed, run_id)
+    # Twice as many orders in play as writers: about one append in eight meets a conflict.
+    queue = iter(tokens(plans, 2 * concurrency, seed))
     written = 0
 
     async def advance(plan: Plan) -> int:

@@ -116,3 +116,7 @@ ON CONFLICT (stream_id) DO UPDATE
 -- name: load_snapshot
 -- The newest snapshot of a stream.
 SELECT version, snapshot_type, data FROM snapshots WHERE stream_id = $1;
+
+-- name: count_events_by_type
+-- How many events of each type the store holds (summaries for operators and the demo).
+SELECT event_type, count(*) AS events FROM events GROUP BY event_type ORDER BY event_type;

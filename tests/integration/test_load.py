@@ -18,8 +18,8 @@ LIVES = {("OrderPlaced", "OrderPaid", "OrderShipped"), ("OrderPlaced", "OrderCan
 
 
 async def test_every_order_ends_exactly_at_the_end_of_its_planned_life(event_store, pool):
-    report = await load.run_load(event_store, 40, concurrency=8, seed=7)
-    plans = load.plan_orders(40, seed=7)
+    report = await load.run_load(event_store, 40, concurrency=8, seed=7, run_id="r1")
+    plans = load.plan_orders(40, seed=7, run_id="r1")
     assert report.orders == 40
     assert report.events == sum(len(p.steps) for p in plans)
     assert await pool.fetchval("SELECT count(*) FROM events") == report.events
@@ -34,12 +34,20 @@ async def test_every_order_ends_exactly_at_the_end_of_its_planned_life(event_sto
     assert report.conflicts > 0  # tokens of one order ran at once and collided
 
 
-def test_plans_are_reproducible_from_the_seed() -> None:
-    def shape(plans: list[load.Plan]) -> list[tuple[str, int]]:
-        return [(p.order_id, len(p.steps)) for p in plans]
+def test_plans_are_reproducible_from_the_seed_with_fresh_order_ids() -> None:
+    def shape(plans: list[load.Plan]) -> list[int]:
+        return [len(p.steps) for p in plans]
 
-    assert shape(load.plan_orders(20, seed=3)) == shape(load.plan_orders(20, seed=3))
-    assert shape(load.plan_orders(20, seed=3)) != shape(load.plan_orders(20, seed=4))
+    first, again = load.plan_orders(20, seed=3), load.plan_orders(20, seed=3)
+    assert shape(first) == shape(again)
+    assert shape(first) != shape(load.plan_orders(20, seed=4))
+    assert not {p.order_id for p in first} & {p.order_id for p in again}  # a second run places new orders
+
+
+async def test_the_same_seeded_load_runs_twice_on_one_store(event_store) -> None:
+    first = await load.run_load(event_store, 5, concurrency=2, seed=1)
+    second = await load.run_load(event_store, 5, concurrency=2, seed=1)
+    assert first.events == second.events
 
 
 @pytest.mark.slow
