@@ -32,7 +32,7 @@ import asyncpg
 
 from projections import registry
 from projections.base import Projection
-from store import db, errors, queries
+from store import db, errors, queries, roles
 from store.event_store import EventStore, Position, record_from_row
 from workers import rebuild_apply as applier
 from workers.config import Settings
@@ -90,6 +90,19 @@ def _quote(identifier: str) -> str:
     if not _SHADOW.fullmatch(identifier):
         raise errors.InvalidName(f"invalid identifier {identifier!r}")
     return f'"{identifier}"'
+
+
+_PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"})
+
+
+def _grant(grant: Any, table: str) -> str:
+    """The GRANT re-creating one privilege of a replaced table (grantee quoted, privilege from a fixed set)."""
+    privilege = grant["privilege_type"]
+    if privilege not in _PRIVILEGES:
+        raise RebuildError(f"unexpected privilege {privilege!r} on a read-model table")
+    grantee = "PUBLIC" if grant["grantee"] is None else '"' + grant["grantee"].replace('"', '""') + '"'
+    option = " WITH GRANT OPTION" if grant["is_grantable"] else ""
+    return f"GRANT {privilege} ON {table} TO {grantee}{option}"
 
 
 def projection_lock_key(schema: str, projection: str) -> str:
@@ -258,8 +271,12 @@ class Rebuild:
                                     [r["shadow_version"] + 1 for r in behind], [r["live_version"] for r in behind])
             await self.applier.apply(conn, [record_from_row(r, self.store.registry) for r in rows])
         for table in self.projection.tables:
+            grants = await conn.fetch(SQL["table_grants"], self.schema, table)
             await conn.execute(f"DROP TABLE IF EXISTS {main}.{_quote(table)}")
             await conn.execute(f"ALTER TABLE {shadow}.{_quote(table)} SET SCHEMA {main}")
+            for grant in grants:  # readers of the old table (an API role, say) keep their access
+                await conn.execute(_grant(grant, f"{main}.{_quote(table)}"))
+        await roles.grant_read_models(conn, self.schema, self.projection.tables)
         await conn.execute(SQL["adopt_shadow_checkpoints"], name)
         cursor = await self._cursor(conn)
         await conn.execute(SQL["finish_status"], name, cursor.transaction_id, cursor.global_position)

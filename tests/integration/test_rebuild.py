@@ -174,3 +174,19 @@ async def test_deferred_batching_keeps_each_stream_and_each_event_in_order(pool,
     rows = dict(await pool.fetch("SELECT stream_id, versions FROM rb_sequence"))
     assert rows == {sid: "".join(f"{v}," for v in range(last + 1))
                     for sid, last in (await stream_versions(event_store)).items()}
+
+
+async def test_readers_of_the_old_table_keep_their_grants_after_the_swap(pool, event_store, schema):
+    role = f"{schema}_reader"
+    await pool.execute(f'CREATE ROLE "{role}" NOLOGIN')
+    try:
+        await pool.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+        await pool.execute(f'GRANT SELECT ON order_summary TO "{role}"')
+        await write_orders(event_store, 5, random.Random(8))
+        await rebuild.rebuild(pool, event_store, OrderSummary)
+        privileges = [await pool.fetchval("SELECT has_table_privilege($1, 'order_summary', $2)", role, p)
+                      for p in ("SELECT", "INSERT")]
+        assert privileges == [True, False]
+    finally:
+        await pool.execute(f'DROP OWNED BY "{role}"')
+        await pool.execute(f'DROP ROLE "{role}"')

@@ -281,9 +281,6 @@ async def test_a_read_model_table_replaced_by_a_rebuild_can_be_granted_again(
     assert await worker_pool.fetchval("SELECT count(*) FROM customer_stats") == 0
 
 
-@pytest.mark.xfail(strict=True, raises=asyncpg.InsufficientPrivilegeError,
-                   reason="workers/rebuild.py swaps in new tables without the worker's grants; its swap "
-                          "should call store.roles.grant_read_models (then remove this marker)")
 async def test_the_worker_keeps_its_grants_across_a_rebuild(
         login: Login, granted: roles.Roles, event_store: EventStore, pool: db.Pool) -> None:
     await seed(event_store)

@@ -95,6 +95,15 @@ FROM checkpoints AS l
 LEFT JOIN rebuild_checkpoints AS s ON s.stream_id = l.stream_id
 WHERE l.projection = $1 AND l.version > coalesce(s.version, -1);
 
+-- name: table_grants
+-- The privileges granted on a table to roles other than its owner (grantee NULL: PUBLIC).
+SELECT r.rolname AS grantee, a.privilege_type, a.is_grantable
+FROM pg_class AS c
+JOIN pg_namespace AS n ON n.oid = c.relnamespace
+CROSS JOIN LATERAL aclexplode(c.relacl) AS a
+LEFT JOIN pg_roles AS r ON r.oid = a.grantee
+WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind = 'r' AND a.grantee <> c.relowner;
+
 -- name: adopt_shadow_checkpoints
 -- Make the shadow's checkpoints the live ones (after the swap the shadow is behind live only where a
 -- handler failed and halted the stream in the shadow).
