@@ -19,15 +19,22 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, the extra fields, exception text."""
+    """One JSON object per line: time, level, logger, message, the extra fields, exception text.
+
+    The event's coordinates are always named ``projection``, ``stream`` and ``version``, whichever name
+    the caller used for the stream (``stream_id`` is renamed), so one query finds every line of a stream.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
+        extras = _extras(record)
+        if "stream_id" in extras and "stream" not in extras:
+            extras["stream"] = extras.pop("stream_id")
         doc: dict[str, Any] = {
             "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
-            **_extras(record),
+            **extras,
         }
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
