@@ -1,0 +1,96 @@
+"""The values the event store takes and returns: cursors, new and recorded events, results, snapshots."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from store import codec, errors
+
+NO_STREAM = -1
+
+
+@dataclasses.dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """A cursor of read_all: the writing transaction's id, then the global position."""
+
+    transaction_id: int
+    global_position: int
+
+    START: ClassVar[Position]
+
+
+Position.START = Position(0, 0)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event payload to append, with an explicit id (generated when None) and metadata."""
+
+    payload: Any
+    event_id: uuid.UUID | None = None
+    metadata: Mapping[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Where an append put its events."""
+
+    stream_id: str
+    first_version: int
+    last_version: int
+    global_positions: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """An event as stored, with its payload decoded and upcast to the newest class of its name."""
+
+    event_id: uuid.UUID
+    stream_id: str
+    version: int
+    global_position: int
+    position: Position
+    event_type: str
+    event: Any
+    data: bytes
+    metadata: Mapping[str, Any]
+    recorded_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A stream's state as of ``version``, decoded (and upcast) like an event."""
+
+    stream_id: str
+    version: int
+    snapshot_type: str
+    state: Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Horizon:
+    """read_all returns only events of transactions below ``xmin``; the oldest writer has held it this long."""
+
+    xmin: int
+    oldest_transaction_age_seconds: float
+
+
+def record_from_row(row: Mapping[str, Any], registry: codec.Registry = codec.REGISTRY) -> RecordedEvent:
+    """Decode an events row (as selected by the store's queries) into a RecordedEvent."""
+    stream_id, version, event_type = row["stream_id"], row["version"], row["event_type"]
+    try:
+        payload = registry.decode(event_type, row["data"])
+        metadata = codec.unpackb(row["metadata"])
+    except errors.CodecError as exc:
+        raise type(exc)(f"{exc} (stream {stream_id!r}, version {version}, type {event_type})") from exc
+    return RecordedEvent(
+        event_id=row["event_id"], stream_id=stream_id, version=version,
+        global_position=row["global_position"],
+        position=Position(row["transaction_id"], row["global_position"]),
+        event_type=event_type, event=payload, data=row["data"], metadata=metadata,
+        recorded_at=row["recorded_at"],
+    )
