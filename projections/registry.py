@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TypeVar
 
 from projections.base import Projection
@@ -26,8 +27,10 @@ def register(cls: P) -> P:
 
 
 def load_builtin() -> dict[str, type[Projection]]:
-    """Import the shipped projections and return the registry."""
-    for module in _BUILTIN_MODULES:
+    """Import the shipped projections, then the modules named in EVENTFLEET_PROJECTION_MODULES
+    (comma-separated; how test and plug-in projections reach worker processes); return the registry."""
+    extra = [m.strip() for m in os.environ.get("EVENTFLEET_PROJECTION_MODULES", "").split(",") if m.strip()]
+    for module in (*_BUILTIN_MODULES, *extra):
         importlib.import_module(module)
     return REGISTRY
 
