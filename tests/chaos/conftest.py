@@ -1,0 +1,36 @@
+"""Fixtures of the chaos suite: a RabbitMQ vhost of its own, and a deployment (schema, prefix) per test."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from tests.chaos import harness
+from tests.conftest import AMQP_URL, DATABASE_URL
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "--quiet", *args], check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def vhost() -> Iterator[str]:
+    """A vhost for the fleets, so that close_all_connections can be aimed at them alone."""
+    name = f"eventfleet_chaos_{uuid.uuid4().hex[:8]}"
+    _rabbitmqctl("add_vhost", name)
+    try:
+        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield name
+    finally:
+        _rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture
+async def deployment(schema: str, prefix: str, vhost: str) -> AsyncIterator[harness.Deployment]:
+    """This test's schema (migrated) and prefix, in the chaos vhost; its queues are deleted after."""
+    deployment = harness.Deployment(DATABASE_URL, harness.vhost_url(AMQP_URL, vhost), vhost, schema, prefix)
+    yield deployment
+    await harness.delete_topology(deployment)

@@ -1,0 +1,293 @@
+"""One chaos run: a fleet under a steady write load while a seeded schedule injects faults, then the proof.
+
+``run_scenario`` migrates the schema, starts two relays and three workers (``fleet.Fleet``), writes orders
+at a steady rate from in-process writers (``Writer``: the load's order lives, through the Repository),
+injects the scheduled faults one after another, stops the writers, waits for lag 0 on every projection
+and an empty outbox, compares every read model with a fold of the store (``verify``), stops the fleet
+with SIGTERM and returns a ``Report``: events written, applied, duplicates skipped, gaps filled, time to
+recover after each fault, lost and doubled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import random
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+from store import EventStore, db
+from store.queries import load
+from tests.chaos import faults as faults_mod
+from tests.chaos.fleet import PROJECTIONS, ROOT, Fleet
+from tests.chaos.verify import verify
+from tests.chaos.writer import TRANSIENT, Writer, retrying
+from workers import broker, lag
+
+LEDGER = load("tests.chaos", "ledger.sql")
+
+#: Scale of the runs: CI keeps them short; ``make chaos`` lengthens them through the environment.
+SECONDS = float(os.environ.get("EVENTFLEET_CHAOS_SECONDS", "10"))  # write load per scenario (at least)
+RATE = float(os.environ.get("EVENTFLEET_CHAOS_RATE", "100"))  # events per second
+REPEAT = int(os.environ.get("EVENTFLEET_CHAOS_REPEAT", "1"))  # injections of each fault kind per run
+REPORT_FILE = os.environ.get("EVENTFLEET_CHAOS_REPORT")  # JSON lines of every report, for RELIABILITY.md
+
+
+@dataclasses.dataclass
+class Sample:
+    t: float  # seconds since the load started
+    lag: dict[str, int] | None  # per projection; None while the database was unreachable
+    outbox: int | None
+
+    @property
+    def total(self) -> int | None:
+        return None if self.lag is None else sum(self.lag.values())
+
+
+class LagMonitor:
+    """Samples every projection's exact lag (``workers.lag.measure``) and the outbox backlog."""
+
+    def __init__(self, pool: db.Pool, t0: float, interval: float = 0.5) -> None:
+        self.pool, self.t0, self.interval = pool, t0, interval
+        self.samples: list[Sample] = []
+
+    async def sample(self) -> Sample:
+        t = time.monotonic() - self.t0
+        lags: dict[str, int] | None
+        try:
+            lags = {p: (await lag.measure(self.pool, p)).lag_events for p in PROJECTIONS}
+            outbox: int | None = await self.pool.fetchval("SELECT count(*) FROM outbox")
+        except TRANSIENT:
+            lags, outbox = None, None
+        sample = Sample(t, lags, outbox)
+        self.samples.append(sample)
+        return sample
+
+    async def run(self) -> None:
+        while True:
+            await self.sample()
+            await asyncio.sleep(self.interval)
+
+    async def wait_drained(self, within: float) -> float:
+        """Until every projection's lag is 0 and the outbox is empty; return when (seconds since t0)."""
+        deadline = time.monotonic() + within
+        while True:
+            sample = await self.sample()
+            if sample.total == 0 and sample.outbox == 0:
+                return sample.t
+            if time.monotonic() > deadline:
+                raise AssertionError(f"lag not back to 0 within {within}s: {sample}")
+            await asyncio.sleep(0.2)
+
+    def max_between(self, start: float, end: float) -> int:
+        return max((s.total or 0 for s in self.samples if start <= s.t <= end), default=0)
+
+    def recovered_at(self, after: float, threshold: int) -> float | None:
+        """The first sample after ``after`` with a known lag at or below ``threshold``."""
+        for s in self.samples:
+            if s.t >= after and s.total is not None and s.total <= threshold:
+                return s.t
+        return None
+
+
+@dataclasses.dataclass
+class Injection:
+    kind: str
+    started: float
+    ended: float
+    details: dict[str, Any]
+    recover_seconds: float | None = None
+
+
+@dataclasses.dataclass
+class Report:
+    scenario: str
+    seed: int
+    load_seconds: float
+    rate: float
+    written: int
+    applied: dict[str, int]
+    published: int
+    duplicates: int
+    gaps_filled: int
+    dead_lettered: int
+    writer_retries: int
+    steady_lag: int
+    max_lag: int
+    drain_seconds: float
+    recover_seconds_max: float | None
+    lost: int
+    doubled: int
+    exact: bool
+    exit_codes: dict[str, int]
+    injections: list[Injection]
+    memory: list[dict[str, Any]]
+
+    def line(self) -> str:
+        recover = "-" if self.recover_seconds_max is None else f"{self.recover_seconds_max:.1f}s"
+        return (f"[chaos {self.scenario} seed={self.seed}] faults={len(self.injections)} written={self.written} "
+                f"applied={min(self.applied.values(), default=0)}/projection duplicates={self.duplicates} "
+                f"gaps_filled={self.gaps_filled} recover_max={recover} drain={self.drain_seconds:.1f}s "
+                f"lost={self.lost} doubled={self.doubled}")
+
+    def emit(self) -> None:
+        print(self.line())
+        for inj in self.injections:
+            recover = "-" if inj.recover_seconds is None else f"{inj.recover_seconds:.1f}s"
+            print(f"    {inj.kind:<18} at {inj.started:5.1f}s took {inj.ended - inj.started:4.1f}s "
+                  f"recovered in {recover}  {inj.details}")
+        if REPORT_FILE:
+            with Path(REPORT_FILE).open("a") as f:
+                f.write(json.dumps(dataclasses.asdict(self) | {"at": dt.datetime.now(dt.UTC).isoformat()},
+                                   default=str) + "\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    """Where a run lives: its database, schema, broker vhost and prefix."""
+
+    database_url: str
+    amqp_url: str
+    vhost: str
+    schema: str
+    prefix: str
+
+    def env(self) -> dict[str, str]:
+        return {"EVENTFLEET_DATABASE_URL": self.database_url, "EVENTFLEET_AMQP_URL": self.amqp_url,
+                "EVENTFLEET_SCHEMA": self.schema, "EVENTFLEET_PREFIX": self.prefix,
+                "EVENTFLEET_STOP_TIMEOUT": "5", "EVENTFLEET_LOG_FORMAT": "text"}
+
+
+def vhost_url(amqp_url: str, vhost: str) -> str:
+    return amqp_url.rstrip("/") + "/" + vhost
+
+
+async def prepare(deployment: Deployment) -> None:
+    """Create the chaos ledger's tables (the schema is migrated by the caller)."""
+    async with db.create_pool(deployment.database_url, deployment.schema, min_size=1, max_size=1) as pool:
+        await pool.execute(LEDGER["ddl"])
+
+
+async def delete_topology(deployment: Deployment) -> None:
+    """Delete the run's queues and exchanges."""
+    names = broker.Names(deployment.prefix)
+    connection = await aio_pika.connect(deployment.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for projection in PROJECTIONS:
+            await channel.queue_delete(names.queue(projection))
+            await channel.queue_delete(names.dead_letter_queue(projection))
+        await channel.exchange_delete(names.exchange)
+        await channel.exchange_delete(names.dead_letter_exchange)
+
+
+@contextlib.asynccontextmanager
+async def background(*coros: Any) -> AsyncIterator[None]:
+    """Run coroutines as tasks for the block; cancel them after it."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, logdir: Path, *,
+                       seed: int | None = None, seconds: float = SECONDS, rate: float = RATE,
+                       warmup: float = 3.0, drain_within: float = 180) -> Report:
+    """Run the fleet under load with the faults ``kinds`` injected in that order; verify; report."""
+    seed = random.randrange(2**32) if seed is None else seed
+    rng = random.Random(seed)
+    print(f"[chaos {name}] seed={seed} faults={list(kinds)} logs={logdir}")
+    await prepare(deployment)
+    writer_name = f"eventfleet chaos writer {deployment.schema}"[:63]
+    async with contextlib.AsyncExitStack() as stack:
+        writer_pool = await stack.enter_async_context(db.create_pool(
+            deployment.database_url, deployment.schema, min_size=1, max_size=10, application_name=writer_name))
+        pool = await stack.enter_async_context(db.create_pool(
+            deployment.database_url, deployment.schema, min_size=1, max_size=2,
+            application_name=f"eventfleet chaos observer {deployment.schema}"[:63]))
+        store = EventStore(writer_pool, schema=deployment.schema)
+        fleet = await stack.enter_async_context(Fleet(deployment.env(), logdir))
+        await fleet.start()
+        t0 = time.monotonic()
+        monitor = LagMonitor(pool, t0)
+        writer = Writer(store, rate, rng.getrandbits(64))
+        stop_writing = asyncio.Event()
+        ctx = faults_mod.Context(fleet, rng, deployment.database_url, deployment.amqp_url, deployment.vhost,
+                                 deployment.prefix, writer_name, store, _cli(fleet))
+        injections: list[Injection] = []
+        async with background(monitor.run(), fleet.run_scraper()):
+            writing = asyncio.create_task(writer.run(stop_writing))
+            try:
+                await _sleep_or_fail(warmup, writing)
+                for kind in kinds:
+                    started = time.monotonic() - t0
+                    details = await faults_mod.FAULTS[kind](ctx)
+                    injections.append(Injection(kind, started, time.monotonic() - t0, details))
+                    await _sleep_or_fail(rng.uniform(1.0, 3.0), writing)
+                await _sleep_or_fail(max(0.0, seconds - (time.monotonic() - t0)), writing)
+            finally:
+                stop_writing.set()
+                await writing
+            load_end = time.monotonic() - t0
+            drained = await monitor.wait_drained(drain_within)
+        verdict = await retrying(lambda: verify(store))
+        stats = await pool.fetch("SELECT projection, applied FROM projection_status")
+        dead = await pool.fetchval("SELECT count(*) FROM dead_letters WHERE status = 'parked'")
+        exit_codes = await fleet.stop()
+    steady = monitor.max_between(1.0, injections[0].started if injections else load_end)
+    threshold = max(2 * steady, int(rate))  # steady state: at most twice the pre-fault peak, or 1 s of load
+    for inj in injections:
+        back = monitor.recovered_at(inj.ended, threshold)
+        inj.recover_seconds = None if back is None else round(back - inj.ended, 2)
+    totals = fleet.totals()
+    recovers = [i.recover_seconds for i in injections if i.recover_seconds is not None]
+    report = Report(
+        scenario=name, seed=seed, load_seconds=round(load_end, 1), rate=rate, written=verdict.events,
+        applied={r["projection"]: r["applied"] for r in stats}, published=int(totals.get("published", 0)),
+        duplicates=int(totals.get("duplicates", 0)), gaps_filled=int(totals.get("gaps_filled", 0)),
+        dead_lettered=int(totals.get("dead_lettered", 0)), writer_retries=writer.retries, steady_lag=steady,
+        max_lag=monitor.max_between(0, drained), drain_seconds=round(drained - load_end, 2),
+        recover_seconds_max=max(recovers, default=None), lost=verdict.lost, doubled=verdict.doubled,
+        exact=verdict.exact, exit_codes=exit_codes, injections=injections, memory=fleet.memory())
+    report.emit()
+    assert verdict.exact, (verdict.summary_mismatches[:5], verdict.stats_mismatches[:5])
+    assert dead == 0, f"{dead} dead letters still parked"
+    return report
+
+
+async def _sleep_or_fail(seconds: float, writing: asyncio.Task[None]) -> None:
+    """Sleep (the schedule's pause) unless the writers fail meanwhile: then raise their error."""
+    await asyncio.wait({writing}, timeout=seconds)
+    if writing.done():
+        writing.result()
+        raise AssertionError("the writers stopped before the end of the load")
+
+
+def _cli(fleet: Fleet) -> Any:
+    async def cli(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "workers", *args, cwd=ROOT, env={**fleet.env, "EVENTFLEET_HTTP_PORT": "0"},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(errors="replace")
+    return cli
+
+
+def unique(kind: str) -> str:
+    return f"chaos_{kind}_{uuid.uuid4().hex[:10]}"

@@ -1,0 +1,75 @@
+"""The oracle: every read model compared with a fold of the store, and lost or doubled events counted."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from store import EventStore, Position, RecordedEvent
+from store.queries import load
+from tests.unit.test_projection_fold import fold, read_models
+
+LEDGER = load("tests.chaos", "ledger.sql")
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """How the read models differ from the fold of the store (all zero when exact)."""
+
+    events: int
+    lost: int  # events of the store missing from the worst read model (ledger or customer_stats counters)
+    doubled: int  # events the worst read model applied more than once
+    summary_mismatches: list[str]  # order_summary rows that differ, are missing or extra
+    stats_mismatches: list[str]  # customer_stats rows (every counter) that differ, are missing or extra
+
+    @property
+    def exact(self) -> bool:
+        return not (self.lost or self.doubled or self.summary_mismatches or self.stats_mismatches)
+
+
+async def all_events(store: EventStore, page: int = 5000) -> list[RecordedEvent]:
+    """Every event of the store, in read_all order."""
+    out: list[RecordedEvent] = []
+    after = Position.START
+    while batch := await store.read_all(after, limit=page):
+        out.extend(batch)
+        after = batch[-1].position
+    return out
+
+
+def _diff(name: str, expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
+    out = []
+    for key in sorted(expected.keys() | actual.keys()):
+        if expected.get(key) != actual.get(key):
+            out.append(f"{name}[{key}]: store says {expected.get(key)}, read model has {actual.get(key)}")
+    return out
+
+
+async def verify(store: EventStore) -> Verdict:
+    """Fold the store and compare: order_summary rows exactly, every customer_stats counter exactly, and
+    the chaos ledger's per-stream event counts (the exact measure of lost and doubled events)."""
+    events = await all_events(store)
+    events.sort(key=lambda e: (e.stream_id, e.version))  # the fold needs each stream in version order
+    expected = fold(e.event for e in events)
+    async with store.pool.acquire() as conn:
+        actual = await read_models(conn)
+        ledger = {r["stream_id"]: r["events"] for r in await conn.fetch(LEDGER["ledger"])}
+        counts = {r["stream_id"]: r["events"] for r in await conn.fetch(LEDGER["store_counts"])}
+    ledger_lost = ledger_doubled = stats_lost = stats_doubled = 0
+    for stream in counts.keys() | ledger.keys():
+        delta = ledger.get(stream, 0) - counts.get(stream, 0)
+        ledger_lost, ledger_doubled = ledger_lost + max(0, -delta), ledger_doubled + max(0, delta)
+    # customer_stats counts placements and cancellations one per event: a difference is a number of events.
+    for customer in expected.customer_stats.keys() | actual.customer_stats.keys():
+        want = expected.customer_stats.get(customer, (0, 0, Decimal(0)))
+        have = actual.customer_stats.get(customer, (0, 0, Decimal(0)))
+        for delta in (have[0] - want[0], have[1] - want[1]):
+            stats_lost, stats_doubled = stats_lost + max(0, -delta), stats_doubled + max(0, delta)
+    lost, doubled = max(ledger_lost, stats_lost), max(ledger_doubled, stats_doubled)
+    return Verdict(
+        events=len(events), lost=lost, doubled=doubled,
+        summary_mismatches=_diff("order_summary", expected.order_summary, actual.order_summary),
+        stats_mismatches=_diff("customer_stats", expected.customer_stats, actual.customer_stats),
+    )
