@@ -1,7 +1,8 @@
 """Exactly-once effects over at-least-once delivery: a batch, its read-model writes and checkpoints, one transaction.
 
-Per projection and stream the checkpoint is the last applied version. Within the batch's transaction the
-checkpoint rows are locked (in stream order, so workers never deadlock) and decide each event's fate:
+Per projection and stream the checkpoint is the last applied version. The batch's transaction first claims
+the checkpoint rows (locks them in stream order, so workers never deadlock, and moves them to the newest
+delivered version in the same statement); the versions they had decide each event's fate:
 version <= checkpoint is a duplicate, checkpoint + 1 is applied, anything beyond is a gap that is filled
 from the event store first. Whatever the broker does (reorder, duplicate, lose), the read model ends up
 the fold of the store's events.
@@ -84,7 +85,7 @@ class HandlerFailed(errors.WorkerError):
 class _Stream:
     """The plan of one stream in a batch."""
 
-    checkpoint: int
+    checkpoint: int  # the version before this batch
     halted: int | None
     delivered: dict[int, RecordedEvent]
     missing: list[tuple[int, int]] = dataclasses.field(default_factory=list)
@@ -113,26 +114,28 @@ async def apply_batch(store: EventStore, projection: Projection, events: Sequenc
             plan.delivered[event.version] = event
     if not streams:
         return result
+    ordered = sorted(streams)
     async with db.translate_errors(), store.pool.acquire() as conn, conn.transaction():
         await conn.execute(SQL["lock_projection_shared"], projection_lock_key(store.schema, projection.name))
-        for row in await conn.fetch(SQL["lock_checkpoints"], projection.name, list(streams)):
+        claimed = await conn.fetch(SQL["claim_checkpoints"], projection.name, ordered,
+                                   [streams[sid].target() for sid in ordered])
+        for row in claimed:
             plan = streams[row["stream_id"]]
-            plan.checkpoint, plan.halted = row["version"], row["halted_version"]
+            plan.checkpoint, plan.halted = row["previous_version"], row["halted_version"]
         filled = await _load_gaps(conn, store, streams, result)
-        ordered = [(sid, streams[sid]) for sid in sorted(streams)]
         to_apply: list[RecordedEvent] = []
-        moves: list[tuple[str, int, int | None]] = []
-        for sid, plan in ordered:
-            before = len(to_apply)
-            version, halted = await _walk(conn, projection, plan, filled.get(sid, {}), park or {}, result,
-                                          to_apply)
+        halts: list[tuple[str, int]] = []
+        for sid in ordered:
+            plan, before = streams[sid], len(to_apply)
+            halted = await _walk(conn, projection, plan, filled.get(sid, {}), park or {}, result, to_apply)
             result.gaps_filled += sum(1 for e in to_apply[before:] if e.version not in plan.delivered)
-            if (version, halted) != (plan.checkpoint, plan.halted):
-                moves.append((sid, version, halted))
+            if halted is not None and plan.halted is None:
+                halts.append((sid, halted))
         await _apply(conn, projection, to_apply, set_based)
-        if moves:
-            await conn.execute(SQL["advance_checkpoints"], projection.name, [m[0] for m in moves],
-                               [m[1] for m in moves], [m[2] for m in moves], len(to_apply))
+        if halts:
+            await conn.execute(SQL["halt_streams"], projection.name, [h[0] for h in halts], [h[1] for h in halts])
+        if to_apply:
+            await conn.execute(SQL["count_applied"], projection.name, len(to_apply))
     result.applied = to_apply
     return result
 
@@ -167,17 +170,15 @@ async def _load_gaps(conn: db.Conn, store: EventStore, streams: dict[str, _Strea
 
 async def _walk(conn: db.Conn, projection: Projection, plan: _Stream, filled: dict[int, RecordedEvent],
                 park: Mapping[tuple[str, int], Failure], result: BatchResult,
-                to_apply: list[RecordedEvent]) -> tuple[int, int | None]:
-    """Queue one stream's events in version order, parking those in ``park``; return its new checkpoint."""
-    version, halted = plan.checkpoint, plan.halted
-    if halted is not None or not plan.delivered:
-        return version, halted
+                to_apply: list[RecordedEvent]) -> int | None:
+    """Queue one stream's events in version order, parking those in ``park``; return where it halts, if it does."""
+    if plan.halted is not None or not plan.delivered:
+        return plan.halted
     for v in range(plan.checkpoint + 1, plan.target() + 1):
         event = plan.delivered.get(v) or filled[v]
         failure = park.get((event.stream_id, v))
         if failure is None:
             to_apply.append(event)
-            version = v
             continue
         status = "parked" if projection.policy == "halt" else "skipped"
         dead_letter_id: int = await conn.fetchval(
@@ -186,9 +187,8 @@ async def _walk(conn: db.Conn, projection: Projection, plan: _Stream, filled: di
         result.parked.append(Parked(dead_letter_id, event, projection.policy))
         if projection.policy == "halt":
             result.held += sum(1 for d in plan.delivered if d > v)
-            return version, v
-        version = v
-    return version, halted
+            return v
+    return None
 
 
 def _is_transient(exc: BaseException) -> bool:

@@ -200,18 +200,46 @@ class Consumer:
             raise ChannelLost()
 
     async def until_idle(self) -> Stats:
-        """Take batches with basic.get until the queue is empty; the bounded twin of ``run`` for tests."""
+        """Consume until the queue is empty, then return; the bounded twin of ``run`` for tests and benches.
+
+        Deliveries are pushed as in ``run``. When none is buffered, a passive declare on the same channel
+        asks for the queue's ready count: its answer comes after every delivery the broker pushed before it
+        (frames are ordered on a channel), so once those are handed over, zero ready means done.
+        """
         queue = await self.open_queue()
-        while True:
-            batch: list[AbstractIncomingMessage] = []
-            while len(batch) < self.settings.batch_size:
-                message = await queue.get(no_ack=False, fail=False)
-                if message is None:
+        buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        tag = await queue.consume(buffer.put, no_ack=False)
+        try:
+            while True:
+                batch = _take(buffer, self.settings.batch_size)
+                if batch:
+                    await self.handle(batch)
+                    continue
+                probe = await self.channel.declare_queue(queue.name, passive=True)
+                await _hand_over()
+                if buffer.empty() and not probe.declaration_result.message_count:
                     break
-                batch.append(message)
-            if not batch:
-                return self.stats
+                if buffer.empty():
+                    await asyncio.sleep(0.005)  # ready but not yet pushed to us: the broker is on its way
+        finally:
+            await queue.cancel(tag)
+        await _hand_over()
+        while batch := _take(buffer, self.settings.batch_size):  # pushed before the cancel took effect
             await self.handle(batch)
+        return self.stats
+
+
+def _take(buffer: asyncio.Queue[AbstractIncomingMessage], n: int) -> list[AbstractIncomingMessage]:
+    batch: list[AbstractIncomingMessage] = []
+    while len(batch) < n and not buffer.empty():
+        batch.append(buffer.get_nowait())
+    return batch
+
+
+async def _hand_over() -> None:
+    """Let deliveries already received run through aiormq's and aio-pika's callback tasks into the buffer."""
+    for _ in range(8):
+        await asyncio.sleep(0)
 
 
 async def run_consumer(pool: db.Pool, channel: AbstractChannel, projection: Projection, settings: Settings, *,

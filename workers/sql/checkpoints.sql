@@ -4,14 +4,22 @@
 -- First statement of every batch: share the projection's lock; a rebuild takes it exclusively to swap tables.
 SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0));
 
--- name: lock_checkpoints
--- Get-or-create the checkpoint rows of the batch's streams and lock them in stream_id order, so concurrent
--- workers queue in one order and never deadlock. The no-op DO UPDATE takes the row lock and makes
--- RETURNING see the latest committed row, also after waiting for another worker's batch.
-INSERT INTO checkpoints AS c (projection, stream_id, version)
-SELECT $1, s.stream_id, -1 FROM unnest($2::text[]) AS s(stream_id) ORDER BY s.stream_id
-ON CONFLICT (projection, stream_id) DO UPDATE SET version = c.version
-RETURNING c.stream_id, c.version, c.halted_version;
+-- name: claim_checkpoints
+-- Lock the batch's checkpoint rows in stream_id order, so concurrent workers queue in one order and never
+-- deadlock, and move each to the newest version the batch delivered (unless halted or already past it).
+-- The row lock is taken on the latest committed row, also after waiting for another worker's batch, and
+-- previous_version records where it was: the caller applies (previous_version, version] in this same
+-- transaction, or rolls all of it back.
+INSERT INTO checkpoints AS c (projection, stream_id, version, previous_version)
+SELECT $1, u.stream_id, u.version, -1
+FROM unnest($2::text[], $3::bigint[]) AS u(stream_id, version)
+ORDER BY u.stream_id
+ON CONFLICT (projection, stream_id) DO UPDATE
+    SET previous_version = c.version,
+        version = CASE WHEN c.halted_version IS NULL THEN greatest(c.version, EXCLUDED.version)
+                       ELSE c.version END,
+        updated_at = clock_timestamp()
+RETURNING c.stream_id, c.previous_version, c.version, c.halted_version;
 
 -- name: load_ranges
 -- Events of several streams, each from first to last version inclusive, in stream and version order (gaps).
@@ -21,18 +29,16 @@ FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS r(stream_id, first_versio
 JOIN events AS e ON e.stream_id = r.stream_id AND e.version BETWEEN r.first_version AND r.last_version
 ORDER BY e.stream_id, e.version;
 
--- name: advance_checkpoints
--- Move the (locked) checkpoints of the batch's streams and add the applied events to the projection's
--- count. The count's row is touched last, right before commit, so workers hold it only briefly.
-WITH moved AS (
-    UPDATE checkpoints AS c
-    SET version = m.version, halted_version = m.halted_version, updated_at = clock_timestamp()
-    FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS m(stream_id, version, halted_version)
-    WHERE c.projection = $1 AND c.stream_id = m.stream_id
-    RETURNING 1
-)
-INSERT INTO projection_status AS s (projection, applied)
-SELECT $1, $5::bigint WHERE $5::bigint > 0
+-- name: halt_streams
+-- Stop streams at a parked event: the checkpoint stays just before it (claimed rows, locked).
+UPDATE checkpoints AS c SET version = h.version - 1, halted_version = h.version
+FROM unnest($2::text[], $3::bigint[]) AS h(stream_id, version)
+WHERE c.projection = $1 AND c.stream_id = h.stream_id;
+
+-- name: count_applied
+-- Add a batch's applied events to the projection's count; last statement before commit, so workers of one
+-- projection hold this row only for an instant.
+INSERT INTO projection_status AS s (projection, applied) VALUES ($1, $2)
 ON CONFLICT (projection) DO UPDATE SET applied = s.applied + EXCLUDED.applied, updated_at = clock_timestamp();
 
 -- name: insert_dead_letter
