@@ -1,0 +1,166 @@
+"""``python -m workers worker`` as real processes: competing consumers, SIGKILL, SIGTERM. Exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+
+from projections.orders import CustomerStats
+from store import NO_STREAM, EventStore, RecordedEvent, db
+from store.event_store import record_from_row
+from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.unit.test_projection_fold import fold, order_life, read_models
+from workers import broker, consumer
+from workers.config import Settings
+
+pytestmark = pytest.mark.slow
+
+PROJECTION = "customer_stats"
+
+
+@pytest.fixture
+async def exchange(prefix: str) -> AsyncIterator[aio_pika.abc.AbstractExchange]:
+    names = broker.Names(prefix)
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        yield await broker.declare_topology(channel, names, [PROJECTION])
+        for q in (names.queue(PROJECTION), names.dead_letter_queue(PROJECTION)):
+            await channel.queue_delete(q)
+        await channel.exchange_delete(names.exchange)
+        await channel.exchange_delete(names.dead_letter_exchange)
+
+
+async def append_orders(event_store: EventStore, streams: int, length: int) -> list[RecordedEvent]:
+    rng = random.Random(7)
+    for start in range(0, streams, 50):
+        await event_store.append_batch([(f"order-{i}", order_life(str(i), f"c{i % 97}", length, rng), NO_STREAM)
+                                        for i in range(start, min(streams, start + 50))])
+    # Not read_all: its horizon is cluster-wide, and other tests' open transactions may hold it back.
+    rows = await event_store.pool.fetch(
+        "SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, "
+        "transaction_id FROM events ORDER BY global_position")
+    events = [record_from_row(r) for r in rows]
+    assert len(events) == streams * length
+    return events
+
+
+async def publish(exchange: aio_pika.abc.AbstractExchange, events: list[RecordedEvent]) -> None:
+    for start in range(0, len(events), 1000):
+        await asyncio.gather(*(exchange.publish(broker.to_message(e), routing_key=e.event_type)
+                               for e in events[start:start + 1000]))
+
+
+def start_worker(schema: str, prefix: str, log: Path, **env: str) -> subprocess.Popen[str]:
+    environ = {**os.environ, "EVENTFLEET_DATABASE_URL": DATABASE_URL, "EVENTFLEET_AMQP_URL": AMQP_URL,
+               "EVENTFLEET_SCHEMA": schema, "EVENTFLEET_PREFIX": prefix, "EVENTFLEET_HTTP_PORT": "0", **env}
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        return subprocess.Popen([sys.executable, "-m", "workers", "worker", "--projection", PROJECTION],
+                                env=environ, stdout=subprocess.PIPE, stderr=fd, text=True)
+    finally:
+        os.close(fd)  # the child has its own copy
+
+
+def stop_worker(proc: subprocess.Popen[str], within: float) -> dict[str, Any]:
+    """SIGTERM; the process must exit 0 within ``within`` seconds; return the stats it printed."""
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=within)
+    assert proc.returncode == 0, out
+    report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return report
+
+
+async def applied(pool: db.Pool) -> int:
+    total: int = await pool.fetchval(
+        "SELECT coalesce(sum(version + 1), 0) FROM checkpoints WHERE projection = $1", PROJECTION)
+    return total
+
+
+async def until(check: Callable[[], Awaitable[bool]], within: float, *procs: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        assert all(p.poll() is None for p in procs), "a worker died"
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def assert_exact(pool: db.Pool, events: list[RecordedEvent]) -> None:
+    async with pool.acquire() as conn:
+        assert (await read_models(conn)).customer_stats == fold(e.event for e in events).customer_stats
+    assert await pool.fetchval("SELECT applied FROM projection_status WHERE projection = $1", PROJECTION) == len(events)
+
+
+async def test_three_workers_share_a_projection_exactly_once(pool, event_store, exchange, schema, prefix, tmp_path):
+    events = await append_orders(event_store, 500, 40)
+    procs = [start_worker(schema, prefix, tmp_path / f"worker{i}.log") for i in range(3)]
+    try:
+        queue_name = broker.Names(prefix).queue(PROJECTION)
+
+        async def consuming() -> bool:
+            queue = await exchange.channel.declare_queue(queue_name, passive=True)
+            return bool(queue.declaration_result.consumer_count == 3)
+
+        await until(consuming, 60, *procs)
+        await publish(exchange, events)
+        await until(lambda: _at_least(pool, len(events)), 300, *procs)
+        reports = [stop_worker(p, 15) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    shares = [r["projections"][PROJECTION]["applied"] for r in reports]
+    assert all(share > 0 for share in shares), shares
+    assert sum(shares) == len(events), "every event applied by exactly one worker"
+    await assert_exact(pool, events)
+
+
+async def test_sigkill_mid_batch_and_sigterm_during_load_lose_and_double_nothing(pool, event_store, exchange, schema,
+                                                                                  prefix, tmp_path):
+    events = await append_orders(event_store, 200, 40)
+    await publish(exchange, events)
+    small = {"EVENTFLEET_BATCH_SIZE": "20", "EVENTFLEET_PREFETCH": "60", "EVENTFLEET_STOP_TIMEOUT": "5"}
+    killed = start_worker(schema, prefix, tmp_path / "killed.log", **small)
+    try:
+        await until(lambda: _at_least(pool, 1), 60, killed)
+        killed.kill()  # SIGKILL: its open transaction rolls back, its unacked deliveries come back
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+        killed.communicate()
+    progress = await applied(pool)
+    assert progress < len(events), "the load was over before the kill; make it longer"
+    stopped = start_worker(schema, prefix, tmp_path / "stopped.log", **small)
+    try:
+        await until(lambda: _at_least(pool, progress + 500), 60, stopped)
+        started = time.monotonic()
+        report = stop_worker(stopped, within=5 + 5)
+        assert time.monotonic() - started < 5 + 5
+    finally:
+        if stopped.poll() is None:
+            stopped.kill()
+            stopped.communicate()
+    assert report["projections"][PROJECTION]["applied"] > 0
+    assert await applied(pool) < len(events), "SIGTERM came after the load; make it longer"
+    # Whatever is left (redeliveries included) is finished in-process; the sums must be exact.
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
+    await consumer.consume_until_idle(pool, exchange.channel, CustomerStats(), settings)
+    assert await applied(pool) == len(events)
+    await assert_exact(pool, events)
+
+
+async def _at_least(pool: db.Pool, n: int) -> bool:
+    return bool(await applied(pool) >= n)
