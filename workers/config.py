@@ -27,6 +27,8 @@ class Settings:
     # Not in the contract's env table: tuning knobs with safe defaults.
     prefetch: int = 500
     batch_size: int = 200
+    relay_batch_size: int = 1000  # outbox rows per relay transaction (see BENCHMARKS.md)
+    relay_poll_ms: int = 1000  # the relay's fallback poll when no NOTIFY arrives
     stop_timeout: float = 10.0
     max_payload_bytes: int = 1024 * 1024
 
@@ -72,6 +74,8 @@ class Settings:
             log_format=log_format,
             prefetch=_int(environ, "EVENTFLEET_PREFETCH", 500, 1, 65535),
             batch_size=_int(environ, "EVENTFLEET_BATCH_SIZE", 200, 1, 10_000),
+            relay_batch_size=_int(environ, "EVENTFLEET_RELAY_BATCH_SIZE", 1000, 1, 10_000),
+            relay_poll_ms=_int(environ, "EVENTFLEET_RELAY_POLL_MS", 1000, 10, 600_000),
             stop_timeout=float(_int(environ, "EVENTFLEET_STOP_TIMEOUT", 10, 1, 3600)),
             max_payload_bytes=_int(environ, "EVENTFLEET_MAX_PAYLOAD_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
         )

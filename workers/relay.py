@@ -55,7 +55,7 @@ class RelayConfig:
     prefix: str
     projections: tuple[str, ...]
     batch_size: int = 1000
-    poll_interval: float = 1.0  # fallback when a NOTIFY is lost (or the trigger is off)
+    poll_interval: float = 1.0  # fallback when a NOTIFY is lost (the relay was not listening)
     metrics_interval: float = 5.0  # how often the backlog gauges are refreshed
     confirm_timeout: float = 30.0  # a batch whose confirms take longer is rolled back
     stop_timeout: float = 10.0  # on SIGTERM, time the batch in flight gets to commit
@@ -66,8 +66,8 @@ class RelayConfig:
         fields: dict[str, Any] = {
             "database_url": settings.database_url, "schema": settings.schema,
             "amqp_url": settings.amqp_url, "prefix": settings.prefix,
-            "projections": tuple(registry.load_builtin()), "batch_size": settings.batch_size,
-            "stop_timeout": settings.stop_timeout,
+            "projections": tuple(registry.load_builtin()), "batch_size": settings.relay_batch_size,
+            "poll_interval": settings.relay_poll_ms / 1000, "stop_timeout": settings.stop_timeout,
         }
         return cls(**(fields | overrides))
 

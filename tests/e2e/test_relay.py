@@ -1,7 +1,7 @@
 """``python -m workers relay`` as real processes: killed, stopped, several at once; nothing is lost.
 
 Duplicates bound: a message is published twice only if its batch was published and then not committed,
-so each killed relay adds at most one batch (EVENTFLEET_BATCH_SIZE messages); relays that stop cleanly
+so each killed relay adds at most one batch (EVENTFLEET_RELAY_BATCH_SIZE messages); relays that stop cleanly
 or keep running add none (SKIP LOCKED: no two relays ever hold the same row).
 """
 
@@ -50,7 +50,7 @@ async def spawn(schema, prefix, database_url, amqp_url, tmp_path):
     async def start() -> asyncio.subprocess.Process:
         env = {**os.environ, "EVENTFLEET_DATABASE_URL": database_url, "EVENTFLEET_AMQP_URL": amqp_url,
                "EVENTFLEET_SCHEMA": schema, "EVENTFLEET_PREFIX": prefix, "EVENTFLEET_HTTP_PORT": "0",
-               "EVENTFLEET_BATCH_SIZE": str(BATCH)}
+               "EVENTFLEET_RELAY_BATCH_SIZE": str(BATCH)}
         log = (tmp_path / f"relay{len(procs)}.log").open("wb")
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "workers", "relay", env=env,
                                                     cwd=ROOT, stdout=log, stderr=log)

@@ -14,6 +14,7 @@ from aio_pika.abc import AbstractExchange
 from store import outbox
 from store.event_store import Position
 from workers import broker, health, metrics, relay
+from workers.config import Settings
 from workers.errors import PublishFailed
 
 from .test_relay_helpers import (
@@ -239,3 +240,12 @@ def _histogram_count() -> float:
             if sample.name.endswith("_count"):
                 return sample.value
     return 0.0
+
+
+def test_config_reads_the_relay_knobs_from_the_environment():
+    settings = Settings.from_env({"EVENTFLEET_RELAY_BATCH_SIZE": "250", "EVENTFLEET_RELAY_POLL_MS": "1500",
+                                  "EVENTFLEET_SCHEMA": "s1", "EVENTFLEET_PREFIX": "p1"})
+    config = relay.RelayConfig.from_settings(settings)
+    assert (config.batch_size, config.poll_interval, config.schema, config.prefix) == (250, 1.5, "s1", "p1")
+    assert set(config.projections) == set(PROJECTIONS)
+    assert relay.RelayConfig.from_settings(Settings()).batch_size == 1000

@@ -1,0 +1,150 @@
+"""Relay throughput against the raw ceiling of aio-pika publishing with confirms, in one run.
+
+    python -m bench.relay [--events 50000] [--batch-size N] [--window 1000] [--segments 4]
+
+Raw ceiling: the same messages (the pre-filled events, encoded as the relay encodes them, before the
+clock starts) published on one confirming channel, ``--window`` publishes started before their confirms
+are awaited together, mandatory and persistent, to the deployment's exchange and quorum queues: the
+same routing as the relay (one exchange, every projection's quorum queue bound with '#').
+Relay: ``relay_until_idle`` draining a pre-filled outbox of ``--events`` events (claim, encode, publish
+pipelined, confirm, delete, commit per batch). The two run in ``--segments`` alternating segments of
+equal size (ABBA) so the load of this shared machine hits both alike; queues are purged after every
+segment and deleted at the end, and the schema is dropped. Servers: ``EVENTFLEET_DATABASE_URL`` and ``EVENTFLEET_AMQP_URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import functools
+import time
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractChannel, AbstractExchange
+
+from domain.events import LineItem, OrderPaid, OrderPlaced, OrderShipped
+from projections import registry
+from store import EventStore, db
+from workers import broker, commands, relay
+from workers.config import Settings
+
+
+def order(i: int) -> list[Any]:
+    now = dt.datetime.now(dt.UTC)
+    oid = f"{i:08d}"
+    items = (LineItem("p-1", "Widget", "W-1", 2, Decimal("4.50")), LineItem("p-2", "Gadget", "G-2", 1, Decimal(12)))
+    return [OrderPlaced(oid, "c-1", items, Decimal("21.00"), Decimal("2.10"), Decimal("23.10"), now),
+            OrderPaid(oid, "c-1", Decimal("23.10"), now), OrderShipped(oid, "c-1", "ups", now)]
+
+
+async def prefill(store: EventStore, events: int) -> None:
+    """Append ``events`` events (orders of three, the last maybe shorter) in transactions of 1,500."""
+    orders = (events + 2) // 3
+    for start in range(0, orders, 500):
+        await store.append_batch([(f"order-{i:08d}", order(i)[:events - 3 * i], -1)
+                                  for i in range(start, min(start + 500, orders))])
+
+
+class Clock:
+    """Accumulated events and seconds of one side of the comparison."""
+
+    def __init__(self) -> None:
+        self.events, self.seconds = 0, 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+
+async def raw_segment(exchange: AbstractExchange, messages: list[tuple[str, aio_pika.Message]],
+                      window: int, clock: Clock) -> None:
+    """Publish with confirms, ``window`` at a time pipelined (the same code path as the relay's batch)."""
+    started = time.perf_counter()
+    for i in range(0, len(messages), window):
+        await relay.publish_confirmed(exchange, messages[i:i + window], confirm_timeout=60)
+    clock.seconds += time.perf_counter() - started
+    clock.events += len(messages)
+
+
+async def relay_segment(pool: db.Pool, exchange: AbstractExchange, batch_size: int, until: int | None,
+                        clock: Clock) -> None:
+    """Let the relay publish batches until ``until`` events in all (None: until the outbox is empty)."""
+    started = time.perf_counter()
+    if until is None:
+        clock.events += await relay.relay_until_idle(pool, exchange, batch_size=batch_size)
+    else:
+        while clock.events < until:
+            clock.events += await relay.publish_batch(pool, exchange, batch_size)
+    clock.seconds += time.perf_counter() - started
+
+
+async def purge(channel: AbstractChannel, names: broker.Names, projections: list[str]) -> None:
+    for p in projections:
+        await (await channel.get_queue(names.queue(p))).purge()
+
+
+async def run(args: argparse.Namespace) -> None:
+    settings = Settings.from_env()
+    tag = uuid.uuid4().hex[:8]
+    schema, names = f"bench_relay_{tag}", broker.Names(f"bench.{tag}")
+    projections = list(registry.load_builtin())
+    await commands.run_migrate(settings.database_url, schema)
+    connection = await aio_pika.connect(settings.amqp_url)
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    try:
+        exchange = await broker.declare_topology(channel, names, projections)
+        async with db.create_pool(settings.database_url, schema, min_size=1, max_size=2) as pool:
+            store = EventStore(pool, schema=schema)
+            await prefill(store, args.events)
+            await store.notifier.flush()
+            rows = await pool.fetch("SELECT * FROM events ORDER BY global_position LIMIT $1", args.events)
+            messages = [(r["event_type"], broker.encode_row(r)) for r in rows]
+            print(f"{len(messages)} events, {len(projections)} quorum queues bound to {names.exchange}, "
+                  f"relay batch {args.batch_size}, raw window {args.window}")
+
+            # Segments alternate raw/relay, relay/raw, ... so drift of this shared machine hits both.
+            raw, relayed = Clock(), Clock()
+            size = -(-len(messages) // args.segments)
+            for k in range(args.segments):
+                chunk = messages[k * size:(k + 1) * size]
+                until = None if k == args.segments - 1 else min(len(messages), (k + 1) * size)
+                sides = [functools.partial(raw_segment, exchange, chunk, args.window, raw),
+                         functools.partial(relay_segment, pool, exchange, args.batch_size, until, relayed)]
+                for side in sides if k % 2 == 0 else sides[::-1]:
+                    await side()
+                    await purge(channel, names, projections)
+            assert relayed.events == len(messages), (relayed.events, len(messages))
+            assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+        print(f"raw aio-pika, pipelined confirms: {raw.rate:8.0f} msgs/s")
+        print(f"relay draining the outbox:        {relayed.rate:8.0f} msgs/s")
+        print(f"ratio relay / raw:                {relayed.rate / raw.rate:8.2f}")
+    finally:
+        for p in projections:
+            await channel.queue_delete(names.queue(p))
+            await channel.queue_delete(names.dead_letter_queue(p))
+        await channel.exchange_delete(names.exchange)
+        await channel.exchange_delete(names.dead_letter_exchange)
+        await connection.close()
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.relay", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--batch-size", type=int, default=Settings().relay_batch_size)
+    parser.add_argument("--window", type=int, default=1000, help="raw publishes in flight per confirm wait")
+    parser.add_argument("--segments", type=int, default=4, help="alternating raw/relay segments")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
