@@ -74,18 +74,21 @@ class RebuildResult:
     halted_streams: tuple[str, ...]  # streams stopped at a failing event under the "halt" policy
 
 
-def shadow_schema(schema: str, projection: str) -> str:
-    """The shadow schema of a rebuild: ``<schema>_rb_<projection>``, hashed down to 63 characters."""
-    name = f"{schema}_rb_{projection}"
+def shadow_schema(schema: str, projection: str, kind: str = "rb") -> str:
+    """The shadow schema of a rebuild: ``<schema>_rb_<projection>``, hashed down to 63 characters.
+
+    ``kind`` "vf" names the scratch schema of a verifying replay instead.
+    """
+    name = f"{schema}_{kind}_{projection}"
     if len(name) > 63:
         digest = hashlib.sha256(f"{schema}.{projection}".encode()).hexdigest()[:16]
-        name = f"{schema[:40]}_rb_{digest}"
+        name = f"{schema[:40]}_{kind}_{digest}"
     if not _SHADOW.fullmatch(name):
         raise errors.InvalidName(f"invalid shadow schema name {name!r}")
     return name
 
 
-def _quote(identifier: str) -> str:
+def quote(identifier: str) -> str:
     """Quote a validated identifier: DDL on the shadow is built from these alone (as migrate.py does)."""
     if not _SHADOW.fullmatch(identifier):
         raise errors.InvalidName(f"invalid identifier {identifier!r}")
@@ -129,15 +132,16 @@ class Rebuild:
 
     def __init__(self, pool: db.Pool, store: EventStore, projection: type[Projection], *,
                  state: State = "rebuilding", batch_size: int = BATCH_SIZE,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, shadow: str | None = None) -> None:
         if set(projection.tables) & set(_BOOKKEEPING):
             raise RebuildError(f"projection {projection.name!r} uses a table name reserved by rebuild")
         self.pool, self.store, self.projection = pool, store, projection
         self.schema = store.schema
-        self.shadow = shadow_schema(self.schema, projection.name)
+        self.shadow = shadow or shadow_schema(self.schema, projection.name)
         self.state, self.batch_size, self.progress = state, batch_size, progress
         self.applier = applier.Applier(projection(), store)
         self.events = 0
+        self.settled = False  # see replay()
 
     async def run(self) -> RebuildResult:
         """Rebuild into the shadow, catch up, swap; raise RebuildRunning if another process is at it."""
@@ -149,7 +153,10 @@ class Rebuild:
             if not locked:
                 raise RebuildRunning(f"projection {self.projection.name!r} is being rebuilt by another process")
             try:
-                previous = await self._prepare(conn)
+                async with db.translate_errors():
+                    previous = await conn.fetchval(SQL["projection_state"], self.projection.name)
+                await self._create_shadow(conn)
+                await self._set_state(conn, self.state)
                 try:
                     cursor, resumed = await self._open_cursor(conn)
                     await self._fill(conn, cursor)
@@ -171,20 +178,17 @@ class Rebuild:
         async with db.translate_errors():
             await conn.execute(SQL["set_state"], self.projection.name, state)
 
-    async def _prepare(self, conn: db.Conn) -> str | None:
-        """Create the shadow schema and tables (a no-op when resuming); mark the projection's state."""
-        main, shadow = _quote(self.schema), _quote(self.shadow)
+    async def _create_shadow(self, conn: db.Conn) -> None:
+        """Create the shadow schema and tables (a no-op when resuming); point the session's path at it."""
+        main, shadow = quote(self.schema), quote(self.shadow)
         async with db.translate_errors():
             await conn.execute(f"SET search_path TO {shadow}, {main}")
-            previous: str | None = await conn.fetchval(SQL["projection_state"], self.projection.name)
             async with conn.transaction():
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {shadow}")
                 # Only the shadow on the path: CREATE TABLE IF NOT EXISTS must not see the live tables.
                 await conn.execute(f"SET LOCAL search_path TO {shadow}")
                 await conn.execute(self.projection.ddl)
                 await conn.execute(SQL["create_rebuild_tables"])
-            await conn.execute(SQL["set_state"], self.projection.name, self.state)
-        return previous
 
     async def _open_cursor(self, conn: db.Conn) -> tuple[Position, bool]:
         """The cursor of a killed run of the same projection code, or a fresh shadow at the start."""
@@ -197,8 +201,8 @@ class Rebuild:
                                                        "events_done": row["events"]})
                 return cursor, True
             if row is not None:  # the projection changed since: its half-built shadow is useless
-                await conn.execute(f"DROP SCHEMA {_quote(self.shadow)} CASCADE")
-                await self._prepare(conn)
+                await conn.execute(f"DROP SCHEMA {quote(self.shadow)} CASCADE")
+                await self._create_shadow(conn)
             await conn.execute(SQL["start_cursor"], self.projection.name, fingerprint)
         return Position.START, False
 
@@ -213,7 +217,8 @@ class Rebuild:
             total: int = await conn.fetchval(SQL["count_after"], cursor.transaction_id, cursor.global_position)
             must_pass = await conn.fetchval(SQL["snapshot_xmax"])
         done, started, pause = 0, time.monotonic(), _FIRST_PAUSE
-        reader = applier.Prefetcher(self.store, cursor, self.batch_size)
+        read = applier.settled_reader(self.store) if self.settled else None
+        reader = applier.Prefetcher(self.store, cursor, self.batch_size, read)
         try:
             while True:
                 events = await reader.next()
@@ -229,7 +234,7 @@ class Rebuild:
                 if len(events) == self.batch_size:
                     continue
                 async with db.translate_errors():
-                    if await conn.fetchval(SQL["horizon_passed"], must_pass):
+                    if self.settled or await conn.fetchval(SQL["horizon_passed"], must_pass):
                         break  # at the tail: the swap applies what live workers did since
                 if pause == _FIRST_PAUSE:
                     logger.info("rebuild waits for transactions older than it to end",
@@ -262,7 +267,7 @@ class Rebuild:
         return Position(row["transaction_id"], row["global_position"])
 
     async def _swap_once(self, conn: db.Conn) -> int:
-        name, main, shadow = self.projection.name, _quote(self.schema), _quote(self.shadow)
+        name, main, shadow = self.projection.name, quote(self.schema), quote(self.shadow)
         await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
                            projection_lock_key(self.schema, name))
         behind = await conn.fetch(SQL["live_ahead"], name)
@@ -272,16 +277,41 @@ class Rebuild:
             await self.applier.apply(conn, [record_from_row(r, self.store.registry) for r in rows])
         for table in self.projection.tables:
             grants = await conn.fetch(SQL["table_grants"], self.schema, table)
-            await conn.execute(f"DROP TABLE IF EXISTS {main}.{_quote(table)}")
-            await conn.execute(f"ALTER TABLE {shadow}.{_quote(table)} SET SCHEMA {main}")
+            await conn.execute(f"DROP TABLE IF EXISTS {main}.{quote(table)}")
+            await conn.execute(f"ALTER TABLE {shadow}.{quote(table)} SET SCHEMA {main}")
             for grant in grants:  # readers of the old table (an API role, say) keep their access
-                await conn.execute(_grant(grant, f"{main}.{_quote(table)}"))
+                await conn.execute(_grant(grant, f"{main}.{quote(table)}"))
         await roles.grant_read_models(conn, self.schema, self.projection.tables)
         await conn.execute(SQL["adopt_shadow_checkpoints"], name)
         cursor = await self._cursor(conn)
         await conn.execute(SQL["finish_status"], name, cursor.transaction_id, cursor.global_position)
         await conn.execute(f"DROP SCHEMA {shadow} CASCADE")
         return len(behind)
+
+
+async def replay(pool: db.Pool, store: EventStore, projection: type[Projection], shadow: str, *,
+                 settled: bool = False) -> int:
+    """Replay the whole store into fresh tables in schema ``shadow`` and leave them there (verification).
+
+    The reference path: the handlers one event at a time, no set-based or deferred batching, nothing
+    recorded in the live state (status, checkpoints, dead letters). ``settled``: nobody writes to the
+    store any more, so read it in position order without waiting for the read_all horizon (which any
+    old transaction anywhere on the server holds back). Returns the events replayed; the caller drops
+    ``shadow``.
+    """
+    run = Rebuild(pool, store, projection, shadow=shadow)
+    run.settled = settled
+    run.applier.set_based = run.applier.batchable = run.applier.record_failures = False
+    async with pool.acquire() as conn:
+        try:
+            async with db.translate_errors():
+                await conn.execute(f"DROP SCHEMA IF EXISTS {quote(shadow)} CASCADE")
+            await run._create_shadow(conn)
+            cursor, _ = await run._open_cursor(conn)
+            return await run._fill(conn, cursor)
+        finally:
+            with contextlib.suppress(*db.TRANSIENT):
+                await conn.execute("RESET search_path")
 
 
 async def rebuild(pool: db.Pool, store: EventStore, projection: type[Projection], **kwargs: Any) -> RebuildResult:

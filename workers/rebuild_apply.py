@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn, cast
 
 from projections.base import Projection
@@ -84,6 +84,7 @@ class Applier:
         # The projection's own set-based fast path, if it has one; else our deferred-execute batching.
         self.set_based = getattr(type(projection), "apply_batch", None) is not getattr(Projection, "apply_batch", None)
         self.batchable = True
+        self.record_failures = True  # in dead_letters; a verifying replay only counts them
         self.skipped = 0
         self.halted: set[str] = set()
 
@@ -199,10 +200,11 @@ class Applier:
         logger.warning("handler failed during rebuild", extra={
             "projection": self.projection.name, "stream": event.stream_id, "version": event.version,
             "error": f"{type(exc).__name__}: {exc}", "policy": self.projection.policy})
-        await conn.execute(SQL["park_failure"], self.projection.name, event.stream_id, event.version,
-                           event.global_position, event.event_id, event.event_type,
-                           f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc)),
-                           "parked" if halt else "skipped")
+        if self.record_failures:
+            await conn.execute(SQL["park_failure"], self.projection.name, event.stream_id, event.version,
+                               event.global_position, event.event_id, event.event_type,
+                               f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc)),
+                               "parked" if halt else "skipped")
         if halt:
             self.halted.add(event.stream_id)
         else:
@@ -210,22 +212,39 @@ class Applier:
         return halt
 
 
-class Prefetcher:
-    """read_all batches, reading the next one on the store's pool while the caller applies the current one."""
+Read = Callable[[Position, int], Coroutine[Any, Any, list[RecordedEvent]]]
 
-    def __init__(self, store: EventStore, after: Position, limit: int) -> None:
-        self.store, self.after, self.limit = store, after, limit
+
+def settled_reader(store: EventStore) -> Read:
+    """Reads in global_position order, ignoring the read_all horizon: only for a store no one writes to
+    any more, where each stream's positions grow with its versions and every event is committed."""
+
+    async def read(after: Position, limit: int) -> list[RecordedEvent]:
+        async with db.translate_errors():
+            rows = await store.pool.fetch(SQL["read_settled"], after.global_position, limit)
+        return [record_from_row(r, store.registry) for r in rows]
+
+    return read
+
+
+class Prefetcher:
+    """Batches of ``read`` (read_all by default), the next one read on the store's pool while the caller
+    applies the current one."""
+
+    def __init__(self, store: EventStore, after: Position, limit: int, read: Read | None = None) -> None:
+        self.after, self.limit = after, limit
+        self.read: Read = read or (lambda after, limit: store.read_all(after, limit))
         self._next: asyncio.Task[list[RecordedEvent]] | None = None
 
     async def next(self) -> list[RecordedEvent]:
         """The next batch; a short one means the reader reached the store's tail."""
-        task = self._next or asyncio.create_task(self.store.read_all(self.after, self.limit))
+        task = self._next or asyncio.create_task(self.read(self.after, self.limit))
         self._next = None
         events = await task
         if events:
             self.after = events[-1].position
         if len(events) == self.limit:
-            self._next = asyncio.create_task(self.store.read_all(self.after, self.limit))
+            self._next = asyncio.create_task(self.read(self.after, self.limit))
         return events
 
     async def aclose(self) -> None:

@@ -19,3 +19,11 @@ SELECT EXISTS (
       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
       AND ((classid::bigint << 32) | objid::bigint) = hashtextextended($1, 0)
 );
+
+-- name: pipeline_counts
+-- Events in the store and those not yet published, from one snapshot (an append writes both at once).
+SELECT (SELECT count(*) FROM events) AS written, (SELECT count(*) FROM outbox) AS pending;
+
+-- name: covered_events
+-- Events a projection's checkpoints cover (each stream's checkpoint counts its versions 0..n).
+SELECT coalesce(sum(version + 1), 0) FROM checkpoints WHERE projection = $1;

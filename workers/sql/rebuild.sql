@@ -35,6 +35,14 @@ UPDATE rebuild_cursor
 SET transaction_id = $2, global_position = $3, events = events + $4
 WHERE projection = $1;
 
+-- name: read_settled
+-- Events after a global position, in position order, horizon or not (a store nobody writes to any more).
+SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id
+FROM events
+WHERE global_position > $1
+ORDER BY global_position
+LIMIT $2;
+
 -- name: count_after
 -- How many events lie after the cursor (for the progress line).
 SELECT count(*) FROM events WHERE (transaction_id, global_position) > ($1::xid8, $2::bigint);
