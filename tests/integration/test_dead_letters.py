@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar, LiteralString
 
@@ -9,6 +10,7 @@ import aio_pika
 import pytest
 
 from domain.events import OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
+from projections import registry
 from projections.base import Policy, Projection, handles
 from store import NO_STREAM, EventStore, RecordedEvent, db
 from tests.conftest import AMQP_URL, DATABASE_URL
@@ -27,8 +29,9 @@ class Probe(Projection):
         "CREATE TABLE IF NOT EXISTS poison_probe (projection text, stream_id text, version bigint, "
         "PRIMARY KEY (projection, stream_id, version))")
 
+    broken = True
+
     def __init__(self) -> None:
-        self.broken = True
         self.calls = 0
 
     @handles(OrderPlaced, OrderPaid, OrderShipped, OrderCancelled)
@@ -158,7 +161,7 @@ async def test_skip_parks_the_event_and_moves_the_stream_past_it(pool, event_sto
 
 
 async def test_a_halted_stream_holds_later_events_while_other_streams_flow(pool, event_store, channel, prefix,
-                                                                           settings):
+                                                                           settings, monkeypatch, capsys):
     a, b = await history(event_store)
     probe = Probe()
     await publish(channel, prefix, a[:2])
@@ -170,7 +173,10 @@ async def test_a_halted_stream_holds_later_events_while_other_streams_flow(pool,
     stats = await consumer.consume_until_idle(pool, channel, probe, settings)
     assert (stats.applied, stats.held, stats.dead_lettered) == (2, 2, 0)
     assert (await lag.measure(pool, "poison_probe")).lag_events == 3
-    probe.broken = False
-    assert (await dead_letters.retry(event_store, (await dead_letters.list_parked(pool))[0]["id"],
-                                     resolve=lambda _: probe)).applied == 3
+    # The command line, with the projection registered as a deployment would have it.
+    monkeypatch.setitem(registry.REGISTRY, Probe.name, Probe)
+    monkeypatch.setattr(Probe, "broken", False)
+    dead_id = (await dead_letters.list_parked(pool))[0]["id"]
+    assert await dead_letters.cmd_dead_letters(settings, argparse.Namespace(action="retry", id=dead_id)) == 0
+    assert "applied 3 events of order-a" in capsys.readouterr().out
     assert (await lag.measure(pool, "poison_probe")).lag_events == 0

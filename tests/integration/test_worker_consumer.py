@@ -21,7 +21,7 @@ from projections.orders import CustomerStats
 from store import NO_STREAM, EventStore, RecordedEvent, db
 from tests.conftest import AMQP_URL, DATABASE_URL
 from tests.unit.test_projection_fold import fold, order_life, read_models
-from workers import broker, consumer, dead_letters, health, metrics
+from workers import broker, checkpoints, consumer, dead_letters, health, lag, metrics
 from workers.config import Settings
 
 Declare = Callable[[list[str]], Awaitable[aio_pika.abc.AbstractExchange]]
@@ -88,11 +88,14 @@ async def test_until_idle_applies_everything_in_batches_and_counts(pool, event_s
     exchange = await declare(["customer_stats"])
     events = await append_orders(event_store, 30, 4)
     await publish(exchange, events + events[:10])  # ten redeliveries
-    before = counter("eventfleet_projection_duplicates_total", "customer_stats")
+    names = ("eventfleet_projection_duplicates_total", "eventfleet_projection_applied_total",
+             "eventfleet_end_to_end_seconds_count", "eventfleet_projection_apply_seconds_count")
+    before = {n: counter(n, "customer_stats") for n in names}
     stats = await consumer.consume_until_idle(pool, channel, CustomerStats(), settings)
     assert (stats.applied, stats.duplicates) == (120, 10)
     assert stats.batches >= 3, "prefetched deliveries are applied in batches"
-    assert counter("eventfleet_projection_duplicates_total", "customer_stats") - before == 10
+    delta = {n: counter(n, "customer_stats") - before[n] for n in names}
+    assert delta == {names[0]: 10, names[1]: 120, names[2]: 120, names[3]: stats.batches}
     async with pool.acquire() as conn:
         assert (await read_models(conn)).customer_stats == fold(e.event for e in events).customer_stats
 
@@ -135,6 +138,18 @@ async def test_run_consumer_stops_after_committing_the_batch_in_flight(pool, eve
     stats = await asyncio.wait_for(task, 10)
     assert stats.applied == 60
     assert not channel.is_closed
+
+
+async def test_the_lag_monitor_refreshes_the_gauges(pool, event_store):
+    events = await append_orders(event_store, 3, 2)
+    gauge = metrics.LAG_EVENTS.labels("customer_stats")
+    monitor = asyncio.create_task(lag.run_lag_monitor(pool, ["customer_stats"], interval=0.05))
+    try:
+        await _until(lambda: _true(gauge._value.get() == 6), 30)
+        await checkpoints.apply_batch(event_store, CustomerStats(), events)
+        await _until(lambda: _true(gauge._value.get() == 0), 30)
+    finally:
+        monitor.cancel()
 
 
 @pytest.mark.slow
