@@ -21,6 +21,8 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     errors.BrokerUnavailable,
     errors.PublishFailed,
     aiormq.exceptions.AMQPError,
+    # A RuntimeError, not an AMQPError: acking (or publishing) on a channel the broker just closed.
+    aiormq.exceptions.ChannelInvalidStateError,
     pamqp.exceptions.PAMQPException,
     ConnectionError,
     OSError,
