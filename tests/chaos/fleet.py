@@ -106,6 +106,7 @@ class Slot:
     logdir: Path
     incarnations: list[Incarnation] = dataclasses.field(default_factory=list)
     frozen: bool = False
+    stopping: bool = False  # the harness sent SIGKILL or SIGTERM: an exit is expected
 
     @property
     def name(self) -> str:
@@ -125,15 +126,18 @@ class Slot:
     def start(self) -> Incarnation:
         n = len(self.incarnations)
         stdout = self.logdir / f"{self.name}.{n}.out"
-        args = [sys.executable, "-m", "workers", self.role]
+        verbose = ["-v"] if os.environ.get("EVENTFLEET_CHAOS_VERBOSE") else []  # DEBUG logs, for digging
+        args = [sys.executable, "-m", "workers", *verbose, self.role]
         with self.log_path(n).open("wb") as err, stdout.open("wb") as out:
             proc = subprocess.Popen(args, cwd=ROOT, env={**self.env, "EVENTFLEET_HTTP_PORT": str(self.port)},
                                     stdout=out, stderr=err)
         inc = Incarnation(proc, time.monotonic(), stdout)
         self.incarnations.append(inc)
+        self.stopping = False
         return inc
 
     def signal(self, sig: int) -> None:
+        self.stopping = self.stopping or sig in (signal.SIGKILL, signal.SIGTERM)
         if self.current.alive:
             self.current.proc.send_signal(sig)
         self.frozen = sig == signal.SIGSTOP or (self.frozen and sig != signal.SIGCONT)
@@ -272,6 +276,13 @@ class Fleet:
             slot.signal(signal.SIGTERM)
         codes = await asyncio.gather(*(s.wait_exit(within) for s in self.slots if s.incarnations))
         return {s.name: c for s, c in zip([s for s in self.slots if s.incarnations], codes, strict=True)}
+
+    def check(self) -> None:
+        """Raise if a process exited that nobody stopped (a crash: the fleet must outlive every fault)."""
+        for slot in self.slots:
+            if slot.incarnations and not slot.current.alive and not slot.stopping:
+                raise AssertionError(f"{slot.name} exited with {slot.current.proc.returncode} on its own:\n"
+                                     f"{slot.log_tail()}")
 
     def pids(self) -> list[int]:
         return [s.pid for s in self.live()]

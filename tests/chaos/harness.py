@@ -78,10 +78,11 @@ class LagMonitor:
             await self.sample()
             await asyncio.sleep(self.interval)
 
-    async def wait_drained(self, within: float) -> float:
+    async def wait_drained(self, fleet: Fleet, within: float) -> float:
         """Until every projection's lag is 0 and the outbox is empty; return when (seconds since t0)."""
         deadline = time.monotonic() + within
         while True:
+            fleet.check()
             sample = await self.sample()
             if sample.total == 0 and sample.outbox == 0:
                 return sample.t
@@ -216,7 +217,7 @@ async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, 
     writer_name = f"eventfleet chaos writer {deployment.schema}"[:63]
     async with contextlib.AsyncExitStack() as stack:
         writer_pool = await stack.enter_async_context(db.create_pool(
-            deployment.database_url, deployment.schema, min_size=1, max_size=10, application_name=writer_name))
+            deployment.database_url, deployment.schema, min_size=1, max_size=16, application_name=writer_name))
         pool = await stack.enter_async_context(db.create_pool(
             deployment.database_url, deployment.schema, min_size=1, max_size=2,
             application_name=f"eventfleet chaos observer {deployment.schema}"[:63]))
@@ -233,18 +234,18 @@ async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, 
         async with background(monitor.run(), fleet.run_scraper()):
             writing = asyncio.create_task(writer.run(stop_writing))
             try:
-                await _sleep_or_fail(warmup, writing)
+                await _sleep_or_fail(warmup, writing, fleet)
                 for kind in kinds:
                     started = time.monotonic() - t0
                     details = await faults_mod.FAULTS[kind](ctx)
                     injections.append(Injection(kind, started, time.monotonic() - t0, details))
-                    await _sleep_or_fail(rng.uniform(1.0, 3.0), writing)
-                await _sleep_or_fail(max(0.0, seconds - (time.monotonic() - t0)), writing)
+                    await _sleep_or_fail(rng.uniform(1.0, 3.0), writing, fleet)
+                await _sleep_or_fail(max(0.0, seconds - (time.monotonic() - t0)), writing, fleet)
             finally:
                 stop_writing.set()
                 await writing
             load_end = time.monotonic() - t0
-            drained = await monitor.wait_drained(drain_within)
+            drained = await monitor.wait_drained(fleet, drain_within)
         verdict = await retrying(lambda: verify(store))
         stats = await pool.fetch("SELECT projection, applied FROM projection_status")
         dead = await pool.fetchval("SELECT count(*) FROM dead_letters WHERE status = 'parked'")
@@ -270,12 +271,15 @@ async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, 
     return report
 
 
-async def _sleep_or_fail(seconds: float, writing: asyncio.Task[None]) -> None:
-    """Sleep (the schedule's pause) unless the writers fail meanwhile: then raise their error."""
-    await asyncio.wait({writing}, timeout=seconds)
-    if writing.done():
-        writing.result()
-        raise AssertionError("the writers stopped before the end of the load")
+async def _sleep_or_fail(seconds: float, writing: asyncio.Task[None], fleet: Fleet) -> None:
+    """Sleep (the schedule's pause) checking that the writers and the fleet's processes keep running."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        await asyncio.wait({writing}, timeout=min(left, 0.5))
+        if writing.done():
+            writing.result()
+            raise AssertionError("the writers stopped before the end of the load")
+        fleet.check()
 
 
 def _cli(fleet: Fleet) -> Any:
