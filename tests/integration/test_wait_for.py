@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
+import aio_pika
 import pytest
 
 import projections
+from projections.orders import OrderSummary
+from store import NO_STREAM
+from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.unit.test_projection_fold import paid, placed
+from workers import broker, consumer, health
+from workers.config import Settings
 
 SET_CHECKPOINT = """
 INSERT INTO checkpoints AS c (projection, stream_id, version) VALUES ($1, $2, $3)
@@ -36,3 +43,29 @@ async def test_raises_wait_timeout_naming_how_far_it_got(pool):
     assert isinstance(info.value, TimeoutError)
     with pytest.raises(projections.WaitTimeout, match="up to version -1"):
         await projections.wait_for(pool, "order_summary", "order-unknown", 0, timeout=0.05)
+
+
+@pytest.mark.slow
+async def test_read_after_write_through_a_running_worker(pool, event_store, schema, prefix, delete_prefixed):
+    names = broker.Names(prefix)
+    delete_prefixed([names.queue("order_summary"), names.dead_letter_queue("order_summary")],
+                    [names.exchange, names.dead_letter_exchange])
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
+    connection = await aio_pika.connect(AMQP_URL)
+    stop = asyncio.Event()
+    async with connection:
+        exchange = await broker.declare_topology(await connection.channel(), names, ["order_summary"])
+        worker = asyncio.create_task(consumer.run_worker(settings, [OrderSummary()], health.Health(), stop,
+                                                         pool=pool))
+        try:
+            written = await event_store.append("order-rw", [placed("rw", "c", 3, "42.00"), paid("rw", "c", "42.00")],
+                                               NO_STREAM)
+            for event in await event_store.load("order-rw"):
+                await exchange.publish(broker.to_message(event), routing_key=event.event_type)
+            assert await projections.wait_for(pool, "order_summary", "order-rw", written.last_version, 30) == 1
+            # Read-after-write: the row the API would serve now reflects the payment.
+            row = await pool.fetchrow("SELECT status, item_count FROM order_summary WHERE order_id = 'rw'")
+            assert tuple(row) == ("paid", 3)
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 30)
