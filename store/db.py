@@ -25,6 +25,9 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.QueryCanceledError,
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
+    # The client's protocol state is broken (e.g. its backend was terminated while it sat idle):
+    # this connection is unusable, another one may work.
+    asyncpg.exceptions.InternalClientError,
     ConnectionError,
     OSError,
     TimeoutError,

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
-from store import codec, db, errors, names, notify
+from store import codec, db, errors, hot, names, notify
 from store.queries import QUERIES
 from store.records import (
     NO_STREAM,
@@ -62,7 +62,9 @@ class EventStore:
         self.schema = names.identifier(schema, what="schema")
         self.max_payload_bytes = max_payload_bytes
         self.registry = registry
-        self.notifier = notify.Notifier(pool, self.schema)
+        #: Connections kept between appends and wake-ups (store/hot.py); reads use the pool directly.
+        self.hot = hot.HotConnections(pool)
+        self.notifier = notify.Notifier(self.hot, self.schema)
 
     # --- writing ---------------------------------------------------------------------------------
 
@@ -72,13 +74,13 @@ class EventStore:
         _check_expected(expected_version)
         encoded = self._encode_all(events)
         try:
-            async with _statement():
+            async with self.hot.use() as conn:
                 if len(encoded) == 1:
                     e = encoded[0]
-                    row = await self.pool.fetchrow(QUERIES["append_event"], stream_id, expected_version,
-                                                   e.event_id, e.event_type, e.data, e.metadata)
+                    row = await conn.fetchrow(QUERIES["append_event"], stream_id, expected_version,
+                                              e.event_id, e.event_type, e.data, e.metadata)
                 else:
-                    row = await self.pool.fetchrow(
+                    row = await conn.fetchrow(
                         QUERIES["append_events"], stream_id, expected_version,
                         [e.event_id for e in encoded], [e.event_type for e in encoded],
                         [e.data for e in encoded], [e.metadata for e in encoded])
@@ -116,8 +118,8 @@ class EventStore:
             raise errors.InvalidInput("a stream appears twice in one append_batch")
         _check_unique_ids(event_ids)
         try:
-            async with _statement():
-                positions = await self.pool.fetchval(QUERIES["append_batch"], *columns)
+            async with self.hot.use() as conn:
+                positions = await conn.fetchval(QUERIES["append_batch"], *columns)
         except errors.StoreError as exc:
             return await self._batch_after_rejection(batch, encoded_batch, exc)
         if positions is None:

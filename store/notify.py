@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from store import db, errors
+from store import errors, hot
 from store.queries import QUERIES
 
 logger = logging.getLogger(__name__)
@@ -28,8 +28,8 @@ def channel(schema: str) -> str:
 class Notifier:
     """Coalesces wake-ups of one schema's relays: at most one NOTIFY per ``min_interval`` seconds."""
 
-    def __init__(self, pool: db.Pool, schema: str, *, min_interval: float = 0.005) -> None:
-        self.pool = pool
+    def __init__(self, connections: hot.HotConnections, schema: str, *, min_interval: float = 0.005) -> None:
+        self.connections = connections
         self.channel = channel(schema)
         self.min_interval = min_interval
         #: False silences this store's wake-ups (tests of the relay's fallback poll).
@@ -53,9 +53,8 @@ class Notifier:
     async def _send(self) -> None:
         self._pending = False
         try:
-            with db.clean_use():
-                async with db.translate_errors():
-                    await self.pool.execute(QUERIES["notify_outbox"], self.channel)
+            async with self.connections.use() as conn:
+                await conn.execute(QUERIES["notify_outbox"], self.channel)
         except errors.StoreError as exc:
             # Only a wake-up: relays poll as well. Typical cause: the pool is closing.
             logger.debug("outbox notify failed", extra={"channel": self.channel, "error": str(exc)})

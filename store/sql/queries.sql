@@ -59,7 +59,8 @@ SELECT array_agg(global_position ORDER BY global_position) FROM inserted;
 
 -- name: notify_outbox
 -- Wake the relays listening on channel $1 (sent after the appends committed, see store/notify.py).
-SELECT pg_notify($1, '');
+-- A wake-up needs no durability: its transaction commits without waiting for the WAL flush.
+SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '');
 
 -- name: stream_version
 -- The stream's current version, -1 when it has no events.

@@ -287,3 +287,33 @@ async def test_pooled_connections_skip_the_reset_only_under_clean_use(schema):
                 await conn.execute("SET statement_timeout = 777")  # breaking the promise, to observe it
         assert await one.fetchval("SHOW statement_timeout") == "777ms"  # no reset round trip was made
         assert await one.fetchval("SHOW statement_timeout") == "0"
+
+
+async def wait_for(condition: Any, within: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_the_store_keeps_a_connection_between_appends_and_gives_it_back_when_idle(schema):
+    async with db.create_pool(DATABASE_URL, schema, min_size=1, max_size=1) as one:
+        store = EventStore(one, schema=schema)
+        store.notifier.enabled = False
+        await store.append("s", [paid(1)], NO_STREAM)
+        assert one.get_idle_size() == 0  # kept for the next append, not returned to the pool
+        await store.append("s", [paid(2)], 0)  # reuses it: the pool has no other connection
+        # Another user of the pool is not starved: the connection comes back after the linger time.
+        assert await asyncio.wait_for(one.fetchval("SELECT count(*) FROM events"), 30) == 2
+        await wait_for(lambda: one.get_idle_size() == 1)
+
+
+async def test_a_connection_lost_mid_append_is_replaced_and_the_next_append_works(event_store, pool):
+    await event_store.append("s", [paid(1)], NO_STREAM)
+    (kept, _), = event_store.hot._idle
+    await pool.fetchval("SELECT pg_terminate_backend($1)", kept.get_server_pid())
+    with pytest.raises(TransientError):
+        await event_store.append("s", [paid(2)], 0)
+    assert event_store.hot._idle == []  # not kept: the pool dealt with it
+    await event_store.append("s", [paid(2)], 0)
+    assert [e.version for e in await event_store.load("s")] == [0, 1]
