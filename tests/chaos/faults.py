@@ -120,8 +120,9 @@ async def kill_process(ctx: Context) -> dict[str, Any]:
     slot.signal(signal.SIGKILL)
     await slot.wait_exit(10)
     await asyncio.sleep(delay)
+    started = time.monotonic()
     await ctx.fleet.restart(slot)
-    return {"target": slot.name, "restart_delay": delay}
+    return {"target": slot.name, "restart_delay": delay, "ready_after": round(time.monotonic() - started, 1)}
 
 
 async def close_connections(ctx: Context) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 
 from domain import orders
@@ -35,7 +35,7 @@ class Writer:
     so a step retried after a lost commit acknowledgement, or during an outage, never writes twice.
     """
 
-    def __init__(self, store: EventStore, rate: float, seed: int, lanes: int = 8) -> None:
+    def __init__(self, store: EventStore, rate: float, seed: int, lanes: int = 16) -> None:
         self.repository = Repository(store, orders.Order)
         self.interval = 1.0 / rate
         self.rng = random.Random(seed)
@@ -43,6 +43,7 @@ class Writer:
         self.steps = 0
         self.retries = 0
         self._next = 0.0
+        self._plans = self._next_plans()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Write until ``stop`` is set (each lane finishes its step in flight)."""
@@ -51,9 +52,13 @@ class Writer:
             for _ in range(self.lanes):
                 group.create_task(self._lane(stop))
 
+    def _next_plans(self) -> Iterator[load_mod.Plan]:
+        while True:  # the load's order lives, 400 at a time: about 100 customers share them
+            yield from load_mod.plan_orders(400, self.rng.getrandbits(64))
+
     async def _lane(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            plan = load_mod.plan_orders(1, self.rng.getrandbits(64))[0]
+            plan = next(self._plans)
             for k in range(len(plan.steps)):
                 if stop.is_set():
                     return

@@ -48,3 +48,9 @@ SELECT stream_id, events FROM chaos_ledger;
 -- name: store_counts
 -- Events per stream in the store: what the ledger must show.
 SELECT stream_id, count(*) AS events FROM events GROUP BY stream_id;
+
+-- name: all_events
+-- Every event, each stream in version order (the columns record_from_row reads).
+SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id
+FROM events
+ORDER BY stream_id, version;
