@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable
 from pathlib import Path
 
 import aio_pika
@@ -191,33 +190,32 @@ def quantile(q: float, samples: dict[tuple[tuple[str, str], ...], float] | None)
 
 @dataclasses.dataclass
 class Snapshot:
+    """Counts from one database snapshot; ``lag`` is the gauges' figure (done when it is 0 everywhere)."""
+
     written: int
     published: int
-    applied: int
+    applied: int  # by the slowest projection
     lag_events: int
     lag_seconds: float
 
 
-async def snapshot(pool: db.Pool, projections: Iterable[str]) -> Snapshot:
-    """Where the pipeline stands now (lag as the workers' gauges measure it; applied <= published <= written)."""
-    applied, lag_events, lag_seconds = [], 0, 0.0
+async def snapshot(pool: db.Pool, projections: list[str]) -> Snapshot:
+    """Where the pipeline stands now."""
+    lag_events, lag_seconds = 0, 0.0
     for name in projections:
-        async with db.translate_errors():
-            applied.append(await pool.fetchval(SQL["covered_events"], name))
         measured = await lag.measure(pool, name)
         lag_events, lag_seconds = max(lag_events, measured.lag_events), max(lag_seconds, measured.lag_seconds)
     async with db.translate_errors():
-        row = await pool.fetchrow(SQL["pipeline_counts"])
+        row = await pool.fetchrow(SQL["pipeline_counts"], projections)
     assert row is not None
-    return Snapshot(row["written"], row["written"] - row["pending"], min(applied, default=0), lag_events,
-                    lag_seconds)
+    return Snapshot(row["written"], row["written"] - row["pending"], row["applied"], lag_events, lag_seconds)
 
 
 def show(s: Snapshot, final: bool = False) -> None:
     width = 24
     done = min(width, int(width * s.applied / s.written)) if s.written else 0
     line = (f"[{'#' * done}{'.' * (width - done)}] written {s.written:,}  published {s.published:,}  "
-            f"applied {s.applied:,}  lag {s.lag_events:,} events / {s.lag_seconds:.1f}s")
+            f"applied {s.applied:,}  lag {s.written - s.applied:,} events / {s.lag_seconds:.1f}s")
     if sys.stderr.isatty():
         print("\r" + line.ljust(110), end="\n" if final else "", file=sys.stderr, flush=True)
     else:

@@ -21,9 +21,10 @@ SELECT EXISTS (
 );
 
 -- name: pipeline_counts
--- Events in the store and those not yet published, from one snapshot (an append writes both at once).
-SELECT (SELECT count(*) FROM events) AS written, (SELECT count(*) FROM outbox) AS pending;
-
--- name: covered_events
--- Events a projection's checkpoints cover (each stream's checkpoint counts its versions 0..n).
-SELECT coalesce(sum(version + 1), 0) FROM checkpoints WHERE projection = $1;
+-- From one snapshot: events in the store, those not yet published (an append writes both at once) and
+-- the fewest events any of the projections $1 has covered with its checkpoints.
+SELECT (SELECT count(*) FROM events) AS written,
+       (SELECT count(*) FROM outbox) AS pending,
+       (SELECT coalesce(min(covered), 0) FROM (
+            SELECT (SELECT coalesce(sum(c.version + 1), 0) FROM checkpoints AS c WHERE c.projection = p) AS covered
+            FROM unnest($1::text[]) AS p) AS per_projection) AS applied;
