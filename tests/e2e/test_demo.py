@@ -28,11 +28,11 @@ async def demo(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_demo_runs_the_fleet_verifies_every_row_and_cleans_up():
-    result = await demo("--orders", "300")
+    result = await demo("--orders", "200")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "result: OK" in out
-    assert re.search(r"order_summary\s+300 rows\s+match", out)
+    assert re.search(r"order_summary\s+200 rows\s+match", out)
     assert re.search(r"customer_stats\s+[\d,]+ rows\s+match", out)
     assert re.search(r"end to end:\s+p50 [\d,]+ ms, p99 [\d,]+ ms", out)
     assert re.search(r"[\d,]+ duplicates skipped, [\d,]+ gaps filled", out)
