@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import random
 import re
 import signal
@@ -17,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import asyncpg
 
 from domain import orders
@@ -25,7 +25,6 @@ from store import EventStore, Repository
 from store.queries import load
 from tests.chaos.fleet import PROJECTIONS, Fleet, Slot, tcp_ports
 from tests.chaos.writer import advance, retrying
-from workers import broker
 from workers import load as load_mod
 
 LEDGER = load("tests.chaos", "ledger.sql")
@@ -56,18 +55,19 @@ async def rabbitmqctl(*args: str, check: bool = True) -> str:
     return await run("rabbitmqctl", "--quiet", *args, check=check)
 
 
-async def rabbit_env(key: str) -> int | None:
-    """An integer setting of the rabbit application, or None when unset."""
-    out = await rabbitmqctl("eval", f"application:get_env(rabbit, {key}).")
-    found = re.search(r"\{ok,\s*(\d+)\}", out)
-    return int(found.group(1)) if found else None
+async def rabbit_env(*keys: str) -> list[int | None]:
+    """Integer settings of the rabbit application (None when unset), read in one rabbitmqctl call."""
+    out = await rabbitmqctl("eval", "{" + ", ".join(f"application:get_env(rabbit, {k})" for k in keys) + "}.")
+    found = re.findall(r"\{ok,\s*(\d+)\}|undefined", out)
+    assert len(found) == len(keys), f"cannot read {keys} from {out!r}"
+    return [int(v) if v else None for v in found]
 
 
-async def set_rabbit_env(key: str, value: int | None) -> None:
-    if value is None:
-        await rabbitmqctl("eval", f"application:unset_env(rabbit, {key}).")
-    else:
-        await rabbitmqctl("eval", f"application:set_env(rabbit, {key}, {int(value)}).")
+async def set_rabbit_env(**values: int | None) -> None:
+    """Set (or unset, for None) settings of the rabbit application in one rabbitmqctl call."""
+    calls = [f"application:set_env(rabbit, {k}, {int(v)})" if v is not None else f"application:unset_env(rabbit, {k})"
+             for k, v in values.items()]
+    await rabbitmqctl("eval", ", ".join(calls) + ".")
 
 
 async def ensure_rabbit_running() -> None:
@@ -172,67 +172,85 @@ async def freeze_worker(ctx: Context) -> dict[str, Any]:
     """SIGSTOP a worker beyond the broker's consumer timeout, then SIGCONT.
 
     RabbitMQ 3.10 copies consumer_timeout into each channel when the channel opens, so the lowered value is
-    set only while the target worker restarts (SIGTERM, then a new process), and restored at once; it checks
-    the timeout on each channel tick, so channel_tick_interval is lowered until the freeze is over.
+    set only while the target worker reconnects (the broker closes its connection), and restored at once;
+    it checks the timeout on each channel tick, so channel_tick_interval is lowered until the freeze is over.
     """
     slot = ctx.rng.choice(ctx.fleet.workers)
-    old_timeout, old_tick = await rabbit_env("consumer_timeout"), await rabbit_env("channel_tick_interval")
+    old_timeout, old_tick = await rabbit_env("consumer_timeout", "channel_tick_interval")
     try:
-        await set_rabbit_env("channel_tick_interval", FREEZE_TICK_MS)
         try:
-            await set_rabbit_env("consumer_timeout", FREEZE_CONSUMER_TIMEOUT_MS)
-            slot.signal(signal.SIGTERM)
-            await slot.wait_exit(30)
-            await ctx.fleet.restart(slot)
-            await _consuming(slot)
+            await set_rabbit_env(channel_tick_interval=FREEZE_TICK_MS, consumer_timeout=FREEZE_CONSUMER_TIMEOUT_MS)
+            sessions = await _count_logged(slot, "consuming")
+            await close_connection_of(ctx.vhost, slot.pid)
+            await _wait_logged(slot, "consuming", sessions + 1)
         finally:
-            await set_rabbit_env("consumer_timeout", old_timeout)
-        before = await consumer_counts(ctx)
+            await set_rabbit_env(consumer_timeout=old_timeout)
+        log = rabbit_log()
+        offset = log.stat().st_size
         slot.signal(signal.SIGSTOP)
         frozen_at = time.monotonic()
         try:
-            # Frozen until the broker has cancelled the frozen consumer of every projection queue (each
-            # channel holds unacked deliveries, since the load goes on), or long after it should have.
+            # Frozen until the broker has timed out the consumer of every projection (each channel holds
+            # unacked deliveries, since the load goes on), or long after it should have.
             deadline = frozen_at + (FREEZE_CONSUMER_TIMEOUT_MS + 3 * FREEZE_TICK_MS) / 1000 + 10
-            while (after := await consumer_counts(ctx)) != {q: n - 1 for q, n in before.items()}:
+            while len(timed_out := await _timeouts_logged(log, offset)) < len(PROJECTIONS):
                 if time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.25)
         finally:
             slot.signal(signal.SIGCONT)
     finally:
-        await set_rabbit_env("channel_tick_interval", old_tick)
-    timed_out = sum(1 for q, n in before.items() if after.get(q, n) < n)
+        await set_rabbit_env(channel_tick_interval=old_tick)
     return {"target": slot.name, "consumer_timeout_ms": FREEZE_CONSUMER_TIMEOUT_MS,
-            "frozen_seconds": round(time.monotonic() - frozen_at, 1), "queues_timed_out": timed_out}
+            "frozen_seconds": round(time.monotonic() - frozen_at, 1), "channels_timed_out": len(timed_out)}
 
 
-async def consumer_counts(ctx: Context) -> dict[str, int]:
-    """Consumers of each projection queue, as the broker sees them."""
-    names = broker.Names(ctx.prefix)
-    connection = await aio_pika.connect(ctx.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        counts = {}
-        for projection in PROJECTIONS:
-            queue = await channel.declare_queue(names.queue(projection), passive=True)
-            counts[projection] = queue.declaration_result.consumer_count or 0
-        return counts
+def rabbit_log() -> Path:
+    """The broker's log file (EVENTFLEET_RABBIT_LOG, else the node's log under /var/log/rabbitmq)."""
+    configured = os.environ.get("EVENTFLEET_RABBIT_LOG")
+    if configured:
+        return Path(configured)
+    logs = [p for p in Path("/var/log/rabbitmq").glob("rabbit@*.log") if "_upgrade" not in p.name]
+    assert len(logs) == 1, f"cannot tell the RabbitMQ log among {logs}; set EVENTFLEET_RABBIT_LOG"
+    return logs[0]
 
 
-async def _consuming(slot: Slot, within: float = 30) -> None:
-    """Until the restarted worker logs that it consumes (its channels exist, with the lowered timeout)."""
-    if not await _logged(slot.log_path(len(slot.incarnations) - 1), "consuming", within):
-        raise AssertionError(f"{slot.name} did not start consuming:\n{slot.log_tail()}")
+_TIMEOUT_LINE = re.compile(rf"on channel (\d+) has timed out waiting for delivery acknowledgement\. "
+                           rf"Timeout used: {FREEZE_CONSUMER_TIMEOUT_MS} ms")
 
 
-async def _logged(path: Path, text: str, within: float) -> bool:
+async def _timeouts_logged(log: Path, offset: int) -> set[int]:
+    """Channels the broker timed out with the freeze's timeout since ``offset`` of its log.
+
+    In RabbitMQ 3.10 a timed-out channel only sends channel.close and keeps the frozen consumer's
+    deliveries (quorum queues) until the client answers, so the log is where the timeout shows at once.
+    """
+    def read() -> str:
+        with log.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    return {int(m.group(1)) for m in _TIMEOUT_LINE.finditer(await asyncio.to_thread(read))}
+
+
+async def close_connection_of(vhost: str, pid: int) -> None:
+    """rabbitmqctl close_connection for the AMQP connection a worker process named after its pid."""
+    out = await rabbitmqctl("list_connections", "--no-table-headers", "-p", vhost, "pid", "client_properties")
+    found = [line.split("\t", 1)[0] for line in out.splitlines() if f':{pid}"}}' in line]
+    assert len(found) == 1, f"no single connection of process {pid} in vhost {vhost}: {found}"
+    await rabbitmqctl("close_connection", found[0], "chaos: reconnect with a short consumer timeout")
+
+
+async def _count_logged(slot: Slot, text: str) -> int:
+    log = slot.log_path(len(slot.incarnations) - 1)
+    return (await asyncio.to_thread(log.read_text, errors="replace")).count(text)
+
+
+async def _wait_logged(slot: Slot, text: str, times: int, within: float = 30) -> None:
+    """Until the slot's current log holds ``text`` at least ``times`` times."""
     deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if text in await asyncio.to_thread(path.read_text, errors="replace"):
-            return True
+    while await _count_logged(slot, text) < times:
+        assert time.monotonic() < deadline, f"{slot.name} did not log {text!r} in time:\n{slot.log_tail()}"
         await asyncio.sleep(0.1)
-    return False
 
 
 async def poison(ctx: Context) -> dict[str, Any]:
