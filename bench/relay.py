@@ -93,48 +93,66 @@ async def run(args: argparse.Namespace) -> None:
     tag = uuid.uuid4().hex[:8]
     schema, names = f"bench_relay_{tag}", broker.Names(f"bench.{tag}")
     projections = list(registry.load_builtin())
-    await commands.run_migrate(settings.database_url, schema)
-    connection = await aio_pika.connect(settings.amqp_url)
-    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
     try:
-        exchange = await broker.declare_topology(channel, names, projections)
-        async with db.create_pool(settings.database_url, schema, min_size=1, max_size=2) as pool:
-            store = EventStore(pool, schema=schema)
-            await prefill(store, args.events)
-            await store.notifier.flush()
-            rows = await pool.fetch("SELECT * FROM events ORDER BY global_position LIMIT $1", args.events)
-            messages = [(r["event_type"], broker.encode_row(r)) for r in rows]
-            print(f"{len(messages)} events, {len(projections)} quorum queues bound to {names.exchange}, "
-                  f"relay batch {args.batch_size}, raw window {args.window}")
-
-            # Segments alternate raw/relay, relay/raw, ... so drift of this shared machine hits both.
-            raw, relayed = Clock(), Clock()
-            size = -(-len(messages) // args.segments)
-            for k in range(args.segments):
-                chunk = messages[k * size:(k + 1) * size]
-                until = None if k == args.segments - 1 else min(len(messages), (k + 1) * size)
-                sides = [functools.partial(raw_segment, exchange, chunk, args.window, raw),
-                         functools.partial(relay_segment, pool, exchange, args.batch_size, until, relayed)]
-                for side in sides if k % 2 == 0 else sides[::-1]:
-                    await side()
-                    await purge(channel, names, projections)
-            assert relayed.events == len(messages), (relayed.events, len(messages))
-            assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+        await commands.run_migrate(settings.database_url, schema)
+        connection = await aio_pika.connect(settings.amqp_url)
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            exchange = await broker.declare_topology(channel, names, projections)
+            raw, relayed = await compare(args, settings, schema, channel, exchange, names, projections)
+        finally:
+            await connection.close()
         print(f"raw aio-pika, pipelined confirms: {raw.rate:8.0f} msgs/s")
         print(f"relay draining the outbox:        {relayed.rate:8.0f} msgs/s")
         print(f"ratio relay / raw:                {relayed.rate / raw.rate:8.2f}")
     finally:
+        await clean_up(settings, schema, names, projections)
+
+
+async def compare(args: argparse.Namespace, settings: Settings, schema: str, channel: AbstractChannel,
+                  exchange: AbstractExchange, names: broker.Names, projections: list[str]) -> tuple[Clock, Clock]:
+    """Pre-fill the outbox, then time raw publishing and the relay in alternating segments."""
+    async with db.create_pool(settings.database_url, schema, min_size=1, max_size=2) as pool:
+        store = EventStore(pool, schema=schema)
+        await prefill(store, args.events)
+        await store.notifier.flush()
+        rows = await pool.fetch("SELECT * FROM events ORDER BY global_position LIMIT $1", args.events)
+        messages = [(r["event_type"], broker.encode_row(r)) for r in rows]
+        print(f"{len(messages)} events, {len(projections)} quorum queues bound to {names.exchange}, "
+              f"relay batch {args.batch_size}, raw window {args.window}, {args.segments} segments", flush=True)
+        # Segments alternate raw/relay, relay/raw, ... so drift of this shared machine hits both.
+        raw, relayed = Clock(), Clock()
+        size = -(-len(messages) // args.segments)
+        for k in range(args.segments):
+            chunk = messages[k * size:(k + 1) * size]
+            until = None if k == args.segments - 1 else min(len(messages), (k + 1) * size)
+            sides = [functools.partial(raw_segment, exchange, chunk, args.window, raw),
+                     functools.partial(relay_segment, pool, exchange, args.batch_size, until, relayed)]
+            for side in sides if k % 2 == 0 else sides[::-1]:
+                await side()
+                await purge(channel, names, projections)
+        assert relayed.events == len(messages), (relayed.events, len(messages))
+        assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+    return raw, relayed
+
+
+async def clean_up(settings: Settings, schema: str, names: broker.Names, projections: list[str]) -> None:
+    """Delete the queues and exchanges (on a fresh connection: the run's may be gone) and the schema."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+    connection = await aio_pika.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
         for p in projections:
             await channel.queue_delete(names.queue(p))
             await channel.queue_delete(names.dead_letter_queue(p))
         await channel.exchange_delete(names.exchange)
         await channel.exchange_delete(names.dead_letter_exchange)
+    finally:
         await connection.close()
-        conn = await asyncpg.connect(settings.database_url)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
 
 
 def main() -> None:
