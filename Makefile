@@ -32,5 +32,19 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.rebuild
 
+# make chaos: the fault-injection suite, longer than its CI run; figures go to CHAOS_REPORT (RELIABILITY.md).
+CHAOS_SECONDS ?= 60
+CHAOS_REPEAT  ?= 3
+CHAOS_REPORT  ?= /tmp/eventfleet-chaos-report.jsonl
+chaos: $(STAMP)
+	rm -f $(CHAOS_REPORT)
+	EVENTFLEET_CHAOS_SECONDS=$(CHAOS_SECONDS) EVENTFLEET_CHAOS_REPEAT=$(CHAOS_REPEAT) \
+	EVENTFLEET_CHAOS_REPORT=$(CHAOS_REPORT) $(BIN)/pytest tests/chaos -s -q --timeout=3600
+	$(BIN)/python -m tests.chaos.report $(CHAOS_REPORT)
+
+# make soak: 10 minutes at a steady moderate rate, no faults: RSS, lag, nothing lost (not in CI).
+soak: $(STAMP)
+	$(BIN)/python -m tests.chaos.soak
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

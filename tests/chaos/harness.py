@@ -48,6 +48,7 @@ class Sample:
     t: float  # seconds since the load started
     lag: dict[str, int] | None  # per projection; None while the database was unreachable
     outbox: int | None
+    lag_seconds: float | None = None  # age of the oldest unapplied event, worst projection
 
     @property
     def total(self) -> int | None:
@@ -64,12 +65,15 @@ class LagMonitor:
     async def sample(self) -> Sample:
         t = time.monotonic() - self.t0
         lags: dict[str, int] | None
+        seconds: float | None
         try:
-            lags = {p: (await lag.measure(self.pool, p)).lag_events for p in PROJECTIONS}
+            measured = {p: await lag.measure(self.pool, p) for p in PROJECTIONS}
             outbox: int | None = await self.pool.fetchval("SELECT count(*) FROM outbox")
+            lags = {p: m.lag_events for p, m in measured.items()}
+            seconds = max(m.lag_seconds for m in measured.values())
         except TRANSIENT:
-            lags, outbox = None, None
-        sample = Sample(t, lags, outbox)
+            lags, outbox, seconds = None, None, None
+        sample = Sample(t, lags, outbox, seconds)
         self.samples.append(sample)
         return sample
 
