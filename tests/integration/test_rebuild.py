@@ -15,6 +15,7 @@ from store.event_store import RecordedEvent
 from tests.integration.test_rebuild_helpers import (
     all_events,
     checkpoints_of,
+    drop_shadows,
     expected,
     read_models,
     stream_versions,
@@ -22,6 +23,8 @@ from tests.integration.test_rebuild_helpers import (
 )
 from tests.unit.test_projection_fold import paid, placed, shipped
 from workers import checkpoints, rebuild
+
+pytestmark = pytest.mark.usefixtures(drop_shadows.__name__)
 
 
 async def status_row(pool: db.Pool, projection: str) -> Any:

@@ -11,9 +11,11 @@ import pytest
 
 from projections.orders import CustomerStats, OrderSummary
 from tests.conftest import AMQP_URL, DATABASE_URL
-from tests.integration.test_rebuild_helpers import expected, read_models, write_orders
+from tests.integration.test_rebuild_helpers import drop_shadows, expected, read_models, write_orders
 from workers import broker, consumer, health, rebuild_backfill
 from workers.config import Settings
+
+pytestmark = pytest.mark.usefixtures(drop_shadows.__name__)
 
 
 async def state_of(pool, projection: str) -> str | None:

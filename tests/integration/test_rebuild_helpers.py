@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 from typing import Any
+
+import asyncpg
+import pytest
 
 from store import NO_STREAM, EventStore, RecordedEvent, db
 from store.event_store import record_from_row
+from tests.conftest import DATABASE_URL
 from tests.unit.test_projection_fold import Models, fold, order_life, read_models
 
-__all__ = ["Models", "all_events", "expected", "read_models", "stream_versions", "write_orders"]
+__all__ = ["Models", "all_events", "drop_shadows", "expected", "read_models", "stream_versions", "write_orders"]
 
 
 async def write_orders(event_store: EventStore, count: int, rng: random.Random, *, prefix: str = "o",
@@ -58,3 +63,16 @@ async def stream_versions(event_store: EventStore) -> dict[str, int]:
 async def checkpoints_of(pool: db.Pool, projection: str) -> dict[str, int]:
     rows = await pool.fetch("SELECT stream_id, version FROM checkpoints WHERE projection = $1", projection)
     return {r["stream_id"]: r["version"] for r in rows}
+
+
+@pytest.fixture
+async def drop_shadows(schema: str) -> AsyncIterator[None]:
+    """Drop the test schema's shadow and scratch schemas (a rebuild cut short leaves its shadow)."""
+    yield
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        for row in await conn.fetch("SELECT nspname FROM pg_namespace WHERE nspname LIKE $1 OR nspname LIKE $2",
+                                    f"{schema}\\_rb\\_%", f"{schema}\\_vf\\_%"):
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{row["nspname"]}" CASCADE')
+    finally:
+        await conn.close()

@@ -18,11 +18,17 @@ import pytest
 from projections.orders import CustomerStats, OrderSummary
 from store import db
 from tests.conftest import AMQP_URL, DATABASE_URL
-from tests.integration.test_rebuild_helpers import checkpoints_of, expected, read_models, stream_versions
+from tests.integration.test_rebuild_helpers import (
+    checkpoints_of,
+    drop_shadows,
+    expected,
+    read_models,
+    stream_versions,
+)
 from workers import broker, consumer, health, lag, load, rebuild, relay
 from workers.config import Settings
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures(drop_shadows.__name__)]
 
 PROJECTIONS = ("order_summary", "customer_stats")
 READ = """SELECT (SELECT count(*) FROM order_summary) AS orders,
