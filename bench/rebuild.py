@@ -110,11 +110,26 @@ async def main(args: argparse.Namespace) -> None:
                 print(f"rebuild {name:<14} (mean of {len(rates)}): {rate:,.0f} events/s = "
                       f"{100 * rate / ceiling:.0f}% of the read ceiling (target >= 50%)")
     finally:
-        conn = await asyncpg.connect(dsn)
+        await drop_schema(dsn, schema)
+
+
+async def drop_schema(dsn: str, schema: str) -> None:
+    """Drop the bench schema, waiting out a Postgres restart (others may run fault tests meanwhile)."""
+    for _ in range(30):
         try:
+            conn = await asyncpg.connect(dsn)
+        except (OSError, asyncpg.PostgresError):
+            await asyncio.sleep(2)
+            continue
+        try:
+            # The bench's shadows go too: a rebuild cut short by a restart leaves its shadow behind.
+            for row in await conn.fetch("SELECT nspname FROM pg_namespace WHERE nspname LIKE $1", f"{schema}\\_%"):
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{row["nspname"]}" CASCADE')
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         finally:
             await conn.close()
+        return
+    print(f"could not drop schema {schema}; drop it by hand")
 
 
 def cli() -> None:
