@@ -25,6 +25,7 @@ from typing import Any
 
 import aio_pika
 import asyncpg
+import tenacity
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from domain.events import LineItem, OrderPaid, OrderPlaced, OrderShipped
@@ -143,7 +144,11 @@ async def clean_up(settings: Settings, schema: str, names: broker.Names, project
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     finally:
         await conn.close()
-    connection = await aio_pika.connect(settings.amqp_url)
+    # Another fault test may be restarting the broker right now: wait for it rather than leak queues.
+    async for attempt in tenacity.AsyncRetrying(stop=tenacity.stop_after_delay(120), wait=tenacity.wait_fixed(1),
+                                                reraise=True):
+        with attempt:
+            connection = await aio_pika.connect(settings.amqp_url)
     try:
         channel = await connection.channel()
         for p in projections:
