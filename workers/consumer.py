@@ -24,7 +24,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+import aiormq.abc
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
 from projections import registry
 from projections.base import Projection
@@ -56,8 +57,22 @@ class Stats:
     batches: int = 0
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Delivery:
+    """One delivery as received: its tag on the channel, raw body, and the decoded event or why not."""
+
+    tag: int
+    body: bytes
+    message_id: str | None
+    decoded: RecordedEvent | errors.MalformedMessage
+
+
 class Consumer:
-    """One projection's deliveries on one channel: batches them, applies them, acks after commit."""
+    """One projection's deliveries on one channel: batches them, applies them, acks after commit.
+
+    Deliveries are taken and settled on the channel's underlying aiormq channel: aio-pika's message
+    objects cost more per delivery than the whole batched transaction does per event.
+    """
 
     def __init__(self, store: EventStore, channel: AbstractChannel, projection: Projection, settings: Settings,
                  *, health_: health.Health | None = None, stats: Stats | None = None) -> None:
@@ -67,54 +82,71 @@ class Consumer:
         self.stats = stats or Stats()
         self.stopping = False
         self._dlx: AbstractExchange | None = None
+        self._raw: aiormq.abc.AbstractChannel | None = None
 
-    async def open_queue(self) -> AbstractQueue:
-        """Declare the topology (idempotent), set the prefetch and return the projection's queue."""
+    async def open_queue(self) -> str:
+        """Declare the topology (idempotent), set the prefetch and return the projection's queue name."""
         await self.channel.set_qos(prefetch_count=self.settings.prefetch)
         await broker.declare_topology(self.channel, self.names, [self.projection.name])
         self._dlx = await self.channel.get_exchange(self.names.dead_letter_exchange, ensure=False)
-        return await self.channel.get_queue(self.names.queue(self.projection.name), ensure=False)
+        self._raw = await self.channel.get_underlay_channel()
+        return self.names.queue(self.projection.name)
+
+    def decode(self, tag: int, body: bytes, message_id: str | None = None) -> Delivery:
+        """A delivery with its decoded event, or why it cannot be decoded."""
+        try:
+            decoded: RecordedEvent | errors.MalformedMessage = broker.from_body(body, self.store.registry)
+        except errors.MalformedMessage as exc:
+            decoded = exc
+        return Delivery(tag, body, message_id, decoded)
 
     async def handle(self, messages: Sequence[AbstractIncomingMessage]) -> BatchResult:
-        """Decide the fate of a batch of deliveries: dead-letter, apply, then reject or ack each one."""
+        """Decide the fate of a batch of aio-pika deliveries of this channel (see ``handle_decoded``)."""
+        if self._raw is None:
+            self._raw = await self.channel.get_underlay_channel()
+        return await self.handle_decoded([self.decode(m.delivery_tag or 0, m.body, m.message_id) for m in messages])
+
+    async def handle_decoded(self, deliveries: Sequence[Delivery]) -> BatchResult:
+        """The only function that settles deliveries: dead-letter the undecodable, apply the rest in one
+        transaction, then reject the parked and ack everything else with one multiple-ack."""
+        assert self._raw is not None, "open_queue() first"
         started = time.perf_counter()
         events: list[RecordedEvent] = []
-        delivered: dict[tuple[str, int], list[AbstractIncomingMessage]] = {}
-        bad: list[tuple[AbstractIncomingMessage, errors.MalformedMessage]] = []
-        for message in messages:
-            try:
-                event = broker.from_message(message, self.store.registry)
-            except errors.MalformedMessage as exc:
-                bad.append((message, exc))
+        delivered: dict[tuple[str, int], list[int]] = {}
+        bad: list[Delivery] = []
+        for d in deliveries:
+            if isinstance(d.decoded, errors.MalformedMessage):
+                bad.append(d)
                 continue
-            events.append(event)
-            delivered.setdefault((event.stream_id, event.version), []).append(message)
+            events.append(d.decoded)
+            delivered.setdefault((d.decoded.stream_id, d.decoded.version), []).append(d.tag)
         if bad:
             await self._dead_letter_undecodable(bad)
         result = await self._outage_retrying(
             lambda: dead_letters.apply_settled(self.store, self.projection, events))
         self._count(result, time.perf_counter() - started)
-        settled: set[int] = set()
+        rejected: set[int] = set()
         for parked in result.parked:
-            copies = delivered.get((parked.event.stream_id, parked.event.version))
-            if copies:
-                await copies[0].reject(requeue=False)
-                settled.add(id(copies[0]))
+            tags = delivered.get((parked.event.stream_id, parked.event.version))
+            if tags:
+                await self._raw.basic_reject(tags[0], requeue=False)  # the queue's DLX moves it to the DLQ
+                rejected.add(tags[0])
             else:
                 await self._publish_dead_letter(parked.event)
-        rest = [m for ms in delivered.values() for m in ms if id(m) not in settled]
+        rest = [t for tags in delivered.values() for t in tags if t not in rejected]
         if rest:
-            last = max(rest, key=lambda m: m.delivery_tag or 0)
-            await last.ack(multiple=True)
+            # Every delivery up to this tag is in this batch or settled before: one frame acks them all.
+            await self._raw.basic_ack(max(rest), multiple=True)
         return result
 
-    async def _dead_letter_undecodable(self, bad: list[tuple[AbstractIncomingMessage, errors.MalformedMessage]]) -> None:
-        items = [(str(exc), message.body) for message, exc in bad]
+    async def _dead_letter_undecodable(self, bad: list[Delivery]) -> None:
+        assert self._raw is not None
+        items = [(str(d.decoded), d.body) for d in bad]
         await self._outage_retrying(lambda: dead_letters.record_undecodable(self.store.pool, self.projection.name, items))
-        for message, exc in bad:
+        for d in bad:
             logger.warning("undecodable message dead-lettered", extra={
-                "projection": self.projection.name, "message_id": message.message_id, "error": str(exc)})
-            await message.reject(requeue=False)
+                "projection": self.projection.name, "message_id": d.message_id, "error": str(d.decoded)})
+            await self._raw.basic_reject(d.tag, requeue=False)
         metrics.DEAD_LETTERED.labels(self.projection.name).inc(len(bad))
         self.stats.undecodable += len(bad)
         self.stats.dead_lettered += len(bad)
@@ -159,11 +191,24 @@ class Consumer:
                 return value
         raise AssertionError("unreachable")  # pragma: no cover - reraise=True
 
+    async def _consume(self, queue: str, buffer: asyncio.Queue[Any]) -> str:
+        """Start consuming; each delivery is decoded on arrival, so decoding overlaps the database work of
+        the batch in flight (Postgres runs in other processes), then buffered. Returns the consumer tag."""
+        assert self._raw is not None
+
+        async def receive(message: aiormq.abc.DeliveredMessage) -> None:
+            tag = message.delivery_tag
+            assert tag is not None
+            buffer.put_nowait(self.decode(tag, message.body, message.header.properties.message_id))
+
+        ok = await self._raw.basic_consume(queue, receive, no_ack=False)
+        assert ok.consumer_tag is not None
+        return ok.consumer_tag
+
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set (the batch in flight is committed and acked) or the channel closes."""
         queue = await self.open_queue()
-        buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
-
+        buffer: asyncio.Queue[Delivery | None] = asyncio.Queue()
         lost = False
 
         def wake(*_: Any) -> None:
@@ -177,25 +222,25 @@ class Consumer:
         self.channel.close_callbacks.add(on_close)
         stopper = asyncio.ensure_future(stop.wait())
         stopper.add_done_callback(wake)
-        tag = await queue.consume(buffer.put, no_ack=False)
+        tag = await self._consume(queue, buffer)
         try:
             # Deliveries still buffered at a stop are never handled: they go back to the queue on close.
             while not (stop.is_set() or lost or self.channel.is_closed):
-                batch: list[AbstractIncomingMessage] = []
-                message = await buffer.get()
-                while message is not None:
-                    batch.append(message)
+                batch: list[Delivery] = []
+                delivery = await buffer.get()
+                while delivery is not None:
+                    batch.append(delivery)
                     if len(batch) >= self.settings.batch_size or buffer.empty():
                         break
-                    message = buffer.get_nowait()
+                    delivery = buffer.get_nowait()
                 if batch:
-                    await self.handle(batch)
+                    await self.handle_decoded(batch)
         finally:
             self.stopping = True
             stopper.cancel()
-            if not self.channel.is_closed:
+            if not self.channel.is_closed and self._raw is not None:
                 with contextlib.suppress(*health.OUTAGE_ERRORS):
-                    await queue.cancel(tag)
+                    await self._raw.basic_cancel(tag)
         if not stop.is_set():
             raise ChannelLost()
 
@@ -207,37 +252,38 @@ class Consumer:
         (frames are ordered on a channel), so once those are handed over, zero ready means done.
         """
         queue = await self.open_queue()
-        buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        tag = await queue.consume(buffer.put, no_ack=False)
+        assert self._raw is not None
+        buffer: asyncio.Queue[Delivery] = asyncio.Queue()
+        tag = await self._consume(queue, buffer)
         try:
             while True:
                 batch = _take(buffer, self.settings.batch_size)
                 if batch:
-                    await self.handle(batch)
+                    await self.handle_decoded(batch)
                     continue
-                probe = await self.channel.declare_queue(queue.name, passive=True)
+                ready = (await self._raw.queue_declare(queue, passive=True)).message_count
                 await _hand_over()
-                if buffer.empty() and not probe.declaration_result.message_count:
+                if buffer.empty() and not ready:
                     break
                 if buffer.empty():
                     await asyncio.sleep(0.005)  # ready but not yet pushed to us: the broker is on its way
         finally:
-            await queue.cancel(tag)
+            await self._raw.basic_cancel(tag)
         await _hand_over()
         while batch := _take(buffer, self.settings.batch_size):  # pushed before the cancel took effect
-            await self.handle(batch)
+            await self.handle_decoded(batch)
         return self.stats
 
 
-def _take(buffer: asyncio.Queue[AbstractIncomingMessage], n: int) -> list[AbstractIncomingMessage]:
-    batch: list[AbstractIncomingMessage] = []
+def _take(buffer: asyncio.Queue[Delivery], n: int) -> list[Delivery]:
+    batch: list[Delivery] = []
     while len(batch) < n and not buffer.empty():
         batch.append(buffer.get_nowait())
     return batch
 
 
 async def _hand_over() -> None:
-    """Let deliveries already received run through aiormq's and aio-pika's callback tasks into the buffer."""
+    """Let deliveries already received run through aiormq's callback task into the buffer."""
     for _ in range(8):
         await asyncio.sleep(0)
 
