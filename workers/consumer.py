@@ -80,7 +80,7 @@ class Consumer:
         self.names = broker.Names(settings.prefix)
         self.health = health_ or health.Health()
         self.stats = stats or Stats()
-        self.stopping = False
+        self.stopping = False  # a stop was requested: give up retrying through an outage, leave unacked
         self._dlx: AbstractExchange | None = None
         self._raw: aiormq.abc.AbstractChannel | None = None
 
@@ -222,6 +222,7 @@ class Consumer:
         self.channel.close_callbacks.add(on_close)
         stopper = asyncio.ensure_future(stop.wait())
         stopper.add_done_callback(wake)
+        stopper.add_done_callback(lambda _: setattr(self, "stopping", True))
         tag = await self._consume(queue, buffer)
         try:
             # Deliveries still buffered at a stop are never handled: they go back to the queue on close.
