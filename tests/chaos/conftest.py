@@ -13,6 +13,9 @@ from tests.conftest import AMQP_URL, DATABASE_URL
 
 
 def _rabbitmqctl(*args: str) -> None:
+    # Another test may have stopped the app for a moment: wait for it first.
+    subprocess.run(["rabbitmqctl", "--quiet", "await_startup", "--timeout", "120"], check=False, capture_output=True,
+                   timeout=180)
     subprocess.run(["rabbitmqctl", "--quiet", *args], check=True, capture_output=True, timeout=120)
 
 

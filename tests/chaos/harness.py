@@ -37,7 +37,7 @@ from workers import broker, lag
 LEDGER = load("tests.chaos", "ledger.sql")
 
 #: Scale of the runs: CI keeps them short; ``make chaos`` lengthens them through the environment.
-SECONDS = float(os.environ.get("EVENTFLEET_CHAOS_SECONDS", "10"))  # write load per scenario (at least)
+SECONDS = float(os.environ.get("EVENTFLEET_CHAOS_SECONDS", "0"))  # write load per scenario, at least (0: the schedule)
 RATE = float(os.environ.get("EVENTFLEET_CHAOS_RATE", "100"))  # events per second
 REPEAT = int(os.environ.get("EVENTFLEET_CHAOS_REPEAT", "1"))  # injections of each fault kind per run
 REPORT_FILE = os.environ.get("EVENTFLEET_CHAOS_REPORT")  # JSON lines of every report, for RELIABILITY.md
@@ -183,10 +183,18 @@ async def prepare(deployment: Deployment) -> None:
         await pool.execute(LEDGER["ddl"])
 
 
-async def delete_topology(deployment: Deployment) -> None:
-    """Delete the run's queues and exchanges."""
+async def delete_topology(deployment: Deployment, within: float = 60) -> None:
+    """Delete the run's queues and exchanges (waiting for the broker if another test has stopped it)."""
     names = broker.Names(deployment.prefix)
-    connection = await aio_pika.connect(deployment.amqp_url)
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            connection = await aio_pika.connect(deployment.amqp_url)
+            break
+        except ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
     async with connection:
         channel = await connection.channel()
         for projection in PROJECTIONS:
@@ -212,7 +220,7 @@ async def background(*coros: Any) -> AsyncIterator[None]:
 
 async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, logdir: Path, *,
                        seed: int | None = None, seconds: float = SECONDS, rate: float = RATE,
-                       warmup: float = 3.0, drain_within: float = 180) -> Report:
+                       warmup: float = 2.0, drain_within: float = 180) -> Report:
     """Run the fleet under load with the faults ``kinds`` injected in that order; verify; report."""
     seed = random.randrange(2**32) if seed is None else seed
     rng = random.Random(seed)
@@ -221,9 +229,9 @@ async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, 
     writer_name = f"eventfleet chaos writer {deployment.schema}"[:63]
     async with contextlib.AsyncExitStack() as stack:
         writer_pool = await stack.enter_async_context(db.create_pool(
-            deployment.database_url, deployment.schema, min_size=1, max_size=16, application_name=writer_name))
+            deployment.database_url, deployment.schema, min_size=0, max_size=16, application_name=writer_name))
         pool = await stack.enter_async_context(db.create_pool(
-            deployment.database_url, deployment.schema, min_size=1, max_size=2,
+            deployment.database_url, deployment.schema, min_size=0, max_size=2,
             application_name=f"eventfleet chaos observer {deployment.schema}"[:63]))
         store = EventStore(writer_pool, schema=deployment.schema)
         fleet = await stack.enter_async_context(Fleet(deployment.env(), logdir))

@@ -59,7 +59,7 @@ async def test_postgres_restart(deployment, tmp_path):
 
 async def test_worker_frozen_beyond_the_consumer_timeout(deployment, tmp_path):
     report = await chaos("freeze", ["freeze"] * harness.REPEAT, deployment, tmp_path)
-    assert all(i.details["queues_timed_out"] > 0 for i in report.injections), "the broker never timed out"
+    assert all(i.details["channels_timed_out"] > 0 for i in report.injections), "the broker never timed out"
 
 
 async def test_poison_event_mid_stream_halts_then_is_retried(deployment, tmp_path):
