@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import asyncpg
 import pytest
 
 from projections.orders import CustomerStats
@@ -22,12 +23,13 @@ from store import NO_STREAM, EventStore, RecordedEvent, db
 from store.event_store import record_from_row
 from tests.conftest import AMQP_URL, DATABASE_URL
 from tests.unit.test_projection_fold import fold, order_life, read_models
-from workers import broker, consumer
+from workers import broker, consumer, health
 from workers.config import Settings
 
 pytestmark = pytest.mark.slow
 
 PROJECTION = "customer_stats"
+RETRYABLE: tuple[type[BaseException], ...] = (*health.OUTAGE_ERRORS, asyncpg.PostgresError)
 
 
 @pytest.fixture
@@ -91,8 +93,14 @@ async def applied(pool: db.Pool) -> int:
 
 
 async def until(check: Callable[[], Awaitable[bool]], within: float, *procs: subprocess.Popen[str]) -> None:
+    """Poll check until true; the workers ride out outages others cause on the shared servers, so do we."""
     deadline = time.monotonic() + within
-    while not await check():
+    while True:
+        try:
+            if await check():
+                return
+        except RETRYABLE:
+            pass
         assert all(p.poll() is None for p in procs), "a worker died"
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.02)
