@@ -221,9 +221,9 @@ async def test_a_terminated_backend_is_an_outage_logged_once_and_outlived(
     assert set(collector.counts) == await event_ids(pool)
     # A batch cut off before its commit is published again, the only source of duplicates.
     assert collector.duplicates <= config.batch_size
-    outages = [r for r in caplog.records if r.getMessage() == "outage"]
-    assert [r.service for r in outages] == ["postgres"]
-    assert [r.service for r in caplog.records if r.getMessage() == "recovered"] == ["postgres"]
+    # Per service: another engineer's fault test may disturb RabbitMQ meanwhile on this shared machine.
+    assert [r.service for r in caplog.records if r.getMessage() == "outage"].count("postgres") == 1
+    assert [r.service for r in caplog.records if r.getMessage() == "recovered"].count("postgres") == 1
 
 
 async def test_pending_backlog_query(pool, event_store):

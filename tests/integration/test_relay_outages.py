@@ -104,8 +104,8 @@ async def test_close_all_connections_mid_drain(pool, event_store, amqp_url, topo
     await connection.close()
     assert set(delivered.counts) == await event_ids(pool)
     assert delivered.duplicates <= BATCH  # only the batch the close cut off can go out twice
-    assert outages(caplog, "outage") == ["rabbitmq"]
-    assert outages(caplog, "recovered") == ["rabbitmq"]
+    assert outages(caplog, "outage").count("rabbitmq") == 1
+    assert outages(caplog, "recovered").count("rabbitmq") == 1
 
 
 async def test_rabbitmq_stop_start_while_rows_are_pending(pool, event_store, amqp_url, topology, relay_task,
@@ -133,8 +133,8 @@ async def test_rabbitmq_stop_start_while_rows_are_pending(pool, event_store, amq
     assert set(delivered.counts) == await event_ids(pool)
     assert delivered.duplicates == 0  # nothing was confirmed during the outage, nothing went out twice
     # Many reconnection attempts failed, but the outage is logged once, with its cause.
-    assert outages(caplog, "outage") == ["rabbitmq"]
-    assert outages(caplog, "recovered") == ["rabbitmq"]
+    assert outages(caplog, "outage").count("rabbitmq") == 1
+    assert outages(caplog, "recovered").count("rabbitmq") == 1
     assert next(r.cause for r in caplog.records if r.getMessage() == "outage")
 
 
@@ -161,8 +161,8 @@ async def test_postgres_restart_mid_drain(database_url, schema, event_store, amq
     await connection.close()
     assert set(delivered.counts) == await event_ids(pool)
     assert delivered.duplicates <= BATCH  # the batch whose commit the restart cut off
-    assert outages(caplog, "outage") == ["postgres"]
-    assert outages(caplog, "recovered") == ["postgres"]
+    assert outages(caplog, "outage").count("postgres") == 1
+    assert outages(caplog, "recovered").count("postgres") == 1
 
 
 async def _pg_running() -> bool:
