@@ -29,7 +29,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 
 from projections import registry
 from projections.base import Projection
-from store import db
+from store import codec, db
 from store.event_store import EventStore, RecordedEvent
 from workers import broker, dead_letters, errors, health, http, lag, metrics, rebuild_backfill
 from workers.checkpoints import BatchResult
@@ -67,6 +67,24 @@ class Delivery:
     decoded: RecordedEvent | errors.MalformedMessage
 
 
+class DecodeCache:
+    """Recently decoded bodies, shared by the consumers of one process: every projection's queue gets its
+    own copy of each event, and decoding is the largest cost per delivery. Events are immutable."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._events: dict[bytes, RecordedEvent] = {}
+
+    def decode(self, body: bytes, registry: codec.Registry) -> RecordedEvent:
+        """The event of a body; raises MalformedMessage (never cached) like ``broker.from_body``."""
+        event = self._events.get(body)
+        if event is None:
+            event = self._events[body] = broker.from_body(body, registry)
+            if len(self._events) > self.size:
+                del self._events[next(iter(self._events))]  # the oldest: dicts keep insertion order
+        return event
+
+
 class Consumer:
     """One projection's deliveries on one channel: batches them, applies them, acks after commit.
 
@@ -75,8 +93,10 @@ class Consumer:
     """
 
     def __init__(self, store: EventStore, channel: AbstractChannel, projection: Projection, settings: Settings,
-                 *, health_: health.Health | None = None, stats: Stats | None = None) -> None:
+                 *, health_: health.Health | None = None, stats: Stats | None = None,
+                 cache: DecodeCache | None = None) -> None:
         self.store, self.channel, self.projection, self.settings = store, channel, projection, settings
+        self.cache = cache or DecodeCache()
         self.names = broker.Names(settings.prefix)
         self.health = health_ or health.Health()
         self.stats = stats or Stats()
@@ -95,7 +115,7 @@ class Consumer:
     def decode(self, tag: int, body: bytes, message_id: str | None = None) -> Delivery:
         """A delivery with its decoded event, or why it cannot be decoded."""
         try:
-            decoded: RecordedEvent | errors.MalformedMessage = broker.from_body(body, self.store.registry)
+            decoded: RecordedEvent | errors.MalformedMessage = self.cache.decode(body, self.store.registry)
         except errors.MalformedMessage as exc:
             decoded = exc
         return Delivery(tag, body, message_id, decoded)
@@ -368,11 +388,11 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
         health_.up("rabbitmq")
         # Projections first seen (no status row, no queue yet) are backfilled alongside: see rebuild_backfill.
         backfills = await rebuild_backfill.claim_backfills(store, connection, settings.prefix, projections)
-        consumers = []
+        consumers, cache = [], DecodeCache()
         for projection in projections:
             channel = await connection.channel()
             consumers.append(Consumer(store, channel, projection, settings, health_=health_,
-                                      stats=stats[projection.name]))
+                                      stats=stats[projection.name], cache=cache))
         logger.info("consuming", extra={"projections": [p.name for p in projections], "prefix": settings.prefix})
         try:
             async with asyncio.TaskGroup() as group:
