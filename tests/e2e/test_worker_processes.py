@@ -139,7 +139,7 @@ async def test_three_workers_share_a_projection_exactly_once(pool, event_store, 
 
 async def test_sigkill_mid_batch_and_sigterm_during_load_lose_and_double_nothing(pool, event_store, exchange, schema,
                                                                                   prefix, tmp_path):
-    events = await append_orders(event_store, 200, 40)
+    events = await append_orders(event_store, 200, 20)
     await publish(exchange, events)
     small = {"EVENTFLEET_BATCH_SIZE": "20", "EVENTFLEET_PREFETCH": "60", "EVENTFLEET_STOP_TIMEOUT": "5"}
     killed = start_worker(schema, prefix, tmp_path / "killed.log", **small)
