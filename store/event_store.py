@@ -62,7 +62,7 @@ class EventStore:
         self.schema = names.identifier(schema, what="schema")
         self.max_payload_bytes = max_payload_bytes
         self.registry = registry
-        #: Connections kept between appends and wake-ups (store/hot.py); reads use the pool directly.
+        #: Connections kept between the store's statements (store/hot.py).
         self.hot = hot.HotConnections(pool)
         self.notifier = notify.Notifier(self.hot, self.schema)
 
@@ -193,8 +193,8 @@ class EventStore:
     async def _existing_result(self, stream_id: str, expected: int,
                                encoded: list[_Encoded]) -> AppendResult | None:
         """The original result if these exact events already sit at these versions (a retried append)."""
-        async with _statement():
-            rows = await self.pool.fetch(QUERIES["find_events"], [e.event_id for e in encoded])
+        async with self.hot.use() as conn:
+            rows = await conn.fetch(QUERIES["find_events"], [e.event_id for e in encoded])
         if not rows:
             return None
         found = {r["event_id"]: r for r in rows}
@@ -213,16 +213,16 @@ class EventStore:
 
     async def stream_version(self, stream_id: str) -> int:
         """The stream's current version (NO_STREAM when empty)."""
-        async with _statement():
-            version: int = await self.pool.fetchval(QUERIES["stream_version"], stream_id)
+        async with self.hot.use() as conn:
+            version: int = await conn.fetchval(QUERIES["stream_version"], stream_id)
         return version
 
     async def load(self, stream_id: str, from_version: int = 0, *,
                    conn: db.Conn | None = None) -> list[RecordedEvent]:
         """A stream's events from from_version on, decoded and upcast, in version order."""
         names.stream_id(stream_id)
-        async with _statement():
-            rows = await (conn or self.pool).fetch(QUERIES["load_stream"], stream_id, from_version)
+        async with self.hot.use(conn) as c:
+            rows = await c.fetch(QUERIES["load_stream"], stream_id, from_version)
         return [record_from_row(r, self.registry) for r in rows]
 
     async def load_range(self, conn: db.Conn, stream_id: str, first: int, last: int) -> list[RecordedEvent]:
@@ -243,15 +243,15 @@ class EventStore:
         """
         if limit < 1:
             raise errors.InvalidInput(f"limit must be >= 1, got {limit}")
-        async with _statement():
-            rows = await (conn or self.pool).fetch(
+        async with self.hot.use(conn) as c:
+            rows = await c.fetch(
                 QUERIES["read_all"], after.transaction_id, after.global_position, limit)
         return [record_from_row(r, self.registry) for r in rows]
 
     async def horizon(self) -> Horizon:
         """The safe frontier of read_all and how long the oldest writing transaction has held it back."""
-        async with _statement():
-            row = await self.pool.fetchrow(QUERIES["horizon"])
+        async with self.hot.use() as conn:
+            row = await conn.fetchrow(QUERIES["horizon"])
         assert row is not None
         return Horizon(row["xmin"], row["oldest_transaction_age"])
 
@@ -263,15 +263,15 @@ class EventStore:
         snapshot_type, data = self.registry.encode(state)
         if len(data) > self.max_payload_bytes:
             raise errors.PayloadTooLarge(f"snapshot of {stream_id!r} encodes to {len(data)} bytes")
-        async with _statement():
-            status = await self.pool.execute(QUERIES["save_snapshot"], stream_id, version, snapshot_type, data)
+        async with self.hot.use() as conn:
+            status = await conn.execute(QUERIES["save_snapshot"], stream_id, version, snapshot_type, data)
         return bool(status == "INSERT 0 1")
 
     async def load_snapshot(self, stream_id: str) -> Snapshot | None:
         """The stream's newest snapshot, decoded and upcast; None when there is none."""
         names.stream_id(stream_id)
-        async with _statement():
-            row = await self.pool.fetchrow(QUERIES["load_snapshot"], stream_id)
+        async with self.hot.use() as conn:
+            row = await conn.fetchrow(QUERIES["load_snapshot"], stream_id)
         if row is None:
             return None
         try:
@@ -279,21 +279,6 @@ class EventStore:
         except errors.CodecError as exc:
             raise type(exc)(f"{exc} (snapshot of stream {stream_id!r}, version {row['version']})") from exc
         return Snapshot(stream_id, row["version"], row["snapshot_type"], state)
-
-
-class _statement:
-    """Run one of the store's statements: it leaves no session state behind, errors are translated."""
-
-    __slots__ = ("_clean",)
-
-    async def __aenter__(self) -> None:
-        self._clean = db.clean_use()
-        self._clean.__enter__()
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: object) -> None:
-        self._clean.__exit__()
-        db.translate_errors().__exit__(exc_type, exc, tb)
 
 
 def _check_expected(expected: object) -> None:

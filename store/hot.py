@@ -4,8 +4,10 @@ asyncpg's acquire + release costs about as much client CPU as the append stateme
 task, timers and queue operations per cycle); with 8 writers on 2 cores that CPU is taken from Postgres.
 So the store keeps the connections it just used (most recent first) and hands one back to the pool once
 it has been idle for ``linger`` seconds: a busy writer pays for the pool once, an idle one holds nothing.
-Other users of the pool wait at most ``linger`` for a connection the store holds, and ``pool.close()``
-waits as long. Only the store's one-statement calls run on these connections (see ``db.clean_use``).
+It keeps a connection only while the pool could still serve another acquire at once; when the pool is
+exhausted (someone may be waiting) it hands each connection back as soon as its statement is done. So
+other users of the pool wait at most for one store statement or ``linger``, and ``pool.close()`` at most
+``linger``. Only the store's one-statement calls run on these connections (see ``db.clean_use``).
 """
 
 from __future__ import annotations
@@ -35,32 +37,55 @@ class HotConnections:
         self._timer: asyncio.TimerHandle | None = None
         self._releasing: set[asyncio.Task[None]] = set()
 
-    def use(self) -> _Use:
-        """``async with hot.use() as conn``: a connection for one statement, errors translated."""
-        return _Use(self)
+    def use(self, conn: db.Conn | None = None) -> _Use:
+        """``async with hot.use() as conn``: a connection for one statement, errors translated.
+
+        With ``conn`` (a caller's connection, maybe inside its transaction) that one is used as it is.
+        """
+        return _Use(self, conn)
+
+    def _has_room(self) -> bool:
+        """Whether the pool could hand out a connection now without anyone waiting for one."""
+        pool = self.pool
+        return pool.get_idle_size() > 0 or pool.get_size() < pool.get_max_size()
 
     async def _take(self) -> Proxy:
         while self._idle:
             conn: Proxy = self._idle.pop()[0]
-            if not conn.is_closed():
-                return conn
-            await self._drop(conn)  # its backend went away while it was kept
+            try:
+                if not conn.is_closed():
+                    return conn
+            except asyncpg.InterfaceError:
+                continue  # its backend went away while it was kept, and asyncpg gave it back to the pool
+            await self._give_back(conn, clean=False)
         async with db.translate_errors():
             fresh: Proxy = await self.pool.acquire()
         return fresh
 
-    def _keep(self, conn: Proxy) -> None:
+    async def _keep(self, conn: Proxy) -> None:
+        if not self._has_room():
+            # The pool is exhausted, so someone may be waiting in acquire(): never sit on a connection then.
+            await self._give_back(conn, clean=True)
+            return
         loop = asyncio.get_running_loop()
         self._idle.append((conn, loop.time()))
         if self._timer is None:
             self._timer = loop.call_later(self.linger, self._trim)
 
-    async def _drop(self, conn: Proxy) -> None:
-        # The connection's state is uncertain: the pool resets it fully, or terminates it if that fails.
+    async def _give_back(self, conn: Proxy, *, clean: bool) -> None:
+        """Release to the pool; ``clean``: it ran only the store's statements, so skip the reset.
+
+        Never raises: a release that fails has made the pool terminate the connection (or asyncpg had
+        already taken it back when its backend died), and the caller's own error is the one to report.
+        """
         try:
-            await self.pool.release(conn)
-        except Exception:  # the pool has terminated it; the caller's own error is the one to report
-            logger.debug("dropping a kept connection failed", exc_info=True)
+            if clean:
+                with db.clean_use():
+                    await self.pool.release(conn)
+            else:  # state uncertain (an error mid-statement): the pool's full reset decides
+                await self.pool.release(conn)
+        except Exception:
+            logger.debug("handing a connection back to the pool failed", exc_info=True)
 
     def _trim(self) -> None:
         """Hand back the connections idle for ``linger``; look again later if some are still kept."""
@@ -77,27 +102,32 @@ class HotConnections:
             self._timer = loop.call_later(self.linger, self._trim)
 
     async def _release(self, conns: list[Proxy]) -> None:
-        with db.clean_use():  # they ran only the store's statements: no session state to reset
-            for conn in conns:
-                await self.pool.release(conn)
+        for conn in conns:
+            await self._give_back(conn, clean=True)
 
 
 class _Use:
-    __slots__ = ("_conn", "_hot")
+    __slots__ = ("_conn", "_hot", "_taken")
 
-    def __init__(self, hot: HotConnections) -> None:
+    def __init__(self, hot: HotConnections, conn: db.Conn | None) -> None:
         self._hot = hot
+        self._conn: db.Conn | None = conn
+        self._taken: Proxy | None = None
 
-    async def __aenter__(self) -> Proxy:
-        self._conn = await self._hot._take()
-        return self._conn
+    async def __aenter__(self) -> db.Conn:
+        if self._conn is not None:
+            return self._conn
+        self._taken = await self._hot._take()
+        return self._taken
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: object) -> None:
-        # Keep it after success or an error the server reported (the statement's implicit transaction
-        # ended); after a lost connection, a cancellation or a timeout the pool must look at it.
-        if exc is None or (isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, db.TRANSIENT)):
-            self._hot._keep(self._conn)
-        else:
-            await self._hot._drop(self._conn)
+        taken = self._taken
+        if taken is not None:
+            # Keep it after success or an error the server reported (the statement's implicit
+            # transaction ended); after a lost connection, a cancellation or a timeout the pool decides.
+            if exc is None or (isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, db.TRANSIENT)):
+                await self._hot._keep(taken)
+            else:
+                await self._hot._give_back(taken, clean=False)
         db.translate_errors().__exit__(exc_type, exc, tb)

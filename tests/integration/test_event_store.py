@@ -296,24 +296,68 @@ async def wait_for(condition: Any, within: float = 30) -> None:
         await asyncio.sleep(0.005)
 
 
-async def test_the_store_keeps_a_connection_between_appends_and_gives_it_back_when_idle(schema):
-    async with db.create_pool(DATABASE_URL, schema, min_size=1, max_size=1) as one:
-        store = EventStore(one, schema=schema)
+async def test_the_store_keeps_a_connection_between_statements_while_the_pool_has_room(schema):
+    async with db.create_pool(DATABASE_URL, schema, min_size=1, max_size=2) as two:
+        store = EventStore(two, schema=schema)
         store.notifier.enabled = False
         await store.append("s", [paid(1)], NO_STREAM)
-        assert one.get_idle_size() == 0  # kept for the next append, not returned to the pool
-        await store.append("s", [paid(2)], 0)  # reuses it: the pool has no other connection
-        # Another user of the pool is not starved: the connection comes back after the linger time.
-        assert await asyncio.wait_for(one.fetchval("SELECT count(*) FROM events"), 30) == 2
-        await wait_for(lambda: one.get_idle_size() == 1)
+        ((kept, _),) = store.hot._idle  # kept for the next statement, not returned to the pool
+        assert two.get_idle_size() == 0
+        await store.append("s", [paid(2)], 0)
+        assert [c for c, _ in store.hot._idle] == [kept]  # the same connection again
+        await wait_for(lambda: two.get_idle_size() == 1)  # handed back once idle for the linger time
 
 
-async def test_a_connection_lost_mid_append_is_replaced_and_the_next_append_works(event_store, pool):
+async def test_the_store_never_sits_on_a_connection_the_pool_lacks(schema):
+    async with db.create_pool(DATABASE_URL, schema, min_size=1, max_size=2) as two:
+        store = EventStore(two, schema=schema)
+        store.notifier.enabled = False
+        async with two.acquire() as other:  # someone else holds the second connection: the pool is full
+            await store.append("s", [paid(1)], NO_STREAM)
+            assert store.hot._idle == []  # handed straight back, since a third user might be waiting
+            assert two.get_idle_size() == 1
+            waiter = asyncio.create_task(two.fetchval("SELECT 1"))  # takes the one connection left
+            await store.append("s", [paid(2)], 0)  # waits for it, runs, hands it straight back
+            assert await asyncio.wait_for(waiter, 30) == 1
+            assert await other.fetchval("SELECT count(*) FROM events") == 2
+
+
+def gone(conn: Any) -> bool:
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:  # asyncpg already gave it back to the pool
+        return True
+
+
+async def test_a_kept_connection_whose_backend_died_is_skipped(event_store, pool):
     await event_store.append("s", [paid(1)], NO_STREAM)
-    (kept, _), = event_store.hot._idle
+    ((kept, _),) = event_store.hot._idle
     await pool.fetchval("SELECT pg_terminate_backend($1)", kept.get_server_pid())
-    with pytest.raises(TransientError):
-        await event_store.append("s", [paid(2)], 0)
-    assert event_store.hot._idle == []  # not kept: the pool dealt with it
-    await event_store.append("s", [paid(2)], 0)
+    await wait_for(lambda: gone(kept))
+    await event_store.append("s", [paid(2)], 0)  # on another connection, no error
     assert [e.version for e in await event_store.load("s")] == [0, 1]
+
+
+async def test_after_all_kept_connections_die_appends_recover_without_stray_errors(event_store, pool):
+    loop = asyncio.get_running_loop()
+    stray: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: stray.append(context))
+    try:
+        await asyncio.gather(*(event_store.append(f"s{n}", [paid(n)], NO_STREAM) for n in range(6)))
+        pids = [conn.get_server_pid() for conn, _ in event_store.hot._idle]
+        assert len(pids) > 1
+        await pool.fetchval("SELECT count(pg_terminate_backend(pid)) FROM unnest($1::int[]) AS pid", pids)
+        written, failures = 0, 0
+        while written < 6:  # each dead connection costs at most one TransientError, then it is gone
+            try:
+                await event_store.append(f"s{written}", [paid(written)], 0)
+                written += 1
+            except TransientError:
+                failures += 1
+                assert failures <= len(pids)
+        hot = event_store.hot
+        await wait_for(lambda: not hot._idle and hot._timer is None and not hot._releasing)  # all handed back
+    finally:
+        loop.set_exception_handler(None)
+    assert stray == []
+    assert await counts(pool) == (12, 12)
