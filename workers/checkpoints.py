@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import traceback
 from collections.abc import Mapping, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from projections.base import Policy, Projection
 from store import db
 from store import errors as store_errors
-from store.event_store import EventStore, RecordedEvent, record_from_row
+from store.event_store import EventStore, Position, RecordedEvent, record_from_row
 from store.queries import load
 from workers import errors
 
@@ -122,7 +122,7 @@ async def apply_batch(store: EventStore, projection: Projection, events: Sequenc
         for row in claimed:
             plan = streams[row["stream_id"]]
             plan.checkpoint, plan.halted = row["previous_version"], row["halted_version"]
-        filled = await _load_gaps(conn, store, streams, result)
+        filled = await _load_gaps(conn, store, projection, streams, result, park or {})
         to_apply: list[RecordedEvent] = []
         halts: list[tuple[str, int]] = []
         for sid in ordered:
@@ -140,8 +140,9 @@ async def apply_batch(store: EventStore, projection: Projection, events: Sequenc
     return result
 
 
-async def _load_gaps(conn: db.Conn, store: EventStore, streams: dict[str, _Stream],
-                     result: BatchResult) -> dict[str, dict[int, RecordedEvent]]:
+async def _load_gaps(conn: db.Conn, store: EventStore, projection: Projection, streams: dict[str, _Stream],
+                     result: BatchResult, park: Mapping[tuple[str, int], Failure],
+                     ) -> dict[str, dict[int, RecordedEvent]]:
     """Count duplicates and held events, and read every version missing below a delivered one, in one query."""
     ranges: list[tuple[str, int, int]] = []
     for sid, plan in streams.items():
@@ -161,11 +162,27 @@ async def _load_gaps(conn: db.Conn, store: EventStore, streams: dict[str, _Strea
                             [r[2] for r in ranges])
     filled: dict[str, dict[int, RecordedEvent]] = {}
     for row in rows:
-        filled.setdefault(row["stream_id"], {})[row["version"]] = record_from_row(row, store.registry)
+        filled.setdefault(row["stream_id"], {})[row["version"]] = _decode_stored(row, store, projection, park)
     wanted = sum(last - first + 1 for _, first, last in ranges)
     if len(rows) != wanted:
         raise store_errors.StoreError(f"gap filling found {len(rows)} of {wanted} missing events in the store")
     return filled
+
+
+def _decode_stored(row: Any, store: EventStore, projection: Projection,
+                   park: Mapping[tuple[str, int], Failure]) -> RecordedEvent:
+    """A stored event; one this code cannot decode (a type from newer writers) is poison for its stream."""
+    try:
+        return record_from_row(row, store.registry)
+    except store_errors.CodecError as exc:
+        stub = RecordedEvent(event_id=row["event_id"], stream_id=row["stream_id"], version=row["version"],
+                             global_position=row["global_position"],
+                             position=Position(row["transaction_id"], row["global_position"]),
+                             event_type=row["event_type"], event=None, data=row["data"], metadata={},
+                             recorded_at=row["recorded_at"])
+        if (stub.stream_id, stub.version) in park:
+            return stub  # parked, never applied
+        raise HandlerFailed(projection.name, stub, exc) from exc
 
 
 async def _walk(conn: db.Conn, projection: Projection, plan: _Stream, filled: dict[int, RecordedEvent],

@@ -1,8 +1,8 @@
 """``eventfleet worker``: consume projection queues in batches and apply them exactly once.
 
 One channel per projection (batches are acked with one multiple-ack, so tags must not interleave), one
-``Consumer`` per channel. ``Consumer.handle`` is the only function that acks or rejects: after the batch's
-transaction committed. Everything else (reconnecting, lag gauges, the HTTP server, graceful stop) wraps it.
+``Consumer`` per channel. ``Consumer.handle_decoded`` is the only function that acks or rejects: after the
+batch's transaction committed. Everything else (reconnecting, lag gauges, the HTTP server, graceful stop) wraps it.
 In-process entry points: ``run_consumer`` (until a stop event) and ``consume_until_idle`` (until the queue
 is empty), both over a pool and a channel.
 """
@@ -71,15 +71,18 @@ class DecodeCache:
     """Recently decoded bodies, shared by the consumers of one process: every projection's queue gets its
     own copy of each event, and decoding is the largest cost per delivery. Events are immutable."""
 
-    def __init__(self, size: int = 4096) -> None:
-        self.size = size
+    def __init__(self, size: int = 4096, largest: int = 16 * 1024) -> None:
+        self.size, self.largest = size, largest
         self._events: dict[bytes, RecordedEvent] = {}
 
     def decode(self, body: bytes, registry: codec.Registry) -> RecordedEvent:
         """The event of a body; raises MalformedMessage (never cached) like ``broker.from_body``."""
         event = self._events.get(body)
         if event is None:
-            event = self._events[body] = broker.from_body(body, registry)
+            event = broker.from_body(body, registry)
+            if len(body) > self.largest:  # rare and big: not worth the memory
+                return event
+            self._events[body] = event
             if len(self._events) > self.size:
                 del self._events[next(iter(self._events))]  # the oldest: dicts keep insertion order
         return event

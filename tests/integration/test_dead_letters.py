@@ -180,3 +180,28 @@ async def test_a_halted_stream_holds_later_events_while_other_streams_flow(pool,
     assert await dead_letters.cmd_dead_letters(settings, argparse.Namespace(action="retry", id=dead_id)) == 0
     assert "applied 3 events of order-a" in capsys.readouterr().out
     assert (await lag.measure(pool, "poison_probe")).lag_events == 0
+
+
+async def test_a_stored_event_this_code_cannot_decode_halts_its_stream_not_the_worker(pool, event_store, prefix,
+                                                                                      settings, channel):
+    """A newer writer's event type (its own message lost here): when a later event of its stream needs it
+    filled in from the store, the stream halts there as at a poison event; the worker and other streams go on."""
+    await event_store.append("order-u", [placed("u", "cu")], NO_STREAM)
+    await pool.execute("INSERT INTO events (event_id, stream_id, version, event_type, data, metadata) "
+                       "VALUES (gen_random_uuid(), 'order-u', 1, 'Mystery.v1', '\\x80', '\\x80')")
+    await event_store.append("order-u", [paid("u", "cu")], 1)
+    await event_store.append("order-v", [placed("v", "cv")], NO_STREAM)
+    async with pool.acquire() as conn:
+        (u0,) = await event_store.load_range(conn, "order-u", 0, 0)
+    (u2,) = await event_store.load("order-u", 2)
+    (v0,) = await event_store.load("order-v")
+    exchange = await channel.get_exchange(broker.Names(prefix).exchange, ensure=False)
+    for e in (u0, u2, v0):
+        await exchange.publish(broker.to_message(e), routing_key=e.event_type)
+    stats = await consumer.consume_until_idle(pool, channel, Probe(), settings)
+    assert (stats.applied, stats.dead_lettered, stats.held) == (2, 1, 1)
+    assert await checkpoint(pool, "poison_probe", "order-u") == (0, 1)
+    row = await pool.fetchrow("SELECT event_type, error FROM dead_letters WHERE stream_id = 'order-u'")
+    assert row["event_type"] == "Mystery.v1"
+    assert "Mystery" in row["error"]
+    assert await seen(pool, "poison_probe") == [("order-u", 0), ("order-v", 0)]
