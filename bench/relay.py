@@ -138,26 +138,31 @@ async def compare(args: argparse.Namespace, settings: Settings, schema: str, cha
 
 
 async def clean_up(settings: Settings, schema: str, names: broker.Names, projections: list[str]) -> None:
-    """Delete the queues and exchanges (on a fresh connection: the run's may be gone) and the schema."""
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
-    # Another fault test may be restarting the broker right now: wait for it rather than leak queues.
-    async for attempt in tenacity.AsyncRetrying(stop=tenacity.stop_after_delay(120), wait=tenacity.wait_fixed(1),
-                                                reraise=True):
+    """Delete the queues and exchanges and drop the schema, each on a fresh connection and retried:
+    another engineer's fault test may be restarting a server right now, and nothing may leak."""
+    async for attempt in _patiently():
         with attempt:
             connection = await aio_pika.connect(settings.amqp_url)
-    try:
-        channel = await connection.channel()
-        for p in projections:
-            await channel.queue_delete(names.queue(p))
-            await channel.queue_delete(names.dead_letter_queue(p))
-        await channel.exchange_delete(names.exchange)
-        await channel.exchange_delete(names.dead_letter_exchange)
-    finally:
-        await connection.close()
+            try:
+                channel = await connection.channel()
+                for p in projections:
+                    await channel.queue_delete(names.queue(p))
+                    await channel.queue_delete(names.dead_letter_queue(p))
+                await channel.exchange_delete(names.exchange)
+                await channel.exchange_delete(names.dead_letter_exchange)
+            finally:
+                await connection.close()
+    async for attempt in _patiently():
+        with attempt:
+            conn = await asyncpg.connect(settings.database_url)
+            try:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            finally:
+                await conn.close()
+
+
+def _patiently() -> tenacity.AsyncRetrying:
+    return tenacity.AsyncRetrying(stop=tenacity.stop_after_delay(120), wait=tenacity.wait_fixed(1), reraise=True)
 
 
 def main() -> None:
