@@ -13,6 +13,7 @@ import os
 import random
 import re
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -187,9 +188,9 @@ async def freeze_worker(ctx: Context) -> dict[str, Any]:
     old_timeout, old_tick = await rabbit_env("consumer_timeout", "channel_tick_interval")
     try:
         try:
-            await set_rabbit_env(channel_tick_interval=FREEZE_TICK_MS, consumer_timeout=FREEZE_CONSUMER_TIMEOUT_MS)
             sessions = await _count_logged(slot, "consuming")
-            await close_connection_of(ctx.vhost, slot.pid)
+            closed = await _lower_timeout_and_reconnect(slot.pid)
+            assert closed == 1, f"closed {closed} connections of {slot.name}"
             await _wait_logged(slot, "consuming", sessions + 1)
         finally:
             await set_rabbit_env(consumer_timeout=old_timeout)
@@ -240,12 +241,20 @@ async def _timeouts_logged(log: Path, offset: int) -> set[int]:
     return {int(m.group(1)) for m in _TIMEOUT_LINE.finditer(await asyncio.to_thread(read))}
 
 
-async def close_connection_of(vhost: str, pid: int) -> None:
-    """rabbitmqctl close_connection for the AMQP connection a worker process named after its pid."""
-    out = await rabbitmqctl("list_connections", "--no-table-headers", "-p", vhost, "pid", "client_properties")
-    found = [line.split("\t", 1)[0] for line in out.splitlines() if f':{pid}"}}' in line]
-    assert len(found) == 1, f"no single connection of process {pid} in vhost {vhost}: {found}"
-    await rabbitmqctl("close_connection", found[0], "chaos: reconnect with a short consumer timeout")
+async def _lower_timeout_and_reconnect(pid: int) -> int:
+    """In one rabbitmqctl call (each boots an Erlang VM): lower the channel tick and consumer timeout, then
+    close the AMQP connection the worker process ``pid`` named after itself; return how many were closed."""
+    name = f"eventfleet worker {socket.gethostname()}:{pid}"
+    out = await rabbitmqctl("eval", (
+        f"application:set_env(rabbit, channel_tick_interval, {FREEZE_TICK_MS}), "
+        f"application:set_env(rabbit, consumer_timeout, {FREEZE_CONSUMER_TIMEOUT_MS}), "
+        "Named = fun(P) -> try proplists:get_value(client_properties, "
+        "rabbit_networking:connection_info(P, [client_properties]), []) of Props -> "
+        "lists:keyfind(<<\"connection_name\">>, 1, Props) =:= "
+        f"{{<<\"connection_name\">>, longstr, <<\"{name}\">>}} catch _:_ -> false end end, "
+        "length([rabbit_networking:close_connection(P, \"chaos: reconnect with a short consumer timeout\") "
+        "|| P <- rabbit_networking:connections(), Named(P)])."))
+    return int(out.strip())
 
 
 async def _count_logged(slot: Slot, text: str) -> int:
@@ -280,7 +289,7 @@ async def poison(ctx: Context) -> dict[str, Any]:
     halted = await retrying(lambda: pool.fetchval(
         "SELECT halted_version FROM checkpoints WHERE projection = 'chaos_ledger' AND stream_id = $1", stream))
     assert halted == 1, f"stream {stream} not halted at the poison event (halted_version={halted})"
-    await asyncio.sleep(ctx.rng.uniform(0.5, 2.0))  # the fix takes a while to deploy; the stream waits
+    await asyncio.sleep(ctx.rng.uniform(0.2, 1.0))  # the fix takes a while to deploy; the stream waits
     await retrying(lambda: pool.execute(LEDGER["fix"], stream))
     code, out = await ctx.cli("dead-letters", "retry", str(dead_letter))
     assert code == 0, out

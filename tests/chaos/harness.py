@@ -251,6 +251,7 @@ async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, 
                     started = time.monotonic() - t0
                     details = await faults_mod.FAULTS[kind](ctx)
                     injections.append(Injection(kind, started, time.monotonic() - t0, details))
+                    print(f"    {kind} at {started:.1f}s took {time.monotonic() - t0 - started:.1f}s", flush=True)
                     await _sleep_or_fail(rng.uniform(1.0, 3.0), writing, fleet)
                 await _sleep_or_fail(max(0.0, seconds - (time.monotonic() - t0)), writing, fleet)
             finally:
