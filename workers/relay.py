@@ -36,7 +36,7 @@ from aio_pika.abc import AbstractConnection, AbstractExchange
 from pamqp import commands as spec
 
 from projections import registry
-from store import db, outbox
+from store import db, notify, outbox
 from store import errors as store_errors
 from workers import broker, health, http, metrics, runtime
 from workers.config import Settings
@@ -257,7 +257,7 @@ async def _open_listener(stack: contextlib.AsyncExitStack, config: RelayConfig, 
     conn = await db.connect(config.database_url, config.schema, application_name=application_name(config.schema))
     stack.push_async_callback(_close_listener, conn)
     async with db.translate_errors():
-        await conn.add_listener(f"{config.schema}.outbox", lambda *_: session.wake.set())
+        await conn.add_listener(notify.channel(config.schema), lambda *_: session.wake.set())
     conn.add_termination_listener(
         lambda _: session.on_lost(store_errors.TransientError("LISTEN connection to Postgres lost")))
 
