@@ -110,9 +110,7 @@ class Context:
     fleet: Fleet
     rng: random.Random
     database_url: str
-    amqp_url: str
     vhost: str
-    prefix: str
     writer_name: str  # application_name of the in-process writers' sessions
     store: EventStore
     cli: Callable[..., Awaitable[tuple[int, str]]]

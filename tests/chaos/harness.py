@@ -240,14 +240,18 @@ async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, 
         monitor = LagMonitor(pool, t0)
         writer = Writer(store, rate, rng.getrandbits(64))
         stop_writing = asyncio.Event()
-        ctx = faults_mod.Context(fleet, rng, deployment.database_url, deployment.amqp_url, deployment.vhost,
-                                 deployment.prefix, writer_name, store, _cli(fleet))
+        ctx = faults_mod.Context(fleet, rng, deployment.database_url, deployment.vhost, writer_name, store,
+                                 _cli(fleet))
         injections: list[Injection] = []
         async with background(monitor.run(), fleet.run_scraper()):
             writing = asyncio.create_task(writer.run(stop_writing))
             try:
+                # The seeded schedule: faults spread over the load's length (back to back when it is 0), each
+                # at least 1-3 s after the previous one ended, so that each recovery can be seen on its own.
+                planned = sorted(rng.uniform(warmup, max(warmup, seconds - 10)) for _ in kinds)
                 await _sleep_or_fail(warmup, writing, fleet)
-                for kind in kinds:
+                for kind, at in zip(kinds, planned, strict=True):
+                    await _sleep_or_fail(at - (time.monotonic() - t0), writing, fleet)
                     started = time.monotonic() - t0
                     details = await faults_mod.FAULTS[kind](ctx)
                     injections.append(Injection(kind, started, time.monotonic() - t0, details))
