@@ -8,6 +8,7 @@ from typing import LiteralString
 
 from projections import registry
 from store import db, migrate, roles
+from workers import rebuild_backfill
 from workers.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -22,7 +23,10 @@ async def run_migrate(database_url: str, schema: str) -> list[int]:
     """Migrate ``schema`` and create the registered read models; return the versions applied now."""
     conn = await db.connect(database_url, schema)
     try:
-        return await migrate.migrate(conn, schema, extra_ddl=read_model_ddl())
+        applied = await migrate.migrate(conn, schema, extra_ddl=read_model_ddl())
+        # Projections registered since the last migrate get their state; the workers backfill new ones.
+        await rebuild_backfill.register(conn, list(registry.load_builtin()))
+        return applied
     finally:
         await conn.close()
 

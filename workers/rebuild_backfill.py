@@ -1,10 +1,12 @@
 """New projections: backfilled from the store with the rebuild's machinery before they go live.
 
-A projection is new when it has no status row and its queue does not exist yet: the events published
-before the queue existed never reach it, so they must come from the store. The worker claims the backfill
-(state ``backfilling``) before its consumers can create the status row, then declares the queue, so every
-event published from then on is delivered, and rebuilds into a shadow alongside the consumers; the swap
-reconciles both (see ``workers.rebuild``). A stopped or killed backfill leaves the state ``backfilling``
+The events published before a projection's queue existed never reach it, so they must come from the
+store. A projection is registered by ``eventfleet migrate`` (the deploy step before relays and workers
+start): it gets a status row, ``backfilling`` over a non-empty store, else ``live``. A worker that also
+finds a projection with no status row and no queue yet (migrated by older code) claims it the same way
+before its consumers can create that row. The worker then declares the queue, so every event published
+from then on is delivered, and rebuilds into a shadow alongside the consumers; the swap reconciles both
+(see ``workers.rebuild``) and sets the state ``live``. A stopped or killed backfill stays ``backfilling``
 and the next worker to start resumes it; concurrent workers leave it to the one holding the rebuild lock.
 """
 
@@ -28,12 +30,22 @@ logger = logging.getLogger(__name__)
 SQL = rebuild.SQL
 
 
+async def register(conn: db.Conn | db.Pool, projections: Sequence[str]) -> list[str]:
+    """Give each projection without a status row one (see the module doc); return those to backfill."""
+    async with db.translate_errors():
+        rows = await conn.fetch(SQL["register_projections"], list(projections))
+    new = [r["projection"] for r in rows if r["state"] == "backfilling"]
+    if new:
+        logger.info("new projections will be backfilled by the workers", extra={"projections": new})
+    return new
+
+
 async def claim(pool: db.Pool, projection: str, *, queue_exists: bool) -> bool:
     """Whether the projection needs a backfill (or one is under way), claiming it if it is new."""
     async with db.translate_errors():
         state: str | None = await pool.fetchval(SQL["projection_state"], projection)
         if state is None and not queue_exists:
-            await pool.execute(SQL["claim_backfill"], projection)
+            await register(pool, [projection])
             state = await pool.fetchval(SQL["projection_state"], projection)
     return state == "backfilling"
 

@@ -12,7 +12,7 @@ import pytest
 from projections.orders import CustomerStats, OrderSummary
 from tests.conftest import AMQP_URL, DATABASE_URL
 from tests.integration.test_rebuild_helpers import drop_shadows, expected, read_models, write_orders
-from workers import broker, consumer, health, rebuild_backfill
+from workers import broker, commands, consumer, health, rebuild_backfill
 from workers.config import Settings
 
 pytestmark = pytest.mark.usefixtures(drop_shadows.__name__)
@@ -23,7 +23,26 @@ async def state_of(pool, projection: str) -> str | None:
     return state
 
 
+async def forget(pool, projection: str) -> None:
+    """As if the projection had been registered after the deployment's last migrate."""
+    await pool.execute("DELETE FROM projection_status WHERE projection = $1", projection)
+
+
+async def test_migrate_registers_projections_live_over_an_empty_store_and_backfilling_otherwise(
+        pool, event_store, schema):
+    assert [await state_of(pool, p) for p in ("customer_stats", "order_summary")] == ["live", "live"]
+    await write_orders(event_store, 3, random.Random(1))
+    await forget(pool, "order_summary")
+    await commands.run_migrate(DATABASE_URL, schema)
+    assert [await state_of(pool, p) for p in ("customer_stats", "order_summary")] == ["live", "backfilling"]
+    result = await rebuild_backfill.backfill_if_new(pool, event_store, OrderSummary, queue_exists=True)
+    assert result is not None
+    assert await state_of(pool, "order_summary") == "live"
+
+
 async def test_backfill_if_new_fills_once_and_an_empty_store_goes_live_at_once(pool, event_store):
+    for projection in ("customer_stats", "order_summary"):
+        await forget(pool, projection)
     assert await rebuild_backfill.backfill_if_new(pool, event_store, CustomerStats) is None
     assert await state_of(pool, "customer_stats") == "live"
 
@@ -41,13 +60,18 @@ async def test_backfill_if_new_fills_once_and_an_empty_store_goes_live_at_once(p
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("registered_by", ["migrate", "worker"])
 async def test_a_worker_backfills_a_new_projection_whose_events_predate_its_queue(pool, event_store, schema,
-                                                                                   prefix, cleanup):
+                                                                                   prefix, cleanup, registered_by):
     # Events published before the projection's queue existed never reach it: only the store has them.
     await write_orders(event_store, 40, random.Random(5))
+    await forget(pool, "customer_stats")
     names = broker.Names(prefix)
-
     amqp = await aio_pika.connect(AMQP_URL)
+    if registered_by == "migrate":
+        # The deploy order: migrate registers it, then a relay may declare its queue before any worker runs.
+        await commands.run_migrate(DATABASE_URL, schema)
+        await broker.declare_topology(await amqp.channel(), names, ["customer_stats"])
 
     async def delete_topology() -> None:
         channel = await amqp.channel()

@@ -76,7 +76,7 @@ async def test_json_reports_the_exact_lag_parked_queue_depth_and_outbox(pool, sc
 
 async def test_table_shows_a_stopped_rebuild_and_survives_rabbitmq_being_unreachable(pool, schema, prefix,
                                                                                      known_state):
-    await pool.execute("INSERT INTO projection_status (projection, state) VALUES ('order_summary', 'rebuilding')")
+    await pool.execute("UPDATE projection_status SET state = 'rebuilding' WHERE projection = 'order_summary'")
     result = await status(schema, prefix, amqp_url="amqp://guest:guest@127.0.0.1:1/")
     assert result.returncode == 0, result.stderr
     assert "RabbitMQ unreachable" in result.stderr

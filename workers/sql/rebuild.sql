@@ -90,11 +90,13 @@ SELECT state FROM projection_status WHERE projection = $1;
 INSERT INTO projection_status AS s (projection, state) VALUES ($1, $2)
 ON CONFLICT (projection) DO UPDATE SET state = EXCLUDED.state, updated_at = clock_timestamp();
 
--- name: claim_backfill
--- A projection first seen: over a non-empty store it must be backfilled before it is live.
+-- name: register_projections
+-- Projections first seen: over a non-empty store they must be backfilled before they are live.
 INSERT INTO projection_status (projection, state)
-VALUES ($1, CASE WHEN EXISTS (SELECT 1 FROM events) THEN 'backfilling' ELSE 'live' END)
-ON CONFLICT (projection) DO NOTHING;
+SELECT p, CASE WHEN EXISTS (SELECT 1 FROM events) THEN 'backfilling' ELSE 'live' END
+FROM unnest($1::text[]) AS p
+ON CONFLICT (projection) DO NOTHING
+RETURNING projection, state;
 
 -- name: live_ahead
 -- Streams whose live checkpoint is ahead of the shadow's: the swap applies what the shadow lacks.
