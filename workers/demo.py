@@ -39,8 +39,8 @@ from workers.config import Settings
 
 SQL = queries.load("workers", "ops.sql")
 WORKERS = 3
-READY_WITHIN = 30.0
-DRAIN_WITHIN = 60.0
+READY_WITHIN = 60.0
+DRAIN_WITHIN = 120.0
 CONNECT_TIMEOUT = 5.0
 
 
