@@ -4,7 +4,8 @@
 
 Baseline: one connection per writer, one statement per append (a data-modifying CTE that checks the
 version, inserts the event and its outbox row), the payload encoded once up front. Store: ``append`` of
-one event per transaction through a pool, encoding each event. Both write the same schema (a fresh one,
+one event per transaction through a pool of writers + 1 connections (the extra one for its relay
+wake-ups), encoding each event. Both write the same schema (a fresh one,
 dropped at the end), each writer cycling over its own share of ``--streams`` streams so there are no
 conflicts. Batches: ``append_batch`` of 100 events (10 streams x 10) against a plain ``unnest`` insert
 of 100 event rows. Segments alternate (ABBA) so drift of this shared machine hits both sides alike.
@@ -174,7 +175,8 @@ async def alternate(rounds: int, baseline: Callable[[], Awaitable[Sample]],
 async def bench_appends(dsn: str, schema: str, writers: int, args: argparse.Namespace, payload: bytes) -> str:
     conns = [await db.connect(dsn, schema) for _ in range(writers)]
     try:
-        async with db.create_pool(dsn, schema, min_size=writers, max_size=writers) as pool:
+        # One connection more than writers: the store's relay wake-ups (store/notify.py) need one.
+        async with db.create_pool(dsn, schema, min_size=writers + 1, max_size=writers + 1) as pool:
             store = EventStore(pool, schema=schema)
             baseline = functools.partial(baseline_append, conns, writers, args.streams, args.seconds, payload)
             ours = functools.partial(store_append, store, writers, args.streams, args.seconds)
@@ -191,7 +193,7 @@ async def bench_appends(dsn: str, schema: str, writers: int, args: argparse.Name
 async def bench_batches(dsn: str, schema: str, args: argparse.Namespace, payload: bytes) -> str:
     conn = await db.connect(dsn, schema)
     try:
-        async with db.create_pool(dsn, schema, min_size=1, max_size=1) as pool:
+        async with db.create_pool(dsn, schema, min_size=2, max_size=2) as pool:
             store = EventStore(pool, schema=schema)
             await baseline_batch(conn, 0.3, payload)
             await store_batch(store, 0.3)

@@ -4,10 +4,11 @@ asyncpg's acquire + release costs about as much client CPU as the append stateme
 task, timers and queue operations per cycle); with 8 writers on 2 cores that CPU is taken from Postgres.
 So the store keeps the connections it just used (most recent first) and hands one back to the pool once
 it has been idle for ``linger`` seconds: a busy writer pays for the pool once, an idle one holds nothing.
-It keeps a connection only while the pool could still serve another acquire at once; when the pool is
-exhausted (someone may be waiting) it hands each connection back as soon as its statement is done. So
-other users of the pool wait at most for one store statement or ``linger``, and ``pool.close()`` at most
-``linger``. Only the store's one-statement calls run on these connections (see ``db.clean_use``).
+While the pool is exhausted (someone may be waiting in ``acquire()``; the store's own kept connections
+count as taken) the limit is ``short`` instead: a busy store takes a kept connection back within
+microseconds, so little changes hands, and another user of the pool waits about ``short`` at most.
+``pool.close()`` waits at most ``linger``. Only the store's one-statement calls run on these connections
+(see ``db.clean_use``).
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ from store import db
 logger = logging.getLogger(__name__)
 
 LINGER = 0.05
+SHORT = 0.01
 Proxy: TypeAlias = "asyncpg.pool.PoolConnectionProxy[Any]"
 
 
 class HotConnections:
     """A LIFO of pooled connections idle since a known time; old ones go back to the pool on a timer."""
 
-    def __init__(self, pool: db.Pool, *, linger: float = LINGER) -> None:
+    def __init__(self, pool: db.Pool, *, linger: float = LINGER, short: float = SHORT) -> None:
         self.pool = pool
-        self.linger = linger
+        self.linger, self.short = linger, short
         self._idle: list[tuple[Proxy, float]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._releasing: set[asyncio.Task[None]] = set()
@@ -62,15 +64,19 @@ class HotConnections:
             fresh: Proxy = await self.pool.acquire()
         return fresh
 
-    async def _keep(self, conn: Proxy) -> None:
-        if not self._has_room():
-            # The pool is exhausted, so someone may be waiting in acquire(): never sit on a connection then.
-            await self._give_back(conn, clean=True)
-            return
+    def _limit(self) -> float:
+        """How long a connection may stay kept now: short while the pool has none to hand out."""
+        return self.linger if self._has_room() else self.short
+
+    def _keep(self, conn: Proxy) -> None:
         loop = asyncio.get_running_loop()
-        self._idle.append((conn, loop.time()))
-        if self._timer is None:
-            self._timer = loop.call_later(self.linger, self._trim)
+        now = loop.time()
+        self._idle.append((conn, now))
+        limit = self._limit()
+        if self._timer is None or self._timer.when() > now + limit:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(now + limit, self._trim)
 
     async def _give_back(self, conn: Proxy, *, clean: bool) -> None:
         """Release to the pool; ``clean``: it ran only the store's statements, so skip the reset.
@@ -88,10 +94,11 @@ class HotConnections:
             logger.debug("handing a connection back to the pool failed", exc_info=True)
 
     def _trim(self) -> None:
-        """Hand back the connections idle for ``linger``; look again later if some are still kept."""
+        """Hand back the connections kept past the limit; look again when the next one reaches it."""
         self._timer = None
         loop = asyncio.get_running_loop()
-        cutoff = loop.time() - self.linger
+        limit = self._limit()
+        cutoff = loop.time() - limit
         stale = [conn for conn, since in self._idle if since <= cutoff]
         if stale:
             self._idle = self._idle[len(stale):]  # oldest first: the stale ones are a prefix
@@ -99,7 +106,7 @@ class HotConnections:
             self._releasing.add(task)
             task.add_done_callback(self._releasing.discard)
         if self._idle:
-            self._timer = loop.call_later(self.linger, self._trim)
+            self._timer = loop.call_at(self._idle[0][1] + limit, self._trim)
 
     async def _release(self, conns: list[Proxy]) -> None:
         for conn in conns:
@@ -127,7 +134,7 @@ class _Use:
             # Keep it after success or an error the server reported (the statement's implicit
             # transaction ended); after a lost connection, a cancellation or a timeout the pool decides.
             if exc is None or (isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, db.TRANSIENT)):
-                await self._hot._keep(taken)
+                self._hot._keep(taken)
             else:
                 await self._hot._give_back(taken, clean=False)
         db.translate_errors().__exit__(exc_type, exc, tb)
