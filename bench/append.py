@@ -2,7 +2,7 @@
 
     python -m bench.append [--seconds 2] [--rounds 3] [--writers 1,8,32] [--streams 1000]
 
-Baseline: one connection per writer, one statement per append (a data-modifying CTE that checks the
+Baseline: one connection per writer (held for a whole segment), one statement per append (a data-modifying CTE that checks the
 version, inserts the event and its outbox row), the payload encoded once up front. Store: ``append`` of
 one event per transaction through a pool of writers + 1 connections (the extra one for its relay
 wake-ups), encoding each event. Both write the same schema (a fresh one,
@@ -24,7 +24,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Any
 
 import asyncpg
 
@@ -106,9 +105,10 @@ class Writers:
         return stream, self.versions.get(stream, -1)
 
 
-async def baseline_append(conns: list[asyncpg.Connection[Any]], writers: int, streams: int,
-                          seconds: float, data: bytes) -> Sample:
+async def baseline_append(pool: db.Pool, writers: int, streams: int, seconds: float, data: bytes) -> Sample:
+    """Each writer holds one connection for the whole segment (taken before the clock starts)."""
     ws = Writers(writers, streams)
+    conns = [await pool.acquire() for _ in range(writers)]
 
     async def step(w: int, i: int) -> None:
         stream, version = ws.next(w, i)
@@ -117,7 +117,11 @@ async def baseline_append(conns: list[asyncpg.Connection[Any]], writers: int, st
         assert position is not None
         ws.versions[stream] = version + 1
 
-    return await timed(writers, seconds, 1, step)
+    try:
+        return await timed(writers, seconds, 1, step)
+    finally:
+        for conn in conns:
+            await pool.release(conn)
 
 
 async def store_append(store: EventStore, writers: int, streams: int, seconds: float) -> Sample:
@@ -132,7 +136,7 @@ async def store_append(store: EventStore, writers: int, streams: int, seconds: f
     return await timed(writers, seconds, 1, step)
 
 
-async def baseline_batch(conn: asyncpg.Connection[Any], seconds: float, data: bytes) -> Sample:
+async def baseline_batch(conn: db.Conn, seconds: float, data: bytes) -> Sample:
     n = BATCH_STREAMS * BATCH_PER_STREAM
 
     async def step(w: int, i: int) -> None:
@@ -173,20 +177,16 @@ async def alternate(rounds: int, baseline: Callable[[], Awaitable[Sample]],
 
 
 async def bench_appends(dsn: str, schema: str, writers: int, args: argparse.Namespace, payload: bytes) -> str:
-    conns = [await db.connect(dsn, schema) for _ in range(writers)]
-    try:
-        # One connection more than writers: the store's relay wake-ups (store/notify.py) need one.
-        async with db.create_pool(dsn, schema, min_size=writers + 1, max_size=writers + 1) as pool:
-            store = EventStore(pool, schema=schema)
-            baseline = functools.partial(baseline_append, conns, writers, args.streams, args.seconds, payload)
-            ours = functools.partial(store_append, store, writers, args.streams, args.seconds)
-            await baseline_append(conns, writers, args.streams, 0.3, payload)  # warm-up: plans, caches
-            await store_append(store, writers, args.streams, 0.3)
-            base, mine = await alternate(args.rounds, baseline, ours)
-            await store.notifier.flush()
-    finally:
-        for c in conns:
-            await c.close()
+    # One connection more than writers: the store's relay wake-ups (store/notify.py) need one. The
+    # baseline takes its per-writer connections from the same pool for each of its segments.
+    async with db.create_pool(dsn, schema, min_size=writers + 1, max_size=writers + 1) as pool:
+        store = EventStore(pool, schema=schema)
+        baseline = functools.partial(baseline_append, pool, writers, args.streams, args.seconds, payload)
+        ours = functools.partial(store_append, store, writers, args.streams, args.seconds)
+        await baseline_append(pool, writers, args.streams, 0.3, payload)  # warm-up: plans, caches
+        await store_append(store, writers, args.streams, 0.3)
+        base, mine = await alternate(args.rounds, baseline, ours)
+        await store.notifier.flush()
     return report(f"append x1, {writers} writers", base, mine)
 
 
