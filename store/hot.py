@@ -69,14 +69,11 @@ class HotConnections:
         return self.linger if self._has_room() else self.short
 
     def _keep(self, conn: Proxy) -> None:
+        # O(1) on purpose: looking at the pool walks all its holders, so only the trim timer does that.
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        self._idle.append((conn, now))
-        limit = self._limit()
-        if self._timer is None or self._timer.when() > now + limit:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = loop.call_at(now + limit, self._trim)
+        self._idle.append((conn, loop.time()))
+        if self._timer is None:
+            self._timer = loop.call_later(self.short, self._trim)
 
     async def _give_back(self, conn: Proxy, *, clean: bool) -> None:
         """Release to the pool; ``clean``: it ran only the store's statements, so skip the reset.
@@ -94,11 +91,10 @@ class HotConnections:
             logger.debug("handing a connection back to the pool failed", exc_info=True)
 
     def _trim(self) -> None:
-        """Hand back the connections kept past the limit; look again when the next one reaches it."""
+        """Hand back the connections kept past the limit; while some are kept, look every ``short``."""
         self._timer = None
         loop = asyncio.get_running_loop()
-        limit = self._limit()
-        cutoff = loop.time() - limit
+        cutoff = loop.time() - self._limit()
         stale = [conn for conn, since in self._idle if since <= cutoff]
         if stale:
             self._idle = self._idle[len(stale):]  # oldest first: the stale ones are a prefix
@@ -106,7 +102,7 @@ class HotConnections:
             self._releasing.add(task)
             task.add_done_callback(self._releasing.discard)
         if self._idle:
-            self._timer = loop.call_at(self._idle[0][1] + limit, self._trim)
+            self._timer = loop.call_later(self.short, self._trim)
 
     async def _release(self, conns: list[Proxy]) -> None:
         for conn in conns:
