@@ -171,6 +171,7 @@ class Rebuild:
                     await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))",
                                        rebuild_lock_key(self.schema, self.projection.name))
                     await conn.execute("RESET search_path")  # even if the pool skips its reset
+                    await conn.execute("RESET synchronous_commit")
         return RebuildResult(self.projection.name, self.events, time.monotonic() - started, resumed, caught_up,
                              self.applier.skipped, tuple(sorted(self.applier.halted)))
 
@@ -183,6 +184,9 @@ class Rebuild:
         main, shadow = quote(self.schema), quote(self.shadow)
         async with db.translate_errors():
             await conn.execute(f"SET search_path TO {shadow}, {main}")
+            # Shadow batches need not wait for the WAL flush: a crash loses the last few batches together
+            # with the cursor that records them, and the resumed rebuild redoes them. The swap syncs.
+            await conn.execute("SET synchronous_commit = off")
             async with conn.transaction():
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {shadow}")
                 # Only the shadow on the path: CREATE TABLE IF NOT EXISTS must not see the live tables.
@@ -252,6 +256,7 @@ class Rebuild:
             try:
                 async with db.translate_errors(), conn.transaction():
                     await conn.execute(_SWAP_LOCK_TIMEOUT)
+                    await conn.execute("SET LOCAL synchronous_commit = on")
                     return await self._swap_once(conn)
             except errors.StoreError as exc:
                 if not isinstance(exc.__cause__, asyncpg.exceptions.LockNotAvailableError):
@@ -312,6 +317,7 @@ async def replay(pool: db.Pool, store: EventStore, projection: type[Projection],
         finally:
             with contextlib.suppress(*db.TRANSIENT):
                 await conn.execute("RESET search_path")
+                await conn.execute("RESET synchronous_commit")
 
 
 async def rebuild(pool: db.Pool, store: EventStore, projection: type[Projection], **kwargs: Any) -> RebuildResult:
