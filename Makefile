@@ -34,7 +34,7 @@ bench: $(STAMP)
 
 # make chaos: the fault-injection suite, longer than its CI run; figures go to CHAOS_REPORT (RELIABILITY.md).
 CHAOS_SECONDS ?= 60
-CHAOS_REPEAT  ?= 3
+CHAOS_REPEAT  ?= 2
 CHAOS_REPORT  ?= /tmp/eventfleet-chaos-report.jsonl
 chaos: $(STAMP)
 	rm -f $(CHAOS_REPORT)

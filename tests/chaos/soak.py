@@ -62,8 +62,8 @@ async def run_soak(logdir: Path) -> dict[str, Any]:
 
 async def _soak(deployment: harness.Deployment, logdir: Path) -> dict[str, Any]:
     await harness.prepare(deployment)
-    async with db.create_pool(DATABASE_URL, deployment.schema, min_size=1, max_size=16) as writer_pool, \
-            db.create_pool(DATABASE_URL, deployment.schema, min_size=1, max_size=2) as pool, \
+    async with db.create_pool(DATABASE_URL, deployment.schema, min_size=0, max_size=16) as writer_pool, \
+            db.create_pool(DATABASE_URL, deployment.schema, min_size=0, max_size=2) as pool, \
             Fleet(deployment.env(), logdir) as fleet:
         await fleet.start()
         store = EventStore(writer_pool, schema=deployment.schema)
