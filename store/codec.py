@@ -26,6 +26,7 @@ _EXT_DATETIME = 1
 _EXT_DECIMAL = 2
 _EXT_UUID = 3
 _EXT_DATE = 4
+_MICROSECOND = dt.timedelta(microseconds=1)
 
 Fields = dict[str, Any]
 Upcaster = Callable[[Fields], Fields]
@@ -37,17 +38,15 @@ T = TypeVar("T")
 
 def _default(value: object) -> msgpack.ExtType:
     if isinstance(value, dt.datetime):
-        if value.tzinfo is None or value.utcoffset() is None:
+        offset = value.utcoffset()
+        if offset is None:
             raise errors.CodecError(f"naive datetime {value.isoformat()} cannot be encoded: make it timezone-aware")
-        zone: str | int
-        if isinstance(value.tzinfo, zoneinfo.ZoneInfo):
-            zone = value.tzinfo.key
-        else:
-            offset = value.utcoffset()
-            assert offset is not None
-            zone = int(offset.total_seconds() * 1_000_000)
-        naive = value.replace(tzinfo=None)
-        body = [naive.toordinal(), naive.hour * 3600 + naive.minute * 60 + naive.second, naive.microsecond,
+        tz = value.tzinfo
+        key = tz.key if isinstance(tz, zoneinfo.ZoneInfo) else None
+        # A named zone keeps its rules; anything else (or a ZoneInfo read from a file, without a key) keeps
+        # its offset, in whole microseconds (timedelta division is exact, float seconds are not).
+        zone: str | int = key if key is not None else offset // _MICROSECOND
+        body = [value.toordinal(), value.hour * 3600 + value.minute * 60 + value.second, value.microsecond,
                 value.fold, zone]
         return msgpack.ExtType(_EXT_DATETIME, _PACKERS.body.pack(body))
     if isinstance(value, dt.date):

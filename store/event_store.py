@@ -46,7 +46,7 @@ _EVENT_ID_KEY = "events_event_id_key"
 
 
 class _Encoded(NamedTuple):
-    event_id: uuid.UUID
+    event_id: uuid.UUID | None  # None: the database draws one (nothing to recognise on a retry anyway)
     event_type: str
     data: bytes
     metadata: bytes
@@ -150,7 +150,7 @@ class EventStore:
         if len(data) + len(metadata) > self.max_payload_bytes:
             raise errors.PayloadTooLarge(
                 f"{event_type} encodes to {len(data) + len(metadata)} bytes, over the {self.max_payload_bytes} limit")
-        return _Encoded(event_id or uuid.uuid4(), event_type, data, metadata)
+        return _Encoded(event_id, event_type, data, metadata)
 
     async def _after_rejection(self, stream_id: str, expected: int, encoded: list[_Encoded],
                                exc: errors.StoreError | None, actual: int | None = None) -> AppendResult:
@@ -193,8 +193,11 @@ class EventStore:
     async def _existing_result(self, stream_id: str, expected: int,
                                encoded: list[_Encoded]) -> AppendResult | None:
         """The original result if these exact events already sit at these versions (a retried append)."""
+        event_ids = [e.event_id for e in encoded if e.event_id is not None]
+        if not event_ids:
+            return None  # ids drawn by the database: this append cannot have been made before
         async with self.hot.use() as conn:
-            rows = await conn.fetch(QUERIES["find_events"], [e.event_id for e in encoded])
+            rows = await conn.fetch(QUERIES["find_events"], event_ids)
         if not rows:
             return None
         found = {r["event_id"]: r for r in rows}
@@ -203,7 +206,7 @@ class EventStore:
             row = found.get(e.event_id)
             if row is None or row["stream_id"] != stream_id or row["version"] != expected + step:
                 raise errors.DuplicateEventId(
-                    f"event {e.event_id} was appended before at another stream or version")
+                    f"event {e.event_id or '(without id)'} of a retried append is not where it was appended")
             if row["event_type"] != e.event_type or row["data"] != e.data or row["metadata"] != e.metadata:
                 raise errors.DuplicateEventId(f"event {e.event_id} was appended before with other content")
             positions.append(row["global_position"])
@@ -286,8 +289,9 @@ def _check_expected(expected: object) -> None:
         raise errors.InvalidExpectedVersion(f"expected_version must be an int >= -1, got {expected!r}")
 
 
-def _check_unique_ids(event_ids: list[uuid.UUID]) -> None:
-    if len(set(event_ids)) != len(event_ids):
+def _check_unique_ids(event_ids: list[uuid.UUID | None]) -> None:
+    given = [i for i in event_ids if i is not None]
+    if len(set(given)) != len(given):
         raise errors.DuplicateEventId("the same event id appears twice in one append")
 
 

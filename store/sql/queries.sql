@@ -4,11 +4,13 @@
 -- name: append_event
 -- Append one event to a stream if the stream is at $2 (-1: no stream), with its outbox row, in one
 -- statement. Returns the stream's version before the append and, if it matched, the new position.
+-- A NULL event id ($3) means the caller gave none: the database draws it (cheaper than the client).
 WITH head AS (
     SELECT coalesce(max(version), -1) AS actual FROM events WHERE stream_id = $1
 ), inserted AS (
     INSERT INTO events (event_id, stream_id, version, event_type, data, metadata)
-    SELECT $3, $1, $2::bigint + 1, $4, $5, $6 FROM head WHERE head.actual = $2::bigint
+    SELECT coalesce($3::uuid, gen_random_uuid()), $1, $2::bigint + 1, $4, $5, $6
+    FROM head WHERE head.actual = $2::bigint
     RETURNING global_position
 ), outboxed AS (
     INSERT INTO outbox (global_position) SELECT global_position FROM inserted
@@ -22,7 +24,7 @@ WITH head AS (
     SELECT coalesce(max(version), -1) AS actual FROM events WHERE stream_id = $1
 ), inserted AS (
     INSERT INTO events (event_id, stream_id, version, event_type, data, metadata)
-    SELECT i.event_id, $1, $2::bigint + i.ord, i.event_type, i.data, i.metadata
+    SELECT coalesce(i.event_id, gen_random_uuid()), $1, $2::bigint + i.ord, i.event_type, i.data, i.metadata
     FROM head, unnest($3::uuid[], $4::text[], $5::bytea[], $6::bytea[])
         WITH ORDINALITY AS i(event_id, event_type, data, metadata, ord)
     WHERE head.actual = $2::bigint
@@ -47,7 +49,8 @@ WITH input AS (
       AND i.expected <> coalesce((SELECT max(e.version) FROM events AS e WHERE e.stream_id = i.stream_id), -1)
 ), inserted AS (
     INSERT INTO events (event_id, stream_id, version, event_type, data, metadata)
-    SELECT i.event_id, i.stream_id, i.expected + i.step, i.event_type, i.data, i.metadata
+    SELECT coalesce(i.event_id, gen_random_uuid()), i.stream_id, i.expected + i.step, i.event_type, i.data,
+           i.metadata
     FROM input AS i
     WHERE NOT EXISTS (SELECT 1 FROM mismatched)
     ORDER BY i.ord

@@ -72,6 +72,15 @@ async def test_append_writes_versions_positions_and_one_outbox_row_per_event(eve
     assert await event_store.stream_version("order-none") == NO_STREAM
 
 
+async def test_events_without_ids_get_distinct_ones_from_the_database(event_store):
+    await event_store.append("s", [paid(1), paid(2)], NO_STREAM)
+    await event_store.append("s", [paid(3)], 1)
+    await event_store.append_batch([("t", [paid(4), NewEvent(paid(5))], NO_STREAM)])
+    ids = [e.event_id for s in "st" for e in await event_store.load(s)]
+    assert len(set(ids)) == 5
+    assert all(i.version == 4 for i in ids)
+
+
 async def test_new_event_keeps_its_id_and_metadata(event_store):
     event_id = uuid.uuid4()
     await event_store.append("s", [NewEvent(paid(), event_id, {"correlation_id": "abc", "n": 1})], NO_STREAM)

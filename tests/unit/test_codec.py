@@ -105,6 +105,22 @@ def test_ext_values_round_trip_exactly(value: Any) -> None:
         assert exact(codec.unpackb(codec.packb({"v": value}))["v"], value)
 
 
+@pytest.mark.parametrize("offset", [dt.timedelta(hours=5, minutes=30, seconds=7, microseconds=1),
+                                    dt.timedelta(hours=-23, minutes=-59, seconds=-59, microseconds=-999999),
+                                    dt.timedelta(microseconds=-1)])
+def test_fixed_offsets_round_trip_to_the_microsecond(offset: dt.timedelta) -> None:
+    value = dt.datetime(2024, 6, 1, 12, 0, tzinfo=dt.timezone(offset))
+    assert codec.unpackb(codec.packb(value)).utcoffset() == offset
+
+
+def test_a_zone_read_from_a_file_keeps_its_offset() -> None:
+    with open("/usr/share/zoneinfo/Europe/Paris", "rb") as f:
+        keyless = zoneinfo.ZoneInfo.from_file(f)
+    value = dt.datetime(2024, 7, 1, 12, 0, tzinfo=keyless)
+    decoded = codec.unpackb(codec.packb(value))
+    assert (decoded, decoded.utcoffset()) == (value, dt.timedelta(hours=2))
+
+
 def test_naive_datetimes_are_refused() -> None:
     with pytest.raises(errors.CodecError, match="timezone-aware"):
         codec.packb(dt.datetime(2024, 1, 1))
