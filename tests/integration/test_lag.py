@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
@@ -62,7 +63,7 @@ async def test_watermark_waits_below_a_transaction_that_commits_late(pool, event
         # An event with a smaller transaction id than everything appended after it, committed last.
         e = event_store._encode(placed("late", "c"))
         await late.execute("INSERT INTO events (event_id, stream_id, version, event_type, data, metadata) "
-                           "VALUES ($1, 'order-late', 0, $2, $3, $4)", e.event_id, e.event_type, e.data, e.metadata)
+                           "VALUES ($1, 'order-late', 0, $2, $3, $4)", uuid.uuid4(), e.event_type, e.data, e.metadata)
         early = await append(event_store, "order-early", [placed("early", "c"), paid("early", "c")])
         await checkpoints.apply_batch(event_store, CustomerStats(), early)
         held = await lag.measure(pool, "customer_stats")
