@@ -1,0 +1,669 @@
+"""The whole pipeline (writers, relay, workers) against hand-written baselines and the eventsourcing library.
+
+    python -m bench.pipeline [--events 20000] [--es-events 6000] [--rate 500] [--latency-seconds 12]
+
+One run, so that ratios compare figures measured minutes apart on the same noisy machine. The workload is
+order lives (placed; then cancelled, or paid and then shipped or cancelled), one event per append, split
+over 8 writers that each own their orders (no version conflicts), steps interleaved over groups of 25.
+
+1. Throughput, phases back to back so that each compared pair runs side by side in time: the
+   eventsourcing library saves ``--es-events`` as its aggregates with 8 threads; our 8 writers
+   (``EventStore.append`` over a pool) write ``--events`` into an idle store; our relay
+   (``relay_until_idle``) fills both projection queues; the ceiling (the same events pre-decoded, batches
+   of the worker's batch size, each a transaction of set-based upserts plus blind checkpoint upserts, one
+   connection per read model: bench/pipeline_handwritten.py); one worker (``run_worker`` in this process)
+   drains both queues until both projections applied everything; raw aio-pika consumption of the same
+   messages published again (same prefetch and batches, multiple-acks, no decoding, no database: what the
+   broker alone allows on this machine); the library's two ``ProjectionRunner``s project its events into
+   the same two read models (bench/eventsourcing_baseline.py).
+2. End to end, ``--events`` each, from the first append to both projections having applied everything:
+   the minimal hand-written pipeline (writer CTE, relay 500/transaction with pipelined confirms,
+   consumer 100/transaction with multiple-acks), then ours with 1 and with 3 worker processes. Relays and
+   workers are subprocesses (``python -m workers relay|worker``, ``python -m bench.pipeline_handwritten``),
+   started and ready before the clock starts; the writers run in this process.
+3. Latency: ours (relay + 1 worker process) with writers paced at ``--rate`` events/s: recorded_at to
+   read-model commit, from the worker's ``eventfleet_end_to_end_seconds`` histogram (observed after
+   commit; the first 2 s are left out) and, per order's last event, from the checkpoint row's update
+   time (set when the worker's batch claims the row: before its writes and its commit, so lower). When the hand-written pipeline sustained far
+   less in this run than the issue's 3.1k events/s (a loaded machine), latency is also measured at the
+   same share of that capacity as 500 is of 3.1k.
+
+Every schema and queue is created with a unique name and removed at the end. Servers:
+``EVENTFLEET_DATABASE_URL`` and ``EVENTFLEET_AMQP_URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from decimal import Decimal
+from typing import Any
+
+import aio_pika
+import aiohttp
+import asyncpg
+import psycopg
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench import eventsourcing_baseline, pipeline_handwritten
+from domain.events import LineItem, OrderCancelled, OrderPaid, OrderPlaced, OrderShipped, stream_id
+from projections import registry
+from projections.orders import SQL as ORDERS_SQL
+from store import EventStore, codec, db
+from workers import broker, commands, consumer, health, relay
+from workers.config import Settings
+
+PROJECTIONS = ("order_summary", "customer_stats")
+WARM_UP = 2.0
+Token = tuple[str, int, Any]  # (stream id, version to write, event)
+
+
+# --- the workload ------------------------------------------------------------------------------------
+
+
+def order_life(order_id: str, customer_id: str, rng: random.Random) -> list[Any]:
+    now = dt.datetime.now(dt.UTC)
+    items = tuple(LineItem(f"p{k}", f"Product {k}", f"SKU-{k:05d}", rng.randint(1, 4), Decimal(k % 50 * 100 + 99) / 100)
+                  for k in rng.sample(range(1, 201), rng.randint(1, 4)))
+    subtotal = sum((i.unit_price * i.quantity for i in items), Decimal(0))
+    tax = (subtotal * Decimal("0.20")).quantize(Decimal("0.01"))
+    life: list[Any] = [OrderPlaced(order_id, customer_id, items, subtotal, tax, subtotal + tax, now)]
+    fate = rng.random()
+    if fate < 0.15:
+        return [*life, OrderCancelled(order_id, customer_id, "customer request", now)]
+    life.append(OrderPaid(order_id, customer_id, subtotal + tax, now))
+    if fate < 0.25:
+        return [*life, OrderCancelled(order_id, customer_id, "out of stock", now)]
+    return [*life, OrderShipped(order_id, customer_id, "ups", now)]
+
+
+def plan(events: int, writers: int, seed: int = 7, group: int = 25) -> list[list[Token]]:
+    """Orders until ``events`` events, dealt round-robin to writers; each writer steps groups of its orders."""
+    rng, run = random.Random(seed), uuid.uuid4().hex[:8]
+    lives: list[list[Any]] = []
+    total = 0
+    while total < events:
+        life = order_life(f"{run}-{len(lives):06d}", f"c-{rng.randrange(max(1, events // 12)):05d}", rng)
+        life = life[:events - total]
+        lives.append(life)
+        total += len(life)
+    schedules: list[list[Token]] = []
+    for w in range(writers):
+        mine, tokens = lives[w::writers], []
+        for start in range(0, len(mine), group):
+            chunk = mine[start:start + group]
+            for step in range(3):
+                tokens += [(stream_id(life[0].order_id), step, life[step]) for life in chunk if step < len(life)]
+        schedules.append(tokens)
+    return schedules
+
+
+def interleaved(schedules: Sequence[Sequence[Token]]) -> list[Token]:
+    """The schedules' tokens in the order concurrent writers would roughly produce them."""
+    return [s[i] for i in range(max(map(len, schedules))) for s in schedules if i < len(s)]
+
+
+async def write(schedules: Sequence[Sequence[Token]], step: Callable[[int, Token], Awaitable[None]],
+                rate: float | None = None) -> float:
+    """Run every writer's schedule side by side (paced to ``rate`` events/s overall); return the seconds."""
+    started = time.perf_counter()
+    writers = len(schedules)
+
+    async def writer(w: int) -> None:
+        for i, token in enumerate(schedules[w]):
+            if rate is not None:  # pacing, not waiting for anything: token i of writer w is due then
+                delay = started + (i * writers + w) / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await step(w, token)
+
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    return time.perf_counter() - started
+
+
+def store_step(store: EventStore) -> Callable[[int, Token], Awaitable[None]]:
+    async def step(w: int, token: Token) -> None:
+        await store.append(token[0], [token[2]], token[1] - 1)
+    return step
+
+
+# --- servers, processes, waiting ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Lab:
+    """The servers and everything this run created on them (removed by ``close``)."""
+
+    settings: Settings
+    amqp: aio_pika.abc.AbstractConnection | None = None
+    tag: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:8])
+    schemas: list[str] = dataclasses.field(default_factory=list)
+    prefixes: list[str] = dataclasses.field(default_factory=list)
+    processes: list[asyncio.subprocess.Process] = dataclasses.field(default_factory=list)
+    logs: str = dataclasses.field(default_factory=lambda: tempfile.mkdtemp(prefix="bench_pipeline_"))
+
+    async def deployment(self, kind: str) -> Settings:
+        """A fresh migrated schema and prefix with the projections' queues declared (so no backfill runs)."""
+        schema, prefix = f"bench_pipe_{self.tag}_{kind}", f"bench.pipe.{self.tag}.{kind}"
+        self.schemas.append(schema)
+        await commands.run_migrate(self.settings.database_url, schema)
+        self.prefixes.append(prefix)
+        channel = await (await self.connection()).channel()
+        async with channel:
+            await broker.declare_topology(channel, broker.Names(prefix), PROJECTIONS)
+        return dataclasses.replace(self.settings, schema=schema, prefix=prefix, http_port=0)
+
+    async def connection(self) -> aio_pika.abc.AbstractConnection:
+        """The lab's broker connection, reconnected if it was closed (others restart RabbitMQ in fault tests)."""
+        if self.amqp is None or self.amqp.is_closed:
+            self.amqp = await aio_pika.connect(self.settings.amqp_url)
+        return self.amqp
+
+    async def spawn(self, settings: Settings, *args: str, http_port: int = 0) -> asyncio.subprocess.Process:
+        env = {**os.environ, "EVENTFLEET_DATABASE_URL": settings.database_url,
+               "EVENTFLEET_AMQP_URL": settings.amqp_url, "EVENTFLEET_SCHEMA": settings.schema,
+               "EVENTFLEET_PREFIX": settings.prefix, "EVENTFLEET_HTTP_PORT": str(http_port)}
+        log = os.open(f"{self.logs}/{len(self.processes)}-{'-'.join(args[:2])}.log", os.O_WRONLY | os.O_CREAT)
+        try:
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", *args, env=env,
+                                                        stdout=asyncio.subprocess.PIPE, stderr=log)
+        finally:
+            os.close(log)
+        self.processes.append(proc)
+        return proc
+
+    async def stop_all(self) -> list[str]:
+        """SIGTERM every process, wait for it (kill after 20 s); return their stdout lines."""
+        lines: list[str] = []
+        for proc in self.processes:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.processes:
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), 20)
+                lines += out.decode().splitlines()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        self.processes.clear()
+        return lines
+
+    async def close(self) -> None:
+        """Stop the processes, drop the schemas, delete the queues and exchanges (each step despite the others)."""
+        try:
+            await self.stop_all()
+        finally:
+            try:
+                await retrying(self._drop_schemas)
+            finally:
+                await retrying(self._delete_broker_objects)
+
+    async def _drop_schemas(self) -> None:
+        conn = await asyncpg.connect(self.settings.database_url)
+        try:
+            for schema in self.schemas:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+    async def _delete_broker_objects(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.amqp is not None:
+                await self.amqp.close()
+        # A fresh connection: the broker may have been restarted under us (others run fault tests).
+        async with await aio_pika.connect(self.settings.amqp_url) as connection:
+            channel = await connection.channel()
+            for prefix in self.prefixes:
+                names = broker.Names(prefix)
+                for p in PROJECTIONS:
+                    await channel.queue_delete(names.queue(p))
+                    await channel.queue_delete(names.dead_letter_queue(p))
+                await channel.exchange_delete(names.exchange)
+                await channel.exchange_delete(names.dead_letter_exchange)
+
+    async def consumers(self, settings: Settings) -> int:
+        """The fewest consumers on any of the deployment's projection queues."""
+        channel = await (await self.connection()).channel()
+        async with channel:
+            counts = []
+            for p in PROJECTIONS:
+                queue = await channel.declare_queue(broker.Names(settings.prefix).queue(p), passive=True)
+                counts.append(queue.declaration_result.consumer_count or 0)
+        return min(counts)
+
+
+async def retrying(step: Callable[[], Awaitable[None]], within: float = 90) -> None:
+    """Clean-up through a restart of Postgres or RabbitMQ (other engineers' fault tests restart them)."""
+    deadline = time.perf_counter() + within
+    while True:
+        try:
+            return await step()
+        except (OSError, asyncpg.PostgresError, aio_pika.exceptions.AMQPError, RuntimeError):
+            if time.perf_counter() > deadline:
+                raise
+            await asyncio.sleep(1)  # pacing the retries of a server that is restarting
+
+
+async def until(check: Callable[[], Awaitable[bool]], within: float, what: str, every: float = 0.02) -> float:
+    """Poll ``check`` until true; return perf_counter() at that moment; raise after ``within`` seconds."""
+    deadline = time.perf_counter() + within
+    while not await check():
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"not within {within}s: {what}")
+        await asyncio.sleep(every)
+    return time.perf_counter()
+
+
+def applied_all(conn: db.Conn, events: int, writing: asyncio.Future[Any] | None = None
+                ) -> Callable[[], Awaitable[bool]]:
+    """Both projections have applied ``events`` events (their projection_status counts); a failed
+    ``writing`` raises at once instead of running into the deadline."""
+    async def check() -> bool:
+        if writing is not None and writing.done() and writing.exception() is not None:
+            writing.result()
+        rows = await conn.fetch("SELECT projection, applied FROM projection_status")
+        done = {r["projection"]: r["applied"] for r in rows}
+        return all(done.get(p, 0) >= events for p in PROJECTIONS)
+    return check
+
+
+async def start_ours(lab: Lab, settings: Settings, workers: int, http_port: int = 0) -> None:
+    """Our relay and ``workers`` worker processes, ready: the relay listens, every queue has its consumers."""
+    await lab.spawn(settings, "workers", "relay")
+    for _ in range(workers):
+        await lab.spawn(settings, "workers", "worker", http_port=http_port)
+    conn = await db.connect(settings.database_url, settings.schema)
+    try:
+        async def relay_listening() -> bool:
+            n = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+                                    " AND query LIKE 'LISTEN%'", relay.application_name(settings.schema))
+            return bool(n)
+        await until(relay_listening, 60, "the relay listening")
+    finally:
+        await conn.close()
+
+    async def consuming() -> bool:
+        return await lab.consumers(settings) >= workers
+    await until(consuming, 60, f"{workers} workers consuming", every=0.1)
+
+
+async def start_handwritten(lab: Lab, settings: Settings) -> None:
+    for role in ("relay", "consumer"):
+        proc = await lab.spawn(settings, "bench.pipeline_handwritten", role, "--schema", settings.schema,
+                               "--prefix", settings.prefix)
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"hand-written {role} did not start: {line!r}")
+
+    async def consuming() -> bool:
+        return await lab.consumers(settings) >= 1
+    await until(consuming, 60, "the hand-written consumer", every=0.1)
+
+
+# --- the measurements --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Throughput:
+    """events/s of the phases run back to back, so that each pair compared ran side by side in time."""
+
+    es_saved: float  # the eventsourcing library, 8 threads saving
+    appended: float  # ours, 8 writers into an idle store
+    relayed: float  # our relay draining the outbox (relay_until_idle)
+    ceiling: float  # batched upserts + checkpoints from pre-decoded events
+    drained: float  # one worker draining both queues
+    batch: float  # the worker's mean batch size while draining
+    drain_cpu_ms: float  # the worker's CPU milliseconds per event
+    consumed: float  # raw consumption of the same messages: no decoding, no database
+    consume_cpu_ms: float
+    es_projected: float  # the library's two ProjectionRunners
+
+
+async def throughput(lab: Lab, schedules: Sequence[Sequence[Token]],
+                     es_schedules: Sequence[Sequence[Token]]) -> Throughput:
+    """Library saves, our appends, our relay, the ceiling, one worker, raw consumption, library projections."""
+    dsn, events, es_events = lab.settings.database_url, sum(map(len, schedules)), sum(map(len, es_schedules))
+    es_schema = await eventsourcing_schema(lab)
+    es_saved = es_events / await asyncio.to_thread(eventsourcing_baseline.save, dsn, es_schema, es_schedules)
+    settings = await lab.deployment("drain")
+    async with db.create_pool(dsn, settings.schema, min_size=len(schedules), max_size=len(schedules)) as pool:
+        store = EventStore(pool, schema=settings.schema)
+        appended = events / await write(schedules, store_step(store))
+        await store.notifier.flush()
+        async with await aio_pika.connect(settings.amqp_url) as connection:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            exchange = await channel.get_exchange(broker.Names(settings.prefix).exchange, ensure=False)
+            started = time.perf_counter()
+            relayed = await relay.relay_until_idle(pool, exchange, batch_size=settings.batch_size)
+            relayed_rate = relayed / (time.perf_counter() - started)
+            ceiling = await batched_upserts(lab, schedules)
+            cpu = cpu_seconds()
+            drained, batch = await one_worker(pool, settings, events)
+            drain_cpu = 1000 * (cpu_seconds() - cpu) / events
+            await republish(pool, exchange)
+            cpu = cpu_seconds()
+            consumed = await raw_consume(connection, settings, events)
+            consume_cpu = 1000 * (cpu_seconds() - cpu) / events
+    es_projected = es_events / await asyncio.to_thread(eventsourcing_baseline.project, dsn, es_schema)
+    await check_eventsourcing(lab, es_schema, es_schedules)
+    return Throughput(es_saved, appended, relayed_rate, ceiling, drained, batch, drain_cpu, consumed, consume_cpu,
+                      es_projected)
+
+
+async def batched_upserts(lab: Lab, schedules: Sequence[Sequence[Token]]) -> float:
+    """The ceiling, in a schema of its own, from the same events in roughly the order writers produce them."""
+    settings = await lab.deployment("ceiling")
+    return await pipeline_handwritten.ceiling(settings.database_url, settings.schema, interleaved(schedules),
+                                              settings.batch_size)
+
+
+async def one_worker(pool: db.Pool, settings: Settings, events: int) -> tuple[float, float]:
+    """``run_worker`` in this process until both projections applied every queued event: (events/s, mean batch)."""
+    stop = asyncio.Event()
+    started = time.perf_counter()
+    worker = asyncio.create_task(consumer.run_worker(settings, consumer.resolve(list(PROJECTIONS)),
+                                                     health.Health(), stop, pool=pool))
+    async with pool.acquire() as conn:
+        done = await until(applied_all(conn, events), 300, "one worker draining the queues")
+    stop.set()
+    stats = await worker
+    batches = sum(s.batches for s in stats.values())
+    return events / (done - started), 2 * events / batches if batches else float("nan")
+
+
+async def republish(pool: db.Pool, exchange: aio_pika.abc.AbstractExchange) -> None:
+    """Publish every stored event again, as the relay encodes them, for the raw consumption figure."""
+    rows = await pool.fetch("SELECT * FROM events ORDER BY global_position")
+    for i in range(0, len(rows), 1000):
+        await relay.publish_confirmed(exchange, [(r["event_type"], broker.encode_row(r)) for r in rows[i:i + 1000]],
+                                      confirm_timeout=120)
+
+
+async def raw_consume(connection: aio_pika.abc.AbstractConnection, settings: Settings, events: int) -> float:
+    """Consume both projection queues as the worker does (prefetch, batches, one multiple-ack each), with no
+    decoding and no database; return events/s (one event = its message on both queues)."""
+    async def drain(projection: str) -> None:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=settings.prefetch)
+        queue = await channel.get_queue(broker.Names(settings.prefix).queue(projection), ensure=False)
+        buffer: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+        tag = await queue.consume(buffer.put)
+        taken = 0
+        while taken < events:
+            batch = [await buffer.get()]
+            while len(batch) < settings.batch_size and not buffer.empty():
+                batch.append(buffer.get_nowait())
+            await batch[-1].ack(multiple=True)
+            taken += len(batch)
+        await queue.cancel(tag)
+        await channel.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(drain(p) for p in PROJECTIONS))
+    return events / (time.perf_counter() - started)
+
+
+async def eventsourcing_schema(lab: Lab) -> str:
+    """A schema for the library with our two read-model tables; the library adds its own tables."""
+    schema = f"bench_pipe_{lab.tag}_es"
+    lab.schemas.append(schema)
+    conn = await db.connect(lab.settings.database_url, schema)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+        await conn.execute(ORDERS_SQL["order_summary_ddl"])
+        await conn.execute(ORDERS_SQL["customer_stats_ddl"])
+    finally:
+        await conn.close()
+    return schema
+
+
+async def check_eventsourcing(lab: Lab, schema: str, schedules: Sequence[Sequence[Token]]) -> None:
+    """The library really did the work: every order counted once and given its row."""
+    conn = await db.connect(lab.settings.database_url, schema)
+    try:
+        counted = await conn.fetchval("SELECT sum(orders_placed) FROM customer_stats")
+        rows = await conn.fetchval("SELECT count(*) FROM order_summary")
+    finally:
+        await conn.close()
+    orders = sum(1 for s in schedules for t in s if t[1] == 0)
+    if counted != orders or rows != orders:
+        raise RuntimeError(f"eventsourcing read models: {counted} placed, {rows} rows, {orders} orders")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EndToEnd:
+    rate: float
+    writers_seconds: float
+    seconds: float
+    shares: list[int]  # events applied per worker process (both projections)
+    cpu_ms: dict[str, float]  # CPU milliseconds per event: this process (writers), relay, consumers
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of a process (this one by default), from /proc."""
+    with open(f"/proc/{pid or os.getpid()}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def end_to_end(lab: Lab, schedules: Sequence[Sequence[Token]], workers: int) -> EndToEnd:
+    """Ours (workers >= 1) or the hand-written pipeline (workers == 0): first append to lag 0."""
+    settings = await lab.deployment(f"e2e{workers}")
+    events = sum(map(len, schedules))
+    async with contextlib.AsyncExitStack() as stack:
+        conn = await db.connect(settings.database_url, settings.schema)
+        stack.push_async_callback(conn.close)
+        if workers:
+            await start_ours(lab, settings, workers)
+            pool = await stack.enter_async_context(db.create_pool(
+                settings.database_url, settings.schema, min_size=len(schedules), max_size=len(schedules)))
+            step = store_step(EventStore(pool, schema=settings.schema))
+        else:
+            await start_handwritten(lab, settings)
+            conns = [await db.connect(settings.database_url, settings.schema) for _ in schedules]
+            for c in conns:
+                stack.push_async_callback(c.close)
+            encoded = {t[:2]: (uuid.uuid4(), *codec.REGISTRY.encode(t[2])) for s in schedules for t in s}
+
+            async def step(w: int, token: Token) -> None:
+                await pipeline_handwritten.append(conns[w], token[0], token[1] - 1, *encoded[token[:2]])
+
+        pids = [p.pid for p in lab.processes]
+        cpu = [cpu_seconds(), *map(cpu_seconds, pids)]
+        started = time.perf_counter()
+        writing = asyncio.ensure_future(write(schedules, step))
+        done = await until(applied_all(conn, events, writing), 300, "the pipeline at lag 0")
+        used = [after - before for after, before in zip([cpu_seconds(), *map(cpu_seconds, pids)], cpu, strict=True)]
+        writers_seconds = await writing
+    lines = await lab.stop_all()
+    shares = [sum(p["applied"] for p in json.loads(line)["projections"].values())
+              for line in lines if line.startswith('{"worker"') and "projections" in line]
+    cpu_ms = {"writers": used[0], "relay": used[1], "consumers": sum(used[2:])}
+    return EndToEnd(events / (done - started), writers_seconds, done - started, shares,
+                    {k: 1000 * v / events for k, v in cpu_ms.items()})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def histogram(port: int) -> dict[str, list[tuple[float, float]]]:
+    """The worker's end-to-end histogram per projection: cumulative (upper bound, count) pairs."""
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    found: dict[str, list[tuple[float, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "eventfleet_end_to_end_seconds":
+            for s in family.samples:
+                if s.name.endswith("_bucket"):
+                    found.setdefault(s.labels["projection"], []).append((float(s.labels["le"]), s.value))
+    return found
+
+
+def quantile(buckets: Sequence[tuple[float, float]], q: float) -> float:
+    """Linear interpolation inside the bucket holding the q-quantile (Prometheus' histogram_quantile)."""
+    total, low, below = buckets[-1][1], 0.0, 0.0
+    for bound, count in buckets:
+        if count >= q * total:
+            if bound == float("inf"):
+                return low
+            return low + (bound - low) * ((q * total - below) / (count - below) if count > below else 1.0)
+        low, below = bound, count
+    return low
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Latency:
+    events: int
+    histogram: dict[str, tuple[float, float, float, int]]  # projection: p50, p99, share <= 50 ms, count
+    checkpoints: tuple[float, float, int]  # p50, p99 (both read models), orders sampled
+
+
+async def latency(lab: Lab, schedules: Sequence[Sequence[Token]], rate: float) -> Latency:
+    settings = await lab.deployment("latency")
+    events, port = sum(map(len, schedules)), free_port()
+    await start_ours(lab, settings, 1, http_port=port)
+    conn = await db.connect(settings.database_url, settings.schema)
+    try:
+        async with db.create_pool(settings.database_url, settings.schema, min_size=len(schedules),
+                                  max_size=len(schedules)) as pool:
+            store = EventStore(pool, schema=settings.schema)
+            writing = asyncio.ensure_future(write(schedules, store_step(store), rate))
+            await asyncio.sleep(WARM_UP)  # pacing the scrape: the warm-up's observations are subtracted
+            warm = await histogram(port)
+            since = await conn.fetchval("SELECT clock_timestamp()")
+            await writing
+            await until(applied_all(conn, events), 60, "lag 0 after the paced load")
+        end = await histogram(port)
+        rows = await conn.fetch(
+            "SELECT c.stream_id, max(extract(epoch FROM c.updated_at - e.recorded_at)) AS seconds"
+            " FROM checkpoints AS c JOIN events AS e ON e.stream_id = c.stream_id AND e.version = c.version"
+            " WHERE e.recorded_at >= $1 GROUP BY c.stream_id", since)
+    finally:
+        await conn.close()
+    await lab.stop_all()
+    by_projection = {}
+    for p in PROJECTIONS:
+        diff = [(b, c - w) for (b, c), (_, w) in zip(end[p], warm.get(p, [(b, 0.0) for b, _ in end[p]]), strict=True)]
+        within = dict(diff).get(0.05, 0.0) / diff[-1][1] if diff[-1][1] else float("nan")
+        by_projection[p] = (quantile(diff, 0.5), quantile(diff, 0.99), within, int(diff[-1][1]))
+    seconds = sorted(float(r["seconds"]) for r in rows)
+    return Latency(events, by_projection, (percentile(seconds, 0.5), percentile(seconds, 0.99), len(seconds)))
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+
+def report_latency(rate: float, lat: Latency, note: str = "") -> None:
+    for p, (p50, p99, within, n) in lat.histogram.items():
+        print(f"latency at {rate:.0f}/s{note}, {p:<15} histogram: p50 {p50 * 1000:6.1f} ms  p99 {p99 * 1000:6.1f} ms"
+              f"  ({within:.2%} of {n} within 50 ms)")
+    c50, c99, sampled = lat.checkpoints
+    print(f"latency at {rate:.0f}/s{note}, both read models, to checkpoint claim ({sampled} orders' last events):"
+          f" p50 {c50 * 1000:6.1f} ms  p99 {c99 * 1000:6.1f} ms", flush=True)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+async def run(args: argparse.Namespace) -> None:
+    settings = Settings.from_env()
+    registry.load_builtin()
+    lab = Lab(settings)
+    writers = args.writers
+    print(f"bench.pipeline: {args.events} events per phase, {writers} writers, eventsourcing {args.es_events}"
+          f" events (psycopg {psycopg.pq.__impl__}), latency at {args.rate:.0f} events/s for"
+          f" {args.latency_seconds:.0f}s; load average {os.getloadavg()[0]:.2f}", flush=True)
+    try:
+        t0 = time.perf_counter()
+        t = await throughput(lab, plan(args.events, writers), plan(args.es_events, writers))
+        print(f"eventsourcing, {writers} threads saving:        {t.es_saved:8.0f} events/s (one event per save)")
+        print(f"ours, {writers} writers into an idle store:    {t.appended:8.0f} events/s (EventStore.append, 1 each)")
+        print(f"ours, relay draining the outbox:       {t.relayed:8.0f} events/s")
+        print(f"ceiling, batched upserts+checkpoints:  {t.ceiling:8.0f} events/s (pre-decoded, batches of"
+              f" {settings.batch_size}, both read models)")
+        print(f"ours, 1 worker draining both queues:   {t.drained:8.0f} events/s (in-process run_worker, mean"
+              f" batch {t.batch:.0f}, CPU {t.drain_cpu_ms:.2f} ms/event)")
+        print(f"raw aio-pika consuming both queues:    {t.consumed:8.0f} events/s ({2 * t.consumed:.0f} msgs/s;"
+              f" no decoding, no database; CPU {t.consume_cpu_ms:.2f} ms/event)")
+        print(f"eventsourcing, 2 ProjectionRunners:    {t.es_projected:8.0f} events/s (both read models, one event"
+              f" per transaction)", flush=True)
+        e2e = {}
+        for workers in (0, 1, 3):
+            e2e[workers] = await end_to_end(lab, plan(args.events, writers), workers)
+            r = e2e[workers]
+            name = "hand-written pipeline" if workers == 0 else f"ours, relay + {workers} worker process(es)"
+            cpu = ", ".join(f"{k} {v:.2f}" for k, v in r.cpu_ms.items())
+            print(f"end to end, {name:<36} {r.rate:8.0f} events/s (writers done at {r.writers_seconds:5.2f}s,"
+                  f" lag 0 at {r.seconds:5.2f}s; CPU ms/event: {cpu}"
+                  f"{'; applied per worker ' + str(r.shares) if workers > 1 else ''})", flush=True)
+        lat = await latency(lab, plan(int(args.rate * args.latency_seconds), writers), args.rate)
+        report_latency(args.rate, lat)
+        # The issue's moderate rate is about 1/6 of what the hand-written pipeline sustained there (500 of 3.1k).
+        # When this machine sustains much less now, also measure at that same share of today's capacity.
+        relative = e2e[0].rate * 500 / 3100
+        if args.relative_latency and relative < args.rate / 2:
+            report_latency(relative, await latency(
+                lab, plan(int(relative * args.latency_seconds), writers), relative), "(same share of capacity)")
+        print(f"-- targets (run took {time.perf_counter() - t0:.0f}s, load average {os.getloadavg()[0]:.2f})")
+        base, one, three = e2e[0].rate, e2e[1].rate, e2e[3].rate
+        worst99 = max(p99 for _, p99, _, _ in lat.histogram.values())
+        all_within = min(w for _, _, w, _ in lat.histogram.values())
+        print(f"{verdict(t.drained >= 0.5 * t.ceiling)}  one worker >= 50% of the batched upsert ceiling:"
+              f" {t.drained / t.ceiling:.0%} (of raw consumption: {t.drained / t.consumed:.0%})")
+        print(f"{verdict(one >= 0.8 * base)}  end to end (1 worker) >= 80% of the hand-written pipeline:"
+              f" {one / base:.0%} (3 workers: {three / base:.0%})")
+        print(f"{verdict(all_within >= 0.99)}  p99 end-to-end latency < 50 ms at {args.rate:.0f} events/s:"
+              f" {worst99 * 1000:.1f} ms ({all_within:.2%} within 50 ms)")
+        print(f"{verdict(t.appended >= 5 * t.es_saved)}  append >= 5x eventsourcing at {writers} writers:"
+              f" {t.appended / t.es_saved:.1f}x")
+        print(f"{verdict(t.drained >= 4 * t.es_projected)}  projection (1 worker) >= 4x eventsourcing:"
+              f" {t.drained / t.es_projected:.1f}x")
+    except BaseException:
+        print(f"failed; the subprocesses' logs are in {lab.logs}", file=sys.stderr)
+        raise
+    else:
+        shutil.rmtree(lab.logs, ignore_errors=True)
+    finally:
+        await lab.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=20_000, help="events per throughput phase")
+    parser.add_argument("--es-events", type=int, default=6_000, help="events through the eventsourcing library")
+    parser.add_argument("--writers", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=500.0, help="events/s of the paced latency phase")
+    parser.add_argument("--latency-seconds", type=float, default=12.0)
+    parser.add_argument("--no-relative-latency", dest="relative_latency", action="store_false",
+                        help="skip the second latency phase at 500/3100 of the hand-written pipeline's rate,"
+                             " run when the machine sustains much less today than the issue's 3.1k events/s")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
