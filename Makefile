@@ -35,10 +35,11 @@ bench: $(STAMP)
 # make chaos: the fault-injection suite, longer than its CI run; figures go to CHAOS_REPORT (RELIABILITY.md).
 CHAOS_SECONDS ?= 60
 CHAOS_REPEAT  ?= 2
+CHAOS_RATE    ?= 100
 CHAOS_REPORT  ?= /tmp/eventfleet-chaos-report.jsonl
 chaos: $(STAMP)
 	rm -f $(CHAOS_REPORT)
-	EVENTFLEET_CHAOS_SECONDS=$(CHAOS_SECONDS) EVENTFLEET_CHAOS_REPEAT=$(CHAOS_REPEAT) \
+	EVENTFLEET_CHAOS_SECONDS=$(CHAOS_SECONDS) EVENTFLEET_CHAOS_REPEAT=$(CHAOS_REPEAT) EVENTFLEET_CHAOS_RATE=$(CHAOS_RATE) \
 	EVENTFLEET_CHAOS_REPORT=$(CHAOS_REPORT) $(BIN)/pytest tests/chaos -s -q --timeout=3600
 	$(BIN)/python -m tests.chaos.report $(CHAOS_REPORT)
 

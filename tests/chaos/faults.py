@@ -141,12 +141,13 @@ async def close_connections(ctx: Context) -> dict[str, Any]:
 async def broker_restart(ctx: Context) -> dict[str, Any]:
     """rabbitmqctl stop_app, a random pause, start_app."""
     pause = round(ctx.rng.uniform(1.0, 3.0), 2)
+    started = time.monotonic()
     try:
         await rabbitmqctl("stop_app")
         await asyncio.sleep(pause)
     finally:
         await ensure_rabbit_running()
-    return {"down_seconds": pause}
+    return {"pause": pause, "outage_seconds": round(time.monotonic() - started, 1)}
 
 
 async def terminate_backends(ctx: Context) -> dict[str, Any]:

@@ -38,7 +38,7 @@ LEDGER = load("tests.chaos", "ledger.sql")
 
 #: Scale of the runs: CI keeps them short; ``make chaos`` lengthens them through the environment.
 SECONDS = float(os.environ.get("EVENTFLEET_CHAOS_SECONDS", "0"))  # write load per scenario, at least (0: the schedule)
-RATE = float(os.environ.get("EVENTFLEET_CHAOS_RATE", "100"))  # events per second
+RATE = float(os.environ.get("EVENTFLEET_CHAOS_RATE", "60"))  # events per second
 REPEAT = int(os.environ.get("EVENTFLEET_CHAOS_REPEAT", "1"))  # injections of each fault kind per run
 REPORT_FILE = os.environ.get("EVENTFLEET_CHAOS_REPORT")  # JSON lines of every report, for RELIABILITY.md
 
