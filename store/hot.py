@@ -1,4 +1,4 @@
-"""Connections the event store keeps between its appends instead of handing each back to the pool at once.
+"""Connections the event store keeps between its statements instead of handing each back to the pool at once.
 
 asyncpg's acquire + release costs about as much client CPU as the append statement itself (a shielded
 task, timers and queue operations per cycle); with 8 writers on 2 cores that CPU is taken from Postgres.
