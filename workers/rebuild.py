@@ -160,6 +160,7 @@ class Rebuild:
                 try:
                     cursor, resumed = await self._open_cursor(conn)
                     await self._fill(conn, cursor)
+                    await self._make_durable(conn)
                     caught_up = await self._swap(conn)
                 except BaseException:
                     if self.state == "rebuilding":  # the old tables still serve: say so
@@ -184,8 +185,9 @@ class Rebuild:
         main, shadow = quote(self.schema), quote(self.shadow)
         async with db.translate_errors():
             await conn.execute(f"SET search_path TO {shadow}, {main}")
-            # Shadow batches need not wait for the WAL flush: a crash loses the last few batches together
-            # with the cursor that records them, and the resumed rebuild redoes them. The swap syncs.
+            # The shadow is filled unlogged (no WAL: the bulk of a rebuild's write cost) and made durable
+            # before the swap. A server crash empties unlogged tables, the cursor with them, so the next
+            # run starts over; a killed rebuild (the server lives on) resumes.
             await conn.execute("SET synchronous_commit = off")
             async with conn.transaction():
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {shadow}")
@@ -193,6 +195,34 @@ class Rebuild:
                 await conn.execute(f"SET LOCAL search_path TO {shadow}")
                 await conn.execute(self.projection.ddl)
                 await conn.execute(SQL["create_rebuild_tables"])
+                await self._set_persistence(conn, "UNLOGGED")
+
+    async def _set_persistence(self, conn: db.Conn, persistence: Literal["LOGGED", "UNLOGGED"]) -> list[str]:
+        """Make the shadow's tables (un)logged, in as many passes as foreign keys between them need.
+
+        A logged table may not reference an unlogged one, so the order matters. Returns the tables that
+        could not change (a key from a table outside the projection): unlogged, they only cost speed.
+        """
+        pending = list(self.projection.tables)
+        while pending:
+            failed = []
+            for table in pending:
+                try:
+                    async with conn.transaction():
+                        await conn.execute(f"ALTER TABLE {quote(self.shadow)}.{quote(table)} SET {persistence}")
+                except asyncpg.PostgresError:
+                    failed.append(table)
+            if len(failed) == len(pending):
+                return failed
+            pending = failed
+        return []
+
+    async def _make_durable(self, conn: db.Conn) -> None:
+        """Write the filled shadow tables to the WAL once (outside the swap's pause of the workers)."""
+        async with db.translate_errors():
+            failed = await self._set_persistence(conn, "LOGGED")
+        if failed:  # never swap in a table a crash would empty
+            raise RebuildError(f"could not make shadow tables {failed} of {self.projection.name!r} logged")
 
     async def _open_cursor(self, conn: db.Conn) -> tuple[Position, bool]:
         """The cursor of a killed run of the same projection code, or a fresh shadow at the start."""
@@ -204,9 +234,10 @@ class Rebuild:
                 logger.info("resuming rebuild", extra={"projection": self.projection.name,
                                                        "events_done": row["events"]})
                 return cursor, True
-            if row is not None:  # the projection changed since: its half-built shadow is useless
-                await conn.execute(f"DROP SCHEMA {quote(self.shadow)} CASCADE")
-                await self._create_shadow(conn)
+            # No cursor (a first run, or a crash emptied the unlogged shadow) or other projection code:
+            # whatever the shadow holds is of no use, and would be applied twice.
+            await conn.execute(f"DROP SCHEMA {quote(self.shadow)} CASCADE")
+            await self._create_shadow(conn)
             await conn.execute(SQL["start_cursor"], self.projection.name, fingerprint)
         return Position.START, False
 

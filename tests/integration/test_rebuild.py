@@ -50,6 +50,10 @@ async def test_rebuild_replaces_a_wrong_read_model_with_the_fold(pool, event_sto
         assert await checkpoints_of(pool, projection.name) == await stream_versions(event_store)
     assert await read_models(pool) == await expected(event_store)
     assert shown[-1] == (total, total)
+    # Filled unlogged, swapped in logged: a crash must not empty a live read model.
+    persistence = await pool.fetch("SELECT relname, relpersistence::text FROM pg_class WHERE relnamespace = $1::regnamespace"
+                                   " AND relname IN ('order_summary', 'customer_stats')", schema)
+    assert {r["relname"]: r["relpersistence"] for r in persistence} == {"order_summary": "p", "customer_stats": "p"}
 
 
 class _LiveWorkersRaceAhead(rebuild.Rebuild):
@@ -99,7 +103,10 @@ async def test_a_killed_rebuild_resumes_where_it_stopped(pool, event_store, sche
 
     with pytest.raises(_Killed):
         await rebuild.rebuild(pool, event_store, OrderSummary, batch_size=25, progress=die_after_two_batches)
-    assert await schema_exists(pool, rebuild.shadow_schema(schema, "order_summary"))
+    shadow = rebuild.shadow_schema(schema, "order_summary")
+    assert await schema_exists(pool, shadow)
+    assert await pool.fetchval("SELECT relpersistence::text FROM pg_class WHERE relname = 'order_summary'"
+                               " AND relnamespace = $1::regnamespace", shadow) == "u"
     assert tuple(await status_row(pool, "order_summary")) == ("live", 0)  # the old table still serves
     assert await pool.fetchval("SELECT count(*) FROM order_summary") == 0
 

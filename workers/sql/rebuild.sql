@@ -4,14 +4,15 @@
 
 -- name: create_rebuild_tables
 -- The rebuild's bookkeeping in the shadow schema (run with the shadow alone on the search_path).
-CREATE TABLE IF NOT EXISTS rebuild_checkpoints (
+-- Unlogged like the shadow's tables: a server crash empties them all together (the rebuild starts over).
+CREATE UNLOGGED TABLE IF NOT EXISTS rebuild_checkpoints (
     stream_id      text   NOT NULL,
     version        bigint NOT NULL,
     -- Set when a handler failed on this version under the "halt" policy (as in checkpoints).
     halted_version bigint,
     CONSTRAINT rebuild_checkpoints_pkey PRIMARY KEY (stream_id)
 );
-CREATE TABLE IF NOT EXISTS rebuild_cursor (
+CREATE UNLOGGED TABLE IF NOT EXISTS rebuild_cursor (
     projection      text        NOT NULL,
     fingerprint     text        NOT NULL,
     transaction_id  xid8        NOT NULL DEFAULT '0',
