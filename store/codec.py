@@ -227,76 +227,144 @@ def _split(event_type: str) -> tuple[str, int]:
 
 # --- type-directed construction of dataclasses from decoded values -------------------------------------
 
-_hints_cache: dict[type[Any], dict[str, Any]] = {}
-
-
 def build(cls: type[T], fields: Mapping[str, Any]) -> T:
     """Construct dataclass cls from a decoded mapping, checking every field against its annotation."""
-    hints = _hints_cache.get(cls)
-    if hints is None:
-        hints = _hints_cache[cls] = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-    unknown = set(fields) - names
-    if unknown:
-        raise errors.EventSchemaMismatch(f"{cls.__name__} has no fields {sorted(unknown)}")
-    kwargs = {}
-    for name in names:
-        if name not in fields:
-            continue  # a default may apply; a missing required field fails below
-        kwargs[name] = _convert(hints[name], fields[name], f"{cls.__name__}.{name}")
+    builder = _builders.get(cls)
+    if builder is None:
+        builder = _builders[cls] = _Builder(cls)
+    return builder(fields)  # type: ignore[no-any-return]
+
+
+Convert = Callable[[Any, str], Any]
+_builders: dict[type[Any], _Builder] = {}
+_converters: dict[Any, Convert] = {}
+
+
+class _Builder:
+    """A dataclass's fields and their converters, worked out once per class (decoding is a hot path)."""
+
+    __slots__ = ("cls", "fields", "names")
+
+    def __init__(self, cls: type[Any]) -> None:
+        hints = typing.get_type_hints(cls)
+        self.cls = cls
+        self.fields = [(f.name, f"{cls.__name__}.{f.name}", _converter(hints[f.name]))
+                       for f in dataclasses.fields(cls) if f.init]
+        self.names = frozenset(name for name, _, _ in self.fields)
+
+    def __call__(self, fields: Mapping[str, Any]) -> Any:
+        if not self.names.issuperset(fields):
+            unknown = set(fields) - self.names
+            raise errors.EventSchemaMismatch(f"{self.cls.__name__} has no fields {sorted(unknown)}")
+        kwargs = {}
+        for name, where, convert in self.fields:
+            if name in fields:  # else a default may apply; a missing required field fails below
+                kwargs[name] = convert(fields[name], where)
+        try:
+            return self.cls(**kwargs)
+        except TypeError as exc:
+            raise errors.EventSchemaMismatch(f"{self.cls.__name__}: {exc}") from exc
+
+
+def _converter(hint: Any) -> Convert:
+    """The (cached) function checking and converting a decoded value for a type annotation."""
     try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise errors.EventSchemaMismatch(f"{cls.__name__}: {exc}") from exc
+        found = _converters.get(hint)
+    except TypeError:  # an unhashable annotation: work it out each time
+        return _make_converter(hint)
+    if found is None:
+        found = _converters[hint] = _make_converter(hint)
+    return found
 
 
-def _convert(hint: Any, value: Any, where: str) -> Any:
+def _mismatch(where: str, expected: str, value: Any) -> errors.EventSchemaMismatch:
+    return errors.EventSchemaMismatch(f"{where}: expected {expected}, got {type(value).__name__}")
+
+
+def _make_converter(hint: Any) -> Convert:
     origin = typing.get_origin(hint)
     if hint is Any:
-        return value
+        return lambda value, where: value
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _convert(option, value, where)
-            except errors.EventSchemaMismatch:
-                continue
-        raise errors.EventSchemaMismatch(f"{where}: {value!r} fits none of {hint}")
+        options = [_converter(option) for option in typing.get_args(hint)]
+
+        def union(value: Any, where: str) -> Any:
+            for option in options:
+                try:
+                    return option(value, where)
+                except errors.EventSchemaMismatch:
+                    continue
+            raise errors.EventSchemaMismatch(f"{where}: {value!r} fits none of {hint}")
+
+        return union
     if hint is type(None):
-        if value is None:
-            return None
-        raise errors.EventSchemaMismatch(f"{where}: expected None, got {type(value).__name__}")
+
+        def none(value: Any, where: str) -> Any:
+            if value is None:
+                return None
+            raise _mismatch(where, "None", value)
+
+        return none
     if origin in (list, tuple, frozenset, set) or hint in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise errors.EventSchemaMismatch(f"{where}: expected a sequence, got {type(value).__name__}")
         args = typing.get_args(hint)
-        item = args[0] if args else Any
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if args and len(args) != len(value):
-                raise errors.EventSchemaMismatch(f"{where}: expected {len(args)} items")
-            return tuple(_convert(a, v, where) for a, v in zip(args or [Any] * len(value), value, strict=True))
-        items = [_convert(item, v, f"{where}[]") for v in value]
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            positional = [_converter(a) for a in args]
+
+            def fixed_tuple(value: Any, where: str) -> Any:
+                if not isinstance(value, (list, tuple)):
+                    raise _mismatch(where, "a sequence", value)
+                if len(positional) != len(value):
+                    raise errors.EventSchemaMismatch(f"{where}: expected {len(positional)} items")
+                return tuple(c(v, where) for c, v in zip(positional, value, strict=True))
+
+            return fixed_tuple
+        item = _converter(args[0] if args else Any)
         container = origin or hint
-        return container(items)
+
+        def sequence(value: Any, where: str) -> Any:
+            if not isinstance(value, (list, tuple)):
+                raise _mismatch(where, "a sequence", value)
+            inner = f"{where}[]"
+            return container(item(v, inner) for v in value)
+
+        return sequence
     if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise errors.EventSchemaMismatch(f"{where}: expected a map, got {type(value).__name__}")
         key_t, val_t = typing.get_args(hint) or (Any, Any)
-        return {_convert(key_t, k, where): _convert(val_t, v, where) for k, v in value.items()}
+        key, val = _converter(key_t), _converter(val_t)
+
+        def mapping(value: Any, where: str) -> Any:
+            if not isinstance(value, dict):
+                raise _mismatch(where, "a map", value)
+            return {key(k, where): val(v, where) for k, v in value.items()}
+
+        return mapping
     if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise errors.EventSchemaMismatch(f"{where}: expected a map for {hint!r}")
-        return build(hint, value)  # type: ignore[arg-type]
+
+        def nested(value: Any, where: str) -> Any:
+            if not isinstance(value, dict):
+                raise errors.EventSchemaMismatch(f"{where}: expected a map for {hint!r}")
+            return build(hint, value)  # type: ignore[arg-type]
+
+        return nested
     if isinstance(hint, type):
+        return _scalar(hint)
+    return lambda value, where: value
+
+
+def _scalar(hint: type[Any]) -> Convert:
+    def scalar(value: Any, where: str) -> Any:
+        # type() is checked first: the exact type is the common case and the cheapest test.
+        if type(value) is hint:
+            return value
         if hint is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
-        if hint is int and isinstance(value, bool):
-            raise errors.EventSchemaMismatch(f"{where}: expected int, got bool")
-        if hint is dt.date and isinstance(value, dt.datetime):
-            raise errors.EventSchemaMismatch(f"{where}: expected date, got datetime")
+        if (hint is int and isinstance(value, bool)) or (hint is dt.date and isinstance(value, dt.datetime)):
+            raise _mismatch(where, hint.__name__, value)
         if not isinstance(value, hint):
-            raise errors.EventSchemaMismatch(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+            raise _mismatch(where, hint.__name__, value)
         return value
-    return value
+
+    return scalar
 
 
 # The process-wide registry behind ``store.event`` / ``store.upcaster``.
