@@ -247,9 +247,9 @@ async def _lower_timeout_and_reconnect(pid: int) -> int:
     out = await rabbitmqctl("eval", (
         f"application:set_env(rabbit, channel_tick_interval, {FREEZE_TICK_MS}), "
         f"application:set_env(rabbit, consumer_timeout, {FREEZE_CONSUMER_TIMEOUT_MS}), "
-        "Named = fun(P) -> try proplists:get_value(client_properties, "
-        "rabbit_networking:connection_info(P, [client_properties]), []) of Props -> "
-        "lists:keyfind(<<\"connection_name\">>, 1, Props) =:= "
+        # Everything inside the try: a connection closing meanwhile (or half open) must not crash the eval.
+        "Named = fun(P) -> try lists:keyfind(<<\"connection_name\">>, 1, proplists:get_value(client_properties, "
+        "rabbit_networking:connection_info(P, [client_properties]), [])) =:= "
         f"{{<<\"connection_name\">>, longstr, <<\"{name}\">>}} catch _:_ -> false end end, "
         "length([rabbit_networking:close_connection(P, \"chaos: reconnect with a short consumer timeout\") "
         "|| P <- rabbit_networking:connections(), Named(P)])."))
