@@ -1,27 +1,32 @@
-"""``python -m tests.chaos.report FILE``: the chaos reports (JSON lines) as the Markdown table of RELIABILITY.md."""
+"""``python -m tests.chaos.report FILE``: the chaos reports (JSON lines) as the Markdown tables of RELIABILITY.md."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 
-def _recover(value: Any) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def _seconds(values: list[float]) -> str:
+    """A few values listed, more as median / max."""
+    if not values:
+        return "-"
+    if len(values) <= 3:
+        return ", ".join(f"{v:.1f}" for v in sorted(values))
+    return f"{statistics.median(values):.1f} / {max(values):.1f}"
 
 
-def table(reports: list[dict[str, Any]]) -> str:
+def scenarios(reports: list[dict[str, Any]]) -> str:
     """One row per scenario: faults, events written and applied, duplicates, gaps, recovery, lost, doubled."""
     lines = [
         ("| scenario | faults | load s | written | applied (each projection) | duplicates skipped | gaps filled "
-         "| recover s (median / max) | drain s | lost | doubled |"),
+         "| recover s (each, or median / max) | drain s | lost | doubled |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
-        recovers = sorted(i["recover_seconds"] for i in r["injections"] if i["recover_seconds"] is not None)
-        median = recovers[len(recovers) // 2] if recovers else None
+        recovers = [i["recover_seconds"] for i in r["injections"] if i["recover_seconds"] is not None]
         kinds: dict[str, int] = {}
         for i in r["injections"]:
             kinds[i["kind"]] = kinds.get(i["kind"], 0) + 1
@@ -29,15 +34,35 @@ def table(reports: list[dict[str, Any]]) -> str:
         applied = sorted(set(r["applied"].values()))
         lines.append(
             f"| {r['scenario']} | {faults} | {r['load_seconds']:.0f} | {r['written']} | "
-            f"{'/'.join(map(str, applied))} | {r['duplicates']} | {r['gaps_filled']} | "
-            f"{_recover(median)} / {_recover(max(recovers, default=None))} | {r['drain_seconds']:.1f} | "
-            f"{r['lost']} | {r['doubled']} |")
+            f"{'/'.join(map(str, applied))} | {r['duplicates']} | {r['gaps_filled']} | {_seconds(recovers)} | "
+            f"{r['drain_seconds']:.1f} | {r['lost']} | {r['doubled']} |")
     return "\n".join(lines)
+
+
+def faults(reports: list[dict[str, Any]]) -> str:
+    """One row per fault kind over every run: how long the fault took and how long the fleet took after it."""
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for r in reports:
+        for i in r["injections"]:
+            by_kind.setdefault(i["kind"], []).append(i)
+    lines = ["| fault | injected | fault lasted s (median / max) | recover s (median / max) |", "|---|---|---|---|"]
+    for kind, injections in by_kind.items():
+        lasted = [i["ended"] - i["started"] for i in injections]
+        recovers = [i["recover_seconds"] for i in injections if i["recover_seconds"] is not None]
+        lines.append(f"| {kind} | {len(injections)} | {statistics.median(lasted):.1f} / {max(lasted):.1f} | "
+                     f"{_seconds_always(recovers)} |")
+    return "\n".join(lines)
+
+
+def _seconds_always(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} / {max(values):.1f}" if values else "-"
 
 
 def main(argv: list[str]) -> int:
     reports = [json.loads(line) for line in Path(argv[1]).read_text().splitlines() if line.strip()]
-    print(table(reports))
+    print(scenarios(reports))
+    print()
+    print(faults(reports))
     return 0
 
 
