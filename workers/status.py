@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import aio_pika
+import asyncpg
 from aio_pika.abc import AbstractConnection
 
 from projections import registry
-from store import db, outbox, queries
+from store import db, errors, outbox, queries
 from workers import broker, health, lag, rebuild
 from workers.config import Settings
 
@@ -142,6 +143,10 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     try:
         async with db.create_pool(settings.database_url, settings.schema, min_size=1, max_size=2) as pool:
             report = await collect(pool, settings.schema, settings.prefix, connection)
+    except errors.StoreError as exc:
+        if isinstance(exc.__cause__, asyncpg.UndefinedTableError):
+            raise errors.StoreError(f"schema {settings.schema!r} is not migrated: run `eventfleet migrate`") from exc
+        raise
     finally:
         if connection is not None:
             await connection.close()

@@ -92,3 +92,10 @@ async def test_table_shows_a_stopped_rebuild_and_survives_rabbitmq_being_unreach
         assert await pool.fetchval(status_mod.SQL["lock_held"], key)
         await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
     assert not await pool.fetchval(status_mod.SQL["lock_held"], key)
+
+
+async def test_an_unmigrated_schema_is_a_one_line_error(prefix):
+    result = await status("t_never_migrated", prefix)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "eventfleet status: schema 't_never_migrated' is not migrated: run `eventfleet migrate`")
