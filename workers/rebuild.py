@@ -4,7 +4,8 @@ The rebuild fills shadow copies of the projection's tables in the schema ``<sche
 connection resolves names with ``"<shadow>", "<schema>"`` on the search_path, so the handlers' unqualified
 table names hit the shadow tables while ``events`` and ``checkpoints`` stay the live ones. It reads the
 store with ``read_all`` in large batches and records, in the transaction of each batch, the shadow's
-checkpoint of every stream and its read cursor: a killed rebuild resumes where it stopped.
+checkpoint of every stream and its read cursor: a killed rebuild resumes where it stopped. The shadow's
+tables are unlogged while they fill (no WAL) and made logged once before the swap.
 
 Once it has caught up with the tail, one swap transaction takes the projection's exclusive advisory lock
 (live workers hold it shared per batch, so they pause), applies to the shadow whatever the live workers
