@@ -211,12 +211,12 @@ class Fleet:
         if self._http is not None:
             await self._http.close()
 
-    async def start(self, within: float = 60) -> None:
+    async def start(self, within: float = 120) -> None:
         for slot in self.slots:
             slot.start()
         await asyncio.gather(*(self.wait_ready(s, within) for s in self.slots))
 
-    async def restart(self, slot: Slot, within: float = 60) -> None:
+    async def restart(self, slot: Slot, within: float = 120) -> None:
         slot.start()
         await self.wait_ready(slot, within)
 
@@ -251,16 +251,23 @@ class Fleet:
             inc.rss_last, inc.rss_peak = current, max(inc.rss_peak, peak)
         try:
             async with self._http.get(f"http://127.0.0.1:{slot.port}/metrics") as response:
+                if response.status != 200:  # e.g. the watchdog's 503 while a just-continued loop catches up
+                    return
                 text = await response.text()
         except (aiohttp.ClientError, TimeoutError):
             return
-        for family in text_string_to_metric_families(text):
-            key = COUNTERS.get(family.name)
-            if key is None:
-                continue
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    inc.counters[(key, sample.labels.get("projection", ""))] = sample.value
+        counters: dict[tuple[str, str], float] = {}
+        try:
+            for family in text_string_to_metric_families(text):
+                key = COUNTERS.get(family.name)
+                if key is None:
+                    continue
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        counters[(key, sample.labels.get("projection", ""))] = sample.value
+        except ValueError:  # a cut-off body (the process died mid-answer): keep the last good scrape
+            return
+        inc.counters.update(counters)
 
     async def run_scraper(self, interval: float = 1.0) -> None:
         """Scrape until cancelled."""
