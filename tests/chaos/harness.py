@@ -97,10 +97,10 @@ class LagMonitor:
     def max_between(self, start: float, end: float) -> int:
         return max((s.total or 0 for s in self.samples if start <= s.t <= end), default=0)
 
-    def recovered_at(self, after: float, threshold: int) -> float | None:
-        """The first sample after ``after`` with a known lag at or below ``threshold``."""
+    def recovered_at(self, after: float, threshold: int, before: float = float("inf")) -> float | None:
+        """The first sample in [after, before) with a known lag at or below ``threshold``."""
         for s in self.samples:
-            if s.t >= after and s.total is not None and s.total <= threshold:
+            if after <= s.t < before and s.total is not None and s.total <= threshold:
                 return s.t
         return None
 
@@ -137,6 +137,7 @@ class Report:
     exit_codes: dict[str, int]
     injections: list[Injection]
     memory: list[dict[str, Any]]
+    samples: list[tuple[float, int | None, float | None]]  # (t, lag summed over projections, worst lag seconds)
 
     def line(self) -> str:
         recover = "-" if self.recover_seconds_max is None else f"{self.recover_seconds_max:.1f}s"
@@ -269,8 +270,9 @@ async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, 
         exit_codes = await fleet.stop()
     steady = monitor.max_between(1.0, injections[0].started if injections else load_end)
     threshold = max(2 * steady, int(rate))  # steady state: at most twice the pre-fault peak, or 1 s of load
-    for inj in injections:
-        back = monitor.recovered_at(inj.ended, threshold)
+    for inj, following in zip(injections, [*injections[1:], None], strict=True):
+        # Recovered before the next fault began, or not at all: a recovery never spans two faults.
+        back = monitor.recovered_at(inj.ended, threshold, following.started if following else float("inf"))
         inj.recover_seconds = None if back is None else round(back - inj.ended, 2)
     totals = fleet.totals()
     recovers = [i.recover_seconds for i in injections if i.recover_seconds is not None]
@@ -281,7 +283,9 @@ async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, 
         dead_lettered=int(totals.get("dead_lettered", 0)), writer_retries=writer.retries, steady_lag=steady,
         max_lag=monitor.max_between(0, drained), drain_seconds=round(drained - load_end, 2),
         recover_seconds_max=max(recovers, default=None), lost=verdict.lost, doubled=verdict.doubled,
-        exact=verdict.exact, exit_codes=exit_codes, injections=injections, memory=fleet.memory())
+        exact=verdict.exact, exit_codes=exit_codes, injections=injections, memory=fleet.memory(),
+        samples=[(round(x.t, 1), x.total, None if x.lag_seconds is None else round(x.lag_seconds, 2))
+                 for x in monitor.samples])
     report.emit()
     assert verdict.exact, (verdict.summary_mismatches[:5], verdict.stats_mismatches[:5])
     assert dead == 0, f"{dead} dead letters still parked"

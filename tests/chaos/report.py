@@ -45,12 +45,13 @@ def faults(reports: list[dict[str, Any]]) -> str:
     for r in reports:
         for i in r["injections"]:
             by_kind.setdefault(i["kind"], []).append(i)
-    lines = ["| fault | injected | fault lasted s (median / max) | recover s (median / max) |", "|---|---|---|---|"]
+    lines = [("| fault | injected | fault lasted s (median / max) | recover s (median / max) "
+             "| not back to steady state before the next fault |"), "|---|---|---|---|---|"]
     for kind, injections in by_kind.items():
         lasted = [i["ended"] - i["started"] for i in injections]
         recovers = [i["recover_seconds"] for i in injections if i["recover_seconds"] is not None]
         lines.append(f"| {kind} | {len(injections)} | {statistics.median(lasted):.1f} / {max(lasted):.1f} | "
-                     f"{_seconds_always(recovers)} |")
+                     f"{_seconds_always(recovers)} | {len(injections) - len(recovers)} |")
     return "\n".join(lines)
 
 
