@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from tests.chaos import harness
+from tests.chaos import faults, harness
 from tests.conftest import AMQP_URL, DATABASE_URL
 
 
@@ -37,3 +37,5 @@ async def deployment(schema: str, prefix: str, vhost: str) -> AsyncIterator[harn
     deployment = harness.Deployment(DATABASE_URL, harness.vhost_url(AMQP_URL, vhost), vhost, schema, prefix)
     yield deployment
     await harness.delete_topology(deployment)
+    # Another test may be restarting Postgres: let it come back before `schema` drops this test's schema.
+    await faults.wait_postgres(DATABASE_URL)

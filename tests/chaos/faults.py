@@ -90,6 +90,11 @@ async def ensure_postgres_running(database_url: str, within: float = 60) -> None
     status = await run("pg_ctlcluster", "--skip-systemctl-redirect", *PG_CLUSTER, "status", check=False)
     if "server is running" not in status:
         await run("pg_ctlcluster", "--skip-systemctl-redirect", *PG_CLUSTER, "start", check=False)
+    await wait_postgres(database_url, within)
+
+
+async def wait_postgres(database_url: str, within: float = 60) -> None:
+    """Until Postgres accepts connections (raise after ``within`` seconds)."""
     deadline = time.monotonic() + within
     while True:
         try:

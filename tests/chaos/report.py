@@ -27,6 +27,8 @@ def scenarios(reports: list[dict[str, Any]]) -> str:
     ]
     for r in reports:
         recovers = [i["recover_seconds"] for i in r["injections"] if i["recover_seconds"] is not None]
+        missed = len(r["injections"]) - len(recovers)
+        recover = _seconds(recovers) + (f" ({missed} not before the next fault)" if missed else "")
         kinds: dict[str, int] = {}
         for i in r["injections"]:
             kinds[i["kind"]] = kinds.get(i["kind"], 0) + 1
@@ -34,7 +36,7 @@ def scenarios(reports: list[dict[str, Any]]) -> str:
         applied = sorted(set(r["applied"].values()))
         lines.append(
             f"| {r['scenario']} | {faults} | {r['load_seconds']:.0f} | {r['written']} | "
-            f"{'/'.join(map(str, applied))} | {r['duplicates']} | {r['gaps_filled']} | {_seconds(recovers)} | "
+            f"{'/'.join(map(str, applied))} | {r['duplicates']} | {r['gaps_filled']} | {recover} | "
             f"{r['drain_seconds']:.1f} | {r['lost']} | {r['doubled']} |")
     return "\n".join(lines)
 
