@@ -97,13 +97,6 @@ class LagMonitor:
     def max_between(self, start: float, end: float) -> int:
         return max((s.total or 0 for s in self.samples if start <= s.t <= end), default=0)
 
-    def recovered_at(self, after: float, threshold: int, before: float = float("inf")) -> float | None:
-        """The first sample in [after, before) with a known lag at or below ``threshold``."""
-        for s in self.samples:
-            if after <= s.t < before and s.total is not None and s.total <= threshold:
-                return s.t
-        return None
-
 
 @dataclasses.dataclass
 class Injection:
@@ -137,7 +130,7 @@ class Report:
     exit_codes: dict[str, int]
     injections: list[Injection]
     memory: list[dict[str, Any]]
-    samples: list[tuple[float, int | None, float | None]]  # (t, lag summed over projections, worst lag seconds)
+    samples: list[tuple[float, int | None, float | None]]  # (t, lag summed over projections, worst lag s)
 
     def line(self) -> str:
         recover = "-" if self.recover_seconds_max is None else f"{self.recover_seconds_max:.1f}s"
@@ -268,12 +261,12 @@ async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, 
         stats = await pool.fetch("SELECT projection, applied FROM projection_status")
         dead = await pool.fetchval("SELECT count(*) FROM dead_letters WHERE status = 'parked'")
         exit_codes = await fleet.stop()
-    steady = monitor.max_between(1.0, injections[0].started if injections else load_end)
-    threshold = max(2 * steady, int(rate))  # steady state: at most twice the pre-fault peak, or 1 s of load
-    for inj, following in zip(injections, [*injections[1:], None], strict=True):
-        # Recovered before the next fault began, or not at all: a recovery never spans two faults.
-        back = monitor.recovered_at(inj.ended, threshold, following.started if following else float("inf"))
-        inj.recover_seconds = None if back is None else round(back - inj.ended, 2)
+    samples = [(round(x.t, 1), x.total, None if x.lag_seconds is None else round(x.lag_seconds, 2))
+               for x in monitor.samples]
+    steady = steady_lag(samples, injections[0].started if injections else load_end)
+    for inj, back in zip(injections, recoveries(samples, [(i.started, i.ended) for i in injections], steady, rate),
+                         strict=True):
+        inj.recover_seconds = back
     totals = fleet.totals()
     recovers = [i.recover_seconds for i in injections if i.recover_seconds is not None]
     report = Report(
@@ -284,12 +277,34 @@ async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, 
         max_lag=monitor.max_between(0, drained), drain_seconds=round(drained - load_end, 2),
         recover_seconds_max=max(recovers, default=None), lost=verdict.lost, doubled=verdict.doubled,
         exact=verdict.exact, exit_codes=exit_codes, injections=injections, memory=fleet.memory(),
-        samples=[(round(x.t, 1), x.total, None if x.lag_seconds is None else round(x.lag_seconds, 2))
-                 for x in monitor.samples])
+        samples=samples)
     report.emit()
     assert verdict.exact, (verdict.summary_mismatches[:5], verdict.stats_mismatches[:5])
     assert dead == 0, f"{dead} dead letters still parked"
     return report
+
+
+Samples = list[tuple[float, int | None, float | None]]
+
+
+def steady_lag(samples: Samples, first_fault: float) -> int:
+    """The pre-fault lag: the 90th percentile of the samples between 1 s and the first fault (robust to a
+    spike another test's outage may cause)."""
+    before = sorted(total for t, total, _ in samples if 1.0 <= t < first_fault and total is not None)
+    return before[int(0.9 * (len(before) - 1))] if before else 0
+
+
+def recoveries(samples: Samples, faults: Sequence[tuple[float, float]], steady: int,
+               rate: float) -> list[float | None]:
+    """Per fault (started, ended): seconds from its end to the first sample back at steady state (at most
+    twice the pre-fault lag, or one second of load), or None if that did not happen before the next fault."""
+    threshold = max(2 * steady, int(rate))
+    out: list[float | None] = []
+    for (_, ended), (following, _) in zip(faults, [*faults[1:], (float("inf"), 0.0)], strict=True):
+        back = next((t for t, total, _ in samples
+                     if ended <= t < following and total is not None and total <= threshold), None)
+        out.append(None if back is None else round(back - ended, 2))
+    return out
 
 
 async def _sleep_or_fail(seconds: float, writing: asyncio.Task[None], fleet: Fleet) -> None:

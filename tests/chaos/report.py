@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.chaos import harness
+
 
 def _seconds(values: list[float]) -> str:
     """A few values listed, more as median / max."""
@@ -61,8 +63,21 @@ def _seconds_always(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} / {max(values):.1f}" if values else "-"
 
 
+def recompute(report: dict[str, Any]) -> dict[str, Any]:
+    """Recovery figures recomputed from the stored lag samples with the harness's current rules."""
+    samples = report.get("samples")
+    if samples and report["injections"]:
+        steady = harness.steady_lag(samples, report["injections"][0]["started"])
+        faults = [(i["started"], i["ended"]) for i in report["injections"]]
+        backs = harness.recoveries(samples, faults, steady, report["rate"])
+        for injection, back in zip(report["injections"], backs, strict=True):
+            injection["recover_seconds"] = back
+        report["steady_lag"] = steady
+    return report
+
+
 def main(argv: list[str]) -> int:
-    reports = [json.loads(line) for line in Path(argv[1]).read_text().splitlines() if line.strip()]
+    reports = [recompute(json.loads(line)) for line in Path(argv[1]).read_text().splitlines() if line.strip()]
     print(scenarios(reports))
     print()
     print(faults(reports))
