@@ -282,9 +282,9 @@ def applied_all(conn: db.Conn, events: int, writing: asyncio.Future[Any] | None 
     return check
 
 
-async def start_ours(lab: Lab, settings: Settings, workers: int, http_port: int = 0) -> None:
+async def start_ours(lab: Lab, settings: Settings, workers: int, http_port: int = 0, relay_port: int = 0) -> None:
     """Our relay and ``workers`` worker processes, ready: the relay listens, every queue has its consumers."""
-    await lab.spawn(settings, "workers", "relay")
+    await lab.spawn(settings, "workers", "relay", http_port=relay_port)
     for _ in range(workers):
         await lab.spawn(settings, "workers", "worker", http_port=http_port)
     conn = await db.connect(settings.database_url, settings.schema)
@@ -512,17 +512,26 @@ def free_port() -> int:
         return port
 
 
-async def histogram(port: int) -> dict[str, list[tuple[float, float]]]:
-    """The worker's end-to-end histogram per projection: cumulative (upper bound, count) pairs."""
+Buckets = dict[str, list[tuple[float, float]]]  # per projection (or "" without labels): (upper bound, count)
+
+
+async def histograms(port: int) -> dict[str, Buckets]:
+    """Every histogram a process exposes on /metrics, as cumulative buckets per projection label."""
     async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
         text = await response.text()
-    found: dict[str, list[tuple[float, float]]] = {}
+    found: dict[str, Buckets] = {}
     for family in text_string_to_metric_families(text):
-        if family.name == "eventfleet_end_to_end_seconds":
-            for s in family.samples:
-                if s.name.endswith("_bucket"):
-                    found.setdefault(s.labels["projection"], []).append((float(s.labels["le"]), s.value))
+        for s in family.samples:
+            if s.name.endswith("_bucket"):
+                found.setdefault(family.name, {}).setdefault(s.labels.get("projection", ""), []).append(
+                    (float(s.labels["le"]), s.value))
     return found
+
+
+def observed_since(end: Buckets, start: Buckets, label: str) -> list[tuple[float, float]]:
+    """The buckets of the observations made between two scrapes."""
+    before = dict(start.get(label, []))
+    return [(bound, count - before.get(bound, 0.0)) for bound, count in end.get(label, [])]
 
 
 def quantile(buckets: Sequence[tuple[float, float]], q: float) -> float:
@@ -542,12 +551,13 @@ class Latency:
     events: int
     histogram: dict[str, tuple[float, float, float, int]]  # projection: p50, p99, share <= 50 ms, count
     checkpoints: tuple[float, float, int]  # p50, p99 (both read models), orders sampled
+    batches: dict[str, tuple[float, float, int]]  # relay publish / worker apply per batch: p50, p99, count
 
 
 async def latency(lab: Lab, schedules: Sequence[Sequence[Token]], rate: float) -> Latency:
     settings = await lab.deployment("latency")
-    events, port = sum(map(len, schedules)), free_port()
-    await start_ours(lab, settings, 1, http_port=port)
+    events, port, relay_port = sum(map(len, schedules)), free_port(), free_port()
+    await start_ours(lab, settings, 1, http_port=port, relay_port=relay_port)
     conn = await db.connect(settings.database_url, settings.schema)
     try:
         async with db.create_pool(settings.database_url, settings.schema, min_size=len(schedules),
@@ -555,11 +565,11 @@ async def latency(lab: Lab, schedules: Sequence[Sequence[Token]], rate: float) -
             store = EventStore(pool, schema=settings.schema)
             writing = asyncio.ensure_future(write(schedules, store_step(store), rate))
             await asyncio.sleep(WARM_UP)  # pacing the scrape: the warm-up's observations are subtracted
-            warm = await histogram(port)
+            warm, relay_warm = await histograms(port), await histograms(relay_port)
             since = await conn.fetchval("SELECT clock_timestamp()")
             await writing
             await until(applied_all(conn, events), 60, "lag 0 after the paced load")
-        end = await histogram(port)
+        end, relay_end = await histograms(port), await histograms(relay_port)
         rows = await conn.fetch(
             "SELECT c.stream_id, max(extract(epoch FROM c.updated_at - e.recorded_at)) AS seconds"
             " FROM checkpoints AS c JOIN events AS e ON e.stream_id = c.stream_id AND e.version = c.version"
@@ -569,11 +579,20 @@ async def latency(lab: Lab, schedules: Sequence[Sequence[Token]], rate: float) -
     await lab.stop_all()
     by_projection = {}
     for p in PROJECTIONS:
-        diff = [(b, c - w) for (b, c), (_, w) in zip(end[p], warm.get(p, [(b, 0.0) for b, _ in end[p]]), strict=True)]
+        diff = observed_since(end["eventfleet_end_to_end_seconds"], warm.get("eventfleet_end_to_end_seconds", {}), p)
         within = dict(diff).get(0.05, 0.0) / diff[-1][1] if diff[-1][1] else float("nan")
         by_projection[p] = (quantile(diff, 0.5), quantile(diff, 0.99), within, int(diff[-1][1]))
+    batches = {}
+    for name, label, after, before in [
+            ("relay publish+confirm", "", relay_end, relay_warm),
+            *((f"worker apply, {p}", p, end, warm) for p in PROJECTIONS)]:
+        metric = "eventfleet_relay_publish_batch_seconds" if not label else "eventfleet_projection_apply_seconds"
+        diff = observed_since(after.get(metric, {}), before.get(metric, {}), label)
+        if diff and diff[-1][1]:
+            batches[name] = (quantile(diff, 0.5), quantile(diff, 0.99), int(diff[-1][1]))
     seconds = sorted(float(r["seconds"]) for r in rows)
-    return Latency(events, by_projection, (percentile(seconds, 0.5), percentile(seconds, 0.99), len(seconds)))
+    return Latency(events, by_projection, (percentile(seconds, 0.5), percentile(seconds, 0.99), len(seconds)),
+                   batches)
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -589,7 +608,10 @@ def report_latency(rate: float, lat: Latency, note: str = "") -> None:
               f"  ({within:.2%} of {n} within 50 ms)")
     c50, c99, sampled = lat.checkpoints
     print(f"latency at {rate:.0f}/s{note}, both read models, to checkpoint claim ({sampled} orders' last events):"
-          f" p50 {c50 * 1000:6.1f} ms  p99 {c99 * 1000:6.1f} ms", flush=True)
+          f" p50 {c50 * 1000:6.1f} ms  p99 {c99 * 1000:6.1f} ms")
+    print(f"latency at {rate:.0f}/s{note}, per batch: " + "; ".join(
+        f"{name} p50 {b50 * 1000:.1f} ms p99 {b99 * 1000:.1f} ms ({n})" for name, (b50, b99, n) in lat.batches.items()),
+        flush=True)
 
 
 def verdict(ok: bool) -> str:
