@@ -26,7 +26,9 @@ over 8 writers that each own their orders (no version conflicts), steps interlea
    commit; the first 2 s are left out) and, per order's last event, from the checkpoint row's update
    time (set when the worker's batch claims the row: before its writes and its commit, so lower). When the hand-written pipeline sustained far
    less in this run than the issue's 3.1k events/s (a loaded machine), latency is also measured at the
-   same share of that capacity as 500 is of 3.1k.
+   same share of that capacity as 500 is of 3.1k. To split the path, a transient queue of the bench's own
+   on the exchange is consumed without any work (recorded_at to the relay's publish, near enough), and the
+   relay's and worker's per-batch histograms give the time of each publish+confirm and applied batch.
 
 Every schema and queue is created with a unique name and removed at the end. Servers:
 ``EVENTFLEET_DATABASE_URL`` and ``EVENTFLEET_AMQP_URL``.
@@ -69,6 +71,7 @@ from workers import broker, commands, consumer, health, relay
 from workers.config import Settings
 
 PROJECTIONS = ("order_summary", "customer_stats")
+OBSERVER = "bench_observer"  # a queue of our own on the exchange, as CONTRACT.md allows other consumers
 WARM_UP = 2.0
 Token = tuple[str, int, Any]  # (stream id, version to write, event)
 
@@ -552,11 +555,14 @@ class Latency:
     histogram: dict[str, tuple[float, float, float, int]]  # projection: p50, p99, share <= 50 ms, count
     checkpoints: tuple[float, float, int]  # p50, p99 (both read models), orders sampled
     batches: dict[str, tuple[float, float, int]]  # relay publish / worker apply per batch: p50, p99, count
+    delivered: tuple[float, float, int]  # recorded_at to the relay's publish (observer): p50, p99, count
 
 
 async def latency(lab: Lab, schedules: Sequence[Sequence[Token]], rate: float) -> Latency:
     settings = await lab.deployment("latency")
     events, port, relay_port = sum(map(len, schedules)), free_port(), free_port()
+    delivered: list[tuple[float, float]] = []  # (recorded_at, delivered) of every event, as epoch seconds
+    observer = await observe(lab, settings, delivered)
     await start_ours(lab, settings, 1, http_port=port, relay_port=relay_port)
     conn = await db.connect(settings.database_url, settings.schema)
     try:
@@ -576,7 +582,10 @@ async def latency(lab: Lab, schedules: Sequence[Sequence[Token]], rate: float) -
             " WHERE e.recorded_at >= $1 GROUP BY c.stream_id", since)
     finally:
         await conn.close()
+        await observer.close()
     await lab.stop_all()
+    cutoff = since.timestamp()
+    waits = sorted(d - r for r, d in delivered if r >= cutoff)
     by_projection = {}
     for p in PROJECTIONS:
         diff = observed_since(end["eventfleet_end_to_end_seconds"], warm.get("eventfleet_end_to_end_seconds", {}), p)
@@ -592,7 +601,27 @@ async def latency(lab: Lab, schedules: Sequence[Sequence[Token]], rate: float) -
             batches[name] = (quantile(diff, 0.5), quantile(diff, 0.99), int(diff[-1][1]))
     seconds = sorted(float(r["seconds"]) for r in rows)
     return Latency(events, by_projection, (percentile(seconds, 0.5), percentile(seconds, 0.99), len(seconds)),
-                   batches)
+                   batches, (percentile(waits, 0.5), percentile(waits, 0.99), len(waits)))
+
+
+async def observe(lab: Lab, settings: Settings, delivered: list[tuple[float, float]]
+                  ) -> aio_pika.abc.AbstractConnection:
+    """A transient classic queue of our own on the exchange, consumed without any work: when the relay's
+    publish of each event reached the broker, near enough (recorded_at, delivered). A quorum queue would
+    add a third replicated log to the broker's work and slow down what it measures. Returns the
+    connection to close (the queue goes with it)."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    channel = await connection.channel()
+    queue = await channel.declare_queue(f"{settings.prefix}.{OBSERVER}", exclusive=True, auto_delete=True)
+    await queue.bind(broker.Names(settings.prefix).exchange, routing_key="#")
+    raw = await channel.get_underlay_channel()
+
+    async def receive(message: aiormq.abc.DeliveredMessage) -> None:
+        now = time.time()
+        delivered.append((broker.from_body(message.body).recorded_at.timestamp(), now))
+
+    await raw.basic_consume(queue.name, receive, no_ack=True)
+    return connection
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -609,6 +638,9 @@ def report_latency(rate: float, lat: Latency, note: str = "") -> None:
     c50, c99, sampled = lat.checkpoints
     print(f"latency at {rate:.0f}/s{note}, both read models, to checkpoint claim ({sampled} orders' last events):"
           f" p50 {c50 * 1000:6.1f} ms  p99 {c99 * 1000:6.1f} ms")
+    d50, d99, n = lat.delivered
+    print(f"latency at {rate:.0f}/s{note}, to the relay's publish (an idle observer's delivery, {n}):"
+          f" p50 {d50 * 1000:6.1f} ms  p99 {d99 * 1000:6.1f} ms")
     print(f"latency at {rate:.0f}/s{note}, per batch: " + "; ".join(
         f"{name} p50 {b50 * 1000:.1f} ms p99 {b99 * 1000:.1f} ms ({n})" for name, (b50, b99, n) in lat.batches.items()),
         flush=True)
