@@ -145,11 +145,7 @@ async def clean_up(settings: Settings, schema: str, names: broker.Names, project
             connection = await aio_pika.connect(settings.amqp_url)
             try:
                 channel = await connection.channel()
-                for p in projections:
-                    await channel.queue_delete(names.queue(p))
-                    await channel.queue_delete(names.dead_letter_queue(p))
-                await channel.exchange_delete(names.exchange)
-                await channel.exchange_delete(names.dead_letter_exchange)
+                await broker.delete_topology(channel, names, projections)
             finally:
                 await connection.close()
     async for attempt in _patiently():

@@ -70,6 +70,15 @@ async def declare_topology(channel: AbstractChannel, n: Names, projections: Iter
     return exchange
 
 
+async def delete_topology(channel: AbstractChannel, n: Names, projections: Iterable[str]) -> None:
+    """Delete what declare_topology declared (tests and benchmarks clean up with it)."""
+    for projection in projections:
+        await channel.queue_delete(n.queue(projection))
+        await channel.queue_delete(n.dead_letter_queue(projection))
+    await channel.exchange_delete(n.exchange)
+    await channel.exchange_delete(n.dead_letter_exchange)
+
+
 def to_message(event: RecordedEvent) -> aio_pika.Message:
     """The contract's message for a stored event: msgpack body, event id as message id, persistent."""
     body = {

@@ -191,11 +191,7 @@ async def delete_topology(deployment: Deployment, within: float = 60) -> None:
             await asyncio.sleep(0.5)
     async with connection:
         channel = await connection.channel()
-        for projection in PROJECTIONS:
-            await channel.queue_delete(names.queue(projection))
-            await channel.queue_delete(names.dead_letter_queue(projection))
-        await channel.exchange_delete(names.exchange)
-        await channel.exchange_delete(names.dead_letter_exchange)
+        await broker.delete_topology(channel, names, PROJECTIONS)
 
 
 @contextlib.asynccontextmanager

@@ -93,11 +93,7 @@ async def topology(prefix: str, amqp: AbstractRobustConnection) -> AsyncIterator
     channel = await amqp.channel()
     await broker.declare_topology(channel, names, projections)
     yield projections
-    for projection in projections:
-        await channel.queue_delete(names.queue(projection))
-        await channel.queue_delete(names.dead_letter_queue(projection))
-    await channel.exchange_delete(names.exchange)
-    await channel.exchange_delete(names.dead_letter_exchange)
+    await broker.delete_topology(channel, names, projections)
     await channel.close()
 
 

@@ -68,11 +68,7 @@ async def declare(connection: AbstractConnection, prefix: str) -> tuple[Abstract
 async def delete_topology(connection: AbstractConnection, prefix: str) -> None:
     names = broker.Names(prefix)
     channel = await connection.channel()
-    for projection in PROJECTIONS:
-        await channel.queue_delete(names.queue(projection))
-        await channel.queue_delete(names.dead_letter_queue(projection))
-    await channel.exchange_delete(names.exchange)
-    await channel.exchange_delete(names.dead_letter_exchange)
+    await broker.delete_topology(channel, names, PROJECTIONS)
     await channel.close()
 
 

@@ -53,11 +53,7 @@ async def declare(prefix: str) -> AsyncIterator[Declare]:
 
     yield run
     cleanup = await connection.channel()
-    for p in declared:
-        await cleanup.queue_delete(names.queue(p))
-        await cleanup.queue_delete(names.dead_letter_queue(p))
-    await cleanup.exchange_delete(names.exchange)
-    await cleanup.exchange_delete(names.dead_letter_exchange)
+    await broker.delete_topology(cleanup, names, declared)
     await connection.close()
 
 
