@@ -259,6 +259,21 @@ async def test_bad_input_is_refused_before_the_database(pool, schema, stream_id,
         await store.append_batch([(stream_id, events, NO_STREAM)])
 
 
+@pytest.mark.parametrize("bad", [-1, 2**62, 1.0, "0", True, None])
+async def test_reads_refuse_a_version_or_limit_that_is_not_a_small_non_negative_int_before_the_database(
+        pool, schema, bad):
+    async with db.create_pool(DATABASE_URL, schema, min_size=0, max_size=1) as closed:
+        pass  # closed: any database access would raise a TransientError, not the input error
+    store = EventStore(closed, schema=schema)
+    with pytest.raises(InvalidInput, match="from_version must be an int >= 0"):
+        await store.load("s", from_version=bad)
+    with pytest.raises(InvalidInput, match="version must be an int >= 0"):
+        await store.save_snapshot("s", bad, paid())
+    if bad != 2**62:  # a huge limit is fine
+        with pytest.raises(InvalidInput, match="limit must be an int >= 1"):
+            await store.read_all(limit=bad)
+
+
 async def test_payloads_over_the_limit_are_refused_default_one_mebibyte(event_store, pool, schema):
     assert event_store.max_payload_bytes == 1024 * 1024
     big = OrderPaid("o", "c" * (1024 * 1024), Decimal(1), NOW)
