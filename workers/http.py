@@ -1,20 +1,25 @@
 """The HTTP server of long-running commands: /metrics, /healthz and /readyz (aiohttp, same event loop).
 
 A blocked event loop cannot answer for itself, so a watchdog thread watches a heartbeat the loop keeps
-beating. While the beat is older than ``stall_after`` the thread accepts the probes queued on the same
-listening socket and answers them 503; once the loop beats again aiohttp serves everything as before.
+beating. While the beat is older than ``stall_after`` the thread takes the requests queued on the same
+listening socket and answers them with the standard library's ``http.server`` (503 and how long the loop
+has been blocked, for /healthz, /readyz and /metrics alike; 404 elsewhere); once the loop beats again
+aiohttp serves everything as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import logging
-import select
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
+from typing import Any
 
 import prometheus_client
 from aiohttp import web
@@ -26,6 +31,7 @@ logger = logging.getLogger(__name__)
 Check = Callable[[], bool]
 
 DEFAULT_STALL_AFTER = 5.0
+ENDPOINTS = ("/metrics", "/healthz", "/readyz")
 
 
 class Watchdog:
@@ -82,25 +88,62 @@ def make_app(ready: Check, watchdog: Watchdog | None = None) -> web.Application:
     return app
 
 
-def _answer_blocked(conn: socket.socket, blocked: float) -> None:
-    """Answer one HTTP request with 503 without the event loop's help."""
-    conn.settimeout(1.0)
-    with contextlib.suppress(OSError):
-        request = b""
-        while b"\r\n\r\n" not in request and len(request) < 8192:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            request += chunk
-        body = f"event loop blocked for {blocked:.1f}s\n".encode()
-        conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                     b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
-    conn.close()
+class _StalledHandler(http.server.BaseHTTPRequestHandler):
+    """One request on the watchdog thread while the loop is blocked: 503 and why for every endpoint."""
+
+    server: _StalledServer
+    timeout = 1.0  # a client that connects and sends nothing must not hold the watchdog for long
+    server_version = "eventfleet-watchdog"
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def _answer(self, *, body: bool) -> None:
+        if urllib.parse.urlsplit(self.path).path not in ENDPOINTS:
+            self.send_error(HTTPStatus.NOT_FOUND)
+            return
+        text = f"event loop blocked for {self.server.blocked:.1f}s\n".encode()
+        self.send_response(HTTPStatus.SERVICE_UNAVAILABLE)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(text)))
+        self.end_headers()
+        if body:
+            self.wfile.write(text)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("answered while the event loop is blocked", extra={"request": format % args})
 
 
-def _watch(listener: socket.socket, watchdog: Watchdog, stop: threading.Event) -> None:
-    """The watchdog thread: while the loop is blocked, answer the queued probes with 503."""
-    stalled = 0.0
+class _StalledServer(http.server.HTTPServer):
+    """The standard library's HTTP server on a duplicate of aiohttp's listening socket.
+
+    It never binds or listens itself; ``handle_request()`` takes one connection queued on the shared
+    socket, if any arrives within ``watchdog.interval``, and answers it with ``_StalledHandler``.
+    """
+
+    def __init__(self, listener: socket.socket, watchdog: Watchdog) -> None:
+        super().__init__(listener.getsockname()[:2], _StalledHandler, bind_and_activate=False)
+        self.socket.close()  # the unbound socket TCPServer made: the shared listener replaces it
+        # A timeout, not blocking mode: the file status flags (O_NONBLOCK) are shared with aiohttp's socket,
+        # which must stay non-blocking; the timeout also bounds accept() when the loop took the connection.
+        listener.settimeout(watchdog.interval)
+        self.socket = listener
+        self.timeout = watchdog.interval
+        self.watchdog = watchdog
+        self.blocked = 0.0  # seconds the loop had been blocked when the watchdog last looked
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A probe that hung up or sent garbage costs only its own answer.
+        logger.debug("answering a request while the event loop is blocked failed",
+                     exc_info=True)  # noqa: LOG014 - socketserver calls this from its except block
+
+
+def _watch(server: _StalledServer, stop: threading.Event) -> None:
+    """The watchdog thread: while the loop is blocked, answer the queued requests with 503."""
+    watchdog, stalled = server.watchdog, 0.0
     while not stop.is_set():
         blocked = watchdog.blocked_for()
         if not blocked:
@@ -111,16 +154,9 @@ def _watch(listener: socket.socket, watchdog: Watchdog, stop: threading.Event) -
             continue
         if not stalled:
             logger.warning("event loop blocked", extra={"blocked_seconds": round(blocked, 3)})
-        stalled = blocked
-        readable, _, _ = select.select([listener], [], [], watchdog.interval)
-        if not readable:
-            continue
-        try:
-            # Non-blocking (asyncio set it): the loop, just back, may have taken this connection first.
-            conn, _ = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            continue
-        _answer_blocked(conn, blocked)
+        stalled = server.blocked = blocked
+        # Waits up to interval for a connection; the loop, just back, may accept it first (then this returns).
+        server.handle_request()
 
 
 @contextlib.asynccontextmanager
@@ -139,9 +175,8 @@ async def serve(port: int, ready: Check, host: str = "0.0.0.0", *,
     runner = web.AppRunner(make_app(ready, watchdog), access_log=None, handle_signals=False)
     await runner.setup()
     stop = threading.Event()
-    listener = sock.dup()
-    thread = threading.Thread(target=_watch, args=(listener, watchdog, stop), name="eventfleet-watchdog",
-                              daemon=True)
+    fallback = _StalledServer(sock.dup(), watchdog)
+    thread = threading.Thread(target=_watch, args=(fallback, stop), name="eventfleet-watchdog", daemon=True)
     try:
         await web.SockSite(runner, sock).start()
         watchdog.start(asyncio.get_running_loop())
@@ -153,6 +188,6 @@ async def serve(port: int, ready: Check, host: str = "0.0.0.0", *,
         stop.set()
         if thread.is_alive():
             await asyncio.to_thread(thread.join)
-        listener.close()
+        fallback.server_close()
         await runner.cleanup()
         sock.close()

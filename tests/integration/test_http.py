@@ -6,6 +6,7 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
@@ -80,3 +81,70 @@ async def test_healthz_is_503_while_the_loop_is_blocked_and_200_after(caplog):
         assert "event loop blocked" in seen[-1][1]
         assert await poll(port, "/healthz", 200) == (200, "ok\n")
     assert "event loop blocked" in caplog.text
+
+
+Ask = Callable[[int], Awaitable[list[tuple[int, str]]]]
+
+
+def gets(*paths: str) -> Ask:
+    async def ask(port: int) -> list[tuple[int, str]]:
+        return [await get(port, path) for path in paths]
+    return ask
+
+
+def probe_while_blocked(port: int, ask: Ask, release: threading.Event) -> list[tuple[int, str]]:
+    """In a thread with its own loop: GET /healthz until the watchdog answers 503, then ``ask`` (the test's
+    loop is still blocked, waiting for ``release``); release it; return what ``ask`` got."""
+    answers: list[tuple[int, str]] = []
+
+    async def probe() -> None:
+        deadline = time.monotonic() + 30
+        while (await get(port, "/healthz"))[0] != 503:
+            assert time.monotonic() < deadline, "the watchdog never answered 503"
+        answers.extend(await ask(port))
+
+    try:
+        asyncio.run(probe())
+    finally:
+        release.set()
+    return answers
+
+
+async def answers_while_blocked(port: int, ask: Ask) -> list[tuple[int, str]]:
+    """Block the test's event loop until a prober thread has asked the watchdog."""
+    release = threading.Event()
+    answers: list[tuple[int, str]] = []
+    prober = threading.Thread(target=lambda: answers.extend(probe_while_blocked(port, ask, release)))
+    prober.start()
+    release.wait(timeout=60)  # blocks the event loop
+    prober.join()
+    return answers
+
+
+async def test_readyz_is_503_while_the_loop_is_blocked_and_200_after():
+    async with http.serve(free_port(), lambda: True, host="127.0.0.1", stall_after=0.3) as port:
+        [(status, body)] = await answers_while_blocked(port, gets("/readyz"))
+        assert status == 503
+        assert body.startswith("event loop blocked for ")
+        assert await poll(port, "/readyz", 200) == (200, "ready\n")
+
+
+async def test_metrics_is_503_and_an_unknown_path_404_while_the_loop_is_blocked():
+    async with http.serve(free_port(), lambda: True, host="127.0.0.1", stall_after=0.3) as port:
+        answers = await answers_while_blocked(port, gets("/metrics", "/nothing-here"))
+        assert [status for status, _ in answers] == [503, 404]
+        assert answers[0][1].startswith("event loop blocked for ")
+
+
+async def test_a_malformed_request_while_the_loop_is_blocked_gets_400_and_the_watchdog_answers_on():
+    async def garbage_then_healthz(port: int) -> list[tuple[int, str]]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz junk HTTP/1.1\r\n\r\n")  # a request line of four words
+        status_line = await reader.readline()
+        writer.close()
+        await writer.wait_closed()
+        return [(int(status_line.split()[1]), status_line.decode()), await get(port, "/healthz")]
+
+    async with http.serve(free_port(), lambda: True, host="127.0.0.1", stall_after=0.3) as port:
+        answers = await answers_while_blocked(port, garbage_then_healthz)
+        assert [status for status, _ in answers] == [400, 503]
