@@ -31,6 +31,8 @@ class Settings:
     relay_poll_ms: int = 1000  # the relay's fallback poll when no NOTIFY arrives
     stop_timeout: float = 10.0
     max_payload_bytes: int = 1024 * 1024
+    catchup_threshold: int = 2000  # lag (events) above which a worker reads the backlog from the store; 0 = never
+    catchup_batch_size: int = 2000  # events per read_all batch of a catch-up
 
     def __repr__(self) -> str:
         # The URLs carry passwords: a logged or printed Settings must not show them.
@@ -78,6 +80,8 @@ class Settings:
             relay_poll_ms=_int(environ, "EVENTFLEET_RELAY_POLL_MS", 1000, 10, 600_000),
             stop_timeout=float(_int(environ, "EVENTFLEET_STOP_TIMEOUT", 10, 1, 3600)),
             max_payload_bytes=_int(environ, "EVENTFLEET_MAX_PAYLOAD_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
+            catchup_threshold=_int(environ, "EVENTFLEET_CATCHUP_THRESHOLD", 2000, 0, 2**31 - 1),
+            catchup_batch_size=_int(environ, "EVENTFLEET_CATCHUP_BATCH_SIZE", 2000, 1, 100_000),
         )
 
 

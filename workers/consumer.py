@@ -30,8 +30,8 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 from projections import registry
 from projections.base import Projection
 from store import codec, db
-from store.event_store import EventStore, RecordedEvent
-from workers import broker, dead_letters, errors, health, http, lag, metrics, rebuild_backfill
+from store.event_store import EventStore, Position, RecordedEvent
+from workers import broker, catchup, dead_letters, errors, health, http, lag, metrics, rebuild_backfill
 from workers.checkpoints import BatchResult
 from workers.config import Settings
 
@@ -55,6 +55,7 @@ class Stats:
     dead_lettered: int = 0
     undecodable: int = 0
     batches: int = 0
+    caught_up: int = 0  # events read from the store by catch-ups (see workers.catchup)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,6 +107,13 @@ class Consumer:
         self.stopping = False  # a stop was requested: give up retrying through an outage, leave unacked
         self._dlx: AbstractExchange | None = None
         self._raw: aiormq.abc.AbstractChannel | None = None
+        self._queue: str | None = None
+        # Set by a catch-up (workers.catchup): every event at or before ``cursor`` is settled for this
+        # projection, and while ``catching_up`` deliveries beyond it wait for the catch-up to pass them.
+        self.cursor: Position | None = None
+        self.catching_up = False
+        self.draining = False  # the catch-up reached the frontier: ack the settled deliveries now
+        self._moved = asyncio.Event()
 
     async def open_queue(self) -> str:
         """Declare the topology (idempotent), set the prefetch and return the projection's queue name."""
@@ -113,7 +121,72 @@ class Consumer:
         await broker.declare_topology(self.channel, self.names, [self.projection.name])
         self._dlx = await self.channel.get_exchange(self.names.dead_letter_exchange, ensure=False)
         self._raw = await self.channel.get_underlay_channel()
-        return self.names.queue(self.projection.name)
+        self._queue = self.names.queue(self.projection.name)
+        return self._queue
+
+    # --- catch-up from the store (workers.catchup) ------------------------------------------------
+
+    def begin_catch_up(self, start: Position) -> None:
+        """A catch-up starts from ``start``, a position every event before which is settled.
+
+        Until it reaches the store's frontier the consumer holds its deliveries, settled or not: acking
+        them would only make the broker push more, and receiving costs the CPU the catch-up needs.
+        """
+        self.catching_up, self.draining = True, False
+        self.settled(start)
+
+    def at_frontier(self) -> None:
+        """The catch-up has read everything committed: drain the settled deliveries while it polls on."""
+        self.draining = True
+        self._moved.set()
+
+    def settled(self, position: Position) -> None:
+        """Every event at or before ``position`` is settled for this projection (its batch committed)."""
+        if self.cursor is None or position > self.cursor:
+            self.cursor = position
+        self._moved.set()
+
+    def end_catch_up(self) -> None:
+        self.catching_up = self.draining = False
+        self._moved.set()
+
+    def is_settled(self, event: RecordedEvent) -> bool:
+        """Whether a catch-up already settled this event. Bodies without a transaction id (older relays)
+        cannot be placed in read_all order, so they always go the checkpoint way."""
+        cursor = self.cursor
+        return cursor is not None and event.position.transaction_id > 0 and event.position <= cursor
+
+    async def backlog(self) -> int:
+        """Messages ready in the projection's queue (not yet delivered to any consumer)."""
+        assert self._raw is not None, "open_queue() first"
+        assert self._queue is not None, "open_queue() first"
+        return (await self._raw.queue_declare(self._queue, passive=True)).message_count or 0
+
+    async def apply_from_store(self, events: Sequence[RecordedEvent]) -> BatchResult:
+        """Apply events read from the store (a catch-up) exactly as deliveries are applied; parked events
+        get a copy in the DLQ since no delivery of theirs is at hand."""
+        started = time.perf_counter()
+        result = await self._outage_retrying(
+            lambda: dead_letters.apply_settled(self.store, self.projection, events))
+        self._count(result, time.perf_counter() - started, deliveries=False)
+        self.stats.caught_up += len(events)
+        for parked in result.parked:
+            await self._publish_dead_letter(parked.event)
+        return result
+
+    def _ahead(self, batch: Sequence[Delivery]) -> bool:
+        return any(not isinstance(d.decoded, errors.MalformedMessage) and not self.is_settled(d.decoded)
+                   for d in batch)
+
+    async def _until_settled(self, batch: Sequence[Delivery], stop: asyncio.Event) -> bool:
+        """While a catch-up runs, wait until it passed the batch or ended; False if stopping meanwhile."""
+        while self.catching_up and (not self.draining or self._ahead(batch)):
+            if stop.is_set() or self.channel.is_closed:
+                return False
+            self._moved.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._moved.wait(), 0.5)
+        return True
 
     def decode(self, tag: int, body: bytes, message_id: str | None = None) -> Delivery:
         """A delivery with its decoded event, or why it cannot be decoded."""
@@ -137,16 +210,24 @@ class Consumer:
         events: list[RecordedEvent] = []
         delivered: dict[tuple[str, int], list[int]] = {}
         bad: list[Delivery] = []
+        settled: list[int] = []  # already settled by a catch-up: acked with no database work
         for d in deliveries:
             if isinstance(d.decoded, errors.MalformedMessage):
                 bad.append(d)
+                continue
+            if self.is_settled(d.decoded):
+                settled.append(d.tag)
                 continue
             events.append(d.decoded)
             delivered.setdefault((d.decoded.stream_id, d.decoded.version), []).append(d.tag)
         if bad:
             await self._dead_letter_undecodable(bad)
-        result = await self._outage_retrying(
-            lambda: dead_letters.apply_settled(self.store, self.projection, events))
+        if events:
+            result = await self._outage_retrying(
+                lambda: dead_letters.apply_settled(self.store, self.projection, events))
+        else:
+            result = BatchResult()
+        result.duplicates += len(settled)
         self._count(result, time.perf_counter() - started)
         rejected: set[int] = set()
         for parked in result.parked:
@@ -156,7 +237,7 @@ class Consumer:
                 rejected.add(tags[0])
             else:
                 await self._publish_dead_letter(parked.event)
-        rest = [t for tags in delivered.values() for t in tags if t not in rejected]
+        rest = [t for tags in delivered.values() for t in tags if t not in rejected] + settled
         if rest:
             # Every delivery up to this tag is in this batch or settled before: one frame acks them all.
             await self._raw.basic_ack(max(rest), multiple=True)
@@ -179,10 +260,12 @@ class Consumer:
         assert self._dlx is not None, "open_queue() first"
         await self._dlx.publish(broker.to_message(event), routing_key=self.projection.name)
 
-    def _count(self, result: BatchResult, seconds: float) -> None:
+    def _count(self, result: BatchResult, seconds: float, *, deliveries: bool = True) -> None:
+        """Count a batch; events a catch-up read that were settled already are no duplicate deliveries."""
         name, now = self.projection.name, time.time()
+        duplicates = result.duplicates if deliveries else 0
         metrics.APPLIED.labels(name).inc(len(result.applied))
-        metrics.DUPLICATES.labels(name).inc(result.duplicates)
+        metrics.DUPLICATES.labels(name).inc(duplicates)
         metrics.GAPS_FILLED.labels(name).inc(result.gaps_filled)
         metrics.DEAD_LETTERED.labels(name).inc(len(result.parked))
         metrics.APPLY_SECONDS.labels(name).observe(seconds)
@@ -191,13 +274,13 @@ class Consumer:
             end_to_end.observe(max(0.0, now - event.recorded_at.timestamp()))
         s = self.stats
         s.applied += len(result.applied)
-        s.duplicates += result.duplicates
+        s.duplicates += duplicates
         s.gaps_filled += result.gaps_filled
         s.held += result.held
         s.dead_lettered += len(result.parked)
         s.batches += 1
         logger.debug("batch applied", extra={"projection": name, "applied": len(result.applied),
-                                             "duplicates": result.duplicates, "seconds": round(seconds, 4)})
+                                             "duplicates": duplicates, "seconds": round(seconds, 4)})
 
     async def _outage_retrying(self, step: Callable[[], Awaitable[T]]) -> T:
         """Run a database step, retrying through Postgres outages until it works, the stop, or the channel dies."""
@@ -258,6 +341,8 @@ class Consumer:
                         break
                     delivery = buffer.get_nowait()
                 if batch:
+                    if self.catching_up and not await self._until_settled(batch, stop):
+                        break  # stopping: the held deliveries go back to the queue
                     await self.handle_decoded(batch)
         finally:
             self.stopping = True
@@ -340,16 +425,20 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
     stats = {p.name: Stats() for p in projections}
     async with contextlib.AsyncExitStack() as stack:
         if pool is None:
-            pool = await _open_pool(stack, settings, len(projections) + 2, health_)
+            # A connection per consumer's batch, per projection a catch-up applies, the catch-up's reads
+            # and locks, and the lag monitor's.
+            pool = await _open_pool(stack, settings, 2 * len(projections) + 3, health_)
         else:
             health_.up("postgres")
         store = _store(pool, settings)
-        monitor = asyncio.create_task(lag.run_lag_monitor(pool, [p.name for p in projections], health=health_))
+        catch_up = catchup.CatchUp(store, settings)
+        monitor = asyncio.create_task(lag.run_lag_monitor(pool, [p.name for p in projections], health=health_,
+                                                          measured=catch_up.note_lag))
         stack.push_async_callback(_cancel, monitor)
         failures = 0
         while not stop.is_set():
             try:
-                await _session(store, settings, projections, health_, stop, stats)
+                await _session(store, settings, projections, health_, stop, stats, catch_up)
                 failures = 0
             except health.OUTAGE_ERRORS as exc:
                 health_.down("rabbitmq", exc)
@@ -383,7 +472,8 @@ async def _open_pool(stack: contextlib.AsyncExitStack, settings: Settings, size:
 
 
 async def _session(store: EventStore, settings: Settings, projections: Sequence[Projection],
-                   health_: health.Health, stop: asyncio.Event, stats: dict[str, Stats]) -> None:
+                   health_: health.Health, stop: asyncio.Event, stats: dict[str, Stats],
+                   catch_up: catchup.CatchUp) -> None:
     """One broker connection: a channel and a consumer per projection, until stop or the connection dies."""
     name = f"eventfleet worker {socket.gethostname()}:{os.getpid()}"
     connection = await aio_pika.connect(settings.amqp_url, client_properties={"connection_name": name})
@@ -396,11 +486,13 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
             channel = await connection.channel()
             consumers.append(Consumer(store, channel, projection, settings, health_=health_,
                                       stats=stats[projection.name], cache=cache))
+        catch_up.attach(consumers)
         logger.info("consuming", extra={"projections": [p.name for p in projections], "prefix": settings.prefix})
         try:
             async with asyncio.TaskGroup() as group:
                 for consumer in consumers:
                     group.create_task(consumer.run(stop))
+                group.create_task(catch_up.run(stop))
                 if backfills:
                     group.create_task(rebuild_backfill.run_backfills(store, backfills, stop))
         except BaseExceptionGroup as group:

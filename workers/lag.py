@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from store import db
 from store.queries import QUERIES as STORE_QUERIES
@@ -98,15 +98,23 @@ def export(projection: str, lag: Lag) -> None:
 
 async def run_lag_monitor(pool: db.Pool, projections: Sequence[str], *,
                           health: health_mod.Health | None = None,
-                          interval: float = REFRESH_SECONDS) -> None:
-    """Advance watermarks and refresh the lag gauges every ``interval`` seconds until cancelled."""
+                          interval: float = REFRESH_SECONDS,
+                          measured: Callable[[str, int], None] | None = None) -> None:
+    """Advance watermarks and refresh the lag gauges every ``interval`` seconds until cancelled;
+    ``measured(projection, lag_events)`` hears each measurement (the worker's catch-up trigger)."""
     while True:
+        heard: dict[str, int] = {}
         for projection in projections:
             try:
-                export(projection, await measure(pool, projection))
+                found = await measure(pool, projection)
+                export(projection, found)
+                heard[projection] = found.lag_events
             except health_mod.OUTAGE_ERRORS as exc:
                 # The consumer reports and retries outages; the gauges just keep their last value.
                 if health is not None:
                     health.down("postgres", exc)
                 logger.debug("lag refresh failed", extra={"projection": projection}, exc_info=True)
+        if measured is not None:  # after the round: a catch-up then takes every lagging projection at once
+            for projection, lag_events in heard.items():
+                measured(projection, lag_events)
         await asyncio.sleep(interval)

@@ -21,6 +21,8 @@ GAPS_FILLED = Counter("eventfleet_projection_gaps_filled_total",
                       "Events read from the store to fill a gap in delivery", ["projection"])
 DEAD_LETTERED = Counter("eventfleet_projection_dead_lettered_total",
                         "Events or messages parked as dead letters", ["projection"])
+CAUGHT_UP = Counter("eventfleet_projection_caught_up_total",
+                    "Events read straight from the store by a catch-up (applied or already settled)", ["projection"])
 LAG_EVENTS = Gauge("eventfleet_projection_lag_events", "Committed events not yet applied", ["projection"])
 LAG_SECONDS = Gauge("eventfleet_projection_lag_seconds", "Age of the oldest unapplied event", ["projection"])
 APPLY_SECONDS = Histogram("eventfleet_projection_apply_seconds", "Time to apply one batch in one transaction",

@@ -1,0 +1,200 @@
+"""Catch-up from the store: a projection far behind reads its backlog from the event store, not the broker.
+
+The broker carries news, one message per event and projection, and receiving a message costs a Python
+worker more CPU than applying its event in a batch. So when a projection's lag passes
+``Settings.catchup_threshold`` (measured by the lag monitor), one worker process per projection (a session
+advisory lock) reads ``read_all`` from the projection's low watermark in large batches, decodes each batch
+once for all the projections it catches up, and applies it through the same exactly-once path as
+deliveries (``Consumer.apply_from_store``: checkpoints claimed in the batch's own transaction, poison
+retried and parked). This is the catch-up subscription of EventStoreDB and the async daemon of Marten.
+
+As each batch commits, the catch-up tells the process's consumers its cursor: every event at or before
+it is settled, so a delivery at or before it is acked with no database work (``Consumer.settled``).
+While the catch-up runs, a consumer holds deliveries beyond the cursor instead of applying them one
+gap-fill at a time: the catch-up gets to them from the store. The catch-up ends when it reaches the
+store's frontier and the queues hold little, or when the frontier stops moving (a long transaction
+holds the horizon); then the consumers carry on as usual.
+
+Correctness does not depend on any of this. Every applied event goes through the checkpoints, so an
+event that arrives from the store, the broker or both is applied exactly once; the cursor is only ever
+moved past events whose batch has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from store import db
+from store.event_store import EventStore, Position, RecordedEvent
+from store.queries import load
+from workers import health, metrics
+from workers.config import Settings
+
+if TYPE_CHECKING:
+    from workers.consumer import Consumer
+
+logger = logging.getLogger(__name__)
+
+SQL = load("workers", "catchup.sql")
+
+#: Pause between reads at the frontier while the queues still hold a backlog of settled deliveries.
+FRONTIER_POLL_SECONDS = 0.05
+#: A frontier that has not moved for this long is held by a long transaction: the catch-up gives up.
+FRONTIER_STUCK_SECONDS = 2.0
+
+
+def catchup_lock_key(schema: str, projection: str) -> str:
+    """The advisory lock that lets one process at a time catch a projection up."""
+    return f"eventfleet.catchup.{schema}.{projection}"
+
+
+class CatchUp:
+    """One worker process's catch-ups: requested by the lag monitor, run against the session's consumers."""
+
+    def __init__(self, store: EventStore, settings: Settings) -> None:
+        self.store, self.settings = store, settings
+        self.consumers: dict[str, Consumer] = {}
+        self.caught_up: dict[str, int] = {}  # events read from the store per projection, all runs
+        # Where catch-ups spent their time: waiting for reads (beyond the overlap) and applying.
+        self.reading_seconds = self.applying_seconds = 0.0
+        self._due: set[str] = set()
+        self._wake = asyncio.Event()
+
+    def note_lag(self, projection: str, lag_events: int) -> None:
+        """The lag monitor's measurement: request a catch-up when the projection is far enough behind."""
+        threshold = self.settings.catchup_threshold
+        if threshold and lag_events >= threshold:
+            self._due.add(projection)
+            self._wake.set()
+
+    def attach(self, consumers: Sequence[Consumer]) -> None:
+        """The consumers of the current broker session (a new session attaches its own)."""
+        self.consumers = {c.projection.name: c for c in consumers}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve catch-up requests until ``stop``; failures end one catch-up, never the worker."""
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                waker = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({waker, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waker.cancel()
+                if stop.is_set():
+                    break
+                self._wake.clear()
+                due, self._due = self._due, set()
+                consumers = [self.consumers[name] for name in sorted(due) if name in self.consumers]
+                if not consumers:
+                    continue
+                try:
+                    await self.catch_up(consumers, stop)
+                except health.OUTAGE_ERRORS as exc:
+                    logger.warning("catch-up interrupted by an outage; the consumers carry on",
+                                   extra={"error": f"{type(exc).__name__}: {exc}"})
+                except Exception:
+                    logger.exception("catch-up failed; the consumers carry on")
+        finally:
+            stopper.cancel()
+
+    async def catch_up(self, consumers: Sequence[Consumer], stop: asyncio.Event | None = None) -> dict[str, int]:
+        """Read the projections' backlog from the store and apply it; return events read per projection.
+
+        Projections another process is catching up, or that are not ``live`` (a rebuild or backfill
+        fills them), are left to their consumers.
+        """
+        stop = stop or asyncio.Event()
+        read: dict[str, int] = {}
+        async with db.translate_errors(), self.store.pool.acquire() as conn:
+            group = await self._claim(conn, consumers)
+            if not group:
+                return read
+            cursor = min(start for _, start in group)
+            try:
+                for consumer, start in group:
+                    consumer.begin_catch_up(start)
+                    read[consumer.projection.name] = 0
+                logger.info("catching up from the store", extra={
+                    "projections": sorted(read), "after": [cursor.transaction_id, cursor.global_position]})
+                started, reading, applying = time.perf_counter(), self.reading_seconds, self.applying_seconds
+                await self._loop(conn, [c for c, _ in group], cursor, read, stop)
+                logger.info("caught up", extra={"projections": read,
+                                                "seconds": round(time.perf_counter() - started, 3),
+                                                "reading_seconds": round(self.reading_seconds - reading, 3),
+                                                "applying_seconds": round(self.applying_seconds - applying, 3)})
+            finally:
+                for consumer, _ in group:
+                    consumer.end_catch_up()
+                    with contextlib.suppress(*health.OUTAGE_ERRORS):
+                        await conn.fetchval(SQL["unlock_catchup"],
+                                            catchup_lock_key(self.store.schema, consumer.projection.name))
+        for name, count in read.items():
+            self.caught_up[name] = self.caught_up.get(name, 0) + count
+        return read
+
+    async def _claim(self, conn: db.Conn, consumers: Sequence[Consumer]) -> list[tuple[Consumer, Position]]:
+        """Lock each live projection nobody else catches up; its start is its low watermark."""
+        group: list[tuple[Consumer, Position]] = []
+        for consumer in consumers:
+            key = catchup_lock_key(self.store.schema, consumer.projection.name)
+            if not await conn.fetchval(SQL["try_lock_catchup"], key):
+                continue
+            row = await conn.fetchrow(SQL["catchup_start"], consumer.projection.name)
+            if row is None:  # nothing applied yet, no backfill claimed: live from the start
+                group.append((consumer, Position.START))
+            elif row["state"] == "live":
+                group.append((consumer, Position(row["watermark_txid"], row["watermark_position"])))
+            else:
+                await conn.fetchval(SQL["unlock_catchup"], key)
+        return group
+
+    async def _loop(self, conn: db.Conn, group: list[Consumer], cursor: Position, read: dict[str, int],
+                    stop: asyncio.Event) -> None:
+        limit = self.settings.catchup_batch_size
+        pending: asyncio.Future[list[RecordedEvent]] | None = None
+
+        def read_after(position: Position) -> asyncio.Future[list[RecordedEvent]]:
+            return asyncio.ensure_future(self.store.read_all(after=position, limit=limit, conn=conn))
+
+        try:
+            last, stuck_since = cursor, None
+            events = await self.store.read_all(after=cursor, limit=limit, conn=conn)
+            while True:
+                full = len(events) == limit
+                if full:  # read the next batch while this one is applied (Postgres works in another process)
+                    pending = read_after(events[-1].position)
+                if events:
+                    last, stuck_since = events[-1].position, None
+                    applying = time.perf_counter()
+                    await asyncio.gather(*(c.apply_from_store(events) for c in group))
+                    self.applying_seconds += time.perf_counter() - applying
+                    for consumer in group:
+                        consumer.settled(last)
+                        read[consumer.projection.name] += len(events)
+                        metrics.CAUGHT_UP.labels(consumer.projection.name).inc(len(events))
+                if stop.is_set() or any(c.channel.is_closed for c in group):
+                    break
+                if not full:
+                    # At the frontier: let the consumers drain what is settled, and keep reading while the
+                    # queues still hold a backlog (events written now would wait behind it on the broker).
+                    for consumer in group:
+                        consumer.at_frontier()
+                    stuck_since = stuck_since or time.monotonic()
+                    if time.monotonic() - stuck_since > FRONTIER_STUCK_SECONDS:
+                        break  # a long transaction holds the horizon: the consumers take the rest
+                    if max([await c.backlog() for c in group]) <= self.settings.prefetch:
+                        break
+                    await asyncio.sleep(FRONTIER_POLL_SECONDS)
+                    pending = read_after(last)
+                assert pending is not None
+                reading = time.perf_counter()
+                events, pending = await pending, None
+                self.reading_seconds += time.perf_counter() - reading
+        finally:
+            if pending is not None:  # let the read finish: a cancelled query would spoil the connection
+                with contextlib.suppress(Exception):
+                    await pending
