@@ -164,7 +164,10 @@ class Deployment:
     def env(self) -> dict[str, str]:
         return {"EVENTFLEET_DATABASE_URL": self.database_url, "EVENTFLEET_AMQP_URL": self.amqp_url,
                 "EVENTFLEET_SCHEMA": self.schema, "EVENTFLEET_PREFIX": self.prefix,
-                "EVENTFLEET_STOP_TIMEOUT": "5", "EVENTFLEET_LOG_FORMAT": "text"}
+                "EVENTFLEET_STOP_TIMEOUT": "5", "EVENTFLEET_LOG_FORMAT": "text",
+                # A backlog of a few seconds (a kill, an outage) starts a catch-up from the store, in small
+                # batches, so faults also land in the middle of catch-ups.
+                "EVENTFLEET_CATCHUP_THRESHOLD": "50", "EVENTFLEET_CATCHUP_BATCH_SIZE": "100"}
 
 
 def vhost_url(amqp_url: str, vhost: str) -> str:

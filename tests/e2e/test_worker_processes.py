@@ -114,7 +114,9 @@ async def assert_exact(pool: db.Pool, events: list[RecordedEvent]) -> None:
 
 async def test_three_workers_share_a_projection_exactly_once(pool, event_store, exchange, schema, prefix, tmp_path):
     events = await append_orders(event_store, 500, 40)
-    procs = [start_worker(schema, prefix, tmp_path / f"worker{i}.log") for i in range(3)]
+    # Competing consumers on the broker: no catch-up from the store, which one of them would win alone.
+    procs = [start_worker(schema, prefix, tmp_path / f"worker{i}.log", EVENTFLEET_CATCHUP_THRESHOLD="0")
+             for i in range(3)]
     try:
         queue_name = broker.Names(prefix).queue(PROJECTION)
 
@@ -141,7 +143,9 @@ async def test_sigkill_mid_batch_and_sigterm_during_load_lose_and_double_nothing
                                                                                   prefix, tmp_path):
     events = await append_orders(event_store, 200, 20)
     await publish(exchange, events)
-    small = {"EVENTFLEET_BATCH_SIZE": "20", "EVENTFLEET_PREFETCH": "60", "EVENTFLEET_STOP_TIMEOUT": "5"}
+    # The consumer's own path (a catch-up would apply the whole backlog in a few store batches).
+    small = {"EVENTFLEET_BATCH_SIZE": "20", "EVENTFLEET_PREFETCH": "60", "EVENTFLEET_STOP_TIMEOUT": "5",
+             "EVENTFLEET_CATCHUP_THRESHOLD": "0"}
     killed = start_worker(schema, prefix, tmp_path / "killed.log", **small)
     try:
         await until(lambda: _at_least(pool, 1), 60, killed)
@@ -173,3 +177,39 @@ async def test_sigkill_mid_batch_and_sigterm_during_load_lose_and_double_nothing
 
 async def _at_least(pool: db.Pool, n: int) -> bool:
     return bool(await applied(pool) >= n)
+
+
+async def test_a_worker_killed_during_a_catch_up_loses_and_doubles_nothing(pool, event_store, exchange, schema,
+                                                                         prefix, tmp_path):
+    events = await append_orders(event_store, 300, 20)
+    await publish(exchange, events)
+    # Far behind (6,000 events against a threshold of 100): the store catch-up runs, in small batches.
+    catch_up = {"EVENTFLEET_CATCHUP_THRESHOLD": "100", "EVENTFLEET_CATCHUP_BATCH_SIZE": "150",
+                "EVENTFLEET_STOP_TIMEOUT": "5"}
+    killed = start_worker(schema, prefix, tmp_path / "killed.log", **catch_up)
+    try:
+        await until(lambda: _at_least(pool, 1), 60, killed)
+        killed.kill()  # SIGKILL mid catch-up: its batch rolls back, its advisory lock goes with its session
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+        killed.communicate()
+    assert await applied(pool) < len(events), "the catch-up was over before the kill; make it longer"
+    procs = [start_worker(schema, prefix, tmp_path / f"worker{i}.log", **catch_up) for i in range(2)]
+    try:
+        queue_name = broker.Names(prefix).queue(PROJECTION)
+
+        async def drained() -> bool:
+            queue = await exchange.channel.declare_queue(queue_name, passive=True)
+            return await applied(pool) == len(events) and queue.declaration_result.message_count == 0
+
+        await until(drained, 300, *procs)
+        reports = [stop_worker(p, 15) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    stats = [r["projections"][PROJECTION] for r in reports]
+    assert sum(s["caught_up"] for s in stats) > 0, "neither survivor caught up from the store"
+    await assert_exact(pool, events)
