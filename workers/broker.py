@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import aio_pika
@@ -17,6 +17,8 @@ from store.event_store import Position, RecordedEvent
 from workers.errors import MalformedMessage
 
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+#: Header of a message whose stored event the relay could not encode (see encode_undecodable_row).
+UNDECODABLE_HEADER = "x-eventfleet-undecodable"
 _REQUIRED = ("event_id", "stream_id", "version", "global_position", "event_type", "data", "metadata",
              "recorded_at")
 
@@ -96,19 +98,44 @@ def to_message(event: RecordedEvent) -> aio_pika.Message:
 
 
 def message_from_body(body: bytes, event_id: uuid.UUID, event_type: str, stream_id: str,
-                      version: int) -> aio_pika.Message:
-    """Wrap an encoded body with the contract's properties and headers."""
+                      version: int, extra_headers: Mapping[str, str] | None = None) -> aio_pika.Message:
+    """Wrap an encoded body with the contract's properties and headers (and ``extra_headers``)."""
     return aio_pika.Message(
         body,
         message_id=str(event_id),
         content_type="application/msgpack",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        headers={"event_type": event_type, "stream_id": stream_id, "version": version},
+        headers={"event_type": event_type, "stream_id": stream_id, "version": version,
+                 **(extra_headers or {})},
     )
 
 
 def encode_row(row: Any) -> aio_pika.Message:
-    """Build the message straight from an events row, without decoding the payload (the relay's path)."""
+    """Build the message straight from an events row, without decoding the payload (the relay's path).
+
+    Raises CodecError when the row's metadata is not a msgpack map (see ``encode_undecodable_row``).
+    """
+    metadata = codec.unpackb(row["metadata"])
+    if not isinstance(metadata, dict):
+        raise errors.CorruptEvent(f"metadata is a msgpack {type(metadata).__name__}, not a map")
+    return _encode_row(row, metadata)
+
+
+def encode_undecodable_row(row: Any, reason: str) -> aio_pika.Message:
+    """The message of a row ``encode_row`` refused: every field of the contract's body, but ``metadata``
+    holds the stored bytes as they are (a msgpack bin, not a map) and ``undecodable`` says why.
+
+    The event is committed and the store is the truth, so the relay must neither drop the row nor stop
+    at it. The message keeps the contract's keys, routing and headers, so any consumer can see which
+    event it is; ``from_body`` (every worker, and workers older than the flag by the bin-typed metadata
+    alone) refuses it as malformed, so each projection dead-letters it with the raw body kept. Carrying
+    an empty map instead would have let consumers that ignore the flag apply an event whose metadata
+    they never saw. The ``UNDECODABLE_HEADER`` header repeats the reason for consumers that read headers.
+    """
+    return _encode_row(row, row["metadata"], undecodable=reason)
+
+
+def _encode_row(row: Any, metadata: Any, undecodable: str | None = None) -> aio_pika.Message:
     body = {
         "event_id": str(row["event_id"]),
         "stream_id": row["stream_id"],
@@ -117,11 +144,14 @@ def encode_row(row: Any) -> aio_pika.Message:
         "transaction_id": row["transaction_id"],
         "event_type": row["event_type"],
         "data": row["data"],
-        "metadata": codec.unpackb(row["metadata"]),
+        "metadata": metadata,
         "recorded_at": msgpack.Timestamp.from_datetime(row["recorded_at"]),
     }
+    flag: dict[str, str] = {}
+    if undecodable is not None:
+        body["undecodable"] = flag[UNDECODABLE_HEADER] = undecodable
     return message_from_body(codec.packb(body), row["event_id"], row["event_type"], row["stream_id"],
-                             row["version"])
+                             row["version"], flag)
 
 
 def from_body(body: bytes, registry: codec.Registry = codec.REGISTRY) -> RecordedEvent:
@@ -137,6 +167,8 @@ def from_body(body: bytes, registry: codec.Registry = codec.REGISTRY) -> Recorde
     missing = [k for k in _REQUIRED if k not in fields]
     if missing:
         raise MalformedMessage(f"body lacks {missing}")
+    if "undecodable" in fields:  # see encode_undecodable_row
+        raise MalformedMessage(f"the relay could not encode event {fields['event_id']}: {fields['undecodable']}")
     try:
         event_id = uuid.UUID(str(fields["event_id"]))
         stream_id = names.stream_id(fields["stream_id"])

@@ -16,6 +16,10 @@ Duplicates. A message is published twice only when its batch was published (whol
 then not committed: the relay died, or Postgres or RabbitMQ failed between the first publish and the
 commit. So every such failure duplicates at most one batch (``batch_size`` messages) of that relay,
 and a relay that never fails publishes every row exactly once (SKIP LOCKED: no two relays hold a row).
+
+Bad rows. A row whose event cannot be encoded into a message (its metadata is not msgpack: something
+wrote it around the store's API) neither stops the relay nor is dropped: it is published flagged as
+undecodable, logged with its event id and counted, and every projection dead-letters it (``encode_rows``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 import aio_pika
 import aiormq.exceptions
 import asyncpg
+import prometheus_client
 from aio_pika.abc import AbstractConnection, AbstractExchange
 from pamqp import commands as spec
 
@@ -43,6 +48,13 @@ from workers.config import Settings
 from workers.errors import BrokerUnavailable, PublishFailed
 
 logger = logging.getLogger(__name__)
+
+# Not in CONTRACT.md's list (an addition). It belongs in workers/metrics.py with the others; it lives here
+# until that module is free to edit (another change to it is in progress).
+RELAY_UNDECODABLE = prometheus_client.Counter(
+    "eventfleet_relay_undecodable_total",
+    "Events published flagged as undecodable (their stored metadata is not msgpack); every projection "
+    "dead-letters them", registry=metrics.registry)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,6 +118,24 @@ async def publish_confirmed(exchange: AbstractExchange, messages: Sequence[tuple
         raise PublishFailed(f"broker did not ack a message: {result!r}")
 
 
+def encode_rows(rows: Sequence[Any]) -> tuple[list[tuple[str, aio_pika.Message]], list[tuple[Any, str]]]:
+    """The (routing key, message) of every claimed row, and the rows whose event could not be encoded.
+
+    A row whose metadata is not a msgpack map (written around the store's API) must not stop the relay:
+    every row behind it would wait forever. It is published anyway, flagged (see
+    ``broker.encode_undecodable_row``), so each projection dead-letters it and the store keeps the truth.
+    """
+    messages, undecodable = [], []
+    for row in rows:
+        try:
+            message = broker.encode_row(row)
+        except store_errors.CodecError as exc:
+            message = broker.encode_undecodable_row(row, str(exc))
+            undecodable.append((row, str(exc)))
+        messages.append((row["event_type"], message))
+    return messages, undecodable
+
+
 async def publish_batch(pool: db.Pool, exchange: AbstractExchange, batch_size: int, *,
                         confirm_timeout: float = 30.0) -> int:
     """Claim up to batch_size rows, publish them, delete them after every confirm, commit; return the count."""
@@ -113,11 +143,16 @@ async def publish_batch(pool: db.Pool, exchange: AbstractExchange, batch_size: i
         rows = await outbox.claim(conn, batch_size)
         if not rows:
             return 0
+        messages, undecodable = encode_rows(rows)
         with metrics.RELAY_BATCH_SECONDS.time():
-            await publish_confirmed(exchange, [(r["event_type"], broker.encode_row(r)) for r in rows],
-                                    confirm_timeout)
+            await publish_confirmed(exchange, messages, confirm_timeout)
         await outbox.delete(conn, [r["global_position"] for r in rows])
     metrics.RELAY_PUBLISHED.inc(len(rows))
+    for row, reason in undecodable:  # once committed: a rolled-back batch publishes them again
+        logger.error("published an event that cannot be decoded, flagged for the dead letters", extra={
+            "event_id": str(row["event_id"]), "stream_id": row["stream_id"], "version": row["version"],
+            "event_type": row["event_type"], "error": reason})
+    RELAY_UNDECODABLE.inc(len(undecodable))
     logger.debug("batch published", extra={"events": len(rows), "last_position": rows[-1]["global_position"]})
     return len(rows)
 

@@ -11,10 +11,12 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractExchange
 
-from store import outbox
-from workers import broker, health, metrics, relay
+from projections.orders import CustomerStats
+from store import db, outbox
+from tests.conftest import AMQP_URL, DATABASE_URL
+from workers import broker, consumer, health, metrics, relay
 from workers.config import Settings
-from workers.errors import PublishFailed
+from workers.errors import MalformedMessage, PublishFailed
 
 from .test_relay_helpers import (
     PROJECTIONS,
@@ -235,6 +237,57 @@ async def test_pending_backlog_query(pool, event_store):
     backlog = await outbox.backlog(pool)
     assert backlog.pending == 3
     assert backlog.oldest_age_seconds > 0
+
+
+async def append_corrupt_metadata_event(pool: db.Pool) -> str:
+    """An event (with its outbox row) whose metadata is not msgpack, written with raw SQL as a careless
+    script would; its data is a real OrderPlaced payload. Returns its event id."""
+    event_id: str = str(await pool.fetchval(
+        "WITH bad AS (INSERT INTO events (event_id, stream_id, version, event_type, data, metadata) "
+        "SELECT gen_random_uuid(), 'order-corrupt', 0, event_type, data, '\\xc1'::bytea FROM events "
+        "WHERE event_type = 'OrderPlaced.v2' ORDER BY global_position LIMIT 1 "
+        "RETURNING event_id, global_position), "
+        "queued AS (INSERT INTO outbox (global_position) SELECT global_position FROM bad) "
+        "SELECT event_id FROM bad"))
+    return event_id
+
+
+async def test_a_row_whose_metadata_cannot_be_decoded_is_published_flagged_and_the_rows_behind_it_follow(
+        pool, event_store, running, collector):
+    undecodable_before = relay.RELAY_UNDECODABLE._value.get()
+    before = await append_orders(event_store, 2)
+    bad_id = await append_corrupt_metadata_event(pool)
+    after = await append_orders(event_store, 3)
+    task, status, idle = running()
+    await collector.wait_for(before + 1 + after)
+    await asyncio.wait_for(idle.wait(), 30)
+    assert not task.done()
+    assert status.ready()
+    assert await outbox_count(pool) == 0
+    assert set(collector.counts) == await event_ids(pool)
+    [bad] = [m for m in collector.messages if m.message_id == bad_id]
+    assert bad.headers["stream_id"] == "order-corrupt"
+    assert "corrupt msgpack" in str(bad.headers[broker.UNDECODABLE_HEADER])
+    with pytest.raises(MalformedMessage, match=f"relay could not encode event {bad_id}"):
+        broker.from_body(bad.body)
+    assert relay.RELAY_UNDECODABLE._value.get() - undecodable_before == 1
+
+
+async def test_workers_dead_letter_the_undecodable_row_and_apply_the_rest(pool, event_store, topology, prefix,
+                                                                          schema):
+    n = await append_orders(event_store, 2)
+    bad_id = await append_corrupt_metadata_event(pool)
+    n += await append_orders(event_store, 1)
+    assert await relay.relay_until_idle(pool, topology) == n + 1
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        stats = await consumer.consume_until_idle(pool, await connection.channel(), CustomerStats(), settings)
+    assert (stats.applied, stats.undecodable) == (n, 1)
+    rows = await pool.fetch("SELECT status, error, body FROM dead_letters WHERE projection = 'customer_stats'")
+    assert [r["status"] for r in rows] == ["parked"]
+    assert f"relay could not encode event {bad_id}" in rows[0]["error"]
+    assert rows[0]["body"] is not None
 
 
 def _histogram_count() -> float:
