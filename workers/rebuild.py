@@ -10,9 +10,10 @@ tables are unlogged while they fill (no WAL) and made logged once before the swa
 Once it has caught up with the tail, one swap transaction takes the projection's exclusive advisory lock
 (live workers hold it shared per batch, so they pause), applies to the shadow whatever the live workers
 applied that the shadow lacks (per stream, from the store), replaces the live tables by the shadow ones,
-adopts the shadow's checkpoints and drops the shadow. Readers see the old tables until that commit and
-the new ones after it; a stream the shadow got further in than the live workers is skipped by them as
-duplicates, so no event is lost or applied twice.
+adopts the shadow's checkpoints, settles the parked dead letters of events the shadow got past (a fixed
+handler applied them) and drops the shadow. Readers see the old tables until that commit and the new ones
+after it; a stream the shadow got further in than the live workers is skipped by them as duplicates, so
+no event is lost or applied twice.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class RebuildResult:
     caught_up_streams: int  # streams the live workers were ahead in at the swap
     skipped: int  # events whose handler failed under the "skip" policy
     halted_streams: tuple[str, ...]  # streams stopped at a failing event under the "halt" policy
+    resolved_dead_letters: int = 0  # parked dead letters whose events the rebuild got past (see _swap_once)
 
 
 def shadow_schema(schema: str, projection: str, kind: str = "rb") -> str:
@@ -142,6 +144,7 @@ class Rebuild:
         self.state, self.batch_size, self.progress = state, batch_size, progress
         self.applier = applier.Applier(projection(), store)
         self.events = 0
+        self.resolved = 0  # parked dead letters the swap settled
         self.settled = False  # see replay()
 
     async def run(self) -> RebuildResult:
@@ -175,7 +178,7 @@ class Rebuild:
                     await conn.execute("RESET search_path")  # even if the pool skips its reset
                     await conn.execute("RESET synchronous_commit")
         return RebuildResult(self.projection.name, self.events, time.monotonic() - started, resumed, caught_up,
-                             self.applier.skipped, tuple(sorted(self.applier.halted)))
+                             self.applier.skipped, tuple(sorted(self.applier.halted)), self.resolved)
 
     async def _set_state(self, conn: db.Conn, state: str) -> None:
         async with db.translate_errors():
@@ -320,6 +323,13 @@ class Rebuild:
                 await conn.execute(_grant(grant, f"{main}.{quote(table)}"))
         await roles.grant_read_models(conn, self.schema, self.projection.tables)
         await conn.execute(SQL["adopt_shadow_checkpoints"], name)
+        # The adopted checkpoints release the streams the live workers had halted at a parked event the
+        # shadow applied; their dead letters must not stay parked (listed, counted, re-drivable) with them.
+        resolved = await conn.fetch(SQL["resolve_dead_letters"], name)
+        self.resolved = len(resolved)
+        if resolved:
+            logger.info("rebuild resolved parked dead letters", extra={
+                "projection": name, "dead_letters": {r["id"]: r["status"] for r in resolved}})
         cursor = await self._cursor(conn)
         await conn.execute(SQL["finish_status"], name, cursor.transaction_id, cursor.global_position)
         await conn.execute(f"DROP SCHEMA {shadow} CASCADE")
@@ -387,6 +397,8 @@ async def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     print(f"rebuilt {result.projection}: {result.events:,} events in {result.seconds:.1f}s "
           f"({rate:,.0f} events/s){', resumed' if result.resumed else ''}; "
           f"{result.caught_up_streams} streams caught up at the swap")
+    if result.resolved_dead_letters:
+        print(f"  {result.resolved_dead_letters} parked dead letters resolved: the rebuild got past their events")
     if result.skipped or result.halted_streams:
         print(f"  {result.skipped} events skipped by failing handlers; "
               f"{len(result.halted_streams)} streams halted: {', '.join(result.halted_streams[:10])}")

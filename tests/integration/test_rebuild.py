@@ -6,11 +6,12 @@ import random
 from typing import Any, ClassVar
 
 import pytest
+import tenacity
 
 from domain.events import OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
 from projections.base import Projection, handles
 from projections.orders import CustomerStats, OrderSummary
-from store import NO_STREAM, db
+from store import NO_STREAM, EventStore, db
 from store.event_store import RecordedEvent
 from tests.integration.test_rebuild_helpers import (
     all_events,
@@ -22,7 +23,7 @@ from tests.integration.test_rebuild_helpers import (
     write_orders,
 )
 from tests.unit.test_projection_fold import paid, placed, shipped
-from workers import checkpoints, rebuild
+from workers import checkpoints, dead_letters, rebuild
 
 pytestmark = pytest.mark.usefixtures(drop_shadows.__name__)
 
@@ -200,3 +201,71 @@ async def test_readers_of_the_old_table_keep_their_grants_after_the_swap(pool, e
     finally:
         await pool.execute(f'DROP OWNED BY "{role}"')
         await pool.execute(f'DROP ROLE "{role}"')
+
+
+class _Fixable(Projection):
+    """Records each event; while ``broken``, fails on order-bad's version 1 (a bug fixed before the rebuild)."""
+
+    name = "rb_fixable"
+    tables = ("rb_fixable",)
+    ddl = "CREATE TABLE IF NOT EXISTS rb_fixable (stream_id text, version bigint, PRIMARY KEY (stream_id, version))"
+    broken: ClassVar[bool] = True
+
+    @handles(OrderPlaced, OrderPaid)
+    async def record(self, conn: db.Conn, event: RecordedEvent) -> None:
+        if self.broken and event.stream_id == "order-bad" and event.version == 1:
+            raise ValueError("cannot handle this payment")
+        await conn.execute("INSERT INTO rb_fixable VALUES ($1, $2)", event.stream_id, event.version)
+
+
+async def halt_order_bad_live(pool: db.Pool, event_store: EventStore) -> None:
+    """Live workers park order-bad's version 1 and halt the stream there (order-ok flows)."""
+    await pool.execute(_Fixable.ddl)
+    await event_store.append("order-bad", [placed("bad", "c"), paid("bad", "c"), paid("bad", "c")], NO_STREAM)
+    await event_store.append("order-ok", [placed("ok", "c"), paid("ok", "c")], NO_STREAM)
+    result = await dead_letters.apply_settled(event_store, _Fixable(), await all_events(event_store),
+                                              wait=tenacity.wait_none())
+    assert [(p.event.stream_id, p.event.version) for p in result.parked] == [("order-bad", 1)]
+
+
+async def bad_checkpoint_and_letters(pool: db.Pool) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+    checkpoint = await pool.fetchrow("SELECT version, halted_version FROM checkpoints "
+                                     "WHERE projection = 'rb_fixable' AND stream_id = 'order-bad'")
+    letters = await pool.fetch("SELECT version, status, resolved_at IS NOT NULL FROM dead_letters "
+                               "WHERE projection = 'rb_fixable' ORDER BY id")
+    assert checkpoint is not None
+    return tuple(checkpoint), [tuple(r) for r in letters]
+
+
+async def test_a_rebuild_that_applies_a_parked_event_resolves_its_dead_letter(pool, event_store, monkeypatch):
+    await halt_order_bad_live(pool, event_store)
+    assert await bad_checkpoint_and_letters(pool) == ((0, 1), [(1, "parked", False)])
+    monkeypatch.setattr(_Fixable, "broken", False)  # the handler was fixed and deployed
+
+    result = await rebuild.rebuild(pool, event_store, _Fixable)
+
+    assert await bad_checkpoint_and_letters(pool) == ((2, None), [(1, "retried", True)])
+    assert (result.halted_streams, result.resolved_dead_letters) == ((), 1)
+    assert await dead_letters.list_parked(pool, "rb_fixable") == []
+    rows = await pool.fetch("SELECT stream_id, version FROM rb_fixable ORDER BY 1, 2")
+    assert [tuple(r) for r in rows] == [("order-bad", 0), ("order-bad", 1), ("order-bad", 2),
+                                        ("order-ok", 0), ("order-ok", 1)]
+
+
+async def test_a_rebuild_whose_handler_still_fails_leaves_the_dead_letter_parked(pool, event_store):
+    await halt_order_bad_live(pool, event_store)
+
+    result = await rebuild.rebuild(pool, event_store, _Fixable)
+
+    assert await bad_checkpoint_and_letters(pool) == ((0, 1), [(1, "parked", False)])
+    assert (result.halted_streams, result.resolved_dead_letters) == (("order-bad",), 0)
+
+
+async def test_a_rebuild_that_skips_a_parked_event_marks_its_dead_letter_skipped(pool, event_store, monkeypatch):
+    await halt_order_bad_live(pool, event_store)
+    monkeypatch.setattr(_Fixable, "policy", "skip")  # still failing, but the projection now skips poison
+
+    result = await rebuild.rebuild(pool, event_store, _Fixable)
+
+    assert await bad_checkpoint_and_letters(pool) == ((2, None), [(1, "skipped", True), (1, "skipped", False)])
+    assert (result.skipped, result.resolved_dead_letters) == (1, 1)

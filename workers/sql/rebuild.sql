@@ -124,6 +124,21 @@ ON CONFLICT (projection, stream_id) DO UPDATE
     SET version = EXCLUDED.version, halted_version = EXCLUDED.halted_version, updated_at = clock_timestamp()
     WHERE (c.version, c.halted_version) IS DISTINCT FROM (EXCLUDED.version, EXCLUDED.halted_version);
 
+-- name: resolve_dead_letters
+-- Settle the parked dead letters of events the shadow got past (run in the swap, with the shadow's
+-- rebuild_checkpoints on the path): a handler fixed since then applied them, as `dead-letters retry` would
+-- have ('retried'), unless this rebuild skipped them under a "skip" policy ('skipped'). An event whose
+-- handler still fails under "halt" stays parked: its stream's shadow checkpoint stops just before it.
+UPDATE dead_letters AS d
+SET status = CASE WHEN EXISTS (SELECT 1 FROM dead_letters AS k
+                               WHERE k.projection = d.projection AND k.stream_id = d.stream_id
+                                 AND k.version = d.version AND k.status = 'skipped')
+                  THEN 'skipped' ELSE 'retried' END,
+    resolved_at = clock_timestamp()
+FROM rebuild_checkpoints AS s
+WHERE d.projection = $1 AND d.status = 'parked' AND s.stream_id = d.stream_id AND s.version >= d.version
+RETURNING d.id, d.status;
+
 -- name: finish_status
 -- The rebuilt projection is live; its watermark is the later of the live one and the rebuild's cursor
 -- (the shadow applied, skipped or halted every event up to it); applied counts the events its
