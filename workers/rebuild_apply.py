@@ -8,7 +8,9 @@ event's j-th statement); across streams the order is free, as it is between live
 needs more than ``execute()`` (a fetch, a savepoint, the returned status) makes the applier fall back to
 one event at a time for good; a failing handler makes it isolate the failing event and apply the
 projection's policy: "skip" moves past it, "halt" stops its stream there. Either way it is recorded in
-``dead_letters`` (unless the live workers parked it already) and logged.
+``dead_letters`` (unless the live workers parked it already) and logged. A stored event this code cannot
+decode (corrupt bytes written around the store's API, a newer writer's type) is read as an ``Undecodable``
+payload and fails like a handler would, so it costs its stream, never the whole rebuild or backfill.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn, cast
 
 from projections.base import Projection
-from store import db, queries
+from store import codec, db, queries
+from store import errors as store_errors
 from store.event_store import EventStore, Position, RecordedEvent, record_from_row
+from store.queries import QUERIES
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +69,25 @@ class _Recorder:
 
     def __getattr__(self, name: str) -> NoReturn:
         raise _Unbatchable(f"the handler called {name}()")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Undecodable:
+    """The payload of a stored event that could not be decoded, and why: poison for its stream."""
+
+    error: store_errors.CodecError
+
+
+def decode_row(row: Any, registry: codec.Registry) -> RecordedEvent:
+    """A stored event; one that cannot be decoded gets an ``Undecodable`` payload instead of raising."""
+    try:
+        return record_from_row(row, registry)
+    except store_errors.CodecError as exc:
+        return RecordedEvent(event_id=row["event_id"], stream_id=row["stream_id"], version=row["version"],
+                             global_position=row["global_position"],
+                             position=Position(row["transaction_id"], row["global_position"]),
+                             event_type=row["event_type"], event=Undecodable(exc), data=row["data"],
+                             metadata={}, recorded_at=row["recorded_at"])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -122,13 +145,15 @@ class Applier:
         if gaps:
             rows = await conn.fetch(SQL["load_ranges"], *(list(column) for column in zip(*gaps, strict=True)))
             for row in rows:
-                streams[row["stream_id"]].append(record_from_row(row, self.store.registry))
+                streams[row["stream_id"]].append(decode_row(row, self.store.registry))
             for stream_events in streams.values():
                 stream_events.sort(key=lambda e: e.version)
         return streams
 
     async def _run(self, conn: db.Conn, streams: dict[str, list[RecordedEvent]]) -> dict[str, _Head]:
         done = {s: _Head(evs[-1].version) for s, evs in streams.items()}
+        if any(isinstance(e.event, Undecodable) for evs in streams.values() for e in evs):
+            return await self._isolating(conn, streams)  # never hand a handler what it cannot read
         if self.set_based:
             try:
                 async with conn.transaction():
@@ -184,6 +209,8 @@ class Applier:
             for e in stream_events:
                 try:
                     async with conn.transaction():
+                        if isinstance(e.event, Undecodable):
+                            raise e.event.error
                         await self.projection.apply(conn, e)
                 except Exception as exc:
                     if isinstance(exc, db.TRANSIENT):
@@ -215,6 +242,17 @@ class Applier:
 Read = Callable[[Position, int], Coroutine[Any, Any, list[RecordedEvent]]]
 
 
+def all_reader(store: EventStore) -> Read:
+    """``store.read_all``, except that events which cannot be decoded come back ``Undecodable``."""
+
+    async def read(after: Position, limit: int) -> list[RecordedEvent]:
+        async with db.translate_errors():
+            rows = await store.pool.fetch(QUERIES["read_all"], after.transaction_id, after.global_position, limit)
+        return [decode_row(r, store.registry) for r in rows]
+
+    return read
+
+
 def settled_reader(store: EventStore) -> Read:
     """Reads in global_position order, ignoring the read_all horizon: only for a store no one writes to
     any more, where each stream's positions grow with its versions and every event is committed."""
@@ -222,18 +260,18 @@ def settled_reader(store: EventStore) -> Read:
     async def read(after: Position, limit: int) -> list[RecordedEvent]:
         async with db.translate_errors():
             rows = await store.pool.fetch(SQL["read_settled"], after.global_position, limit)
-        return [record_from_row(r, store.registry) for r in rows]
+        return [decode_row(r, store.registry) for r in rows]
 
     return read
 
 
 class Prefetcher:
-    """Batches of ``read`` (read_all by default), the next one read on the store's pool while the caller
-    applies the current one."""
+    """Batches of ``read`` (``all_reader`` by default), the next one read on the store's pool while the
+    caller applies the current one."""
 
     def __init__(self, store: EventStore, after: Position, limit: int, read: Read | None = None) -> None:
         self.after, self.limit = after, limit
-        self.read: Read = read or (lambda after, limit: store.read_all(after, limit))
+        self.read: Read = read or all_reader(store)
         self._next: asyncio.Task[list[RecordedEvent]] | None = None
 
     async def next(self) -> list[RecordedEvent]:

@@ -269,3 +269,25 @@ async def test_a_rebuild_that_skips_a_parked_event_marks_its_dead_letter_skipped
 
     assert await bad_checkpoint_and_letters(pool) == ((2, None), [(1, "skipped", True), (1, "skipped", False)])
     assert (result.skipped, result.resolved_dead_letters) == (1, 1)
+
+
+async def test_a_stored_event_that_cannot_be_decoded_halts_its_stream_not_the_rebuild(pool, event_store):
+    await pool.execute(_Fixable.ddl)
+    await event_store.append("order-ok", [placed("ok", "c"), paid("ok", "c")], NO_STREAM)
+    # Written around the store's API: a real payload, but metadata that is not msgpack.
+    await pool.execute("INSERT INTO events (event_id, stream_id, version, event_type, data, metadata) "
+                       "SELECT gen_random_uuid(), 'order-corrupt', 0, event_type, data, '\\xc1'::bytea "
+                       "FROM events WHERE stream_id = 'order-ok' AND version = 0")
+    await event_store.append("order-corrupt", [paid("corrupt", "c")], 0)
+
+    result = await rebuild.rebuild(pool, event_store, _Fixable)
+
+    assert result.halted_streams == ("order-corrupt",)
+    rows = await pool.fetch("SELECT stream_id, version FROM rb_fixable ORDER BY 1, 2")
+    assert [tuple(r) for r in rows] == [("order-ok", 0), ("order-ok", 1)]
+    checkpoint = await pool.fetchrow("SELECT version, halted_version FROM checkpoints "
+                                     "WHERE projection = 'rb_fixable' AND stream_id = 'order-corrupt'")
+    assert tuple(checkpoint) == (-1, 0)
+    letters = await pool.fetch("SELECT version, status, error FROM dead_letters WHERE projection = 'rb_fixable'")
+    assert [(r["version"], r["status"]) for r in letters] == [(0, "parked")]
+    assert letters[0]["error"].startswith("CorruptEvent: corrupt msgpack")
