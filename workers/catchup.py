@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from store import db
+from store import errors as store_errors
 from store.event_store import EventStore, Position, RecordedEvent
 from store.queries import load
 from workers import health, metrics
@@ -44,6 +45,8 @@ SQL = load("workers", "catchup.sql")
 
 #: Pause between reads at the frontier while the queues still hold a backlog of settled deliveries.
 FRONTIER_POLL_SECONDS = 0.05
+#: After a catch-up met a stored event it cannot decode, the next one waits this long.
+CODEC_ERROR_PAUSE_SECONDS = 60.0
 #: A frontier that has not moved for this long is held by a long transaction: the catch-up gives up.
 FRONTIER_STUCK_SECONDS = 2.0
 
@@ -63,12 +66,13 @@ class CatchUp:
         # Where catch-ups spent their time: waiting for reads (beyond the overlap) and applying.
         self.reading_seconds = self.applying_seconds = 0.0
         self._due: set[str] = set()
+        self._pause_until = 0.0  # no catch-ups before (after one met an undecodable event)
         self._wake = asyncio.Event()
 
     def note_lag(self, projection: str, lag_events: int) -> None:
         """The lag monitor's measurement: request a catch-up when the projection is far enough behind."""
         threshold = self.settings.catchup_threshold
-        if threshold and lag_events >= threshold:
+        if threshold and lag_events >= threshold and time.monotonic() >= self._pause_until:
             self._due.add(projection)
             self._wake.set()
 
@@ -93,6 +97,12 @@ class CatchUp:
                     continue
                 try:
                     await self.catch_up(consumers, stop)
+                except store_errors.CodecError as exc:
+                    # A stored event this code cannot decode (written by newer or foreign writers): the
+                    # consumers meet it one stream at a time and park it per policy; catch-ups pause.
+                    self._pause_until = time.monotonic() + CODEC_ERROR_PAUSE_SECONDS
+                    logger.warning("catch-up stopped at an event it cannot decode; the consumers carry on",
+                                   extra={"error": str(exc), "pause_seconds": CODEC_ERROR_PAUSE_SECONDS})
                 except health.OUTAGE_ERRORS as exc:
                     logger.warning("catch-up interrupted by an outage; the consumers carry on",
                                    extra={"error": f"{type(exc).__name__}: {exc}"})

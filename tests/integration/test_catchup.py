@@ -48,13 +48,19 @@ async def consumers_for(event_store: EventStore, connection: aio_pika.abc.Abstra
 
 
 async def visible(event_store: EventStore, events: list[RecordedEvent]) -> list[RecordedEvent]:
-    """Wait until read_all shows every event: a transaction of another test still running anywhere in the
+    """Wait until read_all can show every event: a transaction of another test still running anywhere in the
     cluster holds its horizon back for a moment (see EventStore.read_all)."""
+    await below_horizon(event_store.pool, len(events))
+    return events
+
+
+async def below_horizon(pool: db.Pool, count: int) -> None:
     for _ in range(400):
-        if len(await event_store.read_all(limit=len(events) + 1)) == len(events):
-            return events
+        if await pool.fetchval("SELECT count(*) FROM events "
+                               "WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())") >= count:
+            return
         await asyncio.sleep(0.05)
-    raise AssertionError("the events never became visible to read_all")
+    raise AssertionError("the events never went below read_all's horizon")
 
 
 async def applied_count(pool: db.Pool, projection: str) -> int:
@@ -225,3 +231,31 @@ async def test_a_worker_far_behind_catches_up_from_the_store_and_drains_its_queu
     assert counter("eventfleet_projection_caught_up_total", "customer_stats") - caught_up_before == stats.caught_up
     async with pool.acquire() as conn:
         assert (await read_models(conn)).customer_stats == fold(e.event for e in events).customer_stats
+
+
+async def test_a_catch_up_that_meets_an_undecodable_stored_event_stops_and_pauses_catch_ups(
+        pool, event_store, connection, settings):
+    await event_store.append("order-ok", [placed("ok", "c"), paid("ok", "c")], NO_STREAM)
+    # Written around the store's API: a real payload, but metadata that is not msgpack.
+    await pool.execute("INSERT INTO events (event_id, stream_id, version, event_type, data, metadata) "
+                       "SELECT gen_random_uuid(), 'order-corrupt', 0, event_type, data, '\\xc1'::bytea "
+                       "FROM events WHERE stream_id = 'order-ok' AND version = 0")
+    await below_horizon(pool, 3)
+    (stats,) = await consumers_for(event_store, connection, settings, CustomerStats)
+    catch_up, stop = catchup.CatchUp(event_store, settings), asyncio.Event()
+    catch_up.attach([stats])
+    running = asyncio.create_task(catch_up.run(stop))
+
+    catch_up.note_lag("customer_stats", 1000)
+    for _ in range(200):
+        if catch_up._pause_until:
+            break
+        await asyncio.sleep(0.05)
+    catch_up.note_lag("customer_stats", 1000)  # paused: not taken up again
+
+    assert catch_up._pause_until > 0
+    assert not running.done()  # the worker goes on
+    assert catch_up._due == set()
+    assert not stats.catching_up  # its consumer is no longer held
+    stop.set()
+    await asyncio.wait_for(running, 5)
