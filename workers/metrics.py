@@ -11,6 +11,9 @@ registry: CollectorRegistry = REGISTRY
 OUTBOX_PENDING = Gauge("eventfleet_outbox_pending", "Outbox rows not yet confirmed by the broker")
 OUTBOX_OLDEST_AGE = Gauge("eventfleet_outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row")
 RELAY_PUBLISHED = Counter("eventfleet_relay_published_total", "Events published and confirmed by the broker")
+RELAY_UNDECODABLE = Counter("eventfleet_relay_undecodable_total",
+                            "Events published flagged as undecodable (their stored metadata is not msgpack); "
+                            "every projection dead-letters them")
 RELAY_BATCH_SECONDS = Histogram("eventfleet_relay_publish_batch_seconds",
                                 "Time to publish and confirm one outbox batch", buckets=_LATENCY_BUCKETS)
 

@@ -254,7 +254,7 @@ async def append_corrupt_metadata_event(pool: db.Pool) -> str:
 
 async def test_a_row_whose_metadata_cannot_be_decoded_is_published_flagged_and_the_rows_behind_it_follow(
         pool, event_store, running, collector):
-    undecodable_before = relay.RELAY_UNDECODABLE._value.get()
+    undecodable_before = (metrics.registry.get_sample_value("eventfleet_relay_undecodable_total") or 0.0)
     before = await append_orders(event_store, 2)
     bad_id = await append_corrupt_metadata_event(pool)
     after = await append_orders(event_store, 3)
@@ -270,7 +270,7 @@ async def test_a_row_whose_metadata_cannot_be_decoded_is_published_flagged_and_t
     assert "corrupt msgpack" in str(bad.headers[broker.UNDECODABLE_HEADER])
     with pytest.raises(MalformedMessage, match=f"relay could not encode event {bad_id}"):
         broker.from_body(bad.body)
-    assert relay.RELAY_UNDECODABLE._value.get() - undecodable_before == 1
+    assert (metrics.registry.get_sample_value("eventfleet_relay_undecodable_total") or 0.0) - undecodable_before == 1
 
 
 async def test_workers_dead_letter_the_undecodable_row_and_apply_the_rest(pool, event_store, topology, prefix,
