@@ -128,14 +128,17 @@ class CatchUp:
                 for consumer, start in group:
                     consumer.begin_catch_up(start)
                     read[consumer.projection.name] = 0
-                logger.info("catching up from the store", extra={
+                logger.debug("catching up from the store", extra={
                     "projections": sorted(read), "after": [cursor.transaction_id, cursor.global_position]})
                 started, reading, applying = time.perf_counter(), self.reading_seconds, self.applying_seconds
                 await self._loop(conn, [c for c, _ in group], cursor, read, stop)
-                logger.info("caught up", extra={"projections": read,
-                                                "seconds": round(time.perf_counter() - started, 3),
-                                                "reading_seconds": round(self.reading_seconds - reading, 3),
-                                                "applying_seconds": round(self.applying_seconds - applying, 3)})
+                # A lag made of a halted stream's held events asks again every refresh and finds little
+                # to read: only a catch-up that read a backlog is worth an INFO line.
+                level = logging.INFO if max(read.values()) >= self.settings.catchup_threshold else logging.DEBUG
+                logger.log(level, "caught up", extra={"projections": read,
+                                                      "seconds": round(time.perf_counter() - started, 3),
+                                                      "reading_seconds": round(self.reading_seconds - reading, 3),
+                                                      "applying_seconds": round(self.applying_seconds - applying, 3)})
             finally:
                 for consumer, _ in group:
                     consumer.end_catch_up()
