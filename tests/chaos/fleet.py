@@ -4,7 +4,8 @@ Each process has a slot (``relay-0``, ``worker-2``) with a fixed HTTP port; a sl
 is a new incarnation. The fleet scrapes every live incarnation's ``/metrics`` about once a second, so a
 SIGKILLed one still reports what it did up to its last scrape; one stopped with SIGTERM prints its exact
 totals (workers) as its last stdout line. RSS comes from ``/proc``, and the TCP ports of each process's
-sockets let faults pick out exactly the fleet's Postgres backends.
+sockets let faults pick out exactly the fleet's Postgres backends. Slots named in ``traced`` run under
+``tests.chaos.memtrace`` (tracemalloc), for the soak's leak hunt.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -107,6 +108,7 @@ class Slot:
     incarnations: list[Incarnation] = dataclasses.field(default_factory=list)
     frozen: bool = False
     stopping: bool = False  # the harness sent SIGKILL or SIGTERM: an exit is expected
+    traced: bool = False  # run under tests.chaos.memtrace (tracemalloc snapshots in the log dir)
 
     @property
     def name(self) -> str:
@@ -127,9 +129,11 @@ class Slot:
         n = len(self.incarnations)
         stdout = self.logdir / f"{self.name}.{n}.out"
         verbose = ["-v"] if os.environ.get("EVENTFLEET_CHAOS_VERBOSE") else []  # DEBUG logs, for digging
-        args = [sys.executable, "-m", "workers", *verbose, self.role]
+        module = "tests.chaos.memtrace" if self.traced else "workers"
+        env = {**self.env, "EVENTFLEET_HTTP_PORT": str(self.port),
+               "EVENTFLEET_MEMTRACE_FILE": str(self.logdir / f"{self.name}.{n}.memtrace.jsonl")}
         with self.log_path(n).open("wb") as err, stdout.open("wb") as out:
-            proc = subprocess.Popen(args, cwd=ROOT, env={**self.env, "EVENTFLEET_HTTP_PORT": str(self.port)},
+            proc = subprocess.Popen([sys.executable, "-m", module, *verbose, self.role], cwd=ROOT, env=env,
                                     stdout=out, stderr=err)
         inc = Incarnation(proc, time.monotonic(), stdout)
         self.incarnations.append(inc)
@@ -180,11 +184,14 @@ class Slot:
 class Fleet:
     """Two relays and three workers (by default) of one schema and prefix, with their logs in ``logdir``."""
 
-    def __init__(self, env: Mapping[str, str], logdir: Path, *, relays: int = 2, workers: int = 3) -> None:
+    def __init__(self, env: Mapping[str, str], logdir: Path, *, relays: int = 2, workers: int = 3,
+                 traced: Collection[str] = ()) -> None:
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "EVENTFLEET_PROJECTION_MODULES": LEDGER_MODULE, **env}
         logdir.mkdir(parents=True, exist_ok=True)
         self.slots = [Slot("relay", i, free_port(), self.env, logdir) for i in range(relays)]
         self.slots += [Slot("worker", i, free_port(), self.env, logdir) for i in range(workers)]
+        for slot in self.slots:
+            slot.traced = slot.name in traced
         self._http: aiohttp.ClientSession | None = None
 
     @property
