@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from store import errors
-from workers import logs, redact
+from workers import logs, redact, runtime
 from workers.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     except errors.ConfigError as exc:
         print(f"eventfleet: configuration error: {exc}", file=sys.stderr)
         return 2
+    runtime.pin_mmap_threshold()  # long-running commands: keep the heap from fragmenting (see there)
     secrets = redact.secrets_of(settings.database_url, settings.amqp_url)
     logs.setup(settings.log_format, logging.DEBUG if args.verbose else logging.INFO, secrets=secrets)
     try:

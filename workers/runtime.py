@@ -1,14 +1,38 @@
-"""Process lifecycle: run jobs side by side until a signal or the first failure."""
+"""Process lifecycle: run jobs side by side until a signal or the first failure; the allocator's settings."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
+import platform
 import signal
 from collections.abc import Coroutine
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+#: glibc's default size from which an allocation gets a mapping of its own (mallopt(3), M_MMAP_THRESHOLD).
+MMAP_THRESHOLD = 128 * 1024
+_M_MMAP_THRESHOLD = -3
+
+
+def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Stop glibc from raising its mmap threshold while the process runs; True if it was pinned.
+
+    glibc raises the threshold to the size of every mapped block that is freed (up to 32 MiB), so after one
+    large table or buffer is freed, big short-lived blocks come from the main heap instead: asyncio reads a
+    socket into a fresh 256 KiB bytes (``recv(256 KiB)``, then shrunk), many times a second. Long-lived
+    objects allocated among them (a worker's cached bodies over 512 bytes) leave holes that the next 256 KiB
+    never fits, and the heap grows with free space in it: 1.5-3 MB a minute in a worker at 60 events/s, with
+    nothing in use growing (RELIABILITY.md, soak). Setting the threshold turns that adjustment off
+    (mallopt(3)); the value is glibc's default. ``MALLOC_MMAP_THRESHOLD_`` in the environment (which also
+    turns it off) wins; without glibc (musl, macOS) there is nothing to pin.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.libc_ver()[0] != "glibc":
+        return False
+    return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
 async def run_until_stopped(*jobs: Coroutine[Any, Any, None], stop: asyncio.Event | None = None) -> None:
