@@ -3,13 +3,22 @@
 -- name: claim
 -- Lock the oldest unclaimed outbox rows (rows another relay holds are skipped, not waited for) and
 -- return their events in position order. Locks only the outbox rows: events rows are immutable.
+-- Each event is fetched by its primary key (the LATERAL ... LIMIT 1 cannot be flattened into a join): with a
+-- plain join, stale statistics of the churning outbox (before autovacuum or ANALYZE caught up) made the
+-- planner merge or hash join against the whole events table, a claim cost growing with the store's size.
+WITH claimed AS (
+    SELECT global_position FROM outbox
+    ORDER BY global_position
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
 SELECT e.global_position, e.event_id, e.stream_id, e.version, e.event_type, e.data, e.metadata,
        e.recorded_at, e.transaction_id
-FROM outbox AS o
-JOIN events AS e ON e.global_position = o.global_position
-ORDER BY o.global_position
-LIMIT $1
-FOR UPDATE OF o SKIP LOCKED;
+FROM claimed AS c
+CROSS JOIN LATERAL (
+    SELECT * FROM events AS x WHERE x.global_position = c.global_position LIMIT 1
+) AS e
+ORDER BY e.global_position;
 
 -- name: delete
 -- Forget published rows; runs in the claiming transaction, after the broker confirmed every message.
