@@ -114,6 +114,7 @@ class Consumer:
         self.catching_up = False
         self.draining = False  # the catch-up reached the frontier: ack the settled deliveries now
         self._moved = asyncio.Event()
+        metrics.CAUGHT_UP.labels(projection.name)  # exported at 0 before any catch-up, not absent
 
     async def open_queue(self) -> str:
         """Declare the topology (idempotent), set the prefetch and return the projection's queue name."""
