@@ -77,6 +77,14 @@ def start_worker(schema: str, prefix: str, log: Path, **env: str) -> subprocess.
         os.close(fd)  # the child has its own copy
 
 
+def reap(*procs: subprocess.Popen[str]) -> None:
+    """SIGKILL whatever is still running (a failed test) and collect it."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
 def stop_worker(proc: subprocess.Popen[str], within: float) -> dict[str, Any]:
     """SIGTERM; the process must exit 0 within ``within`` seconds; return the stats it printed."""
     proc.send_signal(signal.SIGTERM)
@@ -129,10 +137,7 @@ async def test_three_workers_share_a_projection_exactly_once(pool, event_store, 
         await until(lambda: _at_least(pool, len(events)), 300, *procs)
         reports = [stop_worker(p, 15) for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+        reap(*procs)
     shares = [r["projections"][PROJECTION]["applied"] for r in reports]
     assert all(share > 0 for share in shares), shares
     assert sum(shares) == len(events), "every event applied by exactly one worker"
@@ -206,10 +211,7 @@ async def test_a_worker_killed_during_a_catch_up_loses_and_doubles_nothing(pool,
         await until(drained, 300, *procs)
         reports = [stop_worker(p, 15) for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+        reap(*procs)
     stats = [r["projections"][PROJECTION] for r in reports]
     assert sum(s["caught_up"] for s in stats) > 0, "neither survivor caught up from the store"
     await assert_exact(pool, events)
