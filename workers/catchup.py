@@ -35,6 +35,7 @@ from store.event_store import EventStore, Position, RecordedEvent
 from store.queries import load
 from workers import health, metrics
 from workers.config import Settings
+from workers.lag import Lag
 
 if TYPE_CHECKING:
     from workers.consumer import Consumer
@@ -69,10 +70,14 @@ class CatchUp:
         self._pause_until = 0.0  # no catch-ups before (after one met an undecodable event)
         self._wake = asyncio.Event()
 
-    def note_lag(self, projection: str, lag_events: int) -> None:
-        """The lag monitor's measurement: request a catch-up when the projection is far enough behind."""
+    def note_lag(self, projection: str, lag: Lag) -> None:
+        """The lag monitor's measurement: every delivery up to the watermark is settled (the consumers ack
+        its copies with no database work, in every replica), and a catch-up is due when far enough behind."""
+        consumer = self.consumers.get(projection)
+        if consumer is not None:
+            consumer.settled(lag.watermark)
         threshold = self.settings.catchup_threshold
-        if threshold and lag_events >= threshold and time.monotonic() >= self._pause_until:
+        if threshold and lag.lag_events >= threshold and time.monotonic() >= self._pause_until:
             self._due.add(projection)
             self._wake.set()
 

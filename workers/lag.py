@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from store import db
 from store.queries import QUERIES as STORE_QUERIES
 from store.queries import load
+from store.records import Position
 from workers import health as health_mod
 from workers import metrics
 
@@ -38,6 +39,8 @@ class Lag:
     lag_events: int
     lag_seconds: float
     horizon_age_seconds: float
+    #: Every event at or before it is settled: applied, skipped, or of a halted stream (held).
+    watermark: Position = Position.START
 
 
 def watermark_lock_key(schema: str, projection: str) -> str:
@@ -66,12 +69,13 @@ async def advance(pool: db.Pool, projection: str, *, step: int = ADVANCE_STEP, m
     return True
 
 
-async def count(pool: db.Pool, projection: str) -> tuple[int, float]:
-    """Unapplied committed events and the age of the oldest of them, against the current watermark."""
+async def count(pool: db.Pool, projection: str) -> tuple[int, float, Position]:
+    """Unapplied committed events, the age of the oldest of them, and the watermark they are counted after."""
     async with db.translate_errors():
         row = await pool.fetchrow(SQL["measure_lag"], projection)
     assert row is not None
-    return int(row["lag_events"]), float(row["lag_seconds"])
+    return (int(row["lag_events"]), float(row["lag_seconds"]),
+            Position(row["watermark_txid"], row["watermark_position"]))
 
 
 async def horizon_age(pool: db.Pool) -> float:
@@ -85,8 +89,8 @@ async def horizon_age(pool: db.Pool) -> float:
 async def measure(pool: db.Pool, projection: str) -> Lag:
     """Advance the watermark, then count: the exact lag of ``projection`` now."""
     await advance(pool, projection)
-    events, seconds = await count(pool, projection)
-    return Lag(events, seconds, await horizon_age(pool))
+    events, seconds, watermark = await count(pool, projection)
+    return Lag(events, seconds, await horizon_age(pool), watermark)
 
 
 def export(projection: str, lag: Lag) -> None:
@@ -99,22 +103,22 @@ def export(projection: str, lag: Lag) -> None:
 async def run_lag_monitor(pool: db.Pool, projections: Sequence[str], *,
                           health: health_mod.Health | None = None,
                           interval: float = REFRESH_SECONDS,
-                          measured: Callable[[str, int], None] | None = None) -> None:
+                          measured: Callable[[str, Lag], None] | None = None) -> None:
     """Advance watermarks and refresh the lag gauges every ``interval`` seconds until cancelled;
-    ``measured(projection, lag_events)`` hears each measurement (the worker's catch-up trigger)."""
+    ``measured(projection, lag)`` hears each measurement (the worker's catch-up trigger and dedupe)."""
     while True:
-        heard: dict[str, int] = {}
+        heard: dict[str, Lag] = {}
         for projection in projections:
             try:
                 found = await measure(pool, projection)
                 export(projection, found)
-                heard[projection] = found.lag_events
+                heard[projection] = found
             except health_mod.OUTAGE_ERRORS as exc:
                 # The consumer reports and retries outages; the gauges just keep their last value.
                 if health is not None:
                     health.down("postgres", exc)
                 logger.debug("lag refresh failed", extra={"projection": projection}, exc_info=True)
         if measured is not None:  # after the round: a catch-up then takes every lagging projection at once
-            for projection, lag_events in heard.items():
-                measured(projection, lag_events)
+            for projection, found in heard.items():
+                measured(projection, found)
         await asyncio.sleep(interval)

@@ -246,12 +246,12 @@ async def test_a_catch_up_that_meets_an_undecodable_stored_event_stops_and_pause
     catch_up.attach([stats])
     running = asyncio.create_task(catch_up.run(stop))
 
-    catch_up.note_lag("customer_stats", 1000)
+    catch_up.note_lag("customer_stats", lag.Lag(1000, 1.0, 0.0))
     for _ in range(200):
         if catch_up._pause_until:
             break
         await asyncio.sleep(0.05)
-    catch_up.note_lag("customer_stats", 1000)  # paused: not taken up again
+    catch_up.note_lag("customer_stats", lag.Lag(1000, 1.0, 0.0))  # paused: not taken up again
 
     assert catch_up._pause_until > 0
     assert not running.done()  # the worker goes on
@@ -259,3 +259,25 @@ async def test_a_catch_up_that_meets_an_undecodable_stored_event_stops_and_pause
     assert not stats.catching_up  # its consumer is no longer held
     stop.set()
     await asyncio.wait_for(running, 5)
+
+
+async def test_every_replica_acks_copies_up_to_the_watermark_without_database_work(pool, event_store, connection,
+                                                                                     settings):
+    """Another process applied the events; this one only learns the watermark from its lag monitor."""
+    events = await visible(event_store, await append_orders(event_store, 20, 5))
+    await checkpoints.apply_batch(event_store, CustomerStats(), events)
+    measured = await lag.measure(pool, "customer_stats")
+    assert measured.watermark == max(e.position for e in events)
+    (stats,) = await consumers_for(event_store, connection, settings, CustomerStats)
+    replica = catchup.CatchUp(event_store, dataclasses.replace(settings, catchup_threshold=0))
+    replica.attach([stats])
+    replica.note_lag("customer_stats", measured)
+    touched = await pool.fetchval("SELECT max(updated_at) FROM checkpoints")
+    exchange = await stats.channel.get_exchange(broker.Names(settings.prefix).exchange, ensure=False)
+    await publish(exchange, events)
+
+    drained = await stats.until_idle()
+
+    assert (drained.duplicates, drained.applied) == (100, 0)
+    assert await pool.fetchval("SELECT max(updated_at) FROM checkpoints") == touched
+    assert replica._due == set()  # catch-ups off: nothing requested

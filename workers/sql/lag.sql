@@ -50,7 +50,7 @@ SELECT (SELECT count(*) FROM tail) AS scanned,
 
 -- name: measure_lag
 -- Unapplied committed events: the tail after the watermark not covered by its stream's checkpoint, plus
--- the events at or before it of halted streams above their checkpoint; and the oldest one's age.
+-- the events at or before it of halted streams above their checkpoint; the oldest one's age; the watermark.
 WITH w AS (
     SELECT coalesce((SELECT watermark_txid FROM projection_status WHERE projection = $1), '0'::xid8) AS txid,
            coalesce((SELECT watermark_position FROM projection_status WHERE projection = $1), 0) AS pos
@@ -72,5 +72,6 @@ WITH w AS (
     SELECT recorded_at FROM halted
 )
 SELECT count(*) AS lag_events,
-       greatest(coalesce(extract(epoch FROM clock_timestamp() - min(recorded_at))::float8, 0), 0) AS lag_seconds
+       greatest(coalesce(extract(epoch FROM clock_timestamp() - min(recorded_at))::float8, 0), 0) AS lag_seconds,
+       (SELECT txid FROM w) AS watermark_txid, (SELECT pos FROM w) AS watermark_position
 FROM unapplied;
