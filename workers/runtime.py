@@ -25,8 +25,8 @@ def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     large table or buffer is freed, big short-lived blocks come from the main heap instead: asyncio reads a
     socket into a fresh 256 KiB bytes (``recv(256 KiB)``, then shrunk), many times a second. Long-lived
     objects allocated among them (a worker's cached bodies over 512 bytes) leave holes that the next 256 KiB
-    never fits, and the heap grows with free space in it: 1.5-3 MB a minute in a worker at 60 events/s, with
-    nothing in use growing (RELIABILITY.md, soak). Setting the threshold turns that adjustment off
+    never fits, and the heap grows with free space in it: 1.4-3.7 MiB a minute in a worker at 60 events/s,
+    with nothing in use growing (RELIABILITY.md, soak). Setting the threshold turns that adjustment off
     (mallopt(3)); the value is glibc's default. ``MALLOC_MMAP_THRESHOLD_`` in the environment (which also
     turns it off) wins; without glibc (musl, macOS) there is nothing to pin.
     """
