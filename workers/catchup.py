@@ -63,7 +63,6 @@ class CatchUp:
     def __init__(self, store: EventStore, settings: Settings) -> None:
         self.store, self.settings = store, settings
         self.consumers: dict[str, Consumer] = {}
-        self.caught_up: dict[str, int] = {}  # events read from the store per projection, all runs
         # Where catch-ups spent their time: waiting for reads (beyond the overlap) and applying.
         self.reading_seconds = self.applying_seconds = 0.0
         self._due: set[str] = set()
@@ -150,8 +149,6 @@ class CatchUp:
                     with contextlib.suppress(*health.OUTAGE_ERRORS):
                         await conn.fetchval(SQL["unlock_catchup"],
                                             catchup_lock_key(self.store.schema, consumer.projection.name))
-        for name, count in read.items():
-            self.caught_up[name] = self.caught_up.get(name, 0) + count
         return read
 
     async def _claim(self, conn: db.Conn, consumers: Sequence[Consumer]) -> list[tuple[Consumer, Position]]:
