@@ -94,3 +94,23 @@ def record_from_row(row: Mapping[str, Any], registry: codec.Registry = codec.REG
         event_type=event_type, event=payload, data=row["data"], metadata=metadata,
         recorded_at=row["recorded_at"],
     )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Undecodable:
+    """The payload of a stored event that could not be decoded, and why: poison for its stream."""
+
+    error: errors.CodecError
+
+
+def record_or_undecodable(row: Mapping[str, Any], registry: codec.Registry = codec.REGISTRY) -> RecordedEvent:
+    """Like ``record_from_row``, except that an event this code cannot decode (corrupt bytes written around
+    the store's API, a newer writer's type) comes back with an ``Undecodable`` payload instead of raising."""
+    try:
+        return record_from_row(row, registry)
+    except errors.CodecError as exc:
+        return RecordedEvent(event_id=row["event_id"], stream_id=row["stream_id"], version=row["version"],
+                             global_position=row["global_position"],
+                             position=Position(row["transaction_id"], row["global_position"]),
+                             event_type=row["event_type"], event=Undecodable(exc), data=row["data"],
+                             metadata={}, recorded_at=row["recorded_at"])

@@ -18,8 +18,9 @@ from typing import Any, NoReturn
 from projections.base import Policy, Projection
 from store import db
 from store import errors as store_errors
-from store.event_store import EventStore, Position, RecordedEvent, record_from_row
+from store.event_store import EventStore, RecordedEvent
 from store.queries import load
+from store.records import Undecodable, record_or_undecodable
 from workers import errors
 
 SQL = load("workers", "checkpoints.sql")
@@ -172,17 +173,10 @@ async def _load_gaps(conn: db.Conn, store: EventStore, projection: Projection, s
 def _decode_stored(row: Any, store: EventStore, projection: Projection,
                    park: Mapping[tuple[str, int], Failure]) -> RecordedEvent:
     """A stored event; one this code cannot decode (a type from newer writers) is poison for its stream."""
-    try:
-        return record_from_row(row, store.registry)
-    except store_errors.CodecError as exc:
-        stub = RecordedEvent(event_id=row["event_id"], stream_id=row["stream_id"], version=row["version"],
-                             global_position=row["global_position"],
-                             position=Position(row["transaction_id"], row["global_position"]),
-                             event_type=row["event_type"], event=None, data=row["data"], metadata={},
-                             recorded_at=row["recorded_at"])
-        if (stub.stream_id, stub.version) in park:
-            return stub  # parked, never applied
-        raise HandlerFailed(projection.name, stub, exc) from exc
+    event = record_or_undecodable(row, store.registry)
+    if isinstance(event.event, Undecodable) and (event.stream_id, event.version) not in park:
+        raise HandlerFailed(projection.name, event, event.event.error) from event.event.error
+    return event  # a parked undecodable one is never applied
 
 
 async def _walk(conn: db.Conn, projection: Projection, plan: _Stream, filled: dict[int, RecordedEvent],

@@ -36,6 +36,7 @@ from projections import registry
 from projections.base import Projection
 from store import db, errors, queries, roles
 from store.event_store import EventStore, Position
+from store.records import record_or_undecodable
 from workers import rebuild_apply as applier
 from workers.config import Settings
 
@@ -314,7 +315,7 @@ class Rebuild:
         if behind:
             rows = await conn.fetch(SQL["load_ranges"], [r["stream_id"] for r in behind],
                                     [r["shadow_version"] + 1 for r in behind], [r["live_version"] for r in behind])
-            await self.applier.apply(conn, [applier.decode_row(r, self.store.registry) for r in rows])
+            await self.applier.apply(conn, [record_or_undecodable(r, self.store.registry) for r in rows])
         for table in self.projection.tables:
             grants = await conn.fetch(SQL["table_grants"], self.schema, table)
             await conn.execute(f"DROP TABLE IF EXISTS {main}.{quote(table)}")

@@ -24,10 +24,10 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn, cast
 
 from projections.base import Projection
-from store import codec, db, queries
-from store import errors as store_errors
-from store.event_store import EventStore, Position, RecordedEvent, record_from_row
+from store import db, queries
+from store.event_store import EventStore, Position, RecordedEvent
 from store.queries import QUERIES
+from store.records import Undecodable, record_or_undecodable
 
 logger = logging.getLogger(__name__)
 
@@ -69,25 +69,6 @@ class _Recorder:
 
     def __getattr__(self, name: str) -> NoReturn:
         raise _Unbatchable(f"the handler called {name}()")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Undecodable:
-    """The payload of a stored event that could not be decoded, and why: poison for its stream."""
-
-    error: store_errors.CodecError
-
-
-def decode_row(row: Any, registry: codec.Registry) -> RecordedEvent:
-    """A stored event; one that cannot be decoded gets an ``Undecodable`` payload instead of raising."""
-    try:
-        return record_from_row(row, registry)
-    except store_errors.CodecError as exc:
-        return RecordedEvent(event_id=row["event_id"], stream_id=row["stream_id"], version=row["version"],
-                             global_position=row["global_position"],
-                             position=Position(row["transaction_id"], row["global_position"]),
-                             event_type=row["event_type"], event=Undecodable(exc), data=row["data"],
-                             metadata={}, recorded_at=row["recorded_at"])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -145,7 +126,7 @@ class Applier:
         if gaps:
             rows = await conn.fetch(SQL["load_ranges"], *(list(column) for column in zip(*gaps, strict=True)))
             for row in rows:
-                streams[row["stream_id"]].append(decode_row(row, self.store.registry))
+                streams[row["stream_id"]].append(record_or_undecodable(row, self.store.registry))
             for stream_events in streams.values():
                 stream_events.sort(key=lambda e: e.version)
         return streams
@@ -248,7 +229,7 @@ def all_reader(store: EventStore) -> Read:
     async def read(after: Position, limit: int) -> list[RecordedEvent]:
         async with db.translate_errors():
             rows = await store.pool.fetch(QUERIES["read_all"], after.transaction_id, after.global_position, limit)
-        return [decode_row(r, store.registry) for r in rows]
+        return [record_or_undecodable(r, store.registry) for r in rows]
 
     return read
 
@@ -260,7 +241,7 @@ def settled_reader(store: EventStore) -> Read:
     async def read(after: Position, limit: int) -> list[RecordedEvent]:
         async with db.translate_errors():
             rows = await store.pool.fetch(SQL["read_settled"], after.global_position, limit)
-        return [decode_row(r, store.registry) for r in rows]
+        return [record_or_undecodable(r, store.registry) for r in rows]
 
     return read
 
