@@ -30,6 +30,7 @@ import msgpack
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp import commands as spec
 
+from bench.append import BASELINE_APPEND
 from domain.events import OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
 from store import codec, db
 from workers import broker, runtime
@@ -38,13 +39,7 @@ from workers.config import Settings
 #: (stream_id, version, decoded payload): what a consumer has after decoding a delivery.
 Event = tuple[str, int, Any]
 
-APPEND = """
-WITH head AS (SELECT coalesce(max(version), -1) AS v FROM events WHERE stream_id = $1),
-ins AS (INSERT INTO events (event_id, stream_id, version, event_type, data, metadata)
-        SELECT $3, $1, $2::bigint + 1, $4, $5, $6 FROM head WHERE head.v = $2::bigint
-        RETURNING global_position)
-INSERT INTO outbox (global_position) SELECT global_position FROM ins RETURNING global_position
-"""
+APPEND = BASELINE_APPEND  # the same one-statement append as bench.append's baseline
 CLAIM = """
 SELECT o.global_position, e.stream_id, e.version, e.event_type, e.data, e.recorded_at
 FROM outbox AS o JOIN events AS e ON e.global_position = o.global_position
