@@ -63,8 +63,6 @@ class CatchUp:
     def __init__(self, store: EventStore, settings: Settings) -> None:
         self.store, self.settings = store, settings
         self.consumers: dict[str, Consumer] = {}
-        # Where catch-ups spent their time: waiting for reads (beyond the overlap) and applying.
-        self.reading_seconds = self.applying_seconds = 0.0
         self._due: set[str] = set()
         self._pause_until = 0.0  # no catch-ups before (after one met an undecodable event)
         self._wake = asyncio.Event()
@@ -134,15 +132,15 @@ class CatchUp:
                     read[consumer.projection.name] = 0
                 logger.debug("catching up from the store", extra={
                     "projections": sorted(read), "after": [cursor.transaction_id, cursor.global_position]})
-                started, reading, applying = time.perf_counter(), self.reading_seconds, self.applying_seconds
-                await self._loop(conn, [c for c, _ in group], cursor, read, stop)
+                started = time.perf_counter()
+                reading, applying = await self._loop(conn, [c for c, _ in group], cursor, read, stop)
                 # A lag made of a halted stream's held events asks again every refresh and finds little
                 # to read: only a catch-up that read a backlog is worth an INFO line.
                 level = logging.INFO if max(read.values()) >= self.settings.catchup_threshold else logging.DEBUG
                 logger.log(level, "caught up", extra={"projections": read,
                                                       "seconds": round(time.perf_counter() - started, 3),
-                                                      "reading_seconds": round(self.reading_seconds - reading, 3),
-                                                      "applying_seconds": round(self.applying_seconds - applying, 3)})
+                                                      "reading_seconds": round(reading, 3),
+                                                      "applying_seconds": round(applying, 3)})
             finally:
                 for consumer, _ in group:
                     consumer.end_catch_up()
@@ -168,8 +166,11 @@ class CatchUp:
         return group
 
     async def _loop(self, conn: db.Conn, group: list[Consumer], cursor: Position, read: dict[str, int],
-                    stop: asyncio.Event) -> None:
+                    stop: asyncio.Event) -> tuple[float, float]:
+        """Read, apply and settle batches until the frontier; return the seconds spent waiting for reads
+        (beyond the overlap with applying) and applying."""
         limit = self.settings.catchup_batch_size
+        reading = applying = 0.0
         pending: asyncio.Future[list[RecordedEvent]] | None = None
 
         def read_after(position: Position) -> asyncio.Future[list[RecordedEvent]]:
@@ -184,9 +185,9 @@ class CatchUp:
                     pending = read_after(events[-1].position)
                 if events:
                     last, stuck_since = events[-1].position, None
-                    applying = time.perf_counter()
+                    began = time.perf_counter()
                     await asyncio.gather(*(c.apply_from_store(events) for c in group))
-                    self.applying_seconds += time.perf_counter() - applying
+                    applying += time.perf_counter() - began
                     for consumer in group:
                         consumer.settled(last)
                         read[consumer.projection.name] += len(events)
@@ -206,9 +207,10 @@ class CatchUp:
                     await asyncio.sleep(FRONTIER_POLL_SECONDS)
                     pending = read_after(last)
                 assert pending is not None
-                reading = time.perf_counter()
+                began = time.perf_counter()
                 events, pending = await pending, None
-                self.reading_seconds += time.perf_counter() - reading
+                reading += time.perf_counter() - began
+            return reading, applying
         finally:
             if pending is not None:  # let the read finish: a cancelled query would spoil the connection
                 with contextlib.suppress(Exception):

@@ -371,7 +371,7 @@ class Consumer:
                 if batch:
                     await self.handle_decoded(batch)
                     continue
-                ready = (await self._raw.queue_declare(queue, passive=True)).message_count
+                ready = await self.backlog()
                 await _hand_over()
                 if buffer.empty() and not ready:
                     break
