@@ -60,6 +60,7 @@ import aiohttp
 import aiormq.abc
 import asyncpg
 import psycopg
+from pamqp import commands as spec
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import eventsourcing_baseline, pipeline_handwritten
@@ -243,11 +244,13 @@ class Lab:
         """The fewest consumers on any of the deployment's projection queues."""
         channel = await (await self.connection()).channel()
         async with channel:
-            counts = []
-            for p in PROJECTIONS:
-                queue = await channel.declare_queue(broker.Names(settings.prefix).queue(p), passive=True)
-                counts.append(queue.declaration_result.consumer_count or 0)
-        return min(counts)
+            return min(q.consumer_count or 0 for q in await declared(channel, settings))
+
+
+async def declared(channel: aio_pika.abc.AbstractChannel, settings: Settings) -> list[spec.Queue.DeclareOk]:
+    """The passive declaration results (message and consumer counts) of the deployment's projection queues."""
+    return [(await channel.declare_queue(broker.Names(settings.prefix).queue(p), passive=True)).declaration_result
+            for p in PROJECTIONS]
 
 
 async def retrying(step: Callable[[], Awaitable[None]], within: float = 90) -> None:
@@ -412,11 +415,7 @@ async def one_worker(pool: db.Pool, settings: Settings, events: int) -> Drain:
 
 async def queues_empty(channel: aio_pika.abc.AbstractChannel, settings: Settings) -> bool:
     """No message ready in either projection queue (the last deliveries are then in the worker's hands)."""
-    for p in PROJECTIONS:
-        queue = await channel.declare_queue(broker.Names(settings.prefix).queue(p), passive=True)
-        if queue.declaration_result.message_count:
-            return False
-    return True
+    return not any(q.message_count for q in await declared(channel, settings))
 
 
 async def reset_read_models(pool: db.Pool) -> None:
