@@ -224,7 +224,7 @@ class EventStore:
                    conn: db.Conn | None = None) -> list[RecordedEvent]:
         """A stream's events from from_version on, decoded and upcast, in version order."""
         names.stream_id(stream_id)
-        _check_version(from_version, "from_version")
+        _check_int(from_version, "from_version", 0)
         async with self.hot.use(conn) as c:
             rows = await c.fetch(QUERIES["load_stream"], stream_id, from_version)
         return [record_from_row(r, self.registry) for r in rows]
@@ -245,8 +245,7 @@ class EventStore:
         appear before the cursor. The cost: one long-running writing transaction anywhere in the
         cluster holds every reader back until it ends (watch ``horizon()``).
         """
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise errors.InvalidInput(f"limit must be an int >= 1, got {limit!r}")
+        _check_int(limit, "limit", 1, high=None)
         async with self.hot.use(conn) as c:
             rows = await c.fetch(
                 QUERIES["read_all"], after.transaction_id, after.global_position, limit)
@@ -264,7 +263,7 @@ class EventStore:
     async def save_snapshot(self, stream_id: str, version: int, state: Any) -> bool:
         """Store ``state`` (a registered class) as the stream's state at ``version``; False if a newer exists."""
         names.stream_id(stream_id)
-        _check_version(version, "version")
+        _check_int(version, "version", 0)
         snapshot_type, data = self.registry.encode(state)
         if len(data) > self.max_payload_bytes:
             raise errors.PayloadTooLarge(f"snapshot of {stream_id!r} encodes to {len(data)} bytes")
@@ -286,14 +285,16 @@ class EventStore:
         return Snapshot(stream_id, row["version"], row["snapshot_type"], state)
 
 
+def _check_int(value: object, what: str, low: int, high: int | None = 2**62,
+               error: type[errors.InvalidInput] = errors.InvalidInput) -> None:
+    """A real int (not a bool) from ``low`` up to below ``high`` (by default well inside Postgres's bigint)."""
+    if (not isinstance(value, int) or isinstance(value, bool) or value < low
+            or (high is not None and value >= high)):
+        raise error(f"{what} must be an int >= {low}, got {value!r}")
+
+
 def _check_expected(expected: object) -> None:
-    if not isinstance(expected, int) or isinstance(expected, bool) or expected < NO_STREAM or expected >= 2**62:
-        raise errors.InvalidExpectedVersion(f"expected_version must be an int >= -1, got {expected!r}")
-
-
-def _check_version(version: object, what: str) -> None:
-    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 2**62:
-        raise errors.InvalidInput(f"{what} must be an int >= 0, got {version!r}")
+    _check_int(expected, "expected_version", NO_STREAM, error=errors.InvalidExpectedVersion)
 
 
 def _check_unique_ids(event_ids: list[uuid.UUID | None]) -> None:
