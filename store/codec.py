@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import decimal
+import inspect
+import keyword
 import threading
 import types
 import typing
@@ -63,20 +65,57 @@ def _default(value: object) -> msgpack.ExtType:
 
 
 def _ext_hook(code: int, data: bytes) -> object:
+    # Decoding is a hot path: zones, days and decimals repeat across events, so each is worked out once.
     if code == _EXT_DATETIME:
         ordinal, seconds, micros, fold, zone = msgpack.unpackb(data)
-        tz: dt.tzinfo = (zoneinfo.ZoneInfo(zone) if isinstance(zone, str)
-                         else dt.timezone(dt.timedelta(microseconds=zone)))
-        day = dt.datetime.fromordinal(ordinal)
-        return day.replace(hour=seconds // 3600, minute=seconds // 60 % 60, second=seconds % 60,
-                           microsecond=micros, fold=fold, tzinfo=tz)
+        tz = _zones.get(zone)
+        if tz is None:
+            tz = _zone(zone)
+        day = _days.get(ordinal) if type(ordinal) is int else None  # 1.0 and True are no days
+        if day is None:
+            day = _day(ordinal)
+        return dt.datetime(day.year, day.month, day.day, seconds // 3600, seconds // 60 % 60, seconds % 60,
+                           micros, tz, fold=fold)
+    if code == _EXT_DECIMAL:
+        value = _decimals.get(data)
+        if value is None:
+            value = _decimal(data)
+        return value
     if code == _EXT_DATE:
         return dt.date.fromordinal(msgpack.unpackb(data))
-    if code == _EXT_DECIMAL:
-        return decimal.Decimal(data.decode("ascii"))
     if code == _EXT_UUID:
         return uuid.UUID(bytes=data)
     raise errors.CorruptEvent(f"unknown msgpack ext type {code}")
+
+
+# Bounded caches of the ext hook (values are immutable; the bound keeps hostile input from growing them).
+_CACHE_SIZE = 4096
+_zones: dict[object, dt.tzinfo] = {}
+_days: dict[object, dt.date] = {}
+_decimals: dict[bytes, decimal.Decimal] = {}
+
+
+def _remember(cache: dict[Any, Any], key: object, value: T) -> T:
+    if len(cache) >= _CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _zone(zone: Any) -> dt.tzinfo:
+    if isinstance(zone, str):
+        return _remember(_zones, zone, zoneinfo.ZoneInfo(zone))
+    return _remember(_zones, zone, dt.timezone(dt.timedelta(microseconds=zone)))
+
+
+def _day(ordinal: object) -> dt.date:
+    if type(ordinal) is not int:  # a bool is no day
+        raise TypeError(f"a datetime's day is an ordinal, not {type(ordinal).__name__}")
+    return _remember(_days, ordinal, dt.date.fromordinal(ordinal))
+
+
+def _decimal(data: bytes) -> decimal.Decimal:
+    return _remember(_decimals, data, decimal.Decimal(data.decode("ascii")))
 
 
 class _Packers(threading.local):
@@ -130,6 +169,7 @@ class Registry:
         self._by_type: dict[type[Any], _Registered] = {}
         self._by_name: dict[str, dict[int, _Registered]] = {}
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
+        self._plans: dict[str, tuple[str, int, _Registered]] = {}  # by event type; see _plan
 
     def event(self, name: str, *, version: int = 1) -> Callable[[type[T]], type[T]]:
         """Register a frozen dataclass as event ``name`` at ``version``; its type name is ``Name.vN``."""
@@ -144,6 +184,7 @@ class Registry:
                 raise ValueError(f"{name}.v{version} is already registered")
             entry = _Registered(name, version, cls, tuple(f.name for f in dataclasses.fields(cls)))
             versions[version] = entry
+            self._plans.clear()  # a newer version changes what older types decode to
             self._by_type[cls] = entry
             return cls
 
@@ -154,6 +195,7 @@ class Registry:
 
         def register(fn: Upcaster) -> Upcaster:
             self._upcasters[(name, from_version)] = fn
+            self._plans.clear()
             return fn
 
         return register
@@ -190,17 +232,14 @@ class Registry:
 
     def decode(self, event_type: str, data: bytes) -> Any:
         """Decode data stored as event_type into an instance of the newest class of that name."""
-        name, version = _split(event_type)
-        versions = self._by_name.get(name)
-        if not versions:
-            raise errors.UnknownEventType(f"unknown event type {event_type!r}")
-        current = max(versions)
-        if version > current:
-            raise errors.UnknownEventType(f"event type {event_type!r} is newer than this code (v{current})")
+        plan = self._plans.get(event_type) if isinstance(event_type, str) else None
+        if plan is None:
+            plan = self._plan(event_type)
+        name, version, current = plan
         fields = unpackb(data)
         if not isinstance(fields, dict):
             raise errors.CorruptEvent(f"{event_type} data is a {type(fields).__name__}, not a map")
-        for step in range(version, current):
+        for step in range(version, current.version):
             upcast = self._upcasters.get((name, step))
             if upcast is None:
                 raise errors.UnknownEventType(f"no upcaster from {name}.v{step} to v{step + 1}")
@@ -211,7 +250,22 @@ class Registry:
                     f"upcasting {name}.v{step} failed: {type(exc).__name__}: {exc}") from exc
             if not isinstance(fields, dict):
                 raise errors.EventSchemaMismatch(f"upcaster of {name}.v{step} returned a {type(fields).__name__}")
-        return build(versions[current].cls, fields)
+        return build(current.cls, fields)
+
+    def _plan(self, event_type: str) -> tuple[str, int, _Registered]:
+        """The name, version and newest registration of a known event type (remembered: decoding is a hot
+        path), or UnknownEventType."""
+        name, version = _split(event_type)
+        versions = self._by_name.get(name)
+        if not versions:
+            raise errors.UnknownEventType(f"unknown event type {event_type!r}")
+        current = versions[max(versions)]
+        if version > current.version:
+            raise errors.UnknownEventType(f"event type {event_type!r} is newer than this code (v{current.version})")
+        plan = (name, version, current)
+        if len(self._plans) < 1024:  # spellings of known types only ("v1", "v01", ...), but bounded anyway
+            self._plans[event_type] = plan
+        return plan
 
 
 def _split(event_type: str) -> tuple[str, int]:
@@ -231,39 +285,120 @@ def build(cls: type[T], fields: Mapping[str, Any]) -> T:
     """Construct dataclass cls from a decoded mapping, checking every field against its annotation."""
     builder = _builders.get(cls)
     if builder is None:
-        builder = _builders[cls] = _Builder(cls)
+        builder = _builders[cls] = _compile(cls)
     return builder(fields)  # type: ignore[no-any-return]
 
 
 Convert = Callable[[Any, str], Any]
-_builders: dict[type[Any], _Builder] = {}
+Builder = Callable[[Mapping[str, Any]], Any]
+_builders: dict[type[Any], Builder] = {}
 _converters: dict[Any, Convert] = {}
+_exact: dict[Convert, type[Any]] = {}  # scalar converters, by the one class they pass through unchanged
 
 
-class _Builder:
-    """A dataclass's fields and their converters, worked out once per class (decoding is a hot path)."""
+def _compile(cls: type[Any]) -> Builder:
+    """The function building cls from a decoded map, generated once per class as dataclasses generates
+    ``__init__`` (decoding is the hot path of catch-ups and deliveries).
 
-    __slots__ = ("cls", "fields", "names")
+    A map with exactly the init fields goes straight through: each value of its field's exact scalar class
+    is taken as is, any other goes through the field's converter, and cls is called positionally. Any
+    other map (an unknown field, a missing one that may have a default) takes ``_build_general``, which
+    says what is wrong. Both give the same result or the same error for every map.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = [(f.name, f"{cls.__name__}.{f.name}", _converter(hints[f.name]))
+              for f in dataclasses.fields(cls) if f.init]
+    names = frozenset(name for name, _, _ in fields)
 
-    def __init__(self, cls: type[Any]) -> None:
-        hints = typing.get_type_hints(cls)
-        self.cls = cls
-        self.fields = [(f.name, f"{cls.__name__}.{f.name}", _converter(hints[f.name]))
-                       for f in dataclasses.fields(cls) if f.init]
-        self.names = frozenset(name for name, _, _ in self.fields)
+    def general(values: Mapping[str, Any]) -> Any:
+        return _build_general(cls, fields, names, values)
 
-    def __call__(self, fields: Mapping[str, Any]) -> Any:
-        if not self.names.issuperset(fields):
-            unknown = set(fields) - self.names
-            raise errors.EventSchemaMismatch(f"{self.cls.__name__} has no fields {sorted(unknown)}")
-        kwargs = {}
-        for name, where, convert in self.fields:
-            if name in fields:  # else a default may apply; a missing required field fails below
-                kwargs[name] = convert(fields[name], where)
-        try:
-            return self.cls(**kwargs)
-        except TypeError as exc:
-            raise errors.EventSchemaMismatch(f"{self.cls.__name__}: {exc}") from exc
+    if not all(name.isidentifier() and not keyword.iskeyword(name) for name in names):
+        return general
+    make = constructor(cls)
+    # Positional while __init__'s parameters follow the fields (an InitVar or a hand-written __init__
+    # may not), by keyword from there.
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    namespace: dict[str, Any] = {"make": make, "names": names, "general": general,
+                                 "Mismatch": errors.EventSchemaMismatch, "name": cls.__name__}
+    body = ["    if values.keys() != names:", "        return general(values)"]
+    arguments: list[str] = []
+    for i, (name, where, convert) in enumerate(fields):
+        namespace[f"convert{i}"], namespace[f"where{i}"] = convert, where
+        body.append(f"    v{i} = values[{name!r}]")
+        exact = _exact.get(convert)
+        if exact is not None:
+            namespace[f"exact{i}"] = exact
+            body += [f"    if type(v{i}) is not exact{i}:", f"        v{i} = convert{i}(v{i}, where{i})"]
+        else:
+            body.append(f"    v{i} = convert{i}(v{i}, where{i})")
+        positional = make is not cls or (
+            len(arguments) == i and i < len(parameters) and parameters[i].name == name
+            and parameters[i].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        arguments.append(f"v{i}" if positional else f"{name}=v{i}")
+    body += ["    try:", f"        return make({', '.join(arguments)})", "    except TypeError as exc:",
+             "        raise Mismatch(f'{name}: {exc}') from exc"]
+    exec("\n".join(["def build(values):", *body]), namespace)  # noqa: S102 - names checked, values bound
+    built: Builder = namespace["build"]
+    built.__qualname__ = f"build_{cls.__qualname__}"
+    return built
+
+
+_constructors: dict[type[Any], Callable[..., Any]] = {}
+#: The code of the ``__init__`` that dataclasses generates (Python 3.11 to 3.13).
+_GENERATED_INIT = "__create_fn__.<locals>.__init__"
+
+
+def constructor(cls: type[T]) -> Callable[..., T]:
+    """A positional constructor of dataclass cls: the same as calling cls with every field in order.
+
+    For a frozen slots dataclass whose ``__init__`` dataclasses generated (no ``__post_init__``, no
+    InitVar, every field in ``__init__``) it is a function that fills the slots directly: that ``__init__``
+    goes through ``object.__setattr__`` once per field, which is most of the cost of decoding an event.
+    Any other class gets cls itself, so the shortcut is only ever taken where it cannot differ.
+    """
+    found = _constructors.get(cls)
+    if found is None:
+        found = _constructors[cls] = _make_constructor(cls)
+    return found
+
+
+def _make_constructor(cls: type[Any]) -> Callable[..., Any]:
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
+    init: Any = cls.__dict__.get("__init__")
+    code = getattr(init, "__code__", None)
+    if not (cls.__dataclass_params__.frozen and code is not None
+            and code.co_qualname == _GENERATED_INIT and not hasattr(cls, "__post_init__")
+            and all(f.init for f in fields) and list(inspect.signature(init).parameters)[1:] == names
+            and all(isinstance(cls.__dict__.get(n), types.MemberDescriptorType) for n in names)
+            and all(n.isidentifier() and not keyword.iskeyword(n) for n in names)):
+        return cls
+    namespace: dict[str, Any] = {"new": object.__new__, "cls": cls}
+    lines = [f"def make({', '.join(f'v{i}' for i in range(len(names)))}):", "    o = new(cls)"]
+    for i, name in enumerate(names):
+        namespace[f"set{i}"] = cls.__dict__[name].__set__
+        lines.append(f"    set{i}(o, v{i})")
+    lines.append("    return o")
+    exec("\n".join(lines), namespace)  # noqa: S102 - names checked, values bound
+    make: Callable[..., Any] = namespace["make"]
+    make.__qualname__ = f"make_{cls.__qualname__}"
+    return make
+
+
+def _build_general(cls: type[Any], fields: list[tuple[str, str, Convert]], names: frozenset[str],
+                   values: Mapping[str, Any]) -> Any:
+    if not names.issuperset(values):
+        unknown = set(values) - names
+        raise errors.EventSchemaMismatch(f"{cls.__name__} has no fields {sorted(unknown)}")
+    kwargs = {}
+    for name, where, convert in fields:
+        if name in values:  # else a default may apply; a missing required field fails below
+            kwargs[name] = convert(values[name], where)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise errors.EventSchemaMismatch(f"{cls.__name__}: {exc}") from exc
 
 
 def _converter(hint: Any) -> Convert:
@@ -325,7 +460,7 @@ def _make_converter(hint: Any) -> Convert:
             if not isinstance(value, (list, tuple)):
                 raise _mismatch(where, "a sequence", value)
             inner = f"{where}[]"
-            return container(item(v, inner) for v in value)
+            return container([item(v, inner) for v in value])
 
         return sequence
     if origin is dict or hint is dict:
@@ -364,6 +499,7 @@ def _scalar(hint: type[Any]) -> Convert:
             raise _mismatch(where, hint.__name__, value)
         return value
 
+    _exact[scalar] = hint
     return scalar
 
 

@@ -87,13 +87,14 @@ def record_from_row(row: Mapping[str, Any], registry: codec.Registry = codec.REG
         metadata = codec.unpackb(row["metadata"])
     except errors.CodecError as exc:
         raise type(exc)(f"{exc} (stream {stream_id!r}, version {version}, type {event_type})") from exc
-    return RecordedEvent(
-        event_id=row["event_id"], stream_id=stream_id, version=version,
-        global_position=row["global_position"],
-        position=Position(row["transaction_id"], row["global_position"]),
-        event_type=event_type, event=payload, data=row["data"], metadata=metadata,
-        recorded_at=row["recorded_at"],
-    )
+    position = row["global_position"]
+    return _recorded(row["event_id"], stream_id, version, position, _position(row["transaction_id"], position),
+                     event_type, payload, row["data"], metadata, row["recorded_at"])
+
+
+# This runs once per event read: positional constructors without the frozen __init__'s cost (see codec).
+_recorded = codec.constructor(RecordedEvent)
+_position = codec.constructor(Position)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
