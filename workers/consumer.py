@@ -270,9 +270,8 @@ class Consumer:
         metrics.GAPS_FILLED.labels(name).inc(result.gaps_filled)
         metrics.DEAD_LETTERED.labels(name).inc(len(result.parked))
         metrics.APPLY_SECONDS.labels(name).observe(seconds)
-        end_to_end = metrics.END_TO_END_SECONDS.labels(name)
-        for event in result.applied:
-            end_to_end.observe(max(0.0, now - event.recorded_at.timestamp()))
+        metrics.END_TO_END_SECONDS.observe_many(
+            name, [max(0.0, now - event.recorded_at.timestamp()) for event in result.applied])
         s = self.stats
         s.applied += len(result.applied)
         s.duplicates += duplicates

@@ -175,7 +175,7 @@ def exported_series_names() -> dict[str, str]:
     """Every series name workers.metrics exposes -> its metric type (histograms: bucket/count/sum)."""
     names: dict[str, str] = {}
     for value in vars(metrics).values():
-        if not isinstance(value, MetricWrapperBase):
+        if not isinstance(value, MetricWrapperBase | metrics.BatchHistogram):
             continue
         for family in value.describe():
             suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"),
