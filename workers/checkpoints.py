@@ -84,15 +84,13 @@ class HandlerFailed(errors.WorkerError):
 
 @dataclasses.dataclass(slots=True)
 class _Stream:
-    """The plan of one stream in a batch."""
+    """The plan of one stream in a batch: its delivered events above the checkpoint, and what fills the gaps."""
 
     checkpoint: int  # the version before this batch
     halted: int | None
     delivered: dict[int, RecordedEvent]
-    missing: list[tuple[int, int]] = dataclasses.field(default_factory=list)
-
-    def target(self) -> int:
-        return max(self.delivered)
+    target: int  # the newest delivered version
+    contiguous: bool = False  # delivered is exactly checkpoint + 1 .. target: nothing to drop or fill
 
 
 async def apply_batch(store: EventStore, projection: Projection, events: Sequence[RecordedEvent], *,
@@ -106,30 +104,34 @@ async def apply_batch(store: EventStore, projection: Projection, events: Sequenc
     database errors raise TransientError instead, to be retried as a whole).
     """
     result = BatchResult()
-    streams: dict[str, _Stream] = {}
+    delivered: dict[str, dict[int, RecordedEvent]] = {}
     for event in events:
-        plan = streams.setdefault(event.stream_id, _Stream(-1, None, {}))
-        if event.version in plan.delivered:
+        versions = delivered.get(event.stream_id)
+        if versions is None:
+            delivered[event.stream_id] = {event.version: event}
+        elif event.version in versions:
             result.duplicates += 1
         else:
-            plan.delivered[event.version] = event
-    if not streams:
+            versions[event.version] = event
+    if not delivered:
         return result
-    ordered = sorted(streams)
+    ordered = sorted(delivered)
+    targets = [max(delivered[sid]) for sid in ordered]
+    park = park or {}
     async with db.translate_errors(), store.pool.acquire() as conn, conn.transaction():
         await conn.execute(SQL["lock_projection_shared"], projection_lock_key(store.schema, projection.name))
-        claimed = await conn.fetch(SQL["claim_checkpoints"], projection.name, ordered,
-                                   [streams[sid].target() for sid in ordered])
-        for row in claimed:
-            plan = streams[row["stream_id"]]
-            plan.checkpoint, plan.halted = row["previous_version"], row["halted_version"]
-        filled = await _load_gaps(conn, store, projection, streams, result, park or {})
+        claimed = await conn.fetch(SQL["claim_checkpoints"], projection.name, ordered, targets)
+        rows = {row["stream_id"]: row for row in claimed}
+        streams = {sid: _Stream(rows[sid]["previous_version"], rows[sid]["halted_version"], delivered[sid], target)
+                   for sid, target in zip(ordered, targets, strict=True)}
+        filled = await _load_gaps(conn, store, projection, streams, result, park)
         to_apply: list[RecordedEvent] = []
         halts: list[tuple[str, int]] = []
-        for sid in ordered:
-            plan, before = streams[sid], len(to_apply)
-            halted = await _walk(conn, projection, plan, filled.get(sid, {}), park or {}, result, to_apply)
-            result.gaps_filled += sum(1 for e in to_apply[before:] if e.version not in plan.delivered)
+        for sid, plan in streams.items():
+            if plan.contiguous and not park:  # the common case: apply what was delivered, in version order
+                to_apply += [plan.delivered[v] for v in range(plan.checkpoint + 1, plan.target + 1)]
+                continue
+            halted = await _walk(conn, projection, sid, plan, filled.get(sid, {}), park, result, to_apply)
             if halted is not None and plan.halted is None:
                 halts.append((sid, halted))
         await _apply(conn, projection, to_apply, set_based)
@@ -147,12 +149,16 @@ async def _load_gaps(conn: db.Conn, store: EventStore, projection: Projection, s
     """Count duplicates and held events, and read every version missing below a delivered one, in one query."""
     ranges: list[tuple[str, int, int]] = []
     for sid, plan in streams.items():
-        result.duplicates += sum(1 for v in plan.delivered if v <= plan.checkpoint)
-        plan.delivered = {v: e for v, e in plan.delivered.items() if v > plan.checkpoint}
+        checkpoint, versions = plan.checkpoint, plan.delivered
+        if plan.halted is None and len(versions) == plan.target - checkpoint and min(versions) > checkpoint:
+            plan.contiguous = True  # distinct versions, as many as the range holds, all in it
+            continue
+        result.duplicates += sum(1 for v in versions if v <= checkpoint)
+        plan.delivered = {v: e for v, e in versions.items() if v > checkpoint}
         if plan.halted is not None:
             result.held += len(plan.delivered)
             plan.delivered = {}
-        expected = plan.checkpoint + 1
+        expected = checkpoint + 1
         for v in sorted(plan.delivered):
             if v > expected:
                 ranges.append((sid, expected, v - 1))
@@ -179,21 +185,23 @@ def _decode_stored(row: Any, store: EventStore, projection: Projection,
     return event  # a parked undecodable one is never applied
 
 
-async def _walk(conn: db.Conn, projection: Projection, plan: _Stream, filled: dict[int, RecordedEvent],
+async def _walk(conn: db.Conn, projection: Projection, sid: str, plan: _Stream, filled: dict[int, RecordedEvent],
                 park: Mapping[tuple[str, int], Failure], result: BatchResult,
                 to_apply: list[RecordedEvent]) -> int | None:
-    """Queue one stream's events in version order, parking those in ``park``; return where it halts, if it does."""
+    """Queue one stream's events in version order, filling gaps and parking those in ``park``; return where it
+    halts, if it does."""
     if plan.halted is not None or not plan.delivered:
         return plan.halted
-    for v in range(plan.checkpoint + 1, plan.target() + 1):
+    for v in range(plan.checkpoint + 1, plan.target + 1):
         event = plan.delivered.get(v) or filled[v]
-        failure = park.get((event.stream_id, v))
+        failure = park.get((sid, v))
         if failure is None:
             to_apply.append(event)
+            result.gaps_filled += v not in plan.delivered
             continue
         status = "parked" if projection.policy == "halt" else "skipped"
         dead_letter_id: int = await conn.fetchval(
-            SQL["insert_dead_letter"], projection.name, event.stream_id, v, event.global_position,
+            SQL["insert_dead_letter"], projection.name, sid, v, event.global_position,
             event.event_id, event.event_type, failure.error, failure.traceback, failure.attempts, status)
         result.parked.append(Parked(dead_letter_id, event, projection.policy))
         if projection.policy == "halt":
