@@ -23,11 +23,12 @@ moved past events whose batch has committed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from store import db
 from store import errors as store_errors
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 SQL = load("workers", "catchup.sql")
 
+#: Batches applied at once: while Postgres works on one, the next is decoded and planned.
+APPLYING_AHEAD = 2
 #: Pause between reads at the frontier while the queues still hold a backlog of settled deliveries.
 FRONTIER_POLL_SECONDS = 0.05
 #: After a catch-up met a stored event it cannot decode, the next one waits this long.
@@ -168,13 +171,35 @@ class CatchUp:
     async def _loop(self, conn: db.Conn, group: list[Consumer], cursor: Position, read: dict[str, int],
                     stop: asyncio.Event) -> tuple[float, float]:
         """Read, apply and settle batches until the frontier; return the seconds spent waiting for reads
-        (beyond the overlap with applying) and applying."""
+        (beyond the overlap with applying) and for applies.
+
+        Up to ``APPLYING_AHEAD`` batches are applied at once, each in its own transactions: while Postgres
+        works on one, this process decodes and plans the next. Batches that share a stream or a read-model
+        row queue on its lock in Postgres, in batch order (the checkpoints keep every event exactly once
+        whatever the order, as with competing workers); the cursor only moves once a batch and every
+        batch before it committed.
+        """
         limit = self.settings.catchup_batch_size
         reading = applying = 0.0
         pending: asyncio.Future[list[RecordedEvent]] | None = None
+        applies: collections.deque[tuple[asyncio.Future[Any], Position, int]] = collections.deque()
 
         def read_after(position: Position) -> asyncio.Future[list[RecordedEvent]]:
             return asyncio.ensure_future(self.store.read_all(after=position, limit=limit, conn=conn))
+
+        async def settle_oldest() -> float:
+            """Wait for the oldest batch in flight and settle it; return the seconds waited."""
+            began = time.perf_counter()
+            task, last, count = applies[0]
+            try:
+                await task
+            finally:
+                applies.popleft()
+            for consumer in group:
+                consumer.settled(last)
+                read[consumer.projection.name] += count
+                metrics.CAUGHT_UP.labels(consumer.projection.name).inc(count)
+            return time.perf_counter() - began
 
         try:
             last, stuck_since = cursor, None
@@ -185,16 +210,14 @@ class CatchUp:
                     pending = read_after(events[-1].position)
                 if events:
                     last, stuck_since = events[-1].position, None
-                    began = time.perf_counter()
-                    await asyncio.gather(*(c.apply_from_store(events) for c in group))
-                    applying += time.perf_counter() - began
-                    for consumer in group:
-                        consumer.settled(last)
-                        read[consumer.projection.name] += len(events)
-                        metrics.CAUGHT_UP.labels(consumer.projection.name).inc(len(events))
+                    applies.append((asyncio.gather(*(c.apply_from_store(events) for c in group)), last, len(events)))
+                    if len(applies) >= APPLYING_AHEAD:
+                        applying += await settle_oldest()
                 if stop.is_set() or any(c.channel.is_closed for c in group):
                     break
                 if not full:
+                    while applies:  # everything read is settled before the frontier's decisions
+                        applying += await settle_oldest()
                     # At the frontier: let the consumers drain what is settled, and keep reading while the
                     # queues still hold a backlog (events written now would wait behind it on the broker).
                     for consumer in group:
@@ -210,8 +233,12 @@ class CatchUp:
                 began = time.perf_counter()
                 events, pending = await pending, None
                 reading += time.perf_counter() - began
+            while applies:
+                applying += await settle_oldest()
             return reading, applying
         finally:
-            if pending is not None:  # let the read finish: a cancelled query would spoil the connection
+            # Let reads and applies in flight finish: a cancelled query would spoil its connection. A batch
+            # that failed ends the catch-up; the ones after it may have committed, which the checkpoints allow.
+            for task in [*(t for t, _, _ in applies), *([pending] if pending is not None else [])]:
                 with contextlib.suppress(Exception):
-                    await pending
+                    await task

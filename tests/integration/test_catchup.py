@@ -86,6 +86,21 @@ async def test_a_catch_up_applies_the_backlog_from_the_store_exactly_once(pool, 
         assert await read_models(conn) == fold(e.event for e in events)
 
 
+async def test_batches_applied_at_once_that_share_streams_apply_every_event_once(pool, event_store, connection,
+                                                                                settings):
+    events = await visible(event_store, await append_orders(event_store, 30, 5))  # 150 events
+    small = dataclasses.replace(settings, catchup_batch_size=4)  # an order's events span two batches in flight
+    stats, summary = await consumers_for(event_store, connection, small, CustomerStats, OrderSummary)
+
+    read = await catchup.CatchUp(event_store, small).catch_up([stats, summary])
+
+    assert read == {"customer_stats": 150, "order_summary": 150}
+    assert (stats.stats.applied, summary.stats.applied) == (150, 150)
+    assert stats.cursor == max(e.position for e in events)
+    async with pool.acquire() as conn:
+        assert await read_models(conn) == fold(e.event for e in events)
+
+
 async def test_a_catch_up_starts_at_the_projections_low_watermark(pool, event_store, connection, settings):
     events = sorted(await visible(event_store, await append_orders(event_store, 60, 5)), key=lambda e: e.position)
     await checkpoints.apply_batch(event_store, CustomerStats(), events[:100])
