@@ -68,7 +68,7 @@ from domain.events import LineItem, OrderCancelled, OrderPaid, OrderPlaced, Orde
 from projections import registry
 from projections.orders import SQL as ORDERS_SQL
 from store import EventStore, codec, db
-from workers import broker, commands, consumer, health, relay
+from workers import broker, commands, consumer, health, relay, runtime
 from workers.config import Settings
 
 PROJECTIONS = ("order_summary", "customer_stats")
@@ -765,7 +765,11 @@ def main() -> None:
     parser.add_argument("--no-relative-latency", dest="relative_latency", action="store_false",
                         help="skip the second latency phase at 500/3100 of the hand-written pipeline's rate,"
                              " run when the machine sustains much less today than the issue's 3.1k events/s")
-    asyncio.run(run(parser.parse_args()))
+    args = parser.parse_args()
+    # The in-process worker, ceiling and library baseline run with the process settings of eventfleet's own
+    # commands (workers.cli), as do the subprocesses.
+    runtime.tune_gc()
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":

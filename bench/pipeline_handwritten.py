@@ -226,6 +226,7 @@ def main() -> None:
     settings = Settings(database_url=settings.database_url, amqp_url=settings.amqp_url, schema=args.schema,
                         prefix=args.prefix)
     job = run_relay(settings) if args.role == "relay" else run_consumer(settings)
+    runtime.tune_gc()  # the process settings of eventfleet's own commands (workers.cli), for a fair comparison
     asyncio.run(runtime.run_until_stopped(job))
 
 

@@ -85,7 +85,9 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     secrets = redact.secrets_of(settings.database_url, settings.amqp_url)
     logs.setup(settings.log_format, logging.DEBUG if args.verbose else logging.INFO, secrets=secrets)
     try:
-        return asyncio.run(_resolve(args.command)(settings, args))
+        command = _resolve(args.command)
+        runtime.tune_gc()  # after the imports: they are the start-up heap it freezes
+        return asyncio.run(command(settings, args))
     except KeyboardInterrupt:
         return 0
     except errors.EventFleetError as exc:
