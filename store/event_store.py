@@ -8,6 +8,7 @@ oldest running transaction: see ``read_all`` and ``horizon`` for why and what it
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -50,6 +51,12 @@ class _Encoded(NamedTuple):
     event_type: str
     data: bytes
     metadata: bytes
+
+
+#: read_all decodes this many rows, then lets the event loop run. Decoding a catch-up's batch of 2,000 is
+#: about 10 ms of CPU; the answers to statements in flight on other connections (the batches being
+#: applied meanwhile) would wait behind all of it, and Postgres with them (BENCHMARKS.md).
+DECODE_SLICE = 128
 
 
 class EventStore:
@@ -249,7 +256,12 @@ class EventStore:
         async with self.hot.use(conn) as c:
             rows = await c.fetch(
                 QUERIES["read_all"], after.transaction_id, after.global_position, limit)
-        return [record_from_row(r, self.registry) for r in rows]
+        events: list[RecordedEvent] = []
+        for start in range(0, len(rows), DECODE_SLICE):
+            if start:
+                await asyncio.sleep(0)  # see DECODE_SLICE
+            events += [record_from_row(r, self.registry) for r in rows[start:start + DECODE_SLICE]]
+        return events
 
     async def horizon(self) -> Horizon:
         """The safe frontier of read_all and how long the oldest writing transaction has held it back."""

@@ -11,6 +11,7 @@ import datetime as dt
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,7 @@ from store import (
     codec,
     db,
 )
+from store import event_store as event_store_module
 from store.queries import QUERIES
 from tests.conftest import DATABASE_URL
 
@@ -137,3 +139,31 @@ async def test_undecodable_events_raise_a_typed_error_naming_stream_version_and_
         await event_store.load("bad-stream")
     with pytest.raises(error, match="bad-stream"):
         await read_until(event_store, Position.START, lambda read: len(read) >= 2)
+
+
+async def test_a_large_read_lets_other_tasks_run_between_slices_of_decoding(event_store, monkeypatch):
+    await event_store.append("order-big", [paid(n) for n in range(300)], NO_STREAM)
+    await read_until(event_store, Position.START, lambda found: len(found) == 300)
+    trace: list[str] = []
+    decode = event_store_module.record_from_row
+
+    def traced(row: Any, registry: codec.Registry) -> RecordedEvent:
+        trace.append("d")
+        return decode(row, registry)
+
+    monkeypatch.setattr(event_store_module, "record_from_row", traced)
+
+    async def other_task() -> None:
+        while True:
+            trace.append("t")
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(other_task())
+    try:
+        await event_store.read_all(limit=300)
+    finally:
+        other.cancel()
+    runs = [len(run) for run in "".join(trace).split("t") if run]
+
+    assert runs == [event_store_module.DECODE_SLICE, event_store_module.DECODE_SLICE,
+                    300 - 2 * event_store_module.DECODE_SLICE]
