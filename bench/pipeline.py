@@ -393,13 +393,24 @@ async def batched_upserts(lab: Lab, schedules: Sequence[Sequence[Token]], batch:
 
 async def one_worker(pool: db.Pool, settings: Settings, events: int) -> Drain:
     """``run_worker`` in this process until both projections applied every queued event, then until both
-    queues are empty too (a catch-up from the store leaves the deliveries it settled to be acked)."""
-    stop = asyncio.Event()
-    cpu, started = cpu_seconds(), time.perf_counter()
-    worker = asyncio.create_task(consumer.run_worker(settings, consumer.resolve(list(PROJECTIONS)),
-                                                     health.Health(), stop, pool=pool))
+    queues are empty too (a catch-up from the store leaves the deliveries it settled to be acked).
+
+    The clock starts once the worker is connected (ready), as in the end-to-end phases and as the ceiling's
+    loop opens its connections before its clock.
+    """
+    stop, health_ = asyncio.Event(), health.Health()
+    worker = asyncio.create_task(consumer.run_worker(settings, consumer.resolve(list(PROJECTIONS)), health_, stop,
+                                                     pool=pool))
+
+    async def ready() -> bool:
+        if worker.done():
+            worker.result()  # failed while connecting: say why
+        return health_.ready()
+
+    started = await until(ready, 60, "the worker connecting", every=0.001)
+    cpu = cpu_seconds()
     async with pool.acquire() as conn:
-        current = await until(applied_all(conn, events), 300, "one worker applying every event")
+        current = await until(applied_all(conn, events), 300, "one worker applying every event", every=0.01)
     async with await aio_pika.connect(settings.amqp_url) as connection:
         channel = await connection.channel()
         empty = await until(lambda: queues_empty(channel, settings), 300, "one worker emptying the queues")
