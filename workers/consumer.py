@@ -425,9 +425,9 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
     stats = {p.name: Stats() for p in projections}
     async with contextlib.AsyncExitStack() as stack:
         if pool is None:
-            # A connection per consumer's batch, per projection and batch a catch-up applies at once, the
-            # catch-up's reads and locks, and the lag monitor's.
-            pool = await _open_pool(stack, settings, (1 + catchup.APPLYING_AHEAD) * len(projections) + 3, health_)
+            # Per projection a connection for its consumer's batch, one per batch a catch-up applies at once
+            # and one for its lag measurement; the catch-up's reads and locks; one to spare.
+            pool = await _open_pool(stack, settings, (2 + catchup.APPLYING_AHEAD) * len(projections) + 2, health_)
         else:
             health_.up("postgres")
         store = _store(pool, settings)

@@ -105,20 +105,26 @@ async def run_lag_monitor(pool: db.Pool, projections: Sequence[str], *,
                           interval: float = REFRESH_SECONDS,
                           measured: Callable[[str, Lag], None] | None = None) -> None:
     """Advance watermarks and refresh the lag gauges every ``interval`` seconds until cancelled;
-    ``measured(projection, lag)`` hears each measurement (the worker's catch-up trigger and dedupe)."""
+    ``measured(projection, lag)`` hears each measurement (the worker's catch-up trigger and dedupe).
+    The projections are measured side by side, each on a connection of its own: a measurement reads the
+    whole tail after the watermark, and a worker far behind waits for the first round to start catching up."""
+
+    async def refresh(projection: str) -> Lag | None:
+        try:
+            found = await measure(pool, projection)
+        except health_mod.OUTAGE_ERRORS as exc:
+            # The consumer reports and retries outages; the gauges just keep their last value.
+            if health is not None:
+                health.down("postgres", exc)
+            logger.debug("lag refresh failed", extra={"projection": projection}, exc_info=True)
+            return None
+        export(projection, found)
+        return found
+
     while True:
-        heard: dict[str, Lag] = {}
-        for projection in projections:
-            try:
-                found = await measure(pool, projection)
-                export(projection, found)
-                heard[projection] = found
-            except health_mod.OUTAGE_ERRORS as exc:
-                # The consumer reports and retries outages; the gauges just keep their last value.
-                if health is not None:
-                    health.down("postgres", exc)
-                logger.debug("lag refresh failed", extra={"projection": projection}, exc_info=True)
+        heard = await asyncio.gather(*(refresh(p) for p in projections))
         if measured is not None:  # after the round: a catch-up then takes every lagging projection at once
-            for projection, found in heard.items():
-                measured(projection, found)
+            for projection, found in zip(projections, heard, strict=True):
+                if found is not None:
+                    measured(projection, found)
         await asyncio.sleep(interval)
