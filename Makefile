@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.append
 	$(BIN)/python -m bench.relay
 	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.catchup
 	$(BIN)/python -m bench.rebuild
 
 # make chaos: the fault-injection suite, longer than its CI run; figures go to CHAOS_REPORT (RELIABILITY.md).
