@@ -32,7 +32,7 @@ from workers.config import Settings
 async def catch_up_once(store: EventStore, connection: aio_pika.abc.AbstractConnection,
                         settings: Settings) -> tuple[float, float]:
     """Empty the read models and checkpoints, catch both projections up; return (events/s, CPU us/event)."""
-    await store.pool.execute("TRUNCATE checkpoints, projection_status, order_summary, customer_stats")
+    await pipeline.reset_read_models(store.pool)
     consumers = []
     for cls in (CustomerStats, OrderSummary):
         c = consumer.Consumer(store, await connection.channel(), cls(), settings)

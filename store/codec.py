@@ -17,7 +17,7 @@ import types
 import typing
 import uuid
 import zoneinfo
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import msgpack
@@ -313,7 +313,7 @@ def _compile(cls: type[Any]) -> Builder:
     def general(values: Mapping[str, Any]) -> Any:
         return _build_general(cls, fields, names, values)
 
-    if not all(name.isidentifier() and not keyword.iskeyword(name) for name in names):
+    if not _plain(names):
         return general
     make = constructor(cls)
     # Positional while __init__'s parameters follow the fields (an InitVar or a hand-written __init__
@@ -372,7 +372,7 @@ def _make_constructor(cls: type[Any]) -> Callable[..., Any]:
             and code.co_qualname == _GENERATED_INIT and not hasattr(cls, "__post_init__")
             and all(f.init for f in fields) and list(inspect.signature(init).parameters)[1:] == names
             and all(isinstance(cls.__dict__.get(n), types.MemberDescriptorType) for n in names)
-            and all(n.isidentifier() and not keyword.iskeyword(n) for n in names)):
+            and _plain(names)):
         return cls
     namespace: dict[str, Any] = {"new": object.__new__, "cls": cls}
     lines = [f"def make({', '.join(f'v{i}' for i in range(len(names)))}):", "    o = new(cls)"]
@@ -384,6 +384,12 @@ def _make_constructor(cls: type[Any]) -> Callable[..., Any]:
     make: Callable[..., Any] = namespace["make"]
     make.__qualname__ = f"make_{cls.__qualname__}"
     return make
+
+
+def _plain(names: Iterable[str]) -> bool:
+    """Whether every field name can stand as a name in generated code (dataclass fields may not, if made
+    with make_dataclass and odd strings); the generated functions are only made for such classes."""
+    return all(name.isidentifier() and not keyword.iskeyword(name) for name in names)
 
 
 def _build_general(cls: type[Any], fields: list[tuple[str, str, Convert]], names: frozenset[str],
