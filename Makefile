@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install test lint demo bench chaos soak clean
+.PHONY: install services tools test lint demo bench chaos soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,17 +15,25 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Start the machine's PostgreSQL and RabbitMQ when they are down (deploy/local/services.sh);
+# `tools` also installs promtool (the Debian package prometheus) when it is missing and we are root.
+services:
+	bash deploy/local/services.sh
+
+tools:
+	bash deploy/local/services.sh --tools
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
+test: tools lint
 	$(BIN)/pytest
 
-demo: $(STAMP)
+demo: services $(STAMP)
 	$(BIN)/eventfleet demo
 
-bench: $(STAMP)
+bench: services $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench.append
 	$(BIN)/python -m bench.relay
@@ -38,14 +46,14 @@ CHAOS_SECONDS ?= 60
 CHAOS_REPEAT  ?= 2
 CHAOS_RATE    ?= 100
 CHAOS_REPORT  ?= /tmp/eventfleet-chaos-report.jsonl
-chaos: $(STAMP)
+chaos: services $(STAMP)
 	rm -f $(CHAOS_REPORT)
 	EVENTFLEET_CHAOS_SECONDS=$(CHAOS_SECONDS) EVENTFLEET_CHAOS_REPEAT=$(CHAOS_REPEAT) EVENTFLEET_CHAOS_RATE=$(CHAOS_RATE) \
 	EVENTFLEET_CHAOS_REPORT=$(CHAOS_REPORT) $(BIN)/pytest tests/chaos -s -q --timeout=3600
 	$(BIN)/python -m tests.chaos.report $(CHAOS_REPORT)
 
 # make soak: 10 minutes at a steady moderate rate, no faults: RSS, lag, nothing lost (not in CI).
-soak: $(STAMP)
+soak: services $(STAMP)
 	$(BIN)/python -m tests.chaos.soak
 
 clean:

@@ -28,7 +28,7 @@ COMPOSE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.fail("promtool not found: apt-get install prometheus (.ci/run does)")
+        pytest.fail("promtool not found: apt-get install prometheus (make test does it when root)")
     return path
 
 
