@@ -27,9 +27,9 @@ from decimal import Decimal
 
 import asyncpg
 
-from domain.events import OrderPaid
+from eventfleet.examples.orders.events import OrderPaid
 from store import EventStore, codec, db
-from workers import commands
+from workers import admin
 from workers.config import DEFAULT_DATABASE_URL
 
 BASELINE_APPEND = """
@@ -207,18 +207,18 @@ async def bench_batches(dsn: str, schema: str, args: argparse.Namespace, payload
 
 async def run(dsn: str, args: argparse.Namespace) -> None:
     schema = f"bench_append_{uuid.uuid4().hex[:8]}"
-    await commands.run_migrate(dsn, schema)
+    await admin.run_migrate(dsn, schema)
     _, payload = codec.REGISTRY.encode(sample_event())
     try:
         for writers in [int(w) for w in args.writers.split(",")]:
             print(await bench_appends(dsn, schema, writers, args, payload), flush=True)
         print(await bench_batches(dsn, schema, args, payload), flush=True)
     finally:
-        admin = await asyncpg.connect(dsn)
+        conn = await asyncpg.connect(dsn)
         try:
-            await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         finally:
-            await admin.close()
+            await conn.close()
 
 
 def main() -> None:

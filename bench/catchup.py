@@ -23,10 +23,11 @@ import time
 import aio_pika
 
 from bench import pipeline, pipeline_handwritten
-from projections.orders import CustomerStats, OrderSummary
+from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from store import EventStore, db
-from workers import catchup, consumer, runtime
 from workers.config import Settings
+from workers.projector import catchup, consumer
+from workers.runtime import tuning
 
 
 async def catch_up_once(store: EventStore, connection: aio_pika.abc.AbstractConnection,
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2000, help="the catch-up's batch and the ceiling's transaction")
     args = parser.parse_args()
-    runtime.tune_gc()  # as every eventfleet command does (workers.cli)
+    tuning.tune_gc()  # as every eventfleet command does (workers.cli)
     asyncio.run(run(args))
 
 

@@ -29,7 +29,7 @@ from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
 from eventsourcing.projection import Projection, ProjectionRunner
 from psycopg.sql import SQL, Composed, Identifier
 
-from domain.events import OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
+from eventfleet.examples.orders.events import OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
 
 #: (stream id, step, our domain event): one writer's schedule, as bench.pipeline plans it.
 Token = tuple[str, int, Any]

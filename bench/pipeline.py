@@ -65,12 +65,20 @@ from pamqp import commands as spec
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import eventsourcing_baseline, pipeline_handwritten
-from domain.events import LineItem, OrderCancelled, OrderPaid, OrderPlaced, OrderShipped, stream_id
+from eventfleet.examples.orders.events import (
+    LineItem,
+    OrderCancelled,
+    OrderPaid,
+    OrderPlaced,
+    OrderShipped,
+    stream_id,
+)
+from eventfleet.examples.orders.projections import SQL as ORDERS_SQL
 from projections import registry
-from projections.orders import SQL as ORDERS_SQL
 from store import EventStore, codec, db
-from workers import broker, commands, consumer, health, relay, runtime
+from workers import admin, broker, projector, relay
 from workers.config import Settings
+from workers.runtime import health, tuning
 
 PROJECTIONS = ("order_summary", "customer_stats")
 OBSERVER = "bench_observer"  # a queue of our own on the exchange, as CONTRACT.md allows other consumers
@@ -166,7 +174,7 @@ class Lab:
         """A fresh migrated schema and prefix with the projections' queues declared (so no backfill runs)."""
         schema, prefix = f"bench_pipe_{self.tag}_{kind}", f"bench.pipe.{self.tag}.{kind}"
         self.schemas.append(schema)
-        await commands.run_migrate(self.settings.database_url, schema)
+        await admin.run_migrate(self.settings.database_url, schema)
         self.prefixes.append(prefix)
         channel = await (await self.connection()).channel()
         async with channel:
@@ -400,7 +408,7 @@ async def one_worker(pool: db.Pool, settings: Settings, events: int) -> Drain:
     loop opens its connections before its clock.
     """
     stop, health_ = asyncio.Event(), health.Health()
-    worker = asyncio.create_task(consumer.run_worker(settings, consumer.resolve(list(PROJECTIONS)), health_, stop,
+    worker = asyncio.create_task(projector.run_worker(settings, projector.resolve(list(PROJECTIONS)), health_, stop,
                                                      pool=pool))
 
     async def ready() -> bool:
@@ -785,7 +793,7 @@ def main() -> None:
     args = parser.parse_args()
     # The in-process worker, ceiling and library baseline run with the process settings of eventfleet's own
     # commands (workers.cli), as do the subprocesses.
-    runtime.tune_gc()
+    tuning.tune_gc()
     asyncio.run(run(args))
 
 

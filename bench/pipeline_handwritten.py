@@ -31,10 +31,11 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp import commands as spec
 
 from bench.append import BASELINE_APPEND
-from domain.events import OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
+from eventfleet.examples.orders.events import OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
 from store import codec, db
-from workers import broker, runtime
+from workers import broker
 from workers.config import Settings
+from workers.runtime import lifecycle, tuning
 
 #: (stream_id, version, decoded payload): what a consumer has after decoding a delivery.
 Event = tuple[str, int, Any]
@@ -226,8 +227,8 @@ def main() -> None:
     settings = Settings(database_url=settings.database_url, amqp_url=settings.amqp_url, schema=args.schema,
                         prefix=args.prefix)
     job = run_relay(settings) if args.role == "relay" else run_consumer(settings)
-    runtime.tune_gc()  # the process settings of eventfleet's own commands (workers.cli), for a fair comparison
-    asyncio.run(runtime.run_until_stopped(job))
+    tuning.tune_gc()  # the process settings of eventfleet's own commands (workers.cli), for a fair comparison
+    asyncio.run(lifecycle.run_until_stopped(job))
 
 
 if __name__ == "__main__":

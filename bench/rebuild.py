@@ -27,11 +27,11 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from domain.events import LineItem, OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
+from eventfleet.examples.orders.events import LineItem, OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
+from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from projections.base import Projection
-from projections.orders import CustomerStats, OrderSummary
-from store import NO_STREAM, EventStore, Position, TransientError, VersionConflict, db
-from workers import commands, rebuild
+from store import NO_STREAM, EventStore, Position, TransientError, VersionConflict, db, names
+from workers import admin, rebuild
 from workers.config import DEFAULT_DATABASE_URL
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -95,7 +95,7 @@ async def fresh_rebuild(pool: db.Pool, store: EventStore, projection: type[Proje
                         batch: int) -> rebuild.RebuildResult:
     """A rebuild from scratch (a shadow left by a run a restart cut short is dropped first)."""
     shadow = rebuild.shadow_schema(store.schema, projection.name)
-    await pool.execute(f"DROP SCHEMA IF EXISTS {rebuild.quote(shadow)} CASCADE")
+    await pool.execute(f"DROP SCHEMA IF EXISTS {names.quote(shadow)} CASCADE")
     return await rebuild.rebuild(pool, store, projection, batch_size=batch)
 
 
@@ -117,7 +117,7 @@ async def redo_on_restart(measure: Callable[[], Awaitable[T]]) -> T:
 async def main(args: argparse.Namespace) -> None:
     dsn = os.environ.get("EVENTFLEET_DATABASE_URL", DEFAULT_DATABASE_URL)
     schema = f"bench_rebuild_{uuid.uuid4().hex[:8]}"
-    await commands.run_migrate(dsn, schema)
+    await admin.run_migrate(dsn, schema)
     try:
         async with db.create_pool(dsn, schema, min_size=2, max_size=6) as pool:
             store = EventStore(pool, schema=schema)

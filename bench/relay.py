@@ -28,10 +28,10 @@ import asyncpg
 import tenacity
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
-from domain.events import LineItem, OrderPaid, OrderPlaced, OrderShipped
+from eventfleet.examples.orders.events import LineItem, OrderPaid, OrderPlaced, OrderShipped
 from projections import registry
 from store import EventStore, db
-from workers import broker, commands, relay
+from workers import admin, broker, relay
 from workers.config import Settings
 
 
@@ -95,7 +95,7 @@ async def run(args: argparse.Namespace) -> None:
     schema, names = f"bench_relay_{tag}", broker.Names(f"bench.{tag}")
     projections = list(registry.load_builtin())
     try:
-        await commands.run_migrate(settings.database_url, schema)
+        await admin.run_migrate(settings.database_url, schema)
         connection = await aio_pika.connect(settings.amqp_url)
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)

@@ -14,7 +14,7 @@ P = TypeVar("P", bound=type[Projection])
 REGISTRY: dict[str, type[Projection]] = {}
 
 # Modules imported on first use so that their @register decorators run.
-_BUILTIN_MODULES = ("projections.orders",)
+_BUILTIN_MODULES = ("eventfleet.examples.orders.projections",)
 
 
 def register(cls: P) -> P:

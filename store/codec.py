@@ -511,3 +511,8 @@ def _scalar(hint: type[Any]) -> Convert:
 
 # The process-wide registry behind ``store.event`` / ``store.upcaster``.
 REGISTRY = Registry()
+
+
+#: The msgpack ext hook of stored bytes (``datetime``, ``Decimal``, ``UUID``...), for readers of whole
+#: message bodies that decode with ``msgpack.unpackb`` themselves (``workers.broker.from_body``).
+ext_hook = _ext_hook

@@ -15,6 +15,11 @@ logger = logging.getLogger(__name__)
 _LOCK_NAMESPACE = "eventfleet.migrate"
 
 
+def lock_key(schema: str) -> str:
+    """The advisory lock a migration of ``schema`` holds for its transaction (and the grants of its roles)."""
+    return f"{_LOCK_NAMESPACE}.{schema}"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Migration:
     """One schema change: a number, a name, its SQL."""
@@ -45,7 +50,7 @@ async def migrate(conn: db.Conn, schema: str, *, extra_ddl: Sequence[LiteralStri
     quoted = names.quote(schema)
     applied_now: list[int] = []
     async with db.translate_errors(), conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{_LOCK_NAMESPACE}.{schema}")
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", lock_key(schema))
         # CREATE SCHEMA IF NOT EXISTS is not safe under concurrency by itself; the lock makes it so.
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
         await conn.execute(f"SET LOCAL search_path TO {quoted}")

@@ -6,23 +6,28 @@ import re
 
 from store import errors
 
-_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,47}")
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
+#: Names the project chooses stay short enough to derive others from them (a rebuild's shadow schema adds a
+#: suffix); names it derives may use Postgres's whole 63.
+MAX_IDENTIFIER_LENGTH = 48
+MAX_DERIVED_LENGTH = 63
 _PREFIX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 MAX_STREAM_ID_LENGTH = 255
 
 
-def identifier(value: str, *, what: str = "name") -> str:
+def identifier(value: str, *, what: str = "name", max_length: int = MAX_IDENTIFIER_LENGTH) -> str:
     """Return value if it is a safe SQL identifier (schema, projection, table); raise InvalidName."""
-    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value) or len(value) > max_length:
         raise errors.InvalidName(
-            f"invalid {what} {value!r}: use 1-48 lowercase letters, digits and underscores, not starting with a digit"
+            f"invalid {what} {value!r}: use 1-{max_length} lowercase letters, digits and underscores, "
+            "not starting with a digit"
         )
     return value
 
 
-def quote(value: str) -> str:
-    """Quote a validated identifier for use in SQL."""
-    return '"' + identifier(value).replace('"', '""') + '"'
+def quote(value: str, *, max_length: int = MAX_IDENTIFIER_LENGTH) -> str:
+    """Quote a validated identifier for use in SQL (``max_length=MAX_DERIVED_LENGTH`` for derived names)."""
+    return '"' + identifier(value, max_length=max_length) + '"'
 
 
 def prefix(value: str) -> str:

@@ -95,7 +95,7 @@ async def apply(conn: db.Conn, schema: str, read_model_tables: Iterable[str]) ->
     grants = statements(schema, read_model_tables)
     created: list[str] = []
     async with db.translate_errors(), conn.transaction():
-        await conn.execute(SQL["lock"], f"{migrate._LOCK_NAMESPACE}.{schema}")
+        await conn.execute(SQL["lock"], migrate.lock_key(schema))
         for role in roles.all():
             if await conn.fetchval(SQL["role_exists"], role):
                 continue

@@ -11,10 +11,10 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-import domain.events  # noqa: F401 - registers the orders events
+import eventfleet.examples.orders.events  # noqa: F401 - registers the orders events
 from store import db
 from store.event_store import EventStore
-from workers import commands
+from workers import admin
 
 DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -45,7 +45,7 @@ async def cleanup() -> AsyncIterator[Cleanup]:
 async def schema() -> AsyncIterator[str]:
     """A schema of its own for this test, migrated with the store and the read models; dropped after."""
     name = f"t_{uuid.uuid4().hex[:16]}"
-    await commands.run_migrate(DATABASE_URL, name)
+    await admin.run_migrate(DATABASE_URL, name)
     yield name
     conn = await asyncpg.connect(DATABASE_URL)
     try:

@@ -10,7 +10,7 @@ from typing import Any
 
 import aio_pika
 import msgpack
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from store import codec, errors, names
 from store.event_store import Position, RecordedEvent
@@ -83,18 +83,8 @@ async def delete_topology(channel: AbstractChannel, n: Names, projections: Itera
 
 def to_message(event: RecordedEvent) -> aio_pika.Message:
     """The contract's message for a stored event: msgpack body, event id as message id, persistent."""
-    body = {
-        "event_id": str(event.event_id),
-        "stream_id": event.stream_id,
-        "version": event.version,
-        "global_position": event.global_position,
-        "transaction_id": event.position.transaction_id,
-        "event_type": event.event_type,
-        "data": event.data,
-        "metadata": event.metadata,
-        "recorded_at": msgpack.Timestamp.from_datetime(event.recorded_at),
-    }
-    return message_from_body(codec.packb(body), event.event_id, event.event_type, event.stream_id, event.version)
+    return _message(event.event_id, event.stream_id, event.version, event.global_position,
+                    event.position.transaction_id, event.event_type, event.data, event.metadata, event.recorded_at)
 
 
 def message_from_body(body: bytes, event_id: uuid.UUID, event_type: str, stream_id: str,
@@ -136,22 +126,30 @@ def encode_undecodable_row(row: Any, reason: str) -> aio_pika.Message:
 
 
 def _encode_row(row: Any, metadata: Any, undecodable: str | None = None) -> aio_pika.Message:
+    return _message(row["event_id"], row["stream_id"], row["version"], row["global_position"],
+                    row["transaction_id"], row["event_type"], row["data"], metadata, row["recorded_at"],
+                    undecodable)
+
+
+def _message(event_id: uuid.UUID, stream_id: str, version: int, global_position: int, transaction_id: int,
+             event_type: str, data: bytes, metadata: Any, recorded_at: dt.datetime,
+             undecodable: str | None = None) -> aio_pika.Message:
+    """The one builder of the contract's body (``to_message`` from a decoded event, ``encode_row`` from a row)."""
     body = {
-        "event_id": str(row["event_id"]),
-        "stream_id": row["stream_id"],
-        "version": row["version"],
-        "global_position": row["global_position"],
-        "transaction_id": row["transaction_id"],
-        "event_type": row["event_type"],
-        "data": row["data"],
+        "event_id": str(event_id),
+        "stream_id": stream_id,
+        "version": version,
+        "global_position": global_position,
+        "transaction_id": transaction_id,
+        "event_type": event_type,
+        "data": data,
         "metadata": metadata,
-        "recorded_at": msgpack.Timestamp.from_datetime(row["recorded_at"]),
+        "recorded_at": msgpack.Timestamp.from_datetime(recorded_at),
     }
     flag: dict[str, str] = {}
     if undecodable is not None:
         body["undecodable"] = flag[UNDECODABLE_HEADER] = undecodable
-    return message_from_body(codec.packb(body), row["event_id"], row["event_type"], row["stream_id"],
-                             row["version"], flag)
+    return message_from_body(codec.packb(body), event_id, event_type, stream_id, version, flag)
 
 
 def from_body(body: bytes, registry: codec.Registry = codec.REGISTRY) -> RecordedEvent:
@@ -159,7 +157,7 @@ def from_body(body: bytes, registry: codec.Registry = codec.REGISTRY) -> Recorde
     if len(body) > MAX_MESSAGE_BYTES:
         raise MalformedMessage(f"message of {len(body)} bytes is over the {MAX_MESSAGE_BYTES} limit")
     try:
-        fields = msgpack.unpackb(body, ext_hook=codec._ext_hook, raw=False, timestamp=3)
+        fields = msgpack.unpackb(body, ext_hook=codec.ext_hook, raw=False, timestamp=3)
     except Exception as exc:  # msgpack raises many unrelated types for corrupt input
         raise MalformedMessage(f"body is not msgpack: {type(exc).__name__}: {exc}") from exc
     if not isinstance(fields, dict):
@@ -192,6 +190,3 @@ def from_body(body: bytes, registry: codec.Registry = codec.REGISTRY) -> Recorde
                          metadata=metadata, recorded_at=recorded_at)
 
 
-def from_message(message: AbstractIncomingMessage, registry: codec.Registry = codec.REGISTRY) -> RecordedEvent:
-    """Decode a delivery (see from_body)."""
-    return from_body(message.body, registry)

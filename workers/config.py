@@ -8,7 +8,7 @@ import urllib.parse
 from collections.abc import Mapping
 
 from store import errors, names
-from workers import redact
+from workers.runtime import redact
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"

@@ -1,8 +1,18 @@
-"""Errors of the runtime; they share the store's root, EventFleetError."""
+"""Every error of the runtime, in one tree under the store's root, ``EventFleetError``.
+
+The class says what the caller should do: ``BrokerUnavailable`` and its kin are retried until the broker is
+back; ``MalformedMessage`` is dead-lettered, never retried; ``HandlerFailed`` is retried, then parked per
+the projection's policy; the rest end the command with a one-line reason.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from store.errors import ConfigError, EventFleetError
+
+if TYPE_CHECKING:
+    from store.records import RecordedEvent
 
 
 class WorkerError(EventFleetError):
@@ -13,6 +23,10 @@ class BrokerUnavailable(WorkerError):
     """RabbitMQ could not be reached; retrying may succeed."""
 
 
+class ChannelLost(BrokerUnavailable):
+    """The RabbitMQ channel or connection closed under the consumer; unacked deliveries come back."""
+
+
 class PublishFailed(WorkerError):
     """The broker nacked or returned a message; the batch will be published again."""
 
@@ -21,9 +35,30 @@ class MalformedMessage(WorkerError):
     """A delivery is not a valid eventfleet message; it is dead-lettered, never retried."""
 
 
-class UnknownProjection(WorkerError):
-    """No projection is registered under this name."""
+class HandlerFailed(WorkerError):
+    """A projection's handler raised; ``event`` is None when a set-based apply_batch failed as a whole."""
+
+    def __init__(self, projection: str, event: RecordedEvent | None, cause: BaseException) -> None:
+        where = f"{event.stream_id}@{event.version} ({event.event_type})" if event else "a set-based batch"
+        super().__init__(f"projection {projection}: handler failed on {where}: {type(cause).__name__}: {cause}")
+        self.event = event
 
 
-__all__ = ["BrokerUnavailable", "ConfigError", "MalformedMessage", "PublishFailed", "UnknownProjection",
-           "WorkerError"]
+class NotRetryable(WorkerError):
+    """This dead letter cannot be re-driven."""
+
+
+class RebuildError(WorkerError):
+    """The projection could not be rebuilt."""
+
+
+class RebuildRunning(RebuildError):
+    """Another process is rebuilding this projection right now."""
+
+
+class DemoFailed(WorkerError):
+    """The demo cannot go on; the message says why."""
+
+
+__all__ = ["BrokerUnavailable", "ChannelLost", "ConfigError", "DemoFailed", "HandlerFailed", "MalformedMessage",
+           "NotRetryable", "PublishFailed", "RebuildError", "RebuildRunning", "WorkerError"]

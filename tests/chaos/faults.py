@@ -21,12 +21,12 @@ from typing import Any
 
 import asyncpg
 
-from domain import orders
+from eventfleet.examples.orders import load as load_mod
+from eventfleet.examples.orders import orders
 from store import EventStore, Repository
 from store.queries import load
 from tests.chaos.fleet import PROJECTIONS, Fleet, Slot, tcp_ports
 from tests.chaos.writer import advance, retrying
-from workers import load as load_mod
 
 LEDGER = load("tests.chaos", "ledger.sql")
 

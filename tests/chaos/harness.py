@@ -32,7 +32,8 @@ from tests.chaos import faults as faults_mod
 from tests.chaos.fleet import PROJECTIONS, ROOT, Fleet
 from tests.chaos.verify import verify
 from tests.chaos.writer import TRANSIENT, Writer, retrying
-from workers import broker, lag
+from workers import broker
+from workers.projector import lag
 
 LEDGER = load("tests.chaos", "ledger.sql")
 

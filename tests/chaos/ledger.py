@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from domain.events import OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
+from eventfleet.examples.orders.events import OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
 from projections.base import Projection, handles
 from projections.registry import register
 from store import db, queries

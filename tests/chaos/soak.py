@@ -37,13 +37,13 @@ from typing import Any
 
 import asyncpg
 
-import domain.events  # noqa: F401 - registers the orders events
+import eventfleet.examples.orders.events  # noqa: F401 - registers the orders events
 from store import EventStore, db
 from tests.chaos import harness
 from tests.chaos.fleet import Fleet, rss_kib
 from tests.chaos.verify import verify
 from tests.chaos.writer import Writer
-from workers import commands
+from workers import admin
 
 DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -93,7 +93,7 @@ def memory_verdict(series: list[tuple[float, dict[str, int]]], load_seconds: flo
 async def run_soak(logdir: Path) -> dict[str, Any]:
     deployment = harness.Deployment(DATABASE_URL, AMQP_URL, "/", f"soak_{uuid.uuid4().hex[:10]}",
                                     f"soak.{uuid.uuid4().hex[:10]}")
-    await commands.run_migrate(DATABASE_URL, deployment.schema)
+    await admin.run_migrate(DATABASE_URL, deployment.schema)
     try:
         return await _soak(deployment, logdir)
     finally:

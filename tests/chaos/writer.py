@@ -8,9 +8,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 
-from domain import orders
+from eventfleet.examples.orders import load as load_mod
+from eventfleet.examples.orders import orders
 from store import EventStore, Repository, db, errors
-from workers import load as load_mod
 
 TRANSIENT: tuple[type[BaseException], ...] = (errors.TransientError, *db.TRANSIENT)
 T = TypeVar("T")

@@ -67,7 +67,8 @@ def test_image_copies_everything_pip_install_needs() -> None:
     builder, _ = stages()
     copied = {src for instruction, args in builder if instruction == "COPY" for src in args.split()[:-1]}
     project = pyproject()
-    needed = {"pyproject.toml", project["project"]["readme"], *project["tool"]["setuptools"]["packages"]}
+    packages = {pattern.rstrip("*") for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    needed = {"pyproject.toml", project["project"]["readme"], *packages}
     assert needed <= copied
     # ...and the build context sends them (BuildKit reads deploy/Dockerfile.dockerignore for this file).
     patterns = [p for p in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()

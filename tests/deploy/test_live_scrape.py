@@ -29,7 +29,7 @@ import pytest
 import yaml
 from aio_pika.abc import AbstractRobustConnection
 
-from domain.events import LineItem, OrderPaid, OrderPlaced
+from eventfleet.examples.orders.events import LineItem, OrderPaid, OrderPlaced
 from projections import registry
 from store.event_store import EventStore
 from tests.deploy import test_dashboard

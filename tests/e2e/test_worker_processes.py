@@ -18,18 +18,19 @@ import aio_pika
 import asyncpg
 import pytest
 
-from projections.orders import CustomerStats
+from eventfleet.examples.orders.projections import CustomerStats
 from store import NO_STREAM, EventStore, RecordedEvent, db
 from store.event_store import record_from_row
 from tests.conftest import AMQP_URL, DATABASE_URL
 from tests.unit.test_projection_fold import fold, order_life, read_models
-from workers import broker, consumer, health
+from workers import broker, projector
 from workers.config import Settings
+from workers.runtime import retry
 
 pytestmark = pytest.mark.slow
 
 PROJECTION = "customer_stats"
-RETRYABLE: tuple[type[BaseException], ...] = (*health.OUTAGE_ERRORS, asyncpg.PostgresError)
+RETRYABLE: tuple[type[BaseException], ...] = (*retry.OUTAGE_ERRORS, asyncpg.PostgresError)
 
 
 @pytest.fixture
@@ -175,7 +176,7 @@ async def test_sigkill_mid_batch_and_sigterm_during_load_lose_and_double_nothing
     assert await applied(pool) < len(events), "SIGTERM came after the load; make it longer"
     # Whatever is left (redeliveries included) is finished in-process; the sums must be exact.
     settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
-    await consumer.consume_until_idle(pool, exchange.channel, CustomerStats(), settings)
+    await projector.consume_until_idle(pool, exchange.channel, CustomerStats(), settings)
     assert await applied(pool) == len(events)
     await assert_exact(pool, events)
 

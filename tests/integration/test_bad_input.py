@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from domain.events import OrderPaid
+from eventfleet.examples.orders.events import OrderPaid
 from store import db, errors, migrate, names
 from store.event_store import NO_STREAM, EventStore
 from tests.conftest import DATABASE_URL
-from workers import commands
+from workers import admin
 from workers.config import Settings
 
 NOW = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
@@ -135,7 +135,7 @@ async def test_injected_schema_names_are_refused_before_connecting(canary: str, 
         Settings.from_env({"EVENTFLEET_SCHEMA": evil})
     # The lower layers refuse it too, before opening any connection.
     with pytest.raises(errors.InvalidName):
-        await commands.run_migrate(DATABASE_URL, evil)
+        await admin.run_migrate(DATABASE_URL, evil)
     with pytest.raises(errors.InvalidName):
         async with db.create_pool(DATABASE_URL, evil):
             pass

@@ -13,11 +13,11 @@ import aio_pika
 import msgpack
 import pytest
 
-from domain.events import OrderPaid, OrderPlaced
-from projections.orders import CustomerStats
+from eventfleet.examples.orders.events import OrderPaid, OrderPlaced
+from eventfleet.examples.orders.projections import CustomerStats
 from store import NO_STREAM, EventStore, codec, db
 from tests.conftest import AMQP_URL, DATABASE_URL
-from workers import broker, consumer
+from workers import broker, projector
 from workers.config import Settings
 
 NOW = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
@@ -89,7 +89,7 @@ async def test_every_bad_delivery_is_dead_lettered_and_the_good_ones_applied(
 
     settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix,
                         http_port=0, prefetch=50, batch_size=20)
-    stats = await consumer.consume_until_idle(pool, channel, CustomerStats(), settings)
+    stats = await projector.consume_until_idle(pool, channel, CustomerStats(), settings)
 
     assert (stats.applied, stats.undecodable, stats.duplicates) == (len(good), len(BAD_BODIES), 2)
     rows = await pool.fetch("SELECT body, status, error FROM dead_letters WHERE projection = 'customer_stats'")

@@ -10,14 +10,16 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 
-from projections.orders import CustomerStats, OrderSummary
+from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from store import NO_STREAM, EventStore, Position, RecordedEvent, db
 from tests.conftest import AMQP_URL, DATABASE_URL
 from tests.integration.test_dead_letters import Probe, checkpoint, dlq, seen
 from tests.integration.test_worker_consumer import append_orders, counter, publish
 from tests.unit.test_projection_fold import cancelled, fold, paid, placed, read_models
-from workers import broker, catchup, checkpoints, consumer, health, lag
+from workers import broker, locks, projector
 from workers.config import Settings
+from workers.projector import catchup, checkpoints, consumer, lag
+from workers.runtime import health
 
 
 @pytest.fixture
@@ -152,10 +154,10 @@ async def test_only_one_process_catches_a_projection_up_at_a_time(pool, event_st
     (stats,) = await consumers_for(event_store, connection, settings, CustomerStats)
     async with pool.acquire() as other:  # another worker process holds the catch-up
         await other.fetchval("SELECT pg_advisory_lock(hashtextextended($1, 0))",
-                             catchup.catchup_lock_key(schema, "customer_stats"))
+                             locks.catchup(schema, "customer_stats"))
         assert await catchup.CatchUp(event_store, settings).catch_up([stats]) == {}
         await other.fetchval("SELECT pg_advisory_unlock(hashtextextended($1, 0))",
-                             catchup.catchup_lock_key(schema, "customer_stats"))
+                             locks.catchup(schema, "customer_stats"))
     assert await applied_count(pool, "customer_stats") == 0
     assert await catchup.CatchUp(event_store, settings).catch_up([stats]) == {"customer_stats": 30}
 
@@ -231,7 +233,7 @@ async def test_a_worker_far_behind_catches_up_from_the_store_and_drains_its_queu
     caught_up_before = counter("eventfleet_projection_caught_up_total", "customer_stats")
     stop = asyncio.Event()
     async with db.create_pool(DATABASE_URL, settings.schema, min_size=1, max_size=8) as worker_pool:
-        worker = asyncio.create_task(consumer.run_worker(settings, [CustomerStats()], health.Health(), stop,
+        worker = asyncio.create_task(projector.run_worker(settings, [CustomerStats()], health.Health(), stop,
                                                          pool=worker_pool))
         queue = broker.Names(settings.prefix).queue("customer_stats")
         for _ in range(600):

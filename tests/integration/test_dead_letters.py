@@ -9,15 +9,17 @@ from typing import Any, ClassVar, LiteralString
 import aio_pika
 import pytest
 
-from domain.events import OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
+from eventfleet.examples.orders.events import OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
 from projections import registry
 from projections.base import Policy, Projection, handles
 from store import NO_STREAM, EventStore, RecordedEvent, db
 from tests.conftest import AMQP_URL, DATABASE_URL
 from tests.unit.test_projection_fold import cancelled, paid, placed
-from workers import broker, consumer, dead_letters, lag
-from workers.checkpoints import HandlerFailed
+from workers import broker, projector
+from workers.cli import dead_letters as cli_dead_letters
 from workers.config import Settings
+from workers.errors import HandlerFailed, NotRetryable
+from workers.projector import lag, parking
 
 
 class Probe(Projection):
@@ -85,7 +87,7 @@ async def dlq(channel: aio_pika.abc.AbstractChannel, prefix: str, projection: st
     queue = await channel.get_queue(broker.Names(prefix).dead_letter_queue(projection), ensure=False)
     found = []
     while (m := await queue.get(no_ack=True, fail=False)) is not None:
-        event = broker.from_message(m)
+        event = broker.from_body(m.body)
         found.append((event.stream_id, event.version))
     return found
 
@@ -108,15 +110,15 @@ async def test_halt_parks_the_event_stops_its_stream_and_retry_releases_it(pool,
     a, b = await history(event_store)
     await publish(channel, prefix, [*a, *b])
     probe = Probe()
-    stats = await consumer.consume_until_idle(pool, channel, probe, settings)
+    stats = await projector.consume_until_idle(pool, channel, probe, settings)
     assert (stats.applied, stats.dead_lettered, stats.held) == (3, 1, 1)
-    assert probe.calls > dead_letters.ATTEMPTS, "retried before parking"
+    assert probe.calls > parking.ATTEMPTS, "retried before parking"
     assert await seen(pool, "poison_probe") == [("order-a", 0), ("order-b", 0), ("order-b", 1)]
     assert await checkpoint(pool, "poison_probe", "order-a") == (0, 1)
     assert await dlq(channel, prefix, "poison_probe") == [("order-a", 1)]
-    (row,) = await dead_letters.list_parked(pool, "poison_probe")
+    (row,) = await parking.list_parked(pool, "poison_probe")
     assert (row["stream_id"], row["version"], row["event_type"], row["attempts"]) == (
-        "order-a", 1, "OrderCancelled.v1", dead_letters.ATTEMPTS)
+        "order-a", 1, "OrderCancelled.v1", parking.ATTEMPTS)
     full = await pool.fetchrow("SELECT error, traceback, status FROM dead_letters WHERE id = $1", row["id"])
     assert "boom" in full["error"]
     assert "ValueError" in full["traceback"]
@@ -126,20 +128,20 @@ async def test_halt_parks_the_event_stops_its_stream_and_retry_releases_it(pool,
 
     # Still broken: the retry fails, changes nothing but the attempts.
     with pytest.raises(HandlerFailed):
-        await dead_letters.retry(event_store, row["id"], resolve=lambda _: probe)
-    assert (await dead_letters.list_parked(pool))[0]["attempts"] == dead_letters.ATTEMPTS + 1
+        await parking.retry(event_store, row["id"], resolve=lambda _: probe)
+    assert (await parking.list_parked(pool))[0]["attempts"] == parking.ATTEMPTS + 1
     assert await checkpoint(pool, "poison_probe", "order-a") == (0, 1)
 
     probe.broken = False
-    done = await dead_letters.retry(event_store, row["id"], resolve=lambda _: probe)
+    done = await parking.retry(event_store, row["id"], resolve=lambda _: probe)
     assert (done.stream_id, done.applied, done.version) == ("order-a", 2, 2)
     assert await checkpoint(pool, "poison_probe", "order-a") == (2, None)
     assert await seen(pool, "poison_probe") == [("order-a", 0), ("order-a", 1), ("order-a", 2),
                                                 ("order-b", 0), ("order-b", 1)]
-    assert await dead_letters.list_parked(pool) == []
+    assert await parking.list_parked(pool) == []
     assert (await lag.measure(pool, "poison_probe")).lag_events == 0
-    with pytest.raises(dead_letters.NotRetryable):
-        await dead_letters.retry(event_store, row["id"], resolve=lambda _: probe)
+    with pytest.raises(NotRetryable):
+        await parking.retry(event_store, row["id"], resolve=lambda _: probe)
 
 
 async def test_skip_parks_the_event_and_moves_the_stream_past_it(pool, event_store, channel, prefix, settings):
@@ -147,7 +149,7 @@ async def test_skip_parks_the_event_and_moves_the_stream_past_it(pool, event_sto
     # The poison event's own message is lost: it is met while filling the gap, and a copy goes to the DLQ.
     await publish(channel, prefix, [a[0], a[2], *b])
     probe = SkippingProbe()
-    stats = await consumer.consume_until_idle(pool, channel, probe, settings)
+    stats = await projector.consume_until_idle(pool, channel, probe, settings)
     assert (stats.applied, stats.dead_lettered, stats.held) == (4, 1, 0)
     assert await seen(pool, probe.name) == [("order-a", 0), ("order-a", 2), ("order-b", 0), ("order-b", 1)]
     assert await checkpoint(pool, probe.name, "order-a") == (2, None)
@@ -156,8 +158,8 @@ async def test_skip_parks_the_event_and_moves_the_stream_past_it(pool, event_sto
     assert status == "skipped"
     assert (await lag.measure(pool, probe.name)).lag_events == 0
     dead_id = await pool.fetchval("SELECT id FROM dead_letters WHERE projection = $1", probe.name)
-    with pytest.raises(dead_letters.NotRetryable, match="skipped"):
-        await dead_letters.retry(event_store, dead_id, resolve=lambda _: probe)
+    with pytest.raises(NotRetryable, match="skipped"):
+        await parking.retry(event_store, dead_id, resolve=lambda _: probe)
 
 
 async def test_a_halted_stream_holds_later_events_while_other_streams_flow(pool, event_store, channel, prefix,
@@ -165,19 +167,19 @@ async def test_a_halted_stream_holds_later_events_while_other_streams_flow(pool,
     a, b = await history(event_store)
     probe = Probe()
     await publish(channel, prefix, a[:2])
-    await consumer.consume_until_idle(pool, channel, probe, settings)
+    await projector.consume_until_idle(pool, channel, probe, settings)
     # Later events of the halted stream arrive in their own batches: held, acked, counted as lag.
     await event_store.append("order-a", [paid("a", "c", "1.00")], 2)
     later = await event_store.load("order-a", 2)
     await publish(channel, prefix, [*later, *b])
-    stats = await consumer.consume_until_idle(pool, channel, probe, settings)
+    stats = await projector.consume_until_idle(pool, channel, probe, settings)
     assert (stats.applied, stats.held, stats.dead_lettered) == (2, 2, 0)
     assert (await lag.measure(pool, "poison_probe")).lag_events == 3
     # The command line, with the projection registered as a deployment would have it.
     monkeypatch.setitem(registry.REGISTRY, Probe.name, Probe)
     monkeypatch.setattr(Probe, "broken", False)
-    dead_id = (await dead_letters.list_parked(pool))[0]["id"]
-    assert await dead_letters.cmd_dead_letters(settings, argparse.Namespace(action="retry", id=dead_id)) == 0
+    dead_id = (await parking.list_parked(pool))[0]["id"]
+    assert await cli_dead_letters.cmd_dead_letters(settings, argparse.Namespace(action="retry", id=dead_id)) == 0
     assert "applied 3 events of order-a" in capsys.readouterr().out
     assert (await lag.measure(pool, "poison_probe")).lag_events == 0
 
@@ -198,7 +200,7 @@ async def test_a_stored_event_this_code_cannot_decode_halts_its_stream_not_the_w
     exchange = await channel.get_exchange(broker.Names(prefix).exchange, ensure=False)
     for e in (u0, u2, v0):
         await exchange.publish(broker.to_message(e), routing_key=e.event_type)
-    stats = await consumer.consume_until_idle(pool, channel, Probe(), settings)
+    stats = await projector.consume_until_idle(pool, channel, Probe(), settings)
     assert (stats.applied, stats.dead_lettered, stats.held) == (2, 1, 1)
     assert await checkpoint(pool, "poison_probe", "order-u") == (0, 1)
     row = await pool.fetchrow("SELECT event_type, error FROM dead_letters WHERE stream_id = 'order-u'")

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from domain.events import OrderPaid
+from eventfleet.examples.orders.events import OrderPaid
 from store import (
     NO_STREAM,
     DuplicateEventId,

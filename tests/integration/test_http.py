@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from workers import http
+from workers.runtime import http
 
 
 def free_port() -> int:

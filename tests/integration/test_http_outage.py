@@ -22,7 +22,8 @@ import pytest
 
 from tests.conftest import DATABASE_URL
 from tests.integration.test_http import free_port, get
-from workers import broker, logs
+from workers import broker
+from workers.runtime import logs
 
 pytestmark = pytest.mark.slow
 

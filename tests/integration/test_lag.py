@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from projections.orders import CustomerStats
+from eventfleet.examples.orders.projections import CustomerStats
 from store import NO_STREAM, EventStore, Horizon, Position, RecordedEvent, db
 from tests.unit.test_projection_fold import paid, placed
-from workers import checkpoints, lag, metrics
+from workers.projector import checkpoints, lag
+from workers.runtime import metrics
 
 
 async def append(event_store: EventStore, stream_id: str, payloads: list[Any]) -> list[RecordedEvent]:

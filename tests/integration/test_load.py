@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
-from domain import orders
+from eventfleet.examples.orders import load, orders
 from tests.conftest import DATABASE_URL
-from workers import load
 
 LIVES = {("OrderPlaced", "OrderPaid", "OrderShipped"), ("OrderPlaced", "OrderCancelled"),
          ("OrderPlaced", "OrderPaid", "OrderCancelled")}

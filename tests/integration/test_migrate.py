@@ -15,7 +15,7 @@ import pytest
 from store import db, migrate
 from store.queries import QUERIES
 from tests.conftest import DATABASE_URL
-from workers import commands
+from workers import admin
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ async def test_ten_concurrent_runs_apply_each_migration_exactly_once(fresh_schem
     shipped = [m.version for m in migrate.store_migrations()]
     assert shipped == sorted(set(shipped))
     assert shipped[0] == 1
-    applied = await asyncio.gather(*(commands.run_migrate(DATABASE_URL, fresh_schema) for _ in range(10)))
+    applied = await asyncio.gather(*(admin.run_migrate(DATABASE_URL, fresh_schema) for _ in range(10)))
     assert sorted(v for run in applied for v in run) == shipped  # one run applied them, nine found them done
     assert sum(1 for run in applied if run) == 1
     conn = await db.connect(DATABASE_URL, fresh_schema)
@@ -43,7 +43,7 @@ async def test_ten_concurrent_runs_apply_each_migration_exactly_once(fresh_schem
         assert [r["version"] for r in rows] == shipped
     finally:
         await conn.close()
-    assert await commands.run_migrate(DATABASE_URL, fresh_schema) == []  # idempotent
+    assert await admin.run_migrate(DATABASE_URL, fresh_schema) == []  # idempotent
 
 
 async def test_every_named_query_prepares_against_the_migrated_schema(schema):

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from domain.events import OrderPaid
+from eventfleet.examples.orders.events import OrderPaid
 from store import (
     NO_STREAM,
     CorruptEvent,

@@ -8,9 +8,9 @@ from typing import Any, ClassVar
 import pytest
 import tenacity
 
-from domain.events import OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
+from eventfleet.examples.orders.events import OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
+from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from projections.base import Projection, handles
-from projections.orders import CustomerStats, OrderSummary
 from store import NO_STREAM, EventStore, db
 from store.event_store import RecordedEvent
 from tests.integration.test_rebuild_helpers import (
@@ -23,7 +23,8 @@ from tests.integration.test_rebuild_helpers import (
     write_orders,
 )
 from tests.unit.test_projection_fold import paid, placed, shipped
-from workers import checkpoints, dead_letters, rebuild
+from workers import errors, rebuild
+from workers.projector import checkpoints, parking
 
 pytestmark = pytest.mark.usefixtures(drop_shadows.__name__)
 
@@ -121,7 +122,7 @@ async def test_a_second_rebuild_of_the_same_projection_is_refused_while_one_runs
     async with pool.acquire() as conn:
         await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))",
                            f"eventfleet.rebuild.{schema}.order_summary")
-        with pytest.raises(rebuild.RebuildRunning):
+        with pytest.raises(errors.RebuildRunning):
             await rebuild.rebuild(pool, event_store, OrderSummary)
 
 
@@ -223,7 +224,7 @@ async def halt_order_bad_live(pool: db.Pool, event_store: EventStore) -> None:
     await pool.execute(_Fixable.ddl)
     await event_store.append("order-bad", [placed("bad", "c"), paid("bad", "c"), paid("bad", "c")], NO_STREAM)
     await event_store.append("order-ok", [placed("ok", "c"), paid("ok", "c")], NO_STREAM)
-    result = await dead_letters.apply_settled(event_store, _Fixable(), await all_events(event_store),
+    result = await parking.apply_or_park(event_store, _Fixable(), await all_events(event_store),
                                               wait=tenacity.wait_none())
     assert [(p.event.stream_id, p.event.version) for p in result.parked] == [("order-bad", 1)]
 
@@ -246,7 +247,7 @@ async def test_a_rebuild_that_applies_a_parked_event_resolves_its_dead_letter(po
 
     assert await bad_checkpoint_and_letters(pool) == ((2, None), [(1, "retried", True)])
     assert (result.halted_streams, result.resolved_dead_letters) == ((), 1)
-    assert await dead_letters.list_parked(pool, "rb_fixable") == []
+    assert await parking.list_parked(pool, "rb_fixable") == []
     rows = await pool.fetch("SELECT stream_id, version FROM rb_fixable ORDER BY 1, 2")
     assert [tuple(r) for r in rows] == [("order-bad", 0), ("order-bad", 1), ("order-bad", 2),
                                         ("order-ok", 0), ("order-ok", 1)]

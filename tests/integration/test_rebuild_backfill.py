@@ -9,11 +9,13 @@ import time
 import aio_pika
 import pytest
 
-from projections.orders import CustomerStats, OrderSummary
+from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from tests.conftest import AMQP_URL, DATABASE_URL
 from tests.integration.test_rebuild_helpers import drop_shadows, expected, read_models, write_orders
-from workers import broker, commands, consumer, health, rebuild_backfill
+from workers import admin, broker, projector
 from workers.config import Settings
+from workers.rebuild import backfill
+from workers.runtime import health
 
 pytestmark = pytest.mark.usefixtures(drop_shadows.__name__)
 
@@ -33,9 +35,9 @@ async def test_migrate_registers_projections_live_over_an_empty_store_and_backfi
     assert [await state_of(pool, p) for p in ("customer_stats", "order_summary")] == ["live", "live"]
     await write_orders(event_store, 3, random.Random(1))
     await forget(pool, "order_summary")
-    await commands.run_migrate(DATABASE_URL, schema)
+    await admin.run_migrate(DATABASE_URL, schema)
     assert [await state_of(pool, p) for p in ("customer_stats", "order_summary")] == ["live", "backfilling"]
-    result = await rebuild_backfill.backfill_if_new(pool, event_store, OrderSummary, queue_exists=True)
+    result = await backfill.backfill_if_new(pool, event_store, OrderSummary, queue_exists=True)
     assert result is not None
     assert await state_of(pool, "order_summary") == "live"
 
@@ -43,20 +45,20 @@ async def test_migrate_registers_projections_live_over_an_empty_store_and_backfi
 async def test_backfill_if_new_fills_once_and_an_empty_store_goes_live_at_once(pool, event_store):
     for projection in ("customer_stats", "order_summary"):
         await forget(pool, projection)
-    assert await rebuild_backfill.backfill_if_new(pool, event_store, CustomerStats) is None
+    assert await backfill.backfill_if_new(pool, event_store, CustomerStats) is None
     assert await state_of(pool, "customer_stats") == "live"
 
     total = await write_orders(event_store, 30, random.Random(3))
     # A queue that exists delivers everything: no backfill for a projection merely without a status row.
-    assert await rebuild_backfill.backfill_if_new(pool, event_store, OrderSummary, queue_exists=True) is None
+    assert await backfill.backfill_if_new(pool, event_store, OrderSummary, queue_exists=True) is None
     assert await state_of(pool, "order_summary") is None
 
-    result = await rebuild_backfill.backfill_if_new(pool, event_store, OrderSummary)
+    result = await backfill.backfill_if_new(pool, event_store, OrderSummary)
     assert result is not None
     assert result.events == total
     assert await state_of(pool, "order_summary") == "live"
     assert (await read_models(pool)).order_summary == (await expected(event_store)).order_summary
-    assert await rebuild_backfill.backfill_if_new(pool, event_store, OrderSummary) is None
+    assert await backfill.backfill_if_new(pool, event_store, OrderSummary) is None
 
 
 @pytest.mark.slow
@@ -70,7 +72,7 @@ async def test_a_worker_backfills_a_new_projection_whose_events_predate_its_queu
     amqp = await aio_pika.connect(AMQP_URL)
     if registered_by == "migrate":
         # The deploy order: migrate registers it, then a relay may declare its queue before any worker runs.
-        await commands.run_migrate(DATABASE_URL, schema)
+        await admin.run_migrate(DATABASE_URL, schema)
         await broker.declare_topology(await amqp.channel(), names, ["customer_stats"])
 
     async def delete_topology() -> None:
@@ -84,7 +86,7 @@ async def test_a_worker_backfills_a_new_projection_whose_events_predate_its_queu
     cleanup(delete_topology)
     settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
     stop = asyncio.Event()
-    worker = asyncio.create_task(consumer.run_worker(settings, [CustomerStats()], health.Health(), stop, pool=pool))
+    worker = asyncio.create_task(projector.run_worker(settings, [CustomerStats()], health.Health(), stop, pool=pool))
     try:
         deadline = time.monotonic() + 60
         while await state_of(pool, "customer_stats") != "live":

@@ -14,6 +14,7 @@ import time
 import asyncpg
 import pytest
 
+from store import names
 from tests.conftest import DATABASE_URL
 from tests.integration.test_rebuild_helpers import drop_shadows, expected, read_models, write_orders
 from workers import rebuild
@@ -35,7 +36,7 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
 async def test_a_sigkilled_rebuild_resumes_from_its_last_batch(pool, event_store, schema):
     total = await write_orders(event_store, 12_000, random.Random(9), chunk=500)
     assert total > 3 * rebuild.BATCH_SIZE
-    cursor = f"SELECT events FROM {rebuild.quote(rebuild.shadow_schema(schema, 'order_summary'))}.rebuild_cursor"
+    cursor = f"SELECT events FROM {names.quote(rebuild.shadow_schema(schema, 'order_summary'))}.rebuild_cursor"
     proc = start_rebuild(schema)
     try:
         deadline = time.monotonic() + 120

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from projections.orders import CustomerStats, OrderSummary
+from eventfleet.examples.orders import load
+from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from store import db
 from tests.conftest import AMQP_URL, DATABASE_URL
 from tests.integration.test_rebuild_helpers import (
@@ -25,8 +26,10 @@ from tests.integration.test_rebuild_helpers import (
     read_models,
     stream_versions,
 )
-from workers import broker, consumer, health, lag, load, rebuild, relay
+from workers import broker, projector, rebuild, relay
 from workers.config import Settings
+from workers.projector import lag
+from workers.runtime import health
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures(drop_shadows.__name__)]
 
@@ -73,7 +76,7 @@ async def test_rebuild_under_load_swaps_without_readers_seeing_a_partial_table(p
         config = relay.RelayConfig.from_settings(settings, projections=PROJECTIONS)
         tasks.append(asyncio.create_task(relay.run_relay(relay_pool, config, health.Health())))
         await load.run_load(event_store, 200, concurrency=4)
-        workers = [asyncio.create_task(consumer.run_worker(settings, [OrderSummary(), CustomerStats()],
+        workers = [asyncio.create_task(projector.run_worker(settings, [OrderSummary(), CustomerStats()],
                                                            health.Health(), stop, pool=p))
                    for p in worker_pools]
         tasks += workers

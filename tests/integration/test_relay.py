@@ -11,12 +11,13 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractExchange
 
-from projections.orders import CustomerStats
+from eventfleet.examples.orders.projections import CustomerStats
 from store import db, outbox
 from tests.conftest import AMQP_URL, DATABASE_URL
-from workers import broker, consumer, health, metrics, relay
+from workers import broker, projector, relay
 from workers.config import Settings
 from workers.errors import MalformedMessage, PublishFailed
+from workers.runtime import health, metrics
 
 from .test_relay_helpers import (
     PROJECTIONS,
@@ -211,7 +212,7 @@ async def test_metrics_count_publishes_and_show_the_backlog(pool, event_store, r
 
 async def test_a_terminated_backend_is_an_outage_logged_once_and_outlived(
         pool, event_store, config, running, collector, database_url, caplog):
-    caplog.set_level(logging.WARNING, logger="workers.health")
+    caplog.set_level(logging.WARNING, logger="workers.runtime.health")
     n = await append_orders(event_store, 400)  # 1200 events, batches of 50
     async with relay.open_pool(config) as relay_pool:
         _, status, idle = running(relay_pool=relay_pool)
@@ -282,7 +283,7 @@ async def test_workers_dead_letter_the_undecodable_row_and_apply_the_rest(pool, 
     settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
-        stats = await consumer.consume_until_idle(pool, await connection.channel(), CustomerStats(), settings)
+        stats = await projector.consume_until_idle(pool, await connection.channel(), CustomerStats(), settings)
     assert (stats.applied, stats.undecodable) == (n, 1)
     rows = await pool.fetch("SELECT status, error, body FROM dead_letters WHERE projection = 'customer_stats'")
     assert [r["status"] for r in rows] == ["parked"]

@@ -14,7 +14,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 
-from domain.events import LineItem, OrderPaid, OrderPlaced, OrderShipped
+from eventfleet.examples.orders.events import LineItem, OrderPaid, OrderPlaced, OrderShipped
 from projections import registry
 from store import db
 from store.event_store import EventStore

@@ -11,7 +11,8 @@ import logging
 import aio_pika
 import pytest
 
-from workers import broker, health, relay
+from workers import broker, relay
+from workers.runtime import health
 
 from .test_relay_helpers import (
     PROJECTIONS,
@@ -77,7 +78,7 @@ async def relay_task(schema, prefix, amqp_url, database_url):
 
 
 def outages(caplog, message: str) -> list[str]:
-    return [r.service for r in caplog.records if r.name == "workers.health" and r.getMessage() == message]
+    return [r.service for r in caplog.records if r.name == "workers.runtime.health" and r.getMessage() == message]
 
 
 async def wait_drained(pool, idle: asyncio.Event, status: health.Health) -> None:
@@ -89,7 +90,7 @@ async def wait_drained(pool, idle: asyncio.Event, status: health.Health) -> None
 
 
 async def test_close_all_connections_mid_drain(pool, event_store, amqp_url, topology, relay_task, caplog):
-    caplog.set_level(logging.WARNING, logger="workers.health")
+    caplog.set_level(logging.WARNING, logger="workers.runtime.health")
     status, idle, _ = relay_task
     n = await append_orders(event_store, 500)  # 1500 events, 30 batches
 
@@ -110,7 +111,7 @@ async def test_close_all_connections_mid_drain(pool, event_store, amqp_url, topo
 
 async def test_rabbitmq_stop_start_while_rows_are_pending(pool, event_store, amqp_url, topology, relay_task,
                                                           caplog):
-    caplog.set_level(logging.WARNING, logger="workers.health")
+    caplog.set_level(logging.WARNING, logger="workers.runtime.health")
     status, idle, _ = relay_task
     await asyncio.wait_for(idle.wait(), 60)
     assert status.ready()
@@ -140,7 +141,7 @@ async def test_rabbitmq_stop_start_while_rows_are_pending(pool, event_store, amq
 
 async def test_postgres_restart_mid_drain(database_url, schema, event_store, amqp_url, topology, relay_task,
                                           caplog):
-    caplog.set_level(logging.WARNING, logger="workers.health")
+    caplog.set_level(logging.WARNING, logger="workers.runtime.health")
     status, idle, _ = relay_task
     n = await append_orders(event_store, 500)  # 1500 events
     pool = event_store.pool

@@ -11,7 +11,7 @@ from typing import Any, Self
 
 import pytest
 
-from domain import orders
+from eventfleet.examples.orders import orders
 from store import (
     NO_STREAM,
     Aggregate,

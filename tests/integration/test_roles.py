@@ -19,13 +19,14 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from domain.events import OrderPaid, OrderPlaced
-from projections.orders import CustomerStats, OrderSummary
+from eventfleet.examples.orders.events import OrderPaid, OrderPlaced
+from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from store import db, errors, outbox, roles
 from store.event_store import NO_STREAM, EventStore
 from store.queries import QUERIES
 from tests.conftest import DATABASE_URL
-from workers import broker, checkpoints, commands, dead_letters, lag, rebuild, relay
+from workers import admin, broker, rebuild, relay
+from workers.projector import checkpoints, lag, parking
 
 NOW = dt.datetime(2024, 3, 1, 9, tzinfo=dt.UTC)
 PLACED = OrderPlaced("o1", "c1", (), Decimal(5), Decimal(0), Decimal(5), NOW)
@@ -46,7 +47,7 @@ async def _admin(sql: str, *args: Any) -> Any:
 async def granted(schema: str) -> AsyncIterator[roles.Roles]:
     """The schema's group roles, created by the same code as ``eventfleet migrate --roles``; dropped after."""
     group = roles.Roles(schema)
-    assert sorted(await commands.run_roles(DATABASE_URL, schema)) == sorted(group.all())
+    assert sorted(await admin.run_roles(DATABASE_URL, schema)) == sorted(group.all())
     yield group
     quoted = ", ".join(f'"{r}"' for r in group.all())
     await _admin(f"DROP OWNED BY {quoted}")
@@ -89,7 +90,7 @@ async def test_roles_are_nologin_groups_and_apply_is_idempotent(schema: str, gra
     assert [(r["rolname"], r["rolcanlogin"], r["rolsuper"], r["rolcreaterole"]) for r in rows] == sorted(
         (name, False, False, False) for name in granted.all())
     # Again, and three at once (as several pods would): no error, nothing created.
-    again = await asyncio.gather(*(commands.run_roles(DATABASE_URL, schema) for _ in range(3)))
+    again = await asyncio.gather(*(admin.run_roles(DATABASE_URL, schema) for _ in range(3)))
     assert again == [[], [], []]
 
 
@@ -236,7 +237,7 @@ async def test_worker_applies_checkpoints_dead_letters_and_lag(
     await worker_pool.execute(
         "INSERT INTO checkpoints AS c (projection, stream_id, version) VALUES ('p', 's', 0) "
         "ON CONFLICT (projection, stream_id) DO UPDATE SET version = c.version + 1")
-    ids = await dead_letters.record_undecodable(worker_pool, "order_summary", [("bad", b"\xc1")])
+    ids = await parking.record_undecodable(worker_pool, "order_summary", [("bad", b"\xc1")])
     assert len(ids) == 1
     measured = await lag.measure(worker_pool, "order_summary")
     assert measured.lag_events == 0

@@ -5,7 +5,7 @@ from decimal import Decimal
 
 import pytest
 
-from domain.events import OrderPaid
+from eventfleet.examples.orders.events import OrderPaid
 from store import NO_STREAM, Position, VersionConflict
 from tests.integration.test_read_all import read_until
 

@@ -12,12 +12,12 @@ from typing import Any
 import aio_pika
 import pytest
 
-from projections.orders import CustomerStats
+from eventfleet.examples.orders.projections import CustomerStats
 from store import NO_STREAM
 from tests.conftest import AMQP_URL, DATABASE_URL
 from tests.unit.test_projection_fold import paid, placed, shipped
-from workers import broker, checkpoints, lag, rebuild
-from workers import status as status_mod
+from workers import broker, locks
+from workers.projector import checkpoints, lag
 
 pytestmark = pytest.mark.slow
 
@@ -86,12 +86,12 @@ async def test_table_shows_a_stopped_rebuild_and_survives_rabbitmq_being_unreach
     assert lines[2].startswith("order_summary   rebuilding (not running)")
     assert lines[-1].startswith("outbox: 7 pending, oldest ")
     # While a rebuild holds its lock the state is just "rebuilding" (pg_locks splits the key in two).
-    key = rebuild.rebuild_lock_key(schema, "order_summary")
+    key = locks.rebuild(schema, "order_summary")
     async with pool.acquire() as conn:
         await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", key)
-        assert await pool.fetchval(status_mod.SQL["lock_held"], key)
+        assert await pool.fetchval(locks.SQL["held"], key)
         await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
-    assert not await pool.fetchval(status_mod.SQL["lock_held"], key)
+    assert not await pool.fetchval(locks.SQL["held"], key)
 
 
 async def test_an_unmigrated_schema_is_a_one_line_error(prefix):

@@ -8,12 +8,13 @@ import aio_pika
 import pytest
 
 import projections
-from projections.orders import OrderSummary
+from eventfleet.examples.orders.projections import OrderSummary
 from store import NO_STREAM
 from tests.conftest import AMQP_URL, DATABASE_URL
 from tests.unit.test_projection_fold import paid, placed
-from workers import broker, consumer, health
+from workers import broker, projector
 from workers.config import Settings
+from workers.runtime import health
 
 SET_CHECKPOINT = """
 INSERT INTO checkpoints AS c (projection, stream_id, version) VALUES ($1, $2, $3)
@@ -55,7 +56,7 @@ async def test_read_after_write_through_a_running_worker(pool, event_store, sche
     stop = asyncio.Event()
     async with connection:
         exchange = await broker.declare_topology(await connection.channel(), names, ["order_summary"])
-        worker = asyncio.create_task(consumer.run_worker(settings, [OrderSummary()], health.Health(), stop,
+        worker = asyncio.create_task(projector.run_worker(settings, [OrderSummary()], health.Health(), stop,
                                                          pool=pool))
         try:
             written = await event_store.append("order-rw", [placed("rw", "c", 3, "42.00"), paid("rw", "c", "42.00")],

@@ -11,10 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from projections.orders import CustomerStats, OrderSummary
+from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from store import NO_STREAM, EventStore, RecordedEvent, db
 from tests.unit.test_projection_fold import cancelled, fold, paid, placed, read_models, shipped
-from workers import checkpoints
+from workers import locks
+from workers.projector import checkpoints
 
 
 async def append(event_store: EventStore, stream_id: str, payloads: list[Any]) -> list[RecordedEvent]:
@@ -66,7 +67,7 @@ async def test_concurrent_batches_over_shared_customers_in_opposite_orders_do_no
 
 async def test_a_batch_waits_while_a_rebuild_holds_the_projection_lock(pool, event_store, schema):
     (event,) = await append(event_store, "order-r", [placed("r", "cr")])
-    key = checkpoints.projection_lock_key(schema, "customer_stats")
+    key = locks.projection(schema, "customer_stats")
     async with pool.acquire() as rebuild, rebuild.transaction():
         await rebuild.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
         batch = asyncio.create_task(checkpoints.apply_batch(event_store, CustomerStats(), [event]))

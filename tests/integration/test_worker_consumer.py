@@ -17,12 +17,15 @@ import aio_pika
 import msgpack
 import pytest
 
-from projections.orders import CustomerStats
+from eventfleet.examples.orders.projections import CustomerStats
 from store import NO_STREAM, EventStore, RecordedEvent, db
 from tests.conftest import AMQP_URL, DATABASE_URL
 from tests.unit.test_projection_fold import fold, order_life, read_models
-from workers import broker, checkpoints, consumer, dead_letters, health, lag, metrics
+from workers import broker, projector
+from workers.cli import dead_letters as cli_dead_letters
 from workers.config import Settings
+from workers.projector import checkpoints, lag
+from workers.runtime import health, metrics
 
 Declare = Callable[[list[str]], Awaitable[aio_pika.abc.AbstractExchange]]
 
@@ -87,7 +90,7 @@ async def test_until_idle_applies_everything_in_batches_and_counts(pool, event_s
     names = ("eventfleet_projection_duplicates_total", "eventfleet_projection_applied_total",
              "eventfleet_end_to_end_seconds_count", "eventfleet_projection_apply_seconds_count")
     before = {n: counter(n, "customer_stats") for n in names}
-    stats = await consumer.consume_until_idle(pool, channel, CustomerStats(), settings)
+    stats = await projector.consume_until_idle(pool, channel, CustomerStats(), settings)
     assert (stats.applied, stats.duplicates) == (120, 10)
     assert stats.batches >= 3, "prefetched deliveries are applied in batches"
     delta = {n: counter(n, "customer_stats") - before[n] for n in names}
@@ -110,14 +113,14 @@ async def test_garbage_goes_to_the_dlq_while_good_events_are_applied(pool, event
         await channel.default_exchange.publish(aio_pika.Message(body), routing_key=names.queue("customer_stats"))
     await publish(exchange, good[5:])
     before = counter("eventfleet_projection_dead_lettered_total", "customer_stats")
-    stats = await consumer.consume_until_idle(pool, channel, CustomerStats(), settings)
+    stats = await projector.consume_until_idle(pool, channel, CustomerStats(), settings)
     assert (stats.applied, stats.undecodable) == (10, 4)
     assert counter("eventfleet_projection_dead_lettered_total", "customer_stats") - before == 4
     assert sorted(await drain(channel, names.dead_letter_queue("customer_stats"))) == sorted(garbage)
     rows = await pool.fetch("SELECT body, status, stream_id FROM dead_letters ORDER BY id")
     assert sorted(r["body"] for r in rows) == sorted(garbage)
     assert {(r["status"], r["stream_id"]) for r in rows} == {("parked", None)}
-    await dead_letters.cmd_dead_letters(settings, _ns(action="list", projection=None))
+    await cli_dead_letters.cmd_dead_letters(settings, _ns(action="list", projection=None))
     assert "4 parked" in capsys.readouterr().out
     async with pool.acquire() as conn:
         assert (await read_models(conn)).customer_stats == fold(e.event for e in good).customer_stats
@@ -127,7 +130,7 @@ async def test_run_consumer_stops_after_committing_the_batch_in_flight(pool, eve
     exchange = await declare(["customer_stats"])
     events = await append_orders(event_store, 20, 3)
     stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run_consumer(pool, channel, CustomerStats(), settings, stop=stop))
+    task = asyncio.create_task(projector.run_consumer(pool, channel, CustomerStats(), settings, stop=stop))
     await publish(exchange, events)
     await _until(lambda: _applied(pool), 60)
     stop.set()
@@ -150,12 +153,12 @@ async def test_the_lag_monitor_refreshes_the_gauges(pool, event_store):
 
 @pytest.mark.slow
 async def test_worker_survives_postgres_and_rabbitmq_outages(pool, event_store, declare, settings, caplog):
-    caplog.set_level(logging.WARNING, logger="workers.health")
+    caplog.set_level(logging.WARNING, logger="workers.runtime.health")
     exchange = await declare(["customer_stats"])
     events = await append_orders(event_store, 40, 3)
     h, stop = health.Health(), asyncio.Event()
     async with db.create_pool(DATABASE_URL, settings.schema, min_size=2, max_size=4) as worker_pool:
-        task = asyncio.create_task(consumer.run_worker(settings, [CustomerStats()], h, stop, pool=worker_pool))
+        task = asyncio.create_task(projector.run_worker(settings, [CustomerStats()], h, stop, pool=worker_pool))
         await publish(exchange, events[:60])
         await _until(lambda: _applied(pool, 60), 60)
         assert h.ready()

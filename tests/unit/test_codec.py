@@ -14,7 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from domain.events import LineItem, OrderCancelled, OrderPaid, OrderPlaced, OrderPlacedV1, OrderShipped
+from eventfleet.examples.orders.events import (
+    LineItem,
+    OrderCancelled,
+    OrderPaid,
+    OrderPlaced,
+    OrderPlacedV1,
+    OrderShipped,
+)
 from store import codec, errors
 
 

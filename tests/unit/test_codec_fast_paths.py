@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.events import LineItem, OrderCancelled, OrderPaid, OrderPlaced
+from eventfleet.examples.orders.events import LineItem, OrderCancelled, OrderPaid, OrderPlaced
 from store import codec, errors
 from tests.unit.test_fuzz_decoder import FUZZ, VALUES
 

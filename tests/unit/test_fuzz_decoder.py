@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from domain.events import LineItem, OrderPaid, OrderPlaced
+from eventfleet.examples.orders.events import LineItem, OrderPaid, OrderPlaced
 from store import codec, errors
 from store.event_store import Position, RecordedEvent
 from workers import broker

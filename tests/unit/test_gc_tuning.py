@@ -9,16 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from workers import cli, logs, runtime
+from workers import cli
 from workers.config import Settings
+from workers.runtime import logs, tuning
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_tune_gc_raises_the_thresholds_and_freezes_the_start_up_heap() -> None:
-    probe = "import gc; from workers import runtime; runtime.tune_gc(); print(gc.get_threshold(), gc.get_freeze_count() > 0)"
+    probe = "import gc; from workers.runtime import tuning; tuning.tune_gc(); print(gc.get_threshold(), gc.get_freeze_count() > 0)"
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == f"{runtime.GC_THRESHOLDS} True"
+    assert done.stdout.strip() == f"{tuning.GC_THRESHOLDS} True"
 
 
 async def _noop(settings: Settings, args: argparse.Namespace) -> int:
@@ -27,7 +28,7 @@ async def _noop(settings: Settings, args: argparse.Namespace) -> int:
 
 def test_every_command_runs_with_the_tuned_collector(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(runtime, "tune_gc", lambda: calls.append("tune_gc"))
+    monkeypatch.setattr(tuning, "tune_gc", lambda: calls.append("tune_gc"))
     monkeypatch.setattr(logs, "setup", lambda *args, **kwargs: None)  # keep the test process's logging
     monkeypatch.setitem(cli._COMMANDS, "worker", f"{__name__}:_noop")
 

@@ -7,7 +7,7 @@ import math
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from workers.metrics import BatchHistogram
+from workers.runtime.metrics import BatchHistogram
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

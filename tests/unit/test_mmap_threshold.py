@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 _PROBE = """
 import ctypes, sys
 from workers import runtime
+from workers.runtime import tuning
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -26,7 +27,7 @@ class MallInfo2(ctypes.Structure):
 
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
-pinned = runtime.pin_mmap_threshold() if sys.argv[1] == "pin" else False
+pinned = tuning.pin_mmap_threshold() if sys.argv[1] == "pin" else False
 freed = bytearray(1024 * 1024)
 del freed
 before = libc.mallinfo2().hblkhd

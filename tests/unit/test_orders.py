@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from domain import orders
+from eventfleet.examples.orders import orders
 from store import Position, RecordedEvent, errors
 
 AT = dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.UTC)

@@ -6,9 +6,9 @@ import datetime as dt
 import uuid
 from typing import Any, ClassVar
 
-from domain.events import OrderCancelled, OrderPaid, OrderPlaced
+from eventfleet.examples.orders.events import OrderCancelled, OrderPaid, OrderPlaced
+from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from projections.base import Projection, handles
-from projections.orders import CustomerStats, OrderSummary
 from store import RecordedEvent
 from store.event_store import Position
 from tests.unit.test_projection_fold import cancelled, paid, placed

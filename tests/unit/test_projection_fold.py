@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
-from domain.events import LineItem, OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
+from eventfleet.examples.orders.events import LineItem, OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 

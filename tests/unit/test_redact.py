@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from store import errors
-from workers import cli, logs, redact, runtime
+from workers import cli
 from workers.config import Settings
+from workers.runtime import logs, redact, tuning
 
 PG = "postgresql://app:Pg-S3cret%40x@db.example:5432/prod?sslmode=verify-full"
 MQ = "amqps://svc:Mq-S3cret@mq.example:5671/vhost?cafile=/etc/ca.pem"
@@ -111,7 +112,7 @@ def test_cli_main_redacts_its_logs_and_its_error_line(monkeypatch: pytest.Monkey
         raise errors.TransientError(f"could not reach {settings.database_url} (password Pg-S3cret@x)")
 
     monkeypatch.setitem(cli._COMMANDS, "migrate", f"{__name__}:LEAKY")
-    monkeypatch.setattr(runtime, "tune_gc", lambda: None)  # not the test process's collector
+    monkeypatch.setattr(tuning, "tune_gc", lambda: None)  # not the test process's collector
     monkeypatch.setattr(sys.modules[__name__], "LEAKY", leaky, raising=False)
     root = logging.getLogger()
     saved = root.handlers[:], root.level

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from domain.events import OrderPaid
+from eventfleet.examples.orders.events import OrderPaid
 from projections import registry
 from projections.base import Projection
 from store import errors, names

@@ -1,9 +1,5 @@
 -- Per-stream checkpoints of projections: locked, checked and moved in the batch's own transaction.
 
--- name: lock_projection_shared
--- First statement of every batch: share the projection's lock; a rebuild takes it exclusively to swap tables.
-SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0));
-
 -- name: claim_checkpoints
 -- Lock the batch's checkpoint rows in stream_id order, so concurrent workers queue in one order and never
 -- deadlock, and move each to the newest version the batch delivered (unless halted or already past it).

@@ -2,14 +2,6 @@
 -- below which every event is applied, skipped or belongs to a halted stream; only the tail after it and
 -- the halted streams' unapplied events are counted against the checkpoints.
 
--- name: lock_watermark
--- Serialize with a release of halted streams (dead-letters retry), which may make passed events count again.
-SELECT pg_advisory_xact_lock(hashtextextended($1, 0));
-
--- name: try_lock_watermark
--- Advance only if no other process advances or releases a stream right now; skipping a round is harmless.
-SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0));
-
 -- name: advance_watermark
 -- Move the watermark over the next $2 events below the read_all horizon up to the first event that is
 -- neither applied nor of a halted stream. Events of transactions at or above the horizon may still be

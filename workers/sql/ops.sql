@@ -11,15 +11,6 @@ SELECT coalesce((SELECT state FROM projection_status WHERE projection = $1), 'li
        (SELECT count(*) FROM dead_letters WHERE projection = $1 AND status = 'parked') AS parked,
        (SELECT count(*) FROM checkpoints WHERE projection = $1 AND halted_version IS NOT NULL) AS halted;
 
--- name: lock_held
--- Whether some session holds the advisory lock of key $1 (pg_locks splits the 64-bit key in two oids).
-SELECT EXISTS (
-    SELECT 1 FROM pg_locks
-    WHERE locktype = 'advisory' AND objsubid = 1 AND granted
-      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND ((classid::bigint << 32) | objid::bigint) = hashtextextended($1, 0)
-);
-
 -- name: pipeline_counts
 -- From one snapshot: events in the store, those not yet published (an append writes both at once) and
 -- the fewest events any of the projections $1 has covered with its checkpoints.

@@ -1,1 +1,0 @@
-"""Example write models built on the event store."""

@@ -1,0 +1,118 @@
+"""eventfleet: event sourcing on PostgreSQL, an outbox relayed to RabbitMQ, exactly-once projection workers.
+
+The one import an application needs::
+
+    import eventfleet as ef
+
+    @ef.event("MoneyDeposited", version=1)
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class MoneyDeposited: ...
+
+Everything here is re-exported from ``store``, ``projections`` and ``workers``, which stay importable too.
+"""
+
+from __future__ import annotations
+
+from eventfleet import _guard
+
+_guard.check_on_import()
+
+from projections import Projection, WaitTimeout, handles, register, wait_for
+from store import (
+    NO_STREAM,
+    Aggregate,
+    AppendResult,
+    CodecError,
+    CorruptEvent,
+    DomainError,
+    DuplicateEventId,
+    EventFleetError,
+    EventSchemaMismatch,
+    EventStore,
+    Executed,
+    InvalidExpectedVersion,
+    InvalidInput,
+    InvalidName,
+    InvalidStreamId,
+    NewEvent,
+    PayloadTooLarge,
+    Position,
+    RecordedEvent,
+    Repository,
+    Snapshot,
+    StoreError,
+    TransientError,
+    UnknownEventType,
+    VersionConflict,
+    event,
+    upcaster,
+)
+from store.db import Conn, Pool, create_pool
+from store.errors import ConfigError
+from store.queries import load as load_sql
+from workers.config import Settings
+from workers.errors import (
+    BrokerUnavailable,
+    HandlerFailed,
+    MalformedMessage,
+    PublishFailed,
+    RebuildError,
+    WorkerError,
+)
+from workers.projector.worker import consume_until_idle, run_worker
+from workers.relay import RelayConfig, relay_until_idle, run_relay
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NO_STREAM",
+    "Aggregate",
+    "AppendResult",
+    "BrokerUnavailable",
+    "CodecError",
+    "ConfigError",
+    "Conn",
+    "CorruptEvent",
+    "DomainError",
+    "DuplicateEventId",
+    "EventFleetError",
+    "EventSchemaMismatch",
+    "EventStore",
+    "Executed",
+    "HandlerFailed",
+    "InvalidExpectedVersion",
+    "InvalidInput",
+    "InvalidName",
+    "InvalidStreamId",
+    "MalformedMessage",
+    "NewEvent",
+    "PayloadTooLarge",
+    "Pool",
+    "Position",
+    "Projection",
+    "PublishFailed",
+    "RebuildError",
+    "RecordedEvent",
+    "RelayConfig",
+    "Repository",
+    "Settings",
+    "Snapshot",
+    "StoreError",
+    "TransientError",
+    "UnknownEventType",
+    "VersionConflict",
+    "WaitTimeout",
+    "WorkerError",
+    "__version__",
+    "consume_until_idle",
+    "create_pool",
+    "event",
+    "handles",
+    "load_sql",
+    "register",
+    "relay_until_idle",
+    "run_relay",
+    "run_worker",
+    "upcaster",
+    "wait_for",
+]

@@ -1,0 +1,1 @@
+"""The orders example: events, the Order aggregate and its commands, two projections, a writer load."""

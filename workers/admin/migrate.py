@@ -1,0 +1,41 @@
+"""Small subcommands that need no module of their own."""
+
+from __future__ import annotations
+
+import logging
+from typing import LiteralString
+
+from projections import registry
+from store import db, migrate, roles
+from workers.rebuild import backfill
+
+logger = logging.getLogger(__name__)
+
+
+def read_model_ddl() -> list[LiteralString]:
+    """The DDL of every registered projection's read-model tables."""
+    return [cls.ddl for cls in registry.load_builtin().values()]
+
+
+async def run_migrate(database_url: str, schema: str) -> list[int]:
+    """Migrate ``schema`` and create the registered read models; return the versions applied now."""
+    conn = await db.connect(database_url, schema)
+    try:
+        applied = await migrate.migrate(conn, schema, extra_ddl=read_model_ddl())
+        # Projections registered since the last migrate get their state; the workers backfill new ones.
+        await backfill.register(conn, list(registry.load_builtin()))
+        return applied
+    finally:
+        await conn.close()
+
+
+async def run_roles(database_url: str, schema: str) -> list[str]:
+    """Create the least-privilege roles of ``schema`` and grant them; return the roles created now."""
+    tables = [t for cls in registry.load_builtin().values() for t in cls.tables]
+    conn = await db.connect(database_url, schema)
+    try:
+        return await roles.apply(conn, schema, tables)
+    finally:
+        await conn.close()
+
+

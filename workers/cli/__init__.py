@@ -1,0 +1,101 @@
+"""``eventfleet``: argparse subcommands, one coroutine each, exit codes rather than tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from store import errors
+from workers.config import Settings
+from workers.runtime import logs, redact, tuning
+
+logger = logging.getLogger(__name__)
+
+Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
+
+# subcommand -> "module:function"; imported on use so each command loads only what it needs.
+_COMMANDS = {
+    "migrate": "workers.cli.migrate:cmd_migrate",
+    "relay": "workers.cli.relay:cmd_relay",
+    "worker": "workers.cli.worker:cmd_worker",
+    "status": "workers.cli.status:cmd_status",
+    "rebuild": "workers.cli.rebuild:cmd_rebuild",
+    "load": "workers.cli.load:cmd_load",
+    "demo": "workers.cli.demo:cmd_demo",
+    "dead-letters": "workers.cli.dead_letters:cmd_dead_letters",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand of CONTRACT.md."""
+    parser = argparse.ArgumentParser(
+        prog="eventfleet",
+        description="Event sourcing on PostgreSQL and RabbitMQ. Configured by EVENTFLEET_* variables.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    migrate = sub.add_parser("migrate", help="create or upgrade the schema (idempotent, safe concurrently)")
+    migrate.add_argument("--roles", action="store_true",
+                         help="also create the NOLOGIN roles <schema>_writer, _relay, _worker and grant "
+                              "their privileges (needs CREATEROLE; idempotent)")
+    sub.add_parser("relay", help="publish the outbox to RabbitMQ until SIGTERM/SIGINT")
+    worker = sub.add_parser("worker", help="apply projections until SIGTERM/SIGINT")
+    worker.add_argument("--projection", action="append", default=[], metavar="NAME",
+                        help="projection to run (repeatable); default: all registered")
+    status = sub.add_parser("status", help="lag, parked failures and outbox backlog per projection")
+    status.add_argument("--json", action="store_true", help="print one JSON document")
+    rebuild = sub.add_parser("rebuild", help="rebuild a projection from the store, swap atomically")
+    rebuild.add_argument("name", metavar="NAME")
+    load = sub.add_parser("load", help="place orders and drive each through a random life")
+    load.add_argument("--orders", type=int, required=True, metavar="N")
+    load.add_argument("--concurrency", type=int, default=8, metavar="N")
+    load.add_argument("--seed", type=int, default=None, metavar="S")
+    demo = sub.add_parser("demo", help="the main job end to end on one machine")
+    demo.add_argument("--orders", type=int, default=2000, metavar="N")
+    dead = sub.add_parser("dead-letters", help="inspect and re-drive parked failures")
+    dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dl_list = dead_sub.add_parser("list", help="list parked failures")
+    dl_list.add_argument("--projection", default=None, metavar="NAME")
+    dl_retry = dead_sub.add_parser("retry", help="re-drive a parked failure and release its stream")
+    dl_retry.add_argument("id", type=int, metavar="ID")
+    return parser
+
+
+def _resolve(command: str) -> Command:
+    module, _, function = _COMMANDS[command].partition(":")
+    fn: Command = getattr(importlib.import_module(module), function)
+    return fn
+
+
+def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    """Parse, configure logging, run the subcommand; print a one-line reason and return 1 on error."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ if environ is None else environ)
+    except errors.ConfigError as exc:
+        print(f"eventfleet: configuration error: {exc}", file=sys.stderr)
+        return 2
+    tuning.pin_mmap_threshold()  # long-running commands: keep the heap from fragmenting (see there)
+    secrets = redact.secrets_of(settings.database_url, settings.amqp_url)
+    logs.setup(settings.log_format, logging.DEBUG if args.verbose else logging.INFO, secrets=secrets)
+    try:
+        command = _resolve(args.command)
+        tuning.tune_gc()  # after the imports: they are the start-up heap it freezes
+        return asyncio.run(command(settings, args))
+    except KeyboardInterrupt:
+        return 0
+    except errors.EventFleetError as exc:
+        logger.debug("command failed", exc_info=True)
+        print(redact.text(f"eventfleet {args.command}: {exc}", secrets), file=sys.stderr)
+        return 1
+    except Exception as exc:
+        logger.debug("command failed", exc_info=True)
+        print(redact.text(f"eventfleet {args.command}: unexpected {type(exc).__name__}: {exc}", secrets),
+              file=sys.stderr)
+        return 1

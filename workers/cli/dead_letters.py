@@ -1,0 +1,35 @@
+"""``eventfleet dead-letters``: list, show, re-drive and skip parked failures."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from workers.config import Settings
+from workers.projector.parking import list_parked, retry
+from workers.runtime import lifecycle
+
+
+def _line(row: dict[str, Any]) -> str:
+    where = "(undecodable message)" if row["undecodable"] else f"{row['stream_id']}@{row['version']}"
+    error = (row["error"] or "").splitlines()[0][:120] if row["error"] else ""
+    return (f"{row['id']:>6}  {row['projection']:<20} {where:<32} {row['event_type'] or '-':<22} "
+            f"{row['attempts']:>3}  {row['created_at']:%Y-%m-%d %H:%M:%S}  {error}")
+
+
+async def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    """``eventfleet dead-letters list [--projection NAME]`` / ``retry ID``."""
+    async with lifecycle.open_pool(settings, min_size=1, max_size=2) as pool:
+        if args.action == "list":
+            rows = await list_parked(pool, args.projection)
+            print(f"{'id':>6}  {'projection':<20} {'stream@version':<32} {'type':<22} {'try':>3}  "
+                  f"{'parked at':<19}  error")
+            for row in rows:
+                print(_line(row))
+            print(f"{len(rows)} parked")
+            return 0
+        store = lifecycle.open_store(pool, settings)
+        done = await retry(store, args.id)
+        print(f"dead letter {done.dead_letter_id}: applied {done.applied} events of {done.stream_id} "
+              f"to {done.projection} (now at version {done.version}); stream released")
+        return 0

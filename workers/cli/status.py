@@ -1,0 +1,59 @@
+"""``eventfleet status [--json]``: per projection state, lag and parked failures; the outbox backlog."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractConnection
+
+from store import errors
+from workers.admin.status import AMQP_TIMEOUT, Report, collect
+from workers.config import Settings
+from workers.runtime import lifecycle, retry
+
+
+def render(report: Report) -> str:
+    """The report as an aligned table."""
+    header = ("PROJECTION", "STATE", "APPLIED", "LAG EVENTS", "LAG SECONDS", "PARKED", "HALTED STREAMS", "QUEUE")
+    lines = [header]
+    for p in report.projections:
+        state = p.state if p.state == "live" or p.rebuild_running else f"{p.state} (not running)"
+        lines.append((p.name, state, f"{p.applied:,}", f"{p.lag_events:,}", f"{p.lag_seconds:.1f}",
+                      f"{p.parked:,}", f"{p.halted:,}", "-" if p.queue_depth is None else f"{p.queue_depth:,}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths,
+                                                                                               strict=True)))
+            for line in lines]
+    text.append(f"outbox: {report.outbox_pending:,} pending, oldest {report.outbox_oldest_age_seconds:.1f}s")
+    return "\n".join(text)
+
+
+async def _connect_amqp(url: str) -> AbstractConnection | None:
+    try:
+        return await aio_pika.connect(url, timeout=AMQP_TIMEOUT,
+                                      client_properties={"connection_name": "eventfleet status"})
+    except retry.OUTAGE_ERRORS as exc:
+        print(f"eventfleet status: RabbitMQ unreachable ({type(exc).__name__}): queue depths unknown",
+              file=sys.stderr)
+        return None
+
+
+async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    """``eventfleet status [--json]``."""
+    connection = await _connect_amqp(settings.amqp_url)
+    try:
+        async with lifecycle.open_pool(settings, min_size=1, max_size=2) as pool:
+            report = await collect(pool, settings.schema, settings.prefix, connection)
+    except errors.StoreError as exc:
+        if isinstance(exc.__cause__, asyncpg.UndefinedTableError):
+            raise errors.StoreError(f"schema {settings.schema!r} is not migrated: run `eventfleet migrate`") from exc
+        raise
+    finally:
+        if connection is not None:
+            await connection.close()
+    print(json.dumps(report.to_json()) if args.json else render(report))
+    return 0

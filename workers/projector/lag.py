@@ -1,0 +1,128 @@
+"""Exact projection lag: a low watermark advanced periodically, then only the tail after it is counted.
+
+The watermark is a read_all position (transaction id, global position) in ``projection_status``: every
+event at or before it is applied, skipped, or belongs to a halted stream. Advancing it scans only events
+newer than it and stops at the first event that is none of these, and never passes the store's horizon
+(a transaction still running may commit events ordered before anything above it). Lag is then the tail
+after the watermark not covered by checkpoints, plus the unapplied events of halted streams before it;
+the count is exact at any moment, the watermark only keeps it cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+
+from store import db
+from store.queries import QUERIES as STORE_QUERIES
+from store.queries import load
+from store.records import Position
+from workers import locks
+from workers.runtime import health as health_mod
+from workers.runtime import metrics, retry
+
+logger = logging.getLogger(__name__)
+
+SQL = load("workers", "lag.sql")
+
+#: Events scanned per advance statement; the advancer repeats while it keeps moving a full step.
+ADVANCE_STEP = 10_000
+#: How often a worker advances the watermarks and refreshes the lag gauges.
+REFRESH_SECONDS = 2.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lag:
+    """How far a projection is behind the store, and how stale the store's frontier is."""
+
+    lag_events: int
+    lag_seconds: float
+    horizon_age_seconds: float
+    #: Every event at or before it is settled: applied, skipped, or of a halted stream (held).
+    watermark: Position = Position.START
+
+
+
+
+async def current_schema(conn: db.Conn) -> str:
+    """The schema the connection's unqualified names resolve to."""
+    schema: str = await conn.fetchval("SELECT current_schema()")
+    return schema
+
+
+async def advance(pool: db.Pool, projection: str, *, step: int = ADVANCE_STEP, max_steps: int = 1000) -> bool:
+    """Advance the projection's watermark as far as it may go now; False if another process holds it."""
+    async with db.translate_errors(), pool.acquire() as conn:
+        key = locks.watermark(await current_schema(conn), projection)
+        for _ in range(max_steps):
+            async with conn.transaction():
+                if not await locks.try_take(conn, key):
+                    return False
+                row = await conn.fetchrow(SQL["advance_watermark"], projection, step)
+            assert row is not None
+            if row["blocked"] or row["scanned"] < step:
+                break
+    return True
+
+
+async def count(pool: db.Pool, projection: str) -> tuple[int, float, Position]:
+    """Unapplied committed events, the age of the oldest of them, and the watermark they are counted after."""
+    async with db.translate_errors():
+        row = await pool.fetchrow(SQL["measure_lag"], projection)
+    assert row is not None
+    return (int(row["lag_events"]), float(row["lag_seconds"]),
+            Position(row["watermark_txid"], row["watermark_position"]))
+
+
+async def horizon_age(pool: db.Pool) -> float:
+    """Seconds the oldest open transaction has held back the read_all frontier (0 when none)."""
+    async with db.translate_errors():
+        row = await pool.fetchrow(STORE_QUERIES["horizon"])
+    assert row is not None
+    return float(row["oldest_transaction_age"])
+
+
+async def measure(pool: db.Pool, projection: str) -> Lag:
+    """Advance the watermark, then count: the exact lag of ``projection`` now."""
+    await advance(pool, projection)
+    events, seconds, watermark = await count(pool, projection)
+    return Lag(events, seconds, await horizon_age(pool), watermark)
+
+
+def export(projection: str, lag: Lag) -> None:
+    """Set the lag gauges of the contract (and the horizon's age) from a measurement."""
+    metrics.LAG_EVENTS.labels(projection).set(lag.lag_events)
+    metrics.LAG_SECONDS.labels(projection).set(lag.lag_seconds)
+    metrics.HORIZON_AGE.set(lag.horizon_age_seconds)
+
+
+async def run_lag_monitor(pool: db.Pool, projections: Sequence[str], *,
+                          health: health_mod.Health | None = None,
+                          interval: float = REFRESH_SECONDS,
+                          measured: Callable[[str, Lag], None] | None = None) -> None:
+    """Advance watermarks and refresh the lag gauges every ``interval`` seconds until cancelled;
+    ``measured(projection, lag)`` hears each measurement (the worker's catch-up trigger and dedupe).
+    The projections are measured side by side, each on a connection of its own: a measurement reads the
+    whole tail after the watermark, and a worker far behind waits for the first round to start catching up."""
+
+    async def refresh(projection: str) -> Lag | None:
+        try:
+            found = await measure(pool, projection)
+        except retry.OUTAGE_ERRORS as exc:
+            # The consumer reports and retries outages; the gauges just keep their last value.
+            if health is not None:
+                health.down("postgres", exc)
+            logger.debug("lag refresh failed", extra={"projection": projection}, exc_info=True)
+            return None
+        export(projection, found)
+        return found
+
+    while True:
+        heard = await asyncio.gather(*(refresh(p) for p in projections))
+        if measured is not None:  # after the round: a catch-up then takes every lagging projection at once
+            for projection, found in zip(projections, heard, strict=True):
+                if found is not None:
+                    measured(projection, found)
+        await asyncio.sleep(interval)

@@ -1,0 +1,163 @@
+"""Poison events and undecodable messages: retry with backoff, park per policy, list and re-drive.
+
+A handler that raises is retried a few times with short backoff; then its event is parked in
+``dead_letters`` and the projection's policy decides the stream's fate (``halt``: it stops there, later
+events wait and count as lag; ``skip``: the checkpoint moves past it). The other streams of the batch are
+committed regardless. ``eventfleet dead-letters retry ID`` re-drives a parked event after a fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tenacity
+
+from projections import registry
+from projections.base import Projection
+from store import db
+from store.event_store import EventStore, RecordedEvent
+from store.queries import load
+from workers import broker, errors, locks
+from workers.projector import checkpoints, handlers
+from workers.projector.checkpoints import BatchResult
+from workers.projector.handlers import Failure
+
+logger = logging.getLogger(__name__)
+
+SQL = load("workers", "dead_letters.sql")
+
+#: Tries of a failing event before it is parked, and the backoff between them: few and short, because
+#: the rest of the stream waits meanwhile and deterministic bugs do not heal in seconds.
+ATTEMPTS = 3
+WAIT = tenacity.wait_exponential(multiplier=0.05, max=0.5)
+
+
+
+
+async def apply_or_park(store: EventStore, projection: Projection, events: Sequence[RecordedEvent], *,
+                        attempts: int = ATTEMPTS, wait: tenacity.wait.wait_base = WAIT) -> BatchResult:
+    """Apply a batch; streams whose handler keeps failing are retried, then parked; the rest commits.
+
+    The fast path is one set-based transaction. If a handler fails, the batch is re-run event by event to
+    find the failing streams, the others are committed, and each failing stream is retried on its own.
+    """
+    try:
+        return await checkpoints.apply_batch(store, projection, events)
+    except errors.HandlerFailed:
+        logger.debug("batch failed, re-running it event by event", extra={"projection": projection.name})
+    good, failing = list(events), dict[str, list[RecordedEvent]]()
+    result = BatchResult()
+    while True:
+        try:
+            result.add(await checkpoints.apply_batch(store, projection, good, set_based=False))
+            break
+        except errors.HandlerFailed as failed:
+            if failed.event is None or failed.event.stream_id not in {e.stream_id for e in good}:
+                raise
+            sid = failed.event.stream_id
+            failing[sid] = [e for e in good if e.stream_id == sid]
+            good = [e for e in good if e.stream_id != sid]
+    for stream_events in failing.values():
+        result.add(await _settle_stream(store, projection, stream_events, attempts, wait))
+    return result
+
+
+async def _settle_stream(store: EventStore, projection: Projection, events: list[RecordedEvent],
+                         attempts: int, wait: tenacity.wait.wait_base) -> BatchResult:
+    """Retry one stream's events with backoff; park each event that keeps failing, until the rest applies."""
+    park: dict[tuple[str, int], Failure] = {}
+    while True:
+        try:
+            async for attempt in tenacity.AsyncRetrying(
+                retry=tenacity.retry_if_exception_type(errors.HandlerFailed), stop=tenacity.stop_after_attempt(attempts),
+                wait=wait, reraise=True,
+            ):
+                with attempt:
+                    return await checkpoints.apply_batch(store, projection, events, park=park, set_based=False)
+        except errors.HandlerFailed as failed:
+            event = failed.event
+            if event is None or (event.stream_id, event.version) in park:
+                raise
+            park[(event.stream_id, event.version)] = Failure.of(failed, attempts)
+            logger.warning("parking poison event", extra={
+                "projection": projection.name, "stream_id": event.stream_id, "version": event.version,
+                "event_type": event.event_type, "policy": projection.policy, "error": str(failed.__cause__)})
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+async def record_undecodable(pool: db.Pool, projection: str, items: Sequence[tuple[str, bytes]]) -> list[int]:
+    """Keep undecodable messages (error, raw body) as parked dead letters; return their ids."""
+    async with db.translate_errors():
+        rows = await pool.fetch(SQL["insert_undecodable"], projection, [e for e, _ in items], [b for _, b in items])
+    return [r["id"] for r in rows]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Redriven:
+    """What a retry did: the stream it released and how many events it applied."""
+
+    dead_letter_id: int
+    projection: str
+    stream_id: str
+    applied: int
+    version: int
+
+
+async def retry(store: EventStore, dead_letter_id: int,
+                resolve: Callable[[str], Projection] = lambda name: registry.get(name)()) -> Redriven:
+    """Re-drive a parked dead letter: apply its stream from the checkpoint to the store's head, release it.
+
+    One transaction with the checkpoint (and the watermark lock, so lag never misses the released events).
+    If a handler still fails, nothing changes but the dead letter's attempts and error, and it raises.
+    """
+    try:
+        async with db.translate_errors(), store.pool.acquire() as conn, conn.transaction():
+            return await _redrive(conn, store, dead_letter_id, resolve)
+    except errors.HandlerFailed as failed:
+        failure = Failure.of(failed, 1)
+        async with db.translate_errors():
+            await store.pool.execute(SQL["count_failed_retry"], dead_letter_id, failure.error, failure.traceback)
+        raise
+
+
+async def _redrive(conn: db.Conn, store: EventStore, dead_letter_id: int,
+                   resolve: Callable[[str], Projection]) -> Redriven:
+    row = await conn.fetchrow(SQL["lock_dead_letter"], dead_letter_id)
+    if row is None:
+        raise errors.NotRetryable(f"no dead letter {dead_letter_id}")
+    if row["status"] != "parked":
+        raise errors.NotRetryable(f"dead letter {dead_letter_id} is {row['status']}; only parked ones are re-driven")
+    projection = resolve(row["projection"])
+    stream_id, version = row["stream_id"], row["version"]
+    if stream_id is None:
+        try:
+            event = broker.from_body(row["body"], store.registry)
+        except errors.MalformedMessage as exc:
+            raise errors.NotRetryable(f"dead letter {dead_letter_id} is still undecodable: {exc}") from exc
+        stream_id, version = event.stream_id, event.version
+    name = projection.name
+    await locks.share(conn, locks.projection(store.schema, name))
+    await locks.take(conn, locks.watermark(store.schema, name))
+    head = await conn.fetchrow(SQL["lock_stream_checkpoint"], name, stream_id)
+    assert head is not None
+    events = await store.load(stream_id, head["version"] + 1, conn=conn)
+    await handlers.apply_each(conn, projection, events)
+    last = events[-1].version if events else head["version"]
+    await conn.execute(SQL["release_stream"], name, stream_id, last, len(events))
+    await conn.execute(SQL["resolve_dead_letter"], dead_letter_id, stream_id, version)
+    logger.info("dead letter re-driven", extra={"dead_letter": dead_letter_id, "projection": name,
+                                                "stream_id": stream_id, "applied": len(events)})
+    return Redriven(dead_letter_id, name, stream_id, len(events), last)
+
+
+async def list_parked(pool: db.Pool, projection: str | None = None) -> list[dict[str, Any]]:
+    """Parked dead letters, oldest first."""
+    async with db.translate_errors():
+        return [dict(r) for r in await pool.fetch(SQL["list_parked"], projection)]
+
+
+
+

@@ -1,0 +1,234 @@
+"""The outbox relay: publishes committed outbox rows to RabbitMQ, at least once, never at most once.
+
+One batch is one transaction: claim the oldest rows ``FOR UPDATE SKIP LOCKED`` (with their events),
+publish every message pipelined on a confirming channel (persistent, mandatory), wait for all the
+confirms, delete the rows and commit. A nack, a return (unroutable), a lost connection or a timeout
+rolls the transaction back, so the rows stay and are published again.
+
+Ordering. One relay publishes its batches one after the other, each in ``global_position`` order, on
+one channel; a stream's positions grow with its versions, so one relay publishes each stream in version
+order (after a failed batch the same rows come first again, so a retry repeats, never reorders).
+Several relays claim disjoint batches and publish them concurrently, so across relays a later event of
+a stream can reach the queue before an earlier one. Workers restore per-stream order from versions
+(checkpoints and gap filling): across relays, ordering is an efficiency matter, not a correctness one.
+
+Duplicates. A message is published twice only when its batch was published (wholly or partly) and
+then not committed: the relay died, or Postgres or RabbitMQ failed between the first publish and the
+commit. So every such failure duplicates at most one batch (``batch_size`` messages) of that relay,
+and a relay that never fails publishes every row exactly once (SKIP LOCKED: no two relays hold a row).
+
+Bad rows. A row whose event cannot be encoded into a message (its metadata is not msgpack: something
+wrote it around the store's API) neither stops the relay nor is dropped: it is published flagged as
+undecodable, logged with its event id and counted, and every projection dead-letters it (``encode_rows``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractConnection, AbstractExchange
+
+from projections import registry
+from store import db, notify
+from store import errors as store_errors
+from workers import broker
+from workers.config import Settings
+from workers.errors import BrokerUnavailable
+from workers.relay.publish import publish_batch, refresh_backlog
+from workers.runtime import health, retry
+
+logger = logging.getLogger(__name__)
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """Where to read and publish, and the relay's tuning knobs."""
+
+    database_url: str
+    schema: str
+    amqp_url: str
+    prefix: str
+    projections: tuple[str, ...]
+    batch_size: int = 1000
+    poll_interval: float = 1.0  # fallback when a NOTIFY is lost (the relay was not listening)
+    metrics_interval: float = 5.0  # how often the backlog gauges are refreshed
+    confirm_timeout: float = 30.0  # a batch whose confirms take longer is rolled back
+    stop_timeout: float = 10.0  # on SIGTERM, time the batch in flight gets to commit
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> RelayConfig:
+        """The relay's configuration for a deployment: every registered projection gets its queue."""
+        fields: dict[str, Any] = {
+            "database_url": settings.database_url, "schema": settings.schema,
+            "amqp_url": settings.amqp_url, "prefix": settings.prefix,
+            "projections": tuple(registry.load_builtin()), "batch_size": settings.relay_batch_size,
+            "poll_interval": settings.relay_poll_ms / 1000, "stop_timeout": settings.stop_timeout,
+        }
+        return cls(**(fields | overrides))
+
+
+# --- the forever loop ---------------------------------------------------------------------------------
+
+
+class _Interrupted(Exception):
+    """An outage ended a session that had been working: reconnect at once, with a fresh backoff."""
+
+
+@dataclasses.dataclass
+class _Session:
+    """The connections of one session; callbacks record a loss and wake the loop."""
+
+    wake: asyncio.Event
+    lost: BaseException | None = None
+    progressed: bool = False
+
+    def on_lost(self, cause: BaseException) -> None:
+        self.lost = self.lost or cause
+        self.wake.set()
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise self.lost
+
+
+async def run_relay(pool: db.Pool, config: RelayConfig, status: health.Health, *,
+                    idle: asyncio.Event | None = None) -> None:
+    """Publish the outbox until cancelled, outliving outages of Postgres and RabbitMQ.
+
+    Each outage is logged once with its cause (``status.down``) and ends readiness until the relay is
+    connected again; reconnection backs off with jitter (``retry.retry_forever``), without limit.
+    ``idle`` (for tests) is set whenever the relay finds nothing to claim and goes to sleep.
+    On cancellation the batch in flight gets ``config.stop_timeout`` to commit, else it is rolled back.
+    """
+    while True:
+        try:
+            async for attempt in retry.retry_forever():
+                with attempt:
+                    await _run_session(pool, config, status, idle)
+        except _Interrupted:
+            continue
+
+
+async def _run_session(pool: db.Pool, config: RelayConfig, status: health.Health,
+                       idle: asyncio.Event | None) -> None:
+    session = _Session(asyncio.Event())
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            exchange = await _open_broker(stack, config, session)
+            status.up("rabbitmq")
+            await _open_listener(stack, config, session)
+            await refresh_backlog(pool)
+            status.up("postgres")
+            await _relay_loop(pool, exchange, config, session, idle)
+    except retry.OUTAGE_ERRORS as exc:
+        service = "postgres" if isinstance(exc, store_errors.TransientError) else "rabbitmq"
+        status.down(service, exc)
+        if service == "postgres":
+            await pool.expire_connections()  # every pooled connection is suspect after a Postgres outage
+        if session.progressed:
+            raise _Interrupted from exc
+        raise
+
+
+async def _relay_loop(pool: db.Pool, exchange: AbstractExchange, config: RelayConfig, session: _Session,
+                      idle: asyncio.Event | None) -> None:
+    next_refresh = time.monotonic() + config.metrics_interval
+    while True:
+        session.wake.clear()  # before claiming: a NOTIFY from now on wakes the next wait
+        while True:
+            n = await _publish_finishing_on_stop(pool, exchange, config)
+            session.progressed = True
+            session.check()
+            if time.monotonic() >= next_refresh:
+                await refresh_backlog(pool)
+                next_refresh = time.monotonic() + config.metrics_interval
+            if n < config.batch_size:  # drained (or the rest is claimed by other relays)
+                break
+        if idle is not None and n == 0:
+            idle.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(config.poll_interval):  # the fallback: a NOTIFY can be lost
+                await session.wake.wait()
+        if idle is not None:
+            idle.clear()
+        session.check()
+
+
+async def _publish_finishing_on_stop(pool: db.Pool, exchange: AbstractExchange, config: RelayConfig) -> int:
+    """publish_batch, but a cancellation (SIGTERM) lets it finish for up to stop_timeout first."""
+    task = asyncio.ensure_future(
+        publish_batch(pool, exchange, config.batch_size, confirm_timeout=config.confirm_timeout))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # Committing now saves republishing the batch; past the timeout it is cancelled: rolled back.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, config.stop_timeout)
+        raise
+
+
+async def _open_broker(stack: contextlib.AsyncExitStack, config: RelayConfig,
+                       session: _Session) -> AbstractExchange:
+    """Connect (not robust: this loop owns reconnection), open a confirming channel, declare the topology."""
+    connection = await aio_pika.connect(
+        config.amqp_url, client_properties={"connection_name": f"eventfleet relay {config.prefix}"})
+    stack.push_async_callback(_close_quietly, connection)
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    lost = _on_close(session, lambda exc: BrokerUnavailable(f"connection lost: {exc!r}"))
+    connection.close_callbacks.add(lost)
+    channel.close_callbacks.add(lost)
+    return await broker.declare_topology(channel, broker.Names(config.prefix), config.projections)
+
+
+async def _open_listener(stack: contextlib.AsyncExitStack, config: RelayConfig, session: _Session) -> None:
+    """LISTEN on the store's channel on a dedicated connection; a NOTIFY or the connection's end wakes us."""
+    conn = await db.connect(config.database_url, config.schema, application_name=application_name(config.schema))
+    stack.push_async_callback(_close_listener, conn)
+    async with db.translate_errors():
+        await conn.add_listener(notify.channel(config.schema), lambda *_: session.wake.set())
+    conn.add_termination_listener(
+        lambda _: session.on_lost(store_errors.TransientError("LISTEN connection to Postgres lost")))
+
+
+def _on_close(session: _Session, cause: Callable[[BaseException | None], BaseException]
+              ) -> Callable[[Any, BaseException | None], None]:
+    def callback(_sender: Any, exc: BaseException | None) -> None:
+        session.on_lost(cause(exc))
+    return callback
+
+
+async def _close_quietly(connection: AbstractConnection) -> None:
+    # Closing a connection the broker already dropped can raise or hang: neither matters any more.
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(connection.close(), 5)
+
+
+async def _close_listener(conn: asyncpg.Connection[Any]) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(conn.close(), 5)
+    if not conn.is_closed():
+        conn.terminate()
+
+
+def application_name(schema: str) -> str:
+    """How the relay's Postgres sessions show in pg_stat_activity (per deployment schema)."""
+    return f"eventfleet relay {schema}"[:63]
+
+
+def open_pool(config: RelayConfig) -> contextlib.AbstractAsyncContextManager[db.Pool]:
+    """The relay's pool: one connection for batches, one for the gauges, named after the relay.
+
+    min_size=0: creating it needs no Postgres, so a relay started during an outage waits in the retry
+    loop (and answers signals) instead of failing.
+    """
+    return db.create_pool(config.database_url, config.schema, min_size=0, max_size=2,
+                          application_name=application_name(config.schema))
+
+

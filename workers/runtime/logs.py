@@ -1,0 +1,67 @@
+"""Logging set-up: text or one JSON object per line, with the ``extra`` fields of each record."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from workers.runtime import redact
+
+_STANDARD = set(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime", "taskName"}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the extra fields, exception text.
+
+    The event's coordinates are always named ``projection``, ``stream`` and ``version``, whichever name
+    the caller used for the stream (``stream_id`` is renamed), so one query finds every line of a stream.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        extras = _extras(record)
+        if "stream_id" in extras and "stream" not in extras:
+            extras["stream"] = extras.pop("stream_id")
+        doc: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **extras,
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message key=value ...``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = _extras(record)
+        if extras:
+            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+        return line
+
+
+def setup(log_format: str = "text", level: int = logging.INFO, secrets: Iterable[str] = ()) -> None:
+    """Send the root logger to stderr in the chosen format, with ``secrets`` and URL passwords masked."""
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = JsonFormatter() if log_format == "json" else TextFormatter()
+    handler.setFormatter(redact.RedactingFormatter(formatter, secrets))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("aiormq").setLevel(logging.WARNING)
+    logging.getLogger("aio_pika").setLevel(logging.WARNING)
