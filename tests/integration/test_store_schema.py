@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+import projections
+from projections import wait
 from store import NO_STREAM, EventStore, NewEvent, Position, Repository, VersionConflict, db, names, queries
 from tests.conftest import Cleanup
 from tests.integration.test_repository import REG, Counter, CounterState, Incremented, increment
@@ -66,12 +68,23 @@ def counted(events: int = 0, outbox: int = 0, snapshots: int = 0, checkpoints: i
     return {"events": events, "outbox": outbox, "snapshots": snapshots, "checkpoints": checkpoints}
 
 
+async def set_checkpoint(database_url: str, schema: str, stream_id: str, version: int) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f"INSERT INTO {names.quote(schema)}.checkpoints (projection, stream_id, version)"
+                           " VALUES ('order_summary', $1, $2)", stream_id, version)
+    finally:
+        await conn.close()
+
+
 # --- a plain pool: nothing on the search_path ---------------------------------------------------------
 
 async def test_every_bound_statement_prepares_on_a_connection_without_a_search_path(database_url, schema):
     conn = await asyncpg.connect(database_url, server_settings={"search_path": "pg_catalog"})
     try:
-        for sql in queries.bind(queries.TEMPLATES, schema).values():
+        bound = {**queries.bind(queries.TEMPLATES, schema), **queries.bind(wait.SQL, schema)}
+        assert len(bound) == len(queries.TEMPLATES) + len(wait.SQL)
+        for sql in bound.values():
             await conn.prepare(sql)
     finally:
         await conn.close()
@@ -153,6 +166,11 @@ async def test_repository_execute_over_a_plain_pool_snapshots_and_reloads_in_the
     assert await rows(database_url, schema) == counted(events=4, outbox=4, snapshots=1)
 
 
+async def test_wait_for_over_a_plain_pool_reads_the_schemas_checkpoint(plain_pool, schema, database_url):
+    await set_checkpoint(database_url, schema, "order-1", 3)
+    assert await projections.wait_for(plain_pool, "order_summary", "order-1", 3, 0, schema=schema) == 3
+
+
 # --- a pool whose search_path names another schema ----------------------------------------------------
 
 async def test_writes_over_another_schemas_pool_land_in_the_named_schema_only(other_pool, schema, other_schema,
@@ -175,3 +193,12 @@ async def test_reads_over_another_schemas_pool_see_the_named_schema_only(other_p
     assert [e.event for e in await store.load("order-1")] == mine
     assert [e.event for e in await store.read_all(Position.START, limit=10)] == mine
     assert await store.stream_version("order-1") == 1
+
+
+async def test_wait_for_over_another_schemas_pool_reads_the_named_schemas_checkpoint(other_pool, schema,
+                                                                                    other_schema, database_url):
+    await set_checkpoint(database_url, other_schema, "order-1", 9)
+    await set_checkpoint(database_url, schema, "order-1", 1)
+    assert await projections.wait_for(other_pool, "order_summary", "order-1", 1, 0, schema=schema) == 1
+    with pytest.raises(projections.WaitTimeout, match="up to version 1, not 2"):
+        await projections.wait_for(other_pool, "order_summary", "order-1", 2, 0, schema=schema)

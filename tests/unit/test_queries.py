@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from projections import wait
 from store import queries
 from store.event_store import EventStore
 
@@ -13,6 +14,8 @@ NO_POOL: Any = object()  # EventStore's constructor only keeps its pool
 def test_bind_writes_the_quoted_schema_before_every_table() -> None:
     bound = queries.bind(queries.TEMPLATES, "shop")
     assert bound["load_snapshot"] == 'SELECT version, snapshot_type, data FROM "shop".snapshots WHERE stream_id = $1;'
+    assert queries.bind(wait.SQL, "shop")["checkpoint_version"] == (
+        'SELECT version FROM "shop".checkpoints WHERE projection = $1 AND stream_id = $2;')
     assert sorted(bound) == sorted(queries.TEMPLATES)
     assert [name for name, sql in bound.items() if queries.SCHEMA in sql] == []
 
