@@ -66,7 +66,11 @@ def translate_errors() -> _Translate:
 
 
 def connect_kwargs(schema: str, application_name: str = "eventfleet") -> dict[str, Any]:
-    """Connection settings shared by pools and single connections: every name resolves in ``schema``."""
+    """Connection settings shared by pools and single connections: every name resolves in ``schema``.
+
+    The workers' own SQL and the projection handlers rely on it; the event store does not (it names its
+    schema in every statement, so it works over any pool).
+    """
     return {"server_settings": {"search_path": names.quote(schema), "application_name": application_name}}
 
 

@@ -15,8 +15,7 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
-from store import codec, db, errors, hot, names, notify
-from store.queries import QUERIES
+from store import codec, db, errors, hot, names, notify, queries
 from store.records import (
     NO_STREAM,
     AppendResult,
@@ -60,13 +59,19 @@ DECODE_SLICE = 128
 
 
 class EventStore:
-    """Append-only streams of events over an asyncpg pool whose search_path is the store's schema."""
+    """Append-only streams of events in ``schema`` over any asyncpg pool, whatever its search_path.
+
+    Every statement names the schema's tables itself (``store.queries.bind``), so appends cannot land in
+    another schema a pool's search_path happens to name.
+    """
 
     def __init__(self, pool: db.Pool, *, schema: str = "eventfleet",
                  max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
                  registry: codec.Registry = codec.REGISTRY) -> None:
         self.pool = pool
         self.schema = names.identifier(schema, what="schema")
+        #: The store's statements with its schema written in, built once per schema and shared.
+        self.queries = queries.bind(queries.TEMPLATES, self.schema)
         self.max_payload_bytes = max_payload_bytes
         self.registry = registry
         #: Connections kept between the store's statements (store/hot.py).
@@ -84,11 +89,11 @@ class EventStore:
             async with self.hot.use() as conn:
                 if len(encoded) == 1:
                     e = encoded[0]
-                    row = await conn.fetchrow(QUERIES["append_event"], stream_id, expected_version,
+                    row = await conn.fetchrow(self.queries["append_event"], stream_id, expected_version,
                                               e.event_id, e.event_type, e.data, e.metadata)
                 else:
                     row = await conn.fetchrow(
-                        QUERIES["append_events"], stream_id, expected_version,
+                        self.queries["append_events"], stream_id, expected_version,
                         [e.event_id for e in encoded], [e.event_type for e in encoded],
                         [e.data for e in encoded], [e.metadata for e in encoded])
         except errors.StoreError as exc:
@@ -126,7 +131,7 @@ class EventStore:
         _check_unique_ids(event_ids)
         try:
             async with self.hot.use() as conn:
-                positions = await conn.fetchval(QUERIES["append_batch"], *columns)
+                positions = await conn.fetchval(self.queries["append_batch"], *columns)
         except errors.StoreError as exc:
             return await self._batch_after_rejection(batch, encoded_batch, exc)
         if positions is None:
@@ -204,7 +209,7 @@ class EventStore:
         if not event_ids:
             return None  # ids drawn by the database: this append cannot have been made before
         async with self.hot.use() as conn:
-            rows = await conn.fetch(QUERIES["find_events"], event_ids)
+            rows = await conn.fetch(self.queries["find_events"], event_ids)
         if not rows:
             return None
         found = {r["event_id"]: r for r in rows}
@@ -224,7 +229,7 @@ class EventStore:
     async def stream_version(self, stream_id: str) -> int:
         """The stream's current version (NO_STREAM when empty)."""
         async with self.hot.use() as conn:
-            version: int = await conn.fetchval(QUERIES["stream_version"], stream_id)
+            version: int = await conn.fetchval(self.queries["stream_version"], stream_id)
         return version
 
     async def load(self, stream_id: str, from_version: int = 0, *,
@@ -233,13 +238,13 @@ class EventStore:
         names.stream_id(stream_id)
         _check_int(from_version, "from_version", 0)
         async with self.hot.use(conn) as c:
-            rows = await c.fetch(QUERIES["load_stream"], stream_id, from_version)
+            rows = await c.fetch(self.queries["load_stream"], stream_id, from_version)
         return [record_from_row(r, self.registry) for r in rows]
 
     async def load_range(self, conn: db.Conn, stream_id: str, first: int, last: int) -> list[RecordedEvent]:
         """A stream's events first..last inclusive, read on conn (inside the caller's transaction)."""
         async with db.translate_errors():
-            rows = await conn.fetch(QUERIES["load_stream_range"], stream_id, first, last)
+            rows = await conn.fetch(self.queries["load_stream_range"], stream_id, first, last)
         return [record_from_row(r, self.registry) for r in rows]
 
     async def read_all(self, after: Position = Position.START, limit: int = 1000, *,
@@ -255,7 +260,7 @@ class EventStore:
         _check_int(limit, "limit", 1, high=None)
         async with self.hot.use(conn) as c:
             rows = await c.fetch(
-                QUERIES["read_all"], after.transaction_id, after.global_position, limit)
+                self.queries["read_all"], after.transaction_id, after.global_position, limit)
         events: list[RecordedEvent] = []
         for start in range(0, len(rows), DECODE_SLICE):
             if start:
@@ -266,7 +271,7 @@ class EventStore:
     async def horizon(self) -> Horizon:
         """The safe frontier of read_all and how long the oldest writing transaction has held it back."""
         async with self.hot.use() as conn:
-            row = await conn.fetchrow(QUERIES["horizon"])
+            row = await conn.fetchrow(self.queries["horizon"])
         assert row is not None
         return Horizon(row["xmin"], row["oldest_transaction_age"])
 
@@ -280,14 +285,14 @@ class EventStore:
         if len(data) > self.max_payload_bytes:
             raise errors.PayloadTooLarge(f"snapshot of {stream_id!r} encodes to {len(data)} bytes")
         async with self.hot.use() as conn:
-            status = await conn.execute(QUERIES["save_snapshot"], stream_id, version, snapshot_type, data)
+            status = await conn.execute(self.queries["save_snapshot"], stream_id, version, snapshot_type, data)
         return bool(status == "INSERT 0 1")
 
     async def load_snapshot(self, stream_id: str) -> Snapshot | None:
         """The stream's newest snapshot, decoded and upcast; None when there is none."""
         names.stream_id(stream_id)
         async with self.hot.use() as conn:
-            row = await conn.fetchrow(QUERIES["load_snapshot"], stream_id)
+            row = await conn.fetchrow(self.queries["load_snapshot"], stream_id)
         if row is None:
             return None
         try:

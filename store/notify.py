@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from store import errors, hot
-from store.queries import QUERIES
+from store import errors, hot, queries
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +30,7 @@ class Notifier:
     def __init__(self, connections: hot.HotConnections, schema: str, *, min_interval: float = 0.005) -> None:
         self.connections = connections
         self.channel = channel(schema)
+        self._notify = queries.bind(queries.TEMPLATES, schema)["notify_outbox"]
         self.min_interval = min_interval
         #: False silences this store's wake-ups (tests of the relay's fallback poll).
         self.enabled = True
@@ -54,7 +54,7 @@ class Notifier:
         self._pending = False
         try:
             async with self.connections.use() as conn:
-                await conn.execute(QUERIES["notify_outbox"], self.channel)
+                await conn.execute(self._notify, self.channel)
         except errors.StoreError as exc:
             # Only a wake-up: relays poll as well. Typical cause: the pool is closing.
             logger.debug("outbox notify failed", extra={"channel": self.channel, "error": str(exc)})

@@ -1,4 +1,6 @@
--- Named queries of the outbox relay. Unqualified names resolve in the deployment's schema.
+-- Named queries of the outbox relay. Unqualified names resolve in the deployment's schema: only the relay
+-- and `eventfleet status` run them, on connections of db.create_pool / db.connect (search_path = schema).
+-- The store's own statements (store/sql/queries.sql) name their schema and need no search_path.
 
 -- name: claim
 -- Lock the oldest unclaimed outbox rows (rows another relay holds are skipped, not waited for) and

@@ -1,19 +1,20 @@
--- Named queries of the event store. Every name resolves through the connection's search_path,
--- which db.connect_kwargs sets to the deployment's schema.
+-- Named queries of the event store. Every table is written {schema}.name: store.queries.bind replaces the
+-- marker with the store's validated, quoted schema, once per schema, so no statement depends on the
+-- connection's search_path and any asyncpg pool works (EventStore(pool, schema=...)).
 
 -- name: append_event
 -- Append one event to a stream if the stream is at $2 (-1: no stream), with its outbox row, in one
 -- statement. Returns the stream's version before the append and, if it matched, the new position.
 -- A NULL event id ($3) means the caller gave none: the database draws it (cheaper than the client).
 WITH head AS (
-    SELECT coalesce(max(version), -1) AS actual FROM events WHERE stream_id = $1
+    SELECT coalesce(max(version), -1) AS actual FROM {schema}.events WHERE stream_id = $1
 ), inserted AS (
-    INSERT INTO events (event_id, stream_id, version, event_type, data, metadata)
+    INSERT INTO {schema}.events (event_id, stream_id, version, event_type, data, metadata)
     SELECT coalesce($3::uuid, gen_random_uuid()), $1, $2::bigint + 1, $4, $5, $6
     FROM head WHERE head.actual = $2::bigint
     RETURNING global_position
 ), outboxed AS (
-    INSERT INTO outbox (global_position) SELECT global_position FROM inserted
+    INSERT INTO {schema}.outbox (global_position) SELECT global_position FROM inserted
 )
 SELECT head.actual, (SELECT ARRAY[global_position] FROM inserted) AS positions FROM head;
 
@@ -21,9 +22,9 @@ SELECT head.actual, (SELECT ARRAY[global_position] FROM inserted) AS positions F
 -- Append events to one stream if it is at $2 (-1: no stream), with one outbox row each, in one statement.
 -- Returns the stream's version before the append and, if it matched, the new global positions.
 WITH head AS (
-    SELECT coalesce(max(version), -1) AS actual FROM events WHERE stream_id = $1
+    SELECT coalesce(max(version), -1) AS actual FROM {schema}.events WHERE stream_id = $1
 ), inserted AS (
-    INSERT INTO events (event_id, stream_id, version, event_type, data, metadata)
+    INSERT INTO {schema}.events (event_id, stream_id, version, event_type, data, metadata)
     SELECT coalesce(i.event_id, gen_random_uuid()), $1, $2::bigint + i.ord, i.event_type, i.data, i.metadata
     FROM head, unnest($3::uuid[], $4::text[], $5::bytea[], $6::bytea[])
         WITH ORDINALITY AS i(event_id, event_type, data, metadata, ord)
@@ -31,7 +32,7 @@ WITH head AS (
     ORDER BY i.ord
     RETURNING global_position
 ), outboxed AS (
-    INSERT INTO outbox (global_position) SELECT global_position FROM inserted
+    INSERT INTO {schema}.outbox (global_position) SELECT global_position FROM inserted
 )
 SELECT head.actual, (SELECT array_agg(global_position ORDER BY global_position) FROM inserted) AS positions
 FROM head;
@@ -46,9 +47,10 @@ WITH input AS (
 ), mismatched AS (
     SELECT 1 FROM input AS i
     WHERE i.step = 1
-      AND i.expected <> coalesce((SELECT max(e.version) FROM events AS e WHERE e.stream_id = i.stream_id), -1)
+      AND i.expected <> coalesce(
+          (SELECT max(e.version) FROM {schema}.events AS e WHERE e.stream_id = i.stream_id), -1)
 ), inserted AS (
-    INSERT INTO events (event_id, stream_id, version, event_type, data, metadata)
+    INSERT INTO {schema}.events (event_id, stream_id, version, event_type, data, metadata)
     SELECT coalesce(i.event_id, gen_random_uuid()), i.stream_id, i.expected + i.step, i.event_type, i.data,
            i.metadata
     FROM input AS i
@@ -56,7 +58,7 @@ WITH input AS (
     ORDER BY i.ord
     RETURNING global_position
 ), outboxed AS (
-    INSERT INTO outbox (global_position) SELECT global_position FROM inserted
+    INSERT INTO {schema}.outbox (global_position) SELECT global_position FROM inserted
 )
 SELECT array_agg(global_position ORDER BY global_position) FROM inserted;
 
@@ -67,24 +69,24 @@ SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '');
 
 -- name: stream_version
 -- The stream's current version, -1 when it has no events.
-SELECT coalesce(max(version), -1) FROM events WHERE stream_id = $1;
+SELECT coalesce(max(version), -1) FROM {schema}.events WHERE stream_id = $1;
 
 -- name: find_events
 -- Where and what the given event ids were stored as, for recognising a retried append.
 SELECT event_id, stream_id, version, global_position, event_type, data, metadata
-FROM events WHERE event_id = ANY($1::uuid[]);
+FROM {schema}.events WHERE event_id = ANY($1::uuid[]);
 
 -- name: load_stream
 -- A stream's events from a version on, in version order.
 SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id
-FROM events
+FROM {schema}.events
 WHERE stream_id = $1 AND version >= $2
 ORDER BY version;
 
 -- name: load_stream_range
 -- A stream's events with from <= version <= to, in version order (gap filling).
 SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id
-FROM events
+FROM {schema}.events
 WHERE stream_id = $1 AND version >= $2 AND version <= $3
 ORDER BY version;
 
@@ -92,7 +94,7 @@ ORDER BY version;
 -- Events after the cursor ($1 transaction id, $2 position) in commit-safe order, only from
 -- transactions older than every transaction still running, so none can later appear before the cursor.
 SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id
-FROM events
+FROM {schema}.events
 WHERE (transaction_id, global_position) > ($1::xid8, $2::bigint)
   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
 ORDER BY transaction_id, global_position
@@ -110,7 +112,7 @@ SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin,
 
 -- name: save_snapshot
 -- Keep the newest snapshot per stream; an older one never replaces a newer one.
-INSERT INTO snapshots AS s (stream_id, version, snapshot_type, data)
+INSERT INTO {schema}.snapshots AS s (stream_id, version, snapshot_type, data)
 VALUES ($1, $2, $3, $4)
 ON CONFLICT (stream_id) DO UPDATE
     SET version = EXCLUDED.version, snapshot_type = EXCLUDED.snapshot_type, data = EXCLUDED.data,
@@ -119,8 +121,8 @@ ON CONFLICT (stream_id) DO UPDATE
 
 -- name: load_snapshot
 -- The newest snapshot of a stream.
-SELECT version, snapshot_type, data FROM snapshots WHERE stream_id = $1;
+SELECT version, snapshot_type, data FROM {schema}.snapshots WHERE stream_id = $1;
 
 -- name: count_events_by_type
 -- How many events of each type the store holds (summaries for operators and the demo).
-SELECT event_type, count(*) AS events FROM events GROUP BY event_type ORDER BY event_type;
+SELECT event_type, count(*) AS events FROM {schema}.events GROUP BY event_type ORDER BY event_type;

@@ -12,8 +12,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from store import db, migrate
-from store.queries import QUERIES
+from store import db, migrate, queries
 from tests.conftest import DATABASE_URL
 from workers import admin
 
@@ -49,7 +48,7 @@ async def test_ten_concurrent_runs_apply_each_migration_exactly_once(fresh_schem
 async def test_every_named_query_prepares_against_the_migrated_schema(schema):
     conn = await db.connect(DATABASE_URL, schema)
     try:
-        for name, sql in QUERIES.items():
+        for name, sql in queries.bind(queries.TEMPLATES, schema).items():
             try:
                 await conn.prepare(sql)
             except asyncpg.PostgresError as exc:

@@ -28,7 +28,6 @@ from store import (
     db,
 )
 from store import event_store as event_store_module
-from store.queries import QUERIES
 from tests.conftest import DATABASE_URL
 
 NOW = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
@@ -54,10 +53,10 @@ async def read_until(store: EventStore, after: Position, done: Callable[[list[Re
     return read
 
 
-async def insert_in(conn: db.Conn, stream_id: str, n: int) -> int:
+async def insert_in(store: EventStore, conn: db.Conn, stream_id: str, n: int) -> int:
     """Insert one event with the store's own statement inside the caller's open transaction."""
     _, data = codec.REGISTRY.encode(paid(n))
-    row = await conn.fetchrow(QUERIES["append_event"], stream_id, NO_STREAM, uuid.uuid4(), "OrderPaid.v1",
+    row = await conn.fetchrow(store.queries["append_event"], stream_id, NO_STREAM, uuid.uuid4(), "OrderPaid.v1",
                               data, codec.packb({}))
     assert row is not None
     return int(row["positions"][0])
@@ -70,8 +69,8 @@ async def test_an_event_committed_late_with_a_smaller_position_is_not_skipped(ev
         await e_tx.start()
         e_xid = await early.fetchval("SELECT pg_current_xact_id()")  # E takes its transaction id first
         await l_tx.start()
-        l_position = await insert_in(late, "late", 1)  # L inserts first: the smaller position
-        e_position = await insert_in(early, "early", 2)
+        l_position = await insert_in(event_store, late, "late", 1)  # L inserts first: the smaller position
+        e_position = await insert_in(event_store, early, "early", 2)
         assert l_position < e_position
         await e_tx.commit()
 

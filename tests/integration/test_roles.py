@@ -23,7 +23,6 @@ from eventfleet.examples.orders.events import OrderPaid, OrderPlaced
 from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from store import db, errors, outbox, roles
 from store.event_store import NO_STREAM, EventStore
-from store.queries import QUERIES
 from tests.conftest import DATABASE_URL
 from workers import admin, broker, rebuild, relay
 from workers.projector import checkpoints, lag, parking
@@ -150,9 +149,9 @@ async def test_writer_appends_reads_and_snapshots(login: Login, granted: roles.R
     assert [e.event for e in await store.load("order-o1")] == [PLACED, PAID]
     await store.append_batch([("order-o1", [PAID], 1), ("order-o2", [PLACED], NO_STREAM)])
     assert await store.stream_version("order-o2") == 0
-    await pool.execute(QUERIES["save_snapshot"], "order-o1", 1, "Order.v1", b"\x80")
-    await pool.execute(QUERIES["save_snapshot"], "order-o1", 2, "Order.v1", b"\x81")
-    assert await pool.fetchval(QUERIES["load_snapshot"], "order-o1") == 2
+    await pool.execute(store.queries["save_snapshot"], "order-o1", 1, "Order.v1", b"\x80")
+    await pool.execute(store.queries["save_snapshot"], "order-o1", 2, "Order.v1", b"\x81")
+    assert await pool.fetchval(store.queries["load_snapshot"], "order-o1") == 2
 
 
 async def test_writer_is_refused_everything_else(login: Login, granted: roles.Roles,

@@ -22,8 +22,9 @@ ON CONFLICT (projection, stream_id) DO UPDATE SET version = EXCLUDED.version
 """
 
 
-async def test_returns_once_the_version_is_applied(pool):
-    waiting = asyncio.create_task(projections.wait_for(pool, "order_summary", "order-1", 2, timeout=30))
+async def test_returns_once_the_version_is_applied(pool, schema):
+    waiting = asyncio.create_task(projections.wait_for(pool, "order_summary", "order-1", 2, timeout=30,
+                                                       schema=schema))
     await pool.execute(SET_CHECKPOINT, "order_summary", "order-1", 1)
     await pool.execute(SET_CHECKPOINT, "customer_stats", "order-1", 5)  # another projection: not enough
     done, _ = await asyncio.wait({waiting}, timeout=0.3)
@@ -32,18 +33,18 @@ async def test_returns_once_the_version_is_applied(pool):
     assert await waiting == 3
 
 
-async def test_returns_at_once_when_already_applied(pool):
+async def test_returns_at_once_when_already_applied(pool, schema):
     await pool.execute(SET_CHECKPOINT, "order_summary", "order-9", 4)
-    assert await projections.wait_for(pool, "order_summary", "order-9", 4, timeout=0) == 4
+    assert await projections.wait_for(pool, "order_summary", "order-9", 4, timeout=0, schema=schema) == 4
 
 
-async def test_raises_wait_timeout_naming_how_far_it_got(pool):
+async def test_raises_wait_timeout_naming_how_far_it_got(pool, schema):
     await pool.execute(SET_CHECKPOINT, "order_summary", "order-2", 0)
     with pytest.raises(projections.WaitTimeout, match="up to version 0, not 1") as info:
-        await projections.wait_for(pool, "order_summary", "order-2", 1, timeout=0.1)
+        await projections.wait_for(pool, "order_summary", "order-2", 1, timeout=0.1, schema=schema)
     assert isinstance(info.value, TimeoutError)
     with pytest.raises(projections.WaitTimeout, match="up to version -1"):
-        await projections.wait_for(pool, "order_summary", "order-unknown", 0, timeout=0.05)
+        await projections.wait_for(pool, "order_summary", "order-unknown", 0, timeout=0.05, schema=schema)
 
 
 @pytest.mark.slow
@@ -63,7 +64,8 @@ async def test_read_after_write_through_a_running_worker(pool, event_store, sche
                                                NO_STREAM)
             for event in await event_store.load("order-rw"):
                 await exchange.publish(broker.to_message(event), routing_key=event.event_type)
-            assert await projections.wait_for(pool, "order_summary", "order-rw", written.last_version, 30) == 1
+            assert await projections.wait_for(pool, "order_summary", "order-rw", written.last_version, 30,
+                                              schema=schema) == 1
             # Read-after-write: the row the API would serve now reflects the payment.
             row = await pool.fetchrow("SELECT status, item_count FROM order_summary WHERE order_id = 'rw'")
             assert tuple(row) == ("paid", 3)

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eventfleet.examples.orders.events import OrderPaid
-from projections import registry
+from projections import registry, wait
 from projections.base import Projection
-from store import errors, names
+from store import errors, names, queries
 from store.event_store import NO_STREAM, EventStore
 from workers import broker
 from workers.config import Settings
@@ -123,6 +123,14 @@ def test_the_projection_registry_refuses_injected_names(value: str) -> None:
 def test_event_store_refuses_an_injected_schema(value: str) -> None:
     with pytest.raises(errors.InvalidName):
         EventStore(NoPool(), schema=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", INJECTIONS)
+async def test_bound_queries_and_wait_for_refuse_an_injected_schema(value: str) -> None:
+    with pytest.raises(errors.InvalidName):
+        queries.bind(queries.TEMPLATES, value)
+    with pytest.raises(errors.InvalidName):
+        await wait.wait_for(NoPool(), "order_summary", "order-1", 0, 0, schema=value)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("expected", [-2, -(2**63), 2**62, 2**63, 2**64, 10**100, True, False, None, "0", 1.0,

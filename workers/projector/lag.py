@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from store import db
-from store.queries import QUERIES as STORE_QUERIES
+from store.queries import TEMPLATES as STORE_TEMPLATES
 from store.queries import load
 from store.records import Position
 from workers import locks
@@ -79,7 +79,8 @@ async def count(pool: db.Pool, projection: str) -> tuple[int, float, Position]:
 async def horizon_age(pool: db.Pool) -> float:
     """Seconds the oldest open transaction has held back the read_all frontier (0 when none)."""
     async with db.translate_errors():
-        row = await pool.fetchrow(STORE_QUERIES["horizon"])
+        # The horizon names no table, so its template is the statement as it is (no schema to bind).
+        row = await pool.fetchrow(STORE_TEMPLATES["horizon"])
     assert row is not None
     return float(row["oldest_transaction_age"])
 

@@ -207,11 +207,3 @@ class Applier:
         else:
             self.skipped += 1
         return halt
-
-
-
-
-
-
-
-

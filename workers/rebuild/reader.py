@@ -9,7 +9,6 @@ from typing import Any
 
 from store import db, queries
 from store.event_store import EventStore, Position, RecordedEvent
-from store.queries import QUERIES
 from store.records import record_or_undecodable
 
 SQL = queries.load("workers", "rebuild.sql")
@@ -23,7 +22,8 @@ def all_reader(store: EventStore) -> Read:
 
     async def read(after: Position, limit: int) -> list[RecordedEvent]:
         async with db.translate_errors():
-            rows = await store.pool.fetch(QUERIES["read_all"], after.transaction_id, after.global_position, limit)
+            rows = await store.pool.fetch(store.queries["read_all"], after.transaction_id, after.global_position,
+                                          limit)
         return [record_or_undecodable(r, store.registry) for r in rows]
 
     return read
