@@ -706,7 +706,7 @@ def verdict(ok: bool) -> str:
 
 async def run(args: argparse.Namespace) -> None:
     settings = Settings.from_env()
-    registry.load_builtin()
+    registry.load([registry.EXAMPLE])
     lab = Lab(settings)
     writers = args.writers
     print(f"bench.pipeline: {args.drain_events} events per throughput phase, {args.events} end to end,"

@@ -93,7 +93,7 @@ async def run(args: argparse.Namespace) -> None:
     settings = Settings.from_env()
     tag = uuid.uuid4().hex[:8]
     schema, names = f"bench_relay_{tag}", broker.Names(f"bench.{tag}")
-    projections = list(registry.load_builtin())
+    projections = list(registry.load([registry.EXAMPLE]))
     try:
         await admin.run_migrate(settings.database_url, schema)
         connection = await aio_pika.connect(settings.amqp_url)

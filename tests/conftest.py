@@ -12,6 +12,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 import eventfleet.examples.orders.events  # noqa: F401 - registers the orders events
+from projections import registry
 from store import db
 from store.event_store import EventStore
 from workers import admin
@@ -20,6 +21,11 @@ DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 Cleanup = Callable[[Callable[[], Awaitable[object]]], None]
+
+# The suite runs the orders example, which a deployment gets only when it names it: here, and in every
+# process a test starts with this environment (tests of the default remove the variable).
+registry.load([registry.EXAMPLE])
+os.environ.setdefault("EVENTFLEET_PROJECTION_MODULES", registry.EXAMPLE)
 
 
 @pytest.fixture

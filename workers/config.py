@@ -4,14 +4,40 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import urllib.parse
 from collections.abc import Mapping
+from typing import overload
 
 from store import errors, names
 from workers.runtime import redact
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+#: A role's HTTP port when EVENTFLEET_HTTP_PORT is not set.
+DEFAULT_HTTP_PORTS = {"worker": 9108, "relay": 9109}
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+#: Every environment variable: name, default, meaning (``eventfleet --help`` and the reference print it).
+ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
+    ("EVENTFLEET_DATABASE_URL", DEFAULT_DATABASE_URL, "PostgreSQL DSN"),
+    ("EVENTFLEET_AMQP_URL", DEFAULT_AMQP_URL, "RabbitMQ URL"),
+    ("EVENTFLEET_SCHEMA", "eventfleet", "Postgres schema of the store, checkpoints and read models"),
+    ("EVENTFLEET_PREFIX", "eventfleet", "prefix of every RabbitMQ exchange and queue"),
+    ("EVENTFLEET_PROJECTION_MODULES", "(none)", "comma-separated modules whose projections to load"),
+    ("EVENTFLEET_HTTP_PORT", "9108 worker, 9109 relay", "port of /metrics, /healthz, /readyz (0 = off)"),
+    ("EVENTFLEET_LOG_FORMAT", "text", "text or json (one object per line)"),
+    ("EVENTFLEET_PREFETCH", "500", "deliveries a worker's channel may hold unacked"),
+    ("EVENTFLEET_BATCH_SIZE", "200", "deliveries per worker transaction"),
+    ("EVENTFLEET_RELAY_BATCH_SIZE", "1000", "outbox rows per relay transaction"),
+    ("EVENTFLEET_RELAY_POLL_MS", "1000", "the relay's poll when no NOTIFY arrives"),
+    ("EVENTFLEET_STOP_TIMEOUT", "10", "seconds the batch in flight gets to commit at SIGTERM"),
+    ("EVENTFLEET_MAX_PAYLOAD_BYTES", "1048576", "largest event (data + metadata) the store accepts"),
+    ("EVENTFLEET_CATCHUP_THRESHOLD", "2000", "lag in events above which a worker reads the store (0 = never)"),
+    ("EVENTFLEET_CATCHUP_BATCH_SIZE", "2000", "events per read of a catch-up"),
+    ("EVENTFLEET_PROGRESS_SECONDS", "60", "a worker's progress line per projection every N s (0 = off)"),
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -22,7 +48,7 @@ class Settings:
     amqp_url: str = DEFAULT_AMQP_URL
     schema: str = "eventfleet"
     prefix: str = "eventfleet"
-    http_port: int = 9108
+    http_port: int | None = None  # None: the role's own default (DEFAULT_HTTP_PORTS)
     log_format: str = "text"
     # Not in the contract's env table: tuning knobs with safe defaults.
     prefetch: int = 500
@@ -33,6 +59,9 @@ class Settings:
     max_payload_bytes: int = 1024 * 1024
     catchup_threshold: int = 2000  # lag (events) above which a worker reads the backlog from the store; 0 = never
     catchup_batch_size: int = 2000  # events per read_all batch of a catch-up
+    #: Modules whose projections this process runs (EVENTFLEET_PROJECTION_MODULES, comma-separated).
+    projection_modules: tuple[str, ...] = ()
+    progress_seconds: int = 60  # a worker's INFO progress line per projection; 0 = none
 
     def __repr__(self) -> str:
         # The URLs carry passwords: a logged or printed Settings must not show them.
@@ -64,6 +93,10 @@ class Settings:
             names.prefix(prefix)
         except errors.InvalidName as exc:
             raise errors.ConfigError(f"EVENTFLEET_PREFIX: {exc}") from exc
+        modules = tuple(m.strip() for m in get("EVENTFLEET_PROJECTION_MODULES", "").split(",") if m.strip())
+        for module in modules:
+            if not _MODULE.fullmatch(module):
+                raise errors.ConfigError(f"EVENTFLEET_PROJECTION_MODULES: {module!r} is not a dotted module name")
         log_format = get("EVENTFLEET_LOG_FORMAT", "text")
         if log_format not in ("text", "json"):
             raise errors.ConfigError("EVENTFLEET_LOG_FORMAT must be 'text' or 'json'")
@@ -72,7 +105,7 @@ class Settings:
             amqp_url=amqp_url,
             schema=schema,
             prefix=prefix,
-            http_port=_int(environ, "EVENTFLEET_HTTP_PORT", 9108, 0, 65535),
+            http_port=_int(environ, "EVENTFLEET_HTTP_PORT", None, 0, 65535),
             log_format=log_format,
             prefetch=_int(environ, "EVENTFLEET_PREFETCH", 500, 1, 65535),
             batch_size=_int(environ, "EVENTFLEET_BATCH_SIZE", 200, 1, 10_000),
@@ -82,7 +115,19 @@ class Settings:
             max_payload_bytes=_int(environ, "EVENTFLEET_MAX_PAYLOAD_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
             catchup_threshold=_int(environ, "EVENTFLEET_CATCHUP_THRESHOLD", 2000, 0, 2**31 - 1),
             catchup_batch_size=_int(environ, "EVENTFLEET_CATCHUP_BATCH_SIZE", 2000, 1, 100_000),
+            projection_modules=modules,
+            progress_seconds=_int(environ, "EVENTFLEET_PROGRESS_SECONDS", 60, 0, 86_400),
         )
+
+    def port(self, role: str) -> int:
+        """The HTTP port of a process of ``role`` ("worker", "relay"): EVENTFLEET_HTTP_PORT, or the role's
+        default, so a relay and a worker started side by side with no configuration do not collide."""
+        return DEFAULT_HTTP_PORTS[role] if self.http_port is None else self.http_port
+
+    def with_projection_modules(self, *modules: str) -> Settings:
+        """These settings with ``modules`` added to the projection modules (once each, in order)."""
+        merged = tuple(dict.fromkeys((*self.projection_modules, *modules)))
+        return dataclasses.replace(self, projection_modules=merged)
 
 
 def _check_url(name: str, value: str) -> None:
@@ -98,7 +143,11 @@ def _check_url(name: str, value: str) -> None:
         raise errors.ConfigError(f"{name} is not a valid URL: percent-encode '@', ':' and '/' in the password")
 
 
-def _int(environ: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+@overload
+def _int(environ: Mapping[str, str], name: str, default: int, low: int, high: int) -> int: ...
+@overload
+def _int(environ: Mapping[str, str], name: str, default: None, low: int, high: int) -> int | None: ...
+def _int(environ: Mapping[str, str], name: str, default: int | None, low: int, high: int) -> int | None:
     raw = environ.get(name)
     if raw is None:
         return default

@@ -28,6 +28,8 @@ from typing import Any, Self
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from projections import registry
+
 ROOT = Path(__file__).resolve().parents[2]
 LEDGER_MODULE = "tests.chaos.ledger"
 PROJECTIONS = ("order_summary", "customer_stats", "chaos_ledger")
@@ -200,7 +202,7 @@ class Fleet:
 
     def __init__(self, env: Mapping[str, str], logdir: Path, *, relays: int = 2, workers: int = 3,
                  traced: Collection[str] = ()) -> None:
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "EVENTFLEET_PROJECTION_MODULES": LEDGER_MODULE, **env}
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "EVENTFLEET_PROJECTION_MODULES": f"{registry.EXAMPLE},{LEDGER_MODULE}", **env}
         logdir.mkdir(parents=True, exist_ok=True)
         self.slots = [Slot("relay", i, free_port(), self.env, logdir) for i in range(relays)]
         self.slots += [Slot("worker", i, free_port(), self.env, logdir) for i in range(workers)]

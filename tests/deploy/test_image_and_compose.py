@@ -114,7 +114,7 @@ def test_compose_runs_every_projection_with_a_valid_configuration() -> None:
         if args.command == "worker":
             assert args.projection, name
             projections += args.projection
-    assert sorted(projections) == sorted(registry.load_builtin())
+    assert sorted(projections) == sorted(registry.load([registry.EXAMPLE]))
 
 
 def test_compose_mounts_existing_files() -> None:

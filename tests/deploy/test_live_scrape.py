@@ -88,7 +88,7 @@ def processes(tmp_path: pathlib.Path) -> Iterator[Processes]:
 @pytest.fixture
 async def topology(prefix: str, amqp: AbstractRobustConnection) -> AsyncIterator[list[str]]:
     """The test's exchange and queues, declared before any process starts; deleted after."""
-    projections = sorted(registry.load_builtin())
+    projections = sorted(registry.load([registry.EXAMPLE]))
     names = broker.Names(prefix)
     channel = await amqp.channel()
     await broker.declare_topology(channel, names, projections)

@@ -20,7 +20,7 @@ from store import db
 from store.event_store import EventStore
 from workers import broker
 
-PROJECTIONS = tuple(registry.load_builtin())
+PROJECTIONS = tuple(registry.load([registry.EXAMPLE]))
 QUEUE_PROJECTION = "order_summary"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -25,6 +26,8 @@ from workers import broker, projector
 from workers.cli import dead_letters as cli_dead_letters
 from workers.config import Settings
 from workers.projector import checkpoints, lag
+from workers.projector.consumer import Stats
+from workers.projector.worker import Progress
 from workers.runtime import health, metrics
 
 Declare = Callable[[list[str]], Awaitable[aio_pika.abc.AbstractExchange]]
@@ -206,3 +209,35 @@ async def _until(check: Callable[[], Awaitable[bool]], within: float) -> None:
 def _ns(**kwargs: Any) -> argparse.Namespace:
     return argparse.Namespace(**kwargs)
 
+
+
+async def test_a_running_worker_logs_its_progress_per_projection(pool, event_store, declare, settings, caplog):
+    caplog.set_level(logging.INFO, logger="workers.projector.worker")
+    exchange = await declare(["customer_stats"])
+    events = await append_orders(event_store, 5, 2)
+    h, stop = health.Health(), asyncio.Event()
+    chatty = dataclasses.replace(settings, progress_seconds=1)
+    task = asyncio.create_task(projector.run_worker(chatty, [CustomerStats()], h, stop))
+    try:
+        await publish(exchange, events)
+        await _until(lambda: _applied(pool, 10), 60)
+        await _until(lambda: _true(any(getattr(r, "applied_total", 0) == 10 for r in caplog.records)), 30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+    lines = [r for r in caplog.records if r.getMessage() == "progress"]
+    last = lines[-1]
+    assert (last.levelname, last.projection, last.applied_total) == ("INFO", "customer_stats", 10)
+    assert sum(r.applied for r in lines) == 10
+
+
+def test_progress_says_what_was_applied_since_the_last_line_and_the_lag(caplog):
+    caplog.set_level(logging.INFO, logger="workers.projector.worker")
+    stats = {"customer_stats": Stats(applied=7)}
+    progress = Progress(stats)
+    progress.lags["customer_stats"] = lag.Lag(lag_events=3, lag_seconds=1.25, horizon_age_seconds=0.0)
+    progress.report()
+    stats["customer_stats"].applied = 10
+    progress.report()
+    assert [(r.applied, r.applied_total, r.lag_events, r.lag_seconds) for r in caplog.records] == [
+        (7, 7, 3, 1.2), (3, 10, 3, 1.2)]

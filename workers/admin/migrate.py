@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 def read_model_ddl() -> list[LiteralString]:
     """The DDL of every registered projection's read-model tables."""
-    return [cls.ddl for cls in registry.load_builtin().values()]
+    return [cls.ddl for cls in registry.load().values()]
 
 
 async def run_migrate(database_url: str, schema: str) -> list[int]:
@@ -23,7 +23,7 @@ async def run_migrate(database_url: str, schema: str) -> list[int]:
     try:
         applied = await migrate.migrate(conn, schema, extra_ddl=read_model_ddl())
         # Projections registered since the last migrate get their state; the workers backfill new ones.
-        await backfill.register(conn, list(registry.load_builtin()))
+        await backfill.register(conn, list(registry.load()))
         return applied
     finally:
         await conn.close()
@@ -31,7 +31,7 @@ async def run_migrate(database_url: str, schema: str) -> list[int]:
 
 async def run_roles(database_url: str, schema: str) -> list[str]:
     """Create the least-privilege roles of ``schema`` and grant them; return the roles created now."""
-    tables = [t for cls in registry.load_builtin().values() for t in cls.tables]
+    tables = [t for cls in registry.load().values() for t in cls.tables]
     conn = await db.connect(database_url, schema)
     try:
         return await roles.apply(conn, schema, tables)

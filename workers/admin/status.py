@@ -64,7 +64,7 @@ async def projection_names(pool: db.Pool) -> list[str]:
     """Registered projections and any other with a status row, sorted."""
     async with db.translate_errors():
         rows = await pool.fetch(SQL["known_projections"])
-    return sorted(set(registry.load_builtin()) | {r["projection"] for r in rows})
+    return sorted(set(registry.load()) | {r["projection"] for r in rows})
 
 
 async def queue_depths(connection: AbstractConnection | None, prefix: str,

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.metadata
 import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from projections import registry
 from store import errors
-from workers.config import Settings
+from workers.config import ENVIRONMENT, Settings
 from workers.runtime import logs, redact, tuning
 
 logger = logging.getLogger(__name__)
@@ -32,39 +34,68 @@ _COMMANDS = {
 }
 
 
+def _environment_help() -> str:
+    width = max(len(name) for name, _, _ in ENVIRONMENT)
+    lines = [f"  {name:<{width}}  {meaning} (default: {default})" for name, default, meaning in ENVIRONMENT]
+    return "environment variables (read once at start):\n" + "\n".join(lines) + (
+        f"\n\nprojections come from {registry.SOURCES}; the orders example is {registry.EXAMPLE}.")
+
+
+def _with_modules(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The option of every command that needs the projection registry."""
+    parser.add_argument("--projection-module", action="append", default=[], metavar="M", dest="projection_module",
+                        help="import module M for its projections (repeatable; adds to EVENTFLEET_PROJECTION_MODULES)")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of every subcommand of CONTRACT.md."""
+    """The parser of every subcommand."""
     parser = argparse.ArgumentParser(
         prog="eventfleet",
         description="Event sourcing on PostgreSQL and RabbitMQ. Configured by EVENTFLEET_* variables.",
+        epilog=_environment_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
+    parser.add_argument("--version", action="version", version=f"eventfleet {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    migrate = sub.add_parser("migrate", help="create or upgrade the schema (idempotent, safe concurrently)")
+
+    def add(name: str, help_: str, *, modules: bool = True) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_, epilog=_environment_help(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        return _with_modules(command) if modules else command
+
+    migrate = add("migrate", "create or upgrade the schema (idempotent, safe concurrently)")
     migrate.add_argument("--roles", action="store_true",
                          help="also create the NOLOGIN roles <schema>_writer, _relay, _worker and grant "
                               "their privileges (needs CREATEROLE; idempotent)")
-    sub.add_parser("relay", help="publish the outbox to RabbitMQ until SIGTERM/SIGINT")
-    worker = sub.add_parser("worker", help="apply projections until SIGTERM/SIGINT")
+    add("relay", "publish the outbox to RabbitMQ until SIGTERM/SIGINT")
+    worker = add("worker", "apply projections until SIGTERM/SIGINT")
     worker.add_argument("--projection", action="append", default=[], metavar="NAME",
                         help="projection to run (repeatable); default: all registered")
-    status = sub.add_parser("status", help="lag, parked failures and outbox backlog per projection")
+    status = add("status", "lag, parked failures and outbox backlog per projection")
     status.add_argument("--json", action="store_true", help="print one JSON document")
-    rebuild = sub.add_parser("rebuild", help="rebuild a projection from the store, swap atomically")
+    rebuild = add("rebuild", "rebuild a projection from the store, swap atomically")
     rebuild.add_argument("name", metavar="NAME")
-    load = sub.add_parser("load", help="place orders and drive each through a random life")
+    load = add("load", "the orders example: place orders and drive each through a random life", modules=False)
     load.add_argument("--orders", type=int, required=True, metavar="N")
     load.add_argument("--concurrency", type=int, default=8, metavar="N")
     load.add_argument("--seed", type=int, default=None, metavar="S")
-    demo = sub.add_parser("demo", help="the main job end to end on one machine")
+    demo = add("demo", "the main job end to end on one machine (runs the orders example)")
     demo.add_argument("--orders", type=int, default=2000, metavar="N")
-    dead = sub.add_parser("dead-letters", help="inspect and re-drive parked failures")
+    dead = add("dead-letters", "inspect and re-drive parked failures")
     dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
     dl_list = dead_sub.add_parser("list", help="list parked failures")
     dl_list.add_argument("--projection", default=None, metavar="NAME")
     dl_retry = dead_sub.add_parser("retry", help="re-drive a parked failure and release its stream")
     dl_retry.add_argument("id", type=int, metavar="ID")
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("eventfleet")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
 
 
 def _resolve(command: str) -> Command:
@@ -85,6 +116,8 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     secrets = redact.secrets_of(settings.database_url, settings.amqp_url)
     logs.setup(settings.log_format, logging.DEBUG if args.verbose else logging.INFO, secrets=secrets)
     try:
+        settings = settings.with_projection_modules(*getattr(args, "projection_module", ()))
+        registry.load(settings.projection_modules)
         command = _resolve(args.command)
         tuning.tune_gc()  # after the imports: they are the start-up heap it freezes
         return asyncio.run(command(settings, args))

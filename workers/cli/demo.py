@@ -106,7 +106,8 @@ class Fleet:
         env = {**os.environ, "EVENTFLEET_DATABASE_URL": self.settings.database_url,
                "EVENTFLEET_AMQP_URL": self.settings.amqp_url, "EVENTFLEET_SCHEMA": self.settings.schema,
                "EVENTFLEET_PREFIX": self.settings.prefix, "EVENTFLEET_HTTP_PORT": str(port),
-               "EVENTFLEET_LOG_FORMAT": "text"}
+               "EVENTFLEET_LOG_FORMAT": "text",
+               "EVENTFLEET_PROJECTION_MODULES": ",".join(self.settings.projection_modules)}
         log = self.logs / f"{name}.log"
         with log.open("w") as stderr:
             proc = subprocess.Popen([sys.executable, "-m", "workers", *args], env=env, stdin=subprocess.DEVNULL,
@@ -255,7 +256,7 @@ async def run_with_progress(pool: db.Pool, store: EventStore, orders: int,
 async def verify(pool: db.Pool, store: EventStore) -> list[tuple[str, int, int]]:
     """Replay the store into scratch tables per projection and compare; (table, rows, mismatched rows)."""
     found = []
-    for cls in registry.load_builtin().values():
+    for cls in registry.load().values():
         scratch = rebuild.shadow_schema(store.schema, cls.name, kind="vf")
         try:
             await rebuild.replay(pool, store, cls, scratch, settled=True)
@@ -286,7 +287,7 @@ async def clean_up(settings: Settings) -> None:
         connection = await aio_pika.connect(settings.amqp_url, timeout=CONNECT_TIMEOUT)
         async with connection:
             channel = await connection.channel()
-            await broker.delete_topology(channel, broker.Names(settings.prefix), registry.load_builtin())
+            await broker.delete_topology(channel, broker.Names(settings.prefix), registry.load(settings.projection_modules))
 
 
 async def run_demo(settings: Settings, orders: int, logs: Path) -> bool:
@@ -294,7 +295,7 @@ async def run_demo(settings: Settings, orders: int, logs: Path) -> bool:
     began = time.perf_counter()
     print(f"demo: schema and prefix {settings.schema}; logs in {logs}")
     await admin.run_migrate(settings.database_url, settings.schema)
-    projections = list(registry.load_builtin())
+    projections = list(registry.load(settings.projection_modules))
     fleet = Fleet(settings, logs)
     fleet.start("relay", "relay")
     for n in range(1, WORKERS + 1):
@@ -335,7 +336,9 @@ async def run_demo(settings: Settings, orders: int, logs: Path) -> bool:
 async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     """``eventfleet demo [--orders N]``."""
     name = f"eventfleet_demo_{uuid.uuid4().hex[:8]}"
-    settings = dataclasses.replace(settings, schema=name, prefix=name)
+    # The demo runs the orders example: it names its projections itself (and whatever else is configured).
+    settings = dataclasses.replace(settings, schema=name, prefix=name).with_projection_modules(registry.EXAMPLE)
+    registry.load(settings.projection_modules)
     try:
         await preflight(settings)
     except errors.DemoFailed as exc:

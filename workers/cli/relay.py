@@ -16,7 +16,11 @@ async def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     """``eventfleet relay``: publish the outbox until SIGTERM/SIGINT; exit 0 on a clean stop."""
     config = RelayConfig.from_settings(settings)
     status = health.Health()
-    async with http.serve(settings.http_port, status.ready), open_pool(config) as pool:
+    async with http.serve(settings.port("relay"), status.ready), open_pool(config) as pool:
+        if not config.projections:
+            logger.warning("no projections configured: no queue is bound, and the broker returns what is "
+                           "published unless other consumers bound their own queues (set "
+                           "EVENTFLEET_PROJECTION_MODULES or --projection-module)")
         logger.info("relay started", extra={"schema": config.schema, "prefix": config.prefix,
                                             "batch_size": config.batch_size})
         await lifecycle.run_until_stopped(run_relay(pool, config, status))

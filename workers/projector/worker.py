@@ -62,9 +62,17 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
             health_.up("postgres")
         store = lifecycle.open_store(pool, settings)
         catch_up = catchup.CatchUp(store, settings)
+        progress = Progress(stats)
+
+        def measured(projection: str, lag_: lag.Lag) -> None:
+            progress.lags[projection] = lag_
+            catch_up.note_lag(projection, lag_)
+
         monitor = asyncio.create_task(lag.run_lag_monitor(pool, [p.name for p in projections], health=health_,
-                                                          measured=catch_up.note_lag))
+                                                          measured=measured))
         stack.push_async_callback(_cancel, monitor)
+        if settings.progress_seconds:
+            stack.push_async_callback(_cancel, asyncio.create_task(progress.run(settings.progress_seconds)))
         while not stop.is_set():
             try:
                 async for attempt in retry.retry_until(stop):
@@ -78,6 +86,29 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
                 if not stop.is_set():
                     raise  # pragma: no cover - retry_until gives up only once stop is set
     return stats
+
+
+class Progress:
+    """A worker's INFO line per projection every so often: what it applied since the last line, and its lag."""
+
+    def __init__(self, stats: dict[str, Stats]) -> None:
+        self.stats = stats
+        self.lags: dict[str, lag.Lag] = {}
+        self._reported = {name: 0 for name in stats}
+
+    def report(self) -> None:
+        for name, s in self.stats.items():
+            measured = self.lags.get(name)
+            logger.info("progress", extra={
+                "projection": name, "applied": s.applied - self._reported[name], "applied_total": s.applied,
+                "lag_events": None if measured is None else measured.lag_events,
+                "lag_seconds": None if measured is None else round(measured.lag_seconds, 1)})
+            self._reported[name] = s.applied
+
+    async def run(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            self.report()
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:
@@ -135,5 +166,5 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
 
 def resolve(names: Sequence[str]) -> list[Projection]:
     """Projection instances by name; no names = every registered projection."""
-    found = registry.load_builtin()
+    found = registry.load()
     return [registry.get(n)() for n in names] if names else [cls() for cls in found.values()]

@@ -68,7 +68,7 @@ class RelayConfig:
         fields: dict[str, Any] = {
             "database_url": settings.database_url, "schema": settings.schema,
             "amqp_url": settings.amqp_url, "prefix": settings.prefix,
-            "projections": tuple(registry.load_builtin()), "batch_size": settings.relay_batch_size,
+            "projections": tuple(registry.load(settings.projection_modules)), "batch_size": settings.relay_batch_size,
             "poll_interval": settings.relay_poll_ms / 1000, "stop_timeout": settings.stop_timeout,
         }
         return cls(**(fields | overrides))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import http.server
 import logging
 import socket
@@ -24,6 +25,7 @@ from typing import Any
 import prometheus_client
 from aiohttp import web
 
+from store.errors import ConfigError
 from workers.runtime import metrics
 
 logger = logging.getLogger(__name__)
@@ -169,7 +171,13 @@ async def serve(port: int, ready: Check, host: str = "0.0.0.0", *,
     if port == 0:
         yield 0
         return
-    sock = socket.create_server((host, port), backlog=128)
+    try:
+        sock = socket.create_server((host, port), backlog=128)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise ConfigError(f"HTTP port {port} is already in use (another eventfleet process?): set "
+                          "EVENTFLEET_HTTP_PORT to a free port, or 0 to turn the HTTP server off") from None
     sock.setblocking(False)
     watchdog = Watchdog(stall_after)
     runner = web.AppRunner(make_app(ready, watchdog), access_log=None, handle_signals=False)
