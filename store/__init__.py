@@ -31,6 +31,7 @@ from store.event_store import (
     RecordedEvent,
     Snapshot,
 )
+from store.interface import Store
 
 event = REGISTRY.event
 upcaster = REGISTRY.upcaster
@@ -59,6 +60,7 @@ __all__ = [
     "RecordedEvent",
     "Repository",
     "Snapshot",
+    "Store",
     "StoreError",
     "TransientError",
     "UnknownEventType",

@@ -19,7 +19,8 @@ from typing import Any, Generic, Self, TypeVar
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from store import errors
-from store.event_store import NO_STREAM, AppendResult, EventStore, NewEvent, RecordedEvent, Snapshot
+from store.interface import Store
+from store.records import NO_STREAM, AppendResult, NewEvent, RecordedEvent, Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +71,10 @@ class Executed(Generic[A]):
 
 
 class Repository(Generic[A]):
-    """Loads aggregates of one class from the store and executes commands on them."""
+    """Loads aggregates of one class from a store (any ``Store``: PostgreSQL or in memory) and executes
+    commands on them."""
 
-    def __init__(self, store: EventStore, factory: type[A], *, snapshot_every: int | None = None,
+    def __init__(self, store: Store, factory: type[A], *, snapshot_every: int | None = None,
                  max_attempts: int = 32, max_wait: float = 0.2, transient_attempts: int = 3) -> None:
         if snapshot_every is not None and snapshot_every < 1:
             raise errors.InvalidInput(f"snapshot_every must be >= 1, got {snapshot_every}")
