@@ -32,6 +32,7 @@ from store.event_store import (
     Snapshot,
 )
 from store.interface import Store
+from store.memory import InMemoryEventStore
 
 event = REGISTRY.event
 upcaster = REGISTRY.upcaster
@@ -50,6 +51,7 @@ __all__ = [
     "EventStore",
     "Executed",
     "Horizon",
+    "InMemoryEventStore",
     "InvalidExpectedVersion",
     "InvalidInput",
     "InvalidName",

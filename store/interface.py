@@ -59,5 +59,7 @@ class Store(Protocol):
 
 if TYPE_CHECKING:  # mypy checks here that both stores still satisfy the Protocol
     from store.event_store import EventStore
+    from store.memory import InMemoryEventStore
 
     _postgres: type[Store] = EventStore
+    _memory: type[Store] = InMemoryEventStore
