@@ -15,6 +15,7 @@ from store import EventStore, InMemoryEventStore, Store
 from tests.unit.test_validation import NoPool
 
 StoreFactory = Callable[..., Store]
+Written = Callable[[], Awaitable[int]]
 
 
 @pytest.fixture(params=["postgres", "memory"])
@@ -44,7 +45,7 @@ def offline(kind: str) -> StoreFactory:
 
 
 @pytest.fixture
-def written(kind: str, event_store: Store, request: pytest.FixtureRequest) -> Callable[[], Awaitable[int]]:
+def written(kind: str, event_store: Store, request: pytest.FixtureRequest) -> Written:
     """How many events ``event_store`` holds, counted in its tables or its memory."""
     if kind == "memory":
         async def in_memory() -> int:

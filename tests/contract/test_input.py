@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 
 from domain.events import OrderPaid
 from store import NO_STREAM, InvalidInput, InvalidStreamId, Store, errors, names
-from tests.contract.conftest import StoreFactory
+from tests.contract.conftest import StoreFactory, Written
 from tests.contract.test_appends import paid
 
-PAID = OrderPaid("o", "c", Decimal("1.25"), dt.datetime(2024, 1, 1, tzinfo=dt.UTC))
+NOW = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+PAID = OrderPaid("o", "c", Decimal("1.25"), NOW)
 
 
 async def round_trip(event_store: Store, stream_id: str) -> None:
@@ -38,6 +39,25 @@ async def test_any_text_stream_id_round_trips_or_is_refused(event_store: Store, 
             await event_store.append(stream_id, [PAID], NO_STREAM)
         return
     await round_trip(event_store, stream_id)
+
+
+@pytest.mark.parametrize("stream_id", ["a\x00b", "\x00", "x" * 10_000, "x" * 256, "", "\ud800x", "tab\there",
+                                       "\u202eevil"])
+async def test_nul_and_over_long_stream_ids_are_refused_and_nothing_is_written(
+        event_store: Store, written: Written, stream_id: str) -> None:
+    with pytest.raises(errors.InvalidStreamId):
+        await event_store.append(stream_id, [PAID], NO_STREAM)
+    with pytest.raises(errors.InvalidStreamId):
+        await event_store.append_batch([("order-ok", [PAID], NO_STREAM), (stream_id, [PAID], NO_STREAM)])
+    assert await written() == 0
+
+
+async def test_an_oversized_event_is_refused_and_nothing_is_written(new_store: StoreFactory) -> None:
+    store = new_store(max_payload_bytes=4096)
+    big = OrderPaid("o" * 10_000, "c", Decimal(1), NOW)
+    with pytest.raises(errors.PayloadTooLarge):
+        await store.append("order-big", [PAID, big], NO_STREAM)
+    assert await store.stream_version("order-big") == NO_STREAM
 
 
 @pytest.mark.parametrize("expected", [-2, -(10**6), 2**62, 2**63, 2**64, 10**30, "0", 0.0, None, True, Decimal(0)])
@@ -116,4 +136,3 @@ async def test_an_oversized_event_is_refused_before_the_database(offline: StoreF
     store = offline(max_payload_bytes=1024)
     with pytest.raises(errors.PayloadTooLarge):
         await store.append("order-1", [OrderPaid("o" * 2000, "c", Decimal(1), PAID.paid_at)], NO_STREAM)
-

@@ -5,14 +5,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from typing import Any, Self
 
 import pytest
 
 from domain import orders
-from store import NO_STREAM, Aggregate, Repository, Store, VersionConflict, codec
+from store import (
+    NO_STREAM,
+    Aggregate,
+    AppendResult,
+    Repository,
+    Store,
+    TransientError,
+    VersionConflict,
+    codec,
+)
 from tests.contract.conftest import StoreFactory
 
 REG = codec.Registry()
@@ -131,3 +140,28 @@ async def test_an_order_placed_as_v1_is_upcast_and_can_be_paid(event_store):
     assert (await event_store.load(stream, 1))[0].event.amount == Decimal("20.00")
     assert paid.aggregate.status == "paid"
 
+
+class LoseFirstAcknowledgement:
+    """A store's append whose first call commits, then reports a lost connection (a lost commit ack)."""
+
+    def __init__(self, append: Callable[[str, Sequence[Any], int], Awaitable[AppendResult]]) -> None:
+        self.append, self.lost = append, 0
+
+    async def __call__(self, stream_id: str, events: Sequence[Any], expected_version: int) -> AppendResult:
+        result = await self.append(stream_id, events, expected_version)
+        if not self.lost:
+            self.lost += 1
+            raise TransientError("connection lost before the commit was acknowledged")
+        return result
+
+
+async def test_an_append_retried_after_a_lost_acknowledgement_is_not_doubled(counters, monkeypatch):
+    store = counters
+    lossy = LoseFirstAcknowledgement(store.append)
+    monkeypatch.setattr(store, "append", lossy)
+    repository = Repository(store, Counter)
+    done = await repository.execute("c", increment(1))
+    assert lossy.lost == 1
+    assert [e.event for e in await store.load("c")] == [Incremented(1, 1)]
+    assert done.result is not None
+    assert (done.result.first_version, done.aggregate.count, done.attempts) == (0, 1, 1)

@@ -3,19 +3,14 @@ acknowledgement. What holds on every store is in tests/contract/test_repository.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import pytest
 
 from store import (
-    AppendResult,
     EventStore,
     Repository,
-    TransientError,
     db,
 )
-from tests.contract.test_repository import REG, Counter, CounterState, Incremented, increment
+from tests.contract.test_repository import REG, Counter, CounterState, increment
 
 
 @pytest.fixture
@@ -45,28 +40,5 @@ async def test_an_unreadable_snapshot_is_ignored_and_the_stream_replayed(counter
     await pool.execute("UPDATE snapshots SET snapshot_type = 'Gone.v1' WHERE stream_id = 'c'")
     loaded = await repository.load("c")
     assert (loaded.version, loaded.count) == (3, 4)
-
-
-class LostAcknowledgement(EventStore):
-    """A real store whose first append commits, then reports a lost connection (a lost commit ack)."""
-
-    lost = 0
-
-    async def append(self, stream_id: str, events: Sequence[Any], expected_version: int) -> AppendResult:
-        result = await super().append(stream_id, events, expected_version)
-        if not self.lost:
-            self.lost += 1
-            raise TransientError("connection lost before the commit was acknowledged")
-        return result
-
-
-async def test_an_append_retried_after_a_lost_acknowledgement_is_not_doubled(pool, schema):
-    store = LostAcknowledgement(pool, schema=schema, registry=REG)
-    repository = Repository(store, Counter)
-    done = await repository.execute("c", increment(1))
-    assert store.lost == 1
-    assert [e.event for e in await store.load("c")] == [Incremented(1, 1)]
-    assert done.result is not None
-    assert (done.result.first_version, done.aggregate.count, done.attempts) == (0, 1, 1)
 
 
