@@ -1,8 +1,9 @@
 """The store contract: every test here runs against EventStore (PostgreSQL) and InMemoryEventStore.
 
-``event_store`` is the store of the test; ``new_store(**options)`` makes another one with other options
-(``registry``, ``max_payload_bytes``). The PostgreSQL stores of one test share a fresh schema; each
-in-memory store is a world of its own, and the memory runs need no database.
+``event_store`` is the store of the test, ``counters`` one for the counter aggregate's events;
+``new_store(**options)`` makes another one with other options (``registry``, ``max_payload_bytes``).
+The PostgreSQL stores of one test share a fresh schema; each in-memory store is a world of its own, and
+the memory runs need no database.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from store import EventStore, InMemoryEventStore, Store
+from tests.contract.counters import REG
 from tests.unit.test_validation import NoPool
 
 StoreFactory = Callable[..., Store]
@@ -34,6 +36,12 @@ def new_store(kind: str, request: pytest.FixtureRequest) -> StoreFactory:
 @pytest.fixture
 def event_store(new_store: StoreFactory) -> Store:
     return new_store()
+
+
+@pytest.fixture
+def counters(new_store: StoreFactory) -> Store:
+    """A store whose registry holds the counter events (tests/contract/counters.py)."""
+    return new_store(registry=REG)
 
 
 @pytest.fixture

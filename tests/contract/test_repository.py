@@ -3,72 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
-from typing import Any, Self
+from typing import Any
 
 import pytest
 
 from domain import orders
 from store import (
     NO_STREAM,
-    Aggregate,
     AppendResult,
     Repository,
-    Store,
     TransientError,
     VersionConflict,
-    codec,
 )
-from tests.contract.conftest import StoreFactory
-
-REG = codec.Registry()
-
-
-@REG.event("Incremented", version=1)
-@dataclasses.dataclass(frozen=True, slots=True)
-class Incremented:
-    writer: int
-    count: int  # the count this event makes: proves each decision saw every earlier event
-
-
-@REG.event("CounterState", version=1)
-@dataclasses.dataclass(frozen=True, slots=True)
-class CounterState:
-    count: int
-
-
-class Counter(Aggregate):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def apply(self, event: Any) -> None:
-        assert isinstance(event, Incremented)
-        self.count += 1
-
-    def to_snapshot(self) -> CounterState:
-        return CounterState(self.count)
-
-    @classmethod
-    def from_snapshot(cls, state: Any, version: int) -> Self:
-        counter = cls()
-        counter.count, counter.version = state.count, version
-        return counter
-
-
-def increment(writer: int) -> Any:
-    def decide(counter: Counter) -> Sequence[Incremented]:
-        return [Incremented(writer, counter.count + 1)]
-
-    return decide
-
-
-@pytest.fixture
-def counters(new_store: StoreFactory) -> Store:
-    return new_store(registry=REG)
+from tests.contract.counters import Counter, CounterState, Incremented, increment
 
 
 async def test_32_concurrent_writers_on_one_stream_yield_exactly_32_events(counters):

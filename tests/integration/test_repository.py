@@ -10,7 +10,7 @@ from store import (
     Repository,
     db,
 )
-from tests.contract.test_repository import REG, Counter, CounterState, increment
+from tests.contract.counters import REG, Counter, CounterState, increment
 
 
 @pytest.fixture
