@@ -6,6 +6,7 @@ or limit that the one refuses the other refuses the same way, and both store exa
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -86,6 +87,12 @@ def check_int(value: object, what: str, low: int, high: int | None = 2**62,
     if (not isinstance(value, int) or isinstance(value, bool) or value < low
             or (high is not None and value >= high)):
         raise error(f"{what} must be an int >= {low}, got {value!r}")
+
+
+def check_time(value: object, what: str) -> None:
+    """A timezone-aware datetime (a naive one would mean the database session's zone, or nothing)."""
+    if not isinstance(value, dt.datetime) or value.utcoffset() is None:
+        raise errors.InvalidInput(f"{what} must be a timezone-aware datetime, got {value!r}")
 
 
 def check_expected(expected: object) -> None:

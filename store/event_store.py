@@ -9,13 +9,14 @@ oldest running transaction: see ``read_all`` and ``horizon`` for why and what it
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 
 from store import codec, db, errors, hot, names, notify
-from store.encoding import DEFAULT_MAX_PAYLOAD_BYTES, Encoding, original_result
+from store.encoding import DEFAULT_MAX_PAYLOAD_BYTES, Encoding, check_time, original_result
 from store.encoding import Encoded as _Encoded
 from store.encoding import check_expected as _check_expected
 from store.encoding import check_int as _check_int
@@ -191,14 +192,28 @@ class EventStore(Encoding):
             version: int = await conn.fetchval(QUERIES["stream_version"], stream_id)
         return version
 
-    async def load(self, stream_id: str, from_version: int = 0, *,
+    async def load(self, stream_id: str, from_version: int = 0, to_version: int | None = None, *,
                    conn: db.Conn | None = None) -> list[RecordedEvent]:
-        """A stream's events from from_version on, decoded and upcast, in version order."""
+        """A stream's events from from_version on (up to to_version inclusive), decoded and upcast, in
+        version order."""
         names.stream_id(stream_id)
         _check_int(from_version, "from_version", 0)
+        if to_version is not None:
+            _check_int(to_version, "to_version", 0)
         async with self.hot.use(conn) as c:
-            rows = await c.fetch(QUERIES["load_stream"], stream_id, from_version)
+            if to_version is None:
+                rows = await c.fetch(QUERIES["load_stream"], stream_id, from_version)
+            else:
+                rows = await c.fetch(QUERIES["load_stream_range"], stream_id, from_version, to_version)
         return [record_from_row(r, self.registry) for r in rows]
+
+    async def version_at(self, stream_id: str, as_of: dt.datetime) -> int:
+        """The stream's version as of a time: its last event recorded at or before it (NO_STREAM: none)."""
+        names.stream_id(stream_id)
+        check_time(as_of, "as_of")
+        async with self.hot.use() as conn:
+            version: int = await conn.fetchval(QUERIES["stream_version_at"], stream_id, as_of)
+        return version
 
     async def load_range(self, conn: db.Conn, stream_id: str, first: int, last: int) -> list[RecordedEvent]:
         """A stream's events first..last inclusive, read on conn (inside the caller's transaction)."""
@@ -245,11 +260,17 @@ class EventStore(Encoding):
             status = await conn.execute(QUERIES["save_snapshot"], stream_id, version, snapshot_type, data)
         return bool(status == "INSERT 0 1")
 
-    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
-        """The stream's newest snapshot, decoded and upcast; None when there is none."""
+    async def load_snapshot(self, stream_id: str, *, at_or_before: int | None = None) -> Snapshot | None:
+        """The stream's newest snapshot, decoded and upcast; None when there is none, or when it is newer
+        than version ``at_or_before`` (only the newest snapshot is kept)."""
         names.stream_id(stream_id)
+        if at_or_before is not None:
+            _check_int(at_or_before, "at_or_before", 0)
         async with self.hot.use() as conn:
-            row = await conn.fetchrow(QUERIES["load_snapshot"], stream_id)
+            if at_or_before is None:
+                row = await conn.fetchrow(QUERIES["load_snapshot"], stream_id)
+            else:
+                row = await conn.fetchrow(QUERIES["load_snapshot_at_or_before"], stream_id, at_or_before)
         if row is None:
             return None
         return snapshot_from_row(stream_id, row, self.registry)

@@ -7,6 +7,7 @@ and the ``conn=`` arguments that read inside a caller's transaction.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,8 +37,14 @@ class Store(Protocol):
         """The stream's current version (NO_STREAM when empty)."""
         ...
 
-    async def load(self, stream_id: str, from_version: int = 0) -> list[RecordedEvent]:
-        """A stream's events from from_version on, decoded and upcast, in version order."""
+    async def load(self, stream_id: str, from_version: int = 0, to_version: int | None = None) -> list[RecordedEvent]:
+        """A stream's events from from_version on (up to to_version inclusive), decoded and upcast, in
+        version order; the ones there are (none when the stream does not exist)."""
+        ...
+
+    async def version_at(self, stream_id: str, as_of: dt.datetime) -> int:
+        """The stream's version as of a (timezone-aware) time: its last event recorded at or before it;
+        NO_STREAM when there is none."""
         ...
 
     async def read_all(self, after: Position = Position.START, limit: int = 1000) -> list[RecordedEvent]:
@@ -52,8 +59,9 @@ class Store(Protocol):
         """Store ``state`` (a registered class) as the stream's state at ``version``; False if a newer exists."""
         ...
 
-    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
-        """The stream's newest snapshot, decoded and upcast; None when there is none."""
+    async def load_snapshot(self, stream_id: str, *, at_or_before: int | None = None) -> Snapshot | None:
+        """The stream's newest snapshot, decoded and upcast; None when there is none, or when it is newer
+        than version ``at_or_before``: a store keeps only the newest snapshot of a stream."""
         ...
 
 

@@ -27,10 +27,12 @@ from store.encoding import (
     Encoding,
     check_expected,
     check_int,
+    check_time,
     check_unique_ids,
     original_result,
 )
 from store.records import (
+    NO_STREAM,
     AppendResult,
     Horizon,
     Position,
@@ -41,6 +43,7 @@ from store.records import (
 )
 
 Row = dict[str, Any]
+_MICROSECOND = dt.timedelta(microseconds=1)
 _Append = tuple[str, int, list[Encoded]]  # stream id, expected version, its encoded events
 
 
@@ -62,6 +65,7 @@ class InMemoryEventStore(Encoding):
         self.registry = registry
         #: Where ``recorded_at`` comes from (a timezone-aware datetime); tests may pass a fake clock.
         self.clock = clock
+        self._last_recorded_at: dt.datetime | None = None
         self._rows: list[Row] = []  # every event, in global position order (which is commit order here)
         self._streams: dict[str, list[Row]] = {}  # each stream's events, in version order
         self._by_id: dict[uuid.UUID, Row] = {}
@@ -121,7 +125,7 @@ class InMemoryEventStore(Encoding):
                 row: Row = {
                     "global_position": len(self._rows) + 1, "event_id": e.event_id or uuid.uuid4(),
                     "stream_id": stream_id, "version": expected + step, "event_type": e.event_type,
-                    "data": e.data, "metadata": e.metadata, "recorded_at": self.clock(),
+                    "data": e.data, "metadata": e.metadata, "recorded_at": self._now(),
                     "transaction_id": self._transaction_id}
                 self._rows.append(row)
                 stream.append(row)
@@ -129,6 +133,16 @@ class InMemoryEventStore(Encoding):
             positions = tuple(row["global_position"] for row in stream[expected + 1:])
             results.append(AppendResult(stream_id, expected + 1, expected + len(encoded), positions))
         return results
+
+    def _now(self) -> dt.datetime:
+        """The clock's time, or a microsecond after the previous event's when the clock has not moved past
+        it: events are recorded in the order they are appended, never two at the same instant."""
+        now = self.clock()
+        last = self._last_recorded_at
+        if last is not None and now <= last:
+            now = last + _MICROSECOND
+        self._last_recorded_at = now
+        return now
 
     def _found(self, encoded: list[Encoded]) -> list[Row]:
         """The stored events with the ids of these (a retry, or a clash)."""
@@ -144,12 +158,24 @@ class InMemoryEventStore(Encoding):
         await asyncio.sleep(0)
         return self._version(stream_id)
 
-    async def load(self, stream_id: str, from_version: int = 0) -> list[RecordedEvent]:
-        """A stream's events from from_version on, decoded and upcast, in version order."""
+    async def load(self, stream_id: str, from_version: int = 0, to_version: int | None = None) -> list[RecordedEvent]:
+        """A stream's events from from_version on (up to to_version inclusive), decoded and upcast, in
+        version order."""
         names.stream_id(stream_id)
         check_int(from_version, "from_version", 0)
+        if to_version is not None:
+            check_int(to_version, "to_version", 0)
         await asyncio.sleep(0)
-        return [record_from_row(r, self.registry) for r in self._streams.get(stream_id, [])[from_version:]]
+        end = None if to_version is None else to_version + 1
+        return [record_from_row(r, self.registry) for r in self._streams.get(stream_id, [])[from_version:end]]
+
+    async def version_at(self, stream_id: str, as_of: dt.datetime) -> int:
+        """The stream's version as of a time: its last event recorded at or before it (NO_STREAM: none)."""
+        names.stream_id(stream_id)
+        check_time(as_of, "as_of")
+        await asyncio.sleep(0)
+        stream = self._streams.get(stream_id, [])
+        return max((r["version"] for r in stream if r["recorded_at"] <= as_of), default=NO_STREAM)
 
     async def read_all(self, after: Position = Position.START, limit: int = 1000) -> list[RecordedEvent]:
         """Events of all streams after ``after`` in commit order; pass the last one's position next."""
@@ -177,9 +203,14 @@ class InMemoryEventStore(Encoding):
         self._snapshots[stream_id] = {"version": version, "snapshot_type": snapshot_type, "data": data}
         return True
 
-    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
-        """The stream's newest snapshot, decoded and upcast; None when there is none."""
+    async def load_snapshot(self, stream_id: str, *, at_or_before: int | None = None) -> Snapshot | None:
+        """The stream's newest snapshot, decoded and upcast; None when there is none, or when it is newer
+        than version ``at_or_before`` (only the newest snapshot is kept, as in EventStore)."""
         names.stream_id(stream_id)
+        if at_or_before is not None:
+            check_int(at_or_before, "at_or_before", 0)
         await asyncio.sleep(0)
         row = self._snapshots.get(stream_id)
-        return None if row is None else snapshot_from_row(stream_id, row, self.registry)
+        if row is None or (at_or_before is not None and row["version"] > at_or_before):
+            return None
+        return snapshot_from_row(stream_id, row, self.registry)
