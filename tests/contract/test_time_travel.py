@@ -31,6 +31,14 @@ async def counted(counters: Any, count: int) -> list[dt.datetime]:
     return [e.recorded_at for e in await counters.load("c")]
 
 
+async def counted_with_a_false_snapshot(counters: Any) -> list[dt.datetime]:
+    """``counted(counters, 6)`` and a snapshot at version 3 that disagrees with the events (count 1000):
+    only a load that starts from it counts from 1000."""
+    times = await counted(counters, 6)
+    await counters.save_snapshot("c", 3, CounterState(1000))
+    return times
+
+
 # --- the store ---------------------------------------------------------------------------------------
 
 async def test_load_up_to_a_version_includes_it(event_store):
@@ -120,23 +128,19 @@ async def test_as_of_a_time_between_two_events_the_aggregate_has_only_the_earlie
 
 
 async def test_loading_a_version_starts_from_the_snapshot_when_it_is_not_newer(counters):
-    await counted(counters, 6)
-    # A snapshot that disagrees with the events: only a load that starts from it counts from 1000.
-    await counters.save_snapshot("c", 3, CounterState(1000))
+    await counted_with_a_false_snapshot(counters)
     loaded = await Repository(counters, Counter, snapshot_every=3).load("c", version=4)
     assert (loaded.version, loaded.count) == (4, 1001)
 
 
 async def test_loading_as_of_a_time_starts_from_the_snapshot_when_it_is_not_newer(counters):
-    times = await counted(counters, 6)
-    await counters.save_snapshot("c", 3, CounterState(1000))
+    times = await counted_with_a_false_snapshot(counters)
     loaded = await Repository(counters, Counter, snapshot_every=3).load("c", as_of=times[5])
     assert (loaded.version, loaded.count) == (5, 1002)
 
 
 async def test_loading_a_version_older_than_the_snapshot_replays_the_stream_from_the_start(counters):
-    await counted(counters, 6)
-    await counters.save_snapshot("c", 3, CounterState(1000))
+    await counted_with_a_false_snapshot(counters)
     loaded = await Repository(counters, Counter, snapshot_every=3).load("c", version=2)
     assert (loaded.version, loaded.count) == (2, 3)
 
