@@ -1,4 +1,5 @@
-"""The eventfleet event store: typed, versioned events in PostgreSQL with a transactional outbox."""
+"""The eventfleet event store: typed, versioned events in PostgreSQL with a transactional outbox, or in memory
+for unit tests (`InMemoryEventStore`), both behind the `Store` Protocol."""
 
 from __future__ import annotations
 
