@@ -9,7 +9,16 @@ from decimal import Decimal
 import pytest
 
 from domain.events import OrderPaid
-from store import NO_STREAM, DuplicateEventId, InvalidInput, NewEvent, PayloadTooLarge, VersionConflict
+from store import (
+    NO_STREAM,
+    REGISTRY,
+    CodecError,
+    DuplicateEventId,
+    InvalidInput,
+    NewEvent,
+    PayloadTooLarge,
+    VersionConflict,
+)
 
 NOW = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -147,3 +156,19 @@ async def test_payloads_over_the_limit_are_refused_default_one_mebibyte(event_st
         await small_limit.append("s", [NewEvent(paid(), metadata={"pad": "x" * 200})], NO_STREAM)
     await small_limit.append("s", [paid()], NO_STREAM)
     assert await small_limit.stream_version("s") == 0
+
+
+async def test_a_loaded_event_is_decoded_from_the_stored_bytes_not_the_appended_object(event_store):
+    appended = paid(7)
+    await event_store.append("s", [appended], NO_STREAM)
+    (loaded,) = await event_store.load("s")
+    assert loaded.data == REGISTRY.encode(appended)[1]
+    assert loaded.event == appended
+    assert loaded.event is not appended
+
+
+async def test_an_event_the_codec_cannot_encode_is_refused_and_nothing_is_written(event_store, written):
+    naive = OrderPaid("o1", "c1", Decimal(1), dt.datetime(2024, 5, 1, 12, 0))
+    with pytest.raises(CodecError, match="naive datetime"):
+        await event_store.append("s", [paid(1), naive], NO_STREAM)
+    assert await written() == 0
