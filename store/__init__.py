@@ -1,24 +1,29 @@
-"""The eventfleet event store: typed, versioned events in PostgreSQL with a transactional outbox."""
+"""The eventfleet event store: typed, versioned events in PostgreSQL with a transactional outbox, or in memory
+for unit tests (`InMemoryEventStore`), both behind the `Store` Protocol."""
 
 from __future__ import annotations
 
 from store.aggregate import Aggregate, Executed, Repository
 from store.codec import REGISTRY
 from store.errors import (
+    BeforeStreamStart,
     CodecError,
     CorruptEvent,
     DomainError,
     DuplicateEventId,
     EventFleetError,
     EventSchemaMismatch,
+    HistoryNotFound,
     InvalidExpectedVersion,
     InvalidInput,
     InvalidName,
     InvalidStreamId,
     PayloadTooLarge,
     StoreError,
+    StreamNotFound,
     TransientError,
     UnknownEventType,
+    VersionBeyondEnd,
     VersionConflict,
 )
 from store.event_store import (
@@ -31,6 +36,8 @@ from store.event_store import (
     RecordedEvent,
     Snapshot,
 )
+from store.interface import Store
+from store.memory import InMemoryEventStore
 
 event = REGISTRY.event
 upcaster = REGISTRY.upcaster
@@ -40,6 +47,7 @@ __all__ = [
     "REGISTRY",
     "Aggregate",
     "AppendResult",
+    "BeforeStreamStart",
     "CodecError",
     "CorruptEvent",
     "DomainError",
@@ -48,7 +56,9 @@ __all__ = [
     "EventSchemaMismatch",
     "EventStore",
     "Executed",
+    "HistoryNotFound",
     "Horizon",
+    "InMemoryEventStore",
     "InvalidExpectedVersion",
     "InvalidInput",
     "InvalidName",
@@ -59,9 +69,12 @@ __all__ = [
     "RecordedEvent",
     "Repository",
     "Snapshot",
+    "Store",
     "StoreError",
+    "StreamNotFound",
     "TransientError",
     "UnknownEventType",
+    "VersionBeyondEnd",
     "VersionConflict",
     "event",
     "upcaster",

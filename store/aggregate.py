@@ -6,11 +6,13 @@ after it), runs the command, and appends with the loaded version as ``expected_v
 writer got there first (``VersionConflict``) it reloads and runs the command again, a bounded number of
 times with jittered exponential waits. A transient failure of the append itself is retried with the same
 event ids, so an append whose commit was acknowledged too late is recognised, not doubled.
+``Repository.load`` also gives the aggregate as it was at a version or as of a time (time travel).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -19,7 +21,9 @@ from typing import Any, Generic, Self, TypeVar
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from store import errors
-from store.event_store import NO_STREAM, AppendResult, EventStore, NewEvent, RecordedEvent, Snapshot
+from store.encoding import check_int
+from store.interface import Store
+from store.records import NO_STREAM, AppendResult, NewEvent, RecordedEvent, Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +74,10 @@ class Executed(Generic[A]):
 
 
 class Repository(Generic[A]):
-    """Loads aggregates of one class from the store and executes commands on them."""
+    """Loads aggregates of one class from a store (any ``Store``: PostgreSQL or in memory) and executes
+    commands on them."""
 
-    def __init__(self, store: EventStore, factory: type[A], *, snapshot_every: int | None = None,
+    def __init__(self, store: Store, factory: type[A], *, snapshot_every: int | None = None,
                  max_attempts: int = 32, max_wait: float = 0.2, transient_attempts: int = 3) -> None:
         if snapshot_every is not None and snapshot_every < 1:
             raise errors.InvalidInput(f"snapshot_every must be >= 1, got {snapshot_every}")
@@ -82,11 +87,39 @@ class Repository(Generic[A]):
         #: Version conflicts met (and retried) by this repository, for reports such as ``eventfleet load``.
         self.conflicts = 0
 
-    async def load(self, stream_id: str) -> A:
-        """The aggregate as of the stream's last event: the newest snapshot, then only the events after it."""
-        snapshot = await self._load_snapshot(stream_id) if self.snapshot_every else None
+    async def load(self, stream_id: str, *, version: int | None = None, as_of: dt.datetime | None = None) -> A:
+        """The aggregate as of the stream's last event, or as it was: at ``version`` (inclusive) or as of a
+        time (``as_of``: every event recorded at or before it).
+
+        With snapshots on, the stream's snapshot is used when it is not newer than that version, and only
+        the events after it are read; the store keeps only the newest snapshot, so a load of an older version
+        replays from the start. A stream without events is a new aggregate (version NO_STREAM) for a plain
+        load, and ``StreamNotFound`` for a version or time; beyond the end is ``VersionBeyondEnd``, before
+        the first event ``BeforeStreamStart``.
+        """
+        target = None if version is None and as_of is None else await self._target(stream_id, version, as_of)
+        snapshot = await self._load_snapshot(stream_id, target) if self.snapshot_every else None
         first = snapshot.version + 1 if snapshot else 0
-        return self.factory.from_events(await self.store.load(stream_id, first), snapshot=snapshot)
+        aggregate = self.factory.from_events(await self.store.load(stream_id, first, target), snapshot=snapshot)
+        if target is not None and aggregate.version < target:
+            if aggregate.version == NO_STREAM:
+                raise errors.StreamNotFound(stream_id)
+            raise errors.VersionBeyondEnd(stream_id, target, aggregate.version)
+        return aggregate
+
+    async def _target(self, stream_id: str, version: int | None, as_of: dt.datetime | None) -> int | None:
+        """The version to load up to, when one of version and as_of is given."""
+        if as_of is None:
+            check_int(version, "version", 0)
+            return version
+        if version is not None:
+            raise errors.InvalidInput("load takes a version or a time (as_of), not both")
+        target = await self.store.version_at(stream_id, as_of)
+        if target == NO_STREAM:
+            if await self.store.stream_version(stream_id) == NO_STREAM:
+                raise errors.StreamNotFound(stream_id)
+            raise errors.BeforeStreamStart(stream_id, as_of)
+        return target
 
     async def execute(self, stream_id: str, command: Command[A]) -> Executed[A]:
         """Load, decide, append at the loaded version; on VersionConflict reload and decide again."""
@@ -118,9 +151,9 @@ class Repository(Generic[A]):
                 return await self.store.append(stream_id, events, expected)
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
-    async def _load_snapshot(self, stream_id: str) -> Snapshot | None:
+    async def _load_snapshot(self, stream_id: str, at_or_before: int | None) -> Snapshot | None:
         try:
-            return await self.store.load_snapshot(stream_id)
+            return await self.store.load_snapshot(stream_id, at_or_before=at_or_before)
         except errors.CodecError:
             # A snapshot is a cache: one this code cannot read (a newer or dropped type) is replayed past.
             logger.warning("ignoring unreadable snapshot", extra={"stream_id": stream_id}, exc_info=True)

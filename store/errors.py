@@ -6,6 +6,8 @@ will fail the same way again.
 
 from __future__ import annotations
 
+import datetime as dt
+
 
 class EventFleetError(Exception):
     """Unexpected eventfleet error."""
@@ -54,6 +56,37 @@ class VersionConflict(StoreError):
 
 class DuplicateEventId(StoreError):
     """An event id was appended before at another stream or version."""
+
+
+class HistoryNotFound(StoreError, LookupError):
+    """The stream has no state at the requested version or time."""
+
+
+class StreamNotFound(HistoryNotFound):
+    """The stream has no events."""
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(f"stream {stream_id!r} has no events")
+        self.stream_id = stream_id
+
+
+class VersionBeyondEnd(HistoryNotFound):
+    """The stream has not reached the requested version."""
+
+    def __init__(self, stream_id: str, version: int, last_version: int) -> None:
+        super().__init__(f"stream {stream_id!r} ends at version {last_version}, before version {version}")
+        self.stream_id = stream_id
+        self.version = version
+        self.last_version = last_version
+
+
+class BeforeStreamStart(HistoryNotFound):
+    """The stream's first event was recorded after the requested time."""
+
+    def __init__(self, stream_id: str, as_of: dt.datetime) -> None:
+        super().__init__(f"stream {stream_id!r} has no event recorded at or before {as_of.isoformat()}")
+        self.stream_id = stream_id
+        self.as_of = as_of
 
 
 class CodecError(StoreError):

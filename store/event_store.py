@@ -9,13 +9,18 @@ oldest running transaction: see ``read_all`` and ``horizon`` for why and what it
 from __future__ import annotations
 
 import asyncio
-import uuid
+import datetime as dt
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import asyncpg
 
 from store import codec, db, errors, hot, names, notify, queries
+from store.encoding import DEFAULT_MAX_PAYLOAD_BYTES, Encoding, check_time, original_result
+from store.encoding import Encoded as _Encoded
+from store.encoding import check_expected as _check_expected
+from store.encoding import check_int as _check_int
+from store.encoding import check_unique_ids as _check_unique_ids
 from store.records import (
     NO_STREAM,
     AppendResult,
@@ -25,6 +30,7 @@ from store.records import (
     RecordedEvent,
     Snapshot,
     record_from_row,
+    snapshot_from_row,
 )
 
 __all__ = [
@@ -39,17 +45,8 @@ __all__ = [
     "record_from_row",
 ]
 
-DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
-_EMPTY_METADATA = codec.packb({})
 _VERSION_KEY = "events_stream_version_key"
 _EVENT_ID_KEY = "events_event_id_key"
-
-
-class _Encoded(NamedTuple):
-    event_id: uuid.UUID | None  # None: the database draws one (nothing to recognise on a retry anyway)
-    event_type: str
-    data: bytes
-    metadata: bytes
 
 
 #: read_all decodes this many rows, then lets the event loop run. Decoding a catch-up's batch of 2,000 is
@@ -58,7 +55,7 @@ class _Encoded(NamedTuple):
 DECODE_SLICE = 128
 
 
-class EventStore:
+class EventStore(Encoding):
     """Append-only streams of events in ``schema`` over any asyncpg pool, whatever its search_path.
 
     Every statement names the schema's tables itself (``store.queries.bind``), so appends cannot land in
@@ -144,26 +141,6 @@ class EventStore:
             i += len(encoded)
         return results
 
-    def _encode_all(self, events: Sequence[Any]) -> list[_Encoded]:
-        if isinstance(events, (str, bytes)) or not isinstance(events, Sequence) or not events:
-            raise errors.InvalidInput("append needs a non-empty sequence of events")
-        encoded = [self._encode(e) for e in events]
-        if len(encoded) > 1:
-            _check_unique_ids([e.event_id for e in encoded])
-        return encoded
-
-    def _encode(self, event: Any) -> _Encoded:
-        if isinstance(event, NewEvent):
-            payload, event_id, meta = event.payload, event.event_id, event.metadata
-        else:
-            payload, event_id, meta = event, None, None
-        event_type, data = self.registry.encode(payload)
-        metadata = codec.packb(dict(meta)) if meta else _EMPTY_METADATA
-        if len(data) + len(metadata) > self.max_payload_bytes:
-            raise errors.PayloadTooLarge(
-                f"{event_type} encodes to {len(data) + len(metadata)} bytes, over the {self.max_payload_bytes} limit")
-        return _Encoded(event_id, event_type, data, metadata)
-
     async def _after_rejection(self, stream_id: str, expected: int, encoded: list[_Encoded],
                                exc: errors.StoreError | None, actual: int | None = None) -> AppendResult:
         """Decide what a rejected append was: a retry of a committed one, a conflict or an error."""
@@ -210,19 +187,7 @@ class EventStore:
             return None  # ids drawn by the database: this append cannot have been made before
         async with self.hot.use() as conn:
             rows = await conn.fetch(self.queries["find_events"], event_ids)
-        if not rows:
-            return None
-        found = {r["event_id"]: r for r in rows}
-        positions = []
-        for step, e in enumerate(encoded, start=1):
-            row = found.get(e.event_id)
-            if row is None or row["stream_id"] != stream_id or row["version"] != expected + step:
-                raise errors.DuplicateEventId(
-                    f"event {e.event_id or '(without id)'} of a retried append is not where it was appended")
-            if row["event_type"] != e.event_type or row["data"] != e.data or row["metadata"] != e.metadata:
-                raise errors.DuplicateEventId(f"event {e.event_id} was appended before with other content")
-            positions.append(row["global_position"])
-        return AppendResult(stream_id, expected + 1, expected + len(encoded), tuple(positions))
+        return original_result(stream_id, expected, encoded, rows)
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -232,14 +197,28 @@ class EventStore:
             version: int = await conn.fetchval(self.queries["stream_version"], stream_id)
         return version
 
-    async def load(self, stream_id: str, from_version: int = 0, *,
+    async def load(self, stream_id: str, from_version: int = 0, to_version: int | None = None, *,
                    conn: db.Conn | None = None) -> list[RecordedEvent]:
-        """A stream's events from from_version on, decoded and upcast, in version order."""
+        """A stream's events from from_version on (up to to_version inclusive), decoded and upcast, in
+        version order."""
         names.stream_id(stream_id)
         _check_int(from_version, "from_version", 0)
+        if to_version is not None:
+            _check_int(to_version, "to_version", 0)
         async with self.hot.use(conn) as c:
-            rows = await c.fetch(self.queries["load_stream"], stream_id, from_version)
+            if to_version is None:
+                rows = await c.fetch(self.queries["load_stream"], stream_id, from_version)
+            else:
+                rows = await c.fetch(self.queries["load_stream_range"], stream_id, from_version, to_version)
         return [record_from_row(r, self.registry) for r in rows]
+
+    async def version_at(self, stream_id: str, as_of: dt.datetime) -> int:
+        """The stream's version as of a time: its last event recorded at or before it (NO_STREAM: none)."""
+        names.stream_id(stream_id)
+        check_time(as_of, "as_of")
+        async with self.hot.use() as conn:
+            version: int = await conn.fetchval(self.queries["stream_version_at"], stream_id, as_of)
+        return version
 
     async def load_range(self, conn: db.Conn, stream_id: str, first: int, last: int) -> list[RecordedEvent]:
         """A stream's events first..last inclusive, read on conn (inside the caller's transaction)."""
@@ -281,43 +260,25 @@ class EventStore:
         """Store ``state`` (a registered class) as the stream's state at ``version``; False if a newer exists."""
         names.stream_id(stream_id)
         _check_int(version, "version", 0)
-        snapshot_type, data = self.registry.encode(state)
-        if len(data) > self.max_payload_bytes:
-            raise errors.PayloadTooLarge(f"snapshot of {stream_id!r} encodes to {len(data)} bytes")
+        snapshot_type, data = self._encode_snapshot(stream_id, state)
         async with self.hot.use() as conn:
             status = await conn.execute(self.queries["save_snapshot"], stream_id, version, snapshot_type, data)
         return bool(status == "INSERT 0 1")
 
-    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
-        """The stream's newest snapshot, decoded and upcast; None when there is none."""
+    async def load_snapshot(self, stream_id: str, *, at_or_before: int | None = None) -> Snapshot | None:
+        """The stream's newest snapshot, decoded and upcast; None when there is none, or when it is newer
+        than version ``at_or_before`` (only the newest snapshot is kept)."""
         names.stream_id(stream_id)
+        if at_or_before is not None:
+            _check_int(at_or_before, "at_or_before", 0)
         async with self.hot.use() as conn:
-            row = await conn.fetchrow(self.queries["load_snapshot"], stream_id)
+            if at_or_before is None:
+                row = await conn.fetchrow(self.queries["load_snapshot"], stream_id)
+            else:
+                row = await conn.fetchrow(self.queries["load_snapshot_at_or_before"], stream_id, at_or_before)
         if row is None:
             return None
-        try:
-            state = self.registry.decode(row["snapshot_type"], row["data"])
-        except errors.CodecError as exc:
-            raise type(exc)(f"{exc} (snapshot of stream {stream_id!r}, version {row['version']})") from exc
-        return Snapshot(stream_id, row["version"], row["snapshot_type"], state)
-
-
-def _check_int(value: object, what: str, low: int, high: int | None = 2**62,
-               error: type[errors.InvalidInput] = errors.InvalidInput) -> None:
-    """A real int (not a bool) from ``low`` up to below ``high`` (by default well inside Postgres's bigint)."""
-    if (not isinstance(value, int) or isinstance(value, bool) or value < low
-            or (high is not None and value >= high)):
-        raise error(f"{what} must be an int >= {low}, got {value!r}")
-
-
-def _check_expected(expected: object) -> None:
-    _check_int(expected, "expected_version", NO_STREAM, error=errors.InvalidExpectedVersion)
-
-
-def _check_unique_ids(event_ids: list[uuid.UUID | None]) -> None:
-    given = [i for i in event_ids if i is not None]
-    if len(set(given)) != len(given):
-        raise errors.DuplicateEventId("the same event id appears twice in one append")
+        return snapshot_from_row(stream_id, row, self.registry)
 
 
 def _unique_violation(exc: BaseException | None) -> asyncpg.UniqueViolationError | None:

@@ -92,6 +92,16 @@ def record_from_row(row: Mapping[str, Any], registry: codec.Registry = codec.REG
                      event_type, payload, row["data"], metadata, row["recorded_at"])
 
 
+def snapshot_from_row(stream_id: str, row: Mapping[str, Any],
+                      registry: codec.Registry = codec.REGISTRY) -> Snapshot:
+    """Decode a snapshots row (version, snapshot_type, data) of stream_id into a Snapshot."""
+    try:
+        state = registry.decode(row["snapshot_type"], row["data"])
+    except errors.CodecError as exc:
+        raise type(exc)(f"{exc} (snapshot of stream {stream_id!r}, version {row['version']})") from exc
+    return Snapshot(stream_id, row["version"], row["snapshot_type"], state)
+
+
 # This runs once per event read: positional constructors without the frozen __init__'s cost (see codec).
 _recorded = codec.constructor(RecordedEvent)
 _position = codec.constructor(Position)

@@ -71,6 +71,10 @@ SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '');
 -- The stream's current version, -1 when it has no events.
 SELECT coalesce(max(version), -1) FROM {schema}.events WHERE stream_id = $1;
 
+-- name: stream_version_at
+-- The stream's version as of a time: its last event recorded at or before $2, -1 when there is none.
+SELECT coalesce(max(version), -1) FROM {schema}.events WHERE stream_id = $1 AND recorded_at <= $2;
+
 -- name: find_events
 -- Where and what the given event ids were stored as, for recognising a retried append.
 SELECT event_id, stream_id, version, global_position, event_type, data, metadata
@@ -84,7 +88,7 @@ WHERE stream_id = $1 AND version >= $2
 ORDER BY version;
 
 -- name: load_stream_range
--- A stream's events with from <= version <= to, in version order (gap filling).
+-- A stream's events with from <= version <= to, in version order (gap filling, loads up to a version).
 SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id
 FROM {schema}.events
 WHERE stream_id = $1 AND version >= $2 AND version <= $3
@@ -122,6 +126,10 @@ ON CONFLICT (stream_id) DO UPDATE
 -- name: load_snapshot
 -- The newest snapshot of a stream.
 SELECT version, snapshot_type, data FROM {schema}.snapshots WHERE stream_id = $1;
+
+-- name: load_snapshot_at_or_before
+-- The stream's snapshot if it is of version $2 or older (only the newest is kept: see save_snapshot).
+SELECT version, snapshot_type, data FROM {schema}.snapshots WHERE stream_id = $1 AND version <= $2;
 
 -- name: count_events_by_type
 -- How many events of each type the store holds (summaries for operators and the demo).

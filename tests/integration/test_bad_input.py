@@ -5,19 +5,17 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from decimal import Decimal
-from typing import Any
 
 import aio_pika
 import aiormq.exceptions
 import asyncpg
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from eventfleet.examples.orders.events import OrderPaid
-from store import db, errors, migrate, names
+from store import db, errors, migrate
 from store.event_store import NO_STREAM, EventStore
 from tests.conftest import DATABASE_URL
+from tests.contract.test_input import round_trip
 from workers import admin
 from workers.config import Settings
 
@@ -31,68 +29,11 @@ HOSTILE_STREAM_IDS = [
 ]
 
 
-async def _round_trip(event_store: EventStore, stream_id: str) -> None:
-    version = await event_store.stream_version(stream_id)
-    result = await event_store.append(stream_id, [PAID], version)
-    assert result.stream_id == stream_id
-    loaded = await event_store.load(stream_id)
-    assert [e.stream_id for e in loaded] == [stream_id] * (version + 2)
-    assert loaded[-1].event == PAID
-
-
 @pytest.mark.parametrize("stream_id", HOSTILE_STREAM_IDS)
 async def test_unicode_and_quoted_stream_ids_round_trip_exactly(
         event_store: EventStore, pool: db.Pool, stream_id: str) -> None:
-    await _round_trip(event_store, stream_id)
+    await round_trip(event_store, stream_id)
     assert await pool.fetchval("SELECT stream_id FROM events") == stream_id
-
-
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(stream_id=st.text(min_size=1, max_size=300))
-async def test_any_text_stream_id_round_trips_or_is_refused(event_store: EventStore, stream_id: str) -> None:
-    try:
-        names.stream_id(stream_id)
-    except errors.InvalidStreamId:
-        with pytest.raises(errors.InvalidStreamId):
-            await event_store.append(stream_id, [PAID], NO_STREAM)
-        return
-    await _round_trip(event_store, stream_id)
-
-
-@pytest.mark.parametrize("stream_id", ["a\x00b", "\x00", "x" * 10_000, "x" * 256, "", "\ud800x", "tab\there",
-                                       "\u202eevil"])
-async def test_nul_and_over_long_stream_ids_are_refused_and_nothing_is_written(
-        event_store: EventStore, pool: db.Pool, stream_id: str) -> None:
-    with pytest.raises(errors.InvalidStreamId):
-        await event_store.append(stream_id, [PAID], NO_STREAM)
-    with pytest.raises(errors.InvalidStreamId):
-        await event_store.append_batch([("order-ok", [PAID], NO_STREAM), (stream_id, [PAID], NO_STREAM)])
-    assert await pool.fetchval("SELECT count(*) FROM events") == 0
-    assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
-
-
-@pytest.mark.parametrize("expected", [-2, -(10**6), 2**62, 2**63, 2**64, 10**30, "0", 0.0, None, True, Decimal(0)])
-async def test_bad_expected_versions_are_refused(event_store: EventStore, pool: db.Pool, expected: Any) -> None:
-    await event_store.append("order-1", [PAID], NO_STREAM)
-    with pytest.raises(errors.InvalidExpectedVersion):
-        await event_store.append("order-1", [PAID], expected)
-    assert await event_store.stream_version("order-1") == 0
-
-
-async def test_a_huge_valid_expected_version_is_a_conflict_not_a_crash(event_store: EventStore) -> None:
-    await event_store.append("order-1", [PAID], NO_STREAM)
-    with pytest.raises(errors.VersionConflict) as info:
-        await event_store.append("order-1", [PAID], 2**62 - 1)
-    assert (info.value.expected, info.value.actual) == (2**62 - 1, 0)
-
-
-async def test_an_oversized_event_is_refused_and_nothing_is_written(pool: db.Pool, schema: str) -> None:
-    store = EventStore(pool, schema=schema, max_payload_bytes=4096)
-    big = OrderPaid("o" * 10_000, "c", Decimal(1), NOW)
-    with pytest.raises(errors.PayloadTooLarge):
-        await store.append("order-big", [PAID, big], NO_STREAM)
-    assert await pool.fetchval("SELECT count(*) FROM events") == 0
 
 
 # --- injected names never reach SQL ------------------------------------------------------------------

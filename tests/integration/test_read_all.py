@@ -107,22 +107,6 @@ async def test_an_open_older_transaction_holds_read_all_back_until_it_ends(event
     assert [e.stream_id for e in await read_until(event_store, Position.START, lambda r: len(r) >= 1)] == ["s"]
 
 
-async def test_paging_with_the_last_position_reads_every_event_once_in_commit_order(event_store):
-    await event_store.append_batch([(f"b{n}", [paid(n), paid(n + 100)], NO_STREAM) for n in range(5)])
-    for n in range(30):
-        await event_store.append(f"s{n % 7}", [paid(n)], (n // 7) - 1)
-    everything = await read_until(event_store, Position.START, lambda read: len(read) >= 40)
-    assert len(everything) == 40
-    assert len({e.event_id for e in everything}) == 40
-    positions = [e.position for e in everything]
-    assert positions == sorted(positions)
-    assert all(e.position == Position(e.position.transaction_id, e.global_position) for e in everything)
-    assert len({e.position.transaction_id for e in everything[:10]}) == 1  # one batch, one transaction
-    assert await event_store.read_all(everything[-1].position) == []
-    with pytest.raises(ValueError, match="limit"):
-        await event_store.read_all(limit=0)
-
-
 @pytest.mark.parametrize(("event_type", "data", "error"), [
     ("Nope.v1", codec.packb({}), UnknownEventType),
     ("OrderPaid.v9", codec.packb({}), UnknownEventType),

@@ -1,102 +1,21 @@
-"""The write model against the real store: retries on conflicts, snapshots plus tail, the orders domain."""
+"""The write model against PostgreSQL itself: snapshots changed behind the store's back, a lost commit
+acknowledgement. What holds on every store is in tests/contract/test_repository.py."""
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import datetime as dt
-from collections.abc import Sequence
-from decimal import Decimal
-from typing import Any, Self
-
 import pytest
 
-from eventfleet.examples.orders import orders
 from store import (
-    NO_STREAM,
-    Aggregate,
-    AppendResult,
     EventStore,
     Repository,
-    TransientError,
-    VersionConflict,
-    codec,
     db,
 )
-
-REG = codec.Registry()
-
-
-@REG.event("Incremented", version=1)
-@dataclasses.dataclass(frozen=True, slots=True)
-class Incremented:
-    writer: int
-    count: int  # the count this event makes: proves each decision saw every earlier event
-
-
-@REG.event("CounterState", version=1)
-@dataclasses.dataclass(frozen=True, slots=True)
-class CounterState:
-    count: int
-
-
-class Counter(Aggregate):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def apply(self, event: Any) -> None:
-        assert isinstance(event, Incremented)
-        self.count += 1
-
-    def to_snapshot(self) -> CounterState:
-        return CounterState(self.count)
-
-    @classmethod
-    def from_snapshot(cls, state: Any, version: int) -> Self:
-        counter = cls()
-        counter.count, counter.version = state.count, version
-        return counter
-
-
-def increment(writer: int) -> Any:
-    def decide(counter: Counter) -> Sequence[Incremented]:
-        return [Incremented(writer, counter.count + 1)]
-
-    return decide
+from tests.contract.counters import REG, Counter, CounterState, increment
 
 
 @pytest.fixture
 def counters(pool: db.Pool, schema: str) -> EventStore:
     return EventStore(pool, schema=schema, registry=REG)
-
-
-async def test_32_concurrent_writers_on_one_stream_yield_exactly_32_events(counters):
-    repository = Repository(counters, Counter, max_attempts=100)
-    done = await asyncio.gather(*(repository.execute("counter-1", increment(w)) for w in range(32)))
-    events = await counters.load("counter-1")
-    assert [e.version for e in events] == list(range(32))
-    assert [e.event.count for e in events] == list(range(1, 33))
-    assert sorted(e.event.writer for e in events) == list(range(32))
-    assert sorted(d.result.last_version for d in done if d.result) == list(range(32))
-    assert repository.conflicts > 0  # they really collided, and the retries resolved it
-    assert repository.conflicts == sum(d.attempts - 1 for d in done)
-
-
-async def test_conflicts_beyond_the_attempt_bound_are_raised(counters):
-    repository = Repository(counters, Counter, max_attempts=1)
-    results = await asyncio.gather(*(repository.execute("c", increment(w)) for w in range(4)),
-                                   return_exceptions=True)
-    assert any(isinstance(r, VersionConflict) for r in results)
-    assert await counters.stream_version("c") == sum(not isinstance(r, BaseException) for r in results) - 1
-
-
-async def test_a_command_that_emits_nothing_appends_nothing(counters):
-    repository = Repository(counters, Counter)
-    done = await repository.execute("c", lambda counter: [])
-    assert done.result is None
-    assert done.aggregate.version == NO_STREAM
-    assert await counters.load("c") == []
 
 
 async def test_snapshots_are_taken_every_n_events_and_loading_reads_only_the_tail(counters, pool):
@@ -123,66 +42,3 @@ async def test_an_unreadable_snapshot_is_ignored_and_the_stream_replayed(counter
     assert (loaded.version, loaded.count) == (3, 4)
 
 
-async def test_an_older_snapshot_never_replaces_a_newer_one(counters):
-    assert await counters.save_snapshot("c", 5, CounterState(6))
-    assert not await counters.save_snapshot("c", 2, CounterState(3))
-    assert await counters.save_snapshot("c", 8, CounterState(9))
-    snapshot = await counters.load_snapshot("c")
-    assert (snapshot.version, snapshot.state) == (8, CounterState(9))
-    assert await counters.load_snapshot("none") is None
-
-
-class LostAcknowledgement(EventStore):
-    """A real store whose first append commits, then reports a lost connection (a lost commit ack)."""
-
-    lost = 0
-
-    async def append(self, stream_id: str, events: Sequence[Any], expected_version: int) -> AppendResult:
-        result = await super().append(stream_id, events, expected_version)
-        if not self.lost:
-            self.lost += 1
-            raise TransientError("connection lost before the commit was acknowledged")
-        return result
-
-
-async def test_an_append_retried_after_a_lost_acknowledgement_is_not_doubled(pool, schema):
-    store = LostAcknowledgement(pool, schema=schema, registry=REG)
-    repository = Repository(store, Counter)
-    done = await repository.execute("c", increment(1))
-    assert store.lost == 1
-    assert [e.event for e in await store.load("c")] == [Incremented(1, 1)]
-    assert done.result is not None
-    assert (done.result.first_version, done.aggregate.count, done.attempts) == (0, 1, 1)
-
-
-async def test_an_order_lives_through_the_repository_and_refuses_invalid_transitions(event_store):
-    repository = Repository(event_store, orders.Order, snapshot_every=2)
-    stream = orders.stream_id("42")
-    items = [orders.LineItem("p1", "Pen", "SKU-1", 2, Decimal("1.25")),
-             orders.LineItem("p2", "Ink", "SKU-2", 1, Decimal("10.00"))]
-    placed = await repository.execute(stream, orders.place("42", "c7", items))
-    assert (placed.aggregate.status, placed.aggregate.total, placed.aggregate.item_count) == (
-        "placed", Decimal("15.00"), 3)
-    await repository.execute(stream, orders.cancel("changed my mind"))
-    with pytest.raises(orders.InvalidTransition, match="cannot ship order 42: it is cancelled"):
-        await repository.execute(stream, orders.ship("dhl"))
-    with pytest.raises(orders.InvalidTransition):
-        await repository.execute(stream, orders.place("42", "c7", items))
-    events = [e.event for e in await event_store.load(stream)]
-    assert [type(e) for e in events] == [orders.OrderPlaced, orders.OrderCancelled]
-    placed_event = events[0]
-    assert (placed_event.subtotal, placed_event.tax, placed_event.total) == (
-        Decimal("12.50"), Decimal("2.50"), Decimal("15.00"))
-    assert (await repository.load(stream)).status == "cancelled"
-
-
-async def test_an_order_placed_as_v1_is_upcast_and_can_be_paid(event_store):
-    at = dt.datetime(2019, 6, 1, tzinfo=dt.UTC)
-    stream = orders.stream_id("old")
-    await event_store.append(stream, [orders.OrderPlacedV1("old", "c1", Decimal("20.00"), at)], NO_STREAM)
-    (loaded,) = await event_store.load(stream)
-    assert loaded.event_type == "OrderPlaced.v1"
-    assert loaded.event == orders.OrderPlaced("old", "c1", (), Decimal("20.00"), Decimal(0), Decimal("20.00"), at)
-    paid = await Repository(event_store, orders.Order).execute(stream, orders.pay())
-    assert (await event_store.load(stream, 1))[0].event.amount == Decimal("20.00")
-    assert paid.aggregate.status == "paid"

@@ -17,7 +17,7 @@ import projections
 from projections import wait
 from store import NO_STREAM, EventStore, NewEvent, Position, Repository, VersionConflict, db, names, queries
 from tests.conftest import Cleanup
-from tests.integration.test_repository import REG, Counter, CounterState, Incremented, increment
+from tests.contract.counters import REG, Counter, CounterState, Incremented, increment
 from tests.unit.test_projection_fold import paid, placed
 from workers import admin
 

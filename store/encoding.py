@@ -1,0 +1,105 @@
+"""What every event store does with its input before storing it: check it, and encode it with the registry.
+
+``EventStore`` (PostgreSQL) and ``InMemoryEventStore`` both derive from ``Encoding``, so an event, version
+or limit that the one refuses the other refuses the same way, and both store exactly the same bytes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from store import codec, errors
+from store.records import NO_STREAM, AppendResult, NewEvent
+
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+_EMPTY_METADATA = codec.packb({})
+
+
+class Encoded(NamedTuple):
+    event_id: uuid.UUID | None  # None: the store draws one (nothing to recognise on a retry anyway)
+    event_type: str
+    data: bytes
+    metadata: bytes
+
+
+class Encoding:
+    """The encoding of events and snapshots with ``registry``, within ``max_payload_bytes``."""
+
+    registry: codec.Registry
+    max_payload_bytes: int
+
+    def _encode_all(self, events: Sequence[Any]) -> list[Encoded]:
+        if isinstance(events, (str, bytes)) or not isinstance(events, Sequence) or not events:
+            raise errors.InvalidInput("append needs a non-empty sequence of events")
+        encoded = [self._encode(e) for e in events]
+        if len(encoded) > 1:
+            check_unique_ids([e.event_id for e in encoded])
+        return encoded
+
+    def _encode(self, event: Any) -> Encoded:
+        if isinstance(event, NewEvent):
+            payload, event_id, meta = event.payload, event.event_id, event.metadata
+        else:
+            payload, event_id, meta = event, None, None
+        event_type, data = self.registry.encode(payload)
+        metadata = codec.packb(dict(meta)) if meta else _EMPTY_METADATA
+        if len(data) + len(metadata) > self.max_payload_bytes:
+            raise errors.PayloadTooLarge(
+                f"{event_type} encodes to {len(data) + len(metadata)} bytes, over the {self.max_payload_bytes} limit")
+        return Encoded(event_id, event_type, data, metadata)
+
+    def _encode_snapshot(self, stream_id: str, state: Any) -> tuple[str, bytes]:
+        snapshot_type, data = self.registry.encode(state)
+        if len(data) > self.max_payload_bytes:
+            raise errors.PayloadTooLarge(f"snapshot of {stream_id!r} encodes to {len(data)} bytes")
+        return snapshot_type, data
+
+
+def original_result(stream_id: str, expected: int, encoded: list[Encoded],
+                    found: Iterable[Mapping[str, Any]]) -> AppendResult | None:
+    """The original result if these exact events already sit at these versions (a retried append).
+
+    ``found`` are the stored rows of the append's event ids (event_id, stream_id, version, global_position,
+    event_type, data, metadata). None when there are none; DuplicateEventId when any event is stored
+    elsewhere, with other content, or not at all while others are.
+    """
+    rows = {r["event_id"]: r for r in found}
+    if not rows:
+        return None
+    positions = []
+    for step, e in enumerate(encoded, start=1):
+        row = rows.get(e.event_id)
+        if row is None or row["stream_id"] != stream_id or row["version"] != expected + step:
+            raise errors.DuplicateEventId(
+                f"event {e.event_id or '(without id)'} of a retried append is not where it was appended")
+        if row["event_type"] != e.event_type or row["data"] != e.data or row["metadata"] != e.metadata:
+            raise errors.DuplicateEventId(f"event {e.event_id} was appended before with other content")
+        positions.append(row["global_position"])
+    return AppendResult(stream_id, expected + 1, expected + len(encoded), tuple(positions))
+
+
+def check_int(value: object, what: str, low: int, high: int | None = 2**62,
+              error: type[errors.InvalidInput] = errors.InvalidInput) -> None:
+    """A real int (not a bool) from ``low`` up to below ``high`` (by default well inside Postgres's bigint)."""
+    if (not isinstance(value, int) or isinstance(value, bool) or value < low
+            or (high is not None and value >= high)):
+        raise error(f"{what} must be an int >= {low}, got {value!r}")
+
+
+def check_time(value: object, what: str) -> None:
+    """A timezone-aware datetime (a naive one would mean the database session's zone, or nothing)."""
+    if not isinstance(value, dt.datetime) or value.utcoffset() is None:
+        raise errors.InvalidInput(f"{what} must be a timezone-aware datetime, got {value!r}")
+
+
+def check_expected(expected: object) -> None:
+    check_int(expected, "expected_version", NO_STREAM, error=errors.InvalidExpectedVersion)
+
+
+def check_unique_ids(event_ids: list[uuid.UUID | None]) -> None:
+    given = [i for i in event_ids if i is not None]
+    if len(set(given)) != len(given):
+        raise errors.DuplicateEventId("the same event id appears twice in one append")

@@ -1,0 +1,216 @@
+"""An event store in memory with EventStore's semantics, for unit tests of aggregates and commands.
+
+It checks and encodes what it is given exactly as ``EventStore`` does (``store.encoding``: the registry
+and msgpack, the same limits) and decodes what it returns from the stored bytes (``store.records``), so an
+event that PostgreSQL could not store fails here too, and an event comes back as it would from there.
+
+Each append call is one transaction: its events share a transaction id (a counter of appends), and every
+event takes the next global position, so ``read_all`` returns them in EventStore's (transaction id,
+global position) order. Every call yields to the event loop once before it acts, as a round trip to a
+database would, so tasks racing on one stream meet ``VersionConflict`` as they would there; what a call
+checks and writes after that happens at once. tests/contract runs one suite against both stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import datetime as dt
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from store import codec, errors, names
+from store.encoding import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    Encoded,
+    Encoding,
+    check_expected,
+    check_int,
+    check_time,
+    check_unique_ids,
+    original_result,
+)
+from store.records import (
+    NO_STREAM,
+    AppendResult,
+    Horizon,
+    Position,
+    RecordedEvent,
+    Snapshot,
+    record_from_row,
+    snapshot_from_row,
+)
+
+Row = dict[str, Any]
+_MICROSECOND = dt.timedelta(microseconds=1)
+_Append = tuple[str, int, list[Encoded]]  # stream id, expected version, its encoded events
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _commit_order(row: Row) -> tuple[int, int]:
+    return row["transaction_id"], row["global_position"]
+
+
+class InMemoryEventStore(Encoding):
+    """Append-only streams of events in this process's memory, gone with it."""
+
+    def __init__(self, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+                 registry: codec.Registry = codec.REGISTRY,
+                 clock: Callable[[], dt.datetime] = _utc_now) -> None:
+        self.max_payload_bytes = max_payload_bytes
+        self.registry = registry
+        #: Where ``recorded_at`` comes from (a timezone-aware datetime); tests may pass a fake clock.
+        self.clock = clock
+        self._last_recorded_at: dt.datetime | None = None
+        self._rows: list[Row] = []  # every event, in global position order (which is commit order here)
+        self._streams: dict[str, list[Row]] = {}  # each stream's events, in version order
+        self._by_id: dict[uuid.UUID, Row] = {}
+        self._snapshots: dict[str, Row] = {}
+        self._transaction_id = 0
+
+    # --- writing ---------------------------------------------------------------------------------
+
+    async def append(self, stream_id: str, events: Sequence[Any], expected_version: int) -> AppendResult:
+        """Append events after expected_version (NO_STREAM: the stream must not exist), all or none."""
+        names.stream_id(stream_id)
+        check_expected(expected_version)
+        encoded = self._encode_all(events)
+        await asyncio.sleep(0)  # see the module's docstring
+        if self._version(stream_id) == expected_version and not self._found(encoded):
+            return self._write([(stream_id, expected_version, encoded)])[0]
+        existing = original_result(stream_id, expected_version, encoded, self._found(encoded))
+        if existing is not None:
+            return existing
+        raise errors.VersionConflict(stream_id, expected_version, self._version(stream_id))
+
+    async def append_batch(self, batch: Sequence[tuple[str, Sequence[Any], int]]) -> list[AppendResult]:
+        """Append to several streams at once: all of them or none."""
+        if not batch:
+            raise errors.InvalidInput("append_batch needs at least one stream")
+        appends: list[_Append] = []
+        for stream_id, events, expected in batch:
+            names.stream_id(stream_id)
+            check_expected(expected)
+            appends.append((stream_id, expected, self._encode_all(events)))
+        if len({stream_id for stream_id, _, _ in appends}) != len(appends):
+            raise errors.InvalidInput("a stream appears twice in one append_batch")
+        check_unique_ids([e.event_id for _, _, encoded in appends for e in encoded])
+        await asyncio.sleep(0)
+        mismatched = [(s, x) for s, x, _ in appends if self._version(s) != x]
+        if not mismatched and not any(self._found(encoded) for _, _, encoded in appends):
+            return self._write(appends)
+        results = []
+        for stream_id, expected, encoded in appends:
+            existing = original_result(stream_id, expected, encoded, self._found(encoded))
+            if existing is None:
+                break
+            results.append(existing)
+        else:
+            return results  # the whole batch is a retry of one that was written
+        if mismatched:
+            stream_id, expected = mismatched[0]
+            raise errors.VersionConflict(stream_id, expected, self._version(stream_id))
+        raise errors.DuplicateEventId("an event id of this batch exists elsewhere")
+
+    def _write(self, appends: list[_Append]) -> list[AppendResult]:
+        self._transaction_id += 1
+        results = []
+        for stream_id, expected, encoded in appends:
+            stream = self._streams.setdefault(stream_id, [])
+            for step, e in enumerate(encoded, start=1):
+                row: Row = {
+                    "global_position": len(self._rows) + 1, "event_id": e.event_id or uuid.uuid4(),
+                    "stream_id": stream_id, "version": expected + step, "event_type": e.event_type,
+                    "data": e.data, "metadata": e.metadata, "recorded_at": self._now(),
+                    "transaction_id": self._transaction_id}
+                self._rows.append(row)
+                stream.append(row)
+                self._by_id[row["event_id"]] = row
+            positions = tuple(row["global_position"] for row in stream[expected + 1:])
+            results.append(AppendResult(stream_id, expected + 1, expected + len(encoded), positions))
+        return results
+
+    def _now(self) -> dt.datetime:
+        """The clock's time, or a microsecond after the previous event's when the clock has not moved past
+        it: events are recorded in the order they are appended, never two at the same instant."""
+        now = self.clock()
+        last = self._last_recorded_at
+        if last is not None and now <= last:
+            now = last + _MICROSECOND
+        self._last_recorded_at = now
+        return now
+
+    def _found(self, encoded: list[Encoded]) -> list[Row]:
+        """The stored events with the ids of these (a retry, or a clash)."""
+        return [self._by_id[e.event_id] for e in encoded if e.event_id in self._by_id]
+
+    def _version(self, stream_id: str) -> int:
+        return len(self._streams.get(stream_id, ())) - 1
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    async def stream_version(self, stream_id: str) -> int:
+        """The stream's current version (NO_STREAM when empty)."""
+        await asyncio.sleep(0)
+        return self._version(stream_id)
+
+    async def load(self, stream_id: str, from_version: int = 0, to_version: int | None = None) -> list[RecordedEvent]:
+        """A stream's events from from_version on (up to to_version inclusive), decoded and upcast, in
+        version order."""
+        names.stream_id(stream_id)
+        check_int(from_version, "from_version", 0)
+        if to_version is not None:
+            check_int(to_version, "to_version", 0)
+        await asyncio.sleep(0)
+        end = None if to_version is None else to_version + 1
+        return [record_from_row(r, self.registry) for r in self._streams.get(stream_id, [])[from_version:end]]
+
+    async def version_at(self, stream_id: str, as_of: dt.datetime) -> int:
+        """The stream's version as of a time: its last event recorded at or before it (NO_STREAM: none)."""
+        names.stream_id(stream_id)
+        check_time(as_of, "as_of")
+        await asyncio.sleep(0)
+        stream = self._streams.get(stream_id, [])
+        return max((r["version"] for r in stream if r["recorded_at"] <= as_of), default=NO_STREAM)
+
+    async def read_all(self, after: Position = Position.START, limit: int = 1000) -> list[RecordedEvent]:
+        """Events of all streams after ``after`` in commit order; pass the last one's position next."""
+        check_int(limit, "limit", 1, high=None)
+        await asyncio.sleep(0)
+        start = bisect.bisect_right(self._rows, (after.transaction_id, after.global_position), key=_commit_order)
+        return [record_from_row(r, self.registry) for r in self._rows[start:start + limit]]
+
+    async def horizon(self) -> Horizon:
+        """Every append has committed: the frontier is past the last transaction, and nothing holds it."""
+        await asyncio.sleep(0)
+        return Horizon(self._transaction_id + 1, 0.0)
+
+    # --- snapshots -------------------------------------------------------------------------------
+
+    async def save_snapshot(self, stream_id: str, version: int, state: Any) -> bool:
+        """Store ``state`` (a registered class) as the stream's state at ``version``; False if a newer exists."""
+        names.stream_id(stream_id)
+        check_int(version, "version", 0)
+        snapshot_type, data = self._encode_snapshot(stream_id, state)
+        await asyncio.sleep(0)
+        newest = self._snapshots.get(stream_id)
+        if newest is not None and newest["version"] >= version:
+            return False
+        self._snapshots[stream_id] = {"version": version, "snapshot_type": snapshot_type, "data": data}
+        return True
+
+    async def load_snapshot(self, stream_id: str, *, at_or_before: int | None = None) -> Snapshot | None:
+        """The stream's newest snapshot, decoded and upcast; None when there is none, or when it is newer
+        than version ``at_or_before`` (only the newest snapshot is kept, as in EventStore)."""
+        names.stream_id(stream_id)
+        if at_or_before is not None:
+            check_int(at_or_before, "at_or_before", 0)
+        await asyncio.sleep(0)
+        row = self._snapshots.get(stream_id)
+        if row is None or (at_or_before is not None and row["version"] > at_or_before):
+            return None
+        return snapshot_from_row(stream_id, row, self.registry)
