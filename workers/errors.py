@@ -48,6 +48,10 @@ class NotRetryable(WorkerError):
     """This dead letter cannot be re-driven."""
 
 
+class NoDeadLetter(NotRetryable):
+    """No dead letter has this id."""
+
+
 class RebuildError(WorkerError):
     """The projection could not be rebuilt."""
 
@@ -61,4 +65,4 @@ class DemoFailed(WorkerError):
 
 
 __all__ = ["BrokerUnavailable", "ChannelLost", "ConfigError", "DemoFailed", "HandlerFailed", "MalformedMessage",
-           "NotRetryable", "PublishFailed", "RebuildError", "RebuildRunning", "WorkerError"]
+           "NoDeadLetter", "NotRetryable", "PublishFailed", "RebuildError", "RebuildRunning", "WorkerError"]

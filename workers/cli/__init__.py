@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl_list.add_argument("--projection", default=None, metavar="NAME")
     dl_retry = dead_sub.add_parser("retry", help="re-drive a parked failure and release its stream")
     dl_retry.add_argument("id", type=int, metavar="ID")
+    dl_show = dead_sub.add_parser("show", help="print one dead letter in full, its traceback included")
+    dl_show.add_argument("id", type=int, metavar="ID")
     return parser
 
 

@@ -9,7 +9,9 @@ committed regardless. ``eventfleet dead-letters retry ID`` re-drives a parked ev
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -127,7 +129,7 @@ async def _redrive(conn: db.Conn, store: EventStore, dead_letter_id: int,
                    resolve: Callable[[str], Projection]) -> Redriven:
     row = await conn.fetchrow(SQL["lock_dead_letter"], dead_letter_id)
     if row is None:
-        raise errors.NotRetryable(f"no dead letter {dead_letter_id}")
+        raise errors.NoDeadLetter(f"no dead letter {dead_letter_id}")
     if row["status"] != "parked":
         raise errors.NotRetryable(f"dead letter {dead_letter_id} is {row['status']}; only parked ones are re-driven")
     projection = resolve(row["projection"])
@@ -159,5 +161,30 @@ async def list_parked(pool: db.Pool, projection: str | None = None) -> list[dict
         return [dict(r) for r in await pool.fetch(SQL["list_parked"], projection)]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One dead letter as stored; ``stream_id`` is None for a message that could not be decoded at all."""
+
+    id: int
+    projection: str
+    stream_id: str | None
+    version: int | None
+    event_type: str | None
+    event_id: uuid.UUID | None
+    global_position: int | None
+    status: str
+    attempts: int
+    error: str
+    traceback: str
+    created_at: dt.datetime
+    resolved_at: dt.datetime | None
+    body_bytes: int | None  # the size of the raw message kept for an undecodable one
 
 
+async def dead_letter(pool: db.Pool, dead_letter_id: int) -> DeadLetter:
+    """The dead letter of this id, whatever its status; raise ``NoDeadLetter`` if there is none."""
+    async with db.translate_errors():
+        row = await pool.fetchrow(SQL["get_dead_letter"], dead_letter_id)
+    if row is None:
+        raise errors.NoDeadLetter(f"no dead letter {dead_letter_id}")
+    return DeadLetter(**dict(row))
