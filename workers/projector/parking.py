@@ -1,4 +1,4 @@
-"""Poison events and undecodable messages: retry with backoff, park per policy, list and re-drive.
+"""Poison events and undecodable messages: retry with backoff, park per policy, list, show and re-drive.
 
 A handler that raises is retried a few times with short backoff; then its event is parked in
 ``dead_letters`` and the projection's policy decides the stream's fate (``halt``: it stops there, later
@@ -127,11 +127,7 @@ async def retry(store: EventStore, dead_letter_id: int,
 
 async def _redrive(conn: db.Conn, store: EventStore, dead_letter_id: int,
                    resolve: Callable[[str], Projection]) -> Redriven:
-    row = await conn.fetchrow(SQL["lock_dead_letter"], dead_letter_id)
-    if row is None:
-        raise errors.NoDeadLetter(f"no dead letter {dead_letter_id}")
-    if row["status"] != "parked":
-        raise errors.NotRetryable(f"dead letter {dead_letter_id} is {row['status']}; only parked ones are re-driven")
+    row = await _lock_parked(conn, dead_letter_id, "re-driven")
     projection = resolve(row["projection"])
     stream_id, version = row["stream_id"], row["version"]
     if stream_id is None:
@@ -140,19 +136,41 @@ async def _redrive(conn: db.Conn, store: EventStore, dead_letter_id: int,
         except errors.MalformedMessage as exc:
             raise errors.NotRetryable(f"dead letter {dead_letter_id} is still undecodable: {exc}") from exc
         stream_id, version = event.stream_id, event.version
+    applied, last = await _release(conn, store, projection, stream_id)
+    await conn.execute(SQL["resolve_dead_letter"], dead_letter_id, stream_id, version)
+    logger.info("dead letter re-driven", extra={"dead_letter": dead_letter_id, "projection": projection.name,
+                                                "stream_id": stream_id, "applied": applied})
+    return Redriven(dead_letter_id, projection.name, stream_id, applied, last)
+
+
+async def _lock_parked(conn: db.Conn, dead_letter_id: int, verb: str) -> Any:
+    """The dead letter's row, locked; raise unless it exists and is parked (``verb``: what only those can be)."""
+    row = await conn.fetchrow(SQL["lock_dead_letter"], dead_letter_id)
+    if row is None:
+        raise errors.NoDeadLetter(f"no dead letter {dead_letter_id}")
+    if row["status"] != "parked":
+        raise errors.NotRetryable(f"dead letter {dead_letter_id} is {row['status']}; only parked ones can be {verb}")
+    return row
+
+
+async def _release(conn: db.Conn, store: EventStore, projection: Projection, stream_id: str) -> tuple[int, int]:
+    """Apply a stream's events after its checkpoint up to the store's head, move the checkpoint to the last
+    of them and lift its halt; return (events applied, the new checkpoint).
+
+    Takes the projection's lock shared, as every batch does, then the watermark lock, so the lag monitor
+    never passes the released events unseen (see ``locks``).
+    """
     name = projection.name
     await locks.share(conn, locks.projection(store.schema, name))
     await locks.take(conn, locks.watermark(store.schema, name))
     head = await conn.fetchrow(SQL["lock_stream_checkpoint"], name, stream_id)
     assert head is not None
-    events = await store.load(stream_id, head["version"] + 1, conn=conn)
+    start = head["version"]
+    events = await store.load(stream_id, start + 1, conn=conn)
     await handlers.apply_each(conn, projection, events)
-    last = events[-1].version if events else head["version"]
+    last = events[-1].version if events else start
     await conn.execute(SQL["release_stream"], name, stream_id, last, len(events))
-    await conn.execute(SQL["resolve_dead_letter"], dead_letter_id, stream_id, version)
-    logger.info("dead letter re-driven", extra={"dead_letter": dead_letter_id, "projection": name,
-                                                "stream_id": stream_id, "applied": len(events)})
-    return Redriven(dead_letter_id, name, stream_id, len(events), last)
+    return len(events), last
 
 
 async def list_parked(pool: db.Pool, projection: str | None = None) -> list[dict[str, Any]]:
