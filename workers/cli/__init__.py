@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl_retry.add_argument("id", type=int, metavar="ID")
     dl_show = dead_sub.add_parser("show", help="print one dead letter in full, its traceback included")
     dl_show.add_argument("id", type=int, metavar="ID")
+    dl_skip = dead_sub.add_parser("skip", help="move a parked failure's stream past it without applying it")
+    dl_skip.add_argument("id", type=int, metavar="ID")
     return parser
 
 

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from workers.config import Settings
-from workers.projector.parking import DeadLetter, dead_letter, list_parked, retry
+from workers.projector.parking import DeadLetter, Skipped, dead_letter, list_parked, retry, skip
 from workers.runtime import lifecycle
 
 
@@ -40,8 +40,18 @@ def render(letter: DeadLetter) -> str:
     return "\n".join(lines)
 
 
+def skipped_line(done: Skipped) -> str:
+    """What a skip did, in one line."""
+    if done.stream_id is None:
+        return (f"dead letter {done.dead_letter_id}: undecodable message of {done.projection} marked skipped "
+                "(it halted no stream)")
+    return (f"dead letter {done.dead_letter_id}: skipped {done.stream_id}@{done.skipped_version} of "
+            f"{done.projection} without applying it; applied {done.applied} later events "
+            f"(now at version {done.version}); stream released")
+
+
 async def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
-    """``eventfleet dead-letters list [--projection NAME]`` / ``show ID`` / ``retry ID``."""
+    """``eventfleet dead-letters list [--projection NAME]`` / ``show ID`` / ``retry ID`` / ``skip ID``."""
     async with lifecycle.open_pool(settings, min_size=1, max_size=2) as pool:
         if args.action == "show":
             print(render(await dead_letter(pool, args.id)))
@@ -55,6 +65,9 @@ async def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{len(rows)} parked")
             return 0
         store = lifecycle.open_store(pool, settings)
+        if args.action == "skip":
+            print(skipped_line(await skip(store, args.id)))
+            return 0
         done = await retry(store, args.id)
         print(f"dead letter {done.dead_letter_id}: applied {done.applied} events of {done.stream_id} "
               f"to {done.projection} (now at version {done.version}); stream released")

@@ -1,9 +1,10 @@
-"""Poison events and undecodable messages: retry with backoff, park per policy, list, show and re-drive.
+"""Poison events and undecodable messages: retry with backoff, park per policy, list, show, re-drive, skip.
 
 A handler that raises is retried a few times with short backoff; then its event is parked in
 ``dead_letters`` and the projection's policy decides the stream's fate (``halt``: it stops there, later
 events wait and count as lag; ``skip``: the checkpoint moves past it). The other streams of the batch are
-committed regardless. ``eventfleet dead-letters retry ID`` re-drives a parked event after a fix.
+committed regardless. ``eventfleet dead-letters retry ID`` re-drives a parked event after a fix; ``skip ID``
+moves its stream past it for good.
 """
 
 from __future__ import annotations
@@ -143,6 +144,42 @@ async def _redrive(conn: db.Conn, store: EventStore, dead_letter_id: int,
     return Redriven(dead_letter_id, projection.name, stream_id, applied, last)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Skipped:
+    """What a skip did: the event its stream moved past, the events applied after it and where it stands.
+
+    ``stream_id``, ``skipped_version`` and ``version`` are None for an undecodable message, which has no stream.
+    """
+
+    dead_letter_id: int
+    projection: str
+    stream_id: str | None
+    skipped_version: int | None
+    applied: int
+    version: int | None
+
+
+async def skip(store: EventStore, dead_letter_id: int,
+               resolve: Callable[[str], Projection] = lambda name: registry.get(name)()) -> Skipped:
+    """Move a parked dead letter's stream past its event without applying it; mark the dead letter skipped.
+
+    One transaction, with the locks and the path of a re-drive: the checkpoint goes to the parked version,
+    the halt is lifted and the stream's later events, up to the store's head, are applied (they were held
+    and acked while it was halted, and no delivery brings them again). If a handler fails on one of them,
+    nothing changes and it raises. An undecodable message halted no stream: it is only marked skipped.
+    """
+    async with db.translate_errors(), store.pool.acquire() as conn, conn.transaction():
+        row = await _lock_parked(conn, dead_letter_id, "skipped")
+        name, stream_id, skipped = row["projection"], row["stream_id"], row["version"]
+        applied, last = 0, None
+        if stream_id is not None:
+            applied, last = await _release(conn, store, resolve(name), stream_id, past=skipped)
+        await conn.execute(SQL["skip_dead_letter"], dead_letter_id)
+    logger.info("dead letter skipped", extra={"dead_letter": dead_letter_id, "projection": name,
+                                              "stream_id": stream_id, "version": skipped, "applied": applied})
+    return Skipped(dead_letter_id, name, stream_id, skipped, applied, last)
+
+
 async def _lock_parked(conn: db.Conn, dead_letter_id: int, verb: str) -> Any:
     """The dead letter's row, locked; raise unless it exists and is parked (``verb``: what only those can be)."""
     row = await conn.fetchrow(SQL["lock_dead_letter"], dead_letter_id)
@@ -153,9 +190,10 @@ async def _lock_parked(conn: db.Conn, dead_letter_id: int, verb: str) -> Any:
     return row
 
 
-async def _release(conn: db.Conn, store: EventStore, projection: Projection, stream_id: str) -> tuple[int, int]:
-    """Apply a stream's events after its checkpoint up to the store's head, move the checkpoint to the last
-    of them and lift its halt; return (events applied, the new checkpoint).
+async def _release(conn: db.Conn, store: EventStore, projection: Projection, stream_id: str, *,
+                   past: int = -1) -> tuple[int, int]:
+    """Apply a stream's events after its checkpoint (and after version ``past``) up to the store's head, move
+    the checkpoint to the last of them and lift its halt; return (events applied, the new checkpoint).
 
     Takes the projection's lock shared, as every batch does, then the watermark lock, so the lag monitor
     never passes the released events unseen (see ``locks``).
@@ -165,7 +203,11 @@ async def _release(conn: db.Conn, store: EventStore, projection: Projection, str
     await locks.take(conn, locks.watermark(store.schema, name))
     head = await conn.fetchrow(SQL["lock_stream_checkpoint"], name, stream_id)
     assert head is not None
-    start = head["version"]
+    if head["halted_version"] is not None and head["halted_version"] < past:
+        # Moving past ``past`` would drop the event the stream is halted at, unapplied and unrecorded.
+        raise errors.NotRetryable(f"stream {stream_id} of {name} is halted at version {head['halted_version']}, "
+                                  f"before {past}: retry or skip the dead letter of that version first")
+    start = max(head["version"], past)
     events = await store.load(stream_id, start + 1, conn=conn)
     await handlers.apply_each(conn, projection, events)
     last = events[-1].version if events else start

@@ -48,6 +48,10 @@ SET status = 'retried', resolved_at = clock_timestamp(),
     stream_id = coalesce(stream_id, $2), version = coalesce(version, $3)
 WHERE id = $1;
 
+-- name: skip_dead_letter
+-- Mark a parked dead letter skipped by an operator: its stream moved past it without applying it.
+UPDATE dead_letters SET status = 'skipped', resolved_at = clock_timestamp() WHERE id = $1;
+
 -- name: count_failed_retry
 -- A retry that failed again: one more attempt, the newest error.
 UPDATE dead_letters SET attempts = attempts + 1, error = $2, traceback = $3 WHERE id = $1;
