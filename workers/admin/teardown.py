@@ -108,7 +108,7 @@ async def _shadows(conn: db.Conn, schema: str, projections: Sequence[str]) -> tu
 
 
 async def _cursor_projections(conn: db.Conn, shadow: str) -> list[str]:
-    """The projections a shadow's rebuild cursor names; none if it cannot be read (then it is not ours)."""
+    """The projections a shadow's rebuild cursor names; none if it cannot be read (then its name alone decides)."""
     if not _is_identifier(shadow, max_length=names.MAX_DERIVED_LENGTH):  # not a name this code derives
         return []
     try:
