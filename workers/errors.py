@@ -48,6 +48,10 @@ class NotRetryable(WorkerError):
     """This dead letter cannot be re-driven."""
 
 
+class NoDeadLetter(NotRetryable):
+    """No dead letter has this id."""
+
+
 class RebuildError(WorkerError):
     """The projection could not be rebuilt."""
 
@@ -56,9 +60,14 @@ class RebuildRunning(RebuildError):
     """Another process is rebuilding this projection right now."""
 
 
+class TeardownRefused(WorkerError):
+    """This schema is not a deployment that teardown may drop."""
+
+
 class DemoFailed(WorkerError):
     """The demo cannot go on; the message says why."""
 
 
 __all__ = ["BrokerUnavailable", "ChannelLost", "ConfigError", "DemoFailed", "HandlerFailed", "MalformedMessage",
-           "NotRetryable", "PublishFailed", "RebuildError", "RebuildRunning", "WorkerError"]
+           "NoDeadLetter", "NotRetryable", "PublishFailed", "RebuildError", "RebuildRunning",
+           "TeardownRefused", "WorkerError"]

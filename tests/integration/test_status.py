@@ -63,7 +63,8 @@ async def test_json_reports_the_exact_lag_parked_queue_depth_and_outbox(pool, sc
     doc = json.loads(result.stdout)
     assert set(doc) == {"projections", "outbox"}
     for row in doc["projections"]:
-        assert set(row) == {"name", "state", "applied", "lag_events", "lag_seconds", "parked", "queue_depth"}
+        assert set(row) == {"name", "state", "applied", "lag_events", "lag_seconds", "parked", "halted",
+                            "queue_depth"}
         assert row["lag_seconds"] > 0
     got = {r["name"]: (r["state"], r["applied"], r["lag_events"], r["parked"], r["queue_depth"])
            for r in doc["projections"]}

@@ -1,4 +1,4 @@
-"""Deployment-wide operations: migrate (schema, read models, roles) and status."""
+"""Deployment-wide operations: migrate (schema, read models, roles), status and teardown."""
 
 from __future__ import annotations
 

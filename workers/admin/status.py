@@ -28,7 +28,7 @@ AMQP_TIMEOUT = 5.0
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ProjectionStatus:
-    """One projection's row of the report; ``halted``/``rebuild_running`` are for the table only."""
+    """One projection's row of the report; ``rebuild_running`` is for the table only (it qualifies the state)."""
 
     name: str
     state: str
@@ -42,7 +42,8 @@ class ProjectionStatus:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "applied": self.applied, "lag_events": self.lag_events,
-                "lag_seconds": round(self.lag_seconds, 3), "parked": self.parked, "queue_depth": self.queue_depth}
+                "lag_seconds": round(self.lag_seconds, 3), "parked": self.parked, "halted": self.halted,
+                "queue_depth": self.queue_depth}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

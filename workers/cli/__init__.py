@@ -31,6 +31,7 @@ _COMMANDS = {
     "load": "workers.cli.load:cmd_load",
     "demo": "workers.cli.demo:cmd_demo",
     "dead-letters": "workers.cli.dead_letters:cmd_dead_letters",
+    "teardown": "workers.cli.teardown:cmd_teardown",
 }
 
 
@@ -88,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     dl_list.add_argument("--projection", default=None, metavar="NAME")
     dl_retry = dead_sub.add_parser("retry", help="re-drive a parked failure and release its stream")
     dl_retry.add_argument("id", type=int, metavar="ID")
+    dl_show = dead_sub.add_parser("show", help="print one dead letter in full, its traceback included")
+    dl_show.add_argument("id", type=int, metavar="ID")
+    dl_skip = dead_sub.add_parser("skip", help="move a parked failure's stream past it without applying it")
+    dl_skip.add_argument("id", type=int, metavar="ID")
+    teardown = sub.add_parser("teardown", help="drop the deployment: its schema and rebuild shadows, queues, "
+                                               "exchanges and roles (nothing of any other)")
+    teardown.add_argument("--yes", action="store_true", help="really drop; without it, list what would go, exit 2")
     return parser
 
 

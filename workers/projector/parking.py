@@ -1,15 +1,18 @@
-"""Poison events and undecodable messages: retry with backoff, park per policy, list and re-drive.
+"""Poison events and undecodable messages: retry with backoff, park per policy, list, show, re-drive, skip.
 
 A handler that raises is retried a few times with short backoff; then its event is parked in
 ``dead_letters`` and the projection's policy decides the stream's fate (``halt``: it stops there, later
 events wait and count as lag; ``skip``: the checkpoint moves past it). The other streams of the batch are
-committed regardless. ``eventfleet dead-letters retry ID`` re-drives a parked event after a fix.
+committed regardless. ``eventfleet dead-letters retry ID`` re-drives a parked event after a fix; ``skip ID``
+moves its stream past it for good.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -125,11 +128,7 @@ async def retry(store: EventStore, dead_letter_id: int,
 
 async def _redrive(conn: db.Conn, store: EventStore, dead_letter_id: int,
                    resolve: Callable[[str], Projection]) -> Redriven:
-    row = await conn.fetchrow(SQL["lock_dead_letter"], dead_letter_id)
-    if row is None:
-        raise errors.NotRetryable(f"no dead letter {dead_letter_id}")
-    if row["status"] != "parked":
-        raise errors.NotRetryable(f"dead letter {dead_letter_id} is {row['status']}; only parked ones are re-driven")
+    row = await _lock_parked(conn, dead_letter_id, "re-driven")
     projection = resolve(row["projection"])
     stream_id, version = row["stream_id"], row["version"]
     if stream_id is None:
@@ -138,19 +137,82 @@ async def _redrive(conn: db.Conn, store: EventStore, dead_letter_id: int,
         except errors.MalformedMessage as exc:
             raise errors.NotRetryable(f"dead letter {dead_letter_id} is still undecodable: {exc}") from exc
         stream_id, version = event.stream_id, event.version
+    applied, last = await _release(conn, store, projection, stream_id)
+    await conn.execute(SQL["resolve_dead_letter"], dead_letter_id, stream_id, version)
+    logger.info("dead letter re-driven", extra={"dead_letter": dead_letter_id, "projection": projection.name,
+                                                "stream_id": stream_id, "applied": applied})
+    return Redriven(dead_letter_id, projection.name, stream_id, applied, last)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Skipped:
+    """What a skip did: the event its stream moved past, the events applied after it and where it stands.
+
+    ``stream_id``, ``skipped_version`` and ``version`` are None for an undecodable message, which has no stream.
+    """
+
+    dead_letter_id: int
+    projection: str
+    stream_id: str | None
+    skipped_version: int | None
+    applied: int
+    version: int | None
+
+
+async def skip(store: EventStore, dead_letter_id: int,
+               resolve: Callable[[str], Projection] = lambda name: registry.get(name)()) -> Skipped:
+    """Move a parked dead letter's stream past its event without applying it; mark the dead letter skipped.
+
+    One transaction, with the locks and the path of a re-drive: the checkpoint goes to the parked version,
+    the halt is lifted and the stream's later events, up to the store's head, are applied (they were held
+    and acked while it was halted, and no delivery brings them again). If a handler fails on one of them,
+    nothing changes and it raises. An undecodable message halted no stream: it is only marked skipped.
+    """
+    async with db.translate_errors(), store.pool.acquire() as conn, conn.transaction():
+        row = await _lock_parked(conn, dead_letter_id, "skipped")
+        name, stream_id, skipped = row["projection"], row["stream_id"], row["version"]
+        applied, last = 0, None
+        if stream_id is not None:
+            applied, last = await _release(conn, store, resolve(name), stream_id, past=skipped)
+        await conn.execute(SQL["skip_dead_letter"], dead_letter_id)
+    logger.info("dead letter skipped", extra={"dead_letter": dead_letter_id, "projection": name,
+                                              "stream_id": stream_id, "version": skipped, "applied": applied})
+    return Skipped(dead_letter_id, name, stream_id, skipped, applied, last)
+
+
+async def _lock_parked(conn: db.Conn, dead_letter_id: int, verb: str) -> Any:
+    """The dead letter's row, locked; raise unless it exists and is parked (``verb``: what only those can be)."""
+    row = await conn.fetchrow(SQL["lock_dead_letter"], dead_letter_id)
+    if row is None:
+        raise errors.NoDeadLetter(f"no dead letter {dead_letter_id}")
+    if row["status"] != "parked":
+        raise errors.NotRetryable(f"dead letter {dead_letter_id} is {row['status']}; only parked ones can be {verb}")
+    return row
+
+
+async def _release(conn: db.Conn, store: EventStore, projection: Projection, stream_id: str, *,
+                   past: int = -1) -> tuple[int, int]:
+    """Apply a stream's events after its checkpoint (and after version ``past``) up to the store's head, move
+    the checkpoint to the last of them and lift its halt; return (events applied, the new checkpoint).
+
+    Takes the projection's lock shared, as every batch does, then the watermark lock, so the lag monitor
+    never passes the released events unseen (see ``locks``).
+    """
     name = projection.name
     await locks.share(conn, locks.projection(store.schema, name))
     await locks.take(conn, locks.watermark(store.schema, name))
     head = await conn.fetchrow(SQL["lock_stream_checkpoint"], name, stream_id)
     assert head is not None
-    events = await store.load(stream_id, head["version"] + 1, conn=conn)
+    if head["halted_version"] is not None and head["halted_version"] < past:
+        # Moving past ``past`` would drop the event the stream is halted at, unapplied and unrecorded.
+        raise errors.NotRetryable(f"stream {stream_id} of {name} is halted at version {head['halted_version']}, "
+                                  f"before {past}: retry or skip the dead letter of that version first")
+    start = max(head["version"], past)
+    events = await store.load(stream_id, start + 1, conn=conn)
     await handlers.apply_each(conn, projection, events)
-    last = events[-1].version if events else head["version"]
+    last = events[-1].version if events else start
     await conn.execute(SQL["release_stream"], name, stream_id, last, len(events))
-    await conn.execute(SQL["resolve_dead_letter"], dead_letter_id, stream_id, version)
-    logger.info("dead letter re-driven", extra={"dead_letter": dead_letter_id, "projection": name,
-                                                "stream_id": stream_id, "applied": len(events)})
-    return Redriven(dead_letter_id, name, stream_id, len(events), last)
+    return len(events), last
 
 
 async def list_parked(pool: db.Pool, projection: str | None = None) -> list[dict[str, Any]]:
@@ -159,5 +221,30 @@ async def list_parked(pool: db.Pool, projection: str | None = None) -> list[dict
         return [dict(r) for r in await pool.fetch(SQL["list_parked"], projection)]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One dead letter as stored; ``stream_id`` is None for a message that could not be decoded at all."""
+
+    id: int
+    projection: str
+    stream_id: str | None
+    version: int | None
+    event_type: str | None
+    event_id: uuid.UUID | None
+    global_position: int | None
+    status: str
+    attempts: int
+    error: str
+    traceback: str
+    created_at: dt.datetime
+    resolved_at: dt.datetime | None
+    body_bytes: int | None  # the size of the raw message kept for an undecodable one
 
 
+async def dead_letter(pool: db.Pool, dead_letter_id: int) -> DeadLetter:
+    """The dead letter of this id, whatever its status; raise ``NoDeadLetter`` if there is none."""
+    async with db.translate_errors():
+        row = await pool.fetchrow(SQL["get_dead_letter"], dead_letter_id)
+    if row is None:
+        raise errors.NoDeadLetter(f"no dead letter {dead_letter_id}")
+    return DeadLetter(**dict(row))

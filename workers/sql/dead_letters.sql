@@ -1,4 +1,4 @@
--- Parked failures: listing them and re-driving their streams.
+-- Parked failures: listing and showing them, re-driving and skipping their streams.
 
 -- name: insert_undecodable
 -- Keep messages that could not be decoded at all, raw, so nothing received is ever thrown away.
@@ -12,6 +12,13 @@ SELECT id, projection, stream_id, version, event_type, attempts, error, created_
 FROM dead_letters
 WHERE status = 'parked' AND ($1::text IS NULL OR projection = $1)
 ORDER BY id;
+
+-- name: get_dead_letter
+-- One dead letter in full, whatever its status; the raw message only by its size.
+SELECT id, projection, stream_id, version, event_type, event_id, global_position, status, attempts, error,
+       traceback, created_at, resolved_at, octet_length(body) AS body_bytes
+FROM dead_letters
+WHERE id = $1;
 
 -- name: lock_dead_letter
 -- The dead letter to re-drive, locked so two retries of it do not race.
@@ -40,6 +47,10 @@ UPDATE dead_letters
 SET status = 'retried', resolved_at = clock_timestamp(),
     stream_id = coalesce(stream_id, $2), version = coalesce(version, $3)
 WHERE id = $1;
+
+-- name: skip_dead_letter
+-- Mark a parked dead letter skipped by an operator: its stream moved past it without applying it.
+UPDATE dead_letters SET status = 'skipped', resolved_at = clock_timestamp() WHERE id = $1;
 
 -- name: count_failed_retry
 -- A retry that failed again: one more attempt, the newest error.

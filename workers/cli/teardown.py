@@ -1,0 +1,49 @@
+"""``eventfleet teardown --yes``: drop a deployment's schemas, queues, exchanges and roles."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import aio_pika
+
+from workers import errors
+from workers.admin.status import AMQP_TIMEOUT
+from workers.admin.teardown import Plan, plan, tear_down
+from workers.config import Settings
+from workers.runtime import retry
+
+
+def describe(found: Plan) -> list[tuple[str, Sequence[str]]]:
+    """The plan as (kind, names) pairs in the order they are dropped, kinds with nothing left out."""
+    kinds = [("queues", found.queues), ("exchanges", found.exchanges), ("schema", (found.schema,)),
+             ("shadow schemas", found.shadows), ("roles", found.roles)]
+    return [(kind, items) for kind, items in kinds if items]
+
+
+async def cmd_teardown(settings: Settings, args: argparse.Namespace) -> int:
+    """``eventfleet teardown [--yes]``: without ``--yes``, name what would be dropped and exit 2."""
+    try:
+        amqp = await aio_pika.connect(settings.amqp_url, timeout=AMQP_TIMEOUT,
+                                      client_properties={"connection_name": "eventfleet teardown"})
+    except retry.OUTAGE_ERRORS as exc:
+        raise errors.BrokerUnavailable(f"RabbitMQ unreachable ({type(exc).__name__}); nothing dropped") from exc
+    async with amqp:
+        found = await plan(settings.database_url, settings.schema, settings.prefix, amqp)
+        if not args.yes:
+            print(f"eventfleet teardown: refusing without --yes; it would drop, for schema {settings.schema} "
+                  f"and prefix {settings.prefix}:", file=sys.stderr)
+            for kind, items in describe(found):
+                print(f"  {kind}: {', '.join(items)}", file=sys.stderr)
+            print("stop the relay and workers first; roles are cluster-wide", file=sys.stderr)
+            return 2
+        done = await tear_down(settings.database_url, found, amqp)
+    for kind, items in describe(found):
+        if kind == "roles":
+            items = done.dropped_roles
+        if items:
+            print(f"dropped {kind}: {', '.join(items)}")
+    for role in done.kept_roles:
+        print(f"kept role {role}: it is still granted privileges outside this deployment (roles are cluster-wide)")
+    return 0
