@@ -109,5 +109,9 @@ class ConfigError(EventFleetError):
     """Invalid configuration."""
 
 
+class PartitionsMismatch(ConfigError):
+    """The partitions asked for differ from the ones the schema was migrated with."""
+
+
 class DomainError(EventFleetError):
     """A command was rejected by the domain model."""

@@ -26,6 +26,7 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("EVENTFLEET_SCHEMA", "eventfleet", "Postgres schema of the store, checkpoints and read models"),
     ("EVENTFLEET_PREFIX", "eventfleet", "prefix of every RabbitMQ exchange and queue"),
     ("EVENTFLEET_PROJECTION_MODULES", "(none)", "comma-separated modules whose projections to load"),
+    ("EVENTFLEET_PARTITIONS", "16", "partitions of a schema migrated now (fixed for the schema's life)"),
     ("EVENTFLEET_HTTP_PORT", "9108 worker, 9109 relay", "port of /metrics, /healthz, /readyz (0 = off)"),
     ("EVENTFLEET_LOG_FORMAT", "text", "text or json (one object per line)"),
     ("EVENTFLEET_PREFETCH", "500", "deliveries a worker's channel may hold unacked"),
@@ -62,6 +63,8 @@ class Settings:
     #: Modules whose projections this process runs (EVENTFLEET_PROJECTION_MODULES, comma-separated).
     projection_modules: tuple[str, ...] = ()
     progress_seconds: int = 60  # a worker's INFO progress line per projection; 0 = none
+    #: P for a schema migrated now (EVENTFLEET_PARTITIONS); None: the schema's own, or 16 for a new one.
+    partitions: int | None = None
 
     def __repr__(self) -> str:
         # The URLs carry passwords: a logged or printed Settings must not show them.
@@ -117,6 +120,7 @@ class Settings:
             catchup_batch_size=_int(environ, "EVENTFLEET_CATCHUP_BATCH_SIZE", 2000, 1, 100_000),
             projection_modules=modules,
             progress_seconds=_int(environ, "EVENTFLEET_PROGRESS_SECONDS", 60, 0, 86_400),
+            partitions=_int(environ, "EVENTFLEET_PARTITIONS", None, 1, 4096),
         )
 
     def port(self, role: str) -> int:

@@ -9,8 +9,9 @@
 WITH head AS (
     SELECT coalesce(max(version), -1) AS actual FROM {schema}.events WHERE stream_id = $1
 ), inserted AS (
-    INSERT INTO {schema}.events (event_id, stream_id, version, event_type, data, metadata)
-    SELECT coalesce($3::uuid, gen_random_uuid()), $1, $2::bigint + 1, $4, $5, $6
+    INSERT INTO {schema}.events (event_id, stream_id, version, event_type, data, metadata, partition)
+    SELECT coalesce($3::uuid, gen_random_uuid()), $1, $2::bigint + 1, $4, $5, $6,
+           (SELECT {schema}.stream_partition($1, p.partitions) FROM {schema}.partitioning AS p)
     FROM head WHERE head.actual = $2::bigint
     RETURNING global_position
 ), outboxed AS (
@@ -24,8 +25,9 @@ SELECT head.actual, (SELECT ARRAY[global_position] FROM inserted) AS positions F
 WITH head AS (
     SELECT coalesce(max(version), -1) AS actual FROM {schema}.events WHERE stream_id = $1
 ), inserted AS (
-    INSERT INTO {schema}.events (event_id, stream_id, version, event_type, data, metadata)
-    SELECT coalesce(i.event_id, gen_random_uuid()), $1, $2::bigint + i.ord, i.event_type, i.data, i.metadata
+    INSERT INTO {schema}.events (event_id, stream_id, version, event_type, data, metadata, partition)
+    SELECT coalesce(i.event_id, gen_random_uuid()), $1, $2::bigint + i.ord, i.event_type, i.data, i.metadata,
+           (SELECT {schema}.stream_partition($1, p.partitions) FROM {schema}.partitioning AS p)
     FROM head, unnest($3::uuid[], $4::text[], $5::bytea[], $6::bytea[])
         WITH ORDINALITY AS i(event_id, event_type, data, metadata, ord)
     WHERE head.actual = $2::bigint
@@ -50,9 +52,9 @@ WITH input AS (
       AND i.expected <> coalesce(
           (SELECT max(e.version) FROM {schema}.events AS e WHERE e.stream_id = i.stream_id), -1)
 ), inserted AS (
-    INSERT INTO {schema}.events (event_id, stream_id, version, event_type, data, metadata)
+    INSERT INTO {schema}.events (event_id, stream_id, version, event_type, data, metadata, partition)
     SELECT coalesce(i.event_id, gen_random_uuid()), i.stream_id, i.expected + i.step, i.event_type, i.data,
-           i.metadata
+           i.metadata, {schema}.stream_partition(i.stream_id, (SELECT p.partitions FROM {schema}.partitioning AS p))
     FROM input AS i
     WHERE NOT EXISTS (SELECT 1 FROM mismatched)
     ORDER BY i.ord

@@ -24,6 +24,7 @@ GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT, INSERT ON TABLE {schema}.events TO {role};
 GRANT INSERT ON TABLE {schema}.outbox TO {role};
 GRANT SELECT, INSERT, UPDATE ON TABLE {schema}.snapshots TO {role};
+GRANT SELECT ON TABLE {schema}.partitioning TO {role};
 
 -- name: grant_relay
 -- Reads the outbox and its events, deletes published rows. Claiming rows FOR UPDATE SKIP LOCKED needs
@@ -32,6 +33,7 @@ GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT, DELETE ON TABLE {schema}.outbox TO {role};
 GRANT UPDATE (created_at) ON TABLE {schema}.outbox TO {role};
 GRANT SELECT ON TABLE {schema}.events TO {role};
+GRANT SELECT ON TABLE {schema}.partitioning TO {role};
 
 -- name: grant_worker
 -- Reads events; writes checkpoints, projection status and dead letters.

@@ -1,4 +1,4 @@
-"""Small subcommands that need no module of their own."""
+"""Migrating a deployment: the store's schema, the registered read models, their status rows and the roles."""
 
 from __future__ import annotations
 
@@ -17,11 +17,14 @@ def read_model_ddl() -> list[LiteralString]:
     return [cls.ddl for cls in registry.load().values()]
 
 
-async def run_migrate(database_url: str, schema: str) -> list[int]:
-    """Migrate ``schema`` and create the registered read models; return the versions applied now."""
+async def run_migrate(database_url: str, schema: str, *, partitions: int | None = None) -> list[int]:
+    """Migrate ``schema`` and create the registered read models; return the versions applied now.
+
+    ``partitions``: P of a new schema (EVENTFLEET_PARTITIONS); an existing one must match (see store.migrate).
+    """
     conn = await db.connect(database_url, schema)
     try:
-        applied = await migrate.migrate(conn, schema, extra_ddl=read_model_ddl())
+        applied = await migrate.migrate(conn, schema, extra_ddl=read_model_ddl(), partitions=partitions)
         # Projections registered since the last migrate get their state; the workers backfill new ones.
         await backfill.register(conn, list(registry.load()))
         return applied

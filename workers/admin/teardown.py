@@ -81,7 +81,7 @@ async def plan(database_url: str, schema: str, prefix: str, amqp: AbstractConnec
                 raise errors.TeardownRefused(f"schema {schema!r} {what}; nothing dropped")
             rows = await conn.fetch(_sql("status_projections", schema=schema))
             # A status row's name that is no identifier never had queues or shadows (both derive from it).
-            projections = tuple(sorted(p for p in set(registry.load_builtin()) | {r["projection"] for r in rows}
+            projections = tuple(sorted(p for p in set(registry.load()) | {r["projection"] for r in rows}
                                        if _is_identifier(p)))
             shadows = await _shadows(conn, schema, projections)
             found_roles = tuple([r for r in roles.Roles(schema).all()

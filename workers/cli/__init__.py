@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--seed", type=int, default=None, metavar="S")
     demo = add("demo", "the main job end to end on one machine (runs the orders example)")
     demo.add_argument("--orders", type=int, default=2000, metavar="N")
-    dead = add("dead-letters", "inspect and re-drive parked failures")
+    dead = add("dead-letters", "inspect, re-drive and skip parked failures")
     dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
     dl_list = dead_sub.add_parser("list", help="list parked failures")
     dl_list.add_argument("--projection", default=None, metavar="NAME")
@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl_show.add_argument("id", type=int, metavar="ID")
     dl_skip = dead_sub.add_parser("skip", help="move a parked failure's stream past it without applying it")
     dl_skip.add_argument("id", type=int, metavar="ID")
-    teardown = sub.add_parser("teardown", help="drop the deployment: its schema and rebuild shadows, queues, "
-                                               "exchanges and roles (nothing of any other)")
+    teardown = add("teardown", "drop the deployment: its schema and rebuild shadows, queues, "
+                   "exchanges and roles (nothing of any other)")
     teardown.add_argument("--yes", action="store_true", help="really drop; without it, list what would go, exit 2")
     return parser
 

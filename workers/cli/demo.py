@@ -294,7 +294,7 @@ async def run_demo(settings: Settings, orders: int, logs: Path) -> bool:
     """Everything between preflight and clean-up; True if every read-model row matched the replay."""
     began = time.perf_counter()
     print(f"demo: schema and prefix {settings.schema}; logs in {logs}")
-    await admin.run_migrate(settings.database_url, settings.schema)
+    await admin.run_migrate(settings.database_url, settings.schema, partitions=settings.partitions)
     projections = list(registry.load(settings.projection_modules))
     fleet = Fleet(settings, logs)
     fleet.start("relay", "relay")

@@ -11,7 +11,7 @@ from workers.config import Settings
 
 async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     """``eventfleet migrate [--roles]``."""
-    applied = await run_migrate(settings.database_url, settings.schema)
+    applied = await run_migrate(settings.database_url, settings.schema, partitions=settings.partitions)
     if applied:
         print(f"schema {settings.schema}: applied migrations {', '.join(map(str, applied))}")
     else:
