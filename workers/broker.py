@@ -1,11 +1,20 @@
-"""RabbitMQ names, topology and the message format of CONTRACT.md."""
+"""RabbitMQ names, topology and the message formats (docs/reference.md, "Messages").
+
+Today each projection has one queue fed one message per event (``declare_topology``, ``to_message``). Being
+built (issue 14), projections fed by partition: the relay publishes each partition's events, in order, as batch messages
+to the direct exchange ``{prefix}.partitions`` with the partition number as routing key; every projection has
+one durable quorum queue per partition, ``{prefix}.{projection}.{partition}``, with a single active consumer.
+A batch body is a msgpack array of event maps (``event_map``); its headers carry the partition, the count
+and the first and last positions. The per-event topic exchange ``{prefix}.events`` (one message per event,
+routing key = event type) is there for other consumers when the relay is asked to feed it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import aio_pika
@@ -14,6 +23,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from store import codec, errors, names
 from store.event_store import Position, RecordedEvent
+from store.records import Undecodable
 from workers.errors import MalformedMessage
 
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
@@ -40,8 +50,16 @@ class Names:
     def dead_letter_exchange(self) -> str:
         return f"{self.prefix}.dlx"
 
+    @property
+    def partitions_exchange(self) -> str:
+        return f"{self.prefix}.partitions"
+
     def queue(self, projection: str) -> str:
+        """The stem of a projection's queue names (its dead-letter queue and its partitions' queues)."""
         return f"{self.prefix}.{names.identifier(projection, what='projection')}"
+
+    def partition_queue(self, projection: str, partition: int) -> str:
+        return f"{self.queue(projection)}.{partition}"
 
     def dead_letter_queue(self, projection: str) -> str:
         return f"{self.queue(projection)}.dlq"
@@ -53,7 +71,8 @@ async def declare_exchange(channel: AbstractChannel, n: Names) -> AbstractExchan
 
 
 async def declare_topology(channel: AbstractChannel, n: Names, projections: Iterable[str]) -> AbstractExchange:
-    """Declare the exchange and, per projection, its quorum queue bound with '#' and its dead-letter queue."""
+    """Declare the per-event exchange and, per projection, its quorum queue bound with '#' and its dead-letter
+    queue (the live path until workers consume partitions)."""
     exchange = await declare_exchange(channel, n)
     dlx = await channel.declare_exchange(n.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
     for projection in projections:
@@ -78,6 +97,42 @@ async def delete_topology(channel: AbstractChannel, n: Names, projections: Itera
         await channel.queue_delete(n.queue(projection))
         await channel.queue_delete(n.dead_letter_queue(projection))
     await channel.exchange_delete(n.exchange)
+    await channel.exchange_delete(n.dead_letter_exchange)
+
+
+async def declare_partitions(channel: AbstractChannel, n: Names, projections: Iterable[str],
+                             partitions: int) -> AbstractExchange:
+    """Declare (idempotently) the partitions exchange and, per projection, its dead-letter queue and one quorum
+    queue per partition (single active consumer, leaders balanced over a cluster's nodes) bound by partition
+    number. Returns the partitions exchange."""
+    exchange = await channel.declare_exchange(n.partitions_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+    dlx = await channel.declare_exchange(n.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+    for projection in projections:
+        dlq = await channel.declare_queue(n.dead_letter_queue(projection), durable=True,
+                                          arguments={"x-queue-type": "quorum"})
+        await dlq.bind(dlx, routing_key=projection)
+        for partition in range(partitions):
+            queue = await channel.declare_queue(
+                n.partition_queue(projection, partition), durable=True,
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-single-active-consumer": True,
+                    "x-queue-leader-locator": "balanced",
+                    "x-dead-letter-exchange": n.dead_letter_exchange,
+                    "x-dead-letter-routing-key": projection,
+                },
+            )
+            await queue.bind(exchange, routing_key=str(partition))
+    return exchange
+
+
+async def delete_partitions(channel: AbstractChannel, n: Names, projections: Iterable[str], partitions: int) -> None:
+    """Delete what declare_partitions declared."""
+    for projection in projections:
+        for partition in range(partitions):
+            await channel.queue_delete(n.partition_queue(projection, partition))
+        await channel.queue_delete(n.dead_letter_queue(projection))
+    await channel.exchange_delete(n.partitions_exchange)
     await channel.exchange_delete(n.dead_letter_exchange)
 
 
@@ -152,37 +207,55 @@ def _message(event_id: uuid.UUID, stream_id: str, version: int, global_position:
     return message_from_body(codec.packb(body), event_id, event_type, stream_id, version, flag)
 
 
-def from_body(body: bytes, registry: codec.Registry = codec.REGISTRY) -> RecordedEvent:
-    """Decode a delivered body into a RecordedEvent; anything wrong raises MalformedMessage."""
+def _unpack(body: bytes) -> Any:
     if len(body) > MAX_MESSAGE_BYTES:
         raise MalformedMessage(f"message of {len(body)} bytes is over the {MAX_MESSAGE_BYTES} limit")
     try:
-        fields = msgpack.unpackb(body, ext_hook=codec.ext_hook, raw=False, timestamp=3)
+        return msgpack.unpackb(body, ext_hook=codec.ext_hook, raw=False, timestamp=3)
     except Exception as exc:  # msgpack raises many unrelated types for corrupt input
         raise MalformedMessage(f"body is not msgpack: {type(exc).__name__}: {exc}") from exc
+
+
+def from_body(body: bytes, registry: codec.Registry = codec.REGISTRY) -> RecordedEvent:
+    """Decode a delivered one-event body (``to_message``) into a RecordedEvent; anything wrong raises
+    MalformedMessage."""
+    fields = _unpack(body)
     if not isinstance(fields, dict):
         raise MalformedMessage("body is not a msgpack map")
+    return _event(fields, registry)
+
+
+def _coordinates(fields: Mapping[str, Any]) -> tuple[uuid.UUID, str, int, int, int, str, dt.datetime]:
+    """Where an event map's event sits, checked; raises MalformedMessage."""
     missing = [k for k in _REQUIRED if k not in fields]
     if missing:
         raise MalformedMessage(f"body lacks {missing}")
-    if "undecodable" in fields:  # see encode_undecodable_row
-        raise MalformedMessage(f"the relay could not encode event {fields['event_id']}: {fields['undecodable']}")
     try:
         event_id = uuid.UUID(str(fields["event_id"]))
         stream_id = names.stream_id(fields["stream_id"])
-        version, position, txid = fields["version"], fields["global_position"], fields.get("transaction_id", 0)
-        event_type, data, metadata, recorded_at = (fields["event_type"], fields["data"], fields["metadata"],
-                                                   fields["recorded_at"])
-        for value, kind in ((version, int), (position, int), (txid, int), (event_type, str), (data, bytes),
-                            (metadata, dict), (recorded_at, dt.datetime)):
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise MalformedMessage(f"body field of type {type(value).__name__} where {kind.__name__} belongs")
-        # Postgres bigint / xid8 ranges: a bigger value would fail at the checkpoint, not here, as poison.
-        if not (0 <= version < 2**63 and 1 <= position < 2**63 and 0 <= txid < 2**64):
-            raise MalformedMessage(f"version {version} / position {position} / transaction {txid} out of range")
+    except (errors.InvalidInput, ValueError, TypeError) as exc:
+        raise MalformedMessage(f"{type(exc).__name__}: {exc}") from exc
+    version, position, txid = fields["version"], fields["global_position"], fields.get("transaction_id", 0)
+    event_type, recorded_at = fields["event_type"], fields["recorded_at"]
+    for value, kind in ((version, int), (position, int), (txid, int), (event_type, str), (recorded_at, dt.datetime)):
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise MalformedMessage(f"body field of type {type(value).__name__} where {kind.__name__} belongs")
+    # Postgres bigint / xid8 ranges: a bigger value would fail at the checkpoint, not here, as poison.
+    if not (0 <= version < 2**63 and 1 <= position < 2**63 and 0 <= txid < 2**64):
+        raise MalformedMessage(f"version {version} / position {position} / transaction {txid} out of range")
+    return event_id, stream_id, version, position, txid, event_type, recorded_at
+
+
+def _event(fields: Mapping[str, Any], registry: codec.Registry) -> RecordedEvent:
+    event_id, stream_id, version, position, txid, event_type, recorded_at = _coordinates(fields)
+    if "undecodable" in fields:  # see encode_undecodable_row
+        raise MalformedMessage(f"the relay could not encode event {fields['event_id']}: {fields['undecodable']}")
+    data, metadata = fields["data"], fields["metadata"]
+    for value, kind in ((data, bytes), (metadata, dict)):
+        if not isinstance(value, kind):
+            raise MalformedMessage(f"body field of type {type(value).__name__} where {kind.__name__} belongs")
+    try:
         payload = registry.decode(event_type, data)
-    except MalformedMessage:
-        raise
     except (errors.CodecError, errors.InvalidInput, ValueError, TypeError) as exc:
         raise MalformedMessage(f"{type(exc).__name__}: {exc}") from exc
     return RecordedEvent(event_id=event_id, stream_id=stream_id, version=version, global_position=position,
@@ -190,3 +263,78 @@ def from_body(body: bytes, registry: codec.Registry = codec.REGISTRY) -> Recorde
                          metadata=metadata, recorded_at=recorded_at)
 
 
+# --- batch messages: one partition's events, in order ---------------------------------------------------
+
+#: The ``type`` property of a batch message.
+BATCH_TYPE = "eventfleet.batch.v1"
+
+
+def event_map(row: Any) -> dict[str, Any]:
+    """The map of one stored event in a batch body (the keys of ``to_message``'s body), built from an events
+    row without decoding the payload. A row whose metadata is not a msgpack map is flagged ``undecodable``
+    and keeps the stored bytes (see ``encode_undecodable_row``): workers park it, they never drop it."""
+    fields = {
+        "event_id": str(row["event_id"]), "stream_id": row["stream_id"], "version": row["version"],
+        "global_position": row["global_position"], "transaction_id": row["transaction_id"],
+        "event_type": row["event_type"], "data": row["data"], "metadata": row["metadata"],
+        "recorded_at": msgpack.Timestamp.from_datetime(row["recorded_at"]),
+    }
+    try:
+        metadata = codec.unpackb(row["metadata"])
+    except errors.CodecError as exc:
+        fields["undecodable"] = f"{type(exc).__name__}: {exc}"
+        return fields
+    if not isinstance(metadata, dict):
+        fields["undecodable"] = f"metadata is a msgpack {type(metadata).__name__}, not a map"
+    else:
+        fields["metadata"] = metadata
+    return fields
+
+
+def batch_message(partition: int, rows: Sequence[Any], entries: Sequence[Mapping[str, Any]]) -> aio_pika.Message:
+    """One partition's events as one message: persistent, the body a msgpack array of ``event_map``s."""
+    first, last = rows[0], rows[-1]
+    undecodable = sum(1 for e in entries if "undecodable" in e)
+    headers: dict[str, Any] = {"partition": partition, "count": len(entries),
+                               "first_position": first["global_position"], "last_position": last["global_position"]}
+    if undecodable:
+        headers[UNDECODABLE_HEADER] = undecodable
+    return aio_pika.Message(
+        codec.packb(list(entries)), message_id=f"{first['event_id']}+{len(entries)}", type=BATCH_TYPE,
+        content_type="application/msgpack", delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=headers)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Batch:
+    """A decoded batch message: its events in order; ``dropped`` counts maps too broken to place (their
+    events reach the projection from the store, as a gap)."""
+
+    events: list[RecordedEvent]
+    dropped: int = 0
+
+
+def from_batch_body(body: bytes, registry: codec.Registry = codec.REGISTRY) -> Batch:
+    """Decode a batch body. A body that is not an array of maps raises MalformedMessage (dead-lettered whole);
+    an event whose payload cannot be decoded comes back with an ``Undecodable`` payload (parked per policy,
+    alone); a map without the coordinates of an event is dropped and counted."""
+    entries = _unpack(body)
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise MalformedMessage("batch body is not a msgpack array of maps")
+    events: list[RecordedEvent] = []
+    dropped = 0
+    for fields in entries:
+        try:
+            events.append(_event(fields, registry))
+        except MalformedMessage as exc:
+            try:
+                event_id, stream_id, version, position, txid, event_type, recorded_at = _coordinates(fields)
+            except MalformedMessage:
+                dropped += 1
+                continue
+            cause = errors.CorruptEvent(f"{stream_id}@{version} ({event_type}): {exc}")
+            data = fields["data"] if isinstance(fields.get("data"), bytes) else b""
+            events.append(RecordedEvent(event_id=event_id, stream_id=stream_id, version=version,
+                                        global_position=position, position=Position(txid, position),
+                                        event_type=event_type, event=Undecodable(cause), data=data, metadata={},
+                                        recorded_at=recorded_at))
+    return Batch(events, dropped)

@@ -1,0 +1,108 @@
+"""Batch messages: one partition's events in one message, decoded back exactly; poison stays with its event."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import aio_pika
+import msgpack
+import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from store import NO_STREAM, EventStore, db
+from store.partitions import partition_of
+from store.records import Undecodable
+from tests.unit.test_projection_fold import paid, placed
+from workers import broker
+from workers.errors import MalformedMessage
+
+
+async def stored_rows(pool: db.Pool) -> list[dict[str, object]]:
+    rows = await pool.fetch("SELECT global_position, event_id, stream_id, version, event_type, data, metadata,"
+                            " recorded_at, transaction_id FROM events ORDER BY global_position")
+    return [dict(r) for r in rows]
+
+
+async def test_a_batch_decodes_to_the_events_as_loaded_from_the_store(pool: db.Pool, event_store: EventStore) -> None:
+    await event_store.append("order-1", [placed("order-1", "c"), paid("order-1", "c")], NO_STREAM)
+    await event_store.append("order-2", [placed("order-2", "c")], NO_STREAM)
+    rows = await stored_rows(pool)
+    message = broker.batch_message(3, rows, [broker.event_map(r) for r in rows])
+    decoded = broker.from_batch_body(message.body)
+    loaded = [*await event_store.load("order-1"), *await event_store.load("order-2")]
+    assert decoded == broker.Batch(sorted(loaded, key=lambda e: e.global_position))
+    assert (message.type, message.delivery_mode, message.headers) == (
+        broker.BATCH_TYPE, aio_pika.DeliveryMode.PERSISTENT,
+        {"partition": 3, "count": 3, "first_position": rows[0]["global_position"],
+         "last_position": rows[-1]["global_position"]})
+    assert message.message_id == f"{rows[0]['event_id']}+3"
+
+
+async def test_an_event_whose_metadata_is_corrupt_travels_flagged_and_comes_back_undecodable(
+        pool: db.Pool, event_store: EventStore) -> None:
+    await event_store.append("order-1", [placed("order-1", "c"), paid("order-1", "c")], NO_STREAM)
+    rows = await stored_rows(pool)
+    rows[1]["metadata"] = b"\xc1"  # never valid msgpack
+    message = broker.batch_message(0, rows, [broker.event_map(r) for r in rows])
+    batch = broker.from_batch_body(message.body)
+    assert [type(e.event).__name__ for e in batch.events] == ["OrderPlaced", "Undecodable"]
+    assert (batch.events[1].stream_id, batch.events[1].version) == ("order-1", 1)
+    assert message.headers[broker.UNDECODABLE_HEADER] == 1
+
+
+async def test_an_event_of_an_unknown_type_comes_back_undecodable_and_the_rest_decodes(
+        pool: db.Pool, event_store: EventStore) -> None:
+    await event_store.append("order-1", [placed("order-1", "c"), paid("order-1", "c")], NO_STREAM)
+    rows = await stored_rows(pool)
+    rows[0]["event_type"] = "Nobody.v9"
+    batch = broker.from_batch_body(broker.batch_message(0, rows, [broker.event_map(r) for r in rows]).body)
+    assert isinstance(batch.events[0].event, Undecodable)
+    assert type(batch.events[1].event).__name__ == "OrderPaid"
+
+
+def test_a_map_without_an_events_coordinates_is_dropped_and_counted() -> None:
+    body = msgpack.packb([{"event_id": str(uuid.uuid4())}, {"stream_id": "order-1"}])
+    assert broker.from_batch_body(body) == broker.Batch([], dropped=2)
+
+
+@pytest.mark.parametrize("body", [b"\xc1", msgpack.packb({"a": 1}), msgpack.packb([1, 2]), b"x" * (3 * 2**20)])
+def test_a_body_that_is_no_array_of_maps_is_malformed_whole(body: bytes) -> None:
+    with pytest.raises(MalformedMessage):
+        broker.from_batch_body(body)
+
+
+def test_every_stream_has_one_queue_per_partition_name() -> None:
+    names = broker.Names("app")
+    assert (names.partitions_exchange, names.partition_queue("balances", 7)) == ("app.partitions",
+                                                                                 "app.balances.7")
+    assert partition_of("order-1", 16) == 9
+
+
+async def test_partition_queues_are_single_active_consumer_quorum_queues_bound_by_number(
+        amqp: AbstractRobustConnection, prefix: str, cleanup) -> None:
+    names = broker.Names(prefix)
+    channel = await amqp.channel()
+    exchange = await broker.declare_partitions(channel, names, ["balances"], 4)
+
+    async def undo() -> None:
+        connection = await aio_pika.connect(amqp.url)  # type: ignore[attr-defined]
+        async with connection:
+            await broker.delete_partitions(await connection.channel(), names, ["balances"], 4)
+
+    cleanup(undo)
+    await exchange.publish(aio_pika.Message(b"2"), routing_key="2", mandatory=True)  # confirmed
+    received: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+    for partition in range(4):  # basic.get is refused on single-active-consumer queues: consume them
+        queue = await channel.declare_queue(names.partition_queue("balances", partition), passive=True)
+
+        async def on_message(message: AbstractIncomingMessage, partition: int = partition) -> None:
+            received.put_nowait((partition, message.body))
+
+        await queue.consume(on_message, no_ack=True)
+    assert await asyncio.wait_for(received.get(), 10) == (2, b"2")
+    await asyncio.sleep(0.2)
+    assert received.empty()
+    with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):  # declared with the arguments above
+        await (await amqp.channel()).declare_queue(names.partition_queue("balances", 0), durable=True,
+                                                   arguments={"x-queue-type": "quorum"})
