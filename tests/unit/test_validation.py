@@ -153,6 +153,15 @@ async def test_bad_event_lists_are_typed_errors(events: Any) -> None:
         await store.append("order-1", events, NO_STREAM)
 
 
+async def test_a_misfitting_event_is_refused_before_the_database() -> None:
+    store = EventStore(NoPool())  # type: ignore[arg-type]
+    misfit = OrderPaid("o", "c", 1.5, PAID.paid_at)  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidEvent, match=r"^OrderPaid\.amount: expected Decimal, got float$"):
+        await store.append("order-1", [PAID, misfit], NO_STREAM)
+    with pytest.raises(errors.InvalidEvent, match=r"^OrderPaid\.amount: expected Decimal, got float$"):
+        await store.append_batch([("order-1", [PAID], NO_STREAM), ("order-2", [misfit], NO_STREAM)])
+
+
 async def test_an_oversized_event_is_refused_before_the_database() -> None:
     store = EventStore(NoPool(), max_payload_bytes=1024)  # type: ignore[arg-type]
     with pytest.raises(errors.PayloadTooLarge):
