@@ -564,6 +564,18 @@ def check(payload: object) -> None:
         _check_slowly(payload)
 
 
+def encode_metadata(metadata: Mapping[str, Any]) -> bytes:
+    """An event's metadata packed, refused (InvalidEvent) unless it unpacks again: every read of the
+    event unpacks it too, and msgpack gives maps back only with text or bytes keys."""
+    try:
+        data = packb(dict(metadata))
+        unpackb(data)
+    except errors.CodecError as exc:
+        raise errors.InvalidEvent(f"metadata: expected a map msgpack can decode, got {type(metadata).__name__}"
+                                  f" ({exc.__cause__ or exc})") from exc
+    return data
+
+
 def _check_slowly(payload: object, *, every_field: bool = False) -> None:
     """Round-trip the fields that ``_fitting`` does not pass (all of them with every_field), or the whole
     event when its class does more than set its fields."""

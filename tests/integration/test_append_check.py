@@ -141,3 +141,13 @@ async def test_whatever_append_accepts_loads_back_equal_and_whatever_it_refuses_
         return
     (recorded,) = await store.load(stream_id)
     assert equal(recorded.event, event)
+
+
+@pytest.mark.parametrize("metadata", [{1: "x"}, {"nested": {2: "y"}}])
+async def test_metadata_that_would_not_decode_is_refused_and_nothing_is_written(
+        event_store: EventStore, pool: db.Pool, metadata: dict[Any, Any]) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        await event_store.append("order-1", [NewEvent(PAID, uuid.uuid4(), metadata)], NO_STREAM)
+    assert str(info.value) == ("metadata: expected a map msgpack can decode, got dict"
+                               " (int is not allowed for map key when strict_map_key=True)")
+    assert await written(pool) == (0, 0)
