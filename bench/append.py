@@ -10,6 +10,11 @@ dropped at the end), each writer cycling over its own share of ``--streams`` str
 conflicts. Batches: ``append_batch`` of 100 events (10 streams x 10) against a plain ``unnest`` insert
 of 100 event rows. Segments alternate (ABBA) so drift of this shared machine hits both sides alike.
 Database: ``EVENTFLEET_DATABASE_URL``.
+
+The store checks each event against its class before encoding it (``Registry.encode_checked``); the
+baseline does not. What that check costs is timed on its own first, per event, beside the encoding
+(the bench's OrderPaid and the domain's fat OrderPlaced), and each append line then says what share of
+the client's time it is at the store's measured rate.
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ import datetime as dt
 import functools
 import os
 import time
+import timeit
 import uuid
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 import asyncpg
 
-from domain.events import OrderPaid
+from domain.events import LineItem, OrderPaid, OrderPlaced
 from store import EventStore, codec, db
 from workers import commands
 from workers.config import DEFAULT_DATABASE_URL
@@ -68,6 +74,35 @@ class Sample:
 
 def sample_event() -> OrderPaid:
     return OrderPaid("o-1", "c-1", Decimal("129.90"), dt.datetime.now(dt.UTC))
+
+
+def fat_event() -> OrderPlaced:
+    item = LineItem("p-1", "Widget", "SKU-1", 2, Decimal("19.95"))
+    return OrderPlaced("o-1", "c-1", (item, item, item), Decimal("119.70"), Decimal("23.94"), Decimal("143.64"),
+                       dt.datetime.now(dt.UTC))
+
+
+@dataclasses.dataclass
+class CheckCost:
+    """Microseconds per event (best of several repeats) of ``Registry.encode`` and of ``codec.check``, which
+    ``encode_checked`` runs before it."""
+
+    label: str
+    encode: float
+    check: float
+
+    def line(self) -> str:
+        return (f"check at append, {self.label:<20} encode {self.encode:6.2f} us | check {self.check:5.2f} us"
+                f" ({self.check / self.encode:.0%} of encoding)")
+
+
+def check_cost(label: str, event: object, number: int = 20_000, repeat: int = 5) -> CheckCost:
+    codec.REGISTRY.encode_checked(event)  # compile the class's predicate first
+
+    def best(fn: Callable[[], object]) -> float:
+        return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
+
+    return CheckCost(label, best(lambda: codec.REGISTRY.encode(event)), best(lambda: codec.check(event)))
 
 
 async def timed(writers: int, seconds: float, per_event: int,
@@ -176,7 +211,13 @@ async def alternate(rounds: int, baseline: Callable[[], Awaitable[Sample]],
     return totals
 
 
-async def bench_appends(dsn: str, schema: str, writers: int, args: argparse.Namespace, payload: bytes) -> str:
+def check_share(check_us: float, sample: Sample) -> str:
+    """The check's share of the client's time at the sample's rate (one event loop, one core at most)."""
+    return f"{'':<28} check {check_us:.2f} us x {sample.rate:.0f} ev/s = {check_us * sample.rate / 1e4:.2f}% of a core"
+
+
+async def bench_appends(dsn: str, schema: str, writers: int, args: argparse.Namespace, payload: bytes,
+                        check_us: float) -> str:
     # One connection more than writers: the store's relay wake-ups (store/notify.py) need one. The
     # baseline takes its per-writer connections from the same pool for each of its segments.
     async with db.create_pool(dsn, schema, min_size=writers + 1, max_size=writers + 1) as pool:
@@ -187,10 +228,10 @@ async def bench_appends(dsn: str, schema: str, writers: int, args: argparse.Name
         await store_append(store, writers, args.streams, 0.3)
         base, mine = await alternate(args.rounds, baseline, ours)
         await store.notifier.flush()
-    return report(f"append x1, {writers} writers", base, mine)
+    return f"{report(f'append x1, {writers} writers', base, mine)}\n{check_share(check_us, mine)}"
 
 
-async def bench_batches(dsn: str, schema: str, args: argparse.Namespace, payload: bytes) -> str:
+async def bench_batches(dsn: str, schema: str, args: argparse.Namespace, payload: bytes, check_us: float) -> str:
     conn = await db.connect(dsn, schema)
     try:
         async with db.create_pool(dsn, schema, min_size=2, max_size=2) as pool:
@@ -202,17 +243,21 @@ async def bench_batches(dsn: str, schema: str, args: argparse.Namespace, payload
             await store.notifier.flush()
     finally:
         await conn.close()
-    return report("append_batch x100, 1 writer", base, mine)
+    return f"{report('append_batch x100, 1 writer', base, mine)}\n{check_share(check_us, mine)}"
 
 
 async def run(dsn: str, args: argparse.Namespace) -> None:
     schema = f"bench_append_{uuid.uuid4().hex[:8]}"
     await commands.run_migrate(dsn, schema)
     _, payload = codec.REGISTRY.encode(sample_event())
+    costs = [check_cost("OrderPaid", sample_event()), check_cost("OrderPlaced, 3 lines", fat_event())]
+    for cost in costs:
+        print(cost.line(), flush=True)
+    check_us = costs[0].check  # the appends below write the OrderPaid
     try:
         for writers in [int(w) for w in args.writers.split(",")]:
-            print(await bench_appends(dsn, schema, writers, args, payload), flush=True)
-        print(await bench_batches(dsn, schema, args, payload), flush=True)
+            print(await bench_appends(dsn, schema, writers, args, payload, check_us), flush=True)
+        print(await bench_batches(dsn, schema, args, payload, check_us), flush=True)
     finally:
         admin = await asyncpg.connect(dsn)
         try:
