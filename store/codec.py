@@ -236,17 +236,27 @@ class Registry:
     def encode_checked(self, payload: object) -> tuple[str, bytes]:
         """Like ``encode``, having made sure that decoding the data builds an event equal to payload
         (``check``); raise ``InvalidEvent``, naming the field, the type it expects and the value's type,
-        when it would not. What the store appends with this can always be read back."""
+        when it would not. An event of an older version must also upcast to the newest, as every read
+        of it will. What the store appends with this can always be read back."""
         entry = self._by_type.get(type(payload))
         if entry is None:
             raise errors.UnknownEventType(f"{type(payload).__name__} is not a registered event class")
         check(payload)
+        event_type = f"{entry.name}.v{entry.version}"
         try:
             data = packb({name: getattr(payload, name) for name in entry.fields})
         except errors.CodecError:
             _check_slowly(payload, every_field=True)  # says which field cannot be encoded
             raise
-        return f"{entry.name}.v{entry.version}", data
+        plan = self._plans.get(event_type)
+        if plan is None:
+            plan = self._plan(event_type)
+        if plan[2] is not entry:
+            try:
+                self.decode(event_type, data)
+            except errors.CodecError as exc:
+                raise errors.InvalidEvent(f"{event_type} would not upcast to v{plan[2].version}: {exc}") from exc
+        return event_type, data
 
     def decode(self, event_type: str, data: bytes) -> Any:
         """Decode data stored as event_type into an instance of the newest class of that name."""

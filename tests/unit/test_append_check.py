@@ -231,6 +231,26 @@ def test_a_class_with_a_field_outside_init_is_refused_as_the_decoder_refuses_it(
         "Counted: expected Counted, got Counted (the decoder says: Counted has no fields ['length'])")
 
 
+def test_an_old_version_that_its_upcaster_cannot_read_is_refused() -> None:
+    registry = codec.Registry()
+
+    @registry.event("Priced", version=1)
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class PricedV1:
+        price: str
+
+    @registry.event("Priced", version=2)
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class PricedV2:
+        price: Decimal
+
+    registry.upcaster("Priced", from_version=1)(lambda f: {"price": Decimal(f["price"])})
+    assert round_trip(registry, PricedV1("1.50")) == PricedV2(Decimal("1.50"))
+    assert refusal(registry, PricedV1("one fifty")) == (
+        "Priced.v1 would not upcast to v2: upcasting Priced.v1 failed:"
+        " InvalidOperation: [<class 'decimal.ConversionSyntax'>]")
+
+
 def test_the_refusal_is_an_invalid_input_and_a_schema_mismatch() -> None:
     with pytest.raises(errors.InvalidEvent) as info:
         codec.REGISTRY.encode_checked(replaced(PAID, amount=1.5))
