@@ -1,6 +1,6 @@
 """Append throughput and latency: ``EventStore`` against a minimal hand-written baseline, alternating.
 
-    python -m bench.append [--seconds 2] [--rounds 3] [--writers 1,8,32] [--streams 1000]
+    python -m bench.append [--seconds 2] [--rounds 3] [--writers 1,8,32] [--streams 1000] [--without-check]
 
 Baseline: one connection per writer (held for a whole segment), one statement per append (a data-modifying CTE that checks the
 version, inserts the event and its outbox row), the payload encoded once up front. Store: ``append`` of
@@ -14,7 +14,9 @@ Database: ``EVENTFLEET_DATABASE_URL``.
 The store checks each event against its class before encoding it (``Registry.encode_checked``); the
 baseline does not. What that check costs is timed on its own first, per event, beside the encoding
 (the bench's OrderPaid and the domain's fat OrderPlaced), and each append line then says what share of
-the client's time it is at the store's measured rate.
+the client's time it is at the store's measured rate. ``--without-check`` adds a third side to the
+single-event appends, the same store encoding without the check, alternating with the other two
+(A B C C B A).
 """
 
 from __future__ import annotations
@@ -159,6 +161,26 @@ async def baseline_append(pool: db.Pool, writers: int, streams: int, seconds: fl
             await pool.release(conn)
 
 
+class UncheckedRegistry(codec.Registry):
+    """The registrations of ``base``, encoded without the check at append: the store as it was before the
+    check, for ``--without-check`` only (it would store events that never decode)."""
+
+    def __init__(self, base: codec.Registry) -> None:
+        self.__dict__.update(base.__dict__)  # the very same tables, not copies: base's registrations
+
+    def encode_checked(self, payload: object) -> tuple[str, bytes]:
+        return self.encode(payload)
+
+
+async def store_append_without_check(store: EventStore, writers: int, streams: int, seconds: float) -> Sample:
+    checked = store.registry
+    store.registry = UncheckedRegistry(checked)
+    try:
+        return await store_append(store, writers, streams, seconds)
+    finally:
+        store.registry = checked
+
+
 async def store_append(store: EventStore, writers: int, streams: int, seconds: float) -> Sample:
     ws = Writers(writers, streams)
     event = sample_event()
@@ -200,12 +222,12 @@ def report(label: str, base: Sample, ours: Sample) -> str:
             f" | ratio {ours.rate / base.rate if base.rate else float('nan'):5.2f}")
 
 
-async def alternate(rounds: int, baseline: Callable[[], Awaitable[Sample]],
-                    ours: Callable[[], Awaitable[Sample]]) -> tuple[Sample, Sample]:
-    """Run baseline and ours ``rounds`` times each, in ABBA order; return their merged samples."""
-    totals = (Sample(), Sample())
+async def alternate(rounds: int, *segments: Callable[[], Awaitable[Sample]]) -> list[Sample]:
+    """Run each segment ``rounds`` times, in order then in reverse (ABBA for two, ABCCBA for three); return
+    their merged samples."""
+    totals = [Sample() for _ in segments]
+    pairs = list(zip(totals, segments, strict=True))
     for r in range(rounds):
-        pairs = [(totals[0], baseline), (totals[1], ours)]
         for total, segment in pairs if r % 2 == 0 else pairs[::-1]:
             total.add(await segment())
     return totals
@@ -224,11 +246,20 @@ async def bench_appends(dsn: str, schema: str, writers: int, args: argparse.Name
         store = EventStore(pool, schema=schema)
         baseline = functools.partial(baseline_append, pool, writers, args.streams, args.seconds, payload)
         ours = functools.partial(store_append, store, writers, args.streams, args.seconds)
+        segments = [baseline, ours]
+        if args.without_check:
+            segments.append(functools.partial(store_append_without_check, store, writers, args.streams,
+                                              args.seconds))
         await baseline_append(pool, writers, args.streams, 0.3, payload)  # warm-up: plans, caches
         await store_append(store, writers, args.streams, 0.3)
-        base, mine = await alternate(args.rounds, baseline, ours)
+        base, mine, *unchecked = await alternate(args.rounds, *segments)
         await store.notifier.flush()
-    return f"{report(f'append x1, {writers} writers', base, mine)}\n{check_share(check_us, mine)}"
+    lines = [report(f"append x1, {writers} writers", base, mine), check_share(check_us, mine)]
+    for other in unchecked:
+        lines.append(f"{'':<28} without the check {other.rate:8.0f} ev/s p50 {other.pct(0.5):6.3f} ms"
+                     f" p99 {other.pct(0.99):6.3f} ms | ratio {other.rate / base.rate if base.rate else float('nan'):5.2f}"
+                     f" | with / without {mine.rate / other.rate if other.rate else float('nan'):5.2f}")
+    return "\n".join(lines)
 
 
 async def bench_batches(dsn: str, schema: str, args: argparse.Namespace, payload: bytes, check_us: float) -> str:
@@ -272,6 +303,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="baseline/store pairs per configuration")
     parser.add_argument("--writers", default="1,8,32", help="comma-separated writer counts")
     parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--without-check", action="store_true",
+                        help="also time single-event appends without the check at append (a third side)")
     args = parser.parse_args()
     dsn = os.environ.get("EVENTFLEET_DATABASE_URL", DEFAULT_DATABASE_URL)
     print(f"bench.append: {args.rounds} x {args.seconds}s per side and configuration, {args.streams} streams,"
