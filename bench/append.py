@@ -1,6 +1,6 @@
 """Append throughput and latency: ``EventStore`` against a minimal hand-written baseline, alternating.
 
-    python -m bench.append [--seconds 2] [--rounds 3] [--writers 1,8,32] [--streams 1000]
+    python -m bench.append [--seconds 2] [--rounds 3] [--writers 1,8,32] [--streams 1000] [--without-check]
 
 Baseline: one connection per writer (held for a whole segment), one statement per append (a data-modifying CTE that checks the
 version, inserts the event and its outbox row), the payload encoded once up front. Store: ``append`` of
@@ -10,6 +10,13 @@ dropped at the end), each writer cycling over its own share of ``--streams`` str
 conflicts. Batches: ``append_batch`` of 100 events (10 streams x 10) against a plain ``unnest`` insert
 of 100 event rows. Segments alternate (ABBA) so drift of this shared machine hits both sides alike.
 Database: ``EVENTFLEET_DATABASE_URL``.
+
+The store checks each event against its class before encoding it (``Registry.encode_checked``); the
+baseline does not. What that check costs is timed on its own first, per event, beside the encoding
+(the bench's OrderPaid and the domain's fat OrderPlaced), and each append line then says what share of
+the client's time it is at the store's measured rate. ``--without-check`` adds a third side to the
+single-event appends, the same store encoding without the check, alternating with the other two
+(A B C C B A).
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ import datetime as dt
 import functools
 import os
 import time
+import timeit
 import uuid
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 import asyncpg
 
-from eventfleet.examples.orders.events import OrderPaid
+from eventfleet.examples.orders.events import LineItem, OrderPaid, OrderPlaced
 from store import EventStore, codec, db
 from workers import admin
 from workers.config import DEFAULT_DATABASE_URL
@@ -68,6 +76,35 @@ class Sample:
 
 def sample_event() -> OrderPaid:
     return OrderPaid("o-1", "c-1", Decimal("129.90"), dt.datetime.now(dt.UTC))
+
+
+def fat_event() -> OrderPlaced:
+    item = LineItem("p-1", "Widget", "SKU-1", 2, Decimal("19.95"))
+    return OrderPlaced("o-1", "c-1", (item, item, item), Decimal("119.70"), Decimal("23.94"), Decimal("143.64"),
+                       dt.datetime.now(dt.UTC))
+
+
+@dataclasses.dataclass
+class CheckCost:
+    """Microseconds per event (best of several repeats) of ``Registry.encode`` and of ``codec.check``, which
+    ``encode_checked`` runs before it."""
+
+    label: str
+    encode: float
+    check: float
+
+    def line(self) -> str:
+        return (f"check at append, {self.label:<20} encode {self.encode:6.2f} us | check {self.check:5.2f} us"
+                f" ({self.check / self.encode:.0%} of encoding)")
+
+
+def check_cost(label: str, event: object, number: int = 20_000, repeat: int = 5) -> CheckCost:
+    codec.REGISTRY.encode_checked(event)  # compile the class's predicate first
+
+    def best(fn: Callable[[], object]) -> float:
+        return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
+
+    return CheckCost(label, best(lambda: codec.REGISTRY.encode(event)), best(lambda: codec.check(event)))
 
 
 async def timed(writers: int, seconds: float, per_event: int,
@@ -124,6 +161,26 @@ async def baseline_append(pool: db.Pool, writers: int, streams: int, seconds: fl
             await pool.release(conn)
 
 
+class UncheckedRegistry(codec.Registry):
+    """The registrations of ``base``, encoded without the check at append: the store as it was before the
+    check, for ``--without-check`` only (it would store events that never decode)."""
+
+    def __init__(self, base: codec.Registry) -> None:
+        self.__dict__.update(base.__dict__)  # the very same tables, not copies: base's registrations
+
+    def encode_checked(self, payload: object) -> tuple[str, bytes]:
+        return self.encode(payload)
+
+
+async def store_append_without_check(store: EventStore, writers: int, streams: int, seconds: float) -> Sample:
+    checked = store.registry
+    store.registry = UncheckedRegistry(checked)
+    try:
+        return await store_append(store, writers, streams, seconds)
+    finally:
+        store.registry = checked
+
+
 async def store_append(store: EventStore, writers: int, streams: int, seconds: float) -> Sample:
     ws = Writers(writers, streams)
     event = sample_event()
@@ -165,32 +222,47 @@ def report(label: str, base: Sample, ours: Sample) -> str:
             f" | ratio {ours.rate / base.rate if base.rate else float('nan'):5.2f}")
 
 
-async def alternate(rounds: int, baseline: Callable[[], Awaitable[Sample]],
-                    ours: Callable[[], Awaitable[Sample]]) -> tuple[Sample, Sample]:
-    """Run baseline and ours ``rounds`` times each, in ABBA order; return their merged samples."""
-    totals = (Sample(), Sample())
+async def alternate(rounds: int, *segments: Callable[[], Awaitable[Sample]]) -> list[Sample]:
+    """Run each segment ``rounds`` times, in order then in reverse (ABBA for two, ABCCBA for three); return
+    their merged samples."""
+    totals = [Sample() for _ in segments]
+    pairs = list(zip(totals, segments, strict=True))
     for r in range(rounds):
-        pairs = [(totals[0], baseline), (totals[1], ours)]
         for total, segment in pairs if r % 2 == 0 else pairs[::-1]:
             total.add(await segment())
     return totals
 
 
-async def bench_appends(dsn: str, schema: str, writers: int, args: argparse.Namespace, payload: bytes) -> str:
+def check_share(check_us: float, sample: Sample) -> str:
+    """The check's share of the client's time at the sample's rate (one event loop, one core at most)."""
+    return f"{'':<28} check {check_us:.2f} us x {sample.rate:.0f} ev/s = {check_us * sample.rate / 1e4:.2f}% of a core"
+
+
+async def bench_appends(dsn: str, schema: str, writers: int, args: argparse.Namespace, payload: bytes,
+                        check_us: float) -> str:
     # One connection more than writers: the store's relay wake-ups (store/notify.py) need one. The
     # baseline takes its per-writer connections from the same pool for each of its segments.
     async with db.create_pool(dsn, schema, min_size=writers + 1, max_size=writers + 1) as pool:
         store = EventStore(pool, schema=schema)
         baseline = functools.partial(baseline_append, pool, writers, args.streams, args.seconds, payload)
         ours = functools.partial(store_append, store, writers, args.streams, args.seconds)
+        segments = [baseline, ours]
+        if args.without_check:
+            segments.append(functools.partial(store_append_without_check, store, writers, args.streams,
+                                              args.seconds))
         await baseline_append(pool, writers, args.streams, 0.3, payload)  # warm-up: plans, caches
         await store_append(store, writers, args.streams, 0.3)
-        base, mine = await alternate(args.rounds, baseline, ours)
+        base, mine, *unchecked = await alternate(args.rounds, *segments)
         await store.notifier.flush()
-    return report(f"append x1, {writers} writers", base, mine)
+    lines = [report(f"append x1, {writers} writers", base, mine), check_share(check_us, mine)]
+    for other in unchecked:
+        lines.append(f"{'':<28} without the check {other.rate:8.0f} ev/s p50 {other.pct(0.5):6.3f} ms"
+                     f" p99 {other.pct(0.99):6.3f} ms | ratio {other.rate / base.rate if base.rate else float('nan'):5.2f}"
+                     f" | with / without {mine.rate / other.rate if other.rate else float('nan'):5.2f}")
+    return "\n".join(lines)
 
 
-async def bench_batches(dsn: str, schema: str, args: argparse.Namespace, payload: bytes) -> str:
+async def bench_batches(dsn: str, schema: str, args: argparse.Namespace, payload: bytes, check_us: float) -> str:
     conn = await db.connect(dsn, schema)
     try:
         async with db.create_pool(dsn, schema, min_size=2, max_size=2) as pool:
@@ -202,17 +274,21 @@ async def bench_batches(dsn: str, schema: str, args: argparse.Namespace, payload
             await store.notifier.flush()
     finally:
         await conn.close()
-    return report("append_batch x100, 1 writer", base, mine)
+    return f"{report('append_batch x100, 1 writer', base, mine)}\n{check_share(check_us, mine)}"
 
 
 async def run(dsn: str, args: argparse.Namespace) -> None:
     schema = f"bench_append_{uuid.uuid4().hex[:8]}"
     await admin.run_migrate(dsn, schema)
     _, payload = codec.REGISTRY.encode(sample_event())
+    costs = [check_cost("OrderPaid", sample_event()), check_cost("OrderPlaced, 3 lines", fat_event())]
+    for cost in costs:
+        print(cost.line(), flush=True)
+    check_us = costs[0].check  # the appends below write the OrderPaid
     try:
         for writers in [int(w) for w in args.writers.split(",")]:
-            print(await bench_appends(dsn, schema, writers, args, payload), flush=True)
-        print(await bench_batches(dsn, schema, args, payload), flush=True)
+            print(await bench_appends(dsn, schema, writers, args, payload, check_us), flush=True)
+        print(await bench_batches(dsn, schema, args, payload, check_us), flush=True)
     finally:
         conn = await asyncpg.connect(dsn)
         try:
@@ -227,6 +303,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="baseline/store pairs per configuration")
     parser.add_argument("--writers", default="1,8,32", help="comma-separated writer counts")
     parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--without-check", action="store_true",
+                        help="also time single-event appends without the check at append (a third side)")
     args = parser.parse_args()
     dsn = os.environ.get("EVENTFLEET_DATABASE_URL", DEFAULT_DATABASE_URL)
     print(f"bench.append: {args.rounds} x {args.seconds}s per side and configuration, {args.streams} streams,"

@@ -44,8 +44,9 @@ class Encoding:
             payload, event_id, meta = event.payload, event.event_id, event.metadata
         else:
             payload, event_id, meta = event, None, None
-        event_type, data = self.registry.encode(payload)
-        metadata = codec.packb(dict(meta)) if meta else _EMPTY_METADATA
+        # The log is immutable: an event that would not decode back is refused, not stored as poison.
+        event_type, data = self.registry.encode_checked(payload)
+        metadata = codec.encode_metadata(meta) if meta else _EMPTY_METADATA
         if len(data) + len(metadata) > self.max_payload_bytes:
             raise errors.PayloadTooLarge(
                 f"{event_type} encodes to {len(data) + len(metadata)} bytes, over the {self.max_payload_bytes} limit")

@@ -105,6 +105,12 @@ class EventSchemaMismatch(CodecError):
     """The decoded fields do not fit the event class."""
 
 
+class InvalidEvent(EventSchemaMismatch, InvalidInput):
+    """An event's fields do not fit its class, so it would not decode back: refused at append, before the
+    database. It is an ``InvalidInput`` (nothing was written; fix the event) and an ``EventSchemaMismatch``,
+    the same misfit the decoder would report on every read of it."""
+
+
 class ConfigError(EventFleetError):
     """Invalid configuration."""
 

@@ -136,3 +136,12 @@ async def test_an_oversized_event_is_refused_before_the_database(offline: StoreF
     store = offline(max_payload_bytes=1024)
     with pytest.raises(errors.PayloadTooLarge):
         await store.append("order-1", [OrderPaid("o" * 2000, "c", Decimal(1), PAID.paid_at)], NO_STREAM)
+
+
+async def test_a_misfitting_event_is_refused_before_the_database(offline: StoreFactory) -> None:
+    store = offline()
+    misfit = OrderPaid("o", "c", 1.5, PAID.paid_at)  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidEvent, match=r"^OrderPaid\.amount: expected Decimal, got float$"):
+        await store.append("order-1", [PAID, misfit], NO_STREAM)
+    with pytest.raises(errors.InvalidEvent, match=r"^OrderPaid\.amount: expected Decimal, got float$"):
+        await store.append_batch([("order-1", [PAID], NO_STREAM), ("order-2", [misfit], NO_STREAM)])

@@ -128,6 +128,7 @@ async def test_bound_queries_and_wait_for_refuse_an_injected_schema(value: str) 
         await wait.wait_for(NoPool(), "order_summary", "order-1", 0, 0, schema=value)  # type: ignore[arg-type]
 
 
+
 # --- TLS options pass through untouched ------------------------------------------------------------
 
 @pytest.mark.parametrize("url", [
