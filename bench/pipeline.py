@@ -81,7 +81,7 @@ from workers.config import Settings
 from workers.runtime import health, tuning
 
 PROJECTIONS = ("order_summary", "customer_stats")
-OBSERVER = "bench_observer"  # a queue of our own on the exchange, as CONTRACT.md allows other consumers
+OBSERVER = "bench_observer"  # a queue of our own on the exchange, as docs/reference.md allows other consumers
 WARM_UP = 2.0
 Token = tuple[str, int, Any]  # (stream id, version to write, event)
 

@@ -1,4 +1,4 @@
-"""Settings read once from the EVENTFLEET_* environment variables (CONTRACT.md)."""
+"""Settings read once from the EVENTFLEET_* environment variables (docs/reference.md)."""
 
 from __future__ import annotations
 

@@ -276,6 +276,6 @@ async def test_prometheus_scrapes_the_lag_rising_and_returning_to_zero(
             query = re.sub(r'namespace="[^"]*",\s*', "", doc["spec"]["triggers"][0]["metadata"]["query"])
             assert [float(r["value"][1]) for r in await prom.query(query)] == [0.0], query
 
-    # A clean signal-driven shutdown exits 0 (CONTRACT.md).
+    # A clean signal-driven shutdown exits 0 (docs/reference.md, exit statuses).
     assert processes.stop("relay") == 0, processes.logs()
     assert processes.stop("worker") == 0, processes.logs()

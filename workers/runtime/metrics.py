@@ -1,4 +1,4 @@
-"""The Prometheus metrics of CONTRACT.md: the one module-level global the project allows."""
+"""The Prometheus metrics of docs/reference.md: the one module-level global the project allows."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The orders domain's events (see CONTRACT.md): registered, versioned, with the v1 -> v2 upcaster."""
+"""The orders domain's events (docs/reference.md): registered, versioned, with the v1 -> v2 upcaster."""
 
 from __future__ import annotations
 

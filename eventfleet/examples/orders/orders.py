@@ -1,4 +1,4 @@
-"""The orders write model (CONTRACT.md): the events, the Order aggregate and its commands.
+"""The orders write model (docs/reference.md): the events, the Order aggregate and its commands.
 
 An order is placed, then paid, then shipped; it can be cancelled until it ships. Commands are functions
 ``Order -> [events]`` for ``store.aggregate.Repository.execute``; an impossible transition raises
