@@ -72,7 +72,8 @@ def test_the_configuration_table_names_exactly_the_variables_of_environment() ->
 
 def test_each_variable_has_its_default_from_environment() -> None:
     table = rows(section("## 1. Configuration"))
-    wrong = [(name, table[name][1]) for name, default, _ in ENVIRONMENT if table[name][1].strip("`") != default]
+    documented = {name: table.get(name, [name, "(not in the table)"])[1].strip("`") for name, _, _ in ENVIRONMENT}
+    wrong = [(name, documented[name]) for name, default, _ in ENVIRONMENT if documented[name] != default]
     assert wrong == []
 
 
