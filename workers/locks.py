@@ -2,13 +2,14 @@
 
 | key | taken by | mode | held |
 |---|---|---|---|
-| ``projection`` | every batch applied to a projection (deliveries, catch-ups, re-drives) | shared | its transaction |
+| ``projection`` | every batch applied to a projection (deliveries, catch-ups, re-drives, skips) | shared | its transaction |
 | ``projection`` | a rebuild's swap of the projection's tables | exclusive | the swap's transaction |
 | ``catchup`` | the one process catching a projection up from the store | try | the catch-up (session) |
 | ``rebuild`` | a running rebuild or backfill of a projection (``status`` asks whether it is held) | try | the run (session) |
-| ``watermark`` | a re-drive releasing a halted stream | exclusive | its transaction |
+| ``watermark`` | a re-drive or skip releasing a halted stream | exclusive | its transaction |
 | ``watermark`` | the lag monitor advancing the low watermark (skips a round if busy) | try | its transaction |
-| ``store.migrate.lock_key`` | ``migrate`` and the grants of ``migrate --roles`` (the store's own) | exclusive | its transaction |
+| ``store.migrate.lock_key`` | ``migrate`` and the grants of ``migrate --roles`` (the store's own); ``teardown``'s drop | exclusive | its transaction |
+| ``store.migrate.lock_key`` | ``migrate`` filling in the partitions of events older than partitions | exclusive | the fill (session) |
 
 Keys name the deployment's schema, so two deployments on one server never contend. Whoever takes more
 than one in a transaction takes ``projection`` before ``watermark``.
