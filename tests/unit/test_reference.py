@@ -55,6 +55,13 @@ def rows(text: str) -> dict[str, list[str]]:
     return found
 
 
+def paragraph(start: str) -> str:
+    """The reference's paragraph that begins with ``start``."""
+    match = re.search(rf"^{re.escape(start)}.*?(?=\n\n)", REFERENCE, re.MULTILINE | re.DOTALL)
+    assert match is not None
+    return match.group(0)
+
+
 def code_block(text: str) -> str:
     """The first fenced block of ``text``."""
     match = re.search(r"^```\w*\n(.*?)^```$", text, re.MULTILINE | re.DOTALL)
@@ -232,7 +239,7 @@ def test_every_key_and_header_of_a_message_is_in_the_messages_section() -> None:
     message = broker.encode_undecodable_row(row, "why")  # a flagged message carries every key there is
     keys = list(msgpack.unpackb(message.body, timestamp=0))
     table = rows(section("## 6. Messages (RabbitMQ)"))
-    text = section("## 6. Messages (RabbitMQ)")
+    text = paragraph("**Properties and headers**")
     missing = [key for key in keys if key not in table] + [
         header for header in message.headers if f"`{header}`" not in text]
     assert missing == []
@@ -240,19 +247,44 @@ def test_every_key_and_header_of_a_message_is_in_the_messages_section() -> None:
 
 def test_the_message_properties_are_in_the_messages_section() -> None:
     message = broker.message_from_body(b"", uuid.uuid4(), "E.v1", "s", 0)
-    text = section("## 6. Messages (RabbitMQ)")
+    text = paragraph("**Properties and headers**")
     assert f"`content_type` = `{message.content_type}`" in text
     assert f"`delivery_mode` = {int(message.delivery_mode)} (persistent)" in text
     assert "`message_id` = the event id" in text
 
 
-def test_every_exchange_and_queue_name_is_in_the_names_table() -> None:
-    names = broker.Names("PREFIX")
-    derived = [names.exchange, names.dead_letter_exchange, names.queue("projection"),
-               names.dead_letter_queue("projection")]
+#: What the reference writes for the parts of a name (``{prefix}.{projection}.{partition}``), and a value of each.
+PLACEHOLDERS = {"prefix": "PREFIX", "projection": "projection", "partition": 0}
+
+
+def _broker_names() -> list[str]:
+    """Every name ``broker.Names`` derives: its properties, and its methods called with placeholder values."""
+    names = broker.Names(str(PLACEHOLDERS["prefix"]))
+    derived = []
+    for attribute, member in vars(broker.Names).items():
+        if attribute.startswith("_"):
+            continue
+        if isinstance(member, property):
+            derived.append(getattr(names, attribute))
+        elif callable(member):
+            parameters = list(inspect.signature(member).parameters)[1:]
+            derived.append(getattr(names, attribute)(*(PLACEHOLDERS[p] for p in parameters)))
+    return derived
+
+
+def test_every_exchange_and_queue_name_is_in_a_names_table() -> None:
     table = rows(section("## 6. Messages (RabbitMQ)"))
-    documented = {name.replace("{prefix}", "PREFIX").replace("{projection}", "projection") for name in table}
-    assert [name for name in derived if name not in documented] == []
+    documented = {name.format(**PLACEHOLDERS) for name in table if name.startswith("{prefix}")}
+    assert [name for name in _broker_names() if name not in documented] == []
+
+
+def test_every_header_and_property_of_a_batch_message_is_in_the_messages_section() -> None:
+    row = {"event_id": uuid.uuid4(), "stream_id": "s", "version": 0, "global_position": 1, "transaction_id": 2,
+           "event_type": "E.v1", "data": b"\x80", "metadata": b"\x80", "recorded_at": dt.datetime.now(dt.UTC)}
+    message = broker.batch_message(3, [row], [broker.event_map(row)])  # flagged: every header there is
+    text = paragraph("A batch message")
+    missing = [header for header in message.headers if f"`{header}`" not in text]
+    assert (missing, f"`type` = `{message.type}`" in text) == ([], True)
 
 
 def _metrics() -> dict[str, str]:
