@@ -25,6 +25,7 @@ from workers.projector import handlers
 from workers.projector.handlers import Failure
 
 SQL = load("workers", "checkpoints.sql")
+EVENTS = load("workers", "events.sql")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -137,7 +138,7 @@ async def _load_gaps(conn: db.Conn, store: EventStore, projection: Projection, s
             expected = v + 1
     if not ranges:
         return {}
-    rows = await conn.fetch(SQL["load_ranges"], [r[0] for r in ranges], [r[1] for r in ranges],
+    rows = await conn.fetch(EVENTS["load_ranges"], [r[0] for r in ranges], [r[1] for r in ranges],
                             [r[2] for r in ranges])
     filled: dict[str, dict[int, RecordedEvent]] = {}
     for row in rows:

@@ -31,6 +31,7 @@ from workers.projector import handlers
 logger = logging.getLogger(__name__)
 
 SQL = queries.load("workers", "rebuild.sql")
+EVENTS = queries.load("workers", "events.sql")
 
 Statement = tuple[str, tuple[Any, ...]]
 
@@ -125,7 +126,7 @@ class Applier:
                 gaps.append((e.stream_id, current + 1, e.version - 1))
             streams.setdefault(e.stream_id, []).append(e)
         if gaps:
-            rows = await conn.fetch(SQL["load_ranges"], *(list(column) for column in zip(*gaps, strict=True)))
+            rows = await conn.fetch(EVENTS["load_ranges"], *(list(column) for column in zip(*gaps, strict=True)))
             for row in rows:
                 streams[row["stream_id"]].append(record_or_undecodable(row, self.store.registry))
             for stream_events in streams.values():

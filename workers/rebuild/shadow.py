@@ -40,6 +40,7 @@ from workers.rebuild import applier, reader
 logger = logging.getLogger(__name__)
 
 SQL = queries.load("workers", "rebuild.sql")
+EVENTS = queries.load("workers", "events.sql")
 
 BATCH_SIZE = 5000
 _BOOKKEEPING = ("rebuild_checkpoints", "rebuild_cursor")
@@ -308,7 +309,7 @@ class Rebuild:
         await locks.take(conn, locks.projection(self.schema, name))
         behind = await conn.fetch(SQL["live_ahead"], name)
         if behind:
-            rows = await conn.fetch(SQL["load_ranges"], [r["stream_id"] for r in behind],
+            rows = await conn.fetch(EVENTS["load_ranges"], [r["stream_id"] for r in behind],
                                     [r["shadow_version"] + 1 for r in behind], [r["live_version"] for r in behind])
             await self.applier.apply(conn, [record_or_undecodable(r, self.store.registry) for r in rows])
         for table in self.projection.tables:

@@ -17,14 +17,6 @@ ON CONFLICT (projection, stream_id) DO UPDATE
         updated_at = clock_timestamp()
 RETURNING c.stream_id, c.previous_version, c.version, c.halted_version;
 
--- name: load_ranges
--- Events of several streams, each from first to last version inclusive, in stream and version order (gaps).
-SELECT e.global_position, e.event_id, e.stream_id, e.version, e.event_type, e.data, e.metadata,
-       e.recorded_at, e.transaction_id
-FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS r(stream_id, first_version, last_version)
-JOIN events AS e ON e.stream_id = r.stream_id AND e.version BETWEEN r.first_version AND r.last_version
-ORDER BY e.stream_id, e.version;
-
 -- name: halt_streams
 -- Stop streams at a parked event: the checkpoint stays just before it (claimed rows, locked).
 UPDATE checkpoints AS c SET version = h.version - 1, halted_version = h.version

@@ -74,14 +74,6 @@ SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
 WHERE NOT EXISTS (SELECT 1 FROM dead_letters
                   WHERE projection = $1 AND stream_id = $2 AND version = $3 AND status = $9);
 
--- name: load_ranges
--- Events of several streams, each from first to last version inclusive, in stream and version order.
-SELECT e.global_position, e.event_id, e.stream_id, e.version, e.event_type, e.data, e.metadata,
-       e.recorded_at, e.transaction_id
-FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS r(stream_id, first_version, last_version)
-JOIN events AS e ON e.stream_id = r.stream_id AND e.version BETWEEN r.first_version AND r.last_version
-ORDER BY e.stream_id, e.version;
-
 -- name: projection_state
 -- A projection's state row, if it has one.
 SELECT state FROM projection_status WHERE projection = $1;
