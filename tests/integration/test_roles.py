@@ -103,7 +103,9 @@ async def test_the_grants_are_exactly_the_documented_ones(schema: str, granted: 
         ("writer", "events"): "INSERT,SELECT",
         ("writer", "outbox"): "INSERT",
         ("writer", "snapshots"): "INSERT,SELECT,UPDATE",
+        ("writer", "partitioning"): "SELECT",
         ("relay", "events"): "SELECT",
+        ("relay", "partitioning"): "SELECT",
         ("relay", "outbox"): "DELETE,SELECT",
         ("worker", "events"): "SELECT",
         **{("worker", t): "DELETE,INSERT,SELECT,UPDATE"
