@@ -1,6 +1,6 @@
 """Append throughput and latency: ``EventStore`` against a minimal hand-written baseline, alternating.
 
-    python -m bench.append [--seconds 2] [--rounds 3] [--writers 1,8,32] [--streams 1000]
+    python -m bench.append [--seconds 2] [--rounds 3] [--writers 1,8,32] [--streams 1000] [--tracing-writers 8]
 
 Baseline: one connection per writer (held for a whole segment), one statement per append (a data-modifying CTE that checks the
 version, inserts the event and its outbox row), the payload encoded once up front. Store: ``append`` of
@@ -9,13 +9,16 @@ wake-ups), encoding each event. Both write the same schema (a fresh one,
 dropped at the end), each writer cycling over its own share of ``--streams`` streams so there are no
 conflicts. Batches: ``append_batch`` of 100 events (10 streams x 10) against a plain ``unnest`` insert
 of 100 event rows. Segments alternate (ABBA) so drift of this shared machine hits both sides alike.
-Database: ``EVENTFLEET_DATABASE_URL``.
+Tracing: the store's appends at ``--tracing-writers`` writers with OpenTelemetry absent, off, on, and on
+with a span per append (bench/tracing.py), alternating likewise; the figures above run with the API
+installed and no tracer provider. Database: ``EVENTFLEET_DATABASE_URL``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -23,10 +26,13 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 
+from bench import tracing
 from eventfleet.examples.orders.events import OrderPaid
 from store import EventStore, codec, db
 from workers import admin
@@ -124,13 +130,16 @@ async def baseline_append(pool: db.Pool, writers: int, streams: int, seconds: fl
             await pool.release(conn)
 
 
-async def store_append(store: EventStore, writers: int, streams: int, seconds: float) -> Sample:
+async def store_append(store: EventStore, writers: int, streams: int, seconds: float,
+                       request: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext) -> Sample:
+    """``append`` of one event per call, each inside ``request()`` (the application's span, when traced)."""
     ws = Writers(writers, streams)
     event = sample_event()
 
     async def step(w: int, i: int) -> None:
         stream, version = ws.next(w, i)
-        await store.append(stream, [event], version)
+        with request():
+            await store.append(stream, [event], version)
         ws.versions[stream] = version + 1
 
     return await timed(writers, seconds, 1, step)
@@ -205,6 +214,46 @@ async def bench_batches(dsn: str, schema: str, args: argparse.Namespace, payload
     return report("append_batch x100, 1 writer", base, mine)
 
 
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+#: How far apart two runs of the same code at 8 writers land on this shared machine (ABBA, 3 x 2 s):
+#: "off" must stay within it of "absent".
+NOISE = 0.05
+
+
+async def bench_tracing(dsn: str, schema: str, writers: int, args: argparse.Namespace) -> list[str]:
+    """The store's appends in each tracing mode, in alternating order; the report's lines."""
+    traced = tracing.Tracing()
+    samples = {mode: Sample() for mode in tracing.MODES}
+    async with db.create_pool(dsn, schema, min_size=writers + 1, max_size=writers + 1) as pool:
+        store = EventStore(pool, schema=schema)
+
+        async def segment(mode: str, seconds: float) -> Sample:
+            with traced.running(mode):
+                return await store_append(store, writers, args.streams, seconds, traced.request)
+
+        for mode in tracing.MODES:
+            await segment(mode, 0.3)  # warm-up
+        spans_before, _ = traced.exported()
+        for r in range(args.rounds):
+            for mode in tracing.MODES if r % 2 == 0 else tracing.MODES[::-1]:
+                samples[mode].add(await segment(mode, args.seconds))
+        await store.notifier.flush()
+    spans, _ = traced.exported()
+    absent, off, on, per_append = (samples[m] for m in tracing.MODES)
+    return [
+        f"tracing, append x1, {writers} writers: " + " | ".join(
+            f"{m} {s.rate:8.0f} ev/s p50 {s.pct(0.5):6.3f} ms p99 {s.pct(0.99):6.3f} ms" for m, s in samples.items())
+        + f" | {spans - spans_before} spans exported",
+        (f"{verdict(abs(off.rate / absent.rate - 1) <= NOISE)}  tracing off: append at {writers} writers within"
+        f" {NOISE:.0%} of OpenTelemetry absent: {off.rate / absent.rate:.2f}"),
+        (f"{verdict(on.rate >= 0.9 * off.rate)}  tracing on: append at {writers} writers >= 0.9 of off:"
+         f" {on.rate / off.rate:.2f} (with the application's own span per append: {per_append.rate / off.rate:.2f})"),
+    ]
+
+
 async def run(dsn: str, args: argparse.Namespace) -> None:
     schema = f"bench_append_{uuid.uuid4().hex[:8]}"
     await admin.run_migrate(dsn, schema)
@@ -213,6 +262,9 @@ async def run(dsn: str, args: argparse.Namespace) -> None:
         for writers in [int(w) for w in args.writers.split(",")]:
             print(await bench_appends(dsn, schema, writers, args, payload), flush=True)
         print(await bench_batches(dsn, schema, args, payload), flush=True)
+        if args.tracing_writers:
+            for line in await bench_tracing(dsn, schema, args.tracing_writers, args):
+                print(line, flush=True)
     finally:
         conn = await asyncpg.connect(dsn)
         try:
@@ -227,6 +279,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="baseline/store pairs per configuration")
     parser.add_argument("--writers", default="1,8,32", help="comma-separated writer counts")
     parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--tracing-writers", type=int, default=8,
+                        help="writers of the tracing comparison (absent, off, on); 0 skips it")
     args = parser.parse_args()
     dsn = os.environ.get("EVENTFLEET_DATABASE_URL", DEFAULT_DATABASE_URL)
     print(f"bench.append: {args.rounds} x {args.seconds}s per side and configuration, {args.streams} streams,"
