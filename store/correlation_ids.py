@@ -32,10 +32,10 @@ class Correlation(NamedTuple):
 
     @classmethod
     def caused_by(cls, event: RecordedEvent) -> Correlation:
-        """The ids of events caused by ``event``: its correlation (or its own id when it has none) carried
-        over, the event itself as the cause."""
+        """The ids of events caused by ``event``: its correlation carried over (its own id when it has none,
+        or one no append would take, written as a ``NewEvent``'s metadata), the event itself as the cause."""
         correlation_id = event.metadata.get(CORRELATION_ID)
-        if not isinstance(correlation_id, str):
+        if not _valid(correlation_id):
             correlation_id = str(event.event_id)
         return cls(correlation_id, str(event.event_id))
 
@@ -87,9 +87,13 @@ def of(metadata: Mapping[str, Any]) -> dict[str, str]:
     return {k: v for k in (CORRELATION_ID, CAUSATION_ID) if isinstance(v := metadata.get(k), str)}
 
 
+def _valid(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value.encode()) <= MAX_ID_BYTES
+
+
 def _checked(value: str | None, what: str) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value.encode()) > MAX_ID_BYTES:
+    if not _valid(value):
         raise errors.InvalidInput(f"{what} must be a non-empty str of at most {MAX_ID_BYTES} bytes, got {value!r}")
     return value

@@ -97,8 +97,9 @@ async def test_follow_ups_appended_in_caused_by_carry_the_correlation_on_and_nam
     assert await metadata_of(event_store, "t") == [{"correlation_id": "request-1", "causation_id": str(cause.event_id)}]
 
 
-async def test_an_event_without_a_correlation_starts_one_with_its_own_id(event_store):
-    await event_store.append("s", [paid(1)], NO_STREAM)
+@pytest.mark.parametrize("metadata", [None, {"correlation_id": 7}, {"correlation_id": "x" * 256}])
+async def test_an_event_without_a_usable_correlation_starts_one_with_its_own_id(event_store, metadata):
+    await event_store.append("s", [NewEvent(paid(1), metadata=metadata)], NO_STREAM)
     (cause,) = await event_store.load("s")
     assert Correlation.caused_by(cause) == Correlation(str(cause.event_id), str(cause.event_id))
 
