@@ -30,6 +30,13 @@ from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from store import tracing
 
 MODES = ("absent", "off", "on", "span per append")
+NOISE_IS = "the widest spread of one mode's repeated runs, absent or off, at least 2%"
+
+
+def noise(*runs: Sequence[float]) -> float:
+    """How far apart repeated runs of the same code landed in this run: (max - min) / mean of each mode's
+    figures, the widest of them, and at least 2%."""
+    return max([0.02, *((max(r) - min(r)) / (sum(r) / len(r)) for r in runs if len(r) > 1)])
 
 
 class CountingExporter(SpanExporter):
