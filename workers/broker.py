@@ -149,10 +149,12 @@ def message_from_body(body: bytes, event_id: uuid.UUID, event_type: str, stream_
     """Wrap an encoded body with the contract's properties and headers (and ``extra_headers``, whose
     ``correlation_id`` is also the message's AMQP property when it fits one)."""
     correlation_id = extra_headers.get(correlation_ids.CORRELATION_ID) if extra_headers else None
+    if correlation_id and len(correlation_id.encode()) > correlation_ids.MAX_ID_BYTES:
+        correlation_id = None  # a NewEvent's own metadata may hold one longer than an AMQP shortstr
     return aio_pika.Message(
         body,
         message_id=str(event_id),
-        correlation_id=correlation_id if correlation_id and len(correlation_id.encode()) <= 255 else None,
+        correlation_id=correlation_id or None,
         content_type="application/msgpack",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         headers={"event_type": event_type, "stream_id": stream_id, "version": version,

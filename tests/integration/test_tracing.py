@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from eventfleet.examples.orders.projections import OrderSummary
-from store import NO_STREAM, correlation, db
+from store import NO_STREAM, NewEvent, correlation, db
 from tests.conftest import AMQP_URL, DATABASE_URL
 from tests.tracing import tracer
 from workers import broker, projector, relay
@@ -131,6 +131,16 @@ async def test_a_message_of_an_event_without_ids_or_trace_context_carries_neithe
     message = await _next_message(amqp, prefix)
     assert message.correlation_id is None
     assert headers(message) == {"event_type": "OrderPlaced.v2", "stream_id": "order-1", "version": 0}
+
+
+async def test_a_correlation_id_too_long_for_the_amqp_property_travels_in_the_headers_only(
+        pool, event_store, exchange, prefix, amqp):
+    long_id = "x" * 300  # a NewEvent's own metadata is stored as given; an AMQP shortstr holds 255 bytes
+    await event_store.append("order-1", [NewEvent(order_events("1")[0], metadata={"correlation_id": long_id})],
+                             NO_STREAM)
+    assert await relay.relay_until_idle(pool, exchange) == 1
+    message = await _next_message(amqp, prefix)
+    assert (message.correlation_id, headers(message)["correlation_id"]) == (None, long_id)
 
 
 def headers(message: aio_pika.abc.AbstractIncomingMessage) -> dict[str, Any]:
