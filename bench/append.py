@@ -1,6 +1,7 @@
 """Append throughput and latency: ``EventStore`` against a minimal hand-written baseline, alternating.
 
     python -m bench.append [--seconds 2] [--rounds 3] [--writers 1,8,32] [--streams 1000] [--without-check]
+                           [--tracing-writers 8]
 
 Baseline: one connection per writer (held for a whole segment), one statement per append (a data-modifying CTE that checks the
 version, inserts the event and its outbox row), the payload encoded once up front. Store: ``append`` of
@@ -9,7 +10,6 @@ wake-ups), encoding each event. Both write the same schema (a fresh one,
 dropped at the end), each writer cycling over its own share of ``--streams`` streams so there are no
 conflicts. Batches: ``append_batch`` of 100 events (10 streams x 10) against a plain ``unnest`` insert
 of 100 event rows. Segments alternate (ABBA) so drift of this shared machine hits both sides alike.
-Database: ``EVENTFLEET_DATABASE_URL``.
 
 The store checks each event against its class before encoding it (``Registry.encode_checked``); the
 baseline does not. What that check costs is timed on its own first, per event, beside the encoding
@@ -17,12 +17,17 @@ baseline does not. What that check costs is timed on its own first, per event, b
 the client's time it is at the store's measured rate. ``--without-check`` adds a third side to the
 single-event appends, the same store encoding without the check, alternating with the other two
 (A B C C B A).
+
+Tracing: the store's appends at ``--tracing-writers`` writers with OpenTelemetry absent, off, on, and on
+with a span per append (bench/tracing.py), alternating likewise; the figures above run with the API
+installed and no tracer provider. Database: ``EVENTFLEET_DATABASE_URL``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -31,10 +36,13 @@ import time
 import timeit
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 
+from bench import tracing
 from eventfleet.examples.orders.events import LineItem, OrderPaid, OrderPlaced
 from store import EventStore, codec, db
 from workers import admin
@@ -181,13 +189,16 @@ async def store_append_without_check(store: EventStore, writers: int, streams: i
         store.registry = checked
 
 
-async def store_append(store: EventStore, writers: int, streams: int, seconds: float) -> Sample:
+async def store_append(store: EventStore, writers: int, streams: int, seconds: float,
+                       request: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext) -> Sample:
+    """``append`` of one event per call, each inside ``request()`` (the application's span, when traced)."""
     ws = Writers(writers, streams)
     event = sample_event()
 
     async def step(w: int, i: int) -> None:
         stream, version = ws.next(w, i)
-        await store.append(stream, [event], version)
+        with request():
+            await store.append(stream, [event], version)
         ws.versions[stream] = version + 1
 
     return await timed(writers, seconds, 1, step)
@@ -277,6 +288,45 @@ async def bench_batches(dsn: str, schema: str, args: argparse.Namespace, payload
     return f"{report('append_batch x100, 1 writer', base, mine)}\n{check_share(check_us, mine)}"
 
 
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+async def bench_tracing(dsn: str, schema: str, writers: int, args: argparse.Namespace) -> list[str]:
+    """The store's appends in each tracing mode, in alternating order; the report's lines."""
+    traced = tracing.Tracing()
+    samples = {mode: Sample() for mode in tracing.MODES}
+    rates: dict[str, list[float]] = {mode: [] for mode in tracing.MODES}  # of every segment
+    async with db.create_pool(dsn, schema, min_size=writers + 1, max_size=writers + 1) as pool:
+        store = EventStore(pool, schema=schema)
+
+        async def segment(mode: str, seconds: float) -> Sample:
+            with traced.running(mode):
+                return await store_append(store, writers, args.streams, seconds, traced.request)
+
+        for mode in tracing.MODES:
+            await segment(mode, 0.3)  # warm-up
+        spans_before, _ = traced.exported()
+        for r in range(args.rounds):
+            for mode in tracing.MODES if r % 2 == 0 else tracing.MODES[::-1]:
+                sample = await segment(mode, args.seconds)
+                samples[mode].add(sample)
+                rates[mode].append(sample.rate)
+        await store.notifier.flush()
+    spans, _ = traced.exported()
+    absent, off, on, per_append = (samples[m] for m in tracing.MODES)
+    noise = tracing.noise(rates["absent"], rates["off"])
+    return [
+        f"tracing, append x1, {writers} writers: " + " | ".join(
+            f"{m} {s.rate:8.0f} ev/s p50 {s.pct(0.5):6.3f} ms p99 {s.pct(0.99):6.3f} ms" for m, s in samples.items())
+        + f" | {spans - spans_before} spans exported",
+        (f"{verdict(abs(off.rate / absent.rate - 1) <= noise)}  tracing off: append at {writers} writers within"
+         f" the noise of OpenTelemetry absent: {off.rate / absent.rate:.2f} (noise {noise:.0%}: {tracing.NOISE_IS})"),
+        (f"{verdict(on.rate >= 0.9 * off.rate)}  tracing on: append at {writers} writers >= 0.9 of off:"
+         f" {on.rate / off.rate:.2f} (with the application's own span per append: {per_append.rate / off.rate:.2f})"),
+    ]
+
+
 async def run(dsn: str, args: argparse.Namespace) -> None:
     schema = f"bench_append_{uuid.uuid4().hex[:8]}"
     await admin.run_migrate(dsn, schema)
@@ -289,6 +339,9 @@ async def run(dsn: str, args: argparse.Namespace) -> None:
         for writers in [int(w) for w in args.writers.split(",")]:
             print(await bench_appends(dsn, schema, writers, args, payload, check_us), flush=True)
         print(await bench_batches(dsn, schema, args, payload, check_us), flush=True)
+        if args.tracing_writers:
+            for line in await bench_tracing(dsn, schema, args.tracing_writers, args):
+                print(line, flush=True)
     finally:
         conn = await asyncpg.connect(dsn)
         try:
@@ -305,6 +358,8 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--without-check", action="store_true",
                         help="also time single-event appends without the check at append (a third side)")
+    parser.add_argument("--tracing-writers", type=int, default=8,
+                        help="writers of the tracing comparison (absent, off, on); 0 skips it")
     args = parser.parse_args()
     dsn = os.environ.get("EVENTFLEET_DATABASE_URL", DEFAULT_DATABASE_URL)
     print(f"bench.append: {args.rounds} x {args.seconds}s per side and configuration, {args.streams} streams,"

@@ -1,7 +1,7 @@
 """The whole pipeline (writers, relay, workers) against hand-written baselines and the eventsourcing library.
 
     python -m bench.pipeline [--drain-events 60000] [--events 20000] [--es-events 6000] [--rate 500]
-                             [--latency-seconds 12]
+                             [--latency-seconds 12] [--tracing-events 10000] [--tracing-rounds 2] [--tracing-only]
 
 One run, so that ratios compare figures measured minutes apart on the same noisy machine. The workload is
 order lives (placed; then cancelled, or paid and then shipped or cancelled), one event per append, split
@@ -30,6 +30,10 @@ over 8 writers that each own their orders (no version conflicts), steps interlea
    same share of that capacity as 500 is of 3.1k. To split the path, a transient queue of the bench's own
    on the exchange is consumed without any work (recorded_at to the relay's publish, near enough), and the
    relay's and worker's per-batch histograms give the time of each publish+confirm and applied batch.
+4. Tracing, ``--tracing-events`` per run, ``--tracing-rounds`` runs of each mode in alternating order (the
+   modes of bench/tracing.py: OpenTelemetry absent, off, on, and on with a span per append): our 8
+   writers into a fresh deployment, our relay draining the outbox, one in-process worker until current.
+   The phases above run with the API installed and no tracer provider.
 
 Every schema and queue is created with a unique name and removed at the end. Servers:
 ``EVENTFLEET_DATABASE_URL`` and ``EVENTFLEET_AMQP_URL``.
@@ -64,7 +68,7 @@ import psycopg
 from pamqp import commands as spec
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import eventsourcing_baseline, pipeline_handwritten
+from bench import eventsourcing_baseline, pipeline_handwritten, tracing
 from eventfleet.examples.orders.events import (
     LineItem,
     OrderCancelled,
@@ -682,6 +686,87 @@ def percentile(ordered: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+# --- tracing -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Traced:
+    """Events and seconds of one tracing mode's runs: our writers, our relay, one in-process worker."""
+
+    events: int = 0
+    appending: float = 0.0
+    relaying: float = 0.0
+    draining: float = 0.0
+    spans: int = 0
+    links: int = 0
+    runs: list[tuple[float, float, float]] = dataclasses.field(default_factory=list)  # each run's rates
+
+    def rates(self) -> tuple[float, float, float]:
+        return self.events / self.appending, self.events / self.relaying, self.events / self.draining
+
+
+async def traced_run(lab: Lab, schedules: Sequence[Sequence[Token]], traced: tracing.Tracing, mode: str,
+                     total: Traced) -> None:
+    """Append into a fresh deployment, relay it all and drain it with one worker, in one tracing mode."""
+    settings = await lab.deployment(f"trace{len(lab.schemas)}")
+    events = sum(map(len, schedules))
+    spans, links = traced.exported()
+    async with db.create_pool(settings.database_url, settings.schema, min_size=len(schedules),
+                              max_size=len(schedules)) as pool:
+        store = EventStore(pool, schema=settings.schema)
+
+        async def step(w: int, token: Token) -> None:
+            with traced.request():
+                await store.append(token[0], [token[2]], token[1] - 1)
+
+        with traced.running(mode):
+            appending = await write(schedules, step)
+            await store.notifier.flush()
+            async with await aio_pika.connect(settings.amqp_url) as connection:
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                exchange = await channel.get_exchange(broker.Names(settings.prefix).exchange, ensure=False)
+                started = time.perf_counter()
+                await relay.relay_until_idle(pool, exchange, batch_size=settings.batch_size)
+                relaying = time.perf_counter() - started
+            drained = await one_worker(pool, settings, events)
+    after_spans, after_links = traced.exported()
+    total.runs.append((events / appending, events / relaying, drained.current))
+    total.events += events
+    total.appending += appending
+    total.relaying += relaying
+    total.draining += events / drained.current
+    total.spans += after_spans - spans
+    total.links += after_links - links
+
+
+async def tracing_overhead(lab: Lab, events: int, writers: int, rounds: int) -> dict[str, Traced]:
+    """Every tracing mode (bench/tracing.py) ``rounds`` times, in alternating order, after a warm-up run."""
+    traced, results = tracing.Tracing(), {mode: Traced() for mode in tracing.MODES}
+    await traced_run(lab, plan(min(events, 2000), writers, seed=99), traced, "off", Traced())
+    for r in range(rounds):
+        for mode in tracing.MODES if r % 2 == 0 else tracing.MODES[::-1]:
+            await traced_run(lab, plan(events, writers, seed=r), traced, mode, results[mode])
+    return results
+
+
+def report_tracing(results: dict[str, Traced], writers: int) -> None:
+    for mode, t in results.items():
+        appended, relayed, drained = t.rates()
+        print(f"tracing {mode:<16} {writers} writers {appended:6.0f} events/s, relay {relayed:6.0f} events/s,"
+              f" 1 worker {drained:6.0f} events/s until current ({t.spans} spans, {t.links} links exported)")
+    (absent, off, on, per_append) = (results[m].rates() for m in tracing.MODES)
+    noise = [tracing.noise([r[i] for r in results["absent"].runs], [r[i] for r in results["off"].runs])
+             for i in range(3)]
+    within = all(abs(o / a - 1) <= n for o, a, n in zip(off, absent, noise, strict=True))
+    print(f"{verdict(within)}  tracing off: appends, relay and worker within the noise of OpenTelemetry absent: "
+          + ", ".join(f"{o / a:.2f} (noise {n:.0%})" for o, a, n in zip(off, absent, noise, strict=True))
+          + f"; noise: {tracing.NOISE_IS}")
+    print(f"{verdict(on[0] >= 0.9 * off[0])}  tracing on: append at {writers} writers >= 0.9 of off:"
+          f" {on[0] / off[0]:.2f} (relay {on[1] / off[1]:.2f}, worker {on[2] / off[2]:.2f}; with a span per append,"
+          f" every event its own trace: append {per_append[0] / off[0]:.2f}, relay {per_append[1] / off[1]:.2f},"
+          f" worker {per_append[2] / off[2]:.2f})", flush=True)
+
+
 # --- the report ---------------------------------------------------------------------------------------
 
 
@@ -709,6 +794,14 @@ async def run(args: argparse.Namespace) -> None:
     registry.load([registry.EXAMPLE])
     lab = Lab(settings)
     writers = args.writers
+    if args.tracing_only:
+        print(f"bench.pipeline, tracing only: {args.tracing_events} events per run, {args.tracing_rounds} rounds,"
+              f" {writers} writers; load average {os.getloadavg()[0]:.2f}", flush=True)
+        try:
+            report_tracing(await tracing_overhead(lab, args.tracing_events, writers, args.tracing_rounds), writers)
+        finally:
+            await lab.close()
+        return
     print(f"bench.pipeline: {args.drain_events} events per throughput phase, {args.events} end to end,"
           f" {writers} writers, eventsourcing {args.es_events}"
           f" events (psycopg {psycopg.pq.__impl__}), latency at {args.rate:.0f} events/s for"
@@ -766,7 +859,10 @@ async def run(args: argparse.Namespace) -> None:
         print(f"{verdict(t.appended >= 5 * t.es_saved)}  append >= 5x eventsourcing at {writers} writers:"
               f" {t.appended / t.es_saved:.1f}x")
         print(f"{verdict(t.drained.current >= 4 * t.es_projected)}  projection (1 worker) >= 4x eventsourcing:"
-              f" {t.drained.current / t.es_projected:.1f}x (catch-up off: {t.broker_only.current / t.es_projected:.1f}x)")
+              f" {t.drained.current / t.es_projected:.1f}x (catch-up off: {t.broker_only.current / t.es_projected:.1f}x)",
+              flush=True)
+        if args.tracing_events:
+            report_tracing(await tracing_overhead(lab, args.tracing_events, writers, args.tracing_rounds), writers)
     except BaseException:
         print(f"failed; the subprocesses' logs are in {lab.logs}", file=sys.stderr)
         raise
@@ -790,6 +886,11 @@ def main() -> None:
     parser.add_argument("--no-relative-latency", dest="relative_latency", action="store_false",
                         help="skip the second latency phase at 500/3100 of the hand-written pipeline's rate,"
                              " run when the machine sustains much less today than the issue's 3.1k events/s")
+    parser.add_argument("--tracing-events", type=int, default=10_000,
+                        help="events per run of the tracing comparison (OpenTelemetry absent, off, on, a span per"
+                             " append: our writers, relay and one in-process worker); 0 skips it")
+    parser.add_argument("--tracing-rounds", type=int, default=2, help="runs of every tracing mode")
+    parser.add_argument("--tracing-only", action="store_true", help="run the tracing comparison alone")
     args = parser.parse_args()
     # The in-process worker, ceiling and library baseline run with the process settings of eventfleet's own
     # commands (workers.cli), as do the subprocesses.

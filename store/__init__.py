@@ -1,10 +1,12 @@
 """The eventfleet event store: typed, versioned events in PostgreSQL with a transactional outbox, or in memory
-for unit tests (`InMemoryEventStore`), both behind the `Store` Protocol."""
+for unit tests (`InMemoryEventStore`), both behind the `Store` Protocol. Appends store correlation and causation
+ids (`correlation`, `caused_by`) and, with the `eventfleet[otel]` extra, the trace context with each event."""
 
 from __future__ import annotations
 
 from store.aggregate import Aggregate, Executed, Repository
 from store.codec import REGISTRY
+from store.correlation_ids import Correlation, caused_by, correlation
 from store.errors import (
     BeforeStreamStart,
     CodecError,
@@ -50,6 +52,7 @@ __all__ = [
     "AppendResult",
     "BeforeStreamStart",
     "CodecError",
+    "Correlation",
     "CorruptEvent",
     "DomainError",
     "DuplicateEventId",
@@ -78,6 +81,8 @@ __all__ = [
     "UnknownEventType",
     "VersionBeyondEnd",
     "VersionConflict",
+    "caused_by",
+    "correlation",
     "event",
     "upcaster",
 ]

@@ -121,8 +121,13 @@ class Repository(Generic[A]):
             raise errors.BeforeStreamStart(stream_id, as_of)
         return target
 
-    async def execute(self, stream_id: str, command: Command[A]) -> Executed[A]:
-        """Load, decide, append at the loaded version; on VersionConflict reload and decide again."""
+    async def execute(self, stream_id: str, command: Command[A], *, correlation_id: str | None = None,
+                      causation_id: str | None = None) -> Executed[A]:
+        """Load, decide, append at the loaded version; on VersionConflict reload and decide again.
+
+        The new events get the correlation and causation ids given (else the ``store.correlation``
+        scope's), as ``Store.append`` gives them.
+        """
         retrying = AsyncRetrying(retry=retry_if_exception_type(errors.VersionConflict),
                                  stop=stop_after_attempt(self.max_attempts),
                                  wait=wait_random_exponential(multiplier=0.002, max=self.max_wait), reraise=True)
@@ -135,20 +140,22 @@ class Repository(Generic[A]):
                 new = [_with_id(e) for e in command(aggregate)]
                 if not new:
                     return Executed(aggregate, None, number)
-                result = await self._append(stream_id, new, aggregate.version)
+                result = await self._append(stream_id, new, aggregate.version, correlation_id, causation_id)
         for event in new:
             aggregate.apply(event.payload)
         aggregate.version = result.last_version
         await self._maybe_snapshot(stream_id, aggregate, result)
         return Executed(aggregate, result, number)
 
-    async def _append(self, stream_id: str, events: list[NewEvent], expected: int) -> AppendResult:
+    async def _append(self, stream_id: str, events: list[NewEvent], expected: int, correlation_id: str | None,
+                      causation_id: str | None) -> AppendResult:
         retrying = AsyncRetrying(retry=retry_if_exception_type(errors.TransientError),
                                  stop=stop_after_attempt(self.transient_attempts),
                                  wait=wait_random_exponential(multiplier=0.05, max=1), reraise=True)
         async for attempt in retrying:
             with attempt:
-                return await self.store.append(stream_id, events, expected)
+                return await self.store.append(stream_id, events, expected, correlation_id=correlation_id,
+                                               causation_id=causation_id)
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     async def _load_snapshot(self, stream_id: str, at_or_before: int | None) -> Snapshot | None:

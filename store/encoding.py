@@ -1,7 +1,10 @@
 """What every event store does with its input before storing it: check it, and encode it with the registry.
 
 ``EventStore`` (PostgreSQL) and ``InMemoryEventStore`` both derive from ``Encoding``, so an event, version
-or limit that the one refuses the other refuses the same way, and both store exactly the same bytes.
+or limit that the one refuses the other refuses the same way, and both store exactly the same bytes. Both
+merge the same metadata into every event of an append (``append_context``): the correlation and causation
+ids (``store.correlation_ids``) and the current trace context (``store.tracing``), under the keys of a
+``NewEvent``'s own metadata, which win.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from store import codec, errors
+from store import codec, correlation_ids, errors, tracing
 from store.records import NO_STREAM, AppendResult, NewEvent
 
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
@@ -25,28 +28,47 @@ class Encoded(NamedTuple):
     metadata: bytes
 
 
+class AppendContext(NamedTuple):
+    """The metadata every event of one append gets, and its encoding (events without metadata of their own
+    share it)."""
+
+    values: dict[str, Any]
+    packed: bytes
+
+
+NO_CONTEXT = AppendContext({}, _EMPTY_METADATA)
+
+
+def append_context(correlation_id: str | None = None, causation_id: str | None = None) -> AppendContext:
+    """The metadata of an append's events: its correlation and causation ids (the arguments, else the
+    ``correlation`` scope's) and the current span's trace context. Worked out once per append call."""
+    values = correlation_ids.ids(correlation_id, causation_id)
+    tracing.inject(values)
+    return AppendContext(values, codec.packb(values)) if values else NO_CONTEXT
+
+
 class Encoding:
     """The encoding of events and snapshots with ``registry``, within ``max_payload_bytes``."""
 
     registry: codec.Registry
     max_payload_bytes: int
 
-    def _encode_all(self, events: Sequence[Any]) -> list[Encoded]:
+    def _encode_all(self, events: Sequence[Any], context: AppendContext = NO_CONTEXT) -> list[Encoded]:
         if isinstance(events, (str, bytes)) or not isinstance(events, Sequence) or not events:
             raise errors.InvalidInput("append needs a non-empty sequence of events")
-        encoded = [self._encode(e) for e in events]
+        encoded = [self._encode(e, context) for e in events]
         if len(encoded) > 1:
             check_unique_ids([e.event_id for e in encoded])
         return encoded
 
-    def _encode(self, event: Any) -> Encoded:
+    def _encode(self, event: Any, context: AppendContext = NO_CONTEXT) -> Encoded:
         if isinstance(event, NewEvent):
             payload, event_id, meta = event.payload, event.event_id, event.metadata
         else:
             payload, event_id, meta = event, None, None
         # The log is immutable: an event that would not decode back is refused, not stored as poison.
         event_type, data = self.registry.encode_checked(payload)
-        metadata = codec.encode_metadata(meta) if meta else _EMPTY_METADATA
+        metadata = codec.encode_metadata({**context.values, **meta}) if meta else context.packed
         if len(data) + len(metadata) > self.max_payload_bytes:
             raise errors.PayloadTooLarge(
                 f"{event_type} encodes to {len(data) + len(metadata)} bytes, over the {self.max_payload_bytes} limit")
@@ -76,10 +98,24 @@ def original_result(stream_id: str, expected: int, encoded: list[Encoded],
         if row is None or row["stream_id"] != stream_id or row["version"] != expected + step:
             raise errors.DuplicateEventId(
                 f"event {e.event_id or '(without id)'} of a retried append is not where it was appended")
-        if row["event_type"] != e.event_type or row["data"] != e.data or row["metadata"] != e.metadata:
+        if row["event_type"] != e.event_type or row["data"] != e.data or not _same_metadata(row["metadata"], e.metadata):
             raise errors.DuplicateEventId(f"event {e.event_id} was appended before with other content")
         positions.append(row["global_position"])
     return AppendResult(stream_id, expected + 1, expected + len(encoded), tuple(positions))
+
+
+def _same_metadata(stored: bytes, given: bytes) -> bool:
+    """Equal, but for the trace context: the same events appended again in another trace (a client retrying
+    its request) are a retry all the same, and keep the context of the append that stored them."""
+    if stored == given:
+        return True
+    try:
+        old, new = codec.unpackb(stored), codec.unpackb(given)
+    except errors.CodecError:
+        return False
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return False
+    return tracing.without_context(old) == tracing.without_context(new)
 
 
 def check_int(value: object, what: str, low: int, high: int | None = 2**62,

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from store import codec, db, errors, hot, names, notify, queries
-from store.encoding import DEFAULT_MAX_PAYLOAD_BYTES, Encoding, check_time, original_result
+from store.encoding import DEFAULT_MAX_PAYLOAD_BYTES, Encoding, append_context, check_time, original_result
 from store.encoding import Encoded as _Encoded
 from store.encoding import check_expected as _check_expected
 from store.encoding import check_int as _check_int
@@ -77,11 +77,16 @@ class EventStore(Encoding):
 
     # --- writing ---------------------------------------------------------------------------------
 
-    async def append(self, stream_id: str, events: Sequence[Any], expected_version: int) -> AppendResult:
-        """Append events after expected_version (NO_STREAM: the stream must not exist) in one transaction."""
+    async def append(self, stream_id: str, events: Sequence[Any], expected_version: int, *,
+                     correlation_id: str | None = None, causation_id: str | None = None) -> AppendResult:
+        """Append events after expected_version (NO_STREAM: the stream must not exist) in one transaction.
+
+        Every event's metadata gets the correlation and causation ids (the arguments, else the
+        ``store.correlation`` scope's) and the current trace context, under its own keys.
+        """
         names.stream_id(stream_id)
         _check_expected(expected_version)
-        encoded = self._encode_all(events)
+        encoded = self._encode_all(events, append_context(correlation_id, causation_id))
         try:
             async with self.hot.use() as conn:
                 if len(encoded) == 1:
@@ -103,17 +108,20 @@ class EventStore(Encoding):
         self.notifier.poke()
         return AppendResult(stream_id, expected_version + 1, expected_version + len(encoded), tuple(positions))
 
-    async def append_batch(self, batch: Sequence[tuple[str, Sequence[Any], int]]) -> list[AppendResult]:
-        """Append to several streams in one transaction: all of them or none."""
+    async def append_batch(self, batch: Sequence[tuple[str, Sequence[Any], int]], *,
+                           correlation_id: str | None = None, causation_id: str | None = None,
+                           ) -> list[AppendResult]:
+        """Append to several streams in one transaction: all of them or none (metadata as in ``append``)."""
         if not batch:
             raise errors.InvalidInput("append_batch needs at least one stream")
+        context = append_context(correlation_id, causation_id)
         columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
         stream_ids, expected_ids, steps, event_ids, event_types, datas, metadatas = columns
         encoded_batch: list[list[_Encoded]] = []
         for stream_id, events, expected in batch:
             names.stream_id(stream_id)
             _check_expected(expected)
-            encoded = self._encode_all(events)
+            encoded = self._encode_all(events, context)
             encoded_batch.append(encoded)
             for step, e in enumerate(encoded, start=1):
                 stream_ids.append(stream_id)

@@ -23,14 +23,20 @@ class Store(Protocol):
         """The event classes the store encodes and decodes with."""
         ...
 
-    async def append(self, stream_id: str, events: Sequence[Any], expected_version: int) -> AppendResult:
+    async def append(self, stream_id: str, events: Sequence[Any], expected_version: int, *,
+                     correlation_id: str | None = None, causation_id: str | None = None) -> AppendResult:
         """Append events after expected_version (NO_STREAM: the stream must not exist), all or none;
         VersionConflict when the stream is elsewhere. Re-appending the same event ids at the same versions
-        with the same content returns the original result."""
+        with the same content returns the original result. Each event's metadata gets the correlation and
+        causation ids (these arguments, else the ``store.correlation`` scope's) and the current trace
+        context, unless its ``NewEvent`` metadata has those keys itself."""
         ...
 
-    async def append_batch(self, batch: Sequence[tuple[str, Sequence[Any], int]]) -> list[AppendResult]:
-        """Append to several streams (each once) at their expected versions: all of them or none."""
+    async def append_batch(self, batch: Sequence[tuple[str, Sequence[Any], int]], *,
+                           correlation_id: str | None = None, causation_id: str | None = None,
+                           ) -> list[AppendResult]:
+        """Append to several streams (each once) at their expected versions: all of them or none; metadata as
+        in ``append``."""
         ...
 
     async def stream_version(self, stream_id: str) -> int:

@@ -25,6 +25,7 @@ from store.encoding import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     Encoded,
     Encoding,
+    append_context,
     check_expected,
     check_int,
     check_time,
@@ -74,11 +75,13 @@ class InMemoryEventStore(Encoding):
 
     # --- writing ---------------------------------------------------------------------------------
 
-    async def append(self, stream_id: str, events: Sequence[Any], expected_version: int) -> AppendResult:
-        """Append events after expected_version (NO_STREAM: the stream must not exist), all or none."""
+    async def append(self, stream_id: str, events: Sequence[Any], expected_version: int, *,
+                     correlation_id: str | None = None, causation_id: str | None = None) -> AppendResult:
+        """Append events after expected_version (NO_STREAM: the stream must not exist), all or none; metadata
+        as in ``EventStore.append``."""
         names.stream_id(stream_id)
         check_expected(expected_version)
-        encoded = self._encode_all(events)
+        encoded = self._encode_all(events, append_context(correlation_id, causation_id))
         await asyncio.sleep(0)  # see the module's docstring
         if self._version(stream_id) == expected_version and not self._found(encoded):
             return self._write([(stream_id, expected_version, encoded)])[0]
@@ -87,15 +90,18 @@ class InMemoryEventStore(Encoding):
             return existing
         raise errors.VersionConflict(stream_id, expected_version, self._version(stream_id))
 
-    async def append_batch(self, batch: Sequence[tuple[str, Sequence[Any], int]]) -> list[AppendResult]:
+    async def append_batch(self, batch: Sequence[tuple[str, Sequence[Any], int]], *,
+                           correlation_id: str | None = None, causation_id: str | None = None,
+                           ) -> list[AppendResult]:
         """Append to several streams at once: all of them or none."""
         if not batch:
             raise errors.InvalidInput("append_batch needs at least one stream")
+        context = append_context(correlation_id, causation_id)
         appends: list[_Append] = []
         for stream_id, events, expected in batch:
             names.stream_id(stream_id)
             check_expected(expected)
-            appends.append((stream_id, expected, self._encode_all(events)))
+            appends.append((stream_id, expected, self._encode_all(events, context)))
         if len({stream_id for stream_id, _, _ in appends}) != len(appends):
             raise errors.InvalidInput("a stream appears twice in one append_batch")
         check_unique_ids([e.event_id for _, _, encoded in appends for e in encoded])

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import eventfleet.examples.orders.events  # noqa: F401 - registers the orders events
 from projections import registry
 from store import db
 from store.event_store import EventStore
+from tests import tracing
 from workers import admin
 
 DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -69,6 +71,12 @@ async def pool(schema: str) -> AsyncIterator[db.Pool]:
 @pytest.fixture
 async def event_store(pool: db.Pool, schema: str) -> EventStore:
     return EventStore(pool, schema=schema)
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Every span finished during the test (``get_finished_spans()``), from an SDK tracer provider (tests/tracing.py)."""
+    yield from tracing.recording()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import aio_pika
 import msgpack
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
-from store import codec, errors, names
+from store import codec, correlation_ids, errors, names, tracing
 from store.event_store import Position, RecordedEvent
 from store.records import Undecodable
 from workers.errors import MalformedMessage
@@ -29,6 +29,8 @@ from workers.errors import MalformedMessage
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 #: Header of a message whose stored event the relay could not encode (see encode_undecodable_row).
 UNDECODABLE_HEADER = "x-eventfleet-undecodable"
+#: Metadata keys a message's headers repeat: the event's correlation, causation and stored trace context.
+PROPAGATED = (correlation_ids.CORRELATION_ID, correlation_ids.CAUSATION_ID, *tracing.KEYS)
 _REQUIRED = ("event_id", "stream_id", "version", "global_position", "event_type", "data", "metadata",
              "recorded_at")
 
@@ -144,10 +146,15 @@ def to_message(event: RecordedEvent) -> aio_pika.Message:
 
 def message_from_body(body: bytes, event_id: uuid.UUID, event_type: str, stream_id: str,
                       version: int, extra_headers: Mapping[str, str] | None = None) -> aio_pika.Message:
-    """Wrap an encoded body with the contract's properties and headers (and ``extra_headers``)."""
+    """Wrap an encoded body with the contract's properties and headers (and ``extra_headers``, whose
+    ``correlation_id`` is also the message's AMQP property when it fits one)."""
+    correlation_id = extra_headers.get(correlation_ids.CORRELATION_ID) if extra_headers else None
+    if correlation_id and len(correlation_id.encode()) > correlation_ids.MAX_ID_BYTES:
+        correlation_id = None  # a NewEvent's own metadata may hold one longer than an AMQP shortstr
     return aio_pika.Message(
         body,
         message_id=str(event_id),
+        correlation_id=correlation_id or None,
         content_type="application/msgpack",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         headers={"event_type": event_type, "stream_id": stream_id, "version": version,
@@ -201,7 +208,7 @@ def _message(event_id: uuid.UUID, stream_id: str, version: int, global_position:
         "metadata": metadata,
         "recorded_at": msgpack.Timestamp.from_datetime(recorded_at),
     }
-    flag: dict[str, str] = {}
+    flag = {k: v for k in PROPAGATED if isinstance(v := metadata.get(k), str)} if isinstance(metadata, dict) else {}
     if undecodable is not None:
         body["undecodable"] = flag[UNDECODABLE_HEADER] = undecodable
     return message_from_body(codec.packb(body), event_id, event_type, stream_id, version, flag)

@@ -94,11 +94,12 @@ async def test_an_order_placed_as_v1_is_upcast_and_can_be_paid(event_store):
 class LoseFirstAcknowledgement:
     """A store's append whose first call commits, then reports a lost connection (a lost commit ack)."""
 
-    def __init__(self, append: Callable[[str, Sequence[Any], int], Awaitable[AppendResult]]) -> None:
+    def __init__(self, append: Callable[..., Awaitable[AppendResult]]) -> None:
         self.append, self.lost = append, 0
 
-    async def __call__(self, stream_id: str, events: Sequence[Any], expected_version: int) -> AppendResult:
-        result = await self.append(stream_id, events, expected_version)
+    async def __call__(self, stream_id: str, events: Sequence[Any], expected_version: int,
+                       **ids: str | None) -> AppendResult:
+        result = await self.append(stream_id, events, expected_version, **ids)
         if not self.lost:
             self.lost += 1
             raise TransientError("connection lost before the commit was acknowledged")

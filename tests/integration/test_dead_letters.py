@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar, LiteralString
 
 import aio_pika
 import pytest
+import tenacity
 
 from eventfleet.examples.orders.events import OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
 from projections import registry
@@ -207,3 +209,15 @@ async def test_a_stored_event_this_code_cannot_decode_halts_its_stream_not_the_w
     assert row["event_type"] == "Mystery.v1"
     assert "Mystery" in row["error"]
     assert await seen(pool, "poison_probe") == [("order-u", 0), ("order-v", 0)]
+
+
+async def test_the_parking_log_line_names_the_poison_events_correlation_and_cause(pool, event_store, caplog):
+    await pool.execute(Probe.ddl)
+    await event_store.append("order-a", [placed("a", "c"), cancelled("a", "c", "boom")], NO_STREAM,
+                             correlation_id="request-1", causation_id="command-1")
+    with caplog.at_level(logging.WARNING, logger="workers.projector.parking"):
+        await parking.apply_or_park(event_store, Probe(), await event_store.load("order-a"),
+                                    wait=tenacity.wait_none())
+    (line,) = [r for r in caplog.records if r.getMessage() == "parking poison event"]
+    assert (line.stream_id, line.version, line.correlation_id, line.causation_id) == (
+        "order-a", 1, "request-1", "command-1")

@@ -114,6 +114,7 @@ async def test_a_batch_is_published_pipelined_not_one_confirm_at_a_time(pool, ev
 
         def __init__(self, inner: Any) -> None:
             self.inner, self.in_flight, self.most = inner, 0, 0
+            self.name = inner.name
 
         async def publish(self, *args: Any, **kwargs: Any) -> Any:
             self.in_flight += 1

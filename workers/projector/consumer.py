@@ -21,7 +21,7 @@ import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from projections.base import Projection
-from store import codec
+from store import codec, tracing
 from store.event_store import EventStore, Position, RecordedEvent
 from workers import broker, errors
 from workers.config import Settings
@@ -159,8 +159,9 @@ class Consumer:
         """Apply events read from the store (a catch-up) exactly as deliveries are applied; parked events
         get a copy in the DLQ since no delivery of theirs is at hand."""
         started = time.perf_counter()
-        result = await self._outage_retrying(
-            lambda: parking.apply_or_park(self.store, self.projection, events))
+        with self._span(events):
+            result = await self._outage_retrying(
+                lambda: parking.apply_or_park(self.store, self.projection, events))
         self._count(result, time.perf_counter() - started, deliveries=False)
         self.stats.caught_up += len(events)
         for parked in result.parked:
@@ -210,8 +211,9 @@ class Consumer:
         if bad:
             await self._dead_letter_undecodable(bad)
         if events:
-            result = await self._outage_retrying(
-                lambda: parking.apply_or_park(self.store, self.projection, events))
+            with self._span(events):
+                result = await self._outage_retrying(
+                    lambda: parking.apply_or_park(self.store, self.projection, events))
         else:
             result = BatchResult()
         result.duplicates += len(settled)
@@ -229,6 +231,11 @@ class Consumer:
             # Every delivery up to this tag is in this batch or settled before: one frame acks them all.
             await self._raw.basic_ack(max(rest), multiple=True)
         return result
+
+    def _span(self, events: Sequence[RecordedEvent]) -> contextlib.AbstractContextManager[None]:
+        """The tracing span of one apply, linked to the producer contexts in its events' metadata."""
+        return tracing.process_span(self._queue or self.names.queue(self.projection.name), self.projection.name,
+                                    len(events), (e.metadata for e in events))
 
     async def _dead_letter_undecodable(self, bad: list[Delivery]) -> None:
         assert self._raw is not None

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from projections.base import Projection
-from store import db, queries
+from store import correlation_ids, db, queries
 from store.event_store import EventStore, RecordedEvent
 from store.records import Undecodable, record_or_undecodable
 from workers import errors
@@ -198,7 +198,7 @@ class Applier:
         halt = self.projection.policy == "halt"
         logger.warning("handler failed during rebuild", extra={
             "projection": self.projection.name, "stream": event.stream_id, "version": event.version,
-            "error": failure.error, "policy": self.projection.policy})
+            "error": failure.error, "policy": self.projection.policy, **correlation_ids.of(event.metadata)})
         if self.record_failures:
             await conn.execute(SQL["park_failure"], self.projection.name, event.stream_id, event.version,
                                event.global_position, event.event_id, event.event_type,

@@ -12,7 +12,7 @@ import aiormq.exceptions
 from aio_pika.abc import AbstractExchange
 from pamqp import commands as spec
 
-from store import db, outbox
+from store import db, outbox, tracing
 from store import errors as store_errors
 from workers import broker
 from workers.errors import BrokerUnavailable, PublishFailed
@@ -78,7 +78,8 @@ async def publish_batch(pool: db.Pool, exchange: AbstractExchange, batch_size: i
         if not rows:
             return 0
         messages, undecodable = encode_rows(rows)
-        with metrics.RELAY_BATCH_SECONDS.time():
+        with metrics.RELAY_BATCH_SECONDS.time(), tracing.publish_span(
+                exchange.name, len(messages), (m.headers for _, m in messages)):
             await publish_confirmed(exchange, messages, confirm_timeout)
         await outbox.delete(conn, [r["global_position"] for r in rows])
     metrics.RELAY_PUBLISHED.inc(len(rows))

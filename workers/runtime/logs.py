@@ -1,4 +1,9 @@
-"""Logging set-up: text or one JSON object per line, with the ``extra`` fields of each record."""
+"""Logging set-up: text or one JSON object per line, with the ``extra`` fields of each record.
+
+A line logged inside a ``store.correlation`` scope (a reactor handling an event, a request) carries the
+scope's ``correlation_id`` and ``causation_id`` unless its ``extra`` names them; lines about one event name
+that event's own (``store.correlation_ids.of``).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,20 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from store import correlation_ids
 from workers.runtime import redact
 
 _STANDARD = set(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime", "taskName"}
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+    extras = {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+    scope = correlation_ids.current()
+    if scope is not None:
+        for key, value in zip(scope._fields, scope, strict=True):
+            if value is not None:
+                extras.setdefault(key, value)
+    return extras
 
 
 class JsonFormatter(logging.Formatter):
