@@ -21,6 +21,7 @@ from store.encoding import Encoded as _Encoded
 from store.encoding import check_expected as _check_expected
 from store.encoding import check_int as _check_int
 from store.encoding import check_unique_ids as _check_unique_ids
+from store.partitions import partition_of
 from store.records import (
     NO_STREAM,
     AppendResult,
@@ -69,6 +70,8 @@ class EventStore(Encoding):
         self.schema = names.identifier(schema, what="schema")
         #: The store's statements with its schema written in, built once per schema and shared.
         self.queries = queries.bind(queries.TEMPLATES, self.schema)
+        #: P of the schema (fixed for its life: store.migrate refuses another), read at the first append.
+        self._partitions: int | None = None
         self.max_payload_bytes = max_payload_bytes
         self.registry = registry
         #: Connections kept between the store's statements (store/hot.py).
@@ -76,6 +79,15 @@ class EventStore(Encoding):
         self.notifier = notify.Notifier(self.hot, self.schema)
 
     # --- writing ---------------------------------------------------------------------------------
+
+    async def _load_partitions(self) -> int:
+        """P of the schema, read once: every append computes its events' partition (store.partitions)."""
+        async with self.hot.use() as conn:
+            count: int | None = await conn.fetchval(self.queries["partitions"])
+        if count is None:  # no partitioning row yet (a migrate not finished): NULL, asked again next time
+            return 0
+        self._partitions = count
+        return count
 
     async def append(self, stream_id: str, events: Sequence[Any], expected_version: int, *,
                      correlation_id: str | None = None, causation_id: str | None = None) -> AppendResult:
@@ -87,17 +99,19 @@ class EventStore(Encoding):
         names.stream_id(stream_id)
         _check_expected(expected_version)
         encoded = self._encode_all(events, append_context(correlation_id, causation_id))
+        count = self._partitions if self._partitions is not None else await self._load_partitions()
+        partition = partition_of(stream_id, count) if count else None
         try:
             async with self.hot.use() as conn:
                 if len(encoded) == 1:
                     e = encoded[0]
                     row = await conn.fetchrow(self.queries["append_event"], stream_id, expected_version,
-                                              e.event_id, e.event_type, e.data, e.metadata)
+                                              e.event_id, e.event_type, e.data, e.metadata, partition)
                 else:
                     row = await conn.fetchrow(
                         self.queries["append_events"], stream_id, expected_version,
                         [e.event_id for e in encoded], [e.event_type for e in encoded],
-                        [e.data for e in encoded], [e.metadata for e in encoded])
+                        [e.data for e in encoded], [e.metadata for e in encoded], partition)
         except errors.StoreError as exc:
             # A racing writer took one of the versions, or an event id exists: a retry or a conflict.
             return await self._after_rejection(stream_id, expected_version, encoded, exc)
@@ -115,8 +129,8 @@ class EventStore(Encoding):
         if not batch:
             raise errors.InvalidInput("append_batch needs at least one stream")
         context = append_context(correlation_id, causation_id)
-        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
-        stream_ids, expected_ids, steps, event_ids, event_types, datas, metadatas = columns
+        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
+        stream_ids, expected_ids, steps, event_ids, event_types, datas, metadatas, partitions = columns
         encoded_batch: list[list[_Encoded]] = []
         for stream_id, events, expected in batch:
             names.stream_id(stream_id)
@@ -134,6 +148,8 @@ class EventStore(Encoding):
         if len(set(stream_ids)) != len(encoded_batch):
             raise errors.InvalidInput("a stream appears twice in one append_batch")
         _check_unique_ids(event_ids)
+        count = self._partitions if self._partitions is not None else await self._load_partitions()
+        partitions += [partition_of(sid, count) if count else None for sid in stream_ids]
         try:
             async with self.hot.use() as conn:
                 positions = await conn.fetchval(self.queries["append_batch"], *columns)

@@ -2,6 +2,11 @@
 -- marker with the store's validated, quoted schema, once per schema, so no statement depends on the
 -- connection's search_path and any asyncpg pool works (EventStore(pool, schema=...)).
 
+-- name: partitions
+-- P of the schema, recorded at its first migrate: the store computes each event's partition (store.partitions)
+-- and passes it ($7); the same in SQL, a subquery per append, halved the append rate at 8 writers.
+SELECT partitions FROM {schema}.partitioning;
+
 -- name: append_event
 -- Append one event to a stream if the stream is at $2 (-1: no stream), with its outbox row, in one
 -- statement. Returns the stream's version before the append and, if it matched, the new position.
@@ -11,7 +16,7 @@ WITH head AS (
 ), inserted AS (
     INSERT INTO {schema}.events (event_id, stream_id, version, event_type, data, metadata, partition)
     SELECT coalesce($3::uuid, gen_random_uuid()), $1, $2::bigint + 1, $4, $5, $6,
-           (SELECT {schema}.stream_partition($1, p.partitions) FROM {schema}.partitioning AS p)
+           $7::integer
     FROM head WHERE head.actual = $2::bigint
     RETURNING global_position
 ), outboxed AS (
@@ -27,7 +32,7 @@ WITH head AS (
 ), inserted AS (
     INSERT INTO {schema}.events (event_id, stream_id, version, event_type, data, metadata, partition)
     SELECT coalesce(i.event_id, gen_random_uuid()), $1, $2::bigint + i.ord, i.event_type, i.data, i.metadata,
-           (SELECT {schema}.stream_partition($1, p.partitions) FROM {schema}.partitioning AS p)
+           $7::integer
     FROM head, unnest($3::uuid[], $4::text[], $5::bytea[], $6::bytea[])
         WITH ORDINALITY AS i(event_id, event_type, data, metadata, ord)
     WHERE head.actual = $2::bigint
@@ -44,8 +49,9 @@ FROM head;
 -- version. Input: one row per event ($3 = its 1-based step within its stream). Returns the positions in
 -- input order (rows are inserted in that order, so their identities ascend with it), or NULL.
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::uuid[], $5::text[], $6::bytea[], $7::bytea[])
-        WITH ORDINALITY AS i(stream_id, expected, step, event_id, event_type, data, metadata, ord)
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::uuid[], $5::text[], $6::bytea[], $7::bytea[],
+                         $8::integer[])
+        WITH ORDINALITY AS i(stream_id, expected, step, event_id, event_type, data, metadata, partition, ord)
 ), mismatched AS (
     SELECT 1 FROM input AS i
     WHERE i.step = 1
@@ -54,7 +60,7 @@ WITH input AS (
 ), inserted AS (
     INSERT INTO {schema}.events (event_id, stream_id, version, event_type, data, metadata, partition)
     SELECT coalesce(i.event_id, gen_random_uuid()), i.stream_id, i.expected + i.step, i.event_type, i.data,
-           i.metadata, {schema}.stream_partition(i.stream_id, (SELECT p.partitions FROM {schema}.partitioning AS p))
+           i.metadata, i.partition
     FROM input AS i
     WHERE NOT EXISTS (SELECT 1 FROM mismatched)
     ORDER BY i.ord

@@ -23,6 +23,7 @@ from store import (
     db,
     notify,
 )
+from store.partitions import DEFAULT_PARTITIONS, partition_of
 from tests.conftest import DATABASE_URL
 
 NOW = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
@@ -63,7 +64,7 @@ async def test_a_racing_transaction_surfaces_as_version_conflict_not_a_driver_er
     try:
         async with rival.transaction():
             await rival.fetchrow(event_store.queries["append_event"], "s", NO_STREAM, uuid.uuid4(), "OrderPaid.v1",
-                                 b"\x80", b"\x80")
+                                 b"\x80", b"\x80", partition_of("s", DEFAULT_PARTITIONS))
             loser = asyncio.create_task(event_store.append("s", [paid()], NO_STREAM))
             await wait_until_blocked_by(pool, rival.get_server_pid())  # it passed the check, waits on the index
         with pytest.raises(VersionConflict) as info:

@@ -28,6 +28,7 @@ from store import (
     db,
 )
 from store import event_store as event_store_module
+from store.partitions import DEFAULT_PARTITIONS, partition_of
 from tests.conftest import DATABASE_URL
 
 NOW = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
@@ -57,7 +58,7 @@ async def insert_in(store: EventStore, conn: db.Conn, stream_id: str, n: int) ->
     """Insert one event with the store's own statement inside the caller's open transaction."""
     _, data = codec.REGISTRY.encode(paid(n))
     row = await conn.fetchrow(store.queries["append_event"], stream_id, NO_STREAM, uuid.uuid4(), "OrderPaid.v1",
-                              data, codec.packb({}))
+                              data, codec.packb({}), partition_of(stream_id, DEFAULT_PARTITIONS))
     assert row is not None
     return int(row["positions"][0])
 
