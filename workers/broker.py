@@ -19,7 +19,8 @@ from typing import Any
 
 import aio_pika
 import msgpack
-from aio_pika.abc import AbstractChannel, AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from pamqp import commands as spec
 
 from store import codec, correlation_ids, errors, names, tracing
 from store.event_store import Position, RecordedEvent
@@ -65,6 +66,32 @@ class Names:
 
     def dead_letter_queue(self, projection: str) -> str:
         return f"{self.queue(projection)}.dlq"
+
+
+async def passive_queue(connection: AbstractConnection, name: str) -> spec.Queue.DeclareOk | None:
+    """A queue's passive declaration (its message and consumer counts), or None when it does not exist.
+    A miss closes the channel it was asked on, so each question gets a channel of its own."""
+    channel = await connection.channel()
+    try:
+        return (await channel.declare_queue(name, passive=True)).declaration_result
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        return None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def exchange_exists(connection: AbstractConnection, name: str) -> bool:
+    """Whether an exchange exists (a passive declare on a channel of its own, as ``passive_queue``)."""
+    channel = await connection.channel()
+    try:
+        await channel.declare_exchange(name, passive=True)
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return True
 
 
 async def declare_exchange(channel: AbstractChannel, n: Names) -> AbstractExchange:

@@ -12,7 +12,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractConnection
 
 from projections import registry
@@ -76,16 +75,9 @@ async def queue_depths(connection: AbstractConnection | None, prefix: str,
         return depths
     names = broker.Names(prefix)
     for projection in projections:
-        # A passive declare of a missing queue closes the channel: one channel per queue.
-        channel = await connection.channel()
-        try:
-            queue = await channel.declare_queue(names.queue(projection), passive=True)
-            depths[projection] = queue.declaration_result.message_count
-        except aio_pika.exceptions.ChannelNotFoundEntity:
-            pass
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+        declared = await broker.passive_queue(connection, names.queue(projection))
+        if declared is not None:
+            depths[projection] = declared.message_count
     return depths
 
 

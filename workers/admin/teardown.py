@@ -20,7 +20,6 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import LiteralString, cast
 
-import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractConnection
 
@@ -134,19 +133,8 @@ async def _existing(amqp: AbstractConnection, candidates: Sequence[str], *, queu
     """The queues (or exchanges) of ``candidates`` that exist, by passive declare."""
     found = []
     for name in candidates:
-        # A passive declare of a missing entity closes the channel: one channel per name.
-        channel = await amqp.channel()
-        try:
-            if queue:
-                await channel.declare_queue(name, passive=True)
-            else:
-                await channel.declare_exchange(name, passive=True)
+        if (await broker.passive_queue(amqp, name) is not None) if queue else await broker.exchange_exists(amqp, name):
             found.append(name)
-        except aio_pika.exceptions.ChannelNotFoundEntity:
-            pass
-        finally:
-            if not channel.is_closed:
-                await channel.close()
     return found
 
 

@@ -17,7 +17,6 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-import aio_pika
 from aio_pika.abc import AbstractConnection
 
 from projections.base import Projection
@@ -69,15 +68,7 @@ async def backfill_if_new(pool: db.Pool, store: EventStore, projection: type[Pro
 
 
 async def _queue_exists(connection: AbstractConnection, queue: str) -> bool:
-    channel = await connection.channel()
-    try:
-        await channel.declare_queue(queue, passive=True)
-    except aio_pika.exceptions.ChannelNotFoundEntity:
-        return False
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-    return True
+    return await broker.passive_queue(connection, queue) is not None
 
 
 async def claim_backfills(store: EventStore, connection: AbstractConnection, prefix: str,
