@@ -194,7 +194,9 @@ class Lab:
     async def spawn(self, settings: Settings, *args: str, http_port: int = 0) -> asyncio.subprocess.Process:
         env = {**os.environ, "EVENTFLEET_DATABASE_URL": settings.database_url,
                "EVENTFLEET_AMQP_URL": settings.amqp_url, "EVENTFLEET_SCHEMA": settings.schema,
-               "EVENTFLEET_PREFIX": settings.prefix, "EVENTFLEET_HTTP_PORT": str(http_port)}
+               "EVENTFLEET_PREFIX": settings.prefix, "EVENTFLEET_HTTP_PORT": str(http_port),
+               # The example is opt-in: the processes run the orders projections only when told to.
+               "EVENTFLEET_PROJECTION_MODULES": registry.EXAMPLE}
         log = os.open(f"{self.logs}/{len(self.processes)}-{'-'.join(args[:2])}.log", os.O_WRONLY | os.O_CREAT)
         try:
             proc = await asyncio.create_subprocess_exec(sys.executable, "-m", *args, env=env,
