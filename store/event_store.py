@@ -271,6 +271,28 @@ class EventStore(Encoding):
             events += [record_from_row(r, self.registry) for r in rows[start:start + DECODE_SLICE]]
         return events
 
+    async def read_partition(self, partition: int, after: Position = Position.START, limit: int = 1000, *,
+                             conn: db.Conn | None = None) -> list[RecordedEvent]:
+        """``read_all`` of one partition's streams (store.partitions): what one partition's owner catches up."""
+        _check_int(limit, "limit", 1, high=None)
+        _check_int(partition, "partition", 0, high=None)
+        async with self.hot.use(conn) as c:
+            rows = await c.fetch(self.queries["read_partition"], after.transaction_id, after.global_position,
+                                 limit, partition)
+        events: list[RecordedEvent] = []
+        for start in range(0, len(rows), DECODE_SLICE):
+            if start:
+                await asyncio.sleep(0)  # see DECODE_SLICE
+            events += [record_from_row(r, self.registry) for r in rows[start:start + DECODE_SLICE]]
+        return events
+
+    async def partitions(self) -> int:
+        """P of the schema (recorded at its first migrate)."""
+        count = self._partitions if self._partitions is not None else await self._load_partitions()
+        if not count:
+            raise errors.ConfigError("the schema records no partitions: run `eventfleet migrate` first")
+        return count
+
     async def horizon(self) -> Horizon:
         """The safe frontier of read_all and how long the oldest writing transaction has held it back."""
         async with self.hot.use() as conn:

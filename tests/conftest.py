@@ -28,6 +28,10 @@ Cleanup = Callable[[Callable[[], Awaitable[object]]], None]
 # process a test starts with this environment (tests of the default remove the variable).
 registry.load([registry.EXAMPLE])
 os.environ.setdefault("EVENTFLEET_PROJECTION_MODULES", registry.EXAMPLE)
+# Every schema of the suite has 4 partitions (16 is the default): each is a quorum queue per projection, and
+# the broker's file handles are few (deploy/local/services.sh). Processes a test starts inherit it.
+PARTITIONS = 4
+os.environ.setdefault("EVENTFLEET_PARTITIONS", str(PARTITIONS))
 
 
 @pytest.fixture
@@ -53,7 +57,7 @@ async def cleanup() -> AsyncIterator[Cleanup]:
 async def schema() -> AsyncIterator[str]:
     """A schema of its own for this test, migrated with the store and the read models; dropped after."""
     name = f"t_{uuid.uuid4().hex[:16]}"
-    await admin.run_migrate(DATABASE_URL, name)
+    await admin.run_migrate(DATABASE_URL, name, partitions=PARTITIONS)
     yield name
     conn = await asyncpg.connect(DATABASE_URL)
     try:

@@ -1,7 +1,6 @@
 """RabbitMQ names, topology and the message formats (docs/reference.md, "Messages").
 
-Today each projection has one queue fed one message per event (``declare_topology``, ``to_message``). Being
-built (issue 14), projections fed by partition: the relay publishes each partition's events, in order, as batch messages
+Projections are fed by partition: the relay publishes each partition's events, in order, as batch messages
 to the direct exchange ``{prefix}.partitions`` with the partition number as routing key; every projection has
 one durable quorum queue per partition, ``{prefix}.{projection}.{partition}``, with a single active consumer.
 A batch body is a msgpack array of event maps (``event_map``); its headers carry the partition, the count
@@ -99,34 +98,33 @@ async def declare_exchange(channel: AbstractChannel, n: Names) -> AbstractExchan
     return await channel.declare_exchange(n.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
 
 
-async def declare_topology(channel: AbstractChannel, n: Names, projections: Iterable[str]) -> AbstractExchange:
-    """Declare the per-event exchange and, per projection, its quorum queue bound with '#' and its dead-letter
-    queue (the live path until workers consume partitions)."""
-    exchange = await declare_exchange(channel, n)
-    dlx = await channel.declare_exchange(n.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
-    for projection in projections:
-        dlq = await channel.declare_queue(n.dead_letter_queue(projection), durable=True,
-                                          arguments={"x-queue-type": "quorum"})
-        await dlq.bind(dlx, routing_key=projection)
-        queue = await channel.declare_queue(
-            n.queue(projection), durable=True,
-            arguments={
-                "x-queue-type": "quorum",
-                "x-dead-letter-exchange": n.dead_letter_exchange,
-                "x-dead-letter-routing-key": projection,
-            },
-        )
-        await queue.bind(exchange, routing_key="#")
-    return exchange
+@dataclasses.dataclass(frozen=True, slots=True)
+class Targets:
+    """Where the relay publishes: the partitions exchange (P partitions) and, when asked, the per-event
+    topic exchange; and how big a batch message may grow."""
+
+    partitions_exchange: AbstractExchange
+    partitions: int
+    events_exchange: AbstractExchange | None = None
+    message_events: int = 100
+    message_bytes: int = 1024 * 1024
 
 
-async def delete_topology(channel: AbstractChannel, n: Names, projections: Iterable[str]) -> None:
+async def declare_topology(channel: AbstractChannel, n: Names, projections: Iterable[str], partitions: int, *,
+                           events_exchange: bool = False, message_events: int = 100,
+                           message_bytes: int = 1024 * 1024) -> Targets:
+    """Declare (idempotently) everything the relay publishes to and the workers consume: the partitions
+    exchange and queues of every projection (``declare_partitions``) and, with ``events_exchange``, the
+    per-event topic exchange for other consumers. Returns the relay's targets."""
+    exchange = await declare_partitions(channel, n, projections, partitions)
+    events = await declare_exchange(channel, n) if events_exchange else None
+    return Targets(exchange, partitions, events, message_events, message_bytes)
+
+
+async def delete_topology(channel: AbstractChannel, n: Names, projections: Iterable[str], partitions: int) -> None:
     """Delete what declare_topology declared (tests and benchmarks clean up with it)."""
-    for projection in projections:
-        await channel.queue_delete(n.queue(projection))
-        await channel.queue_delete(n.dead_letter_queue(projection))
+    await delete_partitions(channel, n, projections, partitions)
     await channel.exchange_delete(n.exchange)
-    await channel.exchange_delete(n.dead_letter_exchange)
 
 
 async def declare_partitions(channel: AbstractChannel, n: Names, projections: Iterable[str],

@@ -29,14 +29,18 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("EVENTFLEET_PARTITIONS", "16", "partitions of a schema migrated now (fixed for the schema's life)"),
     ("EVENTFLEET_HTTP_PORT", "9108 worker, 9109 relay", "port of /metrics, /healthz, /readyz (0 = off)"),
     ("EVENTFLEET_LOG_FORMAT", "text", "text or json (one object per line)"),
-    ("EVENTFLEET_PREFETCH", "500", "deliveries a worker's channel may hold unacked"),
-    ("EVENTFLEET_BATCH_SIZE", "200", "deliveries per worker transaction"),
+    ("EVENTFLEET_PREFETCH", "500", "events a worker's partition channel may hold unacked (in whole messages)"),
+    ("EVENTFLEET_BATCH_SIZE", "200", "events per worker transaction (whole messages, at least one)"),
     ("EVENTFLEET_RELAY_BATCH_SIZE", "1000", "outbox rows per relay transaction"),
     ("EVENTFLEET_RELAY_POLL_MS", "1000", "the relay's poll when no NOTIFY arrives"),
     ("EVENTFLEET_STOP_TIMEOUT", "10", "seconds the batch in flight gets to commit at SIGTERM"),
     ("EVENTFLEET_MAX_PAYLOAD_BYTES", "1048576", "largest event (data + metadata) the store accepts"),
     ("EVENTFLEET_CATCHUP_THRESHOLD", "2000", "lag in events above which a worker reads the store (0 = never)"),
     ("EVENTFLEET_CATCHUP_BATCH_SIZE", "2000", "events per read of a catch-up"),
+    ("EVENTFLEET_MESSAGE_EVENTS", "100", "events per batch message the relay publishes to a partition"),
+    ("EVENTFLEET_MESSAGE_BYTES", "1048576", "bytes per batch message, about (an event bigger goes alone)"),
+    ("EVENTFLEET_EVENTS_EXCHANGE", "0", "1: the relay also publishes one message per event to PREFIX.events"),
+    ("EVENTFLEET_LEASE_SECONDS", "15", "a worker's partition leases expire this long after its last heartbeat"),
     ("EVENTFLEET_PROGRESS_SECONDS", "60", "a worker's progress line per projection every N s (0 = off)"),
 )
 
@@ -65,6 +69,15 @@ class Settings:
     progress_seconds: int = 60  # a worker's INFO progress line per projection; 0 = none
     #: P for a schema migrated now (EVENTFLEET_PARTITIONS); None: the schema's own, or 16 for a new one.
     partitions: int | None = None
+    message_events: int = 100  # events per batch message (EVENTFLEET_MESSAGE_EVENTS)
+    message_bytes: int = 1024 * 1024  # bytes per batch message, about (EVENTFLEET_MESSAGE_BYTES)
+    events_exchange: bool = False  # the relay also feeds the per-event topic exchange (EVENTFLEET_EVENTS_EXCHANGE)
+    lease_seconds: float = 15.0  # partition leases expire this long after the last heartbeat
+
+    @property
+    def prefetch_messages(self) -> int:
+        """A partition channel's prefetch in messages: ``prefetch`` events of full batch messages, at least 2."""
+        return max(2, -(-self.prefetch // self.message_events))
 
     def __repr__(self) -> str:
         # The URLs carry passwords: a logged or printed Settings must not show them.
@@ -121,6 +134,10 @@ class Settings:
             projection_modules=modules,
             progress_seconds=_int(environ, "EVENTFLEET_PROGRESS_SECONDS", 60, 0, 86_400),
             partitions=_int(environ, "EVENTFLEET_PARTITIONS", None, 1, 4096),
+            message_events=_int(environ, "EVENTFLEET_MESSAGE_EVENTS", 100, 1, 10_000),
+            message_bytes=_int(environ, "EVENTFLEET_MESSAGE_BYTES", 1024 * 1024, 1024, 2 * 1024 * 1024),
+            events_exchange=bool(_int(environ, "EVENTFLEET_EVENTS_EXCHANGE", 0, 0, 1)),
+            lease_seconds=float(_int(environ, "EVENTFLEET_LEASE_SECONDS", 15, 3, 3600)),
         )
 
     def port(self, role: str) -> int:

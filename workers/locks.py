@@ -8,6 +8,7 @@
 | ``rebuild`` | a running rebuild or backfill of a projection (``status`` asks whether it is held) | try | the run (session) |
 | ``watermark`` | a re-drive or skip releasing a halted stream | exclusive | its transaction |
 | ``watermark`` | the lag monitor advancing the low watermark (skips a round if busy) | try | its transaction |
+| ``leases`` | every lease tick of every worker (heartbeat, renew, claim: workers/projector/leases.py) | exclusive | its transaction |
 | ``store.migrate.lock_key`` | ``migrate`` and the grants of ``migrate --roles`` (the store's own); ``teardown``'s drop | exclusive | its transaction |
 | ``store.migrate.lock_key`` | ``migrate`` filling in the partitions of events older than partitions | exclusive | the fill (session) |
 
@@ -40,6 +41,11 @@ def catchup(schema: str, name: str) -> str:
 def rebuild(schema: str, name: str) -> str:
     """Held by the session of a running rebuild or backfill of the projection."""
     return f"eventfleet.rebuild.{schema}.{name}"
+
+
+def leases(schema: str) -> str:
+    """Serializes the lease ticks of a deployment's workers, so shares come from one consistent view."""
+    return f"eventfleet.leases.{schema}"
 
 
 def watermark(schema: str, name: str) -> str:

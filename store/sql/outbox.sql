@@ -15,7 +15,7 @@ WITH claimed AS (
     FOR UPDATE SKIP LOCKED
 )
 SELECT e.global_position, e.event_id, e.stream_id, e.version, e.event_type, e.data, e.metadata,
-       e.recorded_at, e.transaction_id
+       e.recorded_at, e.transaction_id, e.partition
 FROM claimed AS c
 CROSS JOIN LATERAL (
     SELECT * FROM events AS x WHERE x.global_position = c.global_position LIMIT 1

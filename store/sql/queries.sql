@@ -112,6 +112,17 @@ WHERE (transaction_id, global_position) > ($1::xid8, $2::bigint)
 ORDER BY transaction_id, global_position
 LIMIT $3;
 
+-- name: read_partition
+-- read_all restricted to one partition ($4): the events of its streams after the cursor, in the same
+-- commit-safe order, read along events_partition_idx.
+SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id
+FROM {schema}.events
+WHERE partition = $4
+  AND (transaction_id, global_position) > ($1::xid8, $2::bigint)
+  AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY transaction_id, global_position
+LIMIT $3;
+
 -- name: horizon
 -- The safe frontier of read_all (the oldest transaction id still running, cluster-wide) and the age in
 -- seconds of the oldest transaction holding an id, running or prepared (0 when none): it holds every

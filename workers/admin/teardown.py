@@ -85,11 +85,15 @@ async def plan(database_url: str, schema: str, prefix: str, amqp: AbstractConnec
             shadows = await _shadows(conn, schema, projections)
             found_roles = tuple([r for r in roles.Roles(schema).all()
                                  if await conn.fetchval(roles.SQL["role_exists"], r)])
+            partitions = await conn.fetchval(SQL["partitions"]) or 0
     finally:
         await conn.close()
-    queues = [q for p in projections for q in (n.queue(p), n.dead_letter_queue(p))]
+    # The partition queues, and the queue of its own each projection had before partitions.
+    queues = [q for p in projections
+              for q in (*(n.partition_queue(p, i) for i in range(partitions)), n.queue(p), n.dead_letter_queue(p))]
+    exchanges = [n.partitions_exchange, n.exchange, n.dead_letter_exchange]
     return Plan(schema, prefix, projections, shadows, tuple(await _existing(amqp, queues, queue=True)),
-                tuple(await _existing(amqp, [n.exchange, n.dead_letter_exchange], queue=False)), found_roles)
+                tuple(await _existing(amqp, exchanges, queue=False)), found_roles)
 
 
 async def _shadows(conn: db.Conn, schema: str, projections: Sequence[str]) -> tuple[str, ...]:
@@ -147,7 +151,10 @@ async def tear_down(database_url: str, plan: Plan, amqp: AbstractConnection) -> 
     """
     channel = await amqp.channel()
     try:
-        await broker.delete_topology(channel, broker.Names(plan.prefix), plan.projections)
+        for queue in plan.queues:
+            await channel.queue_delete(queue)
+        for exchange in plan.exchanges:
+            await channel.exchange_delete(exchange)
     finally:
         await channel.close()
     conn = await db.connect(database_url, plan.schema)

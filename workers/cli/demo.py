@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from eventfleet.examples.orders import load
 from projections import registry
 from store import EventStore, db, names, queries
+from store.partitions import DEFAULT_PARTITIONS
 from workers import admin, broker, errors, rebuild
 from workers.config import Settings
 from workers.projector import lag
@@ -287,7 +288,8 @@ async def clean_up(settings: Settings) -> None:
         connection = await aio_pika.connect(settings.amqp_url, timeout=CONNECT_TIMEOUT)
         async with connection:
             channel = await connection.channel()
-            await broker.delete_topology(channel, broker.Names(settings.prefix), registry.load(settings.projection_modules))
+            await broker.delete_topology(channel, broker.Names(settings.prefix), registry.load(settings.projection_modules),
+                                         settings.partitions or DEFAULT_PARTITIONS)
 
 
 async def run_demo(settings: Settings, orders: int, logs: Path) -> bool:

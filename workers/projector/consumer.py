@@ -1,10 +1,17 @@
-"""``eventfleet worker``: consume projection queues in batches and apply them exactly once.
+"""One partition of one projection: its queue's batch messages applied exactly once, its backlog read from the store.
 
-One channel per projection (batches are acked with one multiple-ack, so tags must not interleave), one
-``Consumer`` per channel. ``Consumer.handle_decoded`` is the only function that acks or rejects: after the
-batch's transaction committed. Everything else (reconnecting, lag gauges, the HTTP server, graceful stop) wraps it.
-In-process entry points: ``run_consumer`` (until a stop event) and ``consume_until_idle`` (until the queue
-is empty), both over a pool and a channel.
+A worker runs one ``Consumer`` per partition it holds the lease of (``workers.projector.fleet``), each on a
+channel of its own (batches are acked with one multiple-ack, so tags must not interleave).
+``Consumer.handle_decoded`` is the only function that acks or rejects: after the batch's transaction
+committed. A message is a batch of one partition's events in order (``broker.batch_message``); several
+messages make one transaction, up to ``Settings.batch_size`` events.
+
+Catch-up. When the lag monitor finds the partition ``Settings.catchup_threshold`` events behind, the
+consumer reads the partition's backlog from the store (``EventStore.read_partition``, from the projection's
+low watermark, in ``catchup_batch_size`` reads, the next read overlapping the apply of the last) and applies
+it through the same exactly-once path; deliveries it has passed are then acked with no database work. Every
+worker catches up its own partitions, at the same time. Correctness depends on none of it: every event goes
+through the per-stream checkpoints in its batch's transaction.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from projections.base import Projection
 from store import codec, tracing
+from store import errors as store_errors
 from store.event_store import EventStore, Position, RecordedEvent
 from workers import broker, errors
 from workers.config import Settings
@@ -32,8 +40,6 @@ from workers.runtime import health, metrics, retry
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
 
 
 @dataclasses.dataclass(slots=True)
@@ -47,113 +53,158 @@ class Stats:
     dead_lettered: int = 0
     undecodable: int = 0
     batches: int = 0
-    caught_up: int = 0  # events read from the store by catch-ups (see workers.catchup)
+    messages: int = 0
+    caught_up: int = 0  # events read from the store by catch-ups
+    handover_duplicates: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Delivery:
-    """One delivery as received: its tag on the channel, raw body, and the decoded event or why not."""
+    """One delivery as received: its tag on the channel, raw body, and the decoded batch or why not."""
 
     tag: int
     body: bytes
     message_id: str | None
-    decoded: RecordedEvent | errors.MalformedMessage
+    decoded: broker.Batch | errors.MalformedMessage
+
+    @property
+    def events(self) -> int:
+        return 0 if isinstance(self.decoded, errors.MalformedMessage) else len(self.decoded.events)
 
 
 class DecodeCache:
-    """Recently decoded bodies, shared by the consumers of one process: every projection's queue gets its
-    own copy of each event, and decoding is the largest cost per delivery. Events are immutable."""
+    """Recently decoded batch bodies, shared by the consumers of one process: every projection's queue of a
+    partition gets its own copy of each batch, and decoding is the largest cost per event. Events are immutable."""
 
-    def __init__(self, size: int = 4096, largest: int = 16 * 1024) -> None:
+    def __init__(self, size: int = 256, largest: int = 4 * 1024 * 1024) -> None:
         self.size, self.largest = size, largest
-        self._events: dict[bytes, RecordedEvent] = {}
+        self._batches: dict[bytes, broker.Batch] = {}
 
-    def decode(self, body: bytes, registry: codec.Registry) -> RecordedEvent:
-        """The event of a body; raises MalformedMessage (never cached) like ``broker.from_body``."""
-        event = self._events.get(body)
-        if event is None:
-            event = broker.from_body(body, registry)
-            if len(body) > self.largest:  # rare and big: not worth the memory
-                return event
-            self._events[body] = event
-            if len(self._events) > self.size:
-                del self._events[next(iter(self._events))]  # the oldest: dicts keep insertion order
-        return event
+    def decode(self, body: bytes, registry: codec.Registry) -> broker.Batch:
+        """The batch of a body; raises MalformedMessage (never cached) like ``broker.from_batch_body``."""
+        batch = self._batches.get(body)
+        if batch is None:
+            batch = broker.from_batch_body(body, registry)
+            if len(body) > self.largest:
+                return batch
+            self._batches[body] = batch
+            if len(self._batches) > self.size:
+                del self._batches[next(iter(self._batches))]  # the oldest: dicts keep insertion order
+        return batch
 
 
 class Consumer:
-    """One projection's deliveries on one channel: batches them, applies them, acks after commit.
+    """One partition's deliveries for one projection on one channel: batches them, applies them, acks after
+    commit, and catches the partition up from the store when it falls behind.
 
-    Deliveries are taken and settled on the channel's underlying aiormq channel: aio-pika's message
-    objects cost more per delivery than the whole batched transaction does per event.
+    Deliveries are taken and settled on the channel's underlying aiormq channel: aio-pika's message objects
+    cost more per delivery than the batched transaction does.
     """
 
-    def __init__(self, store: EventStore, channel: AbstractChannel, projection: Projection, settings: Settings,
-                 *, health_: health.Health | None = None, stats: Stats | None = None,
-                 cache: DecodeCache | None = None) -> None:
+    def __init__(self, store: EventStore, channel: AbstractChannel, projection: Projection, partition: int,
+                 settings: Settings, *, health_: health.Health | None = None, stats: Stats | None = None,
+                 cache: DecodeCache | None = None, catchups: asyncio.Semaphore | None = None) -> None:
         self.store, self.channel, self.projection, self.settings = store, channel, projection, settings
+        self.partition = partition
         self.cache = cache or DecodeCache()
         self.names = broker.Names(settings.prefix)
+        self.queue = self.names.partition_queue(projection.name, partition)
         self.health = health_ or health.Health()
         self.stats = stats or Stats()
-        self.stopping = False  # a stop was requested: give up retrying through an outage, leave unacked
+        self.catchups = catchups or asyncio.Semaphore(1)
+        self.stopping = False  # give up retrying through an outage, leave the rest unacked
+        #: Every event at or before it is settled for this projection (the lag monitor's watermark, or how far
+        #: a catch-up has applied): deliveries at or before it are acked with no database work.
+        self.cursor: Position | None = None
+        self._catchup_from: Position | None = None  # a catch-up is due, from there
+        self._fresh = True  # no new event applied yet since this consumer started: duplicates are the handover's
         self._dlx: AbstractExchange | None = None
         self._raw: aiormq.abc.AbstractChannel | None = None
-        self._queue: str | None = None
-        # Set by a catch-up (workers.catchup): every event at or before ``cursor`` is settled for this
-        # projection, and while ``catching_up`` deliveries beyond it wait for the catch-up to pass them.
-        self.cursor: Position | None = None
-        self.catching_up = False
-        self.draining = False  # the catch-up reached the frontier: ack the settled deliveries now
-        self._moved = asyncio.Event()
+        self._wake: Callable[[], None] = lambda: None
         metrics.CAUGHT_UP.labels(projection.name)  # exported at 0 before any catch-up, not absent
 
-    async def open_queue(self) -> str:
-        """Declare the topology (idempotent), set the prefetch and return the projection's queue name."""
-        await self.channel.set_qos(prefetch_count=self.settings.prefetch)
-        await broker.declare_topology(self.channel, self.names, [self.projection.name])
+    async def open(self) -> None:
+        """Set the prefetch (in messages) and get the exchanges this consumer publishes dead letters to."""
+        await self.channel.set_qos(prefetch_count=self.settings.prefetch_messages)
         self._dlx = await self.channel.get_exchange(self.names.dead_letter_exchange, ensure=False)
         self._raw = await self.channel.get_underlay_channel()
-        self._queue = self.names.queue(self.projection.name)
-        return self._queue
 
-    # --- catch-up from the store (workers.catchup) ------------------------------------------------
-
-    def begin_catch_up(self, start: Position) -> None:
-        """A catch-up starts from ``start``, a position every event before which is settled.
-
-        Until it reaches the store's frontier the consumer holds its deliveries, settled or not: acking
-        them would only make the broker push more, and receiving costs the CPU the catch-up needs.
-        """
-        self.catching_up, self.draining = True, False
-        self.settled(start)
-
-    def at_frontier(self) -> None:
-        """The catch-up has read everything committed: drain the settled deliveries while it polls on."""
-        self.draining = True
-        self._moved.set()
+    # --- what the lag monitor tells ---------------------------------------------------------------
 
     def settled(self, position: Position) -> None:
-        """Every event at or before ``position`` is settled for this projection (its batch committed)."""
+        """Every event at or before ``position`` is settled for this projection."""
         if self.cursor is None or position > self.cursor:
             self.cursor = position
-        self._moved.set()
 
-    def end_catch_up(self) -> None:
-        self.catching_up = self.draining = False
-        self._moved.set()
+    def note_lag(self, lag_events: int, watermark: Position) -> None:
+        """The partition's lag and the projection's watermark: settle up to it; catch up when far behind."""
+        self.settled(watermark)
+        threshold = self.settings.catchup_threshold
+        if threshold and lag_events >= threshold and self._catchup_from is None:
+            self._catchup_from = watermark
+            self._wake()
 
     def is_settled(self, event: RecordedEvent) -> bool:
-        """Whether a catch-up already settled this event. Bodies without a transaction id (older relays)
-        cannot be placed in read_all order, so they always go the checkpoint way."""
+        """Whether the event is at or before the cursor. Events without a transaction id cannot be placed in
+        read_all order, so they always go the checkpoint way."""
         cursor = self.cursor
         return cursor is not None and event.position.transaction_id > 0 and event.position <= cursor
 
-    async def backlog(self) -> int:
-        """Messages ready in the projection's queue (not yet delivered to any consumer)."""
-        assert self._raw is not None, "open_queue() first"
-        assert self._queue is not None, "open_queue() first"
-        return (await self._raw.queue_declare(self._queue, passive=True)).message_count or 0
+    # --- applying -----------------------------------------------------------------------------------
+
+    def decode(self, tag: int, body: bytes, message_id: str | None = None) -> Delivery:
+        """A delivery with its decoded batch, or why it cannot be decoded."""
+        try:
+            decoded: broker.Batch | errors.MalformedMessage = self.cache.decode(body, self.store.registry)
+        except errors.MalformedMessage as exc:
+            decoded = exc
+        return Delivery(tag, body, message_id, decoded)
+
+    async def handle_decoded(self, deliveries: Sequence[Delivery]) -> BatchResult:
+        """The only function that settles deliveries: dead-letter the undecodable messages whole, apply the
+        events of the rest in one transaction (parked events get a copy in the DLQ), then ack every delivery
+        with one multiple-ack."""
+        assert self._raw is not None, "open() first"
+        started = time.perf_counter()
+        events: list[RecordedEvent] = []
+        bad: list[Delivery] = []
+        settled = 0  # events already settled: acked with no database work
+        for d in deliveries:
+            if isinstance(d.decoded, errors.MalformedMessage):
+                bad.append(d)
+                continue
+            if d.decoded.dropped:
+                logger.warning("batch message with events that name no stream; the store fills them in", extra={
+                    "projection": self.projection.name, "partition": self.partition,
+                    "message_id": d.message_id, "dropped": d.decoded.dropped})
+            for event in d.decoded.events:
+                if self.is_settled(event):
+                    settled += 1
+                else:
+                    events.append(event)
+        if bad:
+            await self._dead_letter_undecodable(bad)
+        if events:
+            with self._span(events):
+                result = await self._outage_retrying(
+                    lambda: parking.apply_or_park(self.store, self.projection, events))
+        else:
+            result = BatchResult()
+        result.duplicates += settled
+        if self._fresh:
+            if result.duplicates:
+                metrics.HANDOVER_DUPLICATES.labels(self.projection.name).inc(result.duplicates)
+                self.stats.handover_duplicates += result.duplicates
+            if result.applied:
+                self._fresh = False
+        self._count(result, time.perf_counter() - started, messages=len(deliveries))
+        for parked in result.parked:
+            await self._publish_dead_letter(parked.event)
+        good = [d.tag for d in deliveries if not isinstance(d.decoded, errors.MalformedMessage)]
+        if good:
+            # Every delivery up to this tag is in this batch or settled before: one frame acks them all.
+            await self._raw.basic_ack(max(good), multiple=True)
+        return result
 
     async def apply_from_store(self, events: Sequence[RecordedEvent]) -> BatchResult:
         """Apply events read from the store (a catch-up) exactly as deliveries are applied; parked events
@@ -164,78 +215,59 @@ class Consumer:
                 lambda: parking.apply_or_park(self.store, self.projection, events))
         self._count(result, time.perf_counter() - started, deliveries=False)
         self.stats.caught_up += len(events)
+        metrics.CAUGHT_UP.labels(self.projection.name).inc(len(events))
         for parked in result.parked:
             await self._publish_dead_letter(parked.event)
         return result
 
-    def _ahead(self, batch: Sequence[Delivery]) -> bool:
-        return any(not isinstance(d.decoded, errors.MalformedMessage) and not self.is_settled(d.decoded)
-                   for d in batch)
+    async def catch_up(self, start: Position, stop: asyncio.Event | None = None) -> int:
+        """Read the partition's events after ``start`` from the store and apply them until the frontier;
+        move the cursor as each batch commits; return the events read. One read runs ahead of each apply."""
+        limit = self.settings.catchup_batch_size
+        read = 0
+        began = time.perf_counter()
+        async with self.catchups:
+            events = await self.store.read_partition(self.partition, start, limit)
+            while events:
+                pending = (asyncio.ensure_future(self.store.read_partition(self.partition, events[-1].position, limit))
+                           if len(events) == limit else None)
+                try:
+                    await self.apply_from_store(events)
+                except BaseException:
+                    if pending is not None:  # a cancelled query would spoil its connection: let it finish
+                        with contextlib.suppress(Exception):
+                            await pending
+                    raise
+                read += len(events)
+                self.settled(events[-1].position)
+                if pending is None or (stop is not None and stop.is_set()) or self.channel.is_closed:
+                    if pending is not None:
+                        with contextlib.suppress(Exception):
+                            await pending
+                    break
+                events = await pending
+        level = logging.INFO if read >= self.settings.catchup_threshold else logging.DEBUG
+        logger.log(level, "caught up", extra={"projection": self.projection.name, "partition": self.partition,
+                                              "events": read, "seconds": round(time.perf_counter() - began, 3)})
+        return read
 
-    async def _until_settled(self, batch: Sequence[Delivery], stop: asyncio.Event) -> bool:
-        """While a catch-up runs, wait until it passed the batch or ended; False if stopping meanwhile."""
-        while self.catching_up and (not self.draining or self._ahead(batch)):
-            if stop.is_set() or self.channel.is_closed:
-                return False
-            self._moved.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._moved.wait(), 0.5)
-        return True
-
-    def decode(self, tag: int, body: bytes, message_id: str | None = None) -> Delivery:
-        """A delivery with its decoded event, or why it cannot be decoded."""
+    async def _catch_up_if_due(self, stop: asyncio.Event) -> None:
+        start, self._catchup_from = self._catchup_from, None
+        if start is None:
+            return
         try:
-            decoded: RecordedEvent | errors.MalformedMessage = self.cache.decode(body, self.store.registry)
-        except errors.MalformedMessage as exc:
-            decoded = exc
-        return Delivery(tag, body, message_id, decoded)
-
-    async def handle_decoded(self, deliveries: Sequence[Delivery]) -> BatchResult:
-        """The only function that settles deliveries: dead-letter the undecodable, apply the rest in one
-        transaction, then reject the parked and ack everything else with one multiple-ack."""
-        assert self._raw is not None, "open_queue() first"
-        started = time.perf_counter()
-        events: list[RecordedEvent] = []
-        delivered: dict[tuple[str, int], list[int]] = {}
-        bad: list[Delivery] = []
-        settled: list[int] = []  # already settled by a catch-up: acked with no database work
-        for d in deliveries:
-            if isinstance(d.decoded, errors.MalformedMessage):
-                bad.append(d)
-                continue
-            if self.is_settled(d.decoded):
-                settled.append(d.tag)
-                continue
-            events.append(d.decoded)
-            delivered.setdefault((d.decoded.stream_id, d.decoded.version), []).append(d.tag)
-        if bad:
-            await self._dead_letter_undecodable(bad)
-        if events:
-            with self._span(events):
-                result = await self._outage_retrying(
-                    lambda: parking.apply_or_park(self.store, self.projection, events))
-        else:
-            result = BatchResult()
-        result.duplicates += len(settled)
-        self._count(result, time.perf_counter() - started)
-        rejected: set[int] = set()
-        for parked in result.parked:
-            tags = delivered.get((parked.event.stream_id, parked.event.version))
-            if tags:
-                await self._raw.basic_reject(tags[0], requeue=False)  # the queue's DLX moves it to the DLQ
-                rejected.add(tags[0])
-            else:
-                await self._publish_dead_letter(parked.event)
-        rest = [t for tags in delivered.values() for t in tags if t not in rejected] + settled
-        if rest:
-            # Every delivery up to this tag is in this batch or settled before: one frame acks them all.
-            await self._raw.basic_ack(max(rest), multiple=True)
-        return result
+            await self.catch_up(start, stop)
+        except store_errors.CodecError as exc:
+            logger.warning("catch-up stopped at an event it cannot decode; the queue carries on",
+                           extra={"projection": self.projection.name, "partition": self.partition, "error": str(exc)})
+        except retry.OUTAGE_ERRORS as exc:
+            logger.warning("catch-up interrupted by an outage; the queue carries on", extra={
+                "projection": self.projection.name, "partition": self.partition,
+                "error": f"{type(exc).__name__}: {exc}"})
 
     def _span(self, events: Sequence[RecordedEvent]) -> contextlib.AbstractContextManager[None]:
         """The tracing span of one apply, linked to the producer contexts in its events' metadata."""
-        return tracing.process_span(self._queue or self.names.queue(self.projection.name), self.projection.name,
-                                    len(events), (e.metadata for e in events))
+        return tracing.process_span(self.queue, self.projection.name, len(events), (e.metadata for e in events))
 
     async def _dead_letter_undecodable(self, bad: list[Delivery]) -> None:
         assert self._raw is not None
@@ -243,18 +275,19 @@ class Consumer:
         await self._outage_retrying(lambda: parking.record_undecodable(self.store.pool, self.projection.name, items))
         for d in bad:
             logger.warning("undecodable message dead-lettered", extra={
-                "projection": self.projection.name, "message_id": d.message_id, "error": str(d.decoded)})
-            await self._raw.basic_reject(d.tag, requeue=False)
+                "projection": self.projection.name, "partition": self.partition, "message_id": d.message_id,
+                "error": str(d.decoded)})
+            await self._raw.basic_reject(d.tag, requeue=False)  # the queue's DLX moves it to the DLQ
         metrics.DEAD_LETTERED.labels(self.projection.name).inc(len(bad))
         self.stats.undecodable += len(bad)
         self.stats.dead_lettered += len(bad)
 
     async def _publish_dead_letter(self, event: RecordedEvent) -> None:
-        """A parked event that came from the store (a gap), not from a delivery: put a copy in the DLQ."""
-        assert self._dlx is not None, "open_queue() first"
+        """A parked event: its message carries others too, so a copy of the event alone goes to the DLQ."""
+        assert self._dlx is not None, "open() first"
         await self._dlx.publish(broker.to_message(event), routing_key=self.projection.name)
 
-    def _count(self, result: BatchResult, seconds: float, *, deliveries: bool = True) -> None:
+    def _count(self, result: BatchResult, seconds: float, *, deliveries: bool = True, messages: int = 0) -> None:
         """Count a batch; events a catch-up read that were settled already are no duplicate deliveries."""
         name, now = self.projection.name, time.time()
         duplicates = result.duplicates if deliveries else 0
@@ -272,8 +305,10 @@ class Consumer:
         s.held += result.held
         s.dead_lettered += len(result.parked)
         s.batches += 1
-        logger.debug("batch applied", extra={"projection": name, "applied": len(result.applied),
-                                             "duplicates": duplicates, "seconds": round(seconds, 4)})
+        s.messages += messages
+        logger.debug("batch applied", extra={"projection": name, "partition": self.partition,
+                                             "applied": len(result.applied), "duplicates": duplicates,
+                                             "seconds": round(seconds, 4)})
 
     async def _outage_retrying(self, step: Callable[[], Awaitable[T]]) -> T:
         """Run a database step, retrying through Postgres outages until it works, the stop, or the channel dies."""
@@ -290,7 +325,9 @@ class Consumer:
                 return value
         raise AssertionError("unreachable")  # pragma: no cover - reraise=True
 
-    async def _consume(self, queue: str, buffer: asyncio.Queue[Any]) -> str:
+    # --- consuming ----------------------------------------------------------------------------------
+
+    async def _consume(self, buffer: asyncio.Queue[Any]) -> str:
         """Start consuming; each delivery is decoded on arrival, so decoding overlaps the database work of
         the batch in flight (Postgres runs in other processes), then buffered. Returns the consumer tag."""
         assert self._raw is not None
@@ -300,14 +337,27 @@ class Consumer:
             assert tag is not None
             buffer.put_nowait(self.decode(tag, message.body, message.header.properties.message_id))
 
-        ok = await self._raw.basic_consume(queue, receive, no_ack=False)
+        ok = await self._raw.basic_consume(self.queue, receive, no_ack=False)
         assert ok.consumer_tag is not None
         return ok.consumer_tag
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Consume until ``stop`` is set (the batch in flight is committed and acked) or the channel closes."""
-        queue = await self.open_queue()
+    def _take(self, first: Delivery, buffer: asyncio.Queue[Delivery | None]) -> list[Delivery]:
+        """``first`` and whatever is buffered behind it, up to ``batch_size`` events (whole messages)."""
+        batch, events = [first], first.events
+        while events < self.settings.batch_size and not buffer.empty():
+            delivery = buffer.get_nowait()
+            if delivery is None:
+                break
+            batch.append(delivery)
+            events += delivery.events
+        return batch
+
+    async def run(self, stop: asyncio.Event, leave: asyncio.Event | None = None) -> None:
+        """Consume until ``stop`` or ``leave`` is set (the batch in flight is committed and acked; what is
+        buffered goes back to the queue when the channel closes) or the channel closes (raises ChannelLost)."""
+        await self.open()
         buffer: asyncio.Queue[Delivery | None] = asyncio.Queue()
+        leave = leave or asyncio.Event()
         lost = False
 
         def wake(*_: Any) -> None:
@@ -318,33 +368,34 @@ class Consumer:
             lost = True
             wake()
 
+        self._wake = wake
         self.channel.close_callbacks.add(on_close)
-        stopper = asyncio.ensure_future(stop.wait())
-        stopper.add_done_callback(wake)
-        stopper.add_done_callback(lambda _: setattr(self, "stopping", True))
-        tag = await self._consume(queue, buffer)
+        watchers = [asyncio.ensure_future(e.wait()) for e in (stop, leave)]
+        for watcher in watchers:
+            watcher.add_done_callback(wake)
+        tag = await self._consume(buffer)
         try:
-            # Deliveries still buffered at a stop are never handled: they go back to the queue on close.
-            while not (stop.is_set() or lost or self.channel.is_closed):
-                batch: list[Delivery] = []
+            while not (stop.is_set() or leave.is_set() or lost or self.channel.is_closed):
+                await self._catch_up_if_due(stop)
                 delivery = await buffer.get()
-                while delivery is not None:
-                    batch.append(delivery)
-                    if len(batch) >= self.settings.batch_size or buffer.empty():
-                        break
-                    delivery = buffer.get_nowait()
-                if batch:
-                    if self.catching_up and not await self._until_settled(batch, stop):
-                        break  # stopping: the held deliveries go back to the queue
-                    await self.handle_decoded(batch)
+                if delivery is None:
+                    continue
+                await self.handle_decoded(self._take(delivery, buffer))
         finally:
             self.stopping = True
-            stopper.cancel()
+            self._wake = lambda: None
+            for watcher in watchers:
+                watcher.cancel()
             if not self.channel.is_closed and self._raw is not None:
                 with contextlib.suppress(*retry.OUTAGE_ERRORS):
                     await self._raw.basic_cancel(tag)
-        if not stop.is_set():
+        if not (stop.is_set() or leave.is_set()):
             raise errors.ChannelLost()
+
+    async def backlog(self) -> int:
+        """Messages ready in the partition's queue (not yet delivered to any consumer)."""
+        assert self._raw is not None, "open() first"
+        return (await self._raw.queue_declare(self.queue, passive=True)).message_count or 0
 
     async def until_idle(self) -> Stats:
         """Consume until the queue is empty, then return; the bounded twin of ``run`` for tests and benches.
@@ -353,15 +404,16 @@ class Consumer:
         asks for the queue's ready count: its answer comes after every delivery the broker pushed before it
         (frames are ordered on a channel), so once those are handed over, zero ready means done.
         """
-        queue = await self.open_queue()
+        await self.open()
         assert self._raw is not None
-        buffer: asyncio.Queue[Delivery] = asyncio.Queue()
-        tag = await self._consume(queue, buffer)
+        buffer: asyncio.Queue[Delivery | None] = asyncio.Queue()
+        tag = await self._consume(buffer)
         try:
             while True:
-                batch = _take(buffer, self.settings.batch_size)
-                if batch:
-                    await self.handle_decoded(batch)
+                if not buffer.empty():
+                    first = buffer.get_nowait()
+                    if first is not None:
+                        await self.handle_decoded(self._take(first, buffer))
                     continue
                 ready = await self.backlog()
                 await _hand_over()
@@ -372,37 +424,14 @@ class Consumer:
         finally:
             await self._raw.basic_cancel(tag)
         await _hand_over()
-        while batch := _take(buffer, self.settings.batch_size):  # pushed before the cancel took effect
-            await self.handle_decoded(batch)
+        while not buffer.empty():  # pushed before the cancel took effect
+            first = buffer.get_nowait()
+            if first is not None:
+                await self.handle_decoded(self._take(first, buffer))
         return self.stats
-
-
-def _take(buffer: asyncio.Queue[Delivery], n: int) -> list[Delivery]:
-    batch: list[Delivery] = []
-    while len(batch) < n and not buffer.empty():
-        batch.append(buffer.get_nowait())
-    return batch
 
 
 async def _hand_over() -> None:
     """Let deliveries already received run through aiormq's callback task into the buffer."""
     for _ in range(8):
         await asyncio.sleep(0)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from store import db
 from store.queries import TEMPLATES as STORE_TEMPLATES
@@ -42,6 +42,8 @@ class Lag:
     horizon_age_seconds: float
     #: Every event at or before it is settled: applied, skipped, or of a halted stream (held).
     watermark: Position = Position.START
+    #: Unapplied events per partition (partitions with none are absent).
+    partitions: Mapping[int, int] = dataclasses.field(default_factory=dict)
 
 
 
@@ -69,11 +71,20 @@ async def advance(pool: db.Pool, projection: str, *, step: int = ADVANCE_STEP, m
 
 async def count(pool: db.Pool, projection: str) -> tuple[int, float, Position]:
     """Unapplied committed events, the age of the oldest of them, and the watermark they are counted after."""
-    async with db.translate_errors():
-        row = await pool.fetchrow(SQL["measure_lag"], projection)
-    assert row is not None
-    return (int(row["lag_events"]), float(row["lag_seconds"]),
-            Position(row["watermark_txid"], row["watermark_position"]))
+    events, seconds, watermark, _ = await count_partitions(pool, projection)
+    return events, seconds, watermark
+
+
+async def count_partitions(pool: db.Pool, projection: str) -> tuple[int, float, Position, dict[int, int]]:
+    """``count``, and the unapplied events per partition."""
+    async with db.translate_errors(), pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        # One snapshot: the watermark the tail is counted after is the one returned.
+        rows = await conn.fetch(SQL["measure_lag"], projection)
+        mark = await conn.fetchrow(SQL["watermark"], projection)
+    assert mark is not None
+    by_partition = {r["partition"]: int(r["lag_events"]) for r in rows if r["partition"] is not None}
+    return (sum(int(r["lag_events"]) for r in rows), max((float(r["lag_seconds"]) for r in rows), default=0.0),
+            Position(mark["watermark_txid"], mark["watermark_position"]), by_partition)
 
 
 async def horizon_age(pool: db.Pool) -> float:
@@ -88,19 +99,23 @@ async def horizon_age(pool: db.Pool) -> float:
 async def measure(pool: db.Pool, projection: str) -> Lag:
     """Advance the watermark, then count: the exact lag of ``projection`` now."""
     await advance(pool, projection)
-    events, seconds, watermark = await count(pool, projection)
-    return Lag(events, seconds, await horizon_age(pool), watermark)
+    events, seconds, watermark, partitions = await count_partitions(pool, projection)
+    return Lag(events, seconds, await horizon_age(pool), watermark, partitions)
 
 
-def export(projection: str, lag: Lag) -> None:
-    """Set the lag gauges of the contract (and the horizon's age) from a measurement."""
+def export(projection: str, lag: Lag, partitions: int | None = None) -> None:
+    """Set the lag gauges of the contract (and the horizon's age) from a measurement; with ``partitions``
+    (P) also every partition's lag, 0 for those with none."""
     metrics.LAG_EVENTS.labels(projection).set(lag.lag_events)
+    if partitions:
+        for partition in range(partitions):
+            metrics.PARTITION_LAG.labels(projection, str(partition)).set(lag.partitions.get(partition, 0))
     metrics.LAG_SECONDS.labels(projection).set(lag.lag_seconds)
     metrics.HORIZON_AGE.set(lag.horizon_age_seconds)
 
 
 async def run_lag_monitor(pool: db.Pool, projections: Sequence[str], *,
-                          health: health_mod.Health | None = None,
+                          health: health_mod.Health | None = None, partitions: int | None = None,
                           interval: float = REFRESH_SECONDS,
                           measured: Callable[[str, Lag], None] | None = None) -> None:
     """Advance watermarks and refresh the lag gauges every ``interval`` seconds until cancelled;
@@ -117,7 +132,7 @@ async def run_lag_monitor(pool: db.Pool, projections: Sequence[str], *,
                 health.down("postgres", exc)
             logger.debug("lag refresh failed", extra={"projection": projection}, exc_info=True)
             return None
-        export(projection, found)
+        export(projection, found, partitions)
         return found
 
     while True:

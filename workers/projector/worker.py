@@ -1,7 +1,9 @@
-"""A worker process's projections: one broker session's consumers, the lag monitor and the catch-up, outliving outages.
+"""A worker process's projections: its leases, one broker session's partition consumers and the lag monitor,
+outliving outages.
 
-In-process entry points: ``run_worker`` (until a stop event), ``run_consumer`` and ``consume_until_idle``
-(one projection, until a stop or until its queue is empty)."""
+In-process entry points: ``run_worker`` (until a stop event, the fleet's member), ``run_consumer`` and
+``consume_until_idle`` (every partition of one projection, no leases: until a stop or until its queues are
+empty)."""
 
 from __future__ import annotations
 
@@ -14,71 +16,105 @@ from collections.abc import Sequence
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from projections import registry
 from projections.base import Projection
 from store import db
 from store.event_store import EventStore
+from workers import broker
 from workers.config import Settings
-from workers.projector import catchup, lag
+from workers.projector import lag
 from workers.projector.consumer import Consumer, DecodeCache, Stats
+from workers.projector.fleet import CATCHUPS_AT_ONCE, Fleet
+from workers.projector.leases import LeaseKeeper
 from workers.rebuild import backfill
 from workers.runtime import health, lifecycle, retry
 
 logger = logging.getLogger(__name__)
 
 
-async def run_consumer(pool: db.Pool, channel: AbstractChannel, projection: Projection, settings: Settings, *,
+async def run_consumer(pool: db.Pool, connection: AbstractConnection, projection: Projection, settings: Settings, *,
                        stop: asyncio.Event, health_: health.Health | None = None) -> Stats:
-    """Consume one projection's queue on ``channel`` until ``stop``; return what it did."""
-    consumer = Consumer(lifecycle.open_store(pool, settings), channel, projection, settings, health_=health_)
-    await consumer.run(stop)
-    return consumer.stats
+    """Consume every partition queue of one projection until ``stop`` (no leases: tests and tools); return
+    what it did. Each partition gets a channel of its own on ``connection``."""
+    store = lifecycle.open_store(pool, settings)
+    partitions = await store.partitions()
+    stats, cache, health_ = Stats(), DecodeCache(), health_ or health.Health()
+    consumers = [Consumer(store, await connection.channel(), projection, p, settings, health_=health_, stats=stats,
+                          cache=cache) for p in range(partitions)]
+    try:
+        async with asyncio.TaskGroup() as group:
+            for consumer in consumers:
+                group.create_task(consumer.run(stop))
+    finally:
+        for consumer in consumers:
+            with contextlib.suppress(Exception):
+                await consumer.channel.close()
+    return stats
 
 
 async def consume_until_idle(pool: db.Pool, channel: AbstractChannel, projection: Projection,
                              settings: Settings) -> Stats:
-    """Apply everything in one projection's queue, then return (tests, benchmarks: no sleeps needed)."""
-    return await Consumer(lifecycle.open_store(pool, settings), channel, projection, settings).until_idle()
+    """Apply everything in one projection's partition queues, one after the other, then return (tests,
+    benchmarks: no sleeps needed)."""
+    store = lifecycle.open_store(pool, settings)
+    stats, cache = Stats(), DecodeCache()
+    for partition in range(await store.partitions()):
+        await Consumer(store, channel, projection, partition, settings, stats=stats, cache=cache).until_idle()
+    return stats
 
 
+def pool_size(projections: int) -> int:
+    """Connections a worker needs: batches of its consumers in flight (they queue beyond), two per catch-up
+    at once (a read ahead of an apply), the lag monitor's one per projection, the lease ticks, one to spare."""
+    return 2 * projections + 2 * CATCHUPS_AT_ONCE + projections + 2
 
 
 async def run_worker(settings: Settings, projections: Sequence[Projection], health_: health.Health,
                      stop: asyncio.Event, *, pool: db.Pool | None = None) -> dict[str, Stats]:
-    """Open Postgres (unless given a pool), then (re)connect to RabbitMQ and consume until ``stop``.
+    """Open Postgres (unless given a pool), register with the fleet, then (re)connect to RabbitMQ and consume
+    the partitions this worker holds until ``stop``; then hand them over (``LeaseKeeper.leave``).
 
-    A broker outage ends the session: its unacked deliveries return to the queue, and a new connection
-    picks them up again (the checkpoints absorb the duplicates). Postgres outages are retried per batch.
+    A broker outage ends the session: its unacked deliveries return to the queues, and a new connection
+    picks them up again (the checkpoints absorb the duplicates); the leases are kept meanwhile. Postgres
+    outages are retried per batch and per tick.
     """
     stats = {p.name: Stats() for p in projections}
     async with contextlib.AsyncExitStack() as stack:
         if pool is None:
-            # Per projection a connection for its consumer's batch, one per batch a catch-up applies at once
-            # and one for its lag measurement; the catch-up's reads and locks; one to spare.
-            pool = await _open_pool(stack, settings, (2 + catchup.APPLYING_AHEAD) * len(projections) + 2, health_)
+            pool = await _open_pool(stack, settings, pool_size(len(projections)), health_)
         else:
             health_.up("postgres")
         store = lifecycle.open_store(pool, settings)
-        catch_up = catchup.CatchUp(store, settings)
+        partitions = await _retrying(store.partitions, health_, stop)
+        if partitions is None:
+            return stats
+        keeper = LeaseKeeper(pool, settings.schema, [p.name for p in projections], partitions,
+                             lease_seconds=settings.lease_seconds)
+        stack.push_async_callback(_leave, keeper)
         progress = Progress(stats)
+        fleets: list[Fleet] = []
 
         def measured(projection: str, lag_: lag.Lag) -> None:
             progress.lags[projection] = lag_
-            catch_up.note_lag(projection, lag_)
+            for fleet in fleets:
+                fleet.note_lag(projection, lag_)
 
         monitor = asyncio.create_task(lag.run_lag_monitor(pool, [p.name for p in projections], health=health_,
-                                                          measured=measured))
+                                                          measured=measured, partitions=partitions))
         stack.push_async_callback(_cancel, monitor)
         if settings.progress_seconds:
             stack.push_async_callback(_cancel, asyncio.create_task(progress.run(settings.progress_seconds)))
+        logger.info("joined the fleet", extra={"worker": keeper.worker_id, "partitions": partitions,
+                                               "projections": [p.name for p in projections]})
         while not stop.is_set():
             try:
                 async for attempt in retry.retry_until(stop):
                     with attempt:
                         try:
-                            await _session(store, settings, projections, health_, stop, stats, catch_up)
+                            await _session(store, settings, projections, health_, stop, stats, keeper, fleets,
+                                           partitions)
                         except retry.OUTAGE_ERRORS as exc:
                             health_.down("rabbitmq", exc)
                             raise
@@ -86,6 +122,29 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
                 if not stop.is_set():
                     raise  # pragma: no cover - retry_until gives up only once stop is set
     return stats
+
+
+async def _retrying(step: Any, health_: health.Health, stop: asyncio.Event) -> Any:
+    """``await step()`` retried through Postgres outages until it works, or None once ``stop`` is set."""
+    async for attempt in retry.retry_until(stop):
+        with attempt:
+            try:
+                return await step()
+            except retry.OUTAGE_ERRORS as exc:
+                health_.down("postgres", exc)
+                raise
+    return None
+
+
+async def _leave(keeper: LeaseKeeper) -> None:
+    """Hand the partitions over at once (the consumers have stopped); a failure leaves them to expire."""
+    try:
+        await asyncio.wait_for(keeper.leave(), 5)
+    except retry.OUTAGE_ERRORS as exc:  # the leases expire anyway: nothing is lost
+        logger.warning("could not hand the partitions over; they expire instead", extra={
+            "worker": keeper.worker_id, "error": f"{type(exc).__name__}: {exc}"})
+    else:
+        logger.info("left the fleet", extra={"worker": keeper.worker_id})
 
 
 class Progress:
@@ -134,27 +193,26 @@ async def _open_pool(stack: contextlib.AsyncExitStack, settings: Settings, size:
 
 
 async def _session(store: EventStore, settings: Settings, projections: Sequence[Projection],
-                   health_: health.Health, stop: asyncio.Event, stats: dict[str, Stats],
-                   catch_up: catchup.CatchUp) -> None:
-    """One broker connection: a channel and a consumer per projection, until stop or the connection dies."""
+                   health_: health.Health, stop: asyncio.Event, stats: dict[str, Stats], keeper: LeaseKeeper,
+                   fleets: list[Fleet], partitions: int) -> None:
+    """One broker connection: the topology declared, the backfills of new projections, and the consumers of
+    the partitions held, until stop or the connection dies."""
     name = f"eventfleet worker {socket.gethostname()}:{os.getpid()}"
     connection = await aio_pika.connect(settings.amqp_url, client_properties={"connection_name": name})
     async with connection:
         health_.up("rabbitmq")
         # Projections first seen (no status row, no queue yet) are backfilled alongside: see rebuild_backfill.
-        backfills = await backfill.claim_backfills(store, connection, settings.prefix, projections)
-        consumers, cache = [], DecodeCache()
-        for projection in projections:
-            channel = await connection.channel()
-            consumers.append(Consumer(store, channel, projection, settings, health_=health_,
-                                      stats=stats[projection.name], cache=cache))
-        catch_up.attach(consumers)
+        backfills = await backfill.claim_backfills(store, connection, settings.prefix, projections, partitions)
+        channel = await connection.channel()
+        await broker.declare_partitions(channel, broker.Names(settings.prefix), [p.name for p in projections],
+                                        partitions)
+        await channel.close()
+        fleet = Fleet(store, connection, keeper, projections, settings, health_, stats)
+        fleets[:] = [fleet]
         logger.info("consuming", extra={"projections": [p.name for p in projections], "prefix": settings.prefix})
         try:
             async with asyncio.TaskGroup() as group:
-                for consumer in consumers:
-                    group.create_task(consumer.run(stop))
-                group.create_task(catch_up.run(stop))
+                group.create_task(fleet.run(stop))
                 if backfills:
                     group.create_task(backfill.run_backfills(store, backfills, stop))
         except BaseExceptionGroup as group:
@@ -162,6 +220,8 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
             if all(isinstance(e, retry.OUTAGE_ERRORS) for e in group.exceptions):
                 raise group.exceptions[0] from None
             raise
+        finally:
+            fleets.clear()
 
 
 def resolve(names: Sequence[str]) -> list[Projection]:

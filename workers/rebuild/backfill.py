@@ -72,17 +72,19 @@ async def _queue_exists(connection: AbstractConnection, queue: str) -> bool:
 
 
 async def claim_backfills(store: EventStore, connection: AbstractConnection, prefix: str,
-                          projections: Sequence[Projection]) -> list[Projection]:
-    """The worker's start-up check: claim the new projections, then declare their queues; return them."""
+                          projections: Sequence[Projection], partitions: int) -> list[Projection]:
+    """The worker's start-up check: claim the new projections, then declare their queues; return them.
+    A projection consumed before has its partition queues (or, from before partitions, a queue of its own)."""
     names, claimed = broker.Names(prefix), []
     for projection in projections:
-        exists = await _queue_exists(connection, names.queue(projection.name))
+        exists = (await _queue_exists(connection, names.partition_queue(projection.name, 0))
+                  or await _queue_exists(connection, names.queue(projection.name)))
         if await claim(store.pool, projection.name, queue_exists=exists):
             claimed.append(projection)
     if claimed:
         channel = await connection.channel()
         async with channel:
-            await broker.declare_topology(channel, names, [p.name for p in claimed])
+            await broker.declare_partitions(channel, names, [p.name for p in claimed], partitions)
     return claimed
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import aio_pika
@@ -12,8 +13,9 @@ import aiormq.exceptions
 from aio_pika.abc import AbstractExchange
 from pamqp import commands as spec
 
-from store import db, outbox, tracing
+from store import codec, db, outbox, tracing
 from store import errors as store_errors
+from store.partitions import partition_of
 from workers import broker
 from workers.errors import BrokerUnavailable, PublishFailed
 from workers.runtime import metrics
@@ -53,11 +55,12 @@ async def publish_confirmed(exchange: AbstractExchange, messages: Sequence[tuple
 
 
 def encode_rows(rows: Sequence[Any]) -> tuple[list[tuple[str, aio_pika.Message]], list[tuple[Any, str]]]:
-    """The (routing key, message) of every claimed row, and the rows whose event could not be encoded.
+    """One message per claimed row for the per-event topic exchange (routing key = event type), and the rows
+    whose event could not be encoded.
 
     A row whose metadata is not a msgpack map (written around the store's API) must not stop the relay:
     every row behind it would wait forever. It is published anyway, flagged (see
-    ``broker.encode_undecodable_row``), so each projection dead-letters it and the store keeps the truth.
+    ``broker.encode_undecodable_row``), so each consumer dead-letters it and the store keeps the truth.
     """
     messages, undecodable = [], []
     for row in rows:
@@ -70,33 +73,93 @@ def encode_rows(rows: Sequence[Any]) -> tuple[list[tuple[str, aio_pika.Message]]
     return messages, undecodable
 
 
-async def publish_batch(pool: db.Pool, exchange: AbstractExchange, batch_size: int, *,
+#: Bytes a batch body spends per event besides its data and metadata (keys, ids, timestamps), roughly.
+EVENT_OVERHEAD_BYTES = 160
+
+
+def partition_batches(rows: Sequence[Any], partitions: int, *, message_events: int = 100,
+                      message_bytes: int = 1024 * 1024) -> tuple[list[tuple[str, aio_pika.Message]], list[tuple[Any, str]]]:
+    """The claimed rows as batch messages: per partition, in position order, up to ``message_events`` events
+    or about ``message_bytes`` per message (an event bigger than that goes alone); routing key = partition.
+    Also returns the rows flagged undecodable (their metadata is not msgpack: see ``broker.event_map``)."""
+    grouped: dict[int, list[tuple[Any, dict[str, Any]]]] = {}
+    undecodable: list[tuple[Any, str]] = []
+    for row in rows:
+        partition = row["partition"]
+        if partition is None:  # written before partitions, not yet filled in by migrate
+            partition = partition_of(row["stream_id"], partitions)
+        entry = broker.event_map(row)
+        if "undecodable" in entry:
+            undecodable.append((row, entry["undecodable"]))
+        grouped.setdefault(partition, []).append((row, entry))
+    messages: list[tuple[str, aio_pika.Message]] = []
+    for partition, items in grouped.items():
+        chunk: list[tuple[Any, dict[str, Any]]] = []
+        size = 0
+        for row, entry in items:
+            weight = len(row["data"]) + len(row["metadata"]) + EVENT_OVERHEAD_BYTES
+            if chunk and (len(chunk) >= message_events or size + weight > message_bytes):
+                messages.append(_batch(partition, chunk))
+                chunk, size = [], 0
+            chunk.append((row, entry))
+            size += weight
+        messages.append(_batch(partition, chunk))
+    return messages, undecodable
+
+
+def _carriers(rows: Sequence[Any]) -> Iterator[Mapping[str, Any]]:
+    """The rows' metadata maps, decoded only if a recording span reads them (their trace contexts)."""
+    for row in rows:
+        with contextlib.suppress(store_errors.CodecError):
+            metadata = codec.unpackb(row["metadata"])
+            if isinstance(metadata, dict):
+                yield metadata
+
+
+def _batch(partition: int, chunk: Sequence[tuple[Any, dict[str, Any]]]) -> tuple[str, aio_pika.Message]:
+    return str(partition), broker.batch_message(partition, [r for r, _ in chunk], [e for _, e in chunk])
+
+
+async def publish_batch(pool: db.Pool, targets: broker.Targets, batch_size: int, *,
                         confirm_timeout: float = 30.0) -> int:
-    """Claim up to batch_size rows, publish them, delete them after every confirm, commit; return the count."""
+    """Claim up to batch_size rows, publish them as partition batches (and one message per event to the
+    events exchange when it is a target), delete them after every confirm, commit; return the count.
+
+    The batches are sent as soon as the claim returns: no timer waits for more events, so a quiet store's
+    events go out one per message at once and a busy one's fill their messages."""
     async with db.translate_errors(), pool.acquire() as conn, conn.transaction():
         rows = await outbox.claim(conn, batch_size)
         if not rows:
             return 0
-        messages, undecodable = encode_rows(rows)
+        batches, undecodable = partition_batches(rows, targets.partitions, message_events=targets.message_events,
+                                                 message_bytes=targets.message_bytes)
+        exchange = targets.partitions_exchange
         with metrics.RELAY_BATCH_SECONDS.time(), tracing.publish_span(
-                exchange.name, len(messages), (m.headers for _, m in messages)):
-            await publish_confirmed(exchange, messages, confirm_timeout)
+                exchange.name, len(rows), _carriers(rows)):
+            if targets.events_exchange is None:
+                await publish_confirmed(exchange, batches, confirm_timeout)
+            else:
+                singles, _ = encode_rows(rows)
+                await asyncio.gather(publish_confirmed(exchange, batches, confirm_timeout),
+                                     publish_confirmed(targets.events_exchange, singles, confirm_timeout))
         await outbox.delete(conn, [r["global_position"] for r in rows])
     metrics.RELAY_PUBLISHED.inc(len(rows))
+    metrics.RELAY_MESSAGES.inc(len(batches))
     for row, reason in undecodable:  # once committed: a rolled-back batch publishes them again
         logger.error("published an event that cannot be decoded, flagged for the dead letters", extra={
             "event_id": str(row["event_id"]), "stream_id": row["stream_id"], "version": row["version"],
             "event_type": row["event_type"], "error": reason})
     metrics.RELAY_UNDECODABLE.inc(len(undecodable))
-    logger.debug("batch published", extra={"events": len(rows), "last_position": rows[-1]["global_position"]})
+    logger.debug("batch published", extra={"events": len(rows), "messages": len(batches),
+                                           "last_position": rows[-1]["global_position"]})
     return len(rows)
 
 
-async def relay_until_idle(pool: db.Pool, exchange: AbstractExchange, *, batch_size: int = 1000,
+async def relay_until_idle(pool: db.Pool, targets: broker.Targets, *, batch_size: int = 1000,
                            confirm_timeout: float = 30.0) -> int:
     """Publish batches until a claim finds nothing; return how many events were published (bounded twin)."""
     total = 0
-    while n := await publish_batch(pool, exchange, batch_size, confirm_timeout=confirm_timeout):
+    while n := await publish_batch(pool, targets, batch_size, confirm_timeout=confirm_timeout):
         total += n
     return total
 

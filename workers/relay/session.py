@@ -34,15 +34,18 @@ from typing import Any
 
 import aio_pika
 import asyncpg
-from aio_pika.abc import AbstractConnection, AbstractExchange
+from aio_pika.abc import AbstractConnection
 
 from projections import registry
 from store import db, notify
 from store import errors as store_errors
+from store.queries import load
 from workers import broker
 from workers.config import Settings
 from workers.errors import BrokerUnavailable
 from workers.relay.publish import publish_batch, refresh_backlog
+
+SQL = load("workers", "relay.sql")
 from workers.runtime import health, retry
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,10 @@ class RelayConfig:
     metrics_interval: float = 5.0  # how often the backlog gauges are refreshed
     confirm_timeout: float = 30.0  # a batch whose confirms take longer is rolled back
     stop_timeout: float = 10.0  # on SIGTERM, time the batch in flight gets to commit
+    partitions: int | None = None  # P; None: the schema's (read once per session)
+    events_exchange: bool = False  # also publish one message per event to the topic exchange
+    message_events: int = 100
+    message_bytes: int = 1024 * 1024
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> RelayConfig:
@@ -70,6 +77,8 @@ class RelayConfig:
             "amqp_url": settings.amqp_url, "prefix": settings.prefix,
             "projections": tuple(registry.load(settings.projection_modules)), "batch_size": settings.relay_batch_size,
             "poll_interval": settings.relay_poll_ms / 1000, "stop_timeout": settings.stop_timeout,
+            "events_exchange": settings.events_exchange, "message_events": settings.message_events,
+            "message_bytes": settings.message_bytes,
         }
         return cls(**(fields | overrides))
 
@@ -121,12 +130,13 @@ async def _run_session(pool: db.Pool, config: RelayConfig, status: health.Health
     session = _Session(asyncio.Event())
     try:
         async with contextlib.AsyncExitStack() as stack:
-            exchange = await _open_broker(stack, config, session)
+            partitions = config.partitions or await _partitions(pool)
+            targets = await _open_broker(stack, config, session, partitions)
             status.up("rabbitmq")
             await _open_listener(stack, config, session)
             await refresh_backlog(pool)
             status.up("postgres")
-            await _relay_loop(pool, exchange, config, session, idle)
+            await _relay_loop(pool, targets, config, session, idle)
     except retry.OUTAGE_ERRORS as exc:
         service = "postgres" if isinstance(exc, store_errors.TransientError) else "rabbitmq"
         status.down(service, exc)
@@ -137,13 +147,22 @@ async def _run_session(pool: db.Pool, config: RelayConfig, status: health.Health
         raise
 
 
-async def _relay_loop(pool: db.Pool, exchange: AbstractExchange, config: RelayConfig, session: _Session,
+async def _partitions(pool: db.Pool) -> int:
+    """P of the schema; a schema not migrated yet is an outage of its own kind: retried, reported."""
+    async with db.translate_errors():
+        count: int | None = await pool.fetchval(SQL["partitions"])
+    if not count:
+        raise store_errors.TransientError("the schema records no partitions yet: run `eventfleet migrate`")
+    return count
+
+
+async def _relay_loop(pool: db.Pool, targets: broker.Targets, config: RelayConfig, session: _Session,
                       idle: asyncio.Event | None) -> None:
     next_refresh = time.monotonic() + config.metrics_interval
     while True:
         session.wake.clear()  # before claiming: a NOTIFY from now on wakes the next wait
         while True:
-            n = await _publish_finishing_on_stop(pool, exchange, config)
+            n = await _publish_finishing_on_stop(pool, targets, config)
             session.progressed = True
             session.check()
             if time.monotonic() >= next_refresh:
@@ -161,10 +180,10 @@ async def _relay_loop(pool: db.Pool, exchange: AbstractExchange, config: RelayCo
         session.check()
 
 
-async def _publish_finishing_on_stop(pool: db.Pool, exchange: AbstractExchange, config: RelayConfig) -> int:
+async def _publish_finishing_on_stop(pool: db.Pool, targets: broker.Targets, config: RelayConfig) -> int:
     """publish_batch, but a cancellation (SIGTERM) lets it finish for up to stop_timeout first."""
     task = asyncio.ensure_future(
-        publish_batch(pool, exchange, config.batch_size, confirm_timeout=config.confirm_timeout))
+        publish_batch(pool, targets, config.batch_size, confirm_timeout=config.confirm_timeout))
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -175,7 +194,7 @@ async def _publish_finishing_on_stop(pool: db.Pool, exchange: AbstractExchange, 
 
 
 async def _open_broker(stack: contextlib.AsyncExitStack, config: RelayConfig,
-                       session: _Session) -> AbstractExchange:
+                       session: _Session, partitions: int) -> broker.Targets:
     """Connect (not robust: this loop owns reconnection), open a confirming channel, declare the topology."""
     connection = await aio_pika.connect(
         config.amqp_url, client_properties={"connection_name": f"eventfleet relay {config.prefix}"})
@@ -184,7 +203,9 @@ async def _open_broker(stack: contextlib.AsyncExitStack, config: RelayConfig,
     lost = _on_close(session, lambda exc: BrokerUnavailable(f"connection lost: {exc!r}"))
     connection.close_callbacks.add(lost)
     channel.close_callbacks.add(lost)
-    return await broker.declare_topology(channel, broker.Names(config.prefix), config.projections)
+    return await broker.declare_topology(
+        channel, broker.Names(config.prefix), config.projections, partitions, events_exchange=config.events_exchange,
+        message_events=config.message_events, message_bytes=config.message_bytes)
 
 
 async def _open_listener(stack: contextlib.AsyncExitStack, config: RelayConfig, session: _Session) -> None:

@@ -68,6 +68,8 @@ class BatchHistogram(Collector):
 OUTBOX_PENDING = Gauge("eventfleet_outbox_pending", "Outbox rows not yet confirmed by the broker")
 OUTBOX_OLDEST_AGE = Gauge("eventfleet_outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row")
 RELAY_PUBLISHED = Counter("eventfleet_relay_published_total", "Events published and confirmed by the broker")
+RELAY_MESSAGES = Counter("eventfleet_relay_messages_total",
+                         "Batch messages published and confirmed (each up to EVENTFLEET_MESSAGE_EVENTS events)")
 RELAY_UNDECODABLE = Counter("eventfleet_relay_undecodable_total",
                             "Events published flagged as undecodable (their stored metadata is not msgpack); "
                             "every projection dead-letters them")
@@ -90,5 +92,14 @@ APPLY_SECONDS = Histogram("eventfleet_projection_apply_seconds", "Time to apply 
 END_TO_END_SECONDS = BatchHistogram("eventfleet_end_to_end_seconds",
                                     "From the event's recorded_at to the read-model commit", "projection",
                                     buckets=_LATENCY_BUCKETS)
+PARTITION_LAG = Gauge("eventfleet_projection_partition_lag_events", "Committed events not yet applied, per partition",
+                      ["projection", "partition"])
+PARTITIONS_HELD = Gauge("eventfleet_worker_partitions_held", "Partitions this worker holds the lease of",
+                        ["projection"])
+REBALANCES = Counter("eventfleet_worker_rebalances_total",
+                     "Partitions this worker acquired or gave up (shares dealt again, leases expired)", ["projection"])
+HANDOVER_DUPLICATES = Counter("eventfleet_projection_handover_duplicates_total",
+                              "Duplicates a new owner of a partition skipped before its first new event "
+                              "(the previous owner's committed, unacked batch)", ["projection"])
 HORIZON_AGE = Gauge("eventfleet_store_horizon_age_seconds",
                     "Age of the oldest open transaction holding back the read_all frontier")

@@ -41,29 +41,36 @@ SELECT (SELECT count(*) FROM tail) AS scanned,
        (SELECT count(*) FROM moved) AS moved;
 
 -- name: measure_lag
--- Unapplied committed events: the tail after the watermark not covered by its stream's checkpoint, plus
--- the events at or before it of halted streams above their checkpoint; the oldest one's age; the watermark.
+-- Unapplied committed events per partition: the tail after the watermark not covered by its stream's
+-- checkpoint, plus the events at or before it of halted streams above their checkpoint; the oldest one's
+-- recorded_at. Partitions with nothing unapplied have no row. (Events written before partitions and not yet
+-- filled in by migrate count under a NULL partition.)
 WITH w AS (
     SELECT coalesce((SELECT watermark_txid FROM projection_status WHERE projection = $1), '0'::xid8) AS txid,
            coalesce((SELECT watermark_position FROM projection_status WHERE projection = $1), 0) AS pos
 ), tail AS (
-    SELECT e.recorded_at
+    SELECT e.partition, e.recorded_at
     FROM events AS e
     LEFT JOIN checkpoints AS c ON c.projection = $1 AND c.stream_id = e.stream_id
     WHERE (e.transaction_id, e.global_position) > ((SELECT txid FROM w), (SELECT pos FROM w))
       AND (c.version IS NULL OR c.version < e.version)
 ), halted AS (
-    SELECT e.recorded_at
+    SELECT e.partition, e.recorded_at
     FROM checkpoints AS c
     JOIN events AS e ON e.stream_id = c.stream_id AND e.version > c.version
     WHERE c.projection = $1 AND c.halted_version IS NOT NULL
       AND (e.transaction_id, e.global_position) <= ((SELECT txid FROM w), (SELECT pos FROM w))
 ), unapplied AS (
-    SELECT recorded_at FROM tail
+    SELECT partition, recorded_at FROM tail
     UNION ALL
-    SELECT recorded_at FROM halted
+    SELECT partition, recorded_at FROM halted
 )
-SELECT count(*) AS lag_events,
-       greatest(coalesce(extract(epoch FROM clock_timestamp() - min(recorded_at))::float8, 0), 0) AS lag_seconds,
-       (SELECT txid FROM w) AS watermark_txid, (SELECT pos FROM w) AS watermark_position
-FROM unapplied;
+SELECT partition, count(*) AS lag_events,
+       greatest(coalesce(extract(epoch FROM clock_timestamp() - min(recorded_at))::float8, 0), 0) AS lag_seconds
+FROM unapplied
+GROUP BY partition;
+
+-- name: watermark
+-- The projection's low watermark (the start when it has none yet).
+SELECT coalesce((SELECT watermark_txid FROM projection_status WHERE projection = $1), '0'::xid8) AS watermark_txid,
+       coalesce((SELECT watermark_position FROM projection_status WHERE projection = $1), 0) AS watermark_position;

@@ -37,3 +37,7 @@ DROP SCHEMA IF EXISTS {schema} CASCADE;
 
 -- name: drop_role
 DROP ROLE IF EXISTS {role};
+
+-- name: partitions
+-- P of the deployment: its partition queues are torn down with it.
+SELECT partitions FROM partitioning;

@@ -1,0 +1,156 @@
+"""A worker's share of the fleet in one broker session: a consumer per leased partition, started and stopped
+as the leases move.
+
+Every tick of the ``LeaseKeeper`` may hand this worker partitions (a consumer starts on a channel of its
+own), ask for some back (the consumer finishes its batch in flight, its channel closes so what it had
+buffered returns to the queue, then the lease is released) or report some lost (expired: the consumer
+stops at once). At ``stop`` every consumer finishes its batch in flight; the caller then ``leave``s, so the
+other workers take the partitions on their next tick instead of after the lease timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+
+from aio_pika.abc import AbstractConnection
+
+from projections.base import Projection
+from store.event_store import EventStore
+from workers import errors
+from workers.config import Settings
+from workers.projector import lag
+from workers.projector.consumer import Consumer, DecodeCache, Stats
+from workers.projector.leases import REBALANCE_TICK_SECONDS, LeaseKeeper, Tick
+from workers.runtime import health, metrics, retry
+
+logger = logging.getLogger(__name__)
+
+#: Partitions of one worker catching up from the store at once (each holds two connections while it does).
+CATCHUPS_AT_ONCE = 2
+
+
+@dataclasses.dataclass(slots=True)
+class _Running:
+    consumer: Consumer
+    task: asyncio.Task[None]
+    leave: asyncio.Event
+
+
+class Fleet:
+    """This worker's consumers of one broker session, one per partition it holds."""
+
+    def __init__(self, store: EventStore, connection: AbstractConnection, keeper: LeaseKeeper,
+                 projections: Sequence[Projection], settings: Settings, health_: health.Health,
+                 stats: Mapping[str, Stats]) -> None:
+        self.store, self.connection, self.keeper, self.settings = store, connection, keeper, settings
+        self.projections = {p.name: p for p in projections}
+        self.health, self.stats = health_, stats
+        self.cache = DecodeCache()
+        self.catchups = asyncio.Semaphore(CATCHUPS_AT_ONCE)
+        self.running: dict[tuple[str, int], _Running] = {}
+        self.lags: dict[str, lag.Lag] = {}
+        self._ended = asyncio.Event()  # a consumer ended by itself: look at once
+
+    def note_lag(self, projection: str, measured: lag.Lag) -> None:
+        """The lag monitor's measurement: each running consumer hears its partition's lag and the watermark."""
+        self.lags[projection] = measured
+        for (name, partition), running in self.running.items():
+            if name == projection:
+                running.consumer.note_lag(measured.partitions.get(partition, 0), measured.watermark)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Follow the leases until ``stop`` (every consumer's batch in flight commits) or the connection dies."""
+        for projection, partitions in self.keeper.held.items():  # held from a previous session
+            for partition in sorted(partitions):
+                await self._start(projection, partition, stop)
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                self._check_consumers()
+                try:
+                    tick = await self.keeper.tick()
+                except retry.OUTAGE_ERRORS as exc:
+                    # The consumers go on (exactly-once does not need the lease); renewal is retried next tick.
+                    self.health.down("postgres", exc)
+                    tick = Tick(settled=False)
+                else:
+                    await self._follow(tick, stop)
+                self._export()
+                wait = self.keeper.interval if tick.settled else REBALANCE_TICK_SECONDS
+                ended = asyncio.ensure_future(self._ended.wait())
+                await asyncio.wait({stopper, ended}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                ended.cancel()
+        finally:
+            stopper.cancel()
+            await self._stop_all()
+        self._check_consumers()
+
+    async def _follow(self, tick: Tick, stop: asyncio.Event) -> None:
+        for projection, partitions in tick.lost.items():
+            for partition in partitions:
+                await self._stop(projection, partition)
+            metrics.REBALANCES.labels(projection).inc(len(partitions))
+        for projection, partitions in tick.surplus.items():
+            for partition in partitions:
+                await self._stop(projection, partition)
+            await self.keeper.release(projection, partitions)
+            metrics.REBALANCES.labels(projection).inc(len(partitions))
+            logger.info("partitions handed over", extra={"projection": projection, "partitions": partitions})
+        for projection, partitions in tick.acquired.items():
+            for partition in partitions:
+                await self._start(projection, partition, stop)
+            metrics.REBALANCES.labels(projection).inc(len(partitions))
+            logger.info("partitions acquired", extra={"projection": projection, "partitions": partitions})
+
+    async def _start(self, projection: str, partition: int, stop: asyncio.Event) -> None:
+        if (projection, partition) in self.running:
+            return
+        channel = await self.connection.channel()
+        consumer = Consumer(self.store, channel, self.projections[projection], partition, self.settings,
+                            health_=self.health, stats=self.stats[projection], cache=self.cache,
+                            catchups=self.catchups)
+        measured = self.lags.get(projection)
+        if measured is not None:  # a partition taken over far behind catches up at once
+            consumer.note_lag(measured.partitions.get(partition, 0), measured.watermark)
+        leave = asyncio.Event()
+        task = asyncio.create_task(consumer.run(stop, leave), name=f"consume {consumer.queue}")
+        task.add_done_callback(lambda _: self._ended.set())
+        self.running[(projection, partition)] = _Running(consumer, task, leave)
+
+    async def _stop(self, projection: str, partition: int) -> None:
+        """Stop one consumer after its batch in flight, and close its channel (its buffered deliveries go
+        back to the queue, for the next owner)."""
+        running = self.running.pop((projection, partition), None)
+        if running is None:
+            return
+        running.leave.set()
+        with contextlib.suppress(errors.ChannelLost, *retry.OUTAGE_ERRORS):
+            await running.task
+        channel = running.consumer.channel
+        if not channel.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), 5)
+
+    async def _stop_all(self) -> None:
+        for projection, partition in list(self.running):
+            running = self.running[(projection, partition)]
+            running.leave.set()
+        await asyncio.gather(*(self._stop(p, n) for p, n in list(self.running)), return_exceptions=True)
+
+    def _check_consumers(self) -> None:
+        """A consumer that ended by itself lost its channel (the connection is going): end the session."""
+        self._ended.clear()
+        for key, running in list(self.running.items()):
+            if running.task.done():
+                del self.running[key]
+                exc = running.task.exception()
+                if exc is not None:
+                    raise exc
+
+    def _export(self) -> None:
+        for projection in self.projections:
+            metrics.PARTITIONS_HELD.labels(projection).set(len(self.keeper.held.get(projection, ())))
