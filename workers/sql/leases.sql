@@ -58,6 +58,7 @@ DELETE FROM workers WHERE worker_id = $1;
 -- name: owners
 -- Every lease with its owner and whether it is live (status).
 SELECT l.projection, l.partition, l.owner, l.expires_at > clock_timestamp() AS live, l.generation,
-       extract(epoch FROM l.expires_at - clock_timestamp())::float8 AS expires_in_seconds
+       CASE WHEN l.owner IS NULL THEN 0
+            ELSE extract(epoch FROM l.expires_at - clock_timestamp())::float8 END AS expires_in_seconds
 FROM leases AS l
 ORDER BY l.projection, l.partition;
