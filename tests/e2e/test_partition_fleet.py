@@ -21,7 +21,6 @@ import asyncpg
 import pytest
 
 import tests.e2e.recorder  # noqa: F401 - registers batch_recorder for the migrate of this module's schemas
-from eventfleet.examples.orders.projections import CustomerStats
 from projections import registry
 from store import NO_STREAM, EventStore, db
 from store.event_store import record_from_row
@@ -228,7 +227,7 @@ async def test_four_workers_on_sixteen_partitions_hold_fair_shares_within_ten_se
     # From the last worker's start: each has to import, connect and register first.
     seconds = await until(lambda: _balanced(pool, pids), 10 + 10, fleet, "fair shares")
     assert balanced(await shares(pool), pids)
-    print(f"fair shares after {seconds:.1f} s")  # noqa: T201 - the figure for RELIABILITY.md
+    print(f"fair shares after {seconds:.1f} s")
 
 
 async def _balanced(pool: db.Pool, pids: set[int]) -> bool:
@@ -253,7 +252,8 @@ async def test_a_killed_workers_partitions_are_owned_and_applied_by_the_others_w
     await until(lambda: all_applied(pool), LEASE_SECONDS + 5 - (time.monotonic() - killed), fleet,
                 "the victim's partitions applied")
     appliers = {r["pid"] for r in await pool.fetch("SELECT DISTINCT pid FROM batch_recorder")}
-    assert appliers <= rest and appliers
+    assert appliers <= rest
+    assert appliers
     await assert_exact(pool)
 
 

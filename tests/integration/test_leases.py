@@ -39,15 +39,18 @@ async def test_a_joining_worker_gets_its_share_once_the_other_gives_its_surplus_
     a, b = keeper(pool, schema, "a"), keeper(pool, schema, "b")
     await a.tick()
     joined = await b.tick()
-    assert joined.acquired == {} and not joined.settled  # nothing free yet
+    assert joined.acquired == {}
+    assert not joined.settled
     over = await a.tick()
     assert over.surplus == {p: [2, 3] for p in PROJECTIONS}
     for projection, partitions in over.surplus.items():
         await a.release(projection, partitions)
     taken = await b.tick()
     assert taken.acquired == {p: [2, 3] for p in PROJECTIONS}
-    assert (await a.tick()).settled and (await b.tick()).settled
-    assert a.held == {p: {0, 1} for p in PROJECTIONS} and b.held == {p: {2, 3} for p in PROJECTIONS}
+    assert (await a.tick()).settled
+    assert (await b.tick()).settled
+    assert a.held == {p: {0, 1} for p in PROJECTIONS}
+    assert b.held == {p: {2, 3} for p in PROJECTIONS}
 
 
 async def test_three_workers_on_four_partitions_hold_two_one_and_one(pool, schema):
@@ -98,7 +101,8 @@ async def test_release_gives_up_only_the_named_partitions(pool, schema):
     await a.tick()
     await a.release("customer_stats", [1, 3])
     owners = {(lease.projection, lease.partition): lease.owner for lease in await leases.owners(pool)}
-    assert owners[("customer_stats", 1)] is None and owners[("customer_stats", 3)] is None
+    assert owners[("customer_stats", 1)] is None
+    assert owners[("customer_stats", 3)] is None
     assert owners[("customer_stats", 0)] == owners[("order_summary", 3)] == "a"
 
 
