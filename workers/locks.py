@@ -4,7 +4,6 @@
 |---|---|---|---|
 | ``projection`` | every batch applied to a projection (deliveries, catch-ups, re-drives, skips) | shared | its transaction |
 | ``projection`` | a rebuild's swap of the projection's tables | exclusive | the swap's transaction |
-| ``catchup`` | the one process catching a projection up from the store | try | the catch-up (session) |
 | ``rebuild`` | a running rebuild or backfill of a projection (``status`` asks whether it is held) | try | the run (session) |
 | ``watermark`` | a re-drive or skip releasing a halted stream | exclusive | its transaction |
 | ``watermark`` | the lag monitor advancing the low watermark (skips a round if busy) | try | its transaction |
@@ -31,11 +30,6 @@ migrate = store_migrate.lock_key
 def projection(schema: str, name: str) -> str:
     """Shared by every batch of the projection, exclusive for a rebuild's swap of its tables."""
     return f"eventfleet.projection.{schema}.{name}"
-
-
-def catchup(schema: str, name: str) -> str:
-    """Lets one process at a time catch the projection up from the store."""
-    return f"eventfleet.catchup.{schema}.{name}"
 
 
 def rebuild(schema: str, name: str) -> str:

@@ -36,11 +36,11 @@ GRANT SELECT ON TABLE {schema}.events TO {role};
 GRANT SELECT ON TABLE {schema}.partitioning TO {role};
 
 -- name: grant_worker
--- Reads events; writes checkpoints, projection status and dead letters.
+-- Reads events and P; writes checkpoints, projection status and dead letters, its registration and leases.
 GRANT USAGE ON SCHEMA {schema} TO {role};
-GRANT SELECT ON TABLE {schema}.events TO {role};
+GRANT SELECT ON TABLE {schema}.events, {schema}.partitioning TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {schema}.checkpoints, {schema}.projection_status,
-    {schema}.dead_letters TO {role};
+    {schema}.dead_letters, {schema}.workers, {schema}.leases TO {role};
 
 -- name: grant_worker_read_model
 -- Writes one read-model table of a registered projection.

@@ -205,6 +205,16 @@ def test_the_configmap_is_a_valid_configuration(deployed: dict[tuple[str, str], 
         Settings.from_env({**env, "EVENTFLEET_SCHEMA": "not a schema"})
 
 
+def test_no_worker_group_scales_beyond_the_partitions(deployed: dict[tuple[str, str], Doc]) -> None:
+    # A worker beyond P would hold no partition: it would only cost a pod and a rebalance.
+    partitions = Settings.from_env(config(deployed)).partitions
+    assert partitions is not None
+    scaled = {obj["metadata"]["name"]: obj["spec"]["maxReplicaCount"]
+              for obj in by_kind(list(deployed.values()), "ScaledObject")}
+    assert scaled
+    assert {name: n for name, n in scaled.items() if n > partitions} == {}
+
+
 def test_every_reference_from_a_pod_resolves(deployed: dict[tuple[str, str], Doc]) -> None:
     for workload in workloads(deployed):
         for container in containers(workload):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from store import NO_STREAM, EventStore, db, errors, migrate, names
 from store.partitions import partition_of
-from tests.conftest import DATABASE_URL
+from tests.conftest import DATABASE_URL, PARTITIONS
 from tests.unit.test_projection_fold import paid, placed
 
 STREAM_IDS = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), min_size=1,
@@ -69,10 +69,6 @@ def test_the_partition_function_is_fixed() -> None:
     assert partition_of("order-1", 4096) == 1449
 
 
-async def test_a_new_schema_records_sixteen_partitions(pool: db.Pool) -> None:
-    assert await pool.fetchval("SELECT partitions FROM partitioning") == 16
-
-
 async def test_every_appended_event_carries_its_streams_partition(pool: db.Pool, event_store: EventStore) -> None:
     streams = [f"order-{i}" for i in range(40)]
     for sid in streams[:20]:
@@ -80,7 +76,7 @@ async def test_every_appended_event_carries_its_streams_partition(pool: db.Pool,
     await event_store.append_batch([(sid, [placed(sid, "c")], NO_STREAM) for sid in streams[20:]])
     rows = await pool.fetch("SELECT stream_id, partition FROM events")
     assert len(rows) == 60
-    assert {(r["stream_id"], r["partition"]) for r in rows} == {(s, partition_of(s, 16)) for s in streams}
+    assert {(r["stream_id"], r["partition"]) for r in rows} == {(s, partition_of(s, PARTITIONS)) for s in streams}
 
 
 @pytest.fixture
@@ -94,6 +90,12 @@ async def conn_on(cleanup) -> tuple[str, asyncpg.Connection]:
 
     cleanup(drop)
     return name, conn
+
+
+async def test_a_new_schema_asked_for_no_number_records_sixteen_partitions(conn_on) -> None:
+    name, conn = conn_on
+    await migrate.migrate(conn, name)
+    assert await conn.fetchval("SELECT partitions FROM partitioning") == 16
 
 
 async def test_partitions_asked_for_are_recorded_for_a_new_schema(conn_on) -> None:
@@ -132,7 +134,7 @@ async def test_events_older_than_partitions_get_theirs_at_migrate(conn_on, monke
             " SELECT gen_random_uuid(), 'order-' || (g % 300), g / 300, 'OrderPaid.v1', '\\x80', '\\x80'"
             " FROM generate_series(0, 2999) AS g")
     monkeypatch.setattr(migrate, "FILL_BATCH", 700)  # several batches
-    assert await migrate.migrate(conn, name, partitions=4) == [5]
+    assert await migrate.migrate(conn, name, partitions=4) == [5, 6]
     rows = await conn.fetch("SELECT stream_id, partition FROM events")
     assert len(rows) == 3000
     assert [r for r in rows if r["partition"] != partition_of(r["stream_id"], 4)] == []

@@ -239,7 +239,7 @@ def test_every_key_and_header_of_a_message_is_in_the_messages_section() -> None:
     message = broker.encode_undecodable_row(row, "why")  # a flagged message carries every key there is
     keys = list(msgpack.unpackb(message.body, timestamp=0))
     table = rows(section("## 6. Messages (RabbitMQ)"))
-    text = paragraph("**Properties and headers**")
+    text = paragraph("- **The per-event message**")
     missing = [key for key in keys if key not in table] + [
         header for header in message.headers if f"`{header}`" not in text]
     assert missing == []
@@ -247,7 +247,7 @@ def test_every_key_and_header_of_a_message_is_in_the_messages_section() -> None:
 
 def test_the_message_properties_are_in_the_messages_section() -> None:
     message = broker.message_from_body(b"", uuid.uuid4(), "E.v1", "s", 0)
-    text = paragraph("**Properties and headers**")
+    text = paragraph("- **The per-event message**")
     assert f"`content_type` = `{message.content_type}`" in text
     assert f"`delivery_mode` = {int(message.delivery_mode)} (persistent)" in text
     assert "`message_id` = the event id" in text
@@ -282,7 +282,7 @@ def test_every_header_and_property_of_a_batch_message_is_in_the_messages_section
     row = {"event_id": uuid.uuid4(), "stream_id": "s", "version": 0, "global_position": 1, "transaction_id": 2,
            "event_type": "E.v1", "data": b"\x80", "metadata": b"\x80", "recorded_at": dt.datetime.now(dt.UTC)}
     message = broker.batch_message(3, [row], [broker.event_map(row)])  # flagged: every header there is
-    text = paragraph("A batch message")
+    text = paragraph("- **Properties and headers**")
     missing = [header for header in message.headers if f"`{header}`" not in text]
     assert (missing, f"`type` = `{message.type}`" in text) == ([], True)
 
@@ -318,7 +318,7 @@ def test_each_metric_has_its_registered_labels() -> None:
 
 
 def test_every_advisory_lock_key_is_in_the_locks_table() -> None:
-    keys = [locks.projection("<schema>", "<name>"), locks.catchup("<schema>", "<name>"),
+    keys = [locks.projection("<schema>", "<name>"), locks.leases("<schema>"),
             locks.rebuild("<schema>", "<name>"), locks.watermark("<schema>", "<name>"), locks.migrate("<schema>")]
     table = rows(section("## 9. Advisory locks"))
     assert [key for key in keys if key not in table] == []
