@@ -15,7 +15,7 @@ from store.event_store import RecordedEvent
 
 Policy = Literal["halt", "skip"]
 Handler = Callable[[Any, db.Conn, RecordedEvent], Awaitable[None]]
-H = TypeVar("H", bound=Handler)
+H = TypeVar("H", bound=Callable[..., Awaitable[None]])  # a reactor's handlers take Effects, not a connection
 
 
 def handles(*event_classes: type[Any]) -> Callable[[H], H]:

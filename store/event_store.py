@@ -90,11 +90,16 @@ class EventStore(Encoding):
         return count
 
     async def append(self, stream_id: str, events: Sequence[Any], expected_version: int, *,
-                     correlation_id: str | None = None, causation_id: str | None = None) -> AppendResult:
+                     correlation_id: str | None = None, causation_id: str | None = None,
+                     conn: db.Conn | None = None) -> AppendResult:
         """Append events after expected_version (NO_STREAM: the stream must not exist) in one transaction.
 
         Every event's metadata gets the correlation and causation ids (the arguments, else the
         ``store.correlation`` scope's) and the current trace context, under its own keys.
+
+        ``conn``: append inside the caller's transaction on it (a reactor's follow-up commits with its
+        checkpoint), in a savepoint, so a rejected append leaves that transaction usable; the caller's commit
+        is what makes the events visible (and wakes the relay, by its poll or the next append's NOTIFY).
         """
         names.stream_id(stream_id)
         _check_expected(expected_version)
@@ -102,25 +107,33 @@ class EventStore(Encoding):
         count = self._partitions if self._partitions is not None else await self._load_partitions()
         partition = partition_of(stream_id, count) if count else None
         try:
-            async with self.hot.use() as conn:
-                if len(encoded) == 1:
-                    e = encoded[0]
-                    row = await conn.fetchrow(self.queries["append_event"], stream_id, expected_version,
-                                              e.event_id, e.event_type, e.data, e.metadata, partition)
+            async with self.hot.use(conn) as c:
+                if conn is None:
+                    row = await self._insert(c, stream_id, expected_version, encoded, partition)
                 else:
-                    row = await conn.fetchrow(
-                        self.queries["append_events"], stream_id, expected_version,
-                        [e.event_id for e in encoded], [e.event_type for e in encoded],
-                        [e.data for e in encoded], [e.metadata for e in encoded], partition)
+                    async with c.transaction():  # a savepoint of the caller's transaction
+                        row = await self._insert(c, stream_id, expected_version, encoded, partition)
         except errors.StoreError as exc:
             # A racing writer took one of the versions, or an event id exists: a retry or a conflict.
-            return await self._after_rejection(stream_id, expected_version, encoded, exc)
+            return await self._after_rejection(stream_id, expected_version, encoded, exc, conn=conn)
         assert row is not None
         positions = row["positions"]
         if positions is None:
-            return await self._after_rejection(stream_id, expected_version, encoded, None, row["actual"])
-        self.notifier.poke()
+            return await self._after_rejection(stream_id, expected_version, encoded, None, row["actual"], conn=conn)
+        if conn is None:
+            self.notifier.poke()
         return AppendResult(stream_id, expected_version + 1, expected_version + len(encoded), tuple(positions))
+
+    async def _insert(self, conn: db.Conn, stream_id: str, expected_version: int, encoded: list[_Encoded],
+                      partition: int | None) -> Any:
+        if len(encoded) == 1:
+            e = encoded[0]
+            return await conn.fetchrow(self.queries["append_event"], stream_id, expected_version,
+                                       e.event_id, e.event_type, e.data, e.metadata, partition)
+        return await conn.fetchrow(
+            self.queries["append_events"], stream_id, expected_version,
+            [e.event_id for e in encoded], [e.event_type for e in encoded],
+            [e.data for e in encoded], [e.metadata for e in encoded], partition)
 
     async def append_batch(self, batch: Sequence[tuple[str, Sequence[Any], int]], *,
                            correlation_id: str | None = None, causation_id: str | None = None,
@@ -166,18 +179,19 @@ class EventStore(Encoding):
         return results
 
     async def _after_rejection(self, stream_id: str, expected: int, encoded: list[_Encoded],
-                               exc: errors.StoreError | None, actual: int | None = None) -> AppendResult:
+                               exc: errors.StoreError | None, actual: int | None = None, *,
+                               conn: db.Conn | None = None) -> AppendResult:
         """Decide what a rejected append was: a retry of a committed one, a conflict or an error."""
         cause = _unique_violation(exc)
         if exc is not None and cause is None:
             raise exc
-        existing = await self._existing_result(stream_id, expected, encoded)
+        existing = await self._existing_result(stream_id, expected, encoded, conn=conn)
         if existing is not None:
             return existing
         if cause is not None and cause.constraint_name == _EVENT_ID_KEY:
             raise errors.DuplicateEventId(f"an event id of this append to {stream_id!r} exists elsewhere") from exc
         if actual is None:
-            actual = await self.stream_version(stream_id)
+            actual = await self.stream_version(stream_id, conn=conn)
         raise errors.VersionConflict(stream_id, expected, actual) from exc
 
     async def _batch_after_rejection(self, batch: Sequence[tuple[str, Sequence[Any], int]],
@@ -203,22 +217,22 @@ class EventStore(Encoding):
         # Every stream is where we expected now: the writer we collided with rolled back. Retry.
         raise errors.TransientError("append_batch collided with a writer that rolled back; retry") from exc
 
-    async def _existing_result(self, stream_id: str, expected: int,
-                               encoded: list[_Encoded]) -> AppendResult | None:
+    async def _existing_result(self, stream_id: str, expected: int, encoded: list[_Encoded], *,
+                               conn: db.Conn | None = None) -> AppendResult | None:
         """The original result if these exact events already sit at these versions (a retried append)."""
         event_ids = [e.event_id for e in encoded if e.event_id is not None]
         if not event_ids:
             return None  # ids drawn by the database: this append cannot have been made before
-        async with self.hot.use() as conn:
-            rows = await conn.fetch(self.queries["find_events"], event_ids)
+        async with self.hot.use(conn) as c:
+            rows = await c.fetch(self.queries["find_events"], event_ids)
         return original_result(stream_id, expected, encoded, rows)
 
     # --- reading ---------------------------------------------------------------------------------
 
-    async def stream_version(self, stream_id: str) -> int:
+    async def stream_version(self, stream_id: str, *, conn: db.Conn | None = None) -> int:
         """The stream's current version (NO_STREAM when empty)."""
-        async with self.hot.use() as conn:
-            version: int = await conn.fetchval(self.queries["stream_version"], stream_id)
+        async with self.hot.use(conn) as c:
+            version: int = await c.fetchval(self.queries["stream_version"], stream_id)
         return version
 
     async def load(self, stream_id: str, from_version: int = 0, to_version: int | None = None, *,
@@ -236,12 +250,12 @@ class EventStore(Encoding):
                 rows = await c.fetch(self.queries["load_stream_range"], stream_id, from_version, to_version)
         return [record_from_row(r, self.registry) for r in rows]
 
-    async def version_at(self, stream_id: str, as_of: dt.datetime) -> int:
+    async def version_at(self, stream_id: str, as_of: dt.datetime, *, conn: db.Conn | None = None) -> int:
         """The stream's version as of a time: its last event recorded at or before it (NO_STREAM: none)."""
         names.stream_id(stream_id)
         check_time(as_of, "as_of")
-        async with self.hot.use() as conn:
-            version: int = await conn.fetchval(self.queries["stream_version_at"], stream_id, as_of)
+        async with self.hot.use(conn) as c:
+            version: int = await c.fetchval(self.queries["stream_version_at"], stream_id, as_of)
         return version
 
     async def load_range(self, conn: db.Conn, stream_id: str, first: int, last: int) -> list[RecordedEvent]:

@@ -60,6 +60,10 @@ class RebuildRunning(RebuildError):
     """Another process is rebuilding this projection right now."""
 
 
+class ReactorNotRebuildable(RebuildError):
+    """``rebuild`` was asked for a reactor: its effects are in the store, not in tables."""
+
+
 class TeardownRefused(WorkerError):
     """This schema is not a deployment that teardown may drop."""
 

@@ -21,13 +21,11 @@ import aio_pika
 import asyncpg
 import pytest
 
-import tests.e2e.recorder  # noqa: F401 - registers batch_recorder for the migrate of this module's schemas
 from projections import registry
-from store import NO_STREAM, EventStore, db
+from store import NO_STREAM, EventStore, db, queries
 from store.event_store import record_from_row
 from store.partitions import partition_of
 from tests.conftest import AMQP_URL, DATABASE_URL
-from tests.e2e.recorder import PARTITIONS
 from tests.unit.test_projection_fold import fold, order_life, read_models
 from workers import admin, broker
 from workers.projector import leases
@@ -36,6 +34,10 @@ from workers.runtime import retry
 pytestmark = pytest.mark.slow
 
 PROJECTIONS = ("customer_stats", "batch_recorder")
+#: tests/e2e/recorder.py's P and table. This process does not import it: registering batch_recorder here
+#: would make every later test's relay declare its queues too.
+PARTITIONS = 16
+RECORDER = queries.load("tests.e2e", "recorder.sql")
 MODULES = f"{registry.EXAMPLE},tests.e2e.recorder"
 LEASE_SECONDS = 6
 RETRYABLE: tuple[type[BaseException], ...] = (*retry.OUTAGE_ERRORS, asyncpg.PostgresError)
@@ -108,6 +110,11 @@ class Fleet:
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     schema, prefix = f"t_{uuid.uuid4().hex[:16]}", f"test.{uuid.uuid4().hex[:12]}"
     await admin.run_migrate(DATABASE_URL, schema, partitions=PARTITIONS)
+    conn = await db.connect(DATABASE_URL, schema)
+    try:
+        await conn.execute(RECORDER["ddl"])
+    finally:
+        await conn.close()
     fleet = Fleet(schema, prefix, tmp_path)
     try:
         yield fleet

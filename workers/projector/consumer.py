@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -28,12 +29,13 @@ import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from projections.base import Projection
+from projections.reactor import Reactor
 from store import codec, tracing
 from store import errors as store_errors
 from store.event_store import EventStore, Position, RecordedEvent
 from workers import broker, errors
 from workers.config import Settings
-from workers.projector import parking
+from workers.projector import deadlines, parking
 from workers.projector.checkpoints import BatchResult
 from workers.runtime import health, metrics, retry
 
@@ -124,7 +126,10 @@ class Consumer:
         metrics.CAUGHT_UP.labels(projection.name)  # exported at 0 before any catch-up, not absent
 
     async def open(self) -> None:
-        """Set the prefetch (in messages) and get the exchanges this consumer publishes dead letters to."""
+        """Set the prefetch (in messages) and get the exchanges this consumer publishes dead letters to; a
+        reactor is bound to the store its follow-ups go to."""
+        if isinstance(self.projection, Reactor):
+            self.projection.bind(self.store, await self.store.partitions())
         await self.channel.set_qos(prefetch_count=self.settings.prefetch_messages)
         self._dlx = await self.channel.get_exchange(self.names.dead_letter_exchange, ensure=False)
         self._raw = await self.channel.get_underlay_channel()
@@ -306,9 +311,43 @@ class Consumer:
         s.dead_lettered += len(result.parked)
         s.batches += 1
         s.messages += messages
+        if isinstance(self.projection, Reactor):
+            self._reacted([e.event_id for e in result.applied])
         logger.debug("batch applied", extra={"projection": name, "partition": self.partition,
                                              "applied": len(result.applied), "duplicates": duplicates,
                                              "seconds": round(seconds, 4)})
+
+    def _reacted(self, causes: Sequence[uuid.UUID]) -> None:
+        """Count what a reactor's committed causes did; wake the relay for their follow-ups."""
+        assert isinstance(self.projection, Reactor)
+        outcome = self.projection.take(causes)
+        metrics.REACTOR_FOLLOW_UPS.labels(self.projection.name).inc(outcome.follow_ups)
+        metrics.REACTOR_REFUSALS.labels(self.projection.name).inc(outcome.refusals)
+        if outcome.follow_ups:
+            self.store.notifier.poke()  # appended inside our transaction: the relay hears of it now
+
+    async def fire_deadlines(self, done: Callable[[], bool]) -> None:
+        """A reactor's partition: fire its due deadlines until ``done()``, looking again when the next is
+        due, or every ``deadlines.POLL_SECONDS`` (deadlines scheduled by other partitions' consumers)."""
+        assert isinstance(self.projection, Reactor)
+        firing = deadlines.Firing(self.store, self.projection, self.partition)
+        while not done():
+            try:
+                fired = await self._outage_retrying(firing.round)
+            except retry.OUTAGE_ERRORS:
+                return  # stopping, or the channel is gone: the next owner fires them
+            if fired.fired:
+                outcome = self.projection.take(fired.causes)
+                metrics.REACTOR_FOLLOW_UPS.labels(self.projection.name).inc(outcome.follow_ups)
+                metrics.REACTOR_REFUSALS.labels(self.projection.name).inc(outcome.refusals)
+                if outcome.follow_ups:
+                    self.store.notifier.poke()
+            wait = deadlines.POLL_SECONDS if fired.next_due is None else min(max(fired.next_due, 0.0),
+                                                                              deadlines.POLL_SECONDS)
+            slept = 0.0
+            while slept < wait and not done():
+                await asyncio.sleep(min(0.1, wait - slept))
+                slept += 0.1
 
     async def _outage_retrying(self, step: Callable[[], Awaitable[T]]) -> T:
         """Run a database step, retrying through Postgres outages until it works, the stop, or the channel dies."""
@@ -370,10 +409,13 @@ class Consumer:
 
         self._wake = wake
         self.channel.close_callbacks.add(on_close)
-        watchers = [asyncio.ensure_future(e.wait()) for e in (stop, leave)]
+        watchers: list[asyncio.Future[Any]] = [asyncio.ensure_future(e.wait()) for e in (stop, leave)]
         for watcher in watchers:
             watcher.add_done_callback(wake)
         tag = await self._consume(buffer)
+        firing = (asyncio.create_task(self.fire_deadlines(
+            lambda: stop.is_set() or leave.is_set() or lost or self.channel.is_closed))
+            if isinstance(self.projection, Reactor) else None)
         try:
             while not (stop.is_set() or leave.is_set() or lost or self.channel.is_closed):
                 await self._catch_up_if_due(stop)
@@ -382,6 +424,9 @@ class Consumer:
                     continue
                 await self.handle_decoded(self._take(delivery, buffer))
         finally:
+            if firing is not None:  # it sees the same conditions and ends after its round in flight
+                with contextlib.suppress(Exception):
+                    await firing
             self.stopping = True
             self._wake = lambda: None
             for watcher in watchers:

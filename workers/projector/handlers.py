@@ -51,7 +51,7 @@ def has_set_based(projection: Projection) -> bool:
     return type(projection).apply_batch is not Projection.apply_batch
 
 
-def _raise_for(projection: Projection, event: RecordedEvent | None, exc: BaseException) -> NoReturn:
+def raise_for(projection: Projection, event: RecordedEvent | None, exc: BaseException) -> NoReturn:
     if is_transient(exc):
         raise store_errors.TransientError(f"{type(exc).__name__}: {exc}") from exc
     raise errors.HandlerFailed(projection.name, event, exc) from exc
@@ -68,7 +68,7 @@ async def apply_one(conn: db.Conn | Any, projection: Projection, event: Recorded
     except passthrough:
         raise
     except Exception as exc:  # noqa: BLE001 - a handler's own error, whatever its type, is poison
-        _raise_for(projection, event, exc)
+        raise_for(projection, event, exc)
 
 
 async def apply_each(conn: db.Conn, projection: Projection, events: Sequence[RecordedEvent]) -> None:
@@ -86,7 +86,7 @@ async def apply_set(conn: db.Conn, projection: Projection, events: Sequence[Reco
     try:
         await projection.apply_batch(conn, events)
     except Exception as exc:  # noqa: BLE001 - a handler's own error, whatever its type, is poison
-        _raise_for(projection, None, exc)
+        raise_for(projection, None, exc)
 
 
 async def apply(conn: db.Conn, projection: Projection, events: Sequence[RecordedEvent], *,

@@ -30,6 +30,7 @@ from typing import Any, Literal, LiteralString
 import asyncpg
 
 from projections.base import Projection
+from projections.reactor import Reactor
 from store import db, errors, names, queries, roles
 from store.event_store import EventStore, Position
 from store.records import record_or_undecodable
@@ -347,7 +348,12 @@ async def replay(pool: db.Pool, store: EventStore, projection: type[Projection],
 
 
 async def rebuild(pool: db.Pool, store: EventStore, projection: type[Projection], **kwargs: Any) -> RebuildResult:
-    """Rebuild one projection (see Rebuild)."""
+    """Rebuild one projection (see Rebuild); a reactor is refused (``ReactorNotRebuildable``)."""
+    if issubclass(projection, Reactor):
+        raise worker_errors.ReactorNotRebuildable(
+            f"{projection.name} is a reactor: its effects are events in the store, not tables a rebuild could "
+            "replay into; replaying it would act again (its follow-up ids make that a no-op, its deadlines would "
+            "not be). There is nothing to rebuild")
     return await Rebuild(pool, store, projection, **kwargs).run()
 
 

@@ -101,5 +101,15 @@ REBALANCES = Counter("eventfleet_worker_rebalances_total",
 HANDOVER_DUPLICATES = Counter("eventfleet_projection_handover_duplicates_total",
                               "Duplicates a new owner of a partition skipped before its first new event "
                               "(the previous owner's committed, unacked batch)", ["projection"])
+DEADLINES_PENDING = Gauge("eventfleet_reactor_deadlines_pending", "Deadlines scheduled and not yet fired or cancelled",
+                          ["reactor"])
+DEADLINES_FIRED = Counter("eventfleet_reactor_deadlines_fired_total", "Deadlines fired (their handler committed)",
+                          ["reactor"])
+DEADLINE_LATENESS = BatchHistogram("eventfleet_reactor_deadline_lateness_seconds",
+                                   "From a deadline's due time to its firing", "reactor", buckets=_LATENCY_BUCKETS)
+REACTOR_FOLLOW_UPS = Counter("eventfleet_reactor_follow_ups_total",
+                             "Follow-up events a reactor appended (committed with its checkpoint)", ["reactor"])
+REACTOR_REFUSALS = Counter("eventfleet_reactor_refusals_total",
+                           "Commands of a reactor the domain refused (recorded in reactor_refusals)", ["reactor"])
 HORIZON_AGE = Gauge("eventfleet_store_horizon_age_seconds",
                     "Age of the oldest open transaction holding back the read_all frontier")

@@ -39,6 +39,7 @@ __all__ = [
     "OrderShipped",
     "OrderSnapshot",
     "cancel",
+    "cancel_unpaid",
     "pay",
     "place",
     "ship",
@@ -153,6 +154,16 @@ def cancel(reason: str, *, at: dt.datetime | None = None) -> OrderCommand:
 
     def decide(order: Order) -> list[OrderEvent]:
         order.require("cancel", "placed", "paid")
+        return [OrderCancelled(order.order_id, order.customer_id, reason, _now(at))]
+
+    return decide
+
+
+def cancel_unpaid(reason: str, *, at: dt.datetime | None = None) -> OrderCommand:
+    """Cancel an order that is still unpaid (a payment timeout: one paid meanwhile is refused, not cancelled)."""
+
+    def decide(order: Order) -> list[OrderEvent]:
+        order.require("cancel unpaid", "placed")
         return [OrderCancelled(order.order_id, order.customer_id, reason, _now(at))]
 
     return decide

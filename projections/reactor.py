@@ -1,0 +1,253 @@
+"""Reactors: projections that act. Their handlers append follow-up events, run commands on aggregates and
+schedule deadlines, all inside the transaction that moves their checkpoint: the follow-up commits with the
+checkpoint or not at all.
+
+A reactor is declared and registered like a projection (a name, ``@handles`` per event class, optional state
+tables and their ``ddl``), but its handlers take an ``Effects`` instead of a connection::
+
+    @register
+    class PaymentTimeout(Reactor):
+        name = "payment_timeout"
+
+        @handles(OrderPlaced)
+        async def placed(self, fx: Effects, event: RecordedEvent) -> None:
+            await fx.schedule(event.recorded_at + TIMEOUT, event.stream_id)
+
+        async def on_deadline(self, fx: Effects, deadline: Deadline) -> None:
+            await fx.execute(deadline.key, Order, orders.cancel("payment timeout"))
+
+Exactly once. Follow-up event ids are derived from the reactor's name, the cause's id (the event handled, or
+the deadline fired) and the follow-up's index among the cause's follow-ups; each follow-up's metadata
+carries ``causation_id`` = the cause's id and the cause's ``correlation_id``. A replay of the same cause
+appends the same ids at the same versions, which the store recognises as a retry of the committed append,
+so nothing is ever appended twice, and the checkpoint in the same transaction keeps replays from happening
+in the first place.
+
+Conflicts and refusals. Each cause runs in a savepoint of the batch's transaction. A version conflict on a
+follow-up stream (a user wrote to it meanwhile) rolls that savepoint back and runs the cause's handler again
+on fresh loads, up to ``CONFLICT_ATTEMPTS`` times, without redoing the rest of the batch. A command the
+domain refuses (``store.errors.DomainError``) is an outcome, not a failure: its savepoint is rolled back, the
+refusal is recorded in ``reactor_refusals`` and the reactor moves on. Anything else fails like a projection's
+handler: retried, then parked per ``policy``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar, LiteralString
+
+from projections.base import Projection
+from store import codec, correlation_ids, db, errors, queries
+from store.aggregate import Command, Executed, Repository
+from store.event_store import EventStore
+from store.interface import Store
+from store.partitions import partition_of
+from store.records import AppendResult, Horizon, NewEvent, Position, RecordedEvent, Snapshot
+
+SQL = queries.load("projections", "reactor.sql")
+
+#: The namespace of follow-up and deadline ids (uuid5): fixed, or replays would append new ids.
+NAMESPACE = uuid.UUID("5b0b2c7e-8f44-4d0c-9a55-0c3e7f1d2a61")
+#: Runs of one cause's handler when its follow-ups keep meeting version conflicts.
+CONFLICT_ATTEMPTS = 5
+
+
+def follow_up_id(reactor: str, cause: uuid.UUID, index: int) -> uuid.UUID:
+    """The id of a cause's ``index``-th follow-up event (0-based, in the order the handler appends them)."""
+    return uuid.uuid5(NAMESPACE, f"{reactor}/{cause}/{index}")
+
+
+def deadline_id(reactor: str, key: str, scheduled_by: uuid.UUID, due_at: dt.datetime) -> uuid.UUID:
+    """The id of a deadline: the cause of its handler's follow-ups."""
+    return uuid.uuid5(NAMESPACE, f"{reactor}/deadline/{key}/{scheduled_by}/{due_at.isoformat()}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Deadline:
+    """A deadline being fired: what was scheduled, and when it was due."""
+
+    reactor: str
+    key: str
+    due_at: dt.datetime
+    payload: Any
+    deadline_id: uuid.UUID
+    correlation_id: str | None
+    scheduled_by: uuid.UUID | None
+
+
+@dataclasses.dataclass(slots=True)
+class Outcome:
+    """What the last run of one cause's handler did (a rerun replaces it: only what commits is counted)."""
+
+    follow_ups: int = 0
+    refusals: int = 0
+    conflicts: int = 0
+
+
+class _InTransaction(Store):
+    """The store seen from inside the reactor's transaction: reads and appends on its connection, and every
+    appended event given its deterministic id and the cause's ids (the ``Repository`` appends through it)."""
+
+    def __init__(self, fx: Effects) -> None:
+        self.fx = fx
+
+    @property
+    def registry(self) -> codec.Registry:
+        return self.fx.store.registry
+
+    async def append(self, stream_id: str, events: Sequence[Any], expected_version: int, *,
+                     correlation_id: str | None = None, causation_id: str | None = None) -> AppendResult:
+        return await self.fx.append(stream_id, events, expected_version)
+
+    async def append_batch(self, batch: Sequence[tuple[str, Sequence[Any], int]], *,
+                           correlation_id: str | None = None, causation_id: str | None = None,
+                           ) -> list[AppendResult]:
+        return [await self.fx.append(s, events, expected) for s, events, expected in batch]
+
+    async def stream_version(self, stream_id: str) -> int:
+        return await self.fx.store.stream_version(stream_id, conn=self.fx.conn)
+
+    async def load(self, stream_id: str, from_version: int = 0, to_version: int | None = None) -> list[RecordedEvent]:
+        return await self.fx.store.load(stream_id, from_version, to_version, conn=self.fx.conn)
+
+    async def version_at(self, stream_id: str, as_of: dt.datetime) -> int:
+        return await self.fx.store.version_at(stream_id, as_of, conn=self.fx.conn)
+
+    async def read_all(self, after: Position = Position.START, limit: int = 1000) -> list[RecordedEvent]:
+        return await self.fx.store.read_all(after, limit, conn=self.fx.conn)
+
+    async def horizon(self) -> Horizon:
+        return await self.fx.store.horizon()
+
+    async def save_snapshot(self, stream_id: str, version: int, state: Any) -> bool:
+        return False  # a snapshot is a cache: none from inside a reactor's transaction
+
+    async def load_snapshot(self, stream_id: str, *, at_or_before: int | None = None) -> Snapshot | None:
+        return None
+
+
+class Effects:
+    """What a reactor's handler may do, every bit of it in the transaction that moves its checkpoint (or, for a
+    deadline, the one that deletes it)."""
+
+    def __init__(self, reactor: Reactor, store: EventStore, conn: db.Conn, cause_id: uuid.UUID,
+                 correlation_id: str | None, partitions: int) -> None:
+        self.reactor, self.store, self.conn = reactor, store, conn
+        self.cause_id, self.correlation_id, self.partitions = cause_id, correlation_id, partitions
+        self._index = 0
+        self.streams: list[str] = []  # follow-up streams, in the order first written
+        self.outcome = Outcome()
+
+    async def append(self, stream_id: str, events: Sequence[Any], expected_version: int) -> AppendResult:
+        """Append follow-ups after ``expected_version`` (raises ``VersionConflict``, which runs the handler
+        again on fresh loads). Ids and metadata as in the module doc."""
+        new = []
+        for event in events:
+            payload = event.payload if isinstance(event, NewEvent) else event
+            metadata = event.metadata if isinstance(event, NewEvent) else None
+            new.append(NewEvent(payload, follow_up_id(self.reactor.name, self.cause_id, self._index), metadata))
+            self._index += 1
+        if stream_id not in self.streams:
+            self.streams.append(stream_id)
+        result = await self.store.append(stream_id, new, expected_version, conn=self.conn,
+                                         correlation_id=self.correlation_id, causation_id=str(self.cause_id))
+        self.outcome.follow_ups += len(new)
+        return result
+
+    def repository(self, factory: type[Any]) -> Repository[Any]:
+        """A repository of ``factory`` aggregates inside this transaction (its appends are follow-ups)."""
+        return Repository(_InTransaction(self), factory, max_attempts=CONFLICT_ATTEMPTS, max_wait=0.05)
+
+    async def execute(self, stream_id: str, factory: type[Any], command: Command[Any]) -> Executed[Any]:
+        """Run ``command`` on the aggregate of ``stream_id`` (load, decide, append; conflicts reload). A
+        ``DomainError`` it raises is a refusal: recorded by the reactor, which moves on."""
+        if stream_id not in self.streams:
+            self.streams.append(stream_id)
+        return await self.repository(factory).execute(stream_id, command)
+
+    async def schedule(self, at: dt.datetime, key: str, payload: Any = None) -> None:
+        """Schedule the reactor's ``on_deadline`` for ``at`` under ``key`` (scheduling a key again moves it).
+        ``payload``: any value the store's codec encodes (maps, scalars, registered classes)."""
+        if at.tzinfo is None:
+            raise errors.InvalidInput("a deadline's time must be timezone-aware")
+        due = deadline_id(self.reactor.name, key, self.cause_id, at)
+        await self.conn.execute(SQL["schedule"], self.reactor.name, key, partition_of(key, self.partitions), at,
+                                due, codec.packb(payload), self.correlation_id, self.cause_id)
+
+    async def cancel(self, key: str) -> bool:
+        """Cancel the deadline of ``key``; whether there was one pending (a fired one is gone already)."""
+        status = await self.conn.execute(SQL["cancel"], self.reactor.name, key)
+        return bool(status == "DELETE 1")
+
+
+class Reactor(Projection):
+    """Base class of reactors: handlers ``async def h(self, fx: Effects, event: RecordedEvent)``, and
+    ``on_deadline`` for the deadlines they schedule. State tables are optional."""
+
+    tables: ClassVar[tuple[str, ...]] = ()
+    ddl: ClassVar[LiteralString] = "SELECT 1"  # no state tables unless a reactor declares them
+
+    def __init__(self) -> None:
+        #: The last run's outcome of each cause since ``take`` (the worker takes those that committed).
+        self.outcomes: dict[uuid.UUID, Outcome] = {}
+        self._store: EventStore | None = None
+        self._partitions = 0
+
+    def bind(self, store: EventStore, partitions: int) -> None:
+        """The store the follow-ups go to (the worker's, with P of its schema)."""
+        self._store, self._partitions = store, partitions
+
+    async def apply(self, conn: db.Conn, event: RecordedEvent) -> None:
+        handler = self._handlers.get(type(event.event))
+        if handler is None:
+            return
+        correlation = event.metadata.get(correlation_ids.CORRELATION_ID)
+        react: Callable[[Any, Effects, RecordedEvent], Awaitable[None]] = handler  # type: ignore[assignment]
+        await self._run(conn, event.event_id, correlation if isinstance(correlation, str) else None,
+                        lambda fx: react(self, fx, event))
+
+    async def fire(self, conn: db.Conn, deadline: Deadline) -> None:
+        """Run ``on_deadline`` for a due deadline inside the transaction that deletes it."""
+        await self._run(conn, deadline.deadline_id, deadline.correlation_id, lambda fx: self.on_deadline(fx, deadline))
+
+    async def on_deadline(self, fx: Effects, deadline: Deadline) -> None:
+        """What a due deadline does; a reactor that schedules deadlines overrides it."""
+        raise NotImplementedError(f"reactor {self.name} scheduled a deadline but has no on_deadline")
+
+    def take(self, causes: Sequence[uuid.UUID]) -> Outcome:
+        """The summed outcomes of these causes (their transaction committed); forget every other run."""
+        total = Outcome()
+        for cause in causes:
+            found = self.outcomes.get(cause)
+            if found is not None:
+                total.follow_ups += found.follow_ups
+                total.refusals += found.refusals
+                total.conflicts += found.conflicts
+        self.outcomes.clear()
+        return total
+
+    async def _run(self, conn: db.Conn, cause_id: uuid.UUID, correlation_id: str | None,
+                   body: Callable[[Effects], Awaitable[None]]) -> None:
+        if self._store is None:
+            raise errors.ConfigError(f"reactor {self.name} is not bound to a store (Reactor.bind)")
+        conflicts = 0
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            fx = Effects(self, self._store, conn, cause_id, correlation_id, self._partitions)
+            fx.outcome.conflicts = conflicts
+            self.outcomes[cause_id] = fx.outcome
+            try:
+                async with conn.transaction():  # a savepoint: a conflict or refusal undoes this cause only
+                    await body(fx)
+                return
+            except errors.VersionConflict:
+                conflicts += 1
+                if attempt == CONFLICT_ATTEMPTS:
+                    raise
+            except errors.DomainError as refused:
+                await conn.execute(SQL["refused"], self.name, cause_id, fx.streams[0] if fx.streams else "",
+                                   f"{type(refused).__name__}: {refused}")
+                fx.outcome = self.outcomes[cause_id] = Outcome(refusals=1, conflicts=conflicts)
+                return

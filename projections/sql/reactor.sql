@@ -1,0 +1,19 @@
+-- What a reactor's handler does besides appending (projections/reactor.py), on the connection of the
+-- transaction that moves its checkpoint. Unqualified names: the worker's search_path names the schema.
+
+-- name: schedule
+-- Schedule (or move) the deadline of key $2.
+INSERT INTO deadlines AS d (reactor, key, partition, due_at, deadline_id, payload, correlation_id, scheduled_by)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (reactor, key) DO UPDATE
+    SET partition = EXCLUDED.partition, due_at = EXCLUDED.due_at, deadline_id = EXCLUDED.deadline_id,
+        payload = EXCLUDED.payload, correlation_id = EXCLUDED.correlation_id, scheduled_by = EXCLUDED.scheduled_by,
+        created_at = clock_timestamp();
+
+-- name: cancel
+DELETE FROM deadlines WHERE reactor = $1 AND key = $2;
+
+-- name: refused
+-- A command the domain refused: recorded once per cause and stream.
+INSERT INTO reactor_refusals (reactor, cause_id, stream_id, error) VALUES ($1, $2, $3, $4)
+ON CONFLICT (reactor, cause_id, stream_id) DO NOTHING;

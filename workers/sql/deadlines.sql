@@ -1,0 +1,32 @@
+-- Firing reactors' deadlines (workers/projector/deadlines.py). Unqualified: the deployment's schema.
+
+-- name: due
+-- Up to $3 deadlines of reactor $1 in partition $2 that are due, oldest due first; locked, and skipped when
+-- another transaction holds them (a worker that just lost the partition and is finishing its batch).
+SELECT key, due_at, payload, deadline_id, correlation_id, scheduled_by,
+       extract(epoch FROM clock_timestamp() - due_at)::float8 AS lateness_seconds
+FROM deadlines
+WHERE reactor = $1 AND partition = $2 AND due_at <= clock_timestamp()
+ORDER BY due_at, key
+LIMIT $3
+FOR UPDATE SKIP LOCKED;
+
+-- name: fired
+-- The deadline fired: gone, in the transaction of its handler's effects.
+DELETE FROM deadlines WHERE reactor = $1 AND key = $2 AND deadline_id = $3;
+
+-- name: next_due
+-- Seconds until the partition's next deadline is due (NULL: none pending).
+SELECT extract(epoch FROM min(due_at) - clock_timestamp())::float8 FROM deadlines WHERE reactor = $1 AND partition = $2;
+
+-- name: pending
+-- Deadlines of reactor $1 not yet fired.
+SELECT count(*) FROM deadlines WHERE reactor = $1;
+
+-- name: park
+-- A deadline whose handler kept failing, kept as a dead letter (its payload as the body) and deleted.
+WITH gone AS (
+    DELETE FROM deadlines WHERE reactor = $1 AND key = $2 AND deadline_id = $3 RETURNING payload
+)
+INSERT INTO dead_letters (projection, stream_id, event_id, event_type, error, traceback, attempts, body, status)
+SELECT $1, 'deadline:' || $2, $3, 'deadline', $4, $5, $6, payload, $7 FROM gone;
