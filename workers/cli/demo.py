@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import logging
 import math
 import os
@@ -33,9 +34,12 @@ import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
 from eventfleet.examples.orders import load
+from eventfleet.examples.orders.events import OrderCancelled, OrderPaid
 from projections import registry
+from projections.reactor import Reactor
 from store import EventStore, db, names, queries
 from store.partitions import DEFAULT_PARTITIONS
+from store.records import record_from_row
 from workers import admin, broker, errors, rebuild
 from workers.config import Settings
 from workers.projector import lag
@@ -46,6 +50,9 @@ WORKERS = 3
 READY_WITHIN = 60.0
 DRAIN_WITHIN = 120.0
 CONNECT_TIMEOUT = 5.0
+#: The example's reactor, which the demo runs besides the projections, and its timeout there.
+REACTORS = "eventfleet.examples.orders.reactors"
+PAYMENT_TIMEOUT_SECONDS = 3.0
 
 
 @dataclasses.dataclass
@@ -108,7 +115,8 @@ class Fleet:
                "EVENTFLEET_AMQP_URL": self.settings.amqp_url, "EVENTFLEET_SCHEMA": self.settings.schema,
                "EVENTFLEET_PREFIX": self.settings.prefix, "EVENTFLEET_HTTP_PORT": str(port),
                "EVENTFLEET_LOG_FORMAT": "text",
-               "EVENTFLEET_PROJECTION_MODULES": ",".join(self.settings.projection_modules)}
+               "EVENTFLEET_PROJECTION_MODULES": ",".join(self.settings.projection_modules),
+               "EVENTFLEET_EXAMPLE_PAYMENT_TIMEOUT_SECONDS": str(PAYMENT_TIMEOUT_SECONDS)}
         log = self.logs / f"{name}.log"
         with log.open("w") as stderr:
             proc = subprocess.Popen([sys.executable, "-m", "workers", *args], env=env, stdin=subprocess.DEVNULL,
@@ -255,9 +263,12 @@ async def run_with_progress(pool: db.Pool, store: EventStore, orders: int,
 
 
 async def verify(pool: db.Pool, store: EventStore) -> list[tuple[str, int, int]]:
-    """Replay the store into scratch tables per projection and compare; (table, rows, mismatched rows)."""
+    """Replay the store into scratch tables per projection and compare; (table, rows, mismatched rows).
+    Reactors have no read model to compare: ``timeouts`` checks theirs against the store."""
     found = []
     for cls in registry.load().values():
+        if issubclass(cls, Reactor):
+            continue
         scratch = rebuild.shadow_schema(store.schema, cls.name, kind="vf")
         try:
             await rebuild.replay(pool, store, cls, scratch, settled=True)
@@ -274,6 +285,52 @@ async def verify(pool: db.Pool, store: EventStore) -> list[tuple[str, int, int]]
             async with db.translate_errors():
                 await pool.execute(f"DROP SCHEMA IF EXISTS {names.quote(scratch)} CASCADE")
     return found
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Timeouts:
+    """The payment_timeout reactor's work, from the store: orders never paid, and timeout cancellations."""
+
+    unpaid: int  # orders whose only event before any cancellation is the placement
+    cancelled: int  # OrderCancelled events with the timeout's reason
+    streams: int  # distinct orders those cancelled
+    refused: int  # cancellations the domain refused (paid meanwhile)
+
+    @property
+    def ok(self) -> bool:
+        return self.unpaid == self.cancelled == self.streams
+
+
+async def wait_for_timeouts(pool: db.Pool, projections: list[str], fleet: Fleet) -> float:
+    """Wait until every deadline fired and the fleet applied their follow-ups; return the seconds waited."""
+    began = time.monotonic()
+    while True:
+        fleet.check_alive()
+        async with db.translate_errors():
+            pending: int = await pool.fetchval(SQL["deadlines_pending"])
+        current = await snapshot(pool, projections)
+        if pending == 0 and current.lag_events == 0 and current.written == current.published == current.applied:
+            return time.monotonic() - began
+        if time.monotonic() - began > DRAIN_WITHIN + PAYMENT_TIMEOUT_SECONDS:
+            raise errors.DemoFailed(f"{pending} payment timeouts still pending")
+        await asyncio.sleep(0.2)
+
+
+async def timeouts(pool: db.Pool) -> Timeouts:
+    """Count from the store's events (their reasons are in the payloads)."""
+    reason: str = importlib.import_module(REACTORS).REASON
+    async with db.translate_errors():
+        rows = await pool.fetch(SQL["events_named"], ["OrderPlaced", "OrderPaid", "OrderCancelled"])
+        refused: int = await pool.fetchval(SQL["refusals"], "payment_timeout")
+    placed, settled, timed_out = set(), set(), []
+    for event in map(record_from_row, rows):
+        if isinstance(event.event, OrderCancelled) and event.event.reason == reason:
+            timed_out.append(event.stream_id)
+        elif isinstance(event.event, OrderPaid | OrderCancelled):
+            settled.add(event.stream_id)
+        else:
+            placed.add(event.stream_id)
+    return Timeouts(len(placed - settled), len(timed_out), len(set(timed_out)), refused)
 
 
 async def clean_up(settings: Settings) -> None:
@@ -311,6 +368,8 @@ async def run_demo(settings: Settings, orders: int, logs: Path) -> bool:
                   f"({', '.join(projections)} projected)")
             store = lifecycle.open_store(pool, settings)
             report, seconds = await run_with_progress(pool, store, orders, projections, fleet)
+            waited = await wait_for_timeouts(pool, projections, fleet)
+            timed_out = await timeouts(pool)
             samples = await fleet.scrape(http)
             fleet.stop()
             checked = await verify(pool, store)
@@ -327,10 +386,14 @@ async def run_demo(settings: Settings, orders: int, logs: Path) -> bool:
     print(f"delivery:    {total(samples.get('eventfleet_projection_duplicates_total')):,.0f} duplicates skipped, "
           f"{total(samples.get('eventfleet_projection_gaps_filled_total')):,.0f} gaps filled from the store, "
           f"{total(samples.get('eventfleet_projection_dead_lettered_total')):,.0f} dead-lettered")
+    print(f"timeouts:    {timed_out.unpaid:,} orders left unpaid, {timed_out.cancelled:,} cancelled by payment_timeout "
+          f"after {PAYMENT_TIMEOUT_SECONDS:.0f}s ({timed_out.streams:,} orders, {timed_out.refused:,} refused as paid "
+          f"meanwhile; the last fired {waited:.1f}s after lag 0): "
+          + ("match" if timed_out.ok else "MISMATCH"))
     print("read models against a replay of the store:")
     for table, rows, mismatched in checked:
         print(f"  {table:<16} {rows:>8,} rows  " + ("match" if mismatched == 0 else f"{mismatched:,} rows differ"))
-    ok = all(mismatched == 0 for _, _, mismatched in checked)
+    ok = all(mismatched == 0 for _, _, mismatched in checked) and timed_out.ok
     print(("result: OK" if ok else "result: MISMATCH") + f" (demo took {time.perf_counter() - began:.1f}s)")
     return ok
 
@@ -339,7 +402,8 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     """``eventfleet demo [--orders N]``."""
     name = f"eventfleet_demo_{uuid.uuid4().hex[:8]}"
     # The demo runs the orders example: it names its projections itself (and whatever else is configured).
-    settings = dataclasses.replace(settings, schema=name, prefix=name).with_projection_modules(registry.EXAMPLE)
+    settings = dataclasses.replace(settings, schema=name, prefix=name).with_projection_modules(
+        registry.EXAMPLE, REACTORS)
     registry.load(settings.projection_modules)
     try:
         await preflight(settings)

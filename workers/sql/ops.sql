@@ -4,6 +4,10 @@
 -- Projections with a status row (some may no longer be registered in this code).
 SELECT projection FROM projection_status ORDER BY projection;
 
+-- name: partitions
+-- P of the schema: each projection has one queue per partition, whose depths status sums.
+SELECT partitions FROM partitioning;
+
 -- name: projection_summary
 -- State, applied count, parked failures and halted streams of one projection (defaults when new).
 SELECT coalesce((SELECT state FROM projection_status WHERE projection = $1), 'live') AS state,
@@ -19,3 +23,16 @@ SELECT (SELECT count(*) FROM events) AS written,
        (SELECT coalesce(min(covered), 0) FROM (
             SELECT (SELECT coalesce(sum(c.version + 1), 0) FROM checkpoints AS c WHERE c.projection = p) AS covered
             FROM unnest($1::text[]) AS p) AS per_projection) AS applied;
+
+-- name: deadlines_pending
+-- Deadlines of every reactor not yet fired or cancelled.
+SELECT count(*) FROM deadlines;
+
+-- name: events_named
+-- Every event whose type name (without its version) is one of $1, in position order.
+SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id
+FROM events WHERE split_part(event_type, '.', 1) = ANY($1::text[]) ORDER BY global_position;
+
+-- name: refusals
+-- Commands reactor $1 was refused.
+SELECT count(*) FROM reactor_refusals WHERE reactor = $1;

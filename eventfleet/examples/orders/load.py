@@ -21,6 +21,8 @@ from eventfleet.examples.orders import orders
 from store import EventStore, Repository
 
 CARRIERS = ("dhl", "ups", "fedex", "postnl")
+#: Orders at or above this fate are placed and left unpaid (5%).
+ABANDONED = 0.95
 REASONS = ("customer request", "out of stock", "payment declined", "address invalid")
 PRODUCTS = tuple((f"p{n:03d}", f"Product {n}", f"SKU-{n:05d}", Decimal(n % 50 * 100 + 99) / 100)
                  for n in range(1, 201))
@@ -61,7 +63,9 @@ def plan_orders(count: int, seed: int | None, run_id: str | None = None) -> list
                  for pid, name, sku, price in rng.sample(PRODUCTS, rng.randint(1, 4))]
         steps: list[orders.OrderCommand] = [orders.place(order_id, rng.choice(customers), items)]
         fate = rng.random()
-        if fate < 0.15:
+        if fate >= ABANDONED:
+            pass  # placed and never paid: the payment_timeout reactor cancels it
+        elif fate < 0.15:
             steps.append(orders.cancel(rng.choice(REASONS)))
         else:
             steps.append(orders.pay())
@@ -92,6 +96,8 @@ async def run_load(store: EventStore, count: int, *, concurrency: int = 8, seed:
 
     async def advance(plan: Plan) -> int:
         def next_step(order: orders.Order) -> Sequence[orders.OrderEvent]:
+            if order.status == "cancelled":
+                return []  # the payment timeout came first (an order whose next step was too slow)
             done = order.version + 1  # one event per step
             return plan.steps[done](order)
 
