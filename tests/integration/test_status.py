@@ -14,7 +14,8 @@ import pytest
 
 from eventfleet.examples.orders.projections import CustomerStats
 from store import NO_STREAM
-from tests.conftest import AMQP_URL, DATABASE_URL
+from store.partitions import partition_of
+from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from tests.unit.test_projection_fold import paid, placed, shipped
 from workers import broker, locks
 from workers.projector import checkpoints, lag
@@ -36,7 +37,8 @@ async def status(schema: str, prefix: str, *args: str, amqp_url: str = AMQP_URL)
 
 @pytest.fixture
 async def known_state(pool, event_store, prefix, delete_prefixed) -> dict[str, Any]:
-    """7 events; customer_stats applied 4 of them; 1 parked failure; 5 messages in each queue."""
+    """7 events; customer_stats applied 4 of them; 1 parked failure; 5 messages in each projection's
+    partition queues, spread over two of them (order-a's partition holds 3, order-c's 2)."""
     await event_store.append("order-a", [placed("a", "c"), paid("a", "c"), paid("a", "c")], NO_STREAM)
     await event_store.append("order-b", [placed("b", "c"), paid("b", "c")], NO_STREAM)
     await event_store.append("order-c", [placed("c", "d"), shipped("c", "d")], NO_STREAM)
@@ -46,14 +48,18 @@ async def known_state(pool, event_store, prefix, delete_prefixed) -> dict[str, A
         await pool.execute("INSERT INTO dead_letters (projection, stream_id, version, error, status) "
                            "VALUES ('customer_stats', 'order-x', 0, 'boom', $1)", state)
     names = broker.Names(prefix)
-    delete_prefixed([q for p in PROJECTIONS for q in (names.queue(p), names.dead_letter_queue(p))],
-                    [names.exchange, names.dead_letter_exchange])
+    queues = [q for p in PROJECTIONS for q in (*(names.partition_queue(p, n) for n in range(PARTITIONS)),
+                                               names.dead_letter_queue(p))]
+    delete_prefixed(queues, [names.partitions_exchange, names.dead_letter_exchange])
+    assert partition_of("order-a", PARTITIONS) != partition_of("order-c", PARTITIONS)  # depth is a sum
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel()
-        exchange = await broker.declare_topology(channel, names, PROJECTIONS)
-        for event in (await event_store.load("order-a")) + (await event_store.load("order-b")):
-            await exchange.publish(broker.to_message(event), routing_key=event.event_type)
+        targets = await broker.declare_topology(channel, names, PROJECTIONS, PARTITIONS)
+        for event in (await event_store.load("order-a")) + (await event_store.load("order-c")):
+            partition = partition_of(event.stream_id, PARTITIONS)
+            await targets.partitions_exchange.publish(broker.events_message(partition, [event]),
+                                                      routing_key=str(partition))
     return {"events": 7}
 
 
@@ -61,7 +67,7 @@ async def test_json_reports_the_exact_lag_parked_queue_depth_and_outbox(pool, sc
     result = await status(schema, prefix, "--json")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert set(doc) == {"projections", "outbox"}
+    assert set(doc) == {"projections", "outbox", "partitions", "workers", "partition_lags"}
     for row in doc["projections"]:
         assert set(row) == {"name", "state", "applied", "lag_events", "lag_seconds", "parked", "halted",
                             "queue_depth"}
@@ -85,7 +91,7 @@ async def test_table_shows_a_stopped_rebuild_and_survives_rabbitmq_being_unreach
     assert lines[0].split()[:3] == ["PROJECTION", "STATE", "APPLIED"]
     assert lines[1].split() == ["customer_stats", "live", "4", "3", lines[1].split()[4], "1", "0", "-"]
     assert lines[2].startswith("order_summary   rebuilding (not running)")
-    assert lines[-1].startswith("outbox: 7 pending, oldest ")
+    assert lines[3].startswith("outbox: 7 pending, oldest ")  # below the projections (the fleet follows)
     # While a rebuild holds its lock the state is just "rebuilding" (pg_locks splits the key in two).
     key = locks.rebuild(schema, "order_summary")
     async with pool.acquire() as conn:
@@ -93,6 +99,13 @@ async def test_table_shows_a_stopped_rebuild_and_survives_rabbitmq_being_unreach
         assert await pool.fetchval(locks.SQL["held"], key)
         await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
     assert not await pool.fetchval(locks.SQL["held"], key)
+
+
+async def test_queue_depth_is_null_while_no_queue_of_the_projection_exists(schema, prefix):
+    result = await status(schema, prefix, "--json")
+    assert result.returncode == 0, result.stderr
+    assert {r["name"]: r["queue_depth"] for r in json.loads(result.stdout)["projections"]} == dict.fromkeys(
+        PROJECTIONS)
 
 
 async def test_an_unmigrated_schema_is_a_one_line_error(prefix):

@@ -1,8 +1,9 @@
 """``eventfleet status [--json]``: per projection state, applied, lag, parked failures, queue depth; the outbox.
 
 Lag comes from ``workers.lag.measure``, the function behind the lag gauges, so the figures equal the
-metrics. Queue depth is the message count of a passive declare of the projection's queue (``None`` when
-the queue does not exist yet or RabbitMQ is unreachable; the rest is still reported).
+metrics. Queue depth is the sum of the ready message counts of the projection's P partition queues, by
+passive declares (``None`` when none of them exists yet or RabbitMQ is unreachable; the rest is still
+reported).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from aio_pika.abc import AbstractConnection
 from projections import registry
 from store import db, outbox, queries
 from workers import broker, locks
-from workers.projector import lag
+from workers.projector import lag, leases
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +47,53 @@ class ProjectionStatus:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PartitionStatus:
+    """One partition of one projection: who holds its lease (None: nobody live) and its lag."""
+
+    projection: str
+    partition: int
+    owner: str | None
+    lag_events: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"projection": self.projection, "partition": self.partition, "owner": self.owner,
+                "lag_events": self.lag_events}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """One registered worker and how many partitions of each projection it holds."""
+
+    worker_id: str
+    live: bool
+    heartbeat_age_seconds: float
+    held: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, "live": self.live,
+                "heartbeat_age_seconds": round(self.heartbeat_age_seconds, 3), "partitions": self.held}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Report:
     """What ``status`` prints."""
 
     projections: list[ProjectionStatus]
     outbox_pending: int
     outbox_oldest_age_seconds: float
+    partitions: int = 0
+    workers: list[WorkerStatus] = dataclasses.field(default_factory=list)
+    #: Every partition of every projection, slowest (most lag) first.
+    partition_lags: list[PartitionStatus] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The contract's document."""
         return {"projections": [p.to_json() for p in self.projections],
                 "outbox": {"pending": self.outbox_pending,
-                           "oldest_age_seconds": round(self.outbox_oldest_age_seconds, 3)}}
+                           "oldest_age_seconds": round(self.outbox_oldest_age_seconds, 3)},
+                "partitions": self.partitions,
+                "workers": [w.to_json() for w in self.workers],
+                "partition_lags": [p.to_json() for p in self.partition_lags]}
 
 
 async def projection_names(pool: db.Pool) -> list[str]:
@@ -67,27 +103,41 @@ async def projection_names(pool: db.Pool) -> list[str]:
     return sorted(set(registry.load()) | {r["projection"] for r in rows})
 
 
-async def queue_depths(connection: AbstractConnection | None, prefix: str,
-                       projections: Sequence[str]) -> dict[str, int | None]:
-    """Messages ready in each projection's queue, by passive declare; None where unknown."""
+async def queue_depths(connection: AbstractConnection | None, prefix: str, projections: Sequence[str],
+                       partitions: int) -> dict[str, int | None]:
+    """Messages ready in each projection's partition queues, summed, by passive declare; None where none
+    of its queues exists (or RabbitMQ is unreachable)."""
     depths: dict[str, int | None] = dict.fromkeys(projections)
     if connection is None:
         return depths
     names = broker.Names(prefix)
     for projection in projections:
-        declared = await broker.passive_queue(connection, names.queue(projection))
-        if declared is not None:
-            depths[projection] = declared.message_count
+        for partition in range(partitions):
+            declared = await broker.passive_queue(connection, names.partition_queue(projection, partition))
+            if declared is not None:
+                depths[projection] = (depths[projection] or 0) + (declared.message_count or 0)
     return depths
+
+
+async def schema_partitions(pool: db.Pool) -> int:
+    """P of the schema (0 if it records none yet: then no partition queue is asked about)."""
+    async with db.translate_errors():
+        count: int | None = await pool.fetchval(SQL["partitions"])
+    return count or 0
 
 
 async def collect(pool: db.Pool, schema: str, prefix: str, connection: AbstractConnection | None) -> Report:
     """Measure everything the report shows."""
     names = await projection_names(pool)
-    depths = await queue_depths(connection, prefix, names)
-    rows = []
+    partitions = await schema_partitions(pool)
+    depths = await queue_depths(connection, prefix, names, partitions)
+    owners = {(lease.projection, lease.partition): lease.owner for lease in await leases.owners(pool) if lease.live}
+    rows: list[ProjectionStatus] = []
+    partition_lags: list[PartitionStatus] = []
     for name in names:
         measured = await lag.measure(pool, name)
+        partition_lags += [PartitionStatus(name, n, owners.get((name, n)), measured.partitions.get(n, 0))
+                           for n in range(partitions)]
         async with db.translate_errors():
             row = await pool.fetchrow(SQL["projection_summary"], name)
             assert row is not None
@@ -96,11 +146,13 @@ async def collect(pool: db.Pool, schema: str, prefix: str, connection: AbstractC
                 running = await locks.is_held(pool, locks.rebuild(schema, name))
         rows.append(ProjectionStatus(name, row["state"], row["applied"], measured.lag_events, measured.lag_seconds,
                                      row["parked"], depths[name], row["halted"], bool(running)))
+    held: dict[str, dict[str, int]] = {}
+    for (projection, _), owner in owners.items():
+        if owner is not None:
+            counts = held.setdefault(owner, {})
+            counts[projection] = counts.get(projection, 0) + 1
+    workers = [WorkerStatus(r.worker_id, r.live, r.heartbeat_age_seconds, held.get(r.worker_id, {}))
+               for r in await leases.registered(pool)]
+    partition_lags.sort(key=lambda p: (-p.lag_events, p.projection, p.partition))
     backlog = await outbox.backlog(pool)
-    return Report(rows, backlog.pending, backlog.oldest_age_seconds)
-
-
-
-
-
-
+    return Report(rows, backlog.pending, backlog.oldest_age_seconds, partitions, workers, partition_lags)

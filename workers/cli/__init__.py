@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="projection to run (repeatable); default: all registered")
     status = add("status", "lag, parked failures and outbox backlog per projection")
     status.add_argument("--json", action="store_true", help="print one JSON document")
+    status.add_argument("--partitions", action="store_true",
+                        help="list every partition with its owner and lag, not only the slowest")
     rebuild = add("rebuild", "rebuild a projection from the store, swap atomically")
     rebuild.add_argument("name", metavar="NAME")
     load = add("load", "the orders example: place orders and drive each through a random life", modules=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 
 import aio_pika
 import asyncpg
@@ -15,9 +16,18 @@ from workers.admin.status import AMQP_TIMEOUT, Report, collect
 from workers.config import Settings
 from workers.runtime import lifecycle, retry
 
+#: Partitions ``status`` lists without ``--partitions``: the slowest.
+SLOWEST = 5
 
-def render(report: Report) -> str:
-    """The report as an aligned table."""
+
+def _table(lines: Sequence[tuple[str, ...]], left: int) -> list[str]:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return ["  ".join(cell.ljust(w) if i < left else cell.rjust(w)
+                      for i, (cell, w) in enumerate(zip(line, widths, strict=True))) for line in lines]
+
+
+def render(report: Report, *, all_partitions: bool = False) -> str:
+    """The report as aligned tables: projections, workers and their partitions, the slowest partitions."""
     header = ("PROJECTION", "STATE", "APPLIED", "LAG EVENTS", "LAG SECONDS", "PARKED", "HALTED STREAMS", "QUEUE")
     lines = [header]
     for p in report.projections:
@@ -29,6 +39,22 @@ def render(report: Report) -> str:
                                                                                                strict=True)))
             for line in lines]
     text.append(f"outbox: {report.outbox_pending:,} pending, oldest {report.outbox_oldest_age_seconds:.1f}s")
+    projections = [p.name for p in report.projections]
+    text.append("")
+    if report.workers:
+        workers: list[tuple[str, ...]] = [("WORKER", "HEARTBEAT", *(p.upper() for p in projections))]
+        workers += [(w.worker_id, f"{w.heartbeat_age_seconds:.1f}s ago" if w.live else "expired",
+                     *(str(w.held.get(p, 0)) for p in projections)) for w in report.workers]
+        text += [f"workers: {sum(w.live for w in report.workers)} live, {report.partitions} partitions per projection",
+                 *_table(workers, 2)]
+    else:
+        text.append(f"workers: none registered, {report.partitions} partitions per projection")
+    shown = report.partition_lags if all_partitions else report.partition_lags[:SLOWEST]
+    if shown:
+        title = "partitions:" if all_partitions else "slowest partitions (--partitions for all):"
+        slow: list[tuple[str, ...]] = [("PROJECTION", "PARTITION", "OWNER", "LAG EVENTS")]
+        slow += [(p.projection, str(p.partition), p.owner or "-", f"{p.lag_events:,}") for p in shown]
+        text += ["", title, *_table(slow, 3)]
     return "\n".join(text)
 
 
@@ -55,5 +81,5 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         if connection is not None:
             await connection.close()
-    print(json.dumps(report.to_json()) if args.json else render(report))
+    print(json.dumps(report.to_json()) if args.json else render(report, all_partitions=args.partitions))
     return 0

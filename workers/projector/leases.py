@@ -142,3 +142,21 @@ async def owners(conn: db.Conn | db.Pool) -> list[Lease]:
         rows = await conn.fetch(SQL["owners"])
     return [Lease(r["projection"], r["partition"], r["owner"], r["live"], r["generation"],
                   r["expires_in_seconds"]) for r in rows]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Registration:
+    """One registered worker as ``status`` shows it."""
+
+    worker_id: str
+    projections: tuple[str, ...]
+    heartbeat_age_seconds: float
+    live: bool
+
+
+async def registered(conn: db.Conn | db.Pool) -> list[Registration]:
+    """Every registered worker, oldest first."""
+    async with db.translate_errors():
+        rows = await conn.fetch(SQL["registered"])
+    return [Registration(r["worker_id"], tuple(r["projections"]), r["heartbeat_age_seconds"], r["live"])
+            for r in rows]

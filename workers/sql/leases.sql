@@ -62,3 +62,10 @@ SELECT l.projection, l.partition, l.owner, l.expires_at > clock_timestamp() AS l
             ELSE extract(epoch FROM l.expires_at - clock_timestamp())::float8 END AS expires_in_seconds
 FROM leases AS l
 ORDER BY l.projection, l.partition;
+
+-- name: registered
+-- Every registered worker with its heartbeat's age and whether it is live (status).
+SELECT worker_id, projections, extract(epoch FROM clock_timestamp() - heartbeat_at)::float8 AS heartbeat_age_seconds,
+       expires_at > clock_timestamp() AS live
+FROM workers
+ORDER BY started_at, worker_id;
