@@ -62,6 +62,7 @@ from workers.errors import (
     RebuildError,
     WorkerError,
 )
+from projections.reactor import Deadline, Effects, Reactor
 from workers.projector.worker import consume_until_idle, run_worker
 from workers.relay import RelayConfig, relay_until_idle, run_relay
 
@@ -77,11 +78,13 @@ __all__ = [
     "Conn",
     "Correlation",
     "CorruptEvent",
+    "Deadline",
     "DomainError",
     "DuplicateEventId",
     "EventFleetError",
     "EventSchemaMismatch",
     "EventStore",
+    "Effects",
     "Executed",
     "HandlerFailed",
     "InvalidExpectedVersion",
@@ -95,6 +98,7 @@ __all__ = [
     "Position",
     "Projection",
     "PublishFailed",
+    "Reactor",
     "RebuildError",
     "RecordedEvent",
     "RelayConfig",
