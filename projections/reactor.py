@@ -23,6 +23,13 @@ appends the same ids at the same versions, which the store recognises as a retry
 so nothing is ever appended twice, and the checkpoint in the same transaction keeps replays from happening
 in the first place.
 
+Speed. A batch first runs as one piece (``apply_batch``): no savepoints, the histories of the batch's streams
+read in one query for the repository's loads, every ``schedule`` and ``cancel`` written at the end in two
+statements. If anything in it raises (a conflict, a refusal, a failing handler), the worker rolls the whole
+transaction back and runs the batch again event by event, each cause as below: the outcome is the same. So
+a handler may run more than once for one event: whatever it does outside ``fx`` (a call to another system, a
+list in memory) is at least once, not exactly once.
+
 Conflicts and refusals. Each cause runs in a savepoint of the batch's transaction. A version conflict on a
 follow-up stream (a user wrote to it meanwhile) rolls that savepoint back and runs the cause's handler again
 on fresh loads, up to ``CONFLICT_ATTEMPTS`` times, without redoing the rest of the batch. A command the
@@ -111,6 +118,10 @@ class _InTransaction(Store):
         return await self.fx.store.stream_version(stream_id, conn=self.fx.conn)
 
     async def load(self, stream_id: str, from_version: int = 0, to_version: int | None = None) -> list[RecordedEvent]:
+        batch = self.fx.batch
+        if batch is not None and stream_id in batch.histories:  # read with the batch's other streams
+            return [e for e in batch.histories[stream_id]
+                    if e.version >= from_version and (to_version is None or e.version <= to_version)]
         return await self.fx.store.load(stream_id, from_version, to_version, conn=self.fx.conn)
 
     async def version_at(self, stream_id: str, as_of: dt.datetime) -> int:
@@ -129,13 +140,31 @@ class _InTransaction(Store):
         return None
 
 
+class _Batch:
+    """A batch run as one piece: the prefetched histories of its streams, and its deferred schedules and cancels
+    (the last one of each key wins)."""
+
+    def __init__(self, histories: dict[str, list[RecordedEvent]]) -> None:
+        self.histories = histories
+        self.deadlines: dict[str, tuple[Any, ...] | None] = {}  # key -> schedule's row, None: cancelled
+
+    async def flush(self, conn: db.Conn, reactor: str) -> None:
+        scheduled = [(key, *row) for key, row in self.deadlines.items() if row is not None]
+        cancelled = [key for key, row in self.deadlines.items() if row is None]
+        if cancelled:
+            await conn.execute(SQL["cancel_many"], reactor, cancelled)
+        if scheduled:
+            columns = list(zip(*scheduled, strict=True))
+            await conn.execute(SQL["schedule_many"], reactor, *(list(c) for c in columns))
+
+
 class Effects:
     """What a reactor's handler may do, every bit of it in the transaction that moves its checkpoint (or, for a
     deadline, the one that deletes it)."""
 
     def __init__(self, reactor: Reactor, store: EventStore, conn: db.Conn, cause_id: uuid.UUID,
-                 correlation_id: str | None, partitions: int) -> None:
-        self.reactor, self.store, self.conn = reactor, store, conn
+                 correlation_id: str | None, partitions: int, batch: _Batch | None = None) -> None:
+        self.reactor, self.store, self.conn, self.batch = reactor, store, conn, batch
         self.cause_id, self.correlation_id, self.partitions = cause_id, correlation_id, partitions
         self._index = 0
         self.streams: list[str] = []  # follow-up streams, in the order first written
@@ -152,8 +181,11 @@ class Effects:
             self._index += 1
         if stream_id not in self.streams:
             self.streams.append(stream_id)
+        if self.batch is not None:
+            self.batch.histories.pop(stream_id, None)  # loads after this one read the transaction's own writes
         result = await self.store.append(stream_id, new, expected_version, conn=self.conn,
-                                         correlation_id=self.correlation_id, causation_id=str(self.cause_id))
+                                         correlation_id=self.correlation_id, causation_id=str(self.cause_id),
+                                         savepoint=self.batch is None)
         self.outcome.follow_ups += len(new)
         return result
 
@@ -173,14 +205,19 @@ class Effects:
         ``payload``: any value the store's codec encodes (maps, scalars, registered classes)."""
         if at.tzinfo is None:
             raise errors.InvalidInput("a deadline's time must be timezone-aware")
-        due = deadline_id(self.reactor.name, key, self.cause_id, at)
-        await self.conn.execute(SQL["schedule"], self.reactor.name, key, partition_of(key, self.partitions), at,
-                                due, codec.packb(payload), self.correlation_id, self.cause_id)
+        row = (partition_of(key, self.partitions), at, deadline_id(self.reactor.name, key, self.cause_id, at),
+               codec.packb(payload), self.correlation_id, self.cause_id)
+        if self.batch is not None:
+            self.batch.deadlines[key] = row
+            return
+        await self.conn.execute(SQL["schedule"], self.reactor.name, key, *row)
 
-    async def cancel(self, key: str) -> bool:
-        """Cancel the deadline of ``key``; whether there was one pending (a fired one is gone already)."""
-        status = await self.conn.execute(SQL["cancel"], self.reactor.name, key)
-        return bool(status == "DELETE 1")
+    async def cancel(self, key: str) -> None:
+        """Cancel the deadline of ``key``, if one is pending (a fired one is gone already)."""
+        if self.batch is not None:
+            self.batch.deadlines[key] = None
+            return
+        await self.conn.execute(SQL["cancel"], self.reactor.name, key)
 
 
 class Reactor(Projection):
@@ -188,6 +225,9 @@ class Reactor(Projection):
     ``on_deadline`` for the deadlines they schedule. State tables are optional."""
 
     tables: ClassVar[tuple[str, ...]] = ()
+    #: Read the histories of a batch's streams in one query for the repository's loads (a reactor that acts
+    #: on other streams than its events', or on long streams, may turn it off).
+    prefetch: ClassVar[bool] = True
     ddl: ClassVar[LiteralString] = "SELECT 1"  # no state tables unless a reactor declares them
 
     def __init__(self) -> None:
@@ -209,9 +249,41 @@ class Reactor(Projection):
         await self._run(conn, event.event_id, correlation if isinstance(correlation, str) else None,
                         lambda fx: react(self, fx, event))
 
-    async def fire(self, conn: db.Conn, deadline: Deadline) -> None:
-        """Run ``on_deadline`` for a due deadline inside the transaction that deletes it."""
-        await self._run(conn, deadline.deadline_id, deadline.correlation_id, lambda fx: self.on_deadline(fx, deadline))
+    async def apply_batch(self, conn: db.Conn, events: Sequence[RecordedEvent]) -> None:
+        """The batch as one piece (the module doc's "Speed"): any error makes the worker run it again event
+        by event through ``apply``."""
+        if self._store is None:
+            raise errors.ConfigError(f"reactor {self.name} is not bound to a store (Reactor.bind)")
+        react = [e for e in events if type(e.event) in self._handlers]
+        if not react:
+            return
+        batch = _Batch(await self._store.load_streams(sorted({e.stream_id for e in react}), conn=conn)
+                       if self.prefetch else {})
+        for event in react:
+            correlation = event.metadata.get(correlation_ids.CORRELATION_ID)
+            fx = Effects(self, self._store, conn, event.event_id, correlation if isinstance(correlation, str) else None,
+                         self._partitions, batch)
+            self.outcomes[event.event_id] = fx.outcome
+            handler: Callable[[Any, Effects, RecordedEvent], Awaitable[None]] = (
+                self._handlers[type(event.event)])  # type: ignore[assignment]
+            await handler(self, fx, event)
+        await batch.flush(conn, self.name)
+
+    async def fire(self, conn: db.Conn, deadline: Deadline, *, safe: bool = True) -> None:
+        """Run ``on_deadline`` for a due deadline inside the transaction that deletes it; ``safe=False``: without
+        its savepoint (the caller reruns the whole transaction safely on any error)."""
+        if safe:
+            await self._run(conn, deadline.deadline_id, deadline.correlation_id,
+                            lambda fx: self.on_deadline(fx, deadline))
+            return
+        if self._store is None:
+            raise errors.ConfigError(f"reactor {self.name} is not bound to a store (Reactor.bind)")
+        fx = Effects(self, self._store, conn, deadline.deadline_id, deadline.correlation_id, self._partitions,
+                     _Batch({}))
+        self.outcomes[deadline.deadline_id] = fx.outcome
+        await self.on_deadline(fx, deadline)
+        assert fx.batch is not None
+        await fx.batch.flush(conn, self.name)
 
     async def on_deadline(self, fx: Effects, deadline: Deadline) -> None:
         """What a due deadline does; a reactor that schedules deadlines overrides it."""

@@ -91,7 +91,7 @@ class EventStore(Encoding):
 
     async def append(self, stream_id: str, events: Sequence[Any], expected_version: int, *,
                      correlation_id: str | None = None, causation_id: str | None = None,
-                     conn: db.Conn | None = None) -> AppendResult:
+                     conn: db.Conn | None = None, savepoint: bool = True) -> AppendResult:
         """Append events after expected_version (NO_STREAM: the stream must not exist) in one transaction.
 
         Every event's metadata gets the correlation and causation ids (the arguments, else the
@@ -100,6 +100,8 @@ class EventStore(Encoding):
         ``conn``: append inside the caller's transaction on it (a reactor's follow-up commits with its
         checkpoint), in a savepoint, so a rejected append leaves that transaction usable; the caller's commit
         is what makes the events visible (and wakes the relay, by its poll or the next append's NOTIFY).
+        ``savepoint=False``: no savepoint; a rejected append then aborts the caller's transaction (a caller
+        that reruns its whole transaction another way on any error saves two round trips per append).
         """
         names.stream_id(stream_id)
         _check_expected(expected_version)
@@ -108,7 +110,7 @@ class EventStore(Encoding):
         partition = partition_of(stream_id, count) if count else None
         try:
             async with self.hot.use(conn) as c:
-                if conn is None:
+                if conn is None or not savepoint:
                     row = await self._insert(c, stream_id, expected_version, encoded, partition)
                 else:
                     async with c.transaction():  # a savepoint of the caller's transaction
@@ -249,6 +251,18 @@ class EventStore(Encoding):
             else:
                 rows = await c.fetch(self.queries["load_stream_range"], stream_id, from_version, to_version)
         return [record_from_row(r, self.registry) for r in rows]
+
+    async def load_streams(self, stream_ids: Sequence[str], *, conn: db.Conn | None = None,
+                           ) -> dict[str, list[RecordedEvent]]:
+        """Every event of several streams, decoded and upcast, by stream in version order (absent: empty)."""
+        for stream_id in stream_ids:
+            names.stream_id(stream_id)
+        async with self.hot.use(conn) as c:
+            rows = await c.fetch(self.queries["load_streams"], list(stream_ids))
+        found: dict[str, list[RecordedEvent]] = {}
+        for row in rows:
+            found.setdefault(row["stream_id"], []).append(record_from_row(row, self.registry))
+        return found
 
     async def version_at(self, stream_id: str, as_of: dt.datetime, *, conn: db.Conn | None = None) -> int:
         """The stream's version as of a time: its last event recorded at or before it (NO_STREAM: none)."""

@@ -95,6 +95,13 @@ FROM {schema}.events
 WHERE stream_id = $1 AND version >= $2
 ORDER BY version;
 
+-- name: load_streams
+-- Every event of several streams, in stream and version order (a reactor's batch prefetches its streams).
+SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id
+FROM {schema}.events
+WHERE stream_id = ANY($1::text[])
+ORDER BY stream_id, version;
+
 -- name: load_stream_range
 -- A stream's events with from <= version <= to, in version order (gap filling, loads up to a version).
 SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id

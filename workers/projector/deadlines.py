@@ -46,6 +46,10 @@ class Fired:
     causes: list[uuid.UUID] = dataclasses.field(default_factory=list)  # the fired deadlines' ids
 
 
+class _Rerun(Exception):
+    """A deadline of a batch run as one piece raised: run the batch again, one savepoint per deadline."""
+
+
 class Firing:
     """One partition's deadlines of one reactor: ``round`` fires what is due."""
 
@@ -70,6 +74,14 @@ class Firing:
         return result
 
     async def _batch(self) -> tuple[list[uuid.UUID], int, bool]:
+        """One transaction of due deadlines: first as one piece (no savepoint per deadline); if any of them
+        raises, that transaction is rolled back and the same deadlines run again, each in its savepoint."""
+        try:
+            return await self._fire(safe=False)
+        except _Rerun:
+            return await self._fire(safe=True)
+
+    async def _fire(self, *, safe: bool) -> tuple[list[uuid.UUID], int, bool]:
         name = self.reactor.name
         lateness: list[float] = []
         fired: list[uuid.UUID] = []
@@ -80,6 +92,17 @@ class Firing:
             for row in rows:
                 deadline = Deadline(name, row["key"], row["due_at"], codec.unpackb(row["payload"]),
                                     row["deadline_id"], row["correlation_id"], row["scheduled_by"])
+                if not safe:
+                    try:
+                        await self.reactor.fire(conn, deadline, safe=False)
+                    except Exception as exc:
+                        if handlers.is_transient(exc):
+                            raise
+                        raise _Rerun from exc
+                    await conn.execute(SQL["fired"], name, deadline.key, deadline.deadline_id)
+                    lateness.append(max(0.0, row["lateness_seconds"]))
+                    fired.append(deadline.deadline_id)
+                    continue
                 try:
                     async with conn.transaction():  # a failing handler costs its own deadline only
                         await self._fire_one(conn, deadline)
