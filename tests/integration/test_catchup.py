@@ -1,25 +1,32 @@
-"""Catch-up from the store: a projection far behind reads its backlog with read_all, exactly once, and the
-deliveries it settled are acked with no database work."""
+"""Catch-up per partition: a consumer whose partition is far behind reads that partition's backlog from the
+store (``EventStore.read_partition``) and applies it exactly once; the deliveries it passed are then acked
+with no database work."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aio_pika
 import pytest
 
-from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
+from eventfleet.examples.orders.projections import CustomerStats
+from projections.base import Projection
 from store import NO_STREAM, EventStore, Position, RecordedEvent, db
-from tests.conftest import AMQP_URL, DATABASE_URL
-from tests.integration.test_dead_letters import Probe, checkpoint, dlq, seen
-from tests.integration.test_worker_consumer import append_orders, counter, publish
+from store.partitions import partition_of
+from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
+from tests.integration.test_dead_letters import Probe, SkippingProbe, checkpoint, dlq, seen
+from tests.integration.test_worker_consumer import append_orders, counter, partition, publish
 from tests.unit.test_projection_fold import cancelled, fold, paid, placed, read_models
-from workers import broker, locks, projector
+from workers import broker, projector
 from workers.config import Settings
-from workers.projector import catchup, checkpoints, consumer, lag
+from workers.projector import checkpoints, lag
+from workers.projector.consumer import Consumer
 from workers.runtime import health
+
+Declare = Callable[[list[str]], Awaitable[aio_pika.abc.AbstractExchange]]
 
 
 @pytest.fixture
@@ -29,31 +36,41 @@ def settings(schema: str, prefix: str) -> Settings:
 
 
 @pytest.fixture
-async def connection(prefix: str) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
-    """A broker connection; the prefix's exchanges and the queues of the projections used are deleted after."""
+async def connection() -> AsyncIterator[aio_pika.abc.AbstractConnection]:
     conn = await aio_pika.connect(AMQP_URL)
     async with conn:
         yield conn
+
+
+@pytest.fixture
+async def declare(prefix: str) -> AsyncIterator[Declare]:
+    """Declare the partition topology of some projections; return the partitions exchange; delete it all after."""
+    names, declared = broker.Names(prefix), []
+    conn = await aio_pika.connect(AMQP_URL)
+    async with conn:
         channel = await conn.channel()
-        await broker.delete_topology(channel, broker.Names(prefix),
-                                     [CustomerStats.name, OrderSummary.name, Probe.name])
+
+        async def run(projections: list[str]) -> aio_pika.abc.AbstractExchange:
+            declared.extend(projections)
+            return (await broker.declare_topology(channel, names, projections, PARTITIONS)).partitions_exchange
+
+        yield run
+        await broker.delete_topology(await conn.channel(), names, declared, PARTITIONS)
 
 
-async def consumers_for(event_store: EventStore, connection: aio_pika.abc.AbstractConnection, settings: Settings,
-                        *projections: type) -> list[consumer.Consumer]:
-    found = []
-    for cls in projections:
-        c = consumer.Consumer(event_store, await connection.channel(), cls(), settings)
-        await c.open_queue()
-        found.append(c)
+async def consumer_of(event_store: EventStore, connection: aio_pika.abc.AbstractConnection, settings: Settings,
+                      projection: Projection, partition_: int, catchups: asyncio.Semaphore | None = None) -> Consumer:
+    """An opened consumer of one partition on a channel of its own."""
+    found = Consumer(event_store, await connection.channel(), projection, partition_, settings, catchups=catchups)
+    await found.open()
     return found
 
 
 async def visible(event_store: EventStore, events: list[RecordedEvent]) -> list[RecordedEvent]:
-    """Wait until read_all can show every event: a transaction of another test still running anywhere in the
-    cluster holds its horizon back for a moment (see EventStore.read_all)."""
+    """Wait until the store's reads can show every event (sorted in read order): a transaction of another test
+    still running anywhere in the cluster holds its horizon back for a moment (see EventStore.read_all)."""
     await below_horizon(event_store.pool, len(events))
-    return events
+    return sorted(events, key=lambda e: e.position)
 
 
 async def below_horizon(pool: db.Pool, count: int) -> None:
@@ -62,7 +79,16 @@ async def below_horizon(pool: db.Pool, count: int) -> None:
                                "WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())") >= count:
             return
         await asyncio.sleep(0.05)
-    raise AssertionError("the events never went below read_all's horizon")
+    raise AssertionError("the events never went below the store's horizon")
+
+
+def of_partition(events: list[RecordedEvent], p: int) -> list[RecordedEvent]:
+    return [e for e in events if partition(e) == p]
+
+
+def busiest(events: list[RecordedEvent]) -> int:
+    """The partition with the most events (every partition has some with the histories used here)."""
+    return max(range(PARTITIONS), key=lambda p: len(of_partition(events, p)))
 
 
 async def applied_count(pool: db.Pool, projection: str) -> int:
@@ -70,231 +96,344 @@ async def applied_count(pool: db.Pool, projection: str) -> int:
                                    projection))
 
 
-async def test_a_catch_up_applies_the_backlog_from_the_store_exactly_once(pool, event_store, connection, settings):
+async def queues_empty(connection: aio_pika.abc.AbstractConnection, prefix: str, projection: str) -> bool:
+    """No message ready in any of the projection's partition queues (a passive declare counts ready ones)."""
+    names = broker.Names(prefix)
+    for p in range(PARTITIONS):
+        declared = await broker.passive_queue(connection, names.partition_queue(projection, p))
+        if declared is None or declared.message_count:
+            return False
+    return True
+
+
+async def test_a_catch_up_applies_its_partitions_backlog_from_the_store_exactly_once(pool, event_store, connection,
+                                                                                     declare, settings):
+    await declare([CustomerStats.name])
     events = await visible(event_store, await append_orders(event_store, 60, 5))  # 300 events
-    head = sorted(events, key=lambda e: e.position)[:90]
-    await checkpoints.apply_batch(event_store, CustomerStats(), head)  # a consumer got this far before
-    stats, summary = await consumers_for(event_store, connection, settings, CustomerStats, OrderSummary)
+    p = busiest(events)
+    mine = of_partition(events, p)
+    await checkpoints.apply_batch(event_store, CustomerStats(), mine[:20])  # a consumer got this far before
+    c = await consumer_of(event_store, connection, settings, CustomerStats(), p)
 
-    read = await catchup.CatchUp(event_store, settings).catch_up([stats, summary])
+    read = await c.catch_up(Position.START)  # no watermark yet: from the start
 
-    assert read == {"customer_stats": 300, "order_summary": 300}  # no watermark yet: both read from the start
-    assert await applied_count(pool, "customer_stats") == 300
-    assert await applied_count(pool, "order_summary") == 300
-    assert stats.stats.applied == 210
-    assert summary.stats.applied == 300
-    assert stats.stats.duplicates == summary.stats.duplicates == 0  # events read again are no duplicate deliveries
+    assert read == len(mine)
+    assert (c.stats.applied, c.stats.caught_up, c.stats.duplicates) == (len(mine) - 20, len(mine), 0)
+    assert await applied_count(pool, "customer_stats") == len(mine)
+    assert c.cursor == mine[-1].position
     async with pool.acquire() as conn:
-        assert await read_models(conn) == fold(e.event for e in events)
+        assert (await read_models(conn)).customer_stats == fold(e.event for e in mine).customer_stats
 
 
-async def test_batches_applied_at_once_that_share_streams_apply_every_event_once(pool, event_store, connection,
-                                                                                settings):
+async def test_a_catch_up_reads_only_its_partitions_streams(pool, event_store, connection, declare, settings):
+    await declare([CustomerStats.name])
+    events = await visible(event_store, await append_orders(event_store, 40, 3))
+    p = busiest(events)
+    c = await consumer_of(event_store, connection, settings, CustomerStats(), p)
+
+    await c.catch_up(Position.START)
+
+    streams = {r["stream_id"] for r in await pool.fetch("SELECT stream_id FROM checkpoints")}
+    assert streams == {e.stream_id for e in of_partition(events, p)}
+    measured = await lag.measure(pool, "customer_stats")
+    assert measured.partitions == {q: len(of_partition(events, q)) for q in range(PARTITIONS) if q != p}
+
+
+async def test_two_partitions_catch_up_at_once_each_its_own_in_reads_that_split_streams(pool, event_store,
+                                                                                        connection, declare, settings):
+    await declare([CustomerStats.name])
     events = await visible(event_store, await append_orders(event_store, 30, 5))  # 150 events
-    small = dataclasses.replace(settings, catchup_batch_size=4)  # an order's events span two batches in flight
-    stats, summary = await consumers_for(event_store, connection, small, CustomerStats, OrderSummary)
+    small = dataclasses.replace(settings, catchup_batch_size=4)  # an order's 5 events span two reads
+    at_once = asyncio.Semaphore(2)  # a worker's catch-ups at once (workers.projector.fleet)
+    first, second = [await consumer_of(event_store, connection, small, CustomerStats(), p, catchups=at_once)
+                     for p in (0, 1)]
 
-    read = await catchup.CatchUp(event_store, small).catch_up([stats, summary])
+    read = await asyncio.gather(first.catch_up(Position.START), second.catch_up(Position.START))
 
-    assert read == {"customer_stats": 150, "order_summary": 150}
-    assert (stats.stats.applied, summary.stats.applied) == (150, 150)
-    assert stats.cursor == max(e.position for e in events)
+    both = of_partition(events, 0), of_partition(events, 1)
+    assert tuple(read) == (len(both[0]), len(both[1]))
+    assert (first.stats.applied, second.stats.applied) == (len(both[0]), len(both[1]))
+    assert (first.cursor, second.cursor) == (both[0][-1].position, both[1][-1].position)
     async with pool.acquire() as conn:
-        assert await read_models(conn) == fold(e.event for e in events)
+        assert (await read_models(conn)).customer_stats == fold(e.event for e in both[0] + both[1]).customer_stats
 
 
-async def test_a_catch_up_starts_at_the_projections_low_watermark(pool, event_store, connection, settings):
-    events = sorted(await visible(event_store, await append_orders(event_store, 60, 5)), key=lambda e: e.position)
+async def test_a_catch_up_waits_while_the_workers_catch_ups_at_once_are_taken(pool, event_store, connection,
+                                                                              declare, settings):
+    await declare([CustomerStats.name])
+    events = await visible(event_store, await append_orders(event_store, 10, 3))
+    taken = asyncio.Semaphore(1)
+    c = await consumer_of(event_store, connection, settings, CustomerStats(), busiest(events), catchups=taken)
+    async with taken:  # another partition of this worker is catching up
+        waiting = asyncio.create_task(c.catch_up(Position.START))
+        done, _ = await asyncio.wait({waiting}, timeout=0.3)
+        assert not done
+        assert await applied_count(pool, "customer_stats") == 0
+    assert await asyncio.wait_for(waiting, 10) == len(of_partition(events, busiest(events)))
+
+
+async def test_a_catch_up_starts_after_the_position_it_is_given(pool, event_store, connection, declare, settings):
+    await declare([CustomerStats.name])
+    events = await visible(event_store, await append_orders(event_store, 60, 5))
     await checkpoints.apply_batch(event_store, CustomerStats(), events[:100])
     await lag.advance(pool, "customer_stats")
-    row = await pool.fetchrow("SELECT watermark_txid, watermark_position FROM projection_status "
-                              "WHERE projection = 'customer_stats'")
-    assert Position(row[0], row[1]) == events[99].position
-    (stats,) = await consumers_for(event_store, connection, settings, CustomerStats)
+    watermark = (await lag.measure(pool, "customer_stats")).watermark
+    assert watermark == events[99].position
+    p = busiest(events)
+    after = [e for e in of_partition(events, p) if e.position > watermark]
+    c = await consumer_of(event_store, connection, settings, CustomerStats(), p)
 
-    read = await catchup.CatchUp(event_store, settings).catch_up([stats])
+    assert await c.catch_up(watermark) == len(after)
 
-    assert read == {"customer_stats": 200}
-    assert stats.stats.applied == 200
+    assert c.stats.applied == len(after)
     async with pool.acquire() as conn:
-        assert (await read_models(conn)).customer_stats == fold(e.event for e in events).customer_stats
+        assert (await read_models(conn)).customer_stats == fold(e.event for e in events[:100] + after).customer_stats
 
 
-async def test_deliveries_a_catch_up_settled_are_acked_without_database_work(pool, event_store, connection, settings):
-    events = await visible(event_store, await append_orders(event_store, 40, 5))
-    (stats,) = await consumers_for(event_store, connection, settings, CustomerStats)
-    await catchup.CatchUp(event_store, settings).catch_up([stats])
-    touched = await pool.fetchval("SELECT max(updated_at) FROM checkpoints")
-    exchange = await stats.channel.get_exchange(broker.Names(settings.prefix).exchange, ensure=False)
-    await publish(exchange, events)
+async def test_the_lag_monitor_settles_up_to_the_watermark_and_asks_a_catch_up_at_the_threshold(
+        event_store, connection, declare, settings):
+    await declare([CustomerStats.name])
+    c = await consumer_of(event_store, connection, settings, CustomerStats(), 0)  # catchup_threshold=100
+    mark = Position(10, 20)
 
-    drained = await stats.until_idle()
-
-    assert drained.duplicates == 200
-    assert drained.applied == 200  # all by the catch-up
-    assert await pool.fetchval("SELECT max(updated_at) FROM checkpoints") == touched  # no checkpoint claimed
-    assert await applied_count(pool, "customer_stats") == 200
-    queue = await stats.channel.declare_queue(broker.Names(settings.prefix).queue("customer_stats"), passive=True)
-    assert queue.declaration_result.message_count == 0
+    c.note_lag(99, mark)
+    assert (c.cursor, c._catchup_from) == (mark, None)
+    c.note_lag(100, mark)
+    assert c._catchup_from == mark
+    never = await consumer_of(event_store, connection, dataclasses.replace(settings, catchup_threshold=0),
+                              CustomerStats(), 0)
+    never.note_lag(10**6, mark)
+    assert (never.cursor, never._catchup_from) == (mark, None)
 
 
-async def test_a_delivery_without_a_transaction_id_is_never_taken_as_settled(event_store, connection, settings):
-    (stats,) = await consumers_for(event_store, connection, settings, CustomerStats)
-    await event_store.append("order-x", [placed("x", "c")], NO_STREAM)
-    (event,) = await event_store.load("order-x")
-    stats.settled(Position(2**62, 2**62))
-    older_relay = dataclasses.replace(event, position=Position(0, event.global_position))
-
-    assert stats.is_settled(event)
-    assert not stats.is_settled(older_relay)
-
-
-async def test_only_one_process_catches_a_projection_up_at_a_time(pool, event_store, connection, settings, schema):
-    await visible(event_store, await append_orders(event_store, 10, 3))
-    (stats,) = await consumers_for(event_store, connection, settings, CustomerStats)
-    async with pool.acquire() as other:  # another worker process holds the catch-up
-        await other.fetchval("SELECT pg_advisory_lock(hashtextextended($1, 0))",
-                             locks.catchup(schema, "customer_stats"))
-        assert await catchup.CatchUp(event_store, settings).catch_up([stats]) == {}
-        await other.fetchval("SELECT pg_advisory_unlock(hashtextextended($1, 0))",
-                             locks.catchup(schema, "customer_stats"))
-    assert await applied_count(pool, "customer_stats") == 0
-    assert await catchup.CatchUp(event_store, settings).catch_up([stats]) == {"customer_stats": 30}
-
-
-async def test_a_projection_being_rebuilt_is_left_to_its_consumers(pool, event_store, connection, settings):
-    await visible(event_store, await append_orders(event_store, 10, 3))
-    await pool.execute("INSERT INTO projection_status (projection, state) VALUES ('customer_stats', 'rebuilding') "
-                       "ON CONFLICT (projection) DO UPDATE SET state = 'rebuilding'")
-    (stats,) = await consumers_for(event_store, connection, settings, CustomerStats)
-
-    assert await catchup.CatchUp(event_store, settings).catch_up([stats]) == {}
-    assert await applied_count(pool, "customer_stats") == 0
-
-
-async def test_a_poison_event_met_by_a_catch_up_is_parked_with_a_copy_in_the_dlq(pool, event_store, connection,
-                                                                                   settings, prefix):
-    await pool.execute(Probe.ddl)
-    await event_store.append("order-a", [placed("a", "c"), cancelled("a", "c", "boom"), paid("a", "c")], NO_STREAM)
-    await event_store.append("order-b", [placed("b", "c"), paid("b", "c")], NO_STREAM)
-    await visible(event_store, await event_store.load("order-a") + await event_store.load("order-b"))
-    (probe,) = await consumers_for(event_store, connection, settings, Probe)
-
-    assert await catchup.CatchUp(event_store, settings).catch_up([probe]) == {"poison_probe": 5}
-
-    assert await seen(pool, "poison_probe") == [("order-a", 0), ("order-b", 0), ("order-b", 1)]
-    assert await checkpoint(pool, "poison_probe", "order-a") == (0, 1)  # halted at the parked event
-    assert await dlq(probe.channel, prefix, "poison_probe") == [("order-a", 1)]
-    assert probe.stats.dead_lettered == 1
-    assert probe.stats.held == 1
-
-
-def delivery(tag: int, event: RecordedEvent) -> consumer.Delivery:
-    return consumer.Delivery(tag, b"", None, event)
-
-
-async def test_while_catching_up_a_consumer_holds_its_deliveries_until_the_catch_up_passes_them(
-        event_store, connection, settings):
-    await event_store.append("order-x", [placed("x", "c"), paid("x", "c")], NO_STREAM)
-    first, second = await event_store.load("order-x")
-    (stats,) = await consumers_for(event_store, connection, settings, CustomerStats)
-    stats.begin_catch_up(Position.START)
+async def test_a_running_consumer_told_it_is_far_behind_catches_up_from_the_store(pool, event_store, connection,
+                                                                                 declare, settings):
+    await declare([CustomerStats.name])
+    events = await visible(event_store, await append_orders(event_store, 40, 5))  # nothing on the broker
+    p = busiest(events)
+    mine = of_partition(events, p)
+    measured = await lag.measure(pool, "customer_stats")
+    assert measured.partitions[p] == len(mine)
+    low = dataclasses.replace(settings, catchup_threshold=len(mine))
+    c = Consumer(event_store, await connection.channel(), CustomerStats(), p, low)
     stop = asyncio.Event()
-    waiting = asyncio.create_task(stats._until_settled([delivery(1, first), delivery(2, second)], stop))
+    running = asyncio.create_task(c.run(stop))
+    await asyncio.sleep(0.1)  # consuming its empty queue
 
-    await asyncio.sleep(0.05)
-    assert not waiting.done()  # still behind the frontier: hold everything
-    stats.settled(second.position)
-    await asyncio.sleep(0.05)
-    assert not waiting.done()  # settled, but the catch-up has not reached the frontier yet
-    stats.at_frontier()
-    assert await asyncio.wait_for(waiting, 5) is True
-
-
-async def test_a_consumer_holding_deliveries_lets_them_go_when_the_catch_up_ends(event_store, connection, settings):
-    await event_store.append("order-x", [placed("x", "c")], NO_STREAM)
-    (event,) = await event_store.load("order-x")
-    (stats,) = await consumers_for(event_store, connection, settings, CustomerStats)
-    stats.begin_catch_up(Position.START)
-    waiting = asyncio.create_task(stats._until_settled([delivery(1, event)], asyncio.Event()))
-
-    stats.end_catch_up()
-
-    assert await asyncio.wait_for(waiting, 5) is True
-    assert not stats.is_settled(event)  # it goes the checkpoint way
-
-
-async def test_a_worker_far_behind_catches_up_from_the_store_and_drains_its_queue(pool, event_store, connection,
-                                                                                   settings):
-    events = await visible(event_store, await append_orders(event_store, 100, 6))  # 600 events, lag far above the threshold of 100
-    channel = await connection.channel()
-    exchange = await broker.declare_topology(channel, broker.Names(settings.prefix), ["customer_stats"])
-    await publish(exchange, events)
-    caught_up_before = counter("eventfleet_projection_caught_up_total", "customer_stats")
-    stop = asyncio.Event()
-    async with db.create_pool(DATABASE_URL, settings.schema, min_size=1, max_size=8) as worker_pool:
-        worker = asyncio.create_task(projector.run_worker(settings, [CustomerStats()], health.Health(), stop,
-                                                         pool=worker_pool))
-        queue = broker.Names(settings.prefix).queue("customer_stats")
-        for _ in range(600):
-            declared = await channel.declare_queue(queue, passive=True)
-            if await applied_count(pool, "customer_stats") == 600 and not declared.declaration_result.message_count:
-                break
-            await asyncio.sleep(0.05)
-        stop.set()
-        stats = (await asyncio.wait_for(worker, 15))["customer_stats"]
-    assert stats.applied == 600
-    assert stats.caught_up > 0
-    assert counter("eventfleet_projection_caught_up_total", "customer_stats") - caught_up_before == stats.caught_up
-    async with pool.acquire() as conn:
-        assert (await read_models(conn)).customer_stats == fold(e.event for e in events).customer_stats
-
-
-async def test_a_catch_up_that_meets_an_undecodable_stored_event_stops_and_pauses_catch_ups(
-        pool, event_store, connection, settings):
-    await event_store.append("order-ok", [placed("ok", "c"), paid("ok", "c")], NO_STREAM)
-    # Written around the store's API: a real payload, but metadata that is not msgpack.
-    await pool.execute("INSERT INTO events (event_id, stream_id, version, event_type, data, metadata) "
-                       "SELECT gen_random_uuid(), 'order-corrupt', 0, event_type, data, '\\xc1'::bytea "
-                       "FROM events WHERE stream_id = 'order-ok' AND version = 0")
-    await below_horizon(pool, 3)
-    (stats,) = await consumers_for(event_store, connection, settings, CustomerStats)
-    catch_up, stop = catchup.CatchUp(event_store, settings), asyncio.Event()
-    catch_up.attach([stats])
-    running = asyncio.create_task(catch_up.run(stop))
-
-    catch_up.note_lag("customer_stats", lag.Lag(1000, 1.0, 0.0))
+    c.note_lag(measured.partitions[p], measured.watermark)
     for _ in range(200):
-        if catch_up._pause_until:
+        if c.stats.caught_up >= len(mine):
             break
         await asyncio.sleep(0.05)
-    catch_up.note_lag("customer_stats", lag.Lag(1000, 1.0, 0.0))  # paused: not taken up again
-
-    assert catch_up._pause_until > 0
-    assert not running.done()  # the worker goes on
-    assert catch_up._due == set()
-    assert not stats.catching_up  # its consumer is no longer held
     stop.set()
-    await asyncio.wait_for(running, 5)
+    await asyncio.wait_for(running, 10)
+
+    assert (c.stats.caught_up, c.stats.applied) == (len(mine), len(mine))
+    assert await applied_count(pool, "customer_stats") == len(mine)
 
 
-async def test_every_replica_acks_copies_up_to_the_watermark_without_database_work(pool, event_store, connection,
-                                                                                     settings):
-    """Another process applied the events; this one only learns the watermark from its lag monitor."""
+@pytest.mark.parametrize("state", ["backfilling", "rebuilding"])
+async def test_a_projection_a_backfill_or_rebuild_fills_is_left_to_its_consumers(pool, event_store, connection,
+                                                                                declare, settings, state):
+    await declare([CustomerStats.name])
+    events = await visible(event_store, await append_orders(event_store, 40, 5))
+    await pool.execute("UPDATE projection_status SET state = $1 WHERE projection = 'customer_stats'", state)
+    p = busiest(events)
+    mine = of_partition(events, p)
+    c = Consumer(event_store, await connection.channel(), CustomerStats(), p,
+                 dataclasses.replace(settings, catchup_threshold=len(mine)))
+    stop = asyncio.Event()
+    running = asyncio.create_task(c.run(stop))
+    await asyncio.sleep(0.1)
+
+    c.note_lag(len(mine), Position.START)  # far behind: the shadow is what fills it
+    await asyncio.sleep(1)
+    stop.set()
+    await asyncio.wait_for(running, 10)
+
+    assert (c.stats.caught_up, await applied_count(pool, "customer_stats")) == (0, 0)
+
+
+async def test_deliveries_a_catch_up_passed_are_acked_as_duplicates_without_database_work(
+        pool, event_store, connection, declare, settings, prefix):
+    exchange = await declare([CustomerStats.name])
+    events = await visible(event_store, await append_orders(event_store, 40, 5))
+    p = busiest(events)
+    mine = of_partition(events, p)
+    c = await consumer_of(event_store, connection, settings, CustomerStats(), p)
+    await c.catch_up(Position.START)
+    touched = await pool.fetchval("SELECT max(updated_at) FROM checkpoints")
+    await publish(exchange, mine)
+
+    drained = await c.until_idle()
+
+    assert (drained.duplicates, drained.applied) == (len(mine), len(mine))  # all applied by the catch-up
+    assert await pool.fetchval("SELECT max(updated_at) FROM checkpoints") == touched  # no checkpoint claimed
+    assert await applied_count(pool, "customer_stats") == len(mine)
+    assert await queues_empty(connection, prefix, CustomerStats.name)
+
+
+async def test_deliveries_a_catch_up_passed_are_no_handover_duplicates(pool, event_store, connection, declare,
+                                                                       settings):
+    exchange = await declare([CustomerStats.name])
+    events = await visible(event_store, await append_orders(event_store, 10, 5))
+    p = busiest(events)
+    c = await consumer_of(event_store, connection, settings, CustomerStats(), p)
+    await c.catch_up(Position.START)
+    before = counter("eventfleet_projection_handover_duplicates_total", "customer_stats")
+    await publish(exchange, of_partition(events, p))
+
+    drained = await c.until_idle()
+
+    assert drained.duplicates == len(of_partition(events, p))
+    assert drained.handover_duplicates == 0  # not the previous owner's unacked batch: this consumer's catch-up
+    assert counter("eventfleet_projection_handover_duplicates_total", "customer_stats") == before
+
+
+async def test_a_catch_up_does_not_pass_over_an_event_whose_partition_is_not_recorded(pool, event_store, connection,
+                                                                                     declare, settings):
+    exchange = await declare([CustomerStats.name])
+    assert partition_of("order-ok", PARTITIONS) == partition_of("order-x", PARTITIONS) == 1
+    await event_store.append("order-ok", [placed("ok", "c")], NO_STREAM)
+    # As a writer of before partitions still running in a rolling upgrade writes it: without its partition.
+    await pool.execute("INSERT INTO events (event_id, stream_id, version, event_type, data, metadata) "
+                       "SELECT gen_random_uuid(), 'order-x', 0, event_type, data, metadata "
+                       "FROM events WHERE stream_id = 'order-ok'")
+    await event_store.append("order-ok", [paid("ok", "c")], 0)
+    await below_horizon(pool, 3)
+    c = await consumer_of(event_store, connection, settings, CustomerStats(), 1)
+    await c.catch_up(Position.START)
+    await publish(exchange, await event_store.load("order-x"))  # the relay routes it by its stream's partition
+
+    await c.until_idle()
+
+    assert await pool.fetchval("SELECT version FROM checkpoints WHERE stream_id = 'order-x'") == 0
+    assert await applied_count(pool, "customer_stats") == 3
+
+
+async def test_a_new_owner_acks_copies_up_to_the_watermark_without_database_work(pool, event_store, connection,
+                                                                                 declare, settings):
+    """The previous owner applied the events; this consumer only learns the watermark from its lag monitor."""
+    exchange = await declare([CustomerStats.name])
     events = await visible(event_store, await append_orders(event_store, 20, 5))
     await checkpoints.apply_batch(event_store, CustomerStats(), events)
     measured = await lag.measure(pool, "customer_stats")
-    assert measured.watermark == max(e.position for e in events)
-    (stats,) = await consumers_for(event_store, connection, settings, CustomerStats)
-    replica = catchup.CatchUp(event_store, dataclasses.replace(settings, catchup_threshold=0))
-    replica.attach([stats])
-    replica.note_lag("customer_stats", measured)
+    assert (measured.watermark, measured.partitions) == (events[-1].position, {})
+    p = busiest(events)
+    c = await consumer_of(event_store, connection, dataclasses.replace(settings, catchup_threshold=0),
+                          CustomerStats(), p)
+    c.note_lag(measured.partitions.get(p, 0), measured.watermark)
     touched = await pool.fetchval("SELECT max(updated_at) FROM checkpoints")
-    exchange = await stats.channel.get_exchange(broker.Names(settings.prefix).exchange, ensure=False)
-    await publish(exchange, events)
+    await publish(exchange, of_partition(events, p))
 
-    drained = await stats.until_idle()
+    drained = await c.until_idle()
 
-    assert (drained.duplicates, drained.applied) == (100, 0)
+    assert (drained.duplicates, drained.applied, drained.caught_up) == (len(of_partition(events, p)), 0, 0)
     assert await pool.fetchval("SELECT max(updated_at) FROM checkpoints") == touched
-    assert replica._due == set()  # catch-ups off: nothing requested
+
+
+async def test_a_delivery_without_a_transaction_id_is_never_taken_as_settled(event_store, connection, declare,
+                                                                             settings):
+    await declare([CustomerStats.name])
+    c = await consumer_of(event_store, connection, settings, CustomerStats(), partition_of("order-x", PARTITIONS))
+    await event_store.append("order-x", [placed("x", "c")], NO_STREAM)
+    (event,) = await event_store.load("order-x")
+    c.settled(Position(2**62, 2**62))
+    older_relay = dataclasses.replace(event, position=Position(0, event.global_position))
+
+    assert c.is_settled(event)
+    assert not c.is_settled(older_relay)
+
+
+@pytest.mark.parametrize(("probe", "seen_after", "stream_checkpoint", "held", "status"), [
+    (Probe, [("order-a", 0), ("order-b", 0), ("order-b", 1)], (0, 1), 1, "parked"),
+    (SkippingProbe, [("order-a", 0), ("order-a", 2), ("order-b", 0), ("order-b", 1)], (2, None), 0, "skipped"),
+])
+async def test_a_poison_event_met_by_a_catch_up_is_parked_per_policy_with_a_copy_in_the_dlq(
+        pool, event_store, connection, declare, settings, prefix, probe, seen_after, stream_checkpoint, held,
+        status):
+    await declare([probe.name])
+    await pool.execute(Probe.ddl)
+    await event_store.append("order-a", [placed("a", "c"), cancelled("a", "c", "boom"), paid("a", "c")], NO_STREAM)
+    await event_store.append("order-b", [placed("b", "c"), paid("b", "c")], NO_STREAM)
+    events = await visible(event_store, await event_store.load("order-a") + await event_store.load("order-b"))
+    assert {partition(e) for e in events} == {3}  # one partition, one catch-up
+    c = await consumer_of(event_store, connection, settings, probe(), 3)
+
+    assert await c.catch_up(Position.START) == 5
+
+    assert await seen(pool, probe.name) == seen_after
+    assert await checkpoint(pool, probe.name, "order-a") == stream_checkpoint
+    assert await dlq(c.channel, prefix, probe.name) == [("order-a", 1)]
+    assert (c.stats.dead_lettered, c.stats.held) == (1, held)
+    assert await pool.fetchval("SELECT status FROM dead_letters WHERE projection = $1", probe.name) == status
+
+
+async def test_a_catch_up_that_meets_an_undecodable_stored_event_stops_and_the_queue_carries_on(
+        pool, event_store, connection, declare, settings, caplog):
+    exchange = await declare([CustomerStats.name])
+    await event_store.append("order-ok", [placed("ok", "c"), paid("ok", "c")], NO_STREAM)
+    # Written around the store's API, in the same partition: a real payload, but metadata that is not msgpack.
+    assert partition_of("order-x", PARTITIONS) == partition_of("order-ok", PARTITIONS) == 1
+    await pool.execute("INSERT INTO events (event_id, stream_id, version, event_type, data, metadata, partition) "
+                       "SELECT gen_random_uuid(), 'order-x', 0, event_type, data, '\\xc1'::bytea, partition "
+                       "FROM events WHERE stream_id = 'order-ok' AND version = 0")
+    await below_horizon(pool, 3)
+    c = Consumer(event_store, await connection.channel(), CustomerStats(), 1, settings)
+    stop = asyncio.Event()
+    caplog.set_level(logging.WARNING, logger="workers.projector.consumer")
+    running = asyncio.create_task(c.run(stop))
+    await asyncio.sleep(0.1)
+
+    c.note_lag(1000, Position.START)
+    for _ in range(200):
+        if any(r.getMessage().startswith("catch-up stopped at an event it cannot decode") for r in caplog.records):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the catch-up did not stop at the undecodable event")
+    await publish(exchange, await event_store.load("order-ok"))
+    for _ in range(200):
+        if c.stats.applied == 2:
+            break
+        await asyncio.sleep(0.05)
+
+    assert not running.done()  # the consumer goes on
+    assert (c.stats.applied, c.stats.caught_up) == (2, 0)  # from its queue: the catch-up's read failed whole
+    stop.set()
+    await asyncio.wait_for(running, 10)
+
+
+async def test_a_worker_far_behind_catches_its_partitions_up_from_the_store_and_acks_their_copies(
+        pool, event_store, connection, declare, settings, prefix):
+    exchange = await declare([CustomerStats.name])
+    # 600 events the queues never got (the lag, about 150 per partition, is above the threshold of 100).
+    events = await visible(event_store, await append_orders(event_store, 100, 6))
+    caught_up_before = counter("eventfleet_projection_caught_up_total", "customer_stats")
+    stop = asyncio.Event()
+    async with db.create_pool(DATABASE_URL, settings.schema, min_size=1, max_size=12) as worker_pool:
+        worker = asyncio.create_task(projector.run_worker(settings, [CustomerStats()], health.Health(), stop,
+                                                         pool=worker_pool))
+        try:
+            for _ in range(600):
+                if await applied_count(pool, "customer_stats") == 600:
+                    break
+                assert not worker.done(), worker
+                await asyncio.sleep(0.05)
+            duplicates_before = counter("eventfleet_projection_duplicates_total", "customer_stats")
+            await publish(exchange, events)  # late copies of it all
+            for _ in range(600):
+                if counter("eventfleet_projection_duplicates_total", "customer_stats") - duplicates_before >= 600:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            stats = (await asyncio.wait_for(worker, 15))["customer_stats"]
+    assert stats.applied == 600
+    assert stats.caught_up >= 600  # a catch-up asked again meanwhile reads some again
+    assert stats.duplicates == 600  # the copies: acked with no database work
+    assert await queues_empty(connection, prefix, CustomerStats.name)
+    assert counter("eventfleet_projection_caught_up_total", "customer_stats") - caught_up_before == stats.caught_up
+    assert await applied_count(pool, "customer_stats") == 600
+    async with pool.acquire() as conn:
+        assert (await read_models(conn)).customer_stats == fold(e.event for e in events).customer_stats

@@ -9,6 +9,8 @@ import pytest
 
 from eventfleet.examples.orders.projections import CustomerStats
 from store import NO_STREAM, EventStore, Horizon, Position, RecordedEvent, db
+from store.partitions import partition_of
+from tests.conftest import PARTITIONS
 from tests.unit.test_projection_fold import paid, placed
 from workers.projector import checkpoints, lag
 from workers.runtime import metrics
@@ -92,3 +94,20 @@ async def test_export_sets_the_contract_gauges(pool, event_store):
                                              {"projection": "customer_stats"}) == pytest.approx(
         metrics.LAG_SECONDS.labels("customer_stats")._value.get())
     assert metrics.registry.get_sample_value("eventfleet_store_horizon_age_seconds") is not None
+
+
+async def test_lag_is_counted_per_partition_and_exported_for_every_partition(pool, event_store):
+    assert [partition_of(s, PARTITIONS) for s in ("order-a", "order-1", "order-x")] == [3, 1, 1]
+    await append(event_store, "order-a", [placed("a", "c"), paid("a", "c"), paid("a", "c")])
+    await append(event_store, "order-1", [placed("1", "c"), paid("1", "c")])
+    x = await append(event_store, "order-x", [placed("x", "c")])
+    await checkpoints.apply_batch(event_store, CustomerStats(), x)
+
+    measured = await lag.measure(pool, "customer_stats")
+    lag.export("customer_stats", measured, PARTITIONS)
+
+    assert (measured.lag_events, measured.partitions) == (5, {3: 3, 1: 2})  # partitions with none are absent
+    gauges = [metrics.registry.get_sample_value("eventfleet_projection_partition_lag_events",
+                                                {"projection": "customer_stats", "partition": str(p)})
+              for p in range(PARTITIONS)]
+    assert gauges == [0, 2, 0, 3]

@@ -10,7 +10,8 @@ import aio_pika
 import pytest
 
 from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
-from tests.conftest import AMQP_URL, DATABASE_URL
+from store.partitions import partition_of
+from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from tests.integration.test_rebuild_helpers import drop_shadows, expected, read_models, write_orders
 from workers import admin, broker, projector
 from workers.config import Settings
@@ -71,16 +72,12 @@ async def test_a_worker_backfills_a_new_projection_whose_events_predate_its_queu
     names = broker.Names(prefix)
     amqp = await aio_pika.connect(AMQP_URL)
     if registered_by == "migrate":
-        # The deploy order: migrate registers it, then a relay may declare its queue before any worker runs.
+        # The deploy order: migrate registers it, then a relay may declare its queues before any worker runs.
         await admin.run_migrate(DATABASE_URL, schema)
-        await broker.declare_topology(await amqp.channel(), names, ["customer_stats"])
+        await broker.declare_topology(await amqp.channel(), names, ["customer_stats"], PARTITIONS)
 
     async def delete_topology() -> None:
-        channel = await amqp.channel()
-        for queue in (names.queue("customer_stats"), names.dead_letter_queue("customer_stats")):
-            await channel.queue_delete(queue)
-        for exchange in (names.exchange, names.dead_letter_exchange):
-            await channel.exchange_delete(exchange)
+        await broker.delete_topology(await amqp.channel(), names, ["customer_stats"], PARTITIONS)
         await amqp.close()
 
     cleanup(delete_topology)
@@ -96,11 +93,12 @@ async def test_a_worker_backfills_a_new_projection_whose_events_predate_its_queu
         assert (await read_models(pool)).customer_stats == (await expected(event_store)).customer_stats
         # Events written from now on arrive through the queue and are applied once, on the new table.
         await write_orders(event_store, 5, random.Random(6), prefix="late")
-        channel = await amqp.channel()
-        exchange = await channel.get_exchange(names.exchange)
+        channel = await amqp.channel(on_return_raises=True)
+        exchange = await channel.get_exchange(names.partitions_exchange)  # declared by the worker
         for i in range(5):
-            for event in await event_store.load(f"order-late{i}"):
-                await exchange.publish(broker.to_message(event), routing_key=event.event_type, mandatory=True)
+            late = await event_store.load(f"order-late{i}")
+            p = partition_of(late[0].stream_id, PARTITIONS)
+            await exchange.publish(broker.events_message(p, late), routing_key=str(p), mandatory=True)
         await channel.close()
         want = (await expected(event_store)).customer_stats
         while (await read_models(pool)).customer_stats != want:

@@ -1,4 +1,4 @@
-"""Rebuild while a writer, a relay and two workers run, and a reader queries throughout.
+"""Rebuild while a writer, a relay and two workers (sharing the partitions) run, and a reader queries throughout.
 
 Afterwards the read models equal the fold of the store; the reader never saw a table shrink (no empty or
 partial table, before, during or after the swap), and the increment-only customer_stats proves that no
@@ -18,7 +18,7 @@ import pytest
 from eventfleet.examples.orders import load
 from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from store import db
-from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from tests.integration.test_rebuild_helpers import (
     checkpoints_of,
     drop_shadows,
@@ -49,8 +49,9 @@ async def until(check: Any, within: float) -> None:
 async def test_rebuild_under_load_swaps_without_readers_seeing_a_partial_table(pool, event_store, schema, prefix,
                                                                               delete_prefixed):
     names = broker.Names(prefix)
-    delete_prefixed([q for p in PROJECTIONS for q in (names.queue(p), names.dead_letter_queue(p))],
-                    [names.exchange, names.dead_letter_exchange])
+    delete_prefixed([q for p in PROJECTIONS for q in (*(names.partition_queue(p, n) for n in range(PARTITIONS)),
+                                                      names.dead_letter_queue(p))],
+                    [names.partitions_exchange, names.exchange, names.dead_letter_exchange])
     settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0,
                         batch_size=50)
     stop_writing, stop = asyncio.Event(), asyncio.Event()

@@ -10,7 +10,8 @@ import pytest
 import projections
 from eventfleet.examples.orders.projections import OrderSummary
 from store import NO_STREAM
-from tests.conftest import AMQP_URL, DATABASE_URL
+from store.partitions import partition_of
+from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from tests.unit.test_projection_fold import paid, placed
 from workers import broker, projector
 from workers.config import Settings
@@ -48,22 +49,27 @@ async def test_raises_wait_timeout_naming_how_far_it_got(pool, schema):
 
 
 @pytest.mark.slow
-async def test_read_after_write_through_a_running_worker(pool, event_store, schema, prefix, delete_prefixed):
+async def test_read_after_write_through_a_running_worker(pool, event_store, schema, prefix, cleanup):
     names = broker.Names(prefix)
-    delete_prefixed([names.queue("order_summary"), names.dead_letter_queue("order_summary")],
-                    [names.exchange, names.dead_letter_exchange])
     settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
     connection = await aio_pika.connect(AMQP_URL)
     stop = asyncio.Event()
     async with connection:
-        exchange = await broker.declare_topology(await connection.channel(), names, ["order_summary"])
+        targets = await broker.declare_topology(await connection.channel(), names, ["order_summary"], PARTITIONS)
+
+        async def undeclare() -> None:
+            async with await aio_pika.connect(AMQP_URL) as other:
+                await broker.delete_topology(await other.channel(), names, ["order_summary"], PARTITIONS)
+
+        cleanup(undeclare)
         worker = asyncio.create_task(projector.run_worker(settings, [OrderSummary()], health.Health(), stop,
                                                          pool=pool))
         try:
             written = await event_store.append("order-rw", [placed("rw", "c", 3, "42.00"), paid("rw", "c", "42.00")],
                                                NO_STREAM)
-            for event in await event_store.load("order-rw"):
-                await exchange.publish(broker.to_message(event), routing_key=event.event_type)
+            events = await event_store.load("order-rw")
+            p = partition_of("order-rw", PARTITIONS)
+            await targets.partitions_exchange.publish(broker.events_message(p, events), routing_key=str(p))
             assert await projections.wait_for(pool, "order_summary", "order-rw", written.last_version, 30,
                                               schema=schema) == 1
             # Read-after-write: the row the API would serve now reflects the payment.

@@ -1,4 +1,4 @@
-"""The consumer over real RabbitMQ: batches, undecodable messages to the DLQ, stop, reconnects."""
+"""The consumer over real RabbitMQ: partition batch messages, undecodable messages to the DLQ, stop, reconnects."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import random
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import aio_pika
@@ -20,13 +20,14 @@ import pytest
 
 from eventfleet.examples.orders.projections import CustomerStats
 from store import NO_STREAM, EventStore, RecordedEvent, db
-from tests.conftest import AMQP_URL, DATABASE_URL
+from store.partitions import partition_of
+from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from tests.unit.test_projection_fold import fold, order_life, read_models
 from workers import broker, projector
 from workers.cli import dead_letters as cli_dead_letters
 from workers.config import Settings
 from workers.projector import checkpoints, lag
-from workers.projector.consumer import Stats
+from workers.projector.consumer import Consumer, Delivery, Stats
 from workers.projector.worker import Progress
 from workers.runtime import health, metrics
 
@@ -36,30 +37,36 @@ Declare = Callable[[list[str]], Awaitable[aio_pika.abc.AbstractExchange]]
 @pytest.fixture
 def settings(schema: str, prefix: str) -> Settings:
     return Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0,
-                    prefetch=100, batch_size=50)
+                    prefetch=100, batch_size=50, message_events=10)
 
 
 @pytest.fixture
-async def channel() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+async def connection() -> AsyncIterator[aio_pika.abc.AbstractConnection]:
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
-        yield await connection.channel()
+        yield connection
+
+
+@pytest.fixture
+async def channel(connection: aio_pika.abc.AbstractConnection) -> aio_pika.abc.AbstractChannel:
+    return await connection.channel()
 
 
 @pytest.fixture
 async def declare(prefix: str) -> AsyncIterator[Declare]:
-    """Declare the topology of some projections; delete their queues and exchanges after the test."""
+    """Declare the partition topology of some projections (P = the schema's); return the partitions exchange;
+    delete their queues and exchanges after the test."""
     names, declared = broker.Names(prefix), []
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel()
 
     async def run(projections: list[str]) -> aio_pika.abc.AbstractExchange:
         declared.extend(projections)
-        return await broker.declare_topology(channel, names, projections)
+        return (await broker.declare_topology(channel, names, projections, PARTITIONS)).partitions_exchange
 
     yield run
     cleanup = await connection.channel()
-    await broker.delete_topology(cleanup, names, declared)
+    await broker.delete_topology(cleanup, names, declared, PARTITIONS)
     await connection.close()
 
 
@@ -70,11 +77,31 @@ async def append_orders(event_store: EventStore, orders: int, length: int, seed:
     return [e for stream, _, _ in batch for e in await event_store.load(stream)]
 
 
-async def publish(exchange: aio_pika.abc.AbstractExchange, events: list[RecordedEvent]) -> None:
-    await asyncio.gather(*(exchange.publish(broker.to_message(e), routing_key=e.event_type) for e in events))
+def partition(event: RecordedEvent) -> int:
+    return partition_of(event.stream_id, PARTITIONS)
+
+
+def batches(events: Sequence[RecordedEvent], per_message: int = 100) -> list[tuple[int, list[RecordedEvent]]]:
+    """The events as the relay groups them: per partition, in the order given, up to ``per_message`` a message."""
+    grouped: dict[int, list[RecordedEvent]] = {}
+    for event in events:
+        grouped.setdefault(partition(event), []).append(event)
+    return [(p, found[i:i + per_message]) for p, found in grouped.items() for i in range(0, len(found), per_message)]
+
+
+async def publish(exchange: aio_pika.abc.AbstractExchange, events: Sequence[RecordedEvent], *,
+                  per_message: int = 100) -> int:
+    """Publish the events to the partitions exchange as the relay does (``batches``), one message after the
+    other so each partition's stay in order; return how many messages."""
+    messages = batches(events, per_message)
+    for p, chunk in messages:
+        await exchange.publish(broker.events_message(p, chunk), routing_key=str(p))
+    return len(messages)
 
 
 async def drain(channel: aio_pika.abc.AbstractChannel, queue: str) -> list[bytes]:
+    """Every message of a queue that allows basic.get (a dead-letter queue; not the single-active-consumer
+    partition queues)."""
     q = await channel.get_queue(queue, ensure=False)
     bodies = []
     while (m := await q.get(no_ack=True, fail=False)) is not None:
@@ -89,17 +116,38 @@ def counter(name: str, projection: str) -> float:
 async def test_until_idle_applies_everything_in_batches_and_counts(pool, event_store, channel, declare, settings):
     exchange = await declare(["customer_stats"])
     events = await append_orders(event_store, 30, 4)
-    await publish(exchange, events + events[:10])  # ten redeliveries
+    messages = await publish(exchange, events, per_message=10)
+    messages += await publish(exchange, events[:10], per_message=10)  # ten redeliveries
     names = ("eventfleet_projection_duplicates_total", "eventfleet_projection_applied_total",
              "eventfleet_end_to_end_seconds_count", "eventfleet_projection_apply_seconds_count")
     before = {n: counter(n, "customer_stats") for n in names}
     stats = await projector.consume_until_idle(pool, channel, CustomerStats(), settings)
-    assert (stats.applied, stats.duplicates) == (120, 10)
-    assert stats.batches >= 3, "prefetched deliveries are applied in batches"
+    assert (stats.applied, stats.duplicates, stats.messages) == (120, 10, messages)
+    # Every partition's queue is applied in transactions of its own; several messages may share one.
+    assert len({p for p, _ in batches(events)}) <= stats.batches <= messages
     delta = {n: counter(n, "customer_stats") - before[n] for n in names}
     assert delta == {names[0]: 10, names[1]: 120, names[2]: 120, names[3]: stats.batches}
     async with pool.acquire() as conn:
         assert (await read_models(conn)).customer_stats == fold(e.event for e in events).customer_stats
+
+
+async def test_a_transaction_takes_whole_messages_until_it_holds_batch_size_events(event_store, channel, settings):
+    (event,) = await append_orders(event_store, 1, 1)
+    consumer = Consumer(event_store, channel, CustomerStats(), 0, settings)  # batch_size=50
+    buffer: asyncio.Queue[Delivery | None] = asyncio.Queue()
+    sizes = [30, 15, 10, 40, 1]
+    deliveries = [Delivery(tag, b"", None, broker.Batch([event] * n)) for tag, n in enumerate(sizes, 1)]
+    for d in (deliveries[1], deliveries[2], deliveries[4]):
+        buffer.put_nowait(d)
+
+    first = consumer._take(deliveries[0], buffer)  # 30 + 15 < 50: one more whole message, 55 events
+    second = consumer._take(deliveries[3], buffer)  # 40 + 1, the buffer is empty
+
+    assert ([d.tag for d in first], [d.tag for d in second]) == ([1, 2, 3], [4, 5])
+    buffer.put_nowait(None)  # a wake-up (stop, a catch-up due) ends the take
+    buffer.put_nowait(deliveries[1])
+    assert [d.tag for d in consumer._take(deliveries[0], buffer)] == [1]
+    assert buffer.get_nowait() is deliveries[1]
 
 
 async def test_garbage_goes_to_the_dlq_while_good_events_are_applied(pool, event_store, channel, declare, settings,
@@ -107,39 +155,46 @@ async def test_garbage_goes_to_the_dlq_while_good_events_are_applied(pool, event
     exchange = await declare(["customer_stats"])
     names = broker.Names(settings.prefix)
     good = await append_orders(event_store, 5, 2)
-    fields = {"event_id": "not-a-uuid", "stream_id": "s", "version": 0, "global_position": 1,
-              "event_type": "Nope.v1", "data": b"", "metadata": {}, "recorded_at": 0}
-    garbage = [b"\xc1 not msgpack", msgpack.packb({"only": "this"}), msgpack.packb(fields),
+    garbage = [b"\xc1 not msgpack", msgpack.packb({"only": "this"}),
+               broker.to_message(good[0]).body,  # one event's map, not an array of them: the per-event format
+               msgpack.packb([{"only": "this"}, 7]),  # an array, but not of maps only
                b"\x00" * (broker.MAX_MESSAGE_BYTES + 1)]
     await publish(exchange, good[:5])
-    for body in garbage:  # straight to the queue, as a foreign publisher would
-        await channel.default_exchange.publish(aio_pika.Message(body), routing_key=names.queue("customer_stats"))
+    for i, body in enumerate(garbage):  # straight to the queues, as a foreign publisher would
+        queue = names.partition_queue("customer_stats", i % PARTITIONS)
+        await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue)
     await publish(exchange, good[5:])
     before = counter("eventfleet_projection_dead_lettered_total", "customer_stats")
     stats = await projector.consume_until_idle(pool, channel, CustomerStats(), settings)
-    assert (stats.applied, stats.undecodable) == (10, 4)
-    assert counter("eventfleet_projection_dead_lettered_total", "customer_stats") - before == 4
+    assert (stats.applied, stats.undecodable, stats.dead_lettered) == (10, 5, 5)
+    assert counter("eventfleet_projection_dead_lettered_total", "customer_stats") - before == 5
     assert sorted(await drain(channel, names.dead_letter_queue("customer_stats"))) == sorted(garbage)
     rows = await pool.fetch("SELECT body, status, stream_id FROM dead_letters ORDER BY id")
     assert sorted(r["body"] for r in rows) == sorted(garbage)
     assert {(r["status"], r["stream_id"]) for r in rows} == {("parked", None)}
     await cli_dead_letters.cmd_dead_letters(settings, _ns(action="list", projection=None))
-    assert "4 parked" in capsys.readouterr().out
+    assert "5 parked" in capsys.readouterr().out
     async with pool.acquire() as conn:
         assert (await read_models(conn)).customer_stats == fold(e.event for e in good).customer_stats
 
 
-async def test_run_consumer_stops_after_committing_the_batch_in_flight(pool, event_store, channel, declare, settings):
+async def test_run_consumer_stops_after_committing_the_batch_in_flight(pool, event_store, connection, declare,
+                                                                       settings):
     exchange = await declare(["customer_stats"])
     events = await append_orders(event_store, 20, 3)
     stop = asyncio.Event()
-    task = asyncio.create_task(projector.run_consumer(pool, channel, CustomerStats(), settings, stop=stop))
-    await publish(exchange, events)
+    task = asyncio.create_task(projector.run_consumer(pool, connection, CustomerStats(), settings, stop=stop))
+    await publish(exchange, events, per_message=5)
     await _until(lambda: _applied(pool), 60)
     stop.set()
     stats = await asyncio.wait_for(task, 10)
     assert stats.applied == 60
-    assert not channel.is_closed
+    assert not connection.is_closed  # the caller's; the consumers' own channels are closed
+    names = broker.Names(settings.prefix)
+    for p in range(PARTITIONS):
+        declared = await broker.passive_queue(connection, names.partition_queue("customer_stats", p))
+        assert declared is not None
+        assert (declared.consumer_count, declared.message_count) == (0, 0), p
 
 
 async def test_the_lag_monitor_refreshes_the_gauges(pool, event_store):

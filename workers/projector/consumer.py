@@ -30,9 +30,11 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from projections.base import Projection
 from projections.reactor import Reactor
-from store import codec, tracing
+from store import codec, db, tracing
 from store import errors as store_errors
 from store.event_store import EventStore, Position, RecordedEvent
+from store.queries import load
+from store.records import Undecodable
 from workers import broker, errors
 from workers.config import Settings
 from workers.projector import deadlines, parking
@@ -40,6 +42,8 @@ from workers.projector.checkpoints import BatchResult
 from workers.runtime import health, metrics, retry
 
 logger = logging.getLogger(__name__)
+
+SQL = load("workers", "rebuild.sql")
 
 T = TypeVar("T")
 
@@ -190,9 +194,25 @@ class Consumer:
         if bad:
             await self._dead_letter_undecodable(bad)
         if events:
-            with self._span(events):
-                result = await self._outage_retrying(
-                    lambda: parking.apply_or_park(self.store, self.projection, events))
+            try:
+                with self._span(events):
+                    result = await self._outage_retrying(
+                        lambda: parking.apply_or_park(self.store, self.projection, events))
+            except store_errors.StoreError as exc:
+                if isinstance(exc, store_errors.TransientError):
+                    raise
+                # Neither an outage nor a handler's failure: a delivery naming what the store does not hold
+                # (a version it lacks). Find which delivery by applying them one by one; that one is
+                # dead-lettered whole, as an undecodable message is.
+                if len(deliveries) == 1:
+                    await self._dead_letter_undecodable([dataclasses.replace(
+                        deliveries[0], decoded=errors.MalformedMessage(f"{type(exc).__name__}: {exc}"))])
+                    return BatchResult()
+                result = BatchResult()
+                for d in deliveries:
+                    if not isinstance(d.decoded, errors.MalformedMessage):  # those are dead-lettered already
+                        result.add(await self.handle_decoded([d]))
+                return result
         else:
             result = BatchResult()
         result.duplicates += settled
@@ -219,6 +239,8 @@ class Consumer:
             result = await self._outage_retrying(
                 lambda: parking.apply_or_park(self.store, self.projection, events))
         self._count(result, time.perf_counter() - started, deliveries=False)
+        if result.applied:
+            self._fresh = False  # deliveries the catch-up passed are this consumer's duplicates, not a handover's
         self.stats.caught_up += len(events)
         metrics.CAUGHT_UP.labels(self.projection.name).inc(len(events))
         for parked in result.parked:
@@ -261,6 +283,13 @@ class Consumer:
         if start is None:
             return
         try:
+            async with db.translate_errors():
+                state = await self.store.pool.fetchval(SQL["projection_state"], self.projection.name)
+        except retry.OUTAGE_ERRORS:
+            return
+        if state not in (None, "live"):
+            return  # a backfill or rebuild fills it from the store; its consumers keep the queue moving
+        try:
             await self.catch_up(start, stop)
         except store_errors.CodecError as exc:
             logger.warning("catch-up stopped at an event it cannot decode; the queue carries on",
@@ -288,9 +317,18 @@ class Consumer:
         self.stats.dead_lettered += len(bad)
 
     async def _publish_dead_letter(self, event: RecordedEvent) -> None:
-        """A parked event: its message carries others too, so a copy of the event alone goes to the DLQ."""
+        """A parked event: its message carries others too, so a copy of the event alone goes to the DLQ (one
+        that could not be decoded flagged as such, as the relay flags what it cannot encode)."""
         assert self._dlx is not None, "open() first"
-        await self._dlx.publish(broker.to_message(event), routing_key=self.projection.name)
+        if isinstance(event.event, Undecodable):
+            message = broker.encode_undecodable_row(
+                {"event_id": event.event_id, "stream_id": event.stream_id, "version": event.version,
+                 "global_position": event.global_position, "transaction_id": event.position.transaction_id,
+                 "event_type": event.event_type, "data": event.data, "metadata": codec.packb(event.metadata),
+                 "recorded_at": event.recorded_at}, str(event.event.error))
+        else:
+            message = broker.to_message(event)
+        await self._dlx.publish(message, routing_key=self.projection.name)
 
     def _count(self, result: BatchResult, seconds: float, *, deliveries: bool = True, messages: int = 0) -> None:
         """Count a batch; events a catch-up read that were settled already are no duplicate deliveries."""

@@ -109,7 +109,10 @@ class Fleet:
     async def _start(self, projection: str, partition: int, stop: asyncio.Event) -> None:
         if (projection, partition) in self.running:
             return
-        channel = await self.connection.channel()
+        try:
+            channel = await self.connection.channel()
+        except RuntimeError as exc:  # aiormq's "<Connection ...> closed": it died under this session (an outage)
+            raise errors.ChannelLost(f"cannot open a channel for {projection}.{partition}: {exc}") from exc
         consumer = Consumer(self.store, channel, self.projections[projection], partition, self.settings,
                             health_=self.health, stats=self.stats[projection], cache=self.cache,
                             catchups=self.catchups)

@@ -114,7 +114,7 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
                     with attempt:
                         try:
                             await _session(store, settings, projections, health_, stop, stats, keeper, fleets,
-                                           partitions)
+                                           partitions, progress.lags)
                         except retry.OUTAGE_ERRORS as exc:
                             health_.down("rabbitmq", exc)
                             raise
@@ -194,7 +194,7 @@ async def _open_pool(stack: contextlib.AsyncExitStack, settings: Settings, size:
 
 async def _session(store: EventStore, settings: Settings, projections: Sequence[Projection],
                    health_: health.Health, stop: asyncio.Event, stats: dict[str, Stats], keeper: LeaseKeeper,
-                   fleets: list[Fleet], partitions: int) -> None:
+                   fleets: list[Fleet], partitions: int, lags: dict[str, lag.Lag]) -> None:
     """One broker connection: the topology declared, the backfills of new projections, and the consumers of
     the partitions held, until stop or the connection dies."""
     name = f"eventfleet worker {socket.gethostname()}:{os.getpid()}"
@@ -208,6 +208,7 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
                                         partitions)
         await channel.close()
         fleet = Fleet(store, connection, keeper, projections, settings, health_, stats)
+        fleet.lags.update(lags)  # measured before this session: a partition far behind catches up at once
         fleets[:] = [fleet]
         logger.info("consuming", extra={"projections": [p.name for p in projections], "prefix": settings.prefix})
         try:

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 async def publish_confirmed(exchange: AbstractExchange, messages: Sequence[tuple[str, aio_pika.Message]],
-                            confirm_timeout: float) -> None:
+                            confirm_timeout: float, *, mandatory: bool = True) -> None:
     """Publish (routing key, message) pairs pipelined, then wait for every confirm; raise unless all acked.
 
     Every publish is started before any confirm is awaited: one round trip per batch, not per message.
@@ -34,7 +34,7 @@ async def publish_confirmed(exchange: AbstractExchange, messages: Sequence[tuple
     try:
         async with asyncio.timeout(confirm_timeout):
             results = await asyncio.gather(
-                *(exchange.publish(m, routing_key=key, mandatory=True) for key, m in messages),
+                *(exchange.publish(m, routing_key=key, mandatory=mandatory) for key, m in messages),
                 return_exceptions=True)
     except TimeoutError as exc:
         raise BrokerUnavailable(f"no confirms for a batch of {len(messages)} within {confirm_timeout}s") from exc
@@ -140,8 +140,11 @@ async def publish_batch(pool: db.Pool, targets: broker.Targets, batch_size: int,
                 await publish_confirmed(exchange, batches, confirm_timeout)
             else:
                 singles, _ = encode_rows(rows)
+                # Not mandatory: the events exchange feeds whoever binds to it, perhaps nobody (an unroutable
+                # message there is no loss: the partition queues carry every event).
                 await asyncio.gather(publish_confirmed(exchange, batches, confirm_timeout),
-                                     publish_confirmed(targets.events_exchange, singles, confirm_timeout))
+                                     publish_confirmed(targets.events_exchange, singles, confirm_timeout,
+                                                       mandatory=False))
         await outbox.delete(conn, [r["global_position"] for r in rows])
     metrics.RELAY_PUBLISHED.inc(len(rows))
     metrics.RELAY_MESSAGES.inc(len(batches))
