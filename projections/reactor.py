@@ -198,7 +198,18 @@ class Effects:
         ``DomainError`` it raises is a refusal: recorded by the reactor, which moves on."""
         if stream_id not in self.streams:
             self.streams.append(stream_id)
-        return await self.repository(factory).execute(stream_id, command)
+        if self.batch is None:
+            return await self.repository(factory).execute(stream_id, command)
+        # A batch run as one piece: any conflict reruns it cause by cause, so no retry loop here.
+        aggregate = factory.from_events(await _InTransaction(self).load(stream_id))
+        new = list(command(aggregate))
+        if not new:
+            return Executed(aggregate, None, 1)
+        result = await self.append(stream_id, new, aggregate.version)
+        for event in new:
+            aggregate.apply(event.payload if isinstance(event, NewEvent) else event)
+        aggregate.version = result.last_version
+        return Executed(aggregate, result, 1)
 
     async def schedule(self, at: dt.datetime, key: str, payload: Any = None) -> None:
         """Schedule the reactor's ``on_deadline`` for ``at`` under ``key`` (scheduling a key again moves it).
