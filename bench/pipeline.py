@@ -10,32 +10,36 @@ over 8 writers that each own their orders (no version conflicts), steps interlea
 1. Throughput, phases back to back so that each compared pair runs side by side in time: the
    eventsourcing library saves ``--es-events`` as its aggregates with 8 threads; our 8 writers
    (``EventStore.append`` over a pool) write ``--drain-events`` into an idle store; our relay
-   (``relay_until_idle``) fills both projection queues; the ceiling (the same events pre-decoded, batches
+   (``relay_until_idle``) fills both projections' partition queues (``--partitions`` P each); the ceiling (the same events pre-decoded, batches
    of the worker's batch size, each a transaction of set-based upserts plus blind checkpoint upserts, one
    connection per read model: bench/pipeline_handwritten.py); one worker (``run_worker`` in this process,
-   timed from the moment it is connected) drains both queues until both projections applied everything;
-   raw aiormq consumption of the same messages published again (same prefetch and batches, multiple-acks,
-   no decoding, no database: what the broker alone allows on this machine); the library's two
+   timed from the moment it is connected) drains the queues until both projections applied everything;
+   raw aiormq consumption of the same batch messages published again (same prefetch and batches,
+   multiple-acks, no decoding, no database: what the broker alone allows on this machine); the library's two
    ``ProjectionRunner``s project its events into the same two read models (bench/eventsourcing_baseline.py).
 2. End to end, ``--events`` each, from the first append to both projections having applied everything:
    the minimal hand-written pipeline (writer CTE, relay 500/transaction with pipelined confirms,
-   consumer 100/transaction with multiple-acks), then ours with 1 and with 3 worker processes. Relays and
-   workers are subprocesses (``python -m workers relay|worker``, ``python -m bench.pipeline_handwritten``),
-   started and ready before the clock starts; the writers run in this process.
+   consumer 100/transaction with multiple-acks, on a per-event exchange and one queue per read model of
+   its own), then ours with 1 and with 3 worker processes. Relays and workers are subprocesses (``python
+   -m workers relay|worker``, ``python -m bench.pipeline_handwritten``), started and ready (ours: every
+   partition queue consumed, the leases dealt fairly) before the clock starts; the writers run in this
+   process.
 3. Latency: ours (relay + 1 worker process) with writers paced at ``--rate`` events/s: recorded_at to
    read-model commit, from the worker's ``eventfleet_end_to_end_seconds`` histogram (observed after
    commit; the first 2 s are left out) and, per order's last event, from the checkpoint row's update
    time (set when the worker's batch claims the row: before its writes and its commit, so lower). When the hand-written pipeline sustained far
    less in this run than the issue's 3.1k events/s (a loaded machine), latency is also measured at the
    same share of that capacity as 500 is of 3.1k. To split the path, a transient queue of the bench's own
-   on the exchange is consumed without any work (recorded_at to the relay's publish, near enough), and the
+   bound to every partition of the partitions exchange is consumed without any database work (recorded_at
+   to the relay's publish, near enough), and the
    relay's and worker's per-batch histograms give the time of each publish+confirm and applied batch.
 4. Tracing, ``--tracing-events`` per run, ``--tracing-rounds`` runs of each mode in alternating order (the
    modes of bench/tracing.py: OpenTelemetry absent, off, on, and on with a span per append): our 8
    writers into a fresh deployment, our relay draining the outbox, one in-process worker until current.
    The phases above run with the API installed and no tracer provider.
 
-Every schema and queue is created with a unique name and removed at the end. Servers:
+Every schema and queue is created with a unique name; a deployment's queues are deleted once its phase is
+over (a deployment has P quorum queues per projection), everything else at the end. Servers:
 ``EVENTFLEET_DATABASE_URL`` and ``EVENTFLEET_AMQP_URL``.
 """
 
@@ -80,12 +84,15 @@ from eventfleet.examples.orders.events import (
 from eventfleet.examples.orders.projections import SQL as ORDERS_SQL
 from projections import registry
 from store import EventStore, codec, db
+from store.partitions import DEFAULT_PARTITIONS
 from workers import admin, broker, projector, relay
 from workers.config import Settings
+from workers.projector import leases
+from workers.relay.publish import partition_batches
 from workers.runtime import health, tuning
 
 PROJECTIONS = ("order_summary", "customer_stats")
-OBSERVER = "bench_observer"  # a queue of our own on the exchange, as docs/reference.md allows other consumers
+OBSERVER = "bench_observer"  # a queue of our own on the partitions exchange, bound to every partition
 WARM_UP = 2.0
 Token = tuple[str, int, Any]  # (stream id, version to write, event)
 
@@ -173,16 +180,24 @@ class Lab:
     prefixes: list[str] = dataclasses.field(default_factory=list)
     processes: list[asyncio.subprocess.Process] = dataclasses.field(default_factory=list)
     logs: str = dataclasses.field(default_factory=lambda: tempfile.mkdtemp(prefix="bench_pipeline_"))
+    #: P of every schema of the run.
+    partitions: int = DEFAULT_PARTITIONS
 
-    async def deployment(self, kind: str) -> Settings:
-        """A fresh migrated schema and prefix with the projections' queues declared (so no backfill runs)."""
+    async def deployment(self, kind: str, *, topology: str | None = "partitions") -> Settings:
+        """A fresh schema migrated with P partitions and a prefix; ``topology``: ours (the partitions exchange
+        and queues, so the relay's first publishes are routed), the hand-written pipeline's ``"per_event"``
+        (a topic exchange and a queue per read model), or None (no broker at all)."""
         schema, prefix = f"bench_pipe_{self.tag}_{kind}", f"bench.pipe.{self.tag}.{kind}"
         self.schemas.append(schema)
-        await admin.run_migrate(self.settings.database_url, schema)
+        await admin.run_migrate(self.settings.database_url, schema, partitions=self.partitions)
         self.prefixes.append(prefix)
-        channel = await (await self.connection()).channel()
-        async with channel:
-            await broker.declare_topology(channel, broker.Names(prefix), PROJECTIONS)
+        if topology is not None:
+            channel = await (await self.connection()).channel()
+            async with channel:
+                if topology == "per_event":
+                    await declare_per_event(channel, broker.Names(prefix))
+                else:
+                    await broker.declare_topology(channel, broker.Names(prefix), PROJECTIONS, self.partitions)
         return dataclasses.replace(self.settings, schema=schema, prefix=prefix, http_port=0)
 
     async def connection(self) -> aio_pika.abc.AbstractConnection:
@@ -222,6 +237,12 @@ class Lab:
         self.processes.clear()
         return lines
 
+    async def retire(self, settings: Settings) -> None:
+        """Delete one deployment's queues and exchanges once its phase is over (its schema stays until
+        ``close``): P quorum queues per projection are too many to keep for the whole run."""
+        await retrying(lambda: self._delete_broker_objects([settings.prefix]))
+        self.prefixes.remove(settings.prefix)
+
     async def close(self) -> None:
         """Stop the processes, drop the schemas, delete the queues and exchanges (each step despite the others)."""
         try:
@@ -230,7 +251,10 @@ class Lab:
             try:
                 await retrying(self._drop_schemas)
             finally:
-                await retrying(self._delete_broker_objects)
+                with contextlib.suppress(Exception):
+                    if self.amqp is not None:
+                        await self.amqp.close()
+                await retrying(lambda: self._delete_broker_objects(self.prefixes))
 
     async def _drop_schemas(self) -> None:
         conn = await asyncpg.connect(self.settings.database_url)
@@ -240,32 +264,53 @@ class Lab:
         finally:
             await conn.close()
 
-    async def _delete_broker_objects(self) -> None:
-        with contextlib.suppress(Exception):
-            if self.amqp is not None:
-                await self.amqp.close()
+    async def _delete_broker_objects(self, prefixes: Sequence[str]) -> None:
+        """Every queue and exchange of these prefixes: ours (partition and dead-letter queues, the three
+        exchanges) and the hand-written pipeline's (a queue per read model)."""
         # A fresh connection: the broker may have been restarted under us (others run fault tests).
         async with await aio_pika.connect(self.settings.amqp_url) as connection:
             channel = await connection.channel()
-            for prefix in self.prefixes:
+            for prefix in prefixes:
                 names = broker.Names(prefix)
+                await broker.delete_topology(channel, names, PROJECTIONS, self.partitions)
                 for p in PROJECTIONS:
                     await channel.queue_delete(names.queue(p))
-                    await channel.queue_delete(names.dead_letter_queue(p))
-                await channel.exchange_delete(names.exchange)
-                await channel.exchange_delete(names.dead_letter_exchange)
 
-    async def consumers(self, settings: Settings) -> int:
+    async def consumers(self, settings: Settings, *, per_event: bool = False) -> int:
         """The fewest consumers on any of the deployment's projection queues."""
         channel = await (await self.connection()).channel()
         async with channel:
-            return min(q.consumer_count or 0 for q in await declared(channel, settings))
+            return min(q.consumer_count or 0 for q in await declared(channel, settings, self.partitions, per_event))
 
 
-async def declared(channel: aio_pika.abc.AbstractChannel, settings: Settings) -> list[spec.Queue.DeclareOk]:
-    """The passive declaration results (message and consumer counts) of the deployment's projection queues."""
-    return [(await channel.declare_queue(broker.Names(settings.prefix).queue(p), passive=True)).declaration_result
-            for p in PROJECTIONS]
+async def declare_per_event(channel: aio_pika.abc.AbstractChannel, names: broker.Names) -> None:
+    """The hand-written pipeline's topology: the topic exchange and one quorum queue per read model bound with
+    '#', each fed one message per event."""
+    exchange = await broker.declare_exchange(channel, names)
+    for p in PROJECTIONS:
+        queue = await channel.declare_queue(names.queue(p), durable=True, arguments={"x-queue-type": "quorum"})
+        await queue.bind(exchange, routing_key="#")
+
+
+async def declared(channel: aio_pika.abc.AbstractChannel, settings: Settings, partitions: int,
+                   per_event: bool = False) -> list[spec.Queue.DeclareOk]:
+    """The passive declaration results (message and consumer counts) of the deployment's projection queues:
+    every partition queue of both projections (or the hand-written pipeline's queue per read model)."""
+    names = broker.Names(settings.prefix)
+    queues = ([names.queue(p) for p in PROJECTIONS] if per_event
+              else [names.partition_queue(p, n) for p in PROJECTIONS for n in range(partitions)])
+    return [(await channel.declare_queue(q, passive=True)).declaration_result for q in queues]
+
+
+async def balanced(conn: db.Conn, workers: int, partitions: int) -> bool:
+    """The leases are dealt: per projection, ``workers`` live owners (at most P) whose shares add up to P and
+    differ by at most one."""
+    held: dict[str, dict[str, int]] = {p: {} for p in PROJECTIONS}
+    for lease in await leases.owners(conn):
+        if lease.owner is not None and lease.live and lease.projection in held:
+            held[lease.projection][lease.owner] = held[lease.projection].get(lease.owner, 0) + 1
+    return all(len(c) == min(workers, partitions) and sum(c.values()) == partitions
+               and max(c.values()) - min(c.values()) <= 1 for c in held.values())
 
 
 async def retrying(step: Callable[[], Awaitable[None]], within: float = 90) -> None:
@@ -304,7 +349,8 @@ def applied_all(conn: db.Conn, events: int, writing: asyncio.Future[Any] | None 
 
 
 async def start_ours(lab: Lab, settings: Settings, workers: int, http_port: int = 0, relay_port: int = 0) -> None:
-    """Our relay and ``workers`` worker processes, ready: the relay listens, every queue has its consumers."""
+    """Our relay and ``workers`` worker processes, ready: the relay listens, the leases are dealt fairly and
+    every partition queue has its consumer."""
     await lab.spawn(settings, "workers", "relay", http_port=relay_port)
     for _ in range(workers):
         await lab.spawn(settings, "workers", "worker", http_port=http_port)
@@ -315,12 +361,12 @@ async def start_ours(lab: Lab, settings: Settings, workers: int, http_port: int 
                                     " AND query LIKE 'LISTEN%'", relay.application_name(settings.schema))
             return bool(n)
         await until(relay_listening, 60, "the relay listening")
+
+        async def consuming() -> bool:
+            return await balanced(conn, workers, lab.partitions) and await lab.consumers(settings) >= 1
+        await until(consuming, 60, f"{workers} workers holding fair shares and consuming", every=0.1)
     finally:
         await conn.close()
-
-    async def consuming() -> bool:
-        return await lab.consumers(settings) >= workers
-    await until(consuming, 60, f"{workers} workers consuming", every=0.1)
 
 
 async def start_handwritten(lab: Lab, settings: Settings) -> None:
@@ -333,7 +379,7 @@ async def start_handwritten(lab: Lab, settings: Settings) -> None:
             raise RuntimeError(f"hand-written {role} did not start: {line!r}")
 
     async def consuming() -> bool:
-        return await lab.consumers(settings) >= 1
+        return await lab.consumers(settings, per_event=True) >= 1
     await until(consuming, 60, "the hand-written consumer", every=0.1)
 
 
@@ -342,10 +388,10 @@ async def start_handwritten(lab: Lab, settings: Settings) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Drain:
-    """One worker process draining both queues of a pre-filled deployment."""
+    """One worker process draining the queues of a pre-filled deployment."""
 
     current: float  # events/s until both read models were current (applied every event)
-    queues_empty: float  # events/s until both queues were empty as well
+    queues_empty: float  # events/s until every queue was empty as well
     batch: float  # mean batch of the consumers' own transactions (deliveries applied or acked)
     cpu_ms: float  # the worker's CPU milliseconds per event, until the queues were empty
     caught_up: float  # share of the events the store catch-up read
@@ -380,20 +426,23 @@ async def throughput(lab: Lab, schedules: Sequence[Sequence[Token]],
         await store.notifier.flush()
         async with await aio_pika.connect(settings.amqp_url) as connection:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            exchange = await channel.get_exchange(broker.Names(settings.prefix).exchange, ensure=False)
+            targets = await broker.declare_topology(channel, broker.Names(settings.prefix), PROJECTIONS,
+                                                    lab.partitions)
             started = time.perf_counter()
-            relayed = await relay.relay_until_idle(pool, exchange, batch_size=settings.batch_size)
+            relayed = await relay.relay_until_idle(pool, targets, batch_size=settings.batch_size)
             relayed_rate = relayed / (time.perf_counter() - started)
             ceiling = await batched_upserts(lab, schedules, settings.batch_size)
             ceiling_large = await batched_upserts(lab, schedules, settings.catchup_batch_size)
-            drained = await one_worker(pool, settings, events)
+            drained = await one_worker(pool, settings, events, lab.partitions)
             await reset_read_models(pool)
-            await republish(pool, exchange)
-            broker_only = await one_worker(pool, dataclasses.replace(settings, catchup_threshold=0), events)
-            await republish(pool, exchange)
+            await republish(pool, targets)
+            broker_only = await one_worker(pool, dataclasses.replace(settings, catchup_threshold=0), events,
+                                           lab.partitions)
+            await republish(pool, targets)
             cpu = cpu_seconds()
-            consumed = await raw_consume(connection, settings, events)
+            consumed = await raw_consume(connection, settings, await partition_events(pool), lab.partitions)
             consume_cpu = 1000 * (cpu_seconds() - cpu) / events
+    await lab.retire(settings)
     es_projected = es_events / await asyncio.to_thread(eventsourcing_baseline.project, dsn, es_schema)
     await check_eventsourcing(lab, es_schema, es_schedules)
     return Throughput(es_saved, appended, relayed_rate, ceiling, ceiling_large, drained, broker_only, consumed,
@@ -402,13 +451,13 @@ async def throughput(lab: Lab, schedules: Sequence[Sequence[Token]],
 
 async def batched_upserts(lab: Lab, schedules: Sequence[Sequence[Token]], batch: int) -> float:
     """The ceiling, in a schema of its own, from the same events in roughly the order writers produce them."""
-    settings = await lab.deployment(f"ceiling{batch}")
+    settings = await lab.deployment(f"ceiling{batch}", topology=None)
     return await pipeline_handwritten.ceiling(settings.database_url, settings.schema, interleaved(schedules), batch)
 
 
-async def one_worker(pool: db.Pool, settings: Settings, events: int) -> Drain:
-    """``run_worker`` in this process until both projections applied every queued event, then until both
-    queues are empty too (a catch-up from the store leaves the deliveries it settled to be acked).
+async def one_worker(pool: db.Pool, settings: Settings, events: int, partitions: int) -> Drain:
+    """``run_worker`` in this process until both projections applied every queued event, then until every
+    queue is empty too (a catch-up from the store leaves the deliveries it settled to be acked).
 
     The clock starts once the worker is connected (ready), as in the end-to-end phases and as the ceiling's
     loop opens its connections before its clock.
@@ -428,7 +477,7 @@ async def one_worker(pool: db.Pool, settings: Settings, events: int) -> Drain:
         current = await until(applied_all(conn, events), 300, "one worker applying every event", every=0.01)
     async with await aio_pika.connect(settings.amqp_url) as connection:
         channel = await connection.channel()
-        empty = await until(lambda: queues_empty(channel, settings), 300, "one worker emptying the queues")
+        empty = await until(lambda: queues_empty(channel, settings, partitions), 300, "one worker emptying the queues")
     cpu = cpu_seconds() - cpu
     stop.set()
     stats = await worker
@@ -439,9 +488,9 @@ async def one_worker(pool: db.Pool, settings: Settings, events: int) -> Drain:
                  settled / batches if batches else float("nan"), 1000 * cpu / events, caught_up / (2 * events))
 
 
-async def queues_empty(channel: aio_pika.abc.AbstractChannel, settings: Settings) -> bool:
-    """No message ready in either projection queue (the last deliveries are then in the worker's hands)."""
-    return not any(q.message_count for q in await declared(channel, settings))
+async def queues_empty(channel: aio_pika.abc.AbstractChannel, settings: Settings, partitions: int) -> bool:
+    """No message ready in any projection queue (the last deliveries are then in the worker's hands)."""
+    return not any(q.message_count for q in await declared(channel, settings, partitions))
 
 
 async def reset_read_models(pool: db.Pool) -> None:
@@ -450,42 +499,60 @@ async def reset_read_models(pool: db.Pool) -> None:
     await pool.execute("UPDATE projection_status SET applied = 0, watermark_txid = '0', watermark_position = 0")
 
 
-async def republish(pool: db.Pool, exchange: aio_pika.abc.AbstractExchange) -> None:
-    """Publish every stored event again, as the relay encodes them, for the raw consumption figure."""
+async def republish(pool: db.Pool, targets: broker.Targets) -> None:
+    """Publish every stored event again, as the relay's batches of 1,000 make them, for the raw consumption
+    figure and the second drain."""
     rows = await pool.fetch("SELECT * FROM events ORDER BY global_position")
     for i in range(0, len(rows), 1000):
-        await relay.publish_confirmed(exchange, [(r["event_type"], broker.encode_row(r)) for r in rows[i:i + 1000]],
-                                      confirm_timeout=120)
+        messages, _ = partition_batches(rows[i:i + 1000], targets.partitions, message_events=targets.message_events,
+                                        message_bytes=targets.message_bytes)
+        await relay.publish_confirmed(targets.partitions_exchange, messages, confirm_timeout=120)
 
 
-async def raw_consume(connection: aio_pika.abc.AbstractConnection, settings: Settings, events: int) -> float:
-    """Consume both projection queues on the raw aiormq channel as the worker does (same prefetch, batches
-    taken from what is buffered, one multiple-ack each), with no decoding and no database: the floor of
-    the client library's per-delivery cost. Returns events/s (one event = its message on both queues)."""
-    async def drain(projection: str) -> None:
+async def partition_events(pool: db.Pool) -> dict[int, int]:
+    """How many stored events each partition holds."""
+    rows = await pool.fetch("SELECT partition, count(*) AS events FROM events GROUP BY partition")
+    return {r["partition"]: r["events"] for r in rows}
+
+
+async def raw_consume(connection: aio_pika.abc.AbstractConnection, settings: Settings, events: dict[int, int],
+                      partitions: int) -> float:
+    """Consume both projections' partition queues on raw aiormq channels as the worker does (a channel per
+    queue, the same prefetch in messages, batches of whole messages up to the batch size in events taken
+    from what is buffered, one multiple-ack each), with no decoding (a message's ``count`` header says how
+    many events it holds) and no database: the floor of the client library's per-delivery cost. Returns
+    events/s (one event = its message on both projections' queues)."""
+    async def drain(projection: str, partition: int) -> None:
+        expected = events.get(partition, 0)
+        if not expected:
+            return
         channel = await connection.channel()
-        await channel.set_qos(prefetch_count=settings.prefetch)
+        await channel.set_qos(prefetch_count=settings.prefetch_messages)
         raw = await channel.get_underlay_channel()
-        buffer: asyncio.Queue[int] = asyncio.Queue()
+        buffer: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
 
         async def receive(message: aiormq.abc.DeliveredMessage) -> None:
-            buffer.put_nowait(message.delivery_tag or 0)
+            count = (message.header.properties.headers or {})["count"]
+            assert isinstance(count, int)
+            buffer.put_nowait((message.delivery_tag or 0, count))
 
-        ok = await raw.basic_consume(broker.Names(settings.prefix).queue(projection), receive, no_ack=False)
+        queue = broker.Names(settings.prefix).partition_queue(projection, partition)
+        ok = await raw.basic_consume(queue, receive, no_ack=False)
         taken = 0
-        while taken < events:
-            batch = [await buffer.get()]
-            while len(batch) < settings.batch_size and not buffer.empty():
-                batch.append(buffer.get_nowait())
-            await raw.basic_ack(max(batch), multiple=True)
-            taken += len(batch)
+        while taken < expected:
+            tag, count = await buffer.get()
+            while count < settings.batch_size and not buffer.empty():
+                tag, more = buffer.get_nowait()
+                count += more
+            await raw.basic_ack(tag, multiple=True)
+            taken += count
         assert ok.consumer_tag is not None
         await raw.basic_cancel(ok.consumer_tag)
         await channel.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(drain(p) for p in PROJECTIONS))
-    return events / (time.perf_counter() - started)
+    await asyncio.gather(*(drain(p, n) for p in PROJECTIONS for n in range(partitions)))
+    return sum(events.values()) / (time.perf_counter() - started)
 
 
 async def eventsourcing_schema(lab: Lab) -> str:
@@ -533,7 +600,7 @@ def cpu_seconds(pid: int | None = None) -> float:
 
 async def end_to_end(lab: Lab, schedules: Sequence[Sequence[Token]], workers: int) -> EndToEnd:
     """Ours (workers >= 1) or the hand-written pipeline (workers == 0): first append to lag 0."""
-    settings = await lab.deployment(f"e2e{workers}")
+    settings = await lab.deployment(f"e2e{workers}", topology="partitions" if workers else "per_event")
     events = sum(map(len, schedules))
     async with contextlib.AsyncExitStack() as stack:
         conn = await db.connect(settings.database_url, settings.schema)
@@ -561,6 +628,7 @@ async def end_to_end(lab: Lab, schedules: Sequence[Sequence[Token]], workers: in
         used = [after - before for after, before in zip([cpu_seconds(), *map(cpu_seconds, pids)], cpu, strict=True)]
         writers_seconds = await writing
     lines = await lab.stop_all()
+    await lab.retire(settings)
     shares = [sum(p["applied"] for p in json.loads(line)["projections"].values())
               for line in lines if line.startswith('{"worker"') and "projections" in line]
     cpu_ms = {"writers": used[0], "relay": used[1], "consumers": sum(used[2:])}
@@ -644,6 +712,7 @@ async def latency(lab: Lab, schedules: Sequence[Sequence[Token]], rate: float) -
         await conn.close()
         await observer.close()
     await lab.stop_all()
+    await lab.retire(settings)
     cutoff = since.timestamp()
     waits = sorted(d - r for r, d in delivered if r >= cutoff)
     by_projection = {}
@@ -666,19 +735,20 @@ async def latency(lab: Lab, schedules: Sequence[Sequence[Token]], rate: float) -
 
 async def observe(lab: Lab, settings: Settings, delivered: list[tuple[float, float]]
                   ) -> aio_pika.abc.AbstractConnection:
-    """A transient classic queue of our own on the exchange, consumed without any work: when the relay's
-    publish of each event reached the broker, near enough (recorded_at, delivered). A quorum queue would
-    add a third replicated log to the broker's work and slow down what it measures. Returns the
-    connection to close (the queue goes with it)."""
+    """A transient classic queue of our own bound to every partition of the partitions exchange, consumed
+    without any database work: when the relay's publish of each event reached the broker, near enough
+    (recorded_at, delivered). A quorum queue would add another replicated log to the broker's work and slow
+    down what it measures. Returns the connection to close (the queue goes with it)."""
     connection = await aio_pika.connect(settings.amqp_url)
     channel = await connection.channel()
     queue = await channel.declare_queue(f"{settings.prefix}.{OBSERVER}", exclusive=True, auto_delete=True)
-    await queue.bind(broker.Names(settings.prefix).exchange, routing_key="#")
+    for partition in range(lab.partitions):
+        await queue.bind(broker.Names(settings.prefix).partitions_exchange, routing_key=str(partition))
     raw = await channel.get_underlay_channel()
 
     async def receive(message: aiormq.abc.DeliveredMessage) -> None:
         now = time.time()
-        delivered.append((broker.from_body(message.body).recorded_at.timestamp(), now))
+        delivered.extend((e.recorded_at.timestamp(), now) for e in broker.from_batch_body(message.body).events)
 
     await raw.basic_consume(queue.name, receive, no_ack=True)
     return connection
@@ -726,11 +796,13 @@ async def traced_run(lab: Lab, schedules: Sequence[Sequence[Token]], traced: tra
             await store.notifier.flush()
             async with await aio_pika.connect(settings.amqp_url) as connection:
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                exchange = await channel.get_exchange(broker.Names(settings.prefix).exchange, ensure=False)
+                targets = await broker.declare_topology(channel, broker.Names(settings.prefix), PROJECTIONS,
+                                                        lab.partitions)
                 started = time.perf_counter()
-                await relay.relay_until_idle(pool, exchange, batch_size=settings.batch_size)
+                await relay.relay_until_idle(pool, targets, batch_size=settings.batch_size)
                 relaying = time.perf_counter() - started
-            drained = await one_worker(pool, settings, events)
+            drained = await one_worker(pool, settings, events, lab.partitions)
+    await lab.retire(settings)
     after_spans, after_links = traced.exported()
     total.runs.append((events / appending, events / relaying, drained.current))
     total.events += events
@@ -794,7 +866,7 @@ def verdict(ok: bool) -> str:
 async def run(args: argparse.Namespace) -> None:
     settings = Settings.from_env()
     registry.load([registry.EXAMPLE])
-    lab = Lab(settings)
+    lab = Lab(settings, partitions=args.partitions)
     writers = args.writers
     if args.tracing_only:
         print(f"bench.pipeline, tracing only: {args.tracing_events} events per run, {args.tracing_rounds} rounds,"
@@ -805,7 +877,7 @@ async def run(args: argparse.Namespace) -> None:
             await lab.close()
         return
     print(f"bench.pipeline: {args.drain_events} events per throughput phase, {args.events} end to end,"
-          f" {writers} writers, eventsourcing {args.es_events}"
+          f" {writers} writers, {args.partitions} partitions, eventsourcing {args.es_events}"
           f" events (psycopg {psycopg.pq.__impl__}), latency at {args.rate:.0f} events/s for"
           f" {args.latency_seconds:.0f}s; load average {os.getloadavg()[0]:.2f}", flush=True)
     try:
@@ -818,12 +890,13 @@ async def run(args: argparse.Namespace) -> None:
               f" {settings.batch_size}, both read models)")
         print(f"ceiling, the same in larger batches:   {t.ceiling_large:8.0f} events/s (batches of"
               f" {settings.catchup_batch_size}, the catch-up's size)")
-        for name, d in (("ours, 1 worker draining both queues:", t.drained),
+        for name, d in (("ours, 1 worker draining the queues:", t.drained),
                         ("the same, store catch-up off:", t.broker_only)):
             print(f"{name:<38} {d.current:8.0f} events/s until the read models were current; queues empty at"
                   f" {d.queues_empty:.0f} events/s (in-process run_worker; {d.caught_up:.0%} read by the catch-up;"
                   f" consumer batches of {d.batch:.0f}; CPU {d.cpu_ms:.2f} ms/event)")
-        print(f"raw aiormq consuming both queues:     {t.consumed:8.0f} events/s ({2 * t.consumed:.0f} msgs/s;"
+        print(f"raw aiormq consuming the queues:      {t.consumed:8.0f} events/s (batch messages of up to"
+              f" {settings.message_events} events on both projections' {args.partitions} partition queues;"
               f" no decoding, no database; CPU {t.consume_cpu_ms:.2f} ms/event)")
         print(f"eventsourcing, 2 ProjectionRunners:    {t.es_projected:8.0f} events/s (both read models, one event"
               f" per transaction)", flush=True)
@@ -883,6 +956,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000, help="events per end-to-end phase")
     parser.add_argument("--es-events", type=int, default=6_000, help="events through the eventsourcing library")
     parser.add_argument("--writers", type=int, default=8)
+    parser.add_argument("--partitions", type=int, default=Settings.from_env().partitions or DEFAULT_PARTITIONS,
+                        help="P of every schema of the run (EVENTFLEET_PARTITIONS, else 16)")
     parser.add_argument("--rate", type=float, default=500.0, help="events/s of the paced latency phase")
     parser.add_argument("--latency-seconds", type=float, default=12.0)
     parser.add_argument("--no-relative-latency", dest="relative_latency", action="store_false",

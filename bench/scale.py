@@ -164,7 +164,8 @@ def tail(path: str, lines: int = 15) -> str:
 
 
 async def deploy(lab: Lab, workers: int, partitions: int) -> Settings:
-    """A fresh schema migrated with P partitions and a fresh prefix, both registered with the lab before they exist so that its close removes them whatever happens."""
+    """A fresh schema migrated with P partitions and a fresh prefix, both registered with the lab before
+    they exist, so that its close removes them whatever happens."""
     schema, prefix = f"bench_scale_{lab.tag}_w{workers}", f"bench.scale.{lab.tag}.w{workers}"
     lab.schemas.append(schema)
     lab.prefixes.append(prefix)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from tests.chaos import faults, harness
-from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 
 
 def _rabbitmqctl(*args: str) -> None:
@@ -34,7 +34,8 @@ def vhost() -> Iterator[str]:
 @pytest.fixture
 async def deployment(schema: str, prefix: str, vhost: str) -> AsyncIterator[harness.Deployment]:
     """This test's schema (migrated) and prefix, in the chaos vhost; its queues are deleted after."""
-    deployment = harness.Deployment(DATABASE_URL, harness.vhost_url(AMQP_URL, vhost), vhost, schema, prefix)
+    deployment = harness.Deployment(DATABASE_URL, harness.vhost_url(AMQP_URL, vhost), vhost, schema, prefix,
+                                    PARTITIONS)
     yield deployment
     await harness.delete_topology(deployment)
     # Another test may be restarting Postgres: let it come back before `schema` drops this test's schema.

@@ -154,17 +154,19 @@ class Report:
 
 @dataclasses.dataclass(frozen=True)
 class Deployment:
-    """Where a run lives: its database, schema, broker vhost and prefix."""
+    """Where a run lives: its database, schema (migrated with ``partitions``), broker vhost and prefix."""
 
     database_url: str
     amqp_url: str
     vhost: str
     schema: str
     prefix: str
+    partitions: int  # P of the schema: each projection has as many queues
 
     def env(self) -> dict[str, str]:
         return {"EVENTFLEET_DATABASE_URL": self.database_url, "EVENTFLEET_AMQP_URL": self.amqp_url,
                 "EVENTFLEET_SCHEMA": self.schema, "EVENTFLEET_PREFIX": self.prefix,
+                "EVENTFLEET_PARTITIONS": str(self.partitions),
                 "EVENTFLEET_STOP_TIMEOUT": "5", "EVENTFLEET_LOG_FORMAT": "text",
                 # A backlog of a few seconds (a kill, an outage) starts a catch-up from the store, in small
                 # batches, so faults also land in the middle of catch-ups.
@@ -195,7 +197,7 @@ async def delete_topology(deployment: Deployment, within: float = 60) -> None:
             await asyncio.sleep(0.5)
     async with connection:
         channel = await connection.channel()
-        await broker.delete_topology(channel, names, PROJECTIONS)
+        await broker.delete_topology(channel, names, PROJECTIONS, deployment.partitions)
 
 
 @contextlib.asynccontextmanager

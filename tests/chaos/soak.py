@@ -19,6 +19,7 @@ memory was not flat.
 
     EVENTFLEET_SOAK_SECONDS (600)  EVENTFLEET_SOAK_RATE (events/s, 60)  EVENTFLEET_SOAK_REPORT (JSON file)
     EVENTFLEET_SOAK_TRACE (slot names, e.g. worker-0,relay-0: run them under tracemalloc; none by default)
+    EVENTFLEET_SOAK_PARTITIONS (P of its schema, 16)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import asyncpg
 
 import eventfleet.examples.orders.events  # noqa: F401 - registers the orders events
 from store import EventStore, db
+from store.partitions import DEFAULT_PARTITIONS
 from tests.chaos import harness
 from tests.chaos.fleet import Fleet, rss_kib
 from tests.chaos.verify import verify
@@ -55,6 +57,8 @@ TRACED = [name for name in os.environ.get("EVENTFLEET_SOAK_TRACE", "").split(","
 RSS_EVERY = 30.0
 #: The most the fitted RSS line of a process may rise over the second half of the load (see above).
 PLATEAU_MIB = 2.0
+#: P of the soak's schema: a deployment's default (its queues live only for the run).
+PARTITIONS = int(os.environ.get("EVENTFLEET_SOAK_PARTITIONS", DEFAULT_PARTITIONS))
 #: The lag stays bounded if its worst sample is under this many seconds of the oldest unapplied event.
 LAG_BOUND_SECONDS = 30.0
 
@@ -92,8 +96,8 @@ def memory_verdict(series: list[tuple[float, dict[str, int]]], load_seconds: flo
 
 async def run_soak(logdir: Path) -> dict[str, Any]:
     deployment = harness.Deployment(DATABASE_URL, AMQP_URL, "/", f"soak_{uuid.uuid4().hex[:10]}",
-                                    f"soak.{uuid.uuid4().hex[:10]}")
-    await admin.run_migrate(DATABASE_URL, deployment.schema)
+                                    f"soak.{uuid.uuid4().hex[:10]}", PARTITIONS)
+    await admin.run_migrate(DATABASE_URL, deployment.schema, partitions=deployment.partitions)
     try:
         return await _soak(deployment, logdir)
     finally:

@@ -1,6 +1,7 @@
 """A real Prometheus scrapes a real worker and relay during a small load, with deploy/'s rules loaded.
 
-It sees the lag rise and return to 0, finds every metric the alerts, the dashboard and the autoscaler
+It sees the lag rise and return to 0 (per projection and per partition, the worker holding every
+partition), finds every metric the alerts, the dashboard and the autoscaler
 use, evaluates the rules without errors (the relay-down rule goes pending while no relay runs), and
 runs every dashboard query.
 """
@@ -32,6 +33,7 @@ from aio_pika.abc import AbstractRobustConnection
 from eventfleet.examples.orders.events import LineItem, OrderPaid, OrderPlaced
 from projections import registry
 from store.event_store import EventStore
+from tests.conftest import PARTITIONS
 from tests.deploy import test_dashboard
 from tests.deploy.support import ALERTS, OVERLAY, ROOT, alert_rules, compose, metric_names
 from workers import broker
@@ -91,9 +93,9 @@ async def topology(prefix: str, amqp: AbstractRobustConnection) -> AsyncIterator
     projections = sorted(registry.load([registry.EXAMPLE]))
     names = broker.Names(prefix)
     channel = await amqp.channel()
-    await broker.declare_topology(channel, names, projections)
+    await broker.declare_topology(channel, names, projections, PARTITIONS)
     yield projections
-    await broker.delete_topology(channel, names, projections)
+    await broker.delete_topology(channel, names, projections, PARTITIONS)
     await channel.close()
 
 
@@ -236,6 +238,16 @@ async def test_prometheus_scrapes_the_lag_rising_and_returning_to_zero(
     peaks = await prom.values(f"max by (projection) (max_over_time({lag}[10m]))")
     assert all(v > 0 for v in peaks.values()), peaks
     assert sorted(peaks) == projections
+
+    # The lone worker holds every partition of every projection, and each partition's lag is back to 0.
+    async def partitions_held_and_current() -> bool:
+        held = await prom.values('eventfleet_worker_partitions_held{job="eventfleet"}')
+        lags = await prom.query('eventfleet_projection_partition_lag_events{job="eventfleet"}')
+        series = {(r["metric"]["projection"], r["metric"]["partition"]): float(r["value"][1]) for r in lags}
+        return held == dict.fromkeys(projections, float(PARTITIONS)) and series == {
+            (p, str(n)): 0.0 for p in projections for n in range(PARTITIONS)}
+
+    await prom.eventually("every partition held and at lag 0", partitions_held_and_current)
 
     async def relay_up_and_alert_cleared() -> bool:
         up = await prom.values('up{job="eventfleet", component="relay"}')

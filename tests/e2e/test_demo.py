@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.integration.test_relay_helpers import topology_names
 from workers import broker
 
 pytestmark = pytest.mark.slow
@@ -46,11 +47,12 @@ async def test_demo_runs_the_fleet_verifies_every_row_and_cleans_up():
                                        f"{name}%")
     finally:
         await conn.close()
+    # Nothing of the demo's topology is left: every projection's partition queues and DLQ, the exchanges.
+    queues, exchanges = topology_names(name)
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
-        channel = await connection.channel()
-        with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
-            await channel.declare_queue(broker.Names(name).queue("order_summary"), passive=True)
+        assert [q for q in queues if await broker.passive_queue(connection, q) is not None] == []
+        assert [x for x in exchanges if await broker.exchange_exists(connection, x)] == []
 
 
 @pytest.mark.parametrize(("variable", "url", "shown", "hint"), [

@@ -1,8 +1,9 @@
 """``python -m workers relay`` as real processes: killed, stopped, several at once; nothing is lost.
 
-Duplicates bound: a message is published twice only if its batch was published and then not committed,
-so each killed relay adds at most one batch (EVENTFLEET_RELAY_BATCH_SIZE messages); relays that stop cleanly
-or keep running add none (SKIP LOCKED: no two relays ever hold the same row).
+Duplicates bound: an event is published twice only if its batch was published and then not committed,
+so each killed relay adds at most one batch (EVENTFLEET_RELAY_BATCH_SIZE events, in however many batch
+messages); relays that stop cleanly or keep running add none (SKIP LOCKED: no two relays ever hold the
+same row). Deliveries are counted per event, decoded from one projection's partition queues.
 """
 
 from __future__ import annotations
@@ -16,18 +17,18 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_relay_helpers import (
-    QUEUE_PROJECTION,
     Collector,
     append_orders,
     declare,
     delete_topology,
-    drain_queue,
+    drain_queues,
     event_ids,
     outbox_count,
+    partition_queues,
     unpublished_ids,
     wait_until,
 )
-from workers import broker, relay
+from workers import relay
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,7 @@ BATCH = 100
 @pytest.fixture
 async def topology(amqp, prefix):
     await declare(amqp, prefix)
-    yield broker.Names(prefix).queue(QUEUE_PROJECTION)
+    yield partition_queues(prefix)  # one projection's: the queues the tests drain
     await delete_topology(amqp, prefix)
 
 
@@ -94,15 +95,16 @@ async def test_a_relay_killed_mid_batch_loses_nothing(pool, event_store, schema,
     first = await spawn()
     await wait_outbox_below(pool, n)  # batches are committing: the relay is mid-drain
     assert await stop(first, signal.SIGKILL) == -signal.SIGKILL
+    assert await outbox_count(pool) > 0, "the relay was done before the kill; make the load longer"
 
     # Every row the dead relay deleted had been confirmed: it is in the queue.
-    before = await drain_queue(amqp, topology)
+    before = await drain_queues(amqp, topology)
     assert (await event_ids(pool)) - (await unpublished_ids(pool)) <= set(before.counts)
 
     second = await spawn()
     await wait_outbox_below(pool, 1)
     assert await stop(second) == 0
-    after = await drain_queue(amqp, topology)
+    after = await drain_queues(amqp, topology)
     delivered = before.counts + after.counts
     assert set(delivered) == await event_ids(pool)
     duplicates = sum(delivered.values()) - len(delivered)
@@ -118,11 +120,12 @@ async def test_concurrent_relays_publish_everything_with_bounded_duplicates(
     n = await append_orders(event_store, 1500, per_batch=1500)  # 4500 events in one transaction
     await wait_outbox_below(pool, n - 10 * BATCH)
     assert await stop(procs[0], signal.SIGKILL) == -signal.SIGKILL  # its claimed batch is rolled back
+    assert await outbox_count(pool) > 0, "the relays were done before the kill; make the load longer"
     await wait_outbox_below(pool, 1)  # the others publish the rest, the killed relay's rows included
     for proc in procs[1:]:
         assert await stop(proc) == 0
 
-    delivered: Collector = await drain_queue(amqp, topology)
+    delivered: Collector = await drain_queues(amqp, topology)
     assert set(delivered.counts) == await event_ids(pool)
     assert len(delivered.counts) == n
     # Only the killed relay's last batch can have gone out twice; the live relays never overlap.
@@ -136,9 +139,10 @@ async def test_sigterm_finishes_the_batch_in_flight_and_exits_0(pool, event_stor
     proc = await spawn()
     await wait_outbox_below(pool, n)
     assert await stop(proc) == 0
+    assert await outbox_count(pool) > 0, "the relay was done before the stop; make the load longer"
     assert b"relay stopped" in (tmp_path / "relay0.log").read_bytes()
 
-    delivered = await drain_queue(amqp, topology)
+    delivered = await drain_queues(amqp, topology)
     published = (await event_ids(pool)) - (await unpublished_ids(pool))
     assert set(delivered.counts) == published  # deleted rows were all confirmed, kept rows never sent
     assert delivered.duplicates == 0  # the batch in flight was committed, not republished

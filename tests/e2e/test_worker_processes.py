@@ -1,8 +1,11 @@
-"""``python -m workers worker`` as real processes: competing consumers, SIGKILL, SIGTERM. Exactly once."""
+"""``python -m workers worker`` as real processes: sharing a projection's partitions, SIGKILL, SIGTERM.
+Exactly once. The events reach the partition queues through the relay's own publishing, in this process."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import json
 import os
 import random
@@ -21,29 +24,39 @@ import pytest
 from eventfleet.examples.orders.projections import CustomerStats
 from store import NO_STREAM, EventStore, RecordedEvent, db
 from store.event_store import record_from_row
-from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from tests.unit.test_projection_fold import fold, order_life, read_models
-from workers import broker, projector
+from workers import broker, projector, relay
 from workers.config import Settings
+from workers.projector import leases
 from workers.runtime import retry
 
 pytestmark = pytest.mark.slow
 
 PROJECTION = "customer_stats"
 RETRYABLE: tuple[type[BaseException], ...] = (*retry.OUTAGE_ERRORS, asyncpg.PostgresError)
+#: A killed worker's partitions wait this long for another owner (the shortest lease allowed is 3 s).
+LEASE_SECONDS = "5"
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """The projection's partition queues declared on a confirming channel, and the relay's targets."""
+
+    channel: aio_pika.abc.AbstractChannel
+    targets: broker.Targets
+    names: broker.Names
 
 
 @pytest.fixture
-async def exchange(prefix: str) -> AsyncIterator[aio_pika.abc.AbstractExchange]:
+async def topology(prefix: str) -> AsyncIterator[Topology]:
+    """The projection's partition queues and DLQ, and the relay's targets; deleted after the test."""
     names = broker.Names(prefix)
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
-        channel = await connection.channel()
-        yield await broker.declare_topology(channel, names, [PROJECTION])
-        for q in (names.queue(PROJECTION), names.dead_letter_queue(PROJECTION)):
-            await channel.queue_delete(q)
-        await channel.exchange_delete(names.exchange)
-        await channel.exchange_delete(names.dead_letter_exchange)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        yield Topology(channel, await broker.declare_topology(channel, names, [PROJECTION], PARTITIONS), names)
+        await broker.delete_topology(channel, names, [PROJECTION], PARTITIONS)
 
 
 async def append_orders(event_store: EventStore, streams: int, length: int) -> list[RecordedEvent]:
@@ -60,11 +73,22 @@ async def append_orders(event_store: EventStore, streams: int, length: int) -> l
     return events
 
 
-async def publish(exchange: aio_pika.abc.AbstractExchange, events: list[RecordedEvent]) -> None:
-    """Publish with confirms, many in flight at once."""
-    for start in range(0, len(events), 2000):
-        await asyncio.gather(*(exchange.publish(broker.to_message(e), routing_key=e.event_type)
-                               for e in events[start:start + 2000]))
+async def publish(pool: db.Pool, topology: Topology, events: list[RecordedEvent]) -> None:
+    """Relay the whole outbox (every appended event) to the partition queues, as the relay does."""
+    assert await relay.relay_until_idle(pool, topology.targets, batch_size=2000) == len(events)
+
+
+async def queues(topology: Topology) -> list[Any]:
+    """The passive declarations (message and consumer counts) of the projection's partition queues."""
+    return [(await topology.channel.declare_queue(topology.names.partition_queue(PROJECTION, n), passive=True)
+             ).declaration_result for n in range(PARTITIONS)]
+
+
+async def held(pool: db.Pool) -> list[int]:
+    """How many of the projection's partitions each live lease owner holds, fewest first."""
+    owners = collections.Counter(lease.owner for lease in await leases.owners(pool)
+                                 if lease.projection == PROJECTION and lease.owner is not None and lease.live)
+    return sorted(owners.values())
 
 
 def start_worker(schema: str, prefix: str, log: Path, **env: str) -> subprocess.Popen[str]:
@@ -121,20 +145,19 @@ async def assert_exact(pool: db.Pool, events: list[RecordedEvent]) -> None:
     assert await pool.fetchval("SELECT applied FROM projection_status WHERE projection = $1", PROJECTION) == len(events)
 
 
-async def test_three_workers_share_a_projection_exactly_once(pool, event_store, exchange, schema, prefix, tmp_path):
+async def test_three_workers_share_a_projection_exactly_once(pool, event_store, topology, schema, prefix, tmp_path):
     events = await append_orders(event_store, 500, 40)
-    # Competing consumers on the broker: no catch-up from the store, which one of them would win alone.
+    # Every event through the deliveries: no catch-up from the store, which would blur the shares.
     procs = [start_worker(schema, prefix, tmp_path / f"worker{i}.log", EVENTFLEET_CATCHUP_THRESHOLD="0")
              for i in range(3)]
     try:
-        queue_name = broker.Names(prefix).queue(PROJECTION)
+        async def shared() -> bool:
+            # Fair shares of the 4 partitions (2, 1, 1), each partition queue consumed by its owner alone.
+            return (await held(pool) == [1, 1, 2]
+                    and [q.consumer_count for q in await queues(topology)] == [1] * PARTITIONS)
 
-        async def consuming() -> bool:
-            queue = await exchange.channel.declare_queue(queue_name, passive=True)
-            return bool(queue.declaration_result.consumer_count == 3)
-
-        await until(consuming, 60, *procs)
-        await publish(exchange, events)
+        await until(shared, 60, *procs)
+        await publish(pool, topology, events)
         await until(lambda: _at_least(pool, len(events)), 300, *procs)
         reports = [stop_worker(p, 15) for p in procs]
     finally:
@@ -145,13 +168,13 @@ async def test_three_workers_share_a_projection_exactly_once(pool, event_store, 
     await assert_exact(pool, events)
 
 
-async def test_sigkill_mid_batch_and_sigterm_during_load_lose_and_double_nothing(pool, event_store, exchange, schema,
+async def test_sigkill_mid_batch_and_sigterm_during_load_lose_and_double_nothing(pool, event_store, topology, schema,
                                                                                   prefix, tmp_path):
     events = await append_orders(event_store, 200, 20)
-    await publish(exchange, events)
+    await publish(pool, topology, events)
     # The consumer's own path (a catch-up would apply the whole backlog in a few store batches).
     small = {"EVENTFLEET_BATCH_SIZE": "20", "EVENTFLEET_PREFETCH": "60", "EVENTFLEET_STOP_TIMEOUT": "5",
-             "EVENTFLEET_CATCHUP_THRESHOLD": "0"}
+             "EVENTFLEET_CATCHUP_THRESHOLD": "0", "EVENTFLEET_LEASE_SECONDS": LEASE_SECONDS}
     killed = start_worker(schema, prefix, tmp_path / "killed.log", **small)
     try:
         await until(lambda: _at_least(pool, 1), 60, killed)
@@ -162,6 +185,7 @@ async def test_sigkill_mid_batch_and_sigterm_during_load_lose_and_double_nothing
         killed.communicate()
     progress = await applied(pool)
     assert progress < len(events), "the load was over before the kill; make it longer"
+    # The next worker owns the partitions once the killed one's leases expired.
     stopped = start_worker(schema, prefix, tmp_path / "stopped.log", **small)
     try:
         await until(lambda: _at_least(pool, progress + 500), 60, stopped)
@@ -176,7 +200,7 @@ async def test_sigkill_mid_batch_and_sigterm_during_load_lose_and_double_nothing
     assert await applied(pool) < len(events), "SIGTERM came after the load; make it longer"
     # Whatever is left (redeliveries included) is finished in-process; the sums must be exact.
     settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
-    await projector.consume_until_idle(pool, exchange.channel, CustomerStats(), settings)
+    await projector.consume_until_idle(pool, topology.channel, CustomerStats(), settings)
     assert await applied(pool) == len(events)
     await assert_exact(pool, events)
 
@@ -185,17 +209,18 @@ async def _at_least(pool: db.Pool, n: int) -> bool:
     return bool(await applied(pool) >= n)
 
 
-async def test_a_worker_killed_during_a_catch_up_loses_and_doubles_nothing(pool, event_store, exchange, schema,
+async def test_a_worker_killed_during_a_catch_up_loses_and_doubles_nothing(pool, event_store, topology, schema,
                                                                          prefix, tmp_path):
     events = await append_orders(event_store, 300, 20)
-    await publish(exchange, events)
-    # Far behind (6,000 events against a threshold of 100): the store catch-up runs, in small batches.
+    await publish(pool, topology, events)
+    # Far behind (6,000 events over 4 partitions against a threshold of 100): each partition's catch-up from
+    # the store runs, in small batches.
     catch_up = {"EVENTFLEET_CATCHUP_THRESHOLD": "100", "EVENTFLEET_CATCHUP_BATCH_SIZE": "150",
-                "EVENTFLEET_STOP_TIMEOUT": "5"}
+                "EVENTFLEET_STOP_TIMEOUT": "5", "EVENTFLEET_LEASE_SECONDS": LEASE_SECONDS}
     killed = start_worker(schema, prefix, tmp_path / "killed.log", **catch_up)
     try:
         await until(lambda: _at_least(pool, 1), 60, killed)
-        killed.kill()  # SIGKILL mid catch-up: its batch rolls back, its advisory lock goes with its session
+        killed.kill()  # SIGKILL mid catch-up: its batch rolls back, its leases expire
     finally:
         if killed.poll() is None:
             killed.kill()
@@ -203,11 +228,9 @@ async def test_a_worker_killed_during_a_catch_up_loses_and_doubles_nothing(pool,
     assert await applied(pool) < len(events), "the catch-up was over before the kill; make it longer"
     procs = [start_worker(schema, prefix, tmp_path / f"worker{i}.log", **catch_up) for i in range(2)]
     try:
-        queue_name = broker.Names(prefix).queue(PROJECTION)
-
         async def drained() -> bool:
-            queue = await exchange.channel.declare_queue(queue_name, passive=True)
-            return await applied(pool) == len(events) and queue.declaration_result.message_count == 0
+            return (await applied(pool) == len(events)
+                    and [q.message_count for q in await queues(topology)] == [0] * PARTITIONS)
 
         await until(drained, 300, *procs)
         reports = [stop_worker(p, 15) for p in procs]

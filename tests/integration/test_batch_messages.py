@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import aio_pika
 import msgpack
@@ -13,15 +14,23 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from store import NO_STREAM, EventStore, db
 from store.partitions import partition_of
 from store.records import Undecodable
-from tests.unit.test_projection_fold import paid, placed
+from tests.conftest import PARTITIONS
+from tests.unit.test_projection_fold import paid, placed, shipped
 from workers import broker
 from workers.errors import MalformedMessage
+from workers.relay.publish import EVENT_OVERHEAD_BYTES, partition_batches
 
 
-async def stored_rows(pool: db.Pool) -> list[dict[str, object]]:
+async def stored_rows(pool: db.Pool) -> list[dict[str, Any]]:
+    """The events as the relay's claim returns them (with their partition), in position order."""
     rows = await pool.fetch("SELECT global_position, event_id, stream_id, version, event_type, data, metadata,"
-                            " recorded_at, transaction_id FROM events ORDER BY global_position")
+                            " recorded_at, transaction_id, partition FROM events ORDER BY global_position")
     return [dict(r) for r in rows]
+
+
+def contents(messages: list[tuple[str, aio_pika.Message]]) -> list[tuple[str, list[tuple[str, int]]]]:
+    """(routing key, [(stream, version) of each event]) of each message, in order."""
+    return [(key, [(e.stream_id, e.version) for e in broker.from_batch_body(m.body).events]) for key, m in messages]
 
 
 async def test_a_batch_decodes_to_the_events_as_loaded_from_the_store(pool: db.Pool, event_store: EventStore) -> None:
@@ -106,3 +115,68 @@ async def test_partition_queues_are_single_active_consumer_quorum_queues_bound_b
     with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):  # declared with the arguments above
         await (await amqp.channel()).declare_queue(names.partition_queue("balances", 0), durable=True,
                                                    arguments={"x-queue-type": "quorum"})
+
+
+async def test_events_message_is_the_relays_batch_message_of_the_same_events(pool: db.Pool,
+                                                                            event_store: EventStore) -> None:
+    await event_store.append("order-1", [placed("order-1", "c"), paid("order-1", "c")], NO_STREAM)
+    rows = await stored_rows(pool)
+    relayed = broker.batch_message(1, rows, [broker.event_map(r) for r in rows])
+    built = broker.events_message(1, await event_store.load("order-1"))
+    assert (built.body, built.headers, built.message_id, built.type, built.delivery_mode) == (
+        relayed.body, relayed.headers, relayed.message_id, relayed.type, relayed.delivery_mode)
+
+
+async def test_the_relay_publishes_each_partitions_events_in_one_message_in_position_order(
+        pool: db.Pool, event_store: EventStore) -> None:
+    streams = [f"order-{i}" for i in range(12)]
+    for sid in streams:  # appended one after the other: the partitions' events interleave in position order
+        await event_store.append(sid, [placed(sid, "c")], NO_STREAM)
+    for sid in streams:
+        await event_store.append(sid, [paid(sid, "c")], 0)
+    messages, undecodable = partition_batches(await stored_rows(pool), PARTITIONS)
+    expected = {str(p): [(sid, v) for v in (0, 1) for sid in streams if partition_of(sid, PARTITIONS) == p]
+                for p in range(PARTITIONS)}
+    assert sorted(contents(messages)) == sorted((k, v) for k, v in expected.items() if v)
+    assert undecodable == []
+
+
+async def test_a_partitions_events_are_split_into_messages_of_at_most_message_events(
+        pool: db.Pool, event_store: EventStore) -> None:
+    await event_store.append("order-1", [placed("order-1", "c"), *(paid("order-1", "c") for _ in range(6))],
+                             NO_STREAM)
+    messages, _ = partition_batches(await stored_rows(pool), PARTITIONS, message_events=3)
+    key = str(partition_of("order-1", PARTITIONS))
+    assert contents(messages) == [(key, [("order-1", v) for v in range(3)]),
+                                  (key, [("order-1", v) for v in range(3, 6)]), (key, [("order-1", 6)])]
+
+
+async def test_a_message_holds_the_events_that_fit_in_message_bytes_and_a_bigger_one_goes_alone(
+        pool: db.Pool, event_store: EventStore) -> None:
+    await event_store.append("order-1", [placed("order-1", "c"), paid("order-1", "c"), shipped("order-1", "c"),
+                                         paid("order-1", "c")], NO_STREAM)
+    rows = await stored_rows(pool)
+    weight = [len(r["data"]) + len(r["metadata"]) + EVENT_OVERHEAD_BYTES for r in rows]
+    limit = weight[0] + weight[1]  # room for the first two events exactly
+    rows[2]["data"] = rows[2]["data"] + b"\x00" * limit  # the third is bigger than a whole message
+    messages, _ = partition_batches(rows, PARTITIONS, message_bytes=limit)
+    assert [[e.version for e in broker.from_batch_body(m.body).events] for _, m in messages] == [[0, 1], [2], [3]]
+
+
+async def test_a_row_written_before_partitions_goes_to_its_streams_partition(pool: db.Pool,
+                                                                            event_store: EventStore) -> None:
+    await event_store.append("order-2", [placed("order-2", "c")], NO_STREAM)
+    rows = await stored_rows(pool)
+    rows[0]["partition"] = None  # as migrate leaves it until its fill reaches the row
+    [(key, message)] = partition_batches(rows, PARTITIONS)[0]
+    assert (key, message.headers["partition"]) == (str(partition_of("order-2", PARTITIONS)),
+                                                    partition_of("order-2", PARTITIONS))
+
+
+async def test_the_relay_returns_the_rows_it_flagged_undecodable(pool: db.Pool, event_store: EventStore) -> None:
+    await event_store.append("order-1", [placed("order-1", "c"), paid("order-1", "c")], NO_STREAM)
+    rows = await stored_rows(pool)
+    rows[1]["metadata"] = b"\xc1"
+    [(_, message)], undecodable = partition_batches(rows, PARTITIONS)
+    assert [(row["version"], "corrupt msgpack" in reason) for row, reason in undecodable] == [(1, True)]
+    assert message.headers[broker.UNDECODABLE_HEADER] == 1

@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import DATABASE_URL
 from tests.integration.test_http import free_port, get
-from workers import broker
+from tests.integration.test_relay_helpers import topology_names
 from workers.runtime import logs
 
 pytestmark = pytest.mark.slow
@@ -103,9 +103,7 @@ async def poll(port: int, path: str, status: int, proc: subprocess.Popen[Any], w
 
 async def test_relay_readyz_flips_during_a_rabbitmq_outage_and_logs_json(schema, prefix, delete_prefixed,
                                                                          tmp_path: Path):
-    names = broker.Names(prefix)
-    delete_prefixed([q for p in ("customer_stats", "order_summary") for q in (names.queue(p), names.dead_letter_queue(p))],
-                    [names.exchange, names.dead_letter_exchange])
+    delete_prefixed(*topology_names(prefix))  # what the relay declares: every loaded projection's queues
     forwarder = Forwarder()
     await forwarder.start()
     http_port = free_port()

@@ -1,9 +1,10 @@
-"""Shared pieces of the relay tests (no tests here): events to append, topology, counting deliveries."""
+"""Shared pieces of the relay tests (no tests here): events to append, topology, counting delivered events."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import datetime as dt
 import time
 import uuid
@@ -12,12 +13,14 @@ from decimal import Decimal
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
 from eventfleet.examples.orders.events import LineItem, OrderPaid, OrderPlaced, OrderShipped
 from projections import registry
 from store import db
-from store.event_store import EventStore
+from store.event_store import EventStore, RecordedEvent
+from store.partitions import partition_of
+from tests.conftest import PARTITIONS
 from workers import broker
 
 PROJECTIONS = tuple(registry.load([registry.EXAMPLE]))
@@ -58,58 +61,115 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], within: float, wh
         await asyncio.sleep(0.05)
 
 
-async def declare(connection: AbstractConnection, prefix: str) -> tuple[AbstractChannel, AbstractExchange]:
-    """A confirming channel (returns raise) with the deployment's topology declared, as the relay has."""
+async def declare(connection: AbstractConnection, prefix: str, *,
+                  events_exchange: bool = False) -> tuple[AbstractChannel, broker.Targets]:
+    """A confirming channel (returns raise) with the deployment's topology declared, as the relay has: the
+    partitions exchange, every projection's partition queues and dead-letter queue (and, with
+    ``events_exchange``, the per-event exchange)."""
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    exchange = await broker.declare_topology(channel, broker.Names(prefix), PROJECTIONS)
-    return channel, exchange
+    targets = await broker.declare_topology(channel, broker.Names(prefix), PROJECTIONS, PARTITIONS,
+                                            events_exchange=events_exchange)
+    return channel, targets
 
 
 async def delete_topology(connection: AbstractConnection, prefix: str) -> None:
+    """Delete everything ``declare`` (or a relay or worker of the deployment) declares."""
     names = broker.Names(prefix)
     channel = await connection.channel()
-    await broker.delete_topology(channel, names, PROJECTIONS)
+    await broker.delete_topology(channel, names, PROJECTIONS, PARTITIONS)
     await channel.close()
 
 
+def topology_names(prefix: str, projections: tuple[str, ...] = PROJECTIONS) -> tuple[list[str], list[str]]:
+    """(queues, exchanges) a relay or worker of the deployment may declare, for ``delete_prefixed``."""
+    names = broker.Names(prefix)
+    queues = [q for p in projections
+              for q in (*(names.partition_queue(p, n) for n in range(PARTITIONS)), names.dead_letter_queue(p))]
+    return queues, [names.partitions_exchange, names.exchange, names.dead_letter_exchange]
+
+
+def partition_queues(prefix: str, projection: str = QUEUE_PROJECTION) -> list[str]:
+    """One projection's queue of each partition, in partition order."""
+    return [broker.Names(prefix).partition_queue(projection, n) for n in range(PARTITIONS)]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Arrived:
+    """One event as delivered: the queue it came from, its message and the event decoded from it."""
+
+    queue: str
+    message: aio_pika.abc.AbstractIncomingMessage
+    event: RecordedEvent
+
+
 class Collector:
-    """Consumes a queue and keeps every delivery (auto-ack); counts per message id."""
+    """Consumes queues (auto-ack) and keeps every delivered event, decoded from batch messages (or from
+    per-event messages); counts deliveries per event id."""
 
     def __init__(self) -> None:
         self.messages: list[aio_pika.abc.AbstractIncomingMessage] = []
+        self.arrived: list[Arrived] = []
         self.counts: collections.Counter[str] = collections.Counter()
 
-    async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    def receive(self, queue: str, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         self.messages.append(message)
-        assert message.message_id is not None
-        self.counts[message.message_id] += 1
+        if message.type == broker.BATCH_TYPE:
+            events = broker.from_batch_body(message.body).events
+        else:
+            events = [broker.from_body(message.body)]
+        for event in events:
+            self.arrived.append(Arrived(queue, message, event))
+            self.counts[str(event.event_id)] += 1
 
     async def start(self, queue: AbstractQueue) -> None:
-        await queue.consume(self.on_message, no_ack=True)
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            self.receive(queue.name, message)
+
+        await queue.consume(on_message, no_ack=True)
 
     async def wait_for(self, distinct: int, within: float = 30) -> None:
+        """Until ``distinct`` different events have arrived."""
         async def enough() -> bool:
             return len(self.counts) >= distinct
-        await wait_until(enough, within, f"{distinct} distinct messages (have {len(self.counts)})")
+        await wait_until(enough, within, f"{distinct} distinct events (have {len(self.counts)})")
 
     @property
     def duplicates(self) -> int:
+        """Events delivered more than once: every delivery after an event's first."""
         return sum(self.counts.values()) - len(self.counts)
 
+    def misplaced(self, prefix: str, projection: str = QUEUE_PROJECTION) -> list[str]:
+        """Events that arrived in another queue than their stream's partition's (empty when every one is right)."""
+        names = broker.Names(prefix)
+        return [f"{a.event.stream_id}@{a.event.version} in {a.queue}" for a in self.arrived
+                if a.queue != names.partition_queue(projection, partition_of(a.event.stream_id, PARTITIONS))]
 
-async def drain_queue(connection: AbstractConnection, queue_name: str, within: float = 60) -> Collector:
-    """Take every message now in the queue (the publishers are done), counting ids."""
+
+async def collect(connection: AbstractConnection, queue_names: list[str]) -> tuple[AbstractChannel, Collector]:
+    """A collector consuming the given queues on a channel of its own (close it after)."""
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=1000)
-    queue = await channel.declare_queue(queue_name, passive=True)
-    assert queue.declaration_result.message_count is not None
-    expected = queue.declaration_result.message_count
     collector = Collector()
-    await collector.start(queue)
+    for name in queue_names:
+        await collector.start(await channel.declare_queue(name, passive=True))
+    return channel, collector
+
+
+async def drain_queues(connection: AbstractConnection, queue_names: list[str], within: float = 60) -> Collector:
+    """Take every message now in the queues (the publishers are done), counting event ids."""
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=1000)
+    collector = Collector()
+    expected = 0
+    for name in queue_names:
+        queue = await channel.declare_queue(name, passive=True)
+        assert queue.declaration_result.message_count is not None
+        expected += queue.declaration_result.message_count
+        await collector.start(queue)
 
     async def all_taken() -> bool:
         return len(collector.messages) >= expected
-    await wait_until(all_taken, within, f"{expected} messages from {queue_name}")
+    await wait_until(all_taken, within, f"{expected} messages from {queue_names}")
     await channel.close()
     return collector
 

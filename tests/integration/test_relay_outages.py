@@ -11,18 +11,18 @@ import logging
 import aio_pika
 import pytest
 
-from workers import broker, relay
+from workers import relay
 from workers.runtime import health
 
 from .test_relay_helpers import (
     PROJECTIONS,
-    QUEUE_PROJECTION,
     append_orders,
     declare,
     delete_topology,
-    drain_queue,
+    drain_queues,
     event_ids,
     outbox_count,
+    partition_queues,
     wait_until,
 )
 
@@ -53,7 +53,7 @@ async def topology(amqp_url, prefix):
     connection = await aio_pika.connect(amqp_url)
     await declare(connection, prefix)
     await connection.close()
-    yield broker.Names(prefix).queue(QUEUE_PROJECTION)
+    yield partition_queues(prefix)  # one projection's: the queues the tests drain
 
     async def up() -> bool:
         return await broker_reachable(amqp_url)
@@ -101,7 +101,7 @@ async def test_close_all_connections_mid_drain(pool, event_store, amqp_url, topo
     await wait_drained(pool, idle, status)
 
     connection = await aio_pika.connect(amqp_url)
-    delivered = await drain_queue(connection, topology)
+    delivered = await drain_queues(connection, topology)
     await connection.close()
     assert set(delivered.counts) == await event_ids(pool)
     assert delivered.duplicates <= BATCH  # only the batch the close cut off can go out twice
@@ -129,7 +129,7 @@ async def test_rabbitmq_stop_start_while_rows_are_pending(pool, event_store, amq
     await wait_drained(pool, idle, status)
 
     connection = await aio_pika.connect(amqp_url)
-    delivered = await drain_queue(connection, topology)
+    delivered = await drain_queues(connection, topology)
     await connection.close()
     assert set(delivered.counts) == await event_ids(pool)
     assert delivered.duplicates == 0  # nothing was confirmed during the outage, nothing went out twice
@@ -158,7 +158,7 @@ async def test_postgres_restart_mid_drain(database_url, schema, event_store, amq
     await wait_drained(pool, idle, status)
 
     connection = await aio_pika.connect(amqp_url)
-    delivered = await drain_queue(connection, topology)
+    delivered = await drain_queues(connection, topology)
     await connection.close()
     assert set(delivered.counts) == await event_ids(pool)
     assert delivered.duplicates <= BATCH  # the batch whose commit the restart cut off

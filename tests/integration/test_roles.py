@@ -23,9 +23,9 @@ from eventfleet.examples.orders.events import OrderPaid, OrderPlaced
 from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from store import db, errors, outbox, roles
 from store.event_store import NO_STREAM, EventStore
-from tests.conftest import DATABASE_URL
+from tests.conftest import DATABASE_URL, PARTITIONS
 from workers import admin, broker, rebuild, relay
-from workers.projector import checkpoints, lag, parking
+from workers.projector import checkpoints, lag, leases, parking
 
 NOW = dt.datetime(2024, 3, 1, 9, tzinfo=dt.UTC)
 PLACED = OrderPlaced("o1", "c1", (), Decimal(5), Decimal(0), Decimal(5), NOW)
@@ -108,8 +108,10 @@ async def test_the_grants_are_exactly_the_documented_ones(schema: str, granted: 
         ("relay", "partitioning"): "SELECT",
         ("relay", "outbox"): "DELETE,SELECT",
         ("worker", "events"): "SELECT",
+        ("worker", "partitioning"): "SELECT",
         **{("worker", t): "DELETE,INSERT,SELECT,UPDATE"
-           for t in ("checkpoints", "projection_status", "dead_letters", "order_summary", "customer_stats")},
+           for t in ("checkpoints", "projection_status", "dead_letters", "workers", "leases", "order_summary",
+                     "customer_stats")},
     }
     columns = await _admin("SELECT grantee, table_name, column_name, privilege_type "
                            "FROM information_schema.column_privileges WHERE table_schema = $1 "
@@ -189,18 +191,21 @@ async def test_relay_claims_publishes_and_deletes_outbox_rows(
         async with relay_pool.acquire() as other, other.transaction():
             assert await outbox.claim(other, 10) == []
     assert (await outbox.backlog(relay_pool)).pending == 2
-    # The whole job against RabbitMQ: publish with confirms, then delete.
+    # The whole job against RabbitMQ: publish with confirms, then delete. P is read from the schema as the
+    # relay role, and the batch messages go to a queue of the test's own bound to every partition.
     names = broker.Names(prefix)
-    channel = await amqp.channel()
-    delete_prefixed([f"{prefix}.seen"], [names.exchange])
-    exchange = await broker.declare_exchange(channel, names)
+    channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
+    delete_prefixed([f"{prefix}.seen"], [names.partitions_exchange, names.dead_letter_exchange])
+    partitions = await EventStore(relay_pool, schema=event_store.schema).partitions()
+    exchange = await broker.declare_partitions(channel, names, [], partitions)
     queue = await channel.declare_queue(f"{prefix}.seen", exclusive=True)
-    await queue.bind(exchange, routing_key="#")
-    assert await relay.relay_until_idle(relay_pool, exchange, batch_size=1) == 2
+    for partition in range(partitions):
+        await queue.bind(exchange, routing_key=str(partition))
+    assert await relay.relay_until_idle(relay_pool, broker.Targets(exchange, partitions), batch_size=1) == 2
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
     first = await queue.get(timeout=5)
     assert isinstance(first, aio_pika.IncomingMessage)
-    assert broker.from_body(first.body).event == PLACED
+    assert [e.event for e in broker.from_batch_body(first.body).events] == [PLACED]
     await first.ack()
 
 
@@ -242,6 +247,21 @@ async def test_worker_applies_checkpoints_dead_letters_and_lag(
     assert len(ids) == 1
     measured = await lag.measure(worker_pool, "order_summary")
     assert measured.lag_events == 0
+
+
+async def test_worker_reads_the_partitions_registers_and_leases_them(
+        login: Login, granted: roles.Roles, schema: str) -> None:
+    worker_pool = await login(granted.worker)
+    worker_store = EventStore(worker_pool, schema=schema)
+    partitions = await worker_store.partitions()
+    assert partitions == PARTITIONS
+    keeper = leases.LeaseKeeper(worker_pool, schema, ["customer_stats"], partitions)
+    tick = await keeper.tick()  # heartbeat, renew, claim: alone, it takes every partition
+    assert tick.acquired == {"customer_stats": list(range(PARTITIONS))}
+    await keeper.leave()  # hands every partition over and ends the registration
+    assert [(lease.partition, lease.owner) for lease in await leases.owners(worker_pool)] == [
+        (p, None) for p in range(PARTITIONS)]
+    assert await worker_pool.fetchval("SELECT count(*) FROM workers") == 0
 
 
 async def test_worker_is_refused_everything_else(login: Login, granted: roles.Roles,

@@ -20,7 +20,8 @@ from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from projections import registry
 from projections.base import Projection
 from store import NO_STREAM, EventStore, db, roles
-from tests.conftest import AMQP_URL, DATABASE_URL
+from store.partitions import partition_of
+from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from tests.unit.test_projection_fold import paid, placed
 from workers import admin, broker, rebuild
 from workers.projector import checkpoints
@@ -35,6 +36,8 @@ class LongNamed(Projection):
 
 
 PROJECTIONS = ("customer_stats", "order_summary", LongNamed.name)
+#: The projection whose queue of its own from before partitions a deployment still has.
+LEGACY = "order_summary"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +52,21 @@ class Deployment:
 
     @property
     def queues(self) -> list[str]:
-        return [q for p in PROJECTIONS for q in (self.names.queue(p), self.names.dead_letter_queue(p))]
+        """Per projection: its partition queues, the queue it had before partitions (``LEGACY`` only), its DLQ."""
+        n = self.names
+        return [q for p in PROJECTIONS
+                for q in (*(n.partition_queue(p, i) for i in range(PARTITIONS)), *([n.queue(p)] if p == LEGACY else []),
+                          n.dead_letter_queue(p))]
 
     @property
     def exchanges(self) -> list[str]:
-        return [self.names.exchange, self.names.dead_letter_exchange]
+        return [self.names.partitions_exchange, self.names.exchange, self.names.dead_letter_exchange]
+
+    @property
+    def filled(self) -> set[str]:
+        """The queues ``deploy`` published to: the partition queues of order-1 and order-2, the legacy one."""
+        partition = partition_of("order-1", PARTITIONS)
+        return {*(self.names.partition_queue(p, partition) for p in PROJECTIONS), self.names.queue(LEGACY)}
 
     @property
     def roles(self) -> tuple[str, str, str]:
@@ -76,12 +89,13 @@ async def drop_roles(names: tuple[str, ...]) -> None:
 
 
 async def deploy(schema: str, prefix: str, cleanup) -> Deployment:
-    """Migrate (with roles), write and project events, declare and fill the queues, leave three shadows."""
+    """Migrate (with roles), write and project events, declare and fill the queues (one message per event in
+    the partition queues, the legacy queue of ``LEGACY`` too), leave three shadows."""
     shadows = (rebuild.shadow_schema(schema, "order_summary"), rebuild.shadow_schema(schema, "customer_stats", "vf"),
                rebuild.shadow_schema(schema, LongNamed.name))
     deployment = Deployment(schema, prefix, shadows)
     cleanup(lambda: undeploy(deployment))
-    await admin.run_migrate(DATABASE_URL, schema)
+    await admin.run_migrate(DATABASE_URL, schema, partitions=PARTITIONS)
     await admin.run_roles(DATABASE_URL, schema)
     async with db.create_pool(DATABASE_URL, schema, min_size=1, max_size=4) as pool:
         store = EventStore(pool, schema=schema)
@@ -95,9 +109,18 @@ async def deploy(schema: str, prefix: str, cleanup) -> Deployment:
         await rebuild.replay(pool, store, LongNamed, shadows[2], settled=True)
         connection = await aio_pika.connect(AMQP_URL)
         async with connection:
-            exchange = await broker.declare_topology(await connection.channel(), deployment.names, PROJECTIONS)
+            channel = await connection.channel()
+            targets = await broker.declare_topology(channel, deployment.names, PROJECTIONS, PARTITIONS,
+                                                    events_exchange=True)
             for event in events:
-                await exchange.publish(broker.to_message(event), routing_key=event.event_type)
+                partition = partition_of(event.stream_id, PARTITIONS)
+                await targets.partitions_exchange.publish(broker.events_message(partition, [event]),
+                                                          routing_key=str(partition))
+            # The queue of its own a projection had before partitions, with what it still held.
+            legacy = await channel.declare_queue(deployment.names.queue(LEGACY), durable=True,
+                                                 arguments={"x-queue-type": "quorum"})
+            for event in events:
+                await channel.default_exchange.publish(broker.to_message(event), routing_key=legacy.name)
     return deployment
 
 
@@ -107,7 +130,9 @@ async def undeploy(deployment: Deployment) -> None:
     await drop_roles(deployment.roles)
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
-        await broker.delete_topology(await connection.channel(), deployment.names, PROJECTIONS)
+        channel = await connection.channel()
+        await broker.delete_topology(channel, deployment.names, PROJECTIONS, PARTITIONS)
+        await channel.queue_delete(deployment.names.queue(LEGACY))
 
 
 @pytest.fixture
@@ -172,7 +197,10 @@ async def test_teardown_leaves_everything_of_another_deployment_as_it_was(two, r
     tables, queues = await contents(b), await broker_state(b)
     assert tables[f"{b.schema}.events"] == 3
     assert tables[f"{b.shadows[0]}.order_summary"] == 2
-    assert set(queues.values()) == {0, 3}  # queues hold the 3 messages, dead-letter queues none
+    # The partition queue of order-1 and order-2 holds their 3 messages, as does the legacy queue; the
+    # other partition queues and the dead-letter queues hold none.
+    assert partition_of("order-1", PARTITIONS) == partition_of("order-2", PARTITIONS)
+    assert queues == {name: 3 if name in b.filled else 0 for name in [*b.queues, *b.exchanges]}
 
     ran = await run_cli("teardown", "--yes", schema=a.schema, prefix=a.prefix)
 
@@ -192,7 +220,7 @@ async def test_teardown_drops_every_schema_queue_exchange_and_role_of_its_deploy
     assert (ran.code, ran.err) == (0, "")
     assert ran.out.splitlines() == [
         f"dropped queues: {', '.join(a.queues)}",
-        f"dropped exchanges: {a.prefix}.events, {a.prefix}.dlx",
+        f"dropped exchanges: {a.prefix}.partitions, {a.prefix}.events, {a.prefix}.dlx",
         f"dropped schema: {a.schema}",
         f"dropped shadow schemas: {', '.join(sorted(a.shadows))}",
         f"dropped roles: {a.schema}_writer, {a.schema}_relay, {a.schema}_worker",
@@ -212,7 +240,7 @@ async def test_teardown_without_yes_names_what_it_would_drop_and_drops_nothing(t
     assert ran.err.splitlines() == [
         f"eventfleet teardown: refusing without --yes; it would drop, for schema {a.schema} and prefix {a.prefix}:",
         f"  queues: {', '.join(a.queues)}",
-        f"  exchanges: {a.prefix}.events, {a.prefix}.dlx",
+        f"  exchanges: {a.prefix}.partitions, {a.prefix}.events, {a.prefix}.dlx",
         f"  schema: {a.schema}",
         f"  shadow schemas: {', '.join(sorted(a.shadows))}",
         f"  roles: {a.schema}_writer, {a.schema}_relay, {a.schema}_worker",
