@@ -18,6 +18,7 @@ from eventfleet import _guard
 _guard.check_on_import()
 
 from projections import Projection, WaitTimeout, handles, register, wait_for
+from projections.reactor import Deadline, Effects, Reactor
 from store import (
     NO_STREAM,
     Aggregate,
@@ -62,7 +63,6 @@ from workers.errors import (
     RebuildError,
     WorkerError,
 )
-from projections.reactor import Deadline, Effects, Reactor
 from workers.projector.worker import consume_until_idle, run_worker
 from workers.relay import RelayConfig, relay_until_idle, run_relay
 
@@ -81,10 +81,10 @@ __all__ = [
     "Deadline",
     "DomainError",
     "DuplicateEventId",
+    "Effects",
     "EventFleetError",
     "EventSchemaMismatch",
     "EventStore",
-    "Effects",
     "Executed",
     "HandlerFailed",
     "InvalidExpectedVersion",
