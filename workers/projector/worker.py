@@ -22,7 +22,7 @@ from projections import registry
 from projections.base import Projection
 from store import db
 from store.event_store import EventStore
-from workers import broker
+from workers import broker, errors
 from workers.config import Settings
 from workers.projector import lag
 from workers.projector.consumer import Consumer, DecodeCache, Stats
@@ -201,12 +201,17 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
     connection = await aio_pika.connect(settings.amqp_url, client_properties={"connection_name": name})
     async with connection:
         health_.up("rabbitmq")
-        # Projections first seen (no status row, no queue yet) are backfilled alongside: see rebuild_backfill.
-        backfills = await backfill.claim_backfills(store, connection, settings.prefix, projections, partitions)
-        channel = await connection.channel()
-        await broker.declare_partitions(channel, broker.Names(settings.prefix), [p.name for p in projections],
-                                        partitions)
-        await channel.close()
+        try:
+            # Projections first seen (no status row, no queue yet) are backfilled alongside: see rebuild_backfill.
+            backfills = await backfill.claim_backfills(store, connection, settings.prefix, projections, partitions)
+            channel = await connection.channel()
+            await broker.declare_partitions(channel, broker.Names(settings.prefix), [p.name for p in projections],
+                                            partitions)
+            await channel.close()
+        except RuntimeError as exc:  # aiormq's bare "<Connection ...> closed": the connection died under us
+            if not connection.is_closed:
+                raise
+            raise errors.ChannelLost(f"connection lost while declaring: {exc}") from exc
         fleet = Fleet(store, connection, keeper, projections, settings, health_, stats)
         fleet.lags.update(lags)  # measured before this session: a partition far behind catches up at once
         fleets[:] = [fleet]
