@@ -33,11 +33,13 @@ from projections.reactor import Reactor
 from store import codec, db, tracing
 from store import errors as store_errors
 from store.event_store import EventStore, Position, RecordedEvent
+from store.partitions import partition_of
 from store.queries import load
 from store.records import Undecodable
 from workers import broker, errors
 from workers.config import Settings
 from workers.projector import deadlines, parking
+from workers.projector.batcher import Batcher
 from workers.projector.checkpoints import BatchResult
 from workers.runtime import health, metrics, retry
 
@@ -109,7 +111,8 @@ class Consumer:
 
     def __init__(self, store: EventStore, channel: AbstractChannel, projection: Projection, partition: int,
                  settings: Settings, *, health_: health.Health | None = None, stats: Stats | None = None,
-                 cache: DecodeCache | None = None, catchups: asyncio.Semaphore | None = None) -> None:
+                 cache: DecodeCache | None = None, catchups: asyncio.Semaphore | None = None,
+                 batcher: Batcher | None = None) -> None:
         self.store, self.channel, self.projection, self.settings = store, channel, projection, settings
         self.partition = partition
         self.cache = cache or DecodeCache()
@@ -118,6 +121,7 @@ class Consumer:
         self.health = health_ or health.Health()
         self.stats = stats or Stats()
         self.catchups = catchups or asyncio.Semaphore(1)
+        self.batcher = batcher
         self.stopping = False  # give up retrying through an outage, leave the rest unacked
         #: Every event at or before it is settled for this projection (the lag monitor's watermark, or how far
         #: a catch-up has applied): deliveries at or before it are acked with no database work.
@@ -169,12 +173,8 @@ class Consumer:
             decoded = exc
         return Delivery(tag, body, message_id, decoded)
 
-    async def handle_decoded(self, deliveries: Sequence[Delivery]) -> BatchResult:
-        """The only function that settles deliveries: dead-letter the undecodable messages whole, apply the
-        events of the rest in one transaction (parked events get a copy in the DLQ), then ack every delivery
-        with one multiple-ack."""
-        assert self._raw is not None, "open() first"
-        started = time.perf_counter()
+    def _sort(self, deliveries: Sequence[Delivery]) -> tuple[list[RecordedEvent], int, list[Delivery]]:
+        """The deliveries' events to apply, how many are settled already, and the undecodable deliveries."""
         events: list[RecordedEvent] = []
         bad: list[Delivery] = []
         settled = 0  # events already settled: acked with no database work
@@ -191,12 +191,57 @@ class Consumer:
                     settled += 1
                 else:
                     events.append(event)
+        return events, settled, bad
+
+    async def handle(self, deliveries: Sequence[Delivery]) -> None:
+        """Settle deliveries: alone (``handle_decoded``), or through the projection's batcher, together with
+        what the worker's other partitions received meanwhile (``workers.projector.batcher``)."""
+        if self.batcher is None:
+            await self.handle_decoded(deliveries)
+            return
+        events, settled, bad = self._sort(deliveries)
+        if bad:
+            await self._dead_letter_undecodable(bad)
+        result = await self.batcher.hand_over(self, deliveries, events, settled)
+        await self.settle(deliveries, events, settled, result)
+
+    async def settle(self, deliveries: Sequence[Delivery], events: Sequence[RecordedEvent], settled: int,
+                     result: BatchResult) -> None:
+        """After the combined batch holding these deliveries' events committed: count this consumer's
+        handover duplicates, put copies of its parked events in the DLQ, ack its deliveries."""
+        assert self._raw is not None, "open() first"
+        if self._fresh:
+            applied = {(e.stream_id, e.version) for e in result.applied}
+            parked = {(p.event.stream_id, p.event.version) for p in result.parked}
+            mine = sum((e.stream_id, e.version) in applied for e in events)
+            # Held events (a halted stream's) are no duplicates: when there are any, only the settled count.
+            duplicates = settled + (sum((e.stream_id, e.version) not in applied | parked for e in events)
+                                    if not result.held else 0)
+            if duplicates:
+                metrics.HANDOVER_DUPLICATES.labels(self.projection.name).inc(duplicates)
+                self.stats.handover_duplicates += duplicates
+            if mine:
+                self._fresh = False
+        partitions = await self.store.partitions()
+        for parked_event in result.parked:
+            if partition_of(parked_event.event.stream_id, partitions) == self.partition:
+                await self._publish_dead_letter(parked_event.event)
+        good = [d.tag for d in deliveries if not isinstance(d.decoded, errors.MalformedMessage)]
+        if good:
+            await self._raw.basic_ack(max(good), multiple=True)
+
+    async def handle_decoded(self, deliveries: Sequence[Delivery]) -> BatchResult:
+        """Settle deliveries alone: dead-letter the undecodable messages whole, apply the events of the rest in
+        one transaction (parked events get a copy in the DLQ), then ack every delivery with one multiple-ack."""
+        assert self._raw is not None, "open() first"
+        started = time.perf_counter()
+        events, settled, bad = self._sort(deliveries)
         if bad:
             await self._dead_letter_undecodable(bad)
         if events:
             try:
-                with self._span(events):
-                    result = await self._outage_retrying(
+                with self.span(events):
+                    result = await self.outage_retrying(
                         lambda: parking.apply_or_park(self.store, self.projection, events))
             except store_errors.StoreError as exc:
                 if isinstance(exc, store_errors.TransientError):
@@ -222,7 +267,7 @@ class Consumer:
                 self.stats.handover_duplicates += result.duplicates
             if result.applied:
                 self._fresh = False
-        self._count(result, time.perf_counter() - started, messages=len(deliveries))
+        self.count(result, time.perf_counter() - started, messages=len(deliveries))
         for parked in result.parked:
             await self._publish_dead_letter(parked.event)
         good = [d.tag for d in deliveries if not isinstance(d.decoded, errors.MalformedMessage)]
@@ -235,10 +280,10 @@ class Consumer:
         """Apply events read from the store (a catch-up) exactly as deliveries are applied; parked events
         get a copy in the DLQ since no delivery of theirs is at hand."""
         started = time.perf_counter()
-        with self._span(events):
-            result = await self._outage_retrying(
+        with self.span(events):
+            result = await self.outage_retrying(
                 lambda: parking.apply_or_park(self.store, self.projection, events))
-        self._count(result, time.perf_counter() - started, deliveries=False)
+        self.count(result, time.perf_counter() - started, deliveries=False)
         if result.applied:
             self._fresh = False  # deliveries the catch-up passed are this consumer's duplicates, not a handover's
         self.stats.caught_up += len(events)
@@ -299,14 +344,14 @@ class Consumer:
                 "projection": self.projection.name, "partition": self.partition,
                 "error": f"{type(exc).__name__}: {exc}"})
 
-    def _span(self, events: Sequence[RecordedEvent]) -> contextlib.AbstractContextManager[None]:
+    def span(self, events: Sequence[RecordedEvent]) -> contextlib.AbstractContextManager[None]:
         """The tracing span of one apply, linked to the producer contexts in its events' metadata."""
         return tracing.process_span(self.queue, self.projection.name, len(events), (e.metadata for e in events))
 
     async def _dead_letter_undecodable(self, bad: list[Delivery]) -> None:
         assert self._raw is not None
         items = [(str(d.decoded), d.body) for d in bad]
-        await self._outage_retrying(lambda: parking.record_undecodable(self.store.pool, self.projection.name, items))
+        await self.outage_retrying(lambda: parking.record_undecodable(self.store.pool, self.projection.name, items))
         for d in bad:
             logger.warning("undecodable message dead-lettered", extra={
                 "projection": self.projection.name, "partition": self.partition, "message_id": d.message_id,
@@ -330,10 +375,12 @@ class Consumer:
             message = broker.to_message(event)
         await self._dlx.publish(message, routing_key=self.projection.name)
 
-    def _count(self, result: BatchResult, seconds: float, *, deliveries: bool = True, messages: int = 0) -> None:
-        """Count a batch; events a catch-up read that were settled already are no duplicate deliveries."""
+    def count(self, result: BatchResult, seconds: float, *, deliveries: bool = True, messages: int = 0,
+              settled: int = 0) -> None:
+        """Count a batch (``settled``: its delivered events acked with no database work, duplicates too);
+        events a catch-up read that were settled already are no duplicate deliveries."""
         name, now = self.projection.name, time.time()
-        duplicates = result.duplicates if deliveries else 0
+        duplicates = result.duplicates + settled if deliveries else 0
         metrics.APPLIED.labels(name).inc(len(result.applied))
         metrics.DUPLICATES.labels(name).inc(duplicates)
         metrics.GAPS_FILLED.labels(name).inc(result.gaps_filled)
@@ -371,7 +418,7 @@ class Consumer:
         firing = deadlines.Firing(self.store, self.projection, self.partition)
         while not done():
             try:
-                fired = await self._outage_retrying(firing.round)
+                fired = await self.outage_retrying(firing.round)
             except retry.OUTAGE_ERRORS:
                 return  # stopping, or the channel is gone: the next owner fires them
             if fired.fired:
@@ -387,7 +434,7 @@ class Consumer:
                 await asyncio.sleep(min(0.1, wait - slept))
                 slept += 0.1
 
-    async def _outage_retrying(self, step: Callable[[], Awaitable[T]]) -> T:
+    async def outage_retrying(self, step: Callable[[], Awaitable[T]]) -> T:
         """Run a database step, retrying through Postgres outages until it works, the stop, or the channel dies."""
         retrying = retry.retry_forever().copy(
             stop=lambda _: self.stopping or self.channel.is_closed)
@@ -460,7 +507,7 @@ class Consumer:
                 delivery = await buffer.get()
                 if delivery is None:
                     continue
-                await self.handle_decoded(self._take(delivery, buffer))
+                await self.handle(self._take(delivery, buffer))
         finally:
             if firing is not None:  # it sees the same conditions and ends after its round in flight
                 with contextlib.suppress(Exception):

@@ -23,6 +23,7 @@ from store.event_store import EventStore
 from workers import errors
 from workers.config import Settings
 from workers.projector import lag
+from workers.projector.batcher import Batcher
 from workers.projector.consumer import Consumer, DecodeCache, Stats
 from workers.projector.leases import REBALANCE_TICK_SECONDS, LeaseKeeper, Tick
 from workers.runtime import health, metrics, retry
@@ -52,6 +53,8 @@ class Fleet:
         self.cache = DecodeCache()
         self.catchups = asyncio.Semaphore(CATCHUPS_AT_ONCE)
         self.running: dict[tuple[str, int], _Running] = {}
+        #: One per projection: its consumers' deliveries applied together (workers/projector/batcher.py).
+        self.batchers = {p.name: Batcher(store, p, settings.batch_size) for p in projections}
         self.lags: dict[str, lag.Lag] = {}
         self._ended = asyncio.Event()  # a consumer ended by itself: look at once
 
@@ -68,6 +71,7 @@ class Fleet:
             for partition in sorted(partitions):
                 await self._start(projection, partition, stop)
         stopper = asyncio.ensure_future(stop.wait())
+        batching = [asyncio.create_task(b.run(), name=f"batch {name}") for name, b in self.batchers.items()]
         try:
             while not stop.is_set():
                 self._check_consumers()
@@ -87,6 +91,9 @@ class Fleet:
         finally:
             stopper.cancel()
             await self._stop_all()
+            for task in batching:  # after the consumers: their last hand-overs are applied
+                task.cancel()
+            await asyncio.gather(*batching, return_exceptions=True)
         self._check_consumers()
 
     async def _follow(self, tick: Tick, stop: asyncio.Event) -> None:
@@ -115,7 +122,7 @@ class Fleet:
             raise errors.ChannelLost(f"cannot open a channel for {projection}.{partition}: {exc}") from exc
         consumer = Consumer(self.store, channel, self.projections[projection], partition, self.settings,
                             health_=self.health, stats=self.stats[projection], cache=self.cache,
-                            catchups=self.catchups)
+                            catchups=self.catchups, batcher=self.batchers[projection])
         measured = self.lags.get(projection)
         if measured is not None:  # a partition taken over far behind catches up at once
             consumer.note_lag(measured.partitions.get(partition, 0), measured.watermark)
