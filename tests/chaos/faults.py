@@ -312,6 +312,21 @@ async def _parked(ctx: Context, stream: str, within: float = 60) -> int:
         await asyncio.sleep(0.1)
 
 
+async def rebalance_storm(ctx: Context) -> dict[str, Any]:
+    """Workers killed and started every second or two for a while: the leases are dealt again and again,
+    partitions change hands mid-batch (killed owners) and by handover (a new worker's share)."""
+    workers = [s for s in ctx.fleet.slots if s.role == "worker"]
+    rounds = 4
+    for _ in range(rounds):
+        slot = ctx.rng.choice(workers)
+        slot.signal(signal.SIGKILL)
+        await slot.wait_exit(10)
+        await asyncio.sleep(round(ctx.rng.uniform(0.2, 1.0), 2))
+        await ctx.fleet.restart(slot)  # a new worker joins: the others give it its share
+        await asyncio.sleep(round(ctx.rng.uniform(0.5, 1.5), 2))
+    return {"rounds": rounds}
+
+
 FAULTS: dict[str, Fault] = {
     "kill": kill_process,
     "close_connections": close_connections,
@@ -320,4 +335,5 @@ FAULTS: dict[str, Fault] = {
     "postgres_restart": postgres_restart,
     "freeze": freeze_worker,
     "poison": poison,
+    "rebalance_storm": rebalance_storm,
 }

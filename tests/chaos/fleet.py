@@ -32,7 +32,10 @@ from projections import registry
 
 ROOT = Path(__file__).resolve().parents[2]
 LEDGER_MODULE = "tests.chaos.ledger"
-PROJECTIONS = ("order_summary", "customer_stats", "chaos_ledger")
+#: The orders example's reactor runs in every scenario: its deadlines fire, and its follow-ups are checked.
+REACTORS_MODULE = "eventfleet.examples.orders.reactors"
+PAYMENT_TIMEOUT_SECONDS = 5
+PROJECTIONS = ("order_summary", "customer_stats", "chaos_ledger", "payment_timeout")
 #: Counters summed over incarnations: worker counters per projection, and the relays' published total.
 COUNTERS = {
     "eventfleet_projection_applied": "applied",
@@ -202,7 +205,9 @@ class Fleet:
 
     def __init__(self, env: Mapping[str, str], logdir: Path, *, relays: int = 2, workers: int = 3,
                  traced: Collection[str] = ()) -> None:
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "EVENTFLEET_PROJECTION_MODULES": f"{registry.EXAMPLE},{LEDGER_MODULE}", **env}
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT),
+                    "EVENTFLEET_PROJECTION_MODULES": f"{registry.EXAMPLE},{LEDGER_MODULE},{REACTORS_MODULE}",
+                    "EVENTFLEET_EXAMPLE_PAYMENT_TIMEOUT_SECONDS": str(PAYMENT_TIMEOUT_SECONDS), **env}
         logdir.mkdir(parents=True, exist_ok=True)
         self.slots = [Slot("relay", i, free_port(), self.env, logdir) for i in range(relays)]
         self.slots += [Slot("worker", i, free_port(), self.env, logdir) for i in range(workers)]

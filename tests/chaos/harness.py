@@ -29,7 +29,7 @@ import aio_pika
 from store import EventStore, db
 from store.queries import load
 from tests.chaos import faults as faults_mod
-from tests.chaos.fleet import PROJECTIONS, ROOT, Fleet
+from tests.chaos.fleet import PAYMENT_TIMEOUT_SECONDS, PROJECTIONS, ROOT, Fleet
 from tests.chaos.verify import verify
 from tests.chaos.writer import TRANSIENT, Writer, retrying
 from workers import broker
@@ -132,13 +132,14 @@ class Report:
     injections: list[Injection]
     memory: list[dict[str, Any]]
     samples: list[tuple[float, int | None, float | None]]  # (t, lag summed over projections, worst lag s)
+    timeouts: int = 0  # orders payment_timeout cancelled (each exactly once: checked by verify)
 
     def line(self) -> str:
         recover = "-" if self.recover_seconds_max is None else f"{self.recover_seconds_max:.1f}s"
         return (f"[chaos {self.scenario} seed={self.seed}] faults={len(self.injections)} written={self.written} "
                 f"applied={min(self.applied.values(), default=0)}/projection duplicates={self.duplicates} "
                 f"gaps_filled={self.gaps_filled} recover_max={recover} drain={self.drain_seconds:.1f}s "
-                f"lost={self.lost} doubled={self.doubled}")
+                f"lost={self.lost} doubled={self.doubled} timeouts={self.timeouts}")
 
     def emit(self) -> None:
         print(self.line())
@@ -259,6 +260,9 @@ async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, 
                 await writing
             load_end = time.monotonic() - t0
             drained = await monitor.wait_drained(fleet, drain_within)
+            # payment_timeout's last deadlines fall due up to its timeout after the last placement.
+            await _deadlines_fired(pool, fleet, PAYMENT_TIMEOUT_SECONDS + drain_within)
+            drained = max(drained, await monitor.wait_drained(fleet, drain_within))
         verdict = await retrying(lambda: verify(store))
         stats = await pool.fetch("SELECT projection, applied FROM projection_status")
         dead = await pool.fetchval("SELECT count(*) FROM dead_letters WHERE status = 'parked'")
@@ -279,9 +283,10 @@ async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, 
         max_lag=monitor.max_between(0, drained), drain_seconds=round(drained - load_end, 2),
         recover_seconds_max=max(recovers, default=None), lost=verdict.lost, doubled=verdict.doubled,
         exact=verdict.exact, exit_codes=exit_codes, injections=injections, memory=fleet.memory(),
-        samples=samples)
+        samples=samples, timeouts=verdict.timeouts)
     report.emit()
-    assert verdict.exact, (verdict.summary_mismatches[:5], verdict.stats_mismatches[:5])
+    assert verdict.exact, (verdict.summary_mismatches[:5], verdict.stats_mismatches[:5], verdict.timeouts_missing,
+                           verdict.follow_ups_doubled)
     assert dead == 0, f"{dead} dead letters still parked"
     return report
 
@@ -307,6 +312,14 @@ def recoveries(samples: Samples, faults: Sequence[tuple[float, float]], steady: 
                      if ended <= t < following and total is not None and total <= threshold), None)
         out.append(None if back is None else round(back - ended, 2))
     return out
+
+
+async def _deadlines_fired(pool: db.Pool, fleet: Fleet, within: float) -> None:
+    deadline = time.monotonic() + within
+    while await retrying(lambda: pool.fetchval("SELECT count(*) FROM deadlines")):
+        fleet.check()
+        assert time.monotonic() < deadline, "payment_timeout's deadlines did not all fire"
+        await asyncio.sleep(0.25)
 
 
 async def _sleep_or_fail(seconds: float, writing: asyncio.Task[None], fleet: Fleet) -> None:

@@ -67,6 +67,11 @@ async def test_poison_event_mid_stream_halts_then_is_retried(deployment, tmp_pat
     assert report.dead_lettered >= harness.REPEAT  # parked by a worker, re-driven by `dead-letters retry`
 
 
+async def test_rebalance_storm_of_workers_killed_and_started(deployment, tmp_path):
+    report = await chaos("rebalance_storm", ["rebalance_storm"] * harness.REPEAT, deployment, tmp_path)
+    assert report.timeouts > 0  # payment_timeout's deadlines fired through it, each once (verify)
+
+
 @pytest.mark.timeout(1800)  # every fault in a row: longer than one scenario
 async def test_mixed_run_with_every_fault(deployment, tmp_path):
     kinds = list(FAULTS) * harness.REPEAT
