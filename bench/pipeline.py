@@ -433,7 +433,10 @@ async def throughput(lab: Lab, schedules: Sequence[Sequence[Token]],
             relayed_rate = relayed / (time.perf_counter() - started)
             ceiling = await batched_upserts(lab, schedules, settings.batch_size)
             ceiling_large = await batched_upserts(lab, schedules, settings.catchup_batch_size)
-            drained = await one_worker(pool, settings, events, lab.partitions)
+            # A catch-up starts at a partition's lag of EVENTFLEET_CATCHUP_THRESHOLD: low enough here that every
+            # partition's share of the backlog is read from the store.
+            drained = await one_worker(pool, dataclasses.replace(settings, catchup_threshold=CATCHUP_THRESHOLD),
+                                       events, lab.partitions)
             await reset_read_models(pool)
             await republish(pool, targets)
             broker_only = await one_worker(pool, dataclasses.replace(settings, catchup_threshold=0), events,
@@ -453,6 +456,10 @@ async def batched_upserts(lab: Lab, schedules: Sequence[Sequence[Token]], batch:
     """The ceiling, in a schema of its own, from the same events in roughly the order writers produce them."""
     settings = await lab.deployment(f"ceiling{batch}", topology=None)
     return await pipeline_handwritten.ceiling(settings.database_url, settings.schema, interleaved(schedules), batch)
+
+
+#: The catch-up threshold of the "1 worker draining" phase (per partition, as the worker measures it).
+CATCHUP_THRESHOLD = 200
 
 
 async def one_worker(pool: db.Pool, settings: Settings, events: int, partitions: int) -> Drain:
@@ -917,7 +924,23 @@ async def run(args: argparse.Namespace) -> None:
         if args.relative_latency and relative < args.rate / 2:
             report_latency(relative, await latency(
                 lab, plan(int(relative * args.latency_seconds), writers), relative), "(same share of capacity)")
+        sustained = max(e2e[1].rate, e2e[3].rate)
+        half = await latency(lab, plan(int(sustained / 2 * args.latency_seconds), writers), sustained / 2)
+        report_latency(sustained / 2, half, " (half the highest sustained end-to-end rate)")
         print(f"-- targets (run took {time.perf_counter() - t0:.0f}s, load average {os.getloadavg()[0]:.2f})")
+        # Issue 14's (partitions): ratios of figures measured above, in this run.
+        print(f"{verdict(t.broker_only.current >= 0.5 * t.drained.current)}  the live path (1 worker, catch-up off,"
+              f" through the broker) >= 50% of the catch-up's rate: {t.broker_only.current / t.drained.current:.0%}"
+              f" ({t.broker_only.current:.0f} vs {t.drained.current:.0f} events/s, {t.drained.caught_up:.0%} of it"
+              " read from the store)")
+        print(f"{verdict(t.relayed >= 0.8 * t.appended)}  the relay >= 80% of the append rate:"
+              f" {t.relayed / t.appended:.0%} ({t.relayed:.0f} vs {t.appended:.0f} events/s)")
+        print(f"{verdict(e2e[1].rate >= 0.7 * t.appended)}  end to end ({writers} writers, relay, 1 worker) >= 70% of"
+              f" the same writers' append-only rate: {e2e[1].rate / t.appended:.0%} ({e2e[1].rate:.0f} vs"
+              f" {t.appended:.0f} events/s)")
+        half99 = max(p99 for _, p99, _, _ in half.histogram.values())
+        print(f"{verdict(half99 < 0.1)}  p99 < 100 ms at half the highest sustained rate ({sustained / 2:.0f}"
+              f" events/s): {half99 * 1000:.1f} ms")
         base, one, three = e2e[0].rate, e2e[1].rate, e2e[3].rate
         worst99 = max(p99 for _, p99, _, _ in lat.histogram.values())
         all_within = min(w for _, _, w, _ in lat.histogram.values())
