@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import aio_pika
 import pytest
+import tenacity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -371,3 +372,32 @@ async def test_a_worker_cancels_the_unpaid_orders_once_their_timeout_is_due(pool
     assert await pool.fetchval("SELECT count(*) FROM reactor_refusals") == 0
     cancels = [e for i in range(6) for e in await stream(event_store, f"order-{i}") if isinstance(e.event, OrderCancelled)]
     assert [e.event.reason for e in cancels] == [REASON] * 3
+
+
+async def test_a_parked_reactor_event_is_re_driven_once_fixed_and_its_follow_up_appended_once(pool, event_store):
+    broken = {"yes": True}
+
+    class Receipts(Reactor):
+        name = "receipts"
+
+        @handles(OrderPaid)
+        async def receipt(self, fx: Effects, event: RecordedEvent) -> None:
+            if broken["yes"]:
+                raise RuntimeError("the receipt service is down")
+            await fx.append(f"receipt-{event.stream_id}", [event.event], NO_STREAM)
+
+    registry.REGISTRY[Receipts.name] = Receipts
+    try:
+        reactor = await bound(Receipts(), event_store)
+        await event_store.append("order-1", [placed("1", "c"), paid("1", "c")], NO_STREAM)
+        result = await parking.apply_or_park(event_store, reactor, await stream(event_store, "order-1"),
+                                             wait=tenacity.wait_none())
+        (parked,) = result.parked
+        assert await stream(event_store, "receipt-order-1") == []
+        broken["yes"] = False
+        redriven = await parking.retry(event_store, parked.dead_letter_id)  # a fresh, unbound instance
+        assert redriven.applied == 1
+        receipts = await stream(event_store, "receipt-order-1")
+        assert [e.event_id for e in receipts] == [follow_up_id("receipts", parked.event.event_id, 0)]
+    finally:
+        registry.REGISTRY.pop(Receipts.name, None)

@@ -20,6 +20,7 @@ import tenacity
 
 from projections import registry
 from projections.base import Projection
+from projections.reactor import Reactor
 from store import correlation_ids, db
 from store.event_store import EventStore, RecordedEvent
 from store.queries import load
@@ -199,6 +200,8 @@ async def _release(conn: db.Conn, store: EventStore, projection: Projection, str
     Takes the projection's lock shared, as every batch does, then the watermark lock, so the lag monitor
     never passes the released events unseen (see ``locks``).
     """
+    if isinstance(projection, Reactor):  # its follow-ups go to this store
+        projection.bind(store, await store.partitions())
     name = projection.name
     await locks.share(conn, locks.projection(store.schema, name))
     await locks.take(conn, locks.watermark(store.schema, name))
