@@ -25,8 +25,11 @@ in the first place.
 
 Speed. A batch first runs as one piece (``apply_batch``): no savepoints, the histories of the batch's streams
 read in one query for the repository's loads, every ``schedule`` and ``cancel`` written at the end in two
-statements. If anything in it raises (a conflict, a refusal, a failing handler), the worker rolls the whole
-transaction back and runs the batch again event by event, each cause as below: the outcome is the same. So
+statements, and its follow-ups in one ``append_batch`` (so inside such a batch ``fx.append`` returns no
+positions, and a handler reading a stream's version itself does not see the batch's own follow-ups yet: the
+conflict that follows reruns it cause by cause). If anything in it raises (a conflict, a refusal, a failing
+handler), the worker rolls the whole transaction back and runs the batch again event by event, each cause as
+below: the outcome is the same. So
 a handler may run more than once for one event: whatever it does outside ``fx`` (a call to another system, a
 list in memory) is at least once, not exactly once.
 
@@ -47,7 +50,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, LiteralString
 
 from projections.base import Projection
-from store import codec, correlation_ids, db, errors, queries
+from store import codec, correlation_ids, db, errors, names, queries
 from store.aggregate import Command, Executed, Repository
 from store.event_store import EventStore
 from store.interface import Store
@@ -94,6 +97,14 @@ class Outcome:
     conflicts: int = 0
 
 
+def _is_stream_id(key: str) -> bool:
+    try:
+        names.stream_id(key)
+    except errors.InvalidInput:
+        return False
+    return True
+
+
 class _InTransaction(Store):
     """The store seen from inside the reactor's transaction: reads and appends on its connection, and every
     appended event given its deterministic id and the cause's ids (the ``Repository`` appends through it)."""
@@ -119,10 +130,14 @@ class _InTransaction(Store):
 
     async def load(self, stream_id: str, from_version: int = 0, to_version: int | None = None) -> list[RecordedEvent]:
         batch = self.fx.batch
-        if batch is not None and stream_id in batch.histories:  # read with the batch's other streams
-            return [e for e in batch.histories[stream_id]
-                    if e.version >= from_version and (to_version is None or e.version <= to_version)]
-        return await self.fx.store.load(stream_id, from_version, to_version, conn=self.fx.conn)
+        if batch is None:
+            return await self.fx.store.load(stream_id, from_version, to_version, conn=self.fx.conn)
+        if stream_id in batch.histories:  # read with the batch's other streams
+            stored = batch.histories[stream_id]
+        else:
+            stored = await self.fx.store.load(stream_id, conn=self.fx.conn)
+        return [e for e in (*stored, *batch.pending.get(stream_id, ()))  # and what the batch will append
+                if e.version >= from_version and (to_version is None or e.version <= to_version)]
 
     async def version_at(self, stream_id: str, as_of: dt.datetime) -> int:
         return await self.fx.store.version_at(stream_id, as_of, conn=self.fx.conn)
@@ -147,8 +162,34 @@ class _Batch:
     def __init__(self, histories: dict[str, list[RecordedEvent]]) -> None:
         self.histories = histories
         self.deadlines: dict[str, tuple[Any, ...] | None] = {}  # key -> schedule's row, None: cancelled
+        #: Follow-ups to append at the end, per stream: (the version expected before them, the events), and
+        #: stand-ins of them for the loads that come after them in the batch.
+        self.appends: dict[str, tuple[int, list[NewEvent]]] = {}
+        self.pending: dict[str, list[RecordedEvent]] = {}
 
-    async def flush(self, conn: db.Conn, reactor: str) -> None:
+    def append(self, stream_id: str, events: list[NewEvent], expected: int, payloads: list[Any]) -> AppendResult:
+        """Defer an append; raises ``VersionConflict`` when it does not follow the stream's earlier ones."""
+        before = self.appends.get(stream_id)
+        if before is not None:
+            first, queued = before
+            if expected != first + len(queued):
+                raise errors.VersionConflict(stream_id, expected, first + len(queued))
+            queued.extend(events)
+        else:
+            self.appends[stream_id] = (expected, list(events))
+        now = dt.datetime.now(dt.UTC)
+        stand_ins = self.pending.setdefault(stream_id, [])
+        for offset, (event, payload) in enumerate(zip(events, payloads, strict=True), start=1):
+            assert event.event_id is not None
+            stand_ins.append(RecordedEvent(
+                event_id=event.event_id, stream_id=stream_id, version=expected + offset, global_position=0,
+                position=Position.START, event_type="", event=payload, data=b"", metadata={}, recorded_at=now))
+        return AppendResult(stream_id, expected + 1, expected + len(events), ())
+
+    async def flush(self, conn: db.Conn, reactor: str, store: EventStore) -> None:
+        if self.appends:
+            await store.append_batch([(s, events, expected) for s, (expected, events) in self.appends.items()],
+                                     conn=conn, savepoint=False)
         scheduled = [(key, *row) for key, row in self.deadlines.items() if row is not None]
         cancelled = [key for key, row in self.deadlines.items() if row is None]
         if cancelled:
@@ -181,11 +222,16 @@ class Effects:
             self._index += 1
         if stream_id not in self.streams:
             self.streams.append(stream_id)
-        if self.batch is not None:
-            self.batch.histories.pop(stream_id, None)  # loads after this one read the transaction's own writes
+        if self.batch is not None:  # appended with the batch's others at its end (no positions until then)
+            ids = {correlation_ids.CAUSATION_ID: str(self.cause_id)}
+            if self.correlation_id is not None:
+                ids[correlation_ids.CORRELATION_ID] = self.correlation_id
+            tagged = [NewEvent(e.payload, e.event_id, {**(e.metadata or {}), **ids}) for e in new]
+            result = self.batch.append(stream_id, tagged, expected_version, [e.payload for e in new])
+            self.outcome.follow_ups += len(new)
+            return result
         result = await self.store.append(stream_id, new, expected_version, conn=self.conn,
-                                         correlation_id=self.correlation_id, causation_id=str(self.cause_id),
-                                         savepoint=self.batch is None)
+                                         correlation_id=self.correlation_id, causation_id=str(self.cause_id))
         self.outcome.follow_ups += len(new)
         return result
 
@@ -278,23 +324,26 @@ class Reactor(Projection):
             handler: Callable[[Any, Effects, RecordedEvent], Awaitable[None]] = (
                 self._handlers[type(event.event)])  # type: ignore[assignment]
             await handler(self, fx, event)
-        await batch.flush(conn, self.name)
+        await batch.flush(conn, self.name, self._store)
 
-    async def fire(self, conn: db.Conn, deadline: Deadline, *, safe: bool = True) -> None:
-        """Run ``on_deadline`` for a due deadline inside the transaction that deletes it; ``safe=False``: without
-        its savepoint (the caller reruns the whole transaction safely on any error)."""
-        if safe:
-            await self._run(conn, deadline.deadline_id, deadline.correlation_id,
-                            lambda fx: self.on_deadline(fx, deadline))
-            return
+    async def fire(self, conn: db.Conn, deadline: Deadline) -> None:
+        """Run ``on_deadline`` for a due deadline inside the transaction that deletes it (in a savepoint)."""
+        await self._run(conn, deadline.deadline_id, deadline.correlation_id, lambda fx: self.on_deadline(fx, deadline))
+
+    async def fire_all(self, conn: db.Conn, deadlines: Sequence[Deadline]) -> None:
+        """Run ``on_deadline`` for several due deadlines as one piece (no savepoints, their keys' streams read
+        in one query, appends and schedules written at the end): the caller reruns them one by one with
+        ``fire`` on any error."""
         if self._store is None:
             raise errors.ConfigError(f"reactor {self.name} is not bound to a store (Reactor.bind)")
-        fx = Effects(self, self._store, conn, deadline.deadline_id, deadline.correlation_id, self._partitions,
-                     _Batch({}))
-        self.outcomes[deadline.deadline_id] = fx.outcome
-        await self.on_deadline(fx, deadline)
-        assert fx.batch is not None
-        await fx.batch.flush(conn, self.name)
+        batch = _Batch(await self._store.load_streams(sorted({d.key for d in deadlines}), conn=conn)
+                       if self.prefetch and all(_is_stream_id(d.key) for d in deadlines) else {})
+        for deadline in deadlines:
+            fx = Effects(self, self._store, conn, deadline.deadline_id, deadline.correlation_id, self._partitions,
+                         batch)
+            self.outcomes[deadline.deadline_id] = fx.outcome
+            await self.on_deadline(fx, deadline)
+        await batch.flush(conn, self.name, self._store)
 
     async def on_deadline(self, fx: Effects, deadline: Deadline) -> None:
         """What a due deadline does; a reactor that schedules deadlines overrides it."""

@@ -139,8 +139,9 @@ class EventStore(Encoding):
 
     async def append_batch(self, batch: Sequence[tuple[str, Sequence[Any], int]], *,
                            correlation_id: str | None = None, causation_id: str | None = None,
-                           ) -> list[AppendResult]:
-        """Append to several streams in one transaction: all of them or none (metadata as in ``append``)."""
+                           conn: db.Conn | None = None, savepoint: bool = True) -> list[AppendResult]:
+        """Append to several streams in one transaction: all of them or none (metadata as in ``append``;
+        ``conn`` and ``savepoint`` as there)."""
         if not batch:
             raise errors.InvalidInput("append_batch needs at least one stream")
         context = append_context(correlation_id, causation_id)
@@ -166,13 +167,18 @@ class EventStore(Encoding):
         count = self._partitions if self._partitions is not None else await self._load_partitions()
         partitions += [partition_of(sid, count) if count else None for sid in stream_ids]
         try:
-            async with self.hot.use() as conn:
-                positions = await conn.fetchval(self.queries["append_batch"], *columns)
+            async with self.hot.use(conn) as c:
+                if conn is None or not savepoint:
+                    positions = await c.fetchval(self.queries["append_batch"], *columns)
+                else:
+                    async with c.transaction():  # a savepoint of the caller's transaction
+                        positions = await c.fetchval(self.queries["append_batch"], *columns)
         except errors.StoreError as exc:
-            return await self._batch_after_rejection(batch, encoded_batch, exc)
+            return await self._batch_after_rejection(batch, encoded_batch, exc, conn=conn)
         if positions is None:
-            return await self._batch_after_rejection(batch, encoded_batch, None)
-        self.notifier.poke()
+            return await self._batch_after_rejection(batch, encoded_batch, None, conn=conn)
+        if conn is None:
+            self.notifier.poke()
         results, i = [], 0
         for (stream_id, _, expected), encoded in zip(batch, encoded_batch, strict=True):
             results.append(AppendResult(stream_id, expected + 1, expected + len(encoded),
@@ -198,13 +204,14 @@ class EventStore(Encoding):
 
     async def _batch_after_rejection(self, batch: Sequence[tuple[str, Sequence[Any], int]],
                                      encoded_batch: list[list[_Encoded]],
-                                     exc: errors.StoreError | None) -> list[AppendResult]:
+                                     exc: errors.StoreError | None, *,
+                                     conn: db.Conn | None = None) -> list[AppendResult]:
         cause = _unique_violation(exc)
         if exc is not None and cause is None:
             raise exc
         results = []
         for (stream_id, _, expected), encoded in zip(batch, encoded_batch, strict=True):
-            existing = await self._existing_result(stream_id, expected, encoded)
+            existing = await self._existing_result(stream_id, expected, encoded, conn=conn)
             if existing is None:
                 break
             results.append(existing)
@@ -213,7 +220,7 @@ class EventStore(Encoding):
         if cause is not None and cause.constraint_name == _EVENT_ID_KEY:
             raise errors.DuplicateEventId("an event id of this batch exists elsewhere") from exc
         for stream_id, _, expected in batch:
-            actual = await self.stream_version(stream_id)
+            actual = await self.stream_version(stream_id, conn=conn)
             if actual != expected:
                 raise errors.VersionConflict(stream_id, expected, actual) from exc
         # Every stream is where we expected now: the writer we collided with rolled back. Retry.

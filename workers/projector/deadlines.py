@@ -89,20 +89,19 @@ class Firing:
         async with db.translate_errors(), self.store.pool.acquire() as conn, conn.transaction():
             await locks.share(conn, locks.projection(self.store.schema, name))
             rows = await conn.fetch(SQL["due"], name, self.partition, BATCH)
-            for row in rows:
-                deadline = Deadline(name, row["key"], row["due_at"], codec.unpackb(row["payload"]),
-                                    row["deadline_id"], row["correlation_id"], row["scheduled_by"])
-                if not safe:
-                    try:
-                        await self.reactor.fire(conn, deadline, safe=False)
-                    except Exception as exc:
-                        if handlers.is_transient(exc):
-                            raise
-                        raise _Rerun from exc
-                    await conn.execute(SQL["fired"], name, deadline.key, deadline.deadline_id)
-                    lateness.append(max(0.0, row["lateness_seconds"]))
-                    fired.append(deadline.deadline_id)
-                    continue
+            due = [Deadline(name, row["key"], row["due_at"], codec.unpackb(row["payload"]), row["deadline_id"],
+                            row["correlation_id"], row["scheduled_by"]) for row in rows]
+            if not safe:
+                try:
+                    await self.reactor.fire_all(conn, due)
+                except Exception as exc:
+                    if handlers.is_transient(exc):
+                        raise
+                    raise _Rerun from exc
+                await conn.execute(SQL["fired_all"], name, [d.key for d in due], [d.deadline_id for d in due])
+                lateness = [max(0.0, row["lateness_seconds"]) for row in rows]
+                fired = [d.deadline_id for d in due]
+            for row, deadline in zip(rows, due, strict=True) if safe else ():
                 try:
                     async with conn.transaction():  # a failing handler costs its own deadline only
                         await self._fire_one(conn, deadline)
@@ -117,7 +116,7 @@ class Firing:
         if lateness:
             metrics.DEADLINES_FIRED.labels(name).inc(len(lateness))
             metrics.DEADLINE_LATENESS.observe_many(name, lateness)
-        return fired, parked, len(rows) == BATCH and bool(lateness)
+        return fired, parked, len(due) == BATCH and bool(lateness)
 
     async def _fire_one(self, conn: db.Conn, deadline: Deadline) -> None:
         try:

@@ -30,3 +30,8 @@ WITH gone AS (
 )
 INSERT INTO dead_letters (projection, stream_id, event_id, event_type, error, traceback, attempts, body, status)
 SELECT $1, 'deadline:' || $2, $3, 'deadline', $4, $5, $6, payload, $7 FROM gone;
+
+-- name: fired_all
+-- A transaction's deadlines fired as one piece: gone with their handlers' effects.
+DELETE FROM deadlines AS d USING unnest($2::text[], $3::uuid[]) AS u(key, deadline_id)
+WHERE d.reactor = $1 AND d.key = u.key AND d.deadline_id = u.deadline_id;
