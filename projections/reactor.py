@@ -314,8 +314,7 @@ class Reactor(Projection):
         react = [e for e in events if type(e.event) in self._handlers]
         if not react:
             return
-        batch = _Batch(await self._store.load_streams(sorted({e.stream_id for e in react}), conn=conn)
-                       if self.prefetch else {})
+        batch = _Batch(await self._histories(conn, events) if self.prefetch else {})
         for event in react:
             correlation = event.metadata.get(correlation_ids.CORRELATION_ID)
             fx = Effects(self, self._store, conn, event.event_id, correlation if isinstance(correlation, str) else None,
@@ -325,6 +324,21 @@ class Reactor(Projection):
                 self._handlers[type(event.event)])  # type: ignore[assignment]
             await handler(self, fx, event)
         await batch.flush(conn, self.name, self._store)
+
+    async def _histories(self, conn: db.Conn, events: Sequence[RecordedEvent]) -> dict[str, list[RecordedEvent]]:
+        """The histories of the batch's streams: a stream whose events here start at version 0 without a gap is
+        its own history (a later event of it in the store makes the append conflict, and the batch rerun); the
+        others are read in one query."""
+        assert self._store is not None
+        by_stream: dict[str, list[RecordedEvent]] = {}
+        for event in events:
+            by_stream.setdefault(event.stream_id, []).append(event)
+        histories = {sid: evs for sid, evs in by_stream.items()
+                     if [e.version for e in evs] == list(range(len(evs)))}
+        missing = sorted(by_stream.keys() - histories.keys())
+        if missing:
+            histories.update(await self._store.load_streams(missing, conn=conn))
+        return histories
 
     async def fire(self, conn: db.Conn, deadline: Deadline) -> None:
         """Run ``on_deadline`` for a due deadline inside the transaction that deletes it (in a savepoint)."""
