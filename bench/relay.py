@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import functools
 import time
@@ -131,11 +132,17 @@ async def run(args: argparse.Namespace) -> None:
             targets = await broker.declare_topology(channel, names, projections, args.partitions,
                                                     message_events=args.message_events)
             raw, relayed = await compare(args, settings, schema, channel, targets, names, projections)
+            batches_only, with_events = await events_exchange_cost(args, settings, schema, channel, targets, names,
+                                                                  projections)
         finally:
             await connection.close()
         print(f"raw aio-pika, pipelined confirms: {raw.rate:8.0f} events/s ({raw.message_rate:.0f} msgs/s)")
         print(f"relay draining the outbox:        {relayed.rate:8.0f} events/s ({relayed.message_rate:.0f} msgs/s)")
         print(f"ratio relay / raw:                {relayed.rate / raw.rate:8.2f}")
+        print(f"relay, partition batches only:    {batches_only.rate:8.0f} events/s")
+        print(f"relay, + {names.exchange} (one message per event, a queue bound with '#'): "
+              f"{with_events.rate:8.0f} events/s: the option costs {1 - with_events.rate / batches_only.rate:.0%}"
+              " of the relay's rate")
     finally:
         await clean_up(settings, schema, names, projections, args.partitions)
 
@@ -167,6 +174,34 @@ async def compare(args: argparse.Namespace, settings: Settings, schema: str, cha
         assert relayed.events == len(rows), (relayed.events, len(rows))
         assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
     return raw, relayed
+
+
+async def events_exchange_cost(args: argparse.Namespace, settings: Settings, schema: str, channel: AbstractChannel,
+                               targets: broker.Targets, names: broker.Names, projections: list[str],
+                               ) -> tuple[Clock, Clock]:
+    """The relay over the same events again, without and with the per-event exchange (EVENTFLEET_EVENTS_EXCHANGE),
+    in alternating segments; the per-event messages go to one queue of another consumer, bound with '#'."""
+    events_targets = dataclasses.replace(targets, events_exchange=await broker.declare_exchange(channel, names))
+    other = await channel.declare_queue(f"{names.prefix}.other-consumer", durable=True,
+                                        arguments={"x-queue-type": "quorum"})
+    await other.bind(names.exchange, routing_key="#")
+    only, both = Clock(), Clock()
+    try:
+        async with db.create_pool(settings.database_url, schema, min_size=1, max_size=2) as pool:
+            positions = [r["global_position"] for r in await pool.fetch(
+                "SELECT global_position FROM events ORDER BY global_position")]
+            size = -(-len(positions) // args.segments)
+            for k in range(args.segments):
+                chunk = positions[k * size:(k + 1) * size]
+                sides = [(targets, only), (events_targets, both)]
+                for side_targets, clock in sides if k % 2 == 0 else sides[::-1]:
+                    await pool.execute("INSERT INTO outbox (global_position) SELECT unnest($1::bigint[])", chunk)
+                    await relay_segment(pool, side_targets, args.batch_size, None, clock)
+                    await purge(channel, names, projections, args.partitions)
+                    await other.purge()
+    finally:
+        await other.delete(if_unused=False, if_empty=False)
+    return only, both
 
 
 async def clean_up(settings: Settings, schema: str, names: broker.Names, projections: list[str],
