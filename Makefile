@@ -39,6 +39,8 @@ bench: services $(STAMP)
 	$(BIN)/python -m bench.relay
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.catchup
+	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.reactors
 	$(BIN)/python -m bench.rebuild
 
 # make chaos: the fault-injection suite, longer than its CI run; figures go to CHAOS_REPORT (RELIABILITY.md).
