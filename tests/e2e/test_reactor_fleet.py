@@ -21,7 +21,8 @@ import pytest
 
 from eventfleet.examples.orders import orders
 from eventfleet.examples.orders.events import OrderCancelled, OrderPaid
-from eventfleet.examples.orders.reactors import REASON
+from eventfleet.examples.orders.reactors import REASON, PaymentTimeout
+from projections import registry
 from store import NO_STREAM, EventStore, db
 from store.aggregate import Repository
 from store.event_store import record_from_row
@@ -31,6 +32,10 @@ from workers import admin, broker
 from workers.runtime import retry
 
 pytestmark = pytest.mark.slow
+
+# Importing the reactors module registered payment_timeout in this process, for every later test's relay and
+# migrate: this module only needs its constants (its processes load the module themselves).
+registry.REGISTRY.pop(PaymentTimeout.name, None)
 
 PARTITIONS = 8
 MODULE = "eventfleet.examples.orders.reactors"

@@ -34,6 +34,10 @@ from workers.rebuild import backfill
 from workers.rebuild import shadow as rebuild
 from workers.runtime import health
 
+# Importing the reactors module registered payment_timeout in this process: unregistered at once, so that only
+# this module's tests see it (every later test's relay and migrate would, otherwise).
+registry.REGISTRY.pop(PaymentTimeout.name, None)
+
 
 @pytest.fixture(autouse=True)
 def reactors() -> Iterator[None]:
