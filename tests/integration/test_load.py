@@ -13,7 +13,8 @@ from eventfleet.examples.orders import load, orders
 from tests.conftest import DATABASE_URL
 
 LIVES = {("OrderPlaced", "OrderPaid", "OrderShipped"), ("OrderPlaced", "OrderCancelled"),
-         ("OrderPlaced", "OrderPaid", "OrderCancelled")}
+         ("OrderPlaced", "OrderPaid", "OrderCancelled"),
+         ("OrderPlaced",)}  # left unpaid: the payment_timeout reactor's to cancel
 
 
 async def test_every_order_ends_exactly_at_the_end_of_its_planned_life(event_store, pool):
