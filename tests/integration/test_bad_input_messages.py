@@ -4,6 +4,7 @@ exactly once."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import uuid
@@ -22,6 +23,8 @@ from store.partitions import partition_of
 from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from workers import broker, projector
 from workers.config import Settings
+from workers.projector.batcher import Batcher
+from workers.projector.consumer import Consumer
 
 NOW = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
 
@@ -188,3 +191,41 @@ async def test_a_delivered_version_the_store_does_not_have_does_not_crash_the_co
     stats = await projector.consume_until_idle(pool, channel, CustomerStats(), settings)
 
     assert stats.applied == len(good)
+
+
+async def test_through_the_batcher_a_delivery_naming_versions_the_store_lacks_is_dead_lettered_once(
+        pool: db.Pool, event_store: EventStore, channel: aio_pika.abc.AbstractChannel, prefix: str,
+        settings: Settings) -> None:
+    """As a worker of the fleet applies: its partitions' deliveries combined by the projection's batcher. The
+    combined batch fails, each consumer applies its own alone, and nothing is acked or rejected twice (a second
+    settle of a tag makes the broker close the channel)."""
+    names = broker.Names(prefix)
+    good = await good_events(event_store, HOSTILE_CUSTOMERS[:3])
+    ahead = _fields(stream_id=good[0].stream_id, version=5)  # decodes; versions 2 to 4 exist nowhere
+    await channel.default_exchange.publish(aio_pika.Message(_pack([ahead])),
+                                           routing_key=names.partition_queue("customer_stats", 0))
+    await publish(channel, prefix, good)
+    connection = await aio_pika.connect(AMQP_URL)
+    stop = asyncio.Event()
+    async with connection:
+        projection = CustomerStats()
+        batcher = Batcher(event_store, projection, settings.batch_size)
+        batching = asyncio.create_task(batcher.run())
+        consumers = [Consumer(event_store, await connection.channel(), projection, p, settings, batcher=batcher)
+                     for p in range(PARTITIONS)]
+        running = [asyncio.create_task(c.run(stop)) for c in consumers]
+        deadline = asyncio.get_running_loop().time() + 30
+        while (await pool.fetchval("SELECT count(*) FROM dead_letters") < 1
+               or len(await customer_rows(pool)) < 3):
+            assert asyncio.get_running_loop().time() < deadline
+            assert not any(t.done() for t in running), [t.exception() for t in running if t.done()]
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # a second settle would close its channel about now
+        stop.set()
+        await asyncio.gather(*running)
+        batching.cancel()
+        assert not any(c.channel.is_closed for c in consumers)
+    assert await customer_rows(pool) == sorted((c, 1, Decimal(2)) for c in HOSTILE_CUSTOMERS[:3])
+    assert await pool.fetchval("SELECT count(*) FROM dead_letters") == 1
+    dlq = await channel.declare_queue(names.dead_letter_queue("customer_stats"), passive=True)
+    assert dlq.declaration_result.message_count == 1

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from projections.base import Projection
 from store import errors as store_errors
 from store.event_store import EventStore, RecordedEvent
+from workers import errors
 from workers.projector import parking
 from workers.projector.checkpoints import BatchResult
 
@@ -40,7 +41,8 @@ class HandOver:
     deliveries: Sequence[Delivery]
     events: list[RecordedEvent]
     settled: int
-    done: asyncio.Future[BatchResult]
+    #: The batch's result, and whether the deliveries are settled already (applied alone, acked or rejected).
+    done: asyncio.Future[tuple[BatchResult, bool]]
 
 
 class Batcher:
@@ -52,10 +54,11 @@ class Batcher:
         self._wake = asyncio.Event()
 
     async def hand_over(self, consumer: Consumer, deliveries: Sequence[Delivery], events: list[RecordedEvent],
-                        settled: int) -> BatchResult:
-        """Apply ``events`` with whatever else is waiting; return once their transaction committed (the result
-        is the combined batch's)."""
-        done: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+                        settled: int) -> tuple[BatchResult, bool]:
+        """Apply ``events`` with whatever else is waiting; return once their transaction committed: the combined
+        batch's result, and True when the consumer's deliveries were settled by the consumer itself meanwhile
+        (the combined batch failed and each consumer applied its own alone: nothing is left to ack)."""
+        done: asyncio.Future[tuple[BatchResult, bool]] = asyncio.get_running_loop().create_future()
         self._waiting.append(HandOver(consumer, deliveries, events, settled, done))
         self._wake.set()
         return await done
@@ -102,7 +105,8 @@ class Batcher:
                 "projection": self.projection.name, "error": f"{type(exc).__name__}: {exc}"})
             for handover in group:
                 try:
-                    handover.done.set_result(await handover.consumer.handle_decoded(handover.deliveries))
+                    mine = [d for d in handover.deliveries if not isinstance(d.decoded, errors.MalformedMessage)]
+                    handover.done.set_result((await handover.consumer.handle_decoded(mine), True))
                 except Exception as failed:  # noqa: BLE001 - handed to the consumer that waits for it
                     handover.done.set_exception(failed)
             return
@@ -115,7 +119,7 @@ class Batcher:
         lead.count(result, time.perf_counter() - started, messages=sum(len(h.deliveries) for h in group),
                    settled=sum(h.settled for h in group))
         for handover in group:
-            handover.done.set_result(result)
+            handover.done.set_result((result, False))
 
     @staticmethod
     def _fail(group: list[HandOver], exc: BaseException) -> None:

@@ -202,8 +202,9 @@ class Consumer:
         events, settled, bad = self._sort(deliveries)
         if bad:
             await self._dead_letter_undecodable(bad)
-        result = await self.batcher.hand_over(self, deliveries, events, settled)
-        await self.settle(deliveries, events, settled, result)
+        result, done = await self.batcher.hand_over(self, deliveries, events, settled)
+        if not done:
+            await self.settle(deliveries, events, settled, result)
 
     async def settle(self, deliveries: Sequence[Delivery], events: Sequence[RecordedEvent], settled: int,
                      result: BatchResult) -> None:
