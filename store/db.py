@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
+import inspect
+import socket
+import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
@@ -102,11 +106,137 @@ async def _reset(conn: asyncpg.Connection[Any]) -> None:
             await conn.execute(query)
 
 
+# --- several hosts, and hosts that vanish ---------------------------------------------------------------------
+
+#: Seconds each host of a multi-host DSN gets to accept a connection before the next one is tried. asyncpg
+#: applies its ``timeout`` (60 s) to all the hosts together, so a host that drops packets (its machine gone)
+#: would use it all up, every attempt, and the next host (the promoted standby) would never be tried.
+HOST_TIMEOUT = 10.0
+#: A host that has not accepted within this long has the next host tried alongside it (see _connect_hosts).
+HOST_STAGGER = 1.0
+#: TCP keepalive on every connection, and how long sent data may go unacknowledged: a server whose host
+#: vanished sends no reset, so without them a pooled connection to it waits for ever (an idle LISTEN, a
+#: statement in flight). Peers that answer acknowledge within milliseconds; after about 10 s the socket
+#: fails, the statement raises a connection error (TRANSIENT) and the pool reconnects.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 2, 2, 5
+USER_TIMEOUT_MS = 10_000
+
+#: Per multi-host DSN, the host that accepted the last connection: tried first next time, so a pool that
+#: found the new primary does not wait on the dead one for each of its connections.
+_PREFERRED: dict[str, int] = {}
+#: Errors after which the next host is tried (asyncpg's own rule, plus its per-host timeout): anything else,
+#: such as a refused password or a missing database, is the same on every host and raised at once.
+_NEXT_HOST: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TargetServerAttributeNotMatched,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
+
+
+#: Whether asyncpg's pools take a ``connect`` function (0.30 and later); older ones connect as asyncpg does.
+_POOL_CONNECT = "connect" in inspect.signature(asyncpg.create_pool).parameters
+
+
+def split_hosts(dsn: str) -> list[str]:
+    """The one-host DSNs of a URL naming several hosts (``postgresql://u@h1:p1,h2:p2/db?...``), in order, each
+    with the URL's user, password, database and parameters; ``[dsn]`` for anything else, unchanged."""
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+    except ValueError:
+        return [dsn]
+    if parts.scheme not in ("postgresql", "postgres"):
+        return [dsn]
+    user, at, hosts = parts.netloc.rpartition("@")
+    names_ = hosts.split(",")
+    if len(names_) < 2 or not all(names_):
+        return [dsn]
+    return [urllib.parse.urlunsplit(parts._replace(netloc=f"{user}{at}{host}")) for host in names_]
+
+
+def _keep_alive(conn: asyncpg.Connection[Any]) -> None:
+    """TCP keepalive and user timeout on the connection's socket (Linux; elsewhere what the platform has)."""
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                        ("TCP_KEEPCNT", KEEPALIVE_COUNT), ("TCP_USER_TIMEOUT", USER_TIMEOUT_MS)):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    with contextlib.suppress(OSError):
+        for level, option, value in options:
+            sock.setsockopt(level, option, value)
+
+
+async def _connect(dsn: str, **kwargs: Any) -> asyncpg.Connection[Any]:
+    """``asyncpg.connect``, for a multi-host DSN host by host (``_connect_hosts``); then keepalive. A one-host
+    DSN goes to asyncpg unchanged."""
+    hosts = split_hosts(dsn)
+    if len(hosts) == 1:
+        conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, **kwargs)
+    else:
+        conn = await _connect_hosts(dsn, hosts, **kwargs)
+    _keep_alive(conn)
+    return conn
+
+
+async def _connect_hosts(dsn: str, hosts: list[str], **kwargs: Any) -> asyncpg.Connection[Any]:
+    """The first host, in order (the one that last accepted first), that accepts a connection and passes
+    ``target_session_attrs`` (asyncpg checks it per host). Each host gets ``HOST_TIMEOUT``; one that has not
+    answered within ``HOST_STAGGER`` gets company: the next host is tried alongside it (with read-write only
+    the primary can pass, so the race picks no other). A host's failure of the ``_NEXT_HOST`` kind moves on at
+    once; any other failure is raised. All hosts failed: the last failure is raised."""
+    timeout = min(float(kwargs.pop("timeout", HOST_TIMEOUT)), HOST_TIMEOUT)
+    first = _PREFERRED.get(dsn, 0) % len(hosts)
+    order = [*range(first, len(hosts)), *range(first)]
+    attempts: dict[asyncio.Task[asyncpg.Connection[Any]], int] = {}
+    failure: BaseException | None = None
+    try:
+        while True:
+            if order and (not attempts or failure is not None):
+                failure = None
+                i = order.pop(0)
+                attempts[asyncio.ensure_future(asyncpg.connect(hosts[i], timeout=timeout, **kwargs))] = i
+            done, _ = await asyncio.wait(attempts, timeout=HOST_STAGGER if order else None,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:  # the hosts tried so far are slow: try the next one too
+                failure = TimeoutError()
+                continue
+            for task in done:
+                i = attempts.pop(task)
+                exc = task.exception()
+                if exc is None:
+                    _PREFERRED[dsn] = i
+                    return task.result()
+                if not isinstance(exc, _NEXT_HOST):
+                    raise exc
+                failure = exc
+            if not attempts and not order:
+                assert failure is not None
+                raise failure
+    finally:
+        for task in attempts:  # the slower hosts: abandoned, and closed if they got there meanwhile
+            task.cancel()
+        for late in await asyncio.gather(*attempts, return_exceptions=True):
+            if isinstance(late, asyncpg.Connection):
+                late.terminate()
+
+
 @contextlib.asynccontextmanager
 async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10,
                       application_name: str = "eventfleet", **kwargs: Any) -> AsyncIterator[Pool]:
-    """Open a pool whose connections resolve unqualified names in ``schema``; close it on exit."""
+    """Open a pool whose connections resolve unqualified names in ``schema``; close it on exit.
+
+    A DSN naming several hosts (``?target_session_attrs=read-write`` for the primary) is tried host by host
+    (``HOST_TIMEOUT`` each) whenever the pool opens a connection, so after a failover the pool's new
+    connections reach the promoted server; connections to the old one fail (at once, or within about 10 s
+    when its host vanished: ``USER_TIMEOUT_MS``) and the pool replaces them on their next acquire."""
     kwargs.setdefault("reset", _reset)
+    if _POOL_CONNECT:
+        kwargs.setdefault("connect", _connect)
     async with translate_errors():
         pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
                                          **connect_kwargs(schema, application_name), **kwargs)
@@ -118,8 +248,7 @@ async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int
 
 async def connect(dsn: str, schema: str, *, application_name: str = "eventfleet",
                   **kwargs: Any) -> asyncpg.Connection[Any]:
-    """Open a single connection (LISTEN, admin work) resolving names in ``schema``."""
+    """Open a single connection (LISTEN, admin work) resolving names in ``schema`` (hosts as ``create_pool``)."""
     async with translate_errors():
-        conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, **connect_kwargs(schema, application_name),
-                                                              **kwargs)
+        conn = await _connect(dsn, **connect_kwargs(schema, application_name), **kwargs)
     return conn

@@ -32,6 +32,7 @@ _COMMANDS = {
     "demo": "workers.cli.demo:cmd_demo",
     "dead-letters": "workers.cli.dead_letters:cmd_dead_letters",
     "teardown": "workers.cli.teardown:cmd_teardown",
+    "verify": "workers.cli.verify:cmd_verify",
 }
 
 
@@ -98,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     teardown = add("teardown", "drop the deployment: its schema and rebuild shadows, queues, "
                    "exchanges and roles (nothing of any other)")
     teardown.add_argument("--yes", action="store_true", help="really drop; without it, list what would go, exit 2")
+    verify = add("verify", "compare a projection's read model with a replay of the store (exit 1 if any row differs)")
+    verify.add_argument("projection", metavar="PROJECTION")
+    verify.add_argument("--json", action="store_true", help="print one JSON document")
+    verify.add_argument("--limit", type=int, default=20, metavar="N",
+                        help="keys of differing rows shown per table and side (default 20)")
     return parser
 
 

@@ -36,11 +36,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from eventfleet.examples.orders import load
 from eventfleet.examples.orders.events import OrderCancelled, OrderPaid
 from projections import registry
-from projections.reactor import Reactor
 from store import EventStore, db, names, queries
 from store.partitions import DEFAULT_PARTITIONS
 from store.records import record_from_row
-from workers import admin, broker, errors, rebuild
+from workers import admin, broker, errors
+from workers.admin import verify as admin_verify
 from workers.config import Settings
 from workers.projector import lag
 from workers.runtime import lifecycle, redact, retry
@@ -265,26 +265,8 @@ async def run_with_progress(pool: db.Pool, store: EventStore, orders: int,
 async def verify(pool: db.Pool, store: EventStore) -> list[tuple[str, int, int]]:
     """Replay the store into scratch tables per projection and compare; (table, rows, mismatched rows).
     Reactors have no read model to compare: ``timeouts`` checks theirs against the store."""
-    found = []
-    for cls in registry.load().values():
-        if issubclass(cls, Reactor):
-            continue
-        scratch = rebuild.shadow_schema(store.schema, cls.name, kind="vf")
-        try:
-            await rebuild.replay(pool, store, cls, scratch, settled=True)
-            for table in cls.tables:
-                live, replayed = f"{names.quote(store.schema)}.{names.quote(table)}", \
-                    f"{names.quote(scratch)}.{names.quote(table)}"
-                async with db.translate_errors():
-                    rows = await pool.fetchval(f"SELECT count(*) FROM {live}")
-                    mismatched = await pool.fetchval(
-                        f"SELECT count(*) FROM ((TABLE {live} EXCEPT ALL TABLE {replayed})"
-                        f" UNION ALL (TABLE {replayed} EXCEPT ALL TABLE {live})) AS differences")
-                found.append((table, rows, mismatched))
-        finally:
-            async with db.translate_errors():
-                await pool.execute(f"DROP SCHEMA IF EXISTS {names.quote(scratch)} CASCADE")
-    return found
+    return [(t.table, t.rows, t.mismatched) for checked in await admin_verify.verify_all(pool, store)
+            for t in checked.tables]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
