@@ -22,7 +22,7 @@ _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 #: Every environment variable: name, default, meaning (``eventfleet --help`` and the reference print it).
 ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("EVENTFLEET_DATABASE_URL", DEFAULT_DATABASE_URL, "PostgreSQL DSN"),
-    ("EVENTFLEET_AMQP_URL", DEFAULT_AMQP_URL, "RabbitMQ URL"),
+    ("EVENTFLEET_AMQP_URL", DEFAULT_AMQP_URL, "RabbitMQ URL, or comma-separated URLs of a cluster's nodes"),
     ("EVENTFLEET_SCHEMA", "eventfleet", "Postgres schema of the store, checkpoints and read models"),
     ("EVENTFLEET_PREFIX", "eventfleet", "prefix of every RabbitMQ exchange and queue"),
     ("EVENTFLEET_PROJECTION_MODULES", "(none)", "comma-separated modules whose projections to load"),
@@ -50,7 +50,7 @@ class Settings:
     """Everything a process needs to know about its environment."""
 
     database_url: str = DEFAULT_DATABASE_URL
-    amqp_url: str = DEFAULT_AMQP_URL
+    amqp_url: str = DEFAULT_AMQP_URL  # the first of amqp_urls
     schema: str = "eventfleet"
     prefix: str = "eventfleet"
     http_port: int | None = None  # None: the role's own default (DEFAULT_HTTP_PORTS)
@@ -73,6 +73,14 @@ class Settings:
     message_bytes: int = 1024 * 1024  # bytes per batch message, about (EVENTFLEET_MESSAGE_BYTES)
     events_exchange: bool = False  # the relay also feeds the per-event topic exchange (EVENTFLEET_EVENTS_EXCHANGE)
     lease_seconds: float = 15.0  # partition leases expire this long after the last heartbeat
+    #: Every RabbitMQ node's URL (EVENTFLEET_AMQP_URL, comma-separated), tried in turn; () = (amqp_url,).
+    amqp_urls: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.amqp_urls:
+            object.__setattr__(self, "amqp_urls", (self.amqp_url,))
+        elif self.amqp_urls[0] != self.amqp_url:
+            raise ValueError("Settings.amqp_url must be the first of Settings.amqp_urls (set both, or amqp_url alone)")
 
     @property
     def prefetch_messages(self) -> int:
@@ -95,10 +103,7 @@ class Settings:
         if not database_url.startswith(("postgresql://", "postgres://")):
             raise errors.ConfigError("EVENTFLEET_DATABASE_URL must be a postgresql:// URL")
         _check_url("EVENTFLEET_DATABASE_URL", database_url)
-        amqp_url = get("EVENTFLEET_AMQP_URL", DEFAULT_AMQP_URL)
-        if not amqp_url.startswith(("amqp://", "amqps://")):
-            raise errors.ConfigError("EVENTFLEET_AMQP_URL must be an amqp:// or amqps:// URL")
-        _check_url("EVENTFLEET_AMQP_URL", amqp_url)
+        amqp_urls = amqp_urls_of(get("EVENTFLEET_AMQP_URL", DEFAULT_AMQP_URL))
         schema = get("EVENTFLEET_SCHEMA", "eventfleet")
         try:
             names.identifier(schema, what="schema")
@@ -118,7 +123,8 @@ class Settings:
             raise errors.ConfigError("EVENTFLEET_LOG_FORMAT must be 'text' or 'json'")
         return cls(
             database_url=database_url,
-            amqp_url=amqp_url,
+            amqp_url=amqp_urls[0],
+            amqp_urls=amqp_urls,
             schema=schema,
             prefix=prefix,
             http_port=_int(environ, "EVENTFLEET_HTTP_PORT", None, 0, 65535),
@@ -149,6 +155,20 @@ class Settings:
         """These settings with ``modules`` added to the projection modules (once each, in order)."""
         merged = tuple(dict.fromkeys((*self.projection_modules, *modules)))
         return dataclasses.replace(self, projection_modules=merged)
+
+
+def amqp_urls_of(value: str) -> tuple[str, ...]:
+    """The URLs of ``EVENTFLEET_AMQP_URL``: one, or several separated by commas (blanks around them ignored),
+    each an ``amqp://`` or ``amqps://`` URL checked as ``_check_url`` does. Raises ConfigError."""
+    urls = tuple(u.strip() for u in value.split(",") if u.strip())
+    if not urls:
+        raise errors.ConfigError("EVENTFLEET_AMQP_URL must be an amqp:// or amqps:// URL")
+    for i, url in enumerate(urls):
+        which = "EVENTFLEET_AMQP_URL" if len(urls) == 1 else f"EVENTFLEET_AMQP_URL (URL {i + 1} of {len(urls)})"
+        if not url.startswith(("amqp://", "amqps://")):
+            raise errors.ConfigError(f"{which} must be an amqp:// or amqps:// URL")
+        _check_url(which, url)
+    return urls
 
 
 def _check_url(name: str, value: str) -> None:

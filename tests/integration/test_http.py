@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from workers.runtime import http
+from workers.runtime import health, http
 
 
 def free_port() -> int:
@@ -46,6 +46,17 @@ async def test_metrics_healthz_and_readyz_follow_the_check():
         assert (await get(port, "/readyz"))[0] == 503
         up["ready"] = True
         assert (await get(port, "/readyz"))[0] == 200
+
+
+async def test_readyz_says_why_it_is_not_ready_with_passwords_masked():
+    health_ = health.Health(postgres=True, rabbitmq=True)
+    health_.blocked_reason = "low on memory"
+    async with http.serve(free_port(), health_.ready, host="127.0.0.1", reason=health_.reason) as port:
+        assert await get(port, "/readyz") == (503, "not ready: rabbitmq: broker blocked publishing: low on memory\n")
+        health_.blocked_reason = None
+        health_.down("postgres", ConnectionError("postgresql://app:s3cret@db/x refused"))
+        status, body = await get(port, "/readyz")
+        assert (status, "s3cret" in body, body.startswith("not ready: postgres: ConnectionError")) == (503, False, True)
 
 
 async def test_port_zero_serves_nothing():

@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         print(f"eventfleet: configuration error: {exc}", file=sys.stderr)
         return 2
     tuning.pin_mmap_threshold()  # long-running commands: keep the heap from fragmenting (see there)
-    secrets = redact.secrets_of(settings.database_url, settings.amqp_url)
+    secrets = redact.secrets_of(settings.database_url, *settings.amqp_urls)
     logs.setup(settings.log_format, logging.DEBUG if args.verbose else logging.INFO, secrets=secrets)
     try:
         settings = settings.with_projection_modules(*getattr(args, "projection_module", ()))

@@ -15,7 +15,6 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from projections import registry
@@ -29,7 +28,7 @@ from workers.projector.consumer import Consumer, DecodeCache, Stats
 from workers.projector.fleet import CATCHUPS_AT_ONCE, Fleet
 from workers.projector.leases import LeaseKeeper
 from workers.rebuild import backfill
-from workers.runtime import health, lifecycle, retry
+from workers.runtime import amqp, health, lifecycle, retry
 
 logger = logging.getLogger(__name__)
 
@@ -198,9 +197,10 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
     """One broker connection: the topology declared, the backfills of new projections, and the consumers of
     the partitions held, until stop or the connection dies."""
     name = f"eventfleet worker {socket.gethostname()}:{os.getpid()}"
-    connection = await aio_pika.connect(settings.amqp_url, client_properties={"connection_name": name})
+    # The first node of settings.amqp_urls that answers, the previous session's tried last (amqp.connect).
+    connection = await amqp.connect(settings.amqp_urls, name=name, after=health_.broker)
     async with connection:
-        health_.up("rabbitmq")
+        health_.up("rabbitmq", broker=amqp.connection_endpoint(connection))
         try:
             # Projections first seen (no status row, no queue yet) are backfilled alongside: see rebuild_backfill.
             backfills = await backfill.claim_backfills(store, connection, settings.prefix, projections, partitions)

@@ -17,6 +17,13 @@ then not committed: the relay died, or Postgres or RabbitMQ failed between the f
 commit. So every such failure duplicates at most one batch (``batch_size`` messages) of that relay,
 and a relay that never fails publishes every row exactly once (SKIP LOCKED: no two relays hold a row).
 
+Clusters and flow control. ``config.amqp_urls`` may name several nodes: each session connects to the first
+that answers, trying the node of the session before last (``amqp.connect``), with an AMQP heartbeat, so a
+silent node ends the session like a lost one. A memory or disk alarm makes the broker block publishing
+(``connection.blocked``): the relay rolls the batch in flight back at once (its rows stay), claims nothing,
+reports it (``/readyz`` 503, ``eventfleet_relay_blocked`` 1, one log line each way) and resumes on
+``connection.unblocked``, on the same connection.
+
 Bad rows. A row whose event cannot be encoded into a message (its metadata is not msgpack: something
 wrote it around the store's API) neither stops the relay nor is dropped: it is published flagged as
 undecodable, logged with its event id and counted, and every projection dead-letters it (``encode_rows``).
@@ -32,7 +39,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractConnection
 
@@ -46,7 +52,7 @@ from workers.errors import BrokerUnavailable
 from workers.relay.publish import publish_batch, refresh_backlog
 
 SQL = load("workers", "relay.sql")
-from workers.runtime import health, retry
+from workers.runtime import amqp, health, retry
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +62,7 @@ class RelayConfig:
 
     database_url: str
     schema: str
-    amqp_url: str
+    amqp_url: str  # the first of amqp_urls
     prefix: str
     projections: tuple[str, ...]
     batch_size: int = 1000
@@ -68,13 +74,20 @@ class RelayConfig:
     events_exchange: bool = False  # also publish one message per event to the topic exchange
     message_events: int = 100
     message_bytes: int = 1024 * 1024
+    amqp_urls: tuple[str, ...] = ()  # every node's URL, tried in turn (amqp.connect); () = (amqp_url,)
+
+    def __post_init__(self) -> None:
+        if not self.amqp_urls:
+            object.__setattr__(self, "amqp_urls", (self.amqp_url,))
+        elif self.amqp_urls[0] != self.amqp_url:
+            raise ValueError("RelayConfig.amqp_url must be the first of amqp_urls")
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> RelayConfig:
         """The relay's configuration for a deployment: every registered projection gets its queue."""
         fields: dict[str, Any] = {
             "database_url": settings.database_url, "schema": settings.schema,
-            "amqp_url": settings.amqp_url, "prefix": settings.prefix,
+            "amqp_url": settings.amqp_url, "amqp_urls": settings.amqp_urls, "prefix": settings.prefix,
             "projections": tuple(registry.load(settings.projection_modules)), "batch_size": settings.relay_batch_size,
             "poll_interval": settings.relay_poll_ms / 1000, "stop_timeout": settings.stop_timeout,
             "events_exchange": settings.events_exchange, "message_events": settings.message_events,
@@ -92,14 +105,29 @@ class _Interrupted(Exception):
 
 @dataclasses.dataclass
 class _Session:
-    """The connections of one session; callbacks record a loss and wake the loop."""
+    """The connections of one session; callbacks record a loss or the broker's block and wake the loop."""
 
     wake: asyncio.Event
+    status: health.Health
     lost: BaseException | None = None
     progressed: bool = False
+    blocked: str | None = None  # the broker's reason while it blocks publishing
+    blocking: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set while blocked
 
     def on_lost(self, cause: BaseException) -> None:
         self.lost = self.lost or cause
+        self.wake.set()
+
+    def on_blocked(self, reason: str) -> None:
+        self.blocked = reason
+        self.blocking.set()
+        self.status.blocked(reason)
+        self.wake.set()
+
+    def on_unblocked(self) -> None:
+        self.blocked = None
+        self.blocking.clear()
+        self.status.unblocked()
         self.wake.set()
 
     def check(self) -> None:
@@ -127,12 +155,12 @@ async def run_relay(pool: db.Pool, config: RelayConfig, status: health.Health, *
 
 async def _run_session(pool: db.Pool, config: RelayConfig, status: health.Health,
                        idle: asyncio.Event | None) -> None:
-    session = _Session(asyncio.Event())
+    session = _Session(asyncio.Event(), status)
     try:
         async with contextlib.AsyncExitStack() as stack:
+            stack.callback(_forget_block, session)
             partitions = config.partitions or await _partitions(pool)
             targets = await _open_broker(stack, config, session, partitions)
-            status.up("rabbitmq")
             await _open_listener(stack, config, session)
             await refresh_backlog(pool)
             status.up("postgres")
@@ -162,9 +190,13 @@ async def _relay_loop(pool: db.Pool, targets: broker.Targets, config: RelayConfi
     while True:
         session.wake.clear()  # before claiming: a NOTIFY from now on wakes the next wait
         while True:
-            n = await _publish_finishing_on_stop(pool, targets, config)
+            await _wait_unblocked(pool, config, session)
+            published = await _publish_finishing_on_stop(pool, targets, config, session)
             session.progressed = True
             session.check()
+            if published is None:  # blocked mid-batch: rolled back; claim again once unblocked
+                continue
+            n = published
             if time.monotonic() >= next_refresh:
                 await refresh_backlog(pool)
                 next_refresh = time.monotonic() + config.metrics_interval
@@ -180,32 +212,67 @@ async def _relay_loop(pool: db.Pool, targets: broker.Targets, config: RelayConfi
         session.check()
 
 
-async def _publish_finishing_on_stop(pool: db.Pool, targets: broker.Targets, config: RelayConfig) -> int:
-    """publish_batch, but a cancellation (SIGTERM) lets it finish for up to stop_timeout first."""
+async def _publish_finishing_on_stop(pool: db.Pool, targets: broker.Targets, config: RelayConfig,
+                                     session: _Session) -> int | None:
+    """publish_batch, but a cancellation (SIGTERM) lets it finish for up to stop_timeout first; None when the
+    broker blocked publishing before it was confirmed (it is rolled back at once: no confirm comes before
+    the alarm clears, and an open claim would hold its rows and the store's horizon meanwhile)."""
     task = asyncio.ensure_future(
         publish_batch(pool, targets, config.batch_size, confirm_timeout=config.confirm_timeout))
+    blocked = asyncio.ensure_future(session.blocking.wait())
     try:
-        return await asyncio.shield(task)
+        await asyncio.wait({task, blocked}, return_when=asyncio.FIRST_COMPLETED)  # neither is cancelled by a stop
     except asyncio.CancelledError:
         # Committing now saves republishing the batch; past the timeout it is cancelled: rolled back.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, config.stop_timeout)
         raise
+    finally:
+        blocked.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, *retry.OUTAGE_ERRORS):
+        await task
+    logger.info("batch rolled back: the broker blocks publishing", extra={"reason": session.blocked})
+    return None
+
+
+async def _wait_unblocked(pool: db.Pool, config: RelayConfig, session: _Session) -> None:
+    """While the broker blocks publishing: claim nothing, keep the backlog gauges fresh, until it unblocks
+    (or the session ends)."""
+    while session.blocked is not None:
+        session.wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(config.metrics_interval):
+                await session.wake.wait()
+        session.check()
+        await refresh_backlog(pool)
+
+
+def _forget_block(session: _Session) -> None:
+    """A session's end takes its connection's block with it (the next connection is told anew)."""
+    if session.blocked is not None:
+        session.status.unblocked(quiet=True)
 
 
 async def _open_broker(stack: contextlib.AsyncExitStack, config: RelayConfig,
                        session: _Session, partitions: int) -> broker.Targets:
-    """Connect (not robust: this loop owns reconnection), open a confirming channel, declare the topology."""
-    connection = await aio_pika.connect(
-        config.amqp_url, client_properties={"connection_name": f"eventfleet relay {config.prefix}"})
+    """Connect to a node (not robust: this loop owns reconnection; ``amqp.connect`` tries the previous session's
+    node last), watch its flow control, open a confirming channel, declare the topology."""
+    connection = await amqp.connect(config.amqp_urls, name=f"eventfleet relay {config.prefix}",
+                                    after=session.status.broker)
     stack.push_async_callback(_close_quietly, connection)
+    amqp.watch_blocked(connection, session.on_blocked, session.on_unblocked)
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
     lost = _on_close(session, lambda exc: BrokerUnavailable(f"connection lost: {exc!r}"))
     connection.close_callbacks.add(lost)
     channel.close_callbacks.add(lost)
-    return await broker.declare_topology(
+    targets = await broker.declare_topology(
         channel, broker.Names(config.prefix), config.projections, partitions, events_exchange=config.events_exchange,
         message_events=config.message_events, message_bytes=config.message_bytes)
+    session.status.up("rabbitmq", broker=amqp.connection_endpoint(connection))
+    return targets
 
 
 async def _open_listener(stack: contextlib.AsyncExitStack, config: RelayConfig, session: _Session) -> None:

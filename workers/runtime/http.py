@@ -26,7 +26,7 @@ import prometheus_client
 from aiohttp import web
 
 from store.errors import ConfigError
-from workers.runtime import metrics
+from workers.runtime import metrics, redact
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +64,10 @@ class Watchdog:
         return age if age > self.stall_after else 0.0
 
 
-def make_app(ready: Check, watchdog: Watchdog | None = None) -> web.Application:
-    """The aiohttp application; ``ready`` says whether Postgres and RabbitMQ are reachable now."""
+def make_app(ready: Check, watchdog: Watchdog | None = None,
+             reason: Callable[[], str] | None = None) -> web.Application:
+    """The aiohttp application; ``ready`` says whether Postgres and RabbitMQ are reachable now, ``reason``
+    why not (``/readyz`` says it, passwords masked)."""
 
     async def metrics_view(request: web.Request) -> web.Response:
         body = prometheus_client.generate_latest(metrics.registry)
@@ -81,7 +83,8 @@ def make_app(ready: Check, watchdog: Watchdog | None = None) -> web.Application:
     async def readyz(request: web.Request) -> web.Response:
         if ready():
             return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready\n")
+        why = redact.text(reason()) if reason is not None else ""
+        return web.Response(status=503, text=f"not ready: {why}\n" if why else "not ready\n")
 
     app = web.Application()
     app.router.add_get("/metrics", metrics_view)
@@ -163,7 +166,8 @@ def _watch(server: _StalledServer, stop: threading.Event) -> None:
 
 @contextlib.asynccontextmanager
 async def serve(port: int, ready: Check, host: str = "0.0.0.0", *,
-                stall_after: float = DEFAULT_STALL_AFTER) -> AsyncIterator[int]:
+                stall_after: float = DEFAULT_STALL_AFTER, reason: Callable[[], str] | None = None,
+                ) -> AsyncIterator[int]:
     """Serve the endpoints on port (0 = off) until exit; yields the bound port (0 when off).
 
     /healthz turns 503 once the loop has not run for ``stall_after`` seconds (see Watchdog).
@@ -180,7 +184,7 @@ async def serve(port: int, ready: Check, host: str = "0.0.0.0", *,
                           "EVENTFLEET_HTTP_PORT to a free port, or 0 to turn the HTTP server off") from None
     sock.setblocking(False)
     watchdog = Watchdog(stall_after)
-    runner = web.AppRunner(make_app(ready, watchdog), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(ready, watchdog, reason), access_log=None, handle_signals=False)
     await runner.setup()
     stop = threading.Event()
     fallback = _StalledServer(sock.dup(), watchdog)

@@ -73,6 +73,8 @@ RELAY_MESSAGES = Counter("eventfleet_relay_messages_total",
 RELAY_UNDECODABLE = Counter("eventfleet_relay_undecodable_total",
                             "Events published flagged as undecodable (their stored metadata is not msgpack); "
                             "every projection dead-letters them")
+RELAY_BLOCKED = Gauge("eventfleet_relay_blocked",
+                      "1 while the broker blocks the relay's publishing (connection.blocked: a memory or disk alarm)")
 RELAY_BATCH_SECONDS = Histogram("eventfleet_relay_publish_batch_seconds",
                                 "Time to publish and confirm one outbox batch", buckets=_LATENCY_BUCKETS)
 
