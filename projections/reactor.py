@@ -97,6 +97,15 @@ class Outcome:
     conflicts: int = 0
 
 
+#: One cause of a batch run as one piece: its id, its correlation id, and its handler's call.
+_Cause = tuple[uuid.UUID, str | None, Callable[["Effects"], Awaitable[None]]]
+
+
+def _correlation(event: RecordedEvent) -> str | None:
+    value = event.metadata.get(correlation_ids.CORRELATION_ID)
+    return value if isinstance(value, str) else None
+
+
 def _is_stream_id(key: str) -> bool:
     try:
         names.stream_id(key)
@@ -301,35 +310,29 @@ class Reactor(Projection):
         handler = self._handlers.get(type(event.event))
         if handler is None:
             return
-        correlation = event.metadata.get(correlation_ids.CORRELATION_ID)
         react: Callable[[Any, Effects, RecordedEvent], Awaitable[None]] = handler  # type: ignore[assignment]
-        await self._run(conn, event.event_id, correlation if isinstance(correlation, str) else None,
-                        lambda fx: react(self, fx, event))
+        await self._run(conn, event.event_id, _correlation(event), lambda fx: react(self, fx, event))
 
     async def apply_batch(self, conn: db.Conn, events: Sequence[RecordedEvent]) -> None:
         """The batch as one piece (the module doc's "Speed"): any error makes the worker run it again event
         by event through ``apply``."""
-        if self._store is None:
-            raise errors.ConfigError(f"reactor {self.name} is not bound to a store (Reactor.bind)")
         react = [e for e in events if type(e.event) in self._handlers]
         if not react:
             return
         batch = _Batch(await self._histories(conn, events) if self.prefetch else {})
-        for event in react:
-            correlation = event.metadata.get(correlation_ids.CORRELATION_ID)
-            fx = Effects(self, self._store, conn, event.event_id, correlation if isinstance(correlation, str) else None,
-                         self._partitions, batch)
-            self.outcomes[event.event_id] = fx.outcome
+
+        def cause(event: RecordedEvent) -> _Cause:
             handler: Callable[[Any, Effects, RecordedEvent], Awaitable[None]] = (
                 self._handlers[type(event.event)])  # type: ignore[assignment]
-            await handler(self, fx, event)
-        await batch.flush(conn, self.name, self._store)
+            return event.event_id, _correlation(event), lambda fx: handler(self, fx, event)
+
+        await self._run_as_one(conn, batch, [cause(e) for e in react])
 
     async def _histories(self, conn: db.Conn, events: Sequence[RecordedEvent]) -> dict[str, list[RecordedEvent]]:
         """The histories of the batch's streams: a stream whose events here start at version 0 without a gap is
         its own history (a later event of it in the store makes the append conflict, and the batch rerun); the
         others are read in one query."""
-        assert self._store is not None
+        store = self._bound()
         by_stream: dict[str, list[RecordedEvent]] = {}
         for event in events:
             by_stream.setdefault(event.stream_id, []).append(event)
@@ -337,7 +340,7 @@ class Reactor(Projection):
                      if [e.version for e in evs] == list(range(len(evs)))}
         missing = sorted(by_stream.keys() - histories.keys())
         if missing:
-            histories.update(await self._store.load_streams(missing, conn=conn))
+            histories.update(await store.load_streams(missing, conn=conn))
         return histories
 
     async def fire(self, conn: db.Conn, deadline: Deadline) -> None:
@@ -348,16 +351,27 @@ class Reactor(Projection):
         """Run ``on_deadline`` for several due deadlines as one piece (no savepoints, their keys' streams read
         in one query, appends and schedules written at the end): the caller reruns them one by one with
         ``fire`` on any error."""
+        batch = _Batch(await self._bound().load_streams(sorted({d.key for d in deadlines}), conn=conn)
+                       if self.prefetch and all(_is_stream_id(d.key) for d in deadlines) else {})
+
+        def cause(deadline: Deadline) -> _Cause:
+            return deadline.deadline_id, deadline.correlation_id, lambda fx: self.on_deadline(fx, deadline)
+
+        await self._run_as_one(conn, batch, [cause(d) for d in deadlines])
+
+    async def _run_as_one(self, conn: db.Conn, batch: _Batch, causes: Sequence[_Cause]) -> None:
+        """Run the causes' handlers on one batch, without savepoints, then write what they deferred."""
+        store = self._bound()
+        for cause_id, correlation_id, body in causes:
+            fx = Effects(self, store, conn, cause_id, correlation_id, self._partitions, batch)
+            self.outcomes[cause_id] = fx.outcome
+            await body(fx)
+        await batch.flush(conn, self.name, store)
+
+    def _bound(self) -> EventStore:
         if self._store is None:
             raise errors.ConfigError(f"reactor {self.name} is not bound to a store (Reactor.bind)")
-        batch = _Batch(await self._store.load_streams(sorted({d.key for d in deadlines}), conn=conn)
-                       if self.prefetch and all(_is_stream_id(d.key) for d in deadlines) else {})
-        for deadline in deadlines:
-            fx = Effects(self, self._store, conn, deadline.deadline_id, deadline.correlation_id, self._partitions,
-                         batch)
-            self.outcomes[deadline.deadline_id] = fx.outcome
-            await self.on_deadline(fx, deadline)
-        await batch.flush(conn, self.name, self._store)
+        return self._store
 
     async def on_deadline(self, fx: Effects, deadline: Deadline) -> None:
         """What a due deadline does; a reactor that schedules deadlines overrides it."""
@@ -377,11 +391,10 @@ class Reactor(Projection):
 
     async def _run(self, conn: db.Conn, cause_id: uuid.UUID, correlation_id: str | None,
                    body: Callable[[Effects], Awaitable[None]]) -> None:
-        if self._store is None:
-            raise errors.ConfigError(f"reactor {self.name} is not bound to a store (Reactor.bind)")
+        store = self._bound()
         conflicts = 0
         for attempt in range(1, CONFLICT_ATTEMPTS + 1):
-            fx = Effects(self, self._store, conn, cause_id, correlation_id, self._partitions)
+            fx = Effects(self, store, conn, cause_id, correlation_id, self._partitions)
             fx.outcome.conflicts = conflicts
             self.outcomes[cause_id] = fx.outcome
             try:

@@ -299,12 +299,7 @@ class EventStore(Encoding):
         async with self.hot.use(conn) as c:
             rows = await c.fetch(
                 self.queries["read_all"], after.transaction_id, after.global_position, limit)
-        events: list[RecordedEvent] = []
-        for start in range(0, len(rows), DECODE_SLICE):
-            if start:
-                await asyncio.sleep(0)  # see DECODE_SLICE
-            events += [record_from_row(r, self.registry) for r in rows[start:start + DECODE_SLICE]]
-        return events
+        return await self._decode_slices(rows)
 
     async def read_partition(self, partition: int, after: Position = Position.START, limit: int = 1000, *,
                              conn: db.Conn | None = None) -> list[RecordedEvent]:
@@ -314,10 +309,14 @@ class EventStore(Encoding):
         async with self.hot.use(conn) as c:
             rows = await c.fetch(self.queries["read_partition"], after.transaction_id, after.global_position,
                                  limit, partition)
+        return await self._decode_slices(rows)
+
+    async def _decode_slices(self, rows: Sequence[Any]) -> list[RecordedEvent]:
+        """The rows decoded, yielding to the loop between slices (see DECODE_SLICE)."""
         events: list[RecordedEvent] = []
         for start in range(0, len(rows), DECODE_SLICE):
             if start:
-                await asyncio.sleep(0)  # see DECODE_SLICE
+                await asyncio.sleep(0)
             events += [record_from_row(r, self.registry) for r in rows[start:start + DECODE_SLICE]]
         return events
 

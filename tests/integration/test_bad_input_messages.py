@@ -19,8 +19,8 @@ import pytest
 from eventfleet.examples.orders.events import OrderPaid, OrderPlaced
 from eventfleet.examples.orders.projections import CustomerStats
 from store import NO_STREAM, EventStore, RecordedEvent, codec, db
-from store.partitions import partition_of
 from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
+from tests.integration.test_dead_letters import publish
 from workers import broker, projector
 from workers.config import Settings
 from workers.projector.batcher import Batcher
@@ -110,16 +110,6 @@ async def good_events(event_store: EventStore, customers: list[str]) -> list[Rec
             OrderPlaced(str(i), customer, (), Decimal(2), Decimal(0), Decimal(2), NOW),
             OrderPaid(str(i), customer, Decimal(2), NOW)], NO_STREAM)
     return [e for i in range(len(customers)) for e in await event_store.load(f"order-'{i}\"")]
-
-
-async def publish(channel: aio_pika.abc.AbstractChannel, prefix: str, events: list[RecordedEvent]) -> None:
-    """The events as the relay publishes them: a batch message per partition."""
-    exchange = await channel.get_exchange(broker.Names(prefix).partitions_exchange, ensure=False)
-    grouped: dict[int, list[RecordedEvent]] = {}
-    for e in events:
-        grouped.setdefault(partition_of(e.stream_id, PARTITIONS), []).append(e)
-    for p, found in grouped.items():
-        await exchange.publish(broker.events_message(p, found), routing_key=str(p))
 
 
 async def customer_rows(pool: db.Pool) -> list[tuple[str, int, Decimal]]:

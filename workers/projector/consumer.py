@@ -423,11 +423,7 @@ class Consumer:
             except retry.OUTAGE_ERRORS:
                 return  # stopping, or the channel is gone: the next owner fires them
             if fired.fired:
-                outcome = self.projection.take(fired.causes)
-                metrics.REACTOR_FOLLOW_UPS.labels(self.projection.name).inc(outcome.follow_ups)
-                metrics.REACTOR_REFUSALS.labels(self.projection.name).inc(outcome.refusals)
-                if outcome.follow_ups:
-                    self.store.notifier.poke()
+                self._reacted(fired.causes)
             wait = deadlines.POLL_SECONDS if fired.next_due is None else min(max(fired.next_due, 0.0),
                                                                               deadlines.POLL_SECONDS)
             slept = 0.0

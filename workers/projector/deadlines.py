@@ -68,9 +68,10 @@ class Firing:
             if not full:
                 break
         async with db.translate_errors():
-            result.next_due = await self.store.pool.fetchval(SQL["next_due"], self.reactor.name, self.partition)
-            pending: int = await self.store.pool.fetchval(SQL["pending"], self.reactor.name)
-        metrics.DEADLINES_PENDING.labels(self.reactor.name).set(pending)
+            row = await self.store.pool.fetchrow(SQL["next_due"], self.reactor.name, self.partition)
+        assert row is not None
+        result.next_due = row["next_due"]
+        metrics.DEADLINES_PENDING.labels(self.reactor.name).set(row["pending"])
         return result
 
     async def _batch(self) -> tuple[list[uuid.UUID], int, bool]:

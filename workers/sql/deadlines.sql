@@ -16,12 +16,10 @@ FOR UPDATE SKIP LOCKED;
 DELETE FROM deadlines WHERE reactor = $1 AND key = $2 AND deadline_id = $3;
 
 -- name: next_due
--- Seconds until the partition's next deadline is due (NULL: none pending).
-SELECT extract(epoch FROM min(due_at) - clock_timestamp())::float8 FROM deadlines WHERE reactor = $1 AND partition = $2;
-
--- name: pending
--- Deadlines of reactor $1 not yet fired.
-SELECT count(*) FROM deadlines WHERE reactor = $1;
+-- Seconds until the partition's next deadline is due (NULL: none pending), and reactor $1's pending deadlines.
+SELECT (SELECT extract(epoch FROM min(due_at) - clock_timestamp())::float8
+        FROM deadlines WHERE reactor = $1 AND partition = $2) AS next_due,
+       (SELECT count(*) FROM deadlines WHERE reactor = $1) AS pending;
 
 -- name: park
 -- A deadline whose handler kept failing, kept as a dead letter (its payload as the body) and deleted.
