@@ -121,3 +121,10 @@ class PartitionsMismatch(ConfigError):
 
 class DomainError(EventFleetError):
     """A command was rejected by the domain model."""
+
+
+class ClockBehind(StoreError):
+    """The store holds transaction ids at or beyond the ones this Postgres cluster hands out next: it was
+    restored or moved from another cluster (pg_dump, a logical-replication switch-over). New events would sort
+    before the restored ones and readers would skip them. Run `eventfleet migrate`: it moves the store's clock
+    past them (store/clock.py)."""

@@ -81,11 +81,15 @@ class EventStore(Encoding):
     # --- writing ---------------------------------------------------------------------------------
 
     async def _load_partitions(self) -> int:
-        """P of the schema, read once: every append computes its events' partition (store.partitions)."""
+        """P of the schema, read once: every append computes its events' partition (store.partitions). Refuses a
+        store whose transaction clock is behind the ids it holds (``errors.ClockBehind``: store/clock.py)."""
         async with self.hot.use() as conn:
-            count: int | None = await conn.fetchval(self.queries["partitions"])
-        if count is None:  # no partitioning row yet (a migrate not finished): NULL, asked again next time
+            row = await conn.fetchrow(self.queries["partitions"])
+        if row is None:  # no partitioning row yet (a migrate not finished): asked again next time
             return 0
+        if row["clock_behind"]:  # asked again next time too: `migrate` repairs it while this process lives
+            raise errors.ClockBehind()
+        count: int = row["partitions"]
         self._partitions = count
         return count
 

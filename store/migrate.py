@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import LiteralString
 
-from store import db, errors, names
+from store import clock, db, errors, names
 from store.partitions import DEFAULT_PARTITIONS, MAX_PARTITIONS
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ async def migrate(conn: db.Conn, schema: str, *, extra_ddl: Sequence[LiteralStri
     so ten pods migrating at once apply each migration exactly once and the rest wait, then see it done.
     ``extra_ddl`` (idempotent DDL such as registered read models) runs after the migrations.
     ``partitions``: P for a new schema (default 16); an existing schema must have been migrated with the
-    same P, or this raises PartitionsMismatch before changing anything. Events older than partitions are
-    then given theirs, in batches, each its own transaction (writers go on meanwhile).
+    same P, or this raises PartitionsMismatch before changing anything. A store restored from another
+    cluster gets its transaction clock moved past the ids it holds (store/clock.py). Events older than
+    partitions are then given theirs, in batches, each its own transaction (writers go on meanwhile).
     """
     quoted = names.quote(schema)
     applied_now: list[int] = []
@@ -75,6 +76,7 @@ async def migrate(conn: db.Conn, schema: str, *, extra_ddl: Sequence[LiteralStri
                                migration.version, migration.name)
             applied_now.append(migration.version)
         await _record_partitions(conn, schema, partitions)
+        await clock.repair(conn, schema)
         for ddl in extra_ddl:
             await conn.execute(ddl)
     await _fill_partitions(conn, schema)

@@ -5,7 +5,24 @@
 -- name: partitions
 -- P of the schema, recorded at its first migrate: the store computes each event's partition (store.partitions)
 -- and passes it ($7); the same in SQL, a subquery per append, halved the append rate at 8 writers.
-SELECT partitions FROM {schema}.partitioning;
+-- With it, whether the store's clock is behind its newest stored transaction id (a store restored into another
+-- cluster and not migrated since: store/clock.py): one read of the commit-order index's last entry.
+SELECT p.partitions,
+       coalesce((SELECT max(transaction_id) FROM {schema}.events) >= {schema}.store_xmax(), false) AS clock_behind
+FROM {schema}.partitioning AS p;
+
+-- name: clock
+-- The newest transaction id the store holds (events, and the projections' watermarks, which name one), the
+-- next id the store's clock will hand out, and the clock's shift so far.
+SELECT greatest((SELECT max(transaction_id) FROM {schema}.events),
+                (SELECT max(watermark_txid) FROM {schema}.projection_status)) AS newest,
+       {schema}.store_xmax() AS next,
+       (SELECT shift FROM {schema}.transaction_clock) AS shift,
+       (SELECT shifted_at FROM {schema}.transaction_clock) AS shifted_at;
+
+-- name: shift_clock
+-- Move the store's clock forward by $1 ids (see migration 0009); the newest stored id and the next id as found.
+SELECT {schema}.shift_transaction_clock($1::bigint, $2::xid8, $3::xid8);
 
 -- name: append_event
 -- Append one event to a stream if the stream is at $2 (-1: no stream), with its outbox row, in one
@@ -115,7 +132,7 @@ ORDER BY version;
 SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id
 FROM {schema}.events
 WHERE (transaction_id, global_position) > ($1::xid8, $2::bigint)
-  AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+  AND transaction_id < {schema}.store_xmin()
 ORDER BY transaction_id, global_position
 LIMIT $3;
 
@@ -126,15 +143,16 @@ SELECT global_position, event_id, stream_id, version, event_type, data, metadata
 FROM {schema}.events
 WHERE partition = $4
   AND (transaction_id, global_position) > ($1::xid8, $2::bigint)
-  AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+  AND transaction_id < {schema}.store_xmin()
 ORDER BY transaction_id, global_position
 LIMIT $3;
 
 -- name: horizon
--- The safe frontier of read_all (the oldest transaction id still running, cluster-wide) and the age in
+-- The safe frontier of read_all (the oldest transaction id still running, cluster-wide, on the store's clock:
+-- store/clock.py) and the age in
 -- seconds of the oldest transaction holding an id, running or prepared (0 when none): it holds every
 -- reader back. Other users' sessions are visible to a role with pg_read_all_stats (or pg_monitor).
-SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin,
+SELECT {schema}.store_xmin() AS xmin,
        coalesce(extract(epoch FROM clock_timestamp() - least(
            (SELECT min(xact_start) FROM pg_stat_activity
             WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()),

@@ -293,6 +293,84 @@ class DelayRelay:
             thread.join(timeout=2)
 
 
+def _configure(node: Node, fsync: bool, extra: dict[str, str]) -> None:
+    """Write a node's settings: its port and socket on loopback, small buffers, replication allowed."""
+    settings = {
+        "port": str(node.port),
+        "listen_addresses": "'127.0.0.1'",
+        "unix_socket_directories": f"'{node.socket_dir}'",
+        "wal_level": "replica",
+        "hot_standby": "on",
+        "max_wal_senders": "5",
+        "max_replication_slots": "5",
+        "max_connections": "100",
+        "shared_buffers": "32MB",
+        "fsync": "on" if fsync else "off",
+        "wal_receiver_status_interval": "1s",
+        "wal_retrieve_retry_interval": "1s",
+        "log_line_prefix": "'%m [%p] %a '",
+        "cluster_name": f"'{node.name}'",
+        **extra,
+    }
+    with (node.data / "postgresql.auto.conf").open("a") as conf:
+        conf.write("".join(f"{k} = {v}\n" for k, v in settings.items()))
+
+
+def _initdb(node: Node) -> None:
+    """A new cluster in the node's data directory: trust on loopback and its socket, replication allowed."""
+    _run(BIN / "initdb", "-D", node.data, "-U", "postgres", "-A", "trust", "--no-sync",
+         "--no-instructions", "-E", "UTF8", "--locale=C")
+    (node.data / "pg_hba.conf").write_text(
+        "local all all trust\n"
+        "host all all 127.0.0.1/32 trust\n"
+        "host replication all 127.0.0.1/32 trust\n")
+
+
+def _stop(node: Node) -> None:
+    """Stop a node at once (SIGKILL if it will not), whatever state it is in."""
+    if node.running():
+        with contextlib.suppress(HarnessError, subprocess.TimeoutExpired):
+            node.pg_ctl("-m", "immediate", "-w", "-t", "10", "stop", timeout=20)
+    pid = node.postmaster_pid()
+    if pid is not None and node.running():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _new_root(root: Path | None) -> tuple[Path, bool]:
+    """The harness's directory (a new temporary one, which the servers' user can reach, unless given)."""
+    reason = unavailable()
+    if reason is not None:
+        raise HarnessError(reason)
+    if root is not None:
+        return root, False
+    base = Path(tempfile.mkdtemp(prefix="eventfleet-pg-"))
+    base.chmod(0o711)  # the servers' user must reach its directories inside
+    return base, True
+
+
+@contextlib.contextmanager
+def postgres_alone(*, root: Path | None = None) -> Iterator[Node]:
+    """One new cluster of its own (``initdb``, started on a free port): a server a store can be moved to.
+    Stopped and removed on exit."""
+    base, made = _new_root(root)
+    (port,) = _free_ports(1, preferred=(5445,))
+    node = Node("alone", port, base / "alone", base / "alone.log", base / "alone-socket")
+    try:
+        node.socket_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam(OS_USER)
+            for path in (base, node.socket_dir):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+        _initdb(node)
+        _configure(node, False, {})
+        node.pg_ctl("-l", str(node.log), "-w", "-t", str(int(START_TIMEOUT)), "start")
+        yield node
+    finally:
+        _stop(node)
+        shutil.rmtree(base if made else node.data, ignore_errors=True)
+
+
 class PostgresPair:
     """A primary and a streaming standby (see the module docstring); use ``postgres_pair()``."""
 
@@ -332,12 +410,7 @@ class PostgresPair:
             owner = pwd.getpwnam(OS_USER)
             for path in (self.root, self.primary.socket_dir, self.standby.socket_dir):
                 os.chown(path, owner.pw_uid, owner.pw_gid)
-        _run(BIN / "initdb", "-D", self.primary.data, "-U", "postgres", "-A", "trust", "--no-sync",
-             "--no-instructions", "-E", "UTF8", "--locale=C")
-        (self.primary.data / "pg_hba.conf").write_text(
-            "local all all trust\n"
-            "host all all 127.0.0.1/32 trust\n"
-            "host replication all 127.0.0.1/32 trust\n")
+        _initdb(self.primary)
         self._configure(self.primary, {
             "synchronous_standby_names": f"'{STANDBY_NAME}'" if self.synchronous else "''",
             "synchronous_commit": "on",
@@ -358,25 +431,7 @@ class PostgresPair:
         self.wait_streaming()
 
     def _configure(self, node: Node, extra: dict[str, str]) -> None:
-        settings = {
-            "port": str(node.port),
-            "listen_addresses": "'127.0.0.1'",
-            "unix_socket_directories": f"'{node.socket_dir}'",
-            "wal_level": "replica",
-            "hot_standby": "on",
-            "max_wal_senders": "5",
-            "max_replication_slots": "5",
-            "max_connections": "100",
-            "shared_buffers": "32MB",
-            "fsync": "on" if self.fsync else "off",
-            "wal_receiver_status_interval": "1s",
-            "wal_retrieve_retry_interval": "1s",
-            "log_line_prefix": "'%m [%p] %a '",
-            "cluster_name": f"'{node.name}'",
-            **extra,
-        }
-        with (node.data / "postgresql.auto.conf").open("a") as conf:
-            conf.write("".join(f"{k} = {v}\n" for k, v in settings.items()))
+        _configure(node, self.fsync, extra)
 
     def wait_streaming(self, timeout: float = START_TIMEOUT) -> None:
         """Until the primary sees the standby streaming (and as its synchronous standby when synchronous)."""
@@ -446,13 +501,7 @@ class PostgresPair:
                 subprocess.run(["iptables", "-w", "-D", *rule], check=False, capture_output=True, timeout=30)
         self._dropped.clear()
         for node in (self.primary, self.standby):
-            if node.running():
-                with contextlib.suppress(HarnessError, subprocess.TimeoutExpired):
-                    node.pg_ctl("-m", "immediate", "-w", "-t", "10", "stop", timeout=20)
-            pid = node.postmaster_pid()
-            if pid is not None and node.running():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            _stop(node)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -462,13 +511,7 @@ def postgres_pair(*, synchronous: bool = True, replication_delay: float | None =
     """A started primary and standby; both stopped and removed on exit (see the module docstring).
 
     ``root``: a directory the ``postgres`` user can traverse (default: a new temporary one)."""
-    reason = unavailable()
-    if reason is not None:
-        raise HarnessError(reason)
-    made = root is None
-    base = Path(tempfile.mkdtemp(prefix="eventfleet-pg-")) if root is None else root
-    if made:
-        base.chmod(0o711)  # the servers' user must reach its directories inside
+    base, made = _new_root(root)
     pair = PostgresPair(base / "cluster", synchronous=synchronous, replication_delay=replication_delay, fsync=fsync)
     try:
         pair.start()

@@ -35,12 +35,11 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(slots=True)
 class HandOver:
-    """What one consumer handed over: its deliveries, their events to apply, those already settled."""
+    """What one consumer handed over: its deliveries and their events to apply."""
 
     consumer: Consumer
     deliveries: Sequence[Delivery]
     events: list[RecordedEvent]
-    settled: int
     #: The batch's result, and whether the deliveries are settled already (applied alone, acked or rejected).
     done: asyncio.Future[tuple[BatchResult, bool]]
 
@@ -53,13 +52,13 @@ class Batcher:
         self._waiting: list[HandOver] = []
         self._wake = asyncio.Event()
 
-    async def hand_over(self, consumer: Consumer, deliveries: Sequence[Delivery], events: list[RecordedEvent],
-                        settled: int) -> tuple[BatchResult, bool]:
+    async def hand_over(self, consumer: Consumer, deliveries: Sequence[Delivery],
+                        events: list[RecordedEvent]) -> tuple[BatchResult, bool]:
         """Apply ``events`` with whatever else is waiting; return once their transaction committed: the combined
         batch's result, and True when the consumer's deliveries were settled by the consumer itself meanwhile
         (the combined batch failed and each consumer applied its own alone: nothing is left to ack)."""
         done: asyncio.Future[tuple[BatchResult, bool]] = asyncio.get_running_loop().create_future()
-        self._waiting.append(HandOver(consumer, deliveries, events, settled, done))
+        self._waiting.append(HandOver(consumer, deliveries, events, done))
         self._wake.set()
         return await done
 
@@ -116,8 +115,7 @@ class Batcher:
         except BaseException as exc:
             self._fail(group, exc)
             raise
-        lead.count(result, time.perf_counter() - started, messages=sum(len(h.deliveries) for h in group),
-                   settled=sum(h.settled for h in group))
+        lead.count(result, time.perf_counter() - started, messages=sum(len(h.deliveries) for h in group))
         for handover in group:
             handover.done.set_result((result, False))
 

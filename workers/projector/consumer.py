@@ -9,9 +9,13 @@ messages make one transaction, up to ``Settings.batch_size`` events.
 Catch-up. When the lag monitor finds the partition ``Settings.catchup_threshold`` events behind, the
 consumer reads the partition's backlog from the store (``EventStore.read_partition``, from the projection's
 low watermark, in ``catchup_batch_size`` reads, the next read overlapping the apply of the last) and applies
-it through the same exactly-once path; deliveries it has passed are then acked with no database work. Every
+it through the same exactly-once path; deliveries it has passed are then duplicates to their checkpoints. Every
 worker catches up its own partitions, at the same time. Correctness depends on none of it: every event goes
 through the per-stream checkpoints in its batch's transaction.
+
+No delivery is acked on the strength of a position alone (a watermark, how far a catch-up read): positions
+are transaction ids, which a store restored into another cluster or an asynchronous failover can hand out
+again (store/clock.py), so only the checkpoints, read in the batch's own transaction, say what is applied.
 """
 
 from __future__ import annotations
@@ -123,9 +127,6 @@ class Consumer:
         self.catchups = catchups or asyncio.Semaphore(1)
         self.batcher = batcher
         self.stopping = False  # give up retrying through an outage, leave the rest unacked
-        #: Every event at or before it is settled for this projection (the lag monitor's watermark, or how far
-        #: a catch-up has applied): deliveries at or before it are acked with no database work.
-        self.cursor: Position | None = None
         self._catchup_from: Position | None = None  # a catch-up is due, from there
         self._fresh = True  # no new event applied yet since this consumer started: duplicates are the handover's
         self._dlx: AbstractExchange | None = None
@@ -144,24 +145,12 @@ class Consumer:
 
     # --- what the lag monitor tells ---------------------------------------------------------------
 
-    def settled(self, position: Position) -> None:
-        """Every event at or before ``position`` is settled for this projection."""
-        if self.cursor is None or position > self.cursor:
-            self.cursor = position
-
     def note_lag(self, lag_events: int, watermark: Position) -> None:
-        """The partition's lag and the projection's watermark: settle up to it; catch up when far behind."""
-        self.settled(watermark)
+        """The partition's lag and the projection's watermark: catch up from it when far behind."""
         threshold = self.settings.catchup_threshold
         if threshold and lag_events >= threshold and self._catchup_from is None:
             self._catchup_from = watermark
             self._wake()
-
-    def is_settled(self, event: RecordedEvent) -> bool:
-        """Whether the event is at or before the cursor. Events without a transaction id cannot be placed in
-        read_all order, so they always go the checkpoint way."""
-        cursor = self.cursor
-        return cursor is not None and event.position.transaction_id > 0 and event.position <= cursor
 
     # --- applying -----------------------------------------------------------------------------------
 
@@ -173,11 +162,10 @@ class Consumer:
             decoded = exc
         return Delivery(tag, body, message_id, decoded)
 
-    def _sort(self, deliveries: Sequence[Delivery]) -> tuple[list[RecordedEvent], int, list[Delivery]]:
-        """The deliveries' events to apply, how many are settled already, and the undecodable deliveries."""
+    def _sort(self, deliveries: Sequence[Delivery]) -> tuple[list[RecordedEvent], list[Delivery]]:
+        """The deliveries' events to apply and the undecodable deliveries."""
         events: list[RecordedEvent] = []
         bad: list[Delivery] = []
-        settled = 0  # events already settled: acked with no database work
         for d in deliveries:
             if isinstance(d.decoded, errors.MalformedMessage):
                 bad.append(d)
@@ -186,12 +174,8 @@ class Consumer:
                 logger.warning("batch message with events that name no stream; the store fills them in", extra={
                     "projection": self.projection.name, "partition": self.partition,
                     "message_id": d.message_id, "dropped": d.decoded.dropped})
-            for event in d.decoded.events:
-                if self.is_settled(event):
-                    settled += 1
-                else:
-                    events.append(event)
-        return events, settled, bad
+            events += d.decoded.events
+        return events, bad
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         """Settle deliveries: alone (``handle_decoded``), or through the projection's batcher, together with
@@ -199,14 +183,14 @@ class Consumer:
         if self.batcher is None:
             await self.handle_decoded(deliveries)
             return
-        events, settled, bad = self._sort(deliveries)
+        events, bad = self._sort(deliveries)
         if bad:
             await self._dead_letter_undecodable(bad)
-        result, done = await self.batcher.hand_over(self, deliveries, events, settled)
+        result, done = await self.batcher.hand_over(self, deliveries, events)
         if not done:
-            await self.settle(deliveries, events, settled, result)
+            await self.settle(deliveries, events, result)
 
-    async def settle(self, deliveries: Sequence[Delivery], events: Sequence[RecordedEvent], settled: int,
+    async def settle(self, deliveries: Sequence[Delivery], events: Sequence[RecordedEvent],
                      result: BatchResult) -> None:
         """After the combined batch holding these deliveries' events committed: count this consumer's
         handover duplicates, put copies of its parked events in the DLQ, ack its deliveries."""
@@ -215,9 +199,9 @@ class Consumer:
             applied = {(e.stream_id, e.version) for e in result.applied}
             parked = {(p.event.stream_id, p.event.version) for p in result.parked}
             mine = sum((e.stream_id, e.version) in applied for e in events)
-            # Held events (a halted stream's) are no duplicates: when there are any, only the settled count.
-            duplicates = settled + (sum((e.stream_id, e.version) not in applied | parked for e in events)
-                                    if not result.held else 0)
+            # Held events (a halted stream's) are no duplicates: when there are any, none are counted.
+            duplicates = (sum((e.stream_id, e.version) not in applied | parked for e in events)
+                          if not result.held else 0)
             if duplicates:
                 metrics.HANDOVER_DUPLICATES.labels(self.projection.name).inc(duplicates)
                 self.stats.handover_duplicates += duplicates
@@ -236,7 +220,7 @@ class Consumer:
         one transaction (parked events get a copy in the DLQ), then ack every delivery with one multiple-ack."""
         assert self._raw is not None, "open() first"
         started = time.perf_counter()
-        events, settled, bad = self._sort(deliveries)
+        events, bad = self._sort(deliveries)
         if bad:
             await self._dead_letter_undecodable(bad)
         if events:
@@ -261,7 +245,6 @@ class Consumer:
                 return result
         else:
             result = BatchResult()
-        result.duplicates += settled
         if self._fresh:
             if result.duplicates:
                 metrics.HANDOVER_DUPLICATES.labels(self.projection.name).inc(result.duplicates)
@@ -312,7 +295,6 @@ class Consumer:
                             await pending
                     raise
                 read += len(events)
-                self.settled(events[-1].position)
                 if pending is None or (stop is not None and stop.is_set()) or self.channel.is_closed:
                     if pending is not None:
                         with contextlib.suppress(Exception):
@@ -376,12 +358,10 @@ class Consumer:
             message = broker.to_message(event)
         await self._dlx.publish(message, routing_key=self.projection.name)
 
-    def count(self, result: BatchResult, seconds: float, *, deliveries: bool = True, messages: int = 0,
-              settled: int = 0) -> None:
-        """Count a batch (``settled``: its delivered events acked with no database work, duplicates too);
-        events a catch-up read that were settled already are no duplicate deliveries."""
+    def count(self, result: BatchResult, seconds: float, *, deliveries: bool = True, messages: int = 0) -> None:
+        """Count a batch; events a catch-up read that were applied already are no duplicate deliveries."""
         name, now = self.projection.name, time.time()
-        duplicates = result.duplicates + settled if deliveries else 0
+        duplicates = result.duplicates if deliveries else 0
         metrics.APPLIED.labels(name).inc(len(result.applied))
         metrics.DUPLICATES.labels(name).inc(duplicates)
         metrics.GAPS_FILLED.labels(name).inc(result.gaps_filled)

@@ -16,7 +16,6 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 
 from store import db
-from store.queries import TEMPLATES as STORE_TEMPLATES
 from store.queries import load
 from store.records import Position
 from workers import locks
@@ -90,10 +89,8 @@ async def count_partitions(pool: db.Pool, projection: str) -> tuple[int, float, 
 async def horizon_age(pool: db.Pool) -> float:
     """Seconds the oldest open transaction has held back the read_all frontier (0 when none)."""
     async with db.translate_errors():
-        # The horizon names no table, so its template is the statement as it is (no schema to bind).
-        row = await pool.fetchrow(STORE_TEMPLATES["horizon"])
-    assert row is not None
-    return float(row["oldest_transaction_age"])
+        age: float = await pool.fetchval(SQL["oldest_transaction_age"])
+    return float(age)
 
 
 async def measure(pool: db.Pool, projection: str) -> Lag:

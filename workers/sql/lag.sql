@@ -14,7 +14,7 @@ WITH tail AS (
     WHERE (e.transaction_id, e.global_position) > (
               coalesce((SELECT watermark_txid FROM projection_status WHERE projection = $1), '0'::xid8),
               coalesce((SELECT watermark_position FROM projection_status WHERE projection = $1), 0))
-      AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+      AND e.transaction_id < store_xmin()
     ORDER BY e.transaction_id, e.global_position
     LIMIT $2
 ), blocked AS (
@@ -74,3 +74,11 @@ GROUP BY partition;
 -- The projection's low watermark (the start when it has none yet).
 SELECT coalesce((SELECT watermark_txid FROM projection_status WHERE projection = $1), '0'::xid8) AS watermark_txid,
        coalesce((SELECT watermark_position FROM projection_status WHERE projection = $1), 0) AS watermark_position;
+
+-- name: oldest_transaction_age
+-- The age in seconds of the oldest transaction holding an id, running or prepared (0 when none): it holds
+-- every reader of read_all back (the same figure as the store's `horizon` statement).
+SELECT coalesce(extract(epoch FROM clock_timestamp() - least(
+           (SELECT min(xact_start) FROM pg_stat_activity
+            WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()),
+           (SELECT min(prepared) FROM pg_prepared_xacts)))::float8, 0) AS oldest_transaction_age;

@@ -50,11 +50,11 @@ SELECT count(*) FROM events WHERE (transaction_id, global_position) > ($1::xid8,
 
 -- name: snapshot_xmax
 -- The first transaction id not yet assigned: every transaction below it has at least started.
-SELECT pg_snapshot_xmax(pg_current_snapshot());
+SELECT store_xmax();
 
 -- name: horizon_passed
 -- Whether every transaction below $1 has ended, so read_all returns all of their events.
-SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::xid8;
+SELECT store_xmin() >= $1::xid8;
 
 -- name: shadow_versions
 -- The shadow's checkpoints of some streams.
