@@ -23,6 +23,7 @@ from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from tests.integration.test_dead_letters import publish
 from workers import broker, projector
 from workers.config import Settings
+from workers.projector import checkpoints
 from workers.projector.batcher import Batcher
 from workers.projector.consumer import Consumer
 
@@ -140,7 +141,7 @@ async def test_every_bad_delivery_is_dead_lettered_and_the_good_ones_applied(
     assert await customer_rows(pool) == sorted((c, 1, Decimal(2)) for c in HOSTILE_CUSTOMERS)
 
 
-async def test_hostile_events_in_a_batch_are_dropped_or_parked_alone_and_the_rest_applies(
+async def test_hostile_events_in_a_batch_are_dropped_or_recorded_as_ghosts_alone_and_the_rest_applies(
         pool: db.Pool, event_store: EventStore, channel: aio_pika.abc.AbstractChannel, prefix: str,
         settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     names = broker.Names(prefix)
@@ -157,18 +158,23 @@ async def test_hostile_events_in_a_batch_are_dropped_or_parked_alone_and_the_res
 
     stats = await projector.consume_until_idle(pool, channel, CustomerStats(), settings)
 
-    assert (stats.applied, stats.dead_lettered, stats.undecodable, stats.held) == (len(good), len(PARKED), 0, 0)
+    # The ones that decode but name events the store does not hold are ghosts: recorded, never applied, and
+    # nothing halts (the store is the truth: what it does not hold is no event of any stream).
+    assert (stats.applied, stats.ghosts, stats.dead_lettered, stats.undecodable, stats.held) == (
+        len(good), len(PARKED), 0, 0, 0)
     (warning,) = [r for r in caplog.records if r.getMessage().startswith("batch message with events that name no")]
     assert getattr(warning, "dropped", None) == len(DROPPED)
-    rows = await pool.fetch("SELECT stream_id, version, status FROM dead_letters WHERE projection = 'customer_stats'")
+    rows = await pool.fetch("SELECT stream_id, version, status, error FROM dead_letters"
+                            " WHERE projection = 'customer_stats'")
     assert sorted((r["stream_id"], r["version"], r["status"]) for r in rows) == [
-        (f"order-x{i}", 0, "parked") for i in range(len(PARKED))]
+        (f"order-x{i}", 0, "skipped") for i in range(len(PARKED))]
+    assert {r["error"] for r in rows} == {checkpoints.GHOST_ERROR}
     dlq = await channel.declare_queue(names.dead_letter_queue("customer_stats"), passive=True)
-    assert dlq.declaration_result.message_count == len(PARKED)  # a copy of each parked event alone
+    assert dlq.declaration_result.message_count == 0
     assert await customer_rows(pool) == sorted((c, 1, Decimal(2)) for c in HOSTILE_CUSTOMERS)
 
 
-async def test_a_delivered_version_the_store_does_not_have_does_not_crash_the_consumer(
+async def test_a_delivered_event_the_store_does_not_hold_is_dropped_as_a_ghost_and_the_rest_applied(
         pool: db.Pool, event_store: EventStore, channel: aio_pika.abc.AbstractChannel, prefix: str,
         settings: Settings) -> None:
     names = broker.Names(prefix)
@@ -180,15 +186,18 @@ async def test_a_delivered_version_the_store_does_not_have_does_not_crash_the_co
 
     stats = await projector.consume_until_idle(pool, channel, CustomerStats(), settings)
 
-    assert stats.applied == len(good)
+    assert (stats.applied, stats.ghosts, stats.dead_lettered) == (len(good), 1, 0)
+    assert await pool.fetchval("SELECT version FROM checkpoints WHERE stream_id = $1", good[0].stream_id) == 1
+    assert await pool.fetchval("SELECT (stream_id, version, status) FROM dead_letters") == (
+        good[0].stream_id, 5, "skipped")
 
 
-async def test_through_the_batcher_a_delivery_naming_versions_the_store_lacks_is_dead_lettered_once(
+async def test_through_the_batcher_a_ghost_is_dropped_and_every_delivery_acked_once(
         pool: db.Pool, event_store: EventStore, channel: aio_pika.abc.AbstractChannel, prefix: str,
         settings: Settings) -> None:
     """As a worker of the fleet applies: its partitions' deliveries combined by the projection's batcher. The
-    combined batch fails, each consumer applies its own alone, and nothing is acked or rejected twice (a second
-    settle of a tag makes the broker close the channel)."""
+    ghost costs the combined batch nothing, and nothing is acked twice (a second settle of a tag makes the
+    broker close the channel)."""
     names = broker.Names(prefix)
     good = await good_events(event_store, HOSTILE_CUSTOMERS[:3])
     ahead = _fields(stream_id=good[0].stream_id, version=5)  # decodes; versions 2 to 4 exist nowhere
@@ -205,8 +214,7 @@ async def test_through_the_batcher_a_delivery_naming_versions_the_store_lacks_is
                      for p in range(PARTITIONS)]
         running = [asyncio.create_task(c.run(stop)) for c in consumers]
         deadline = asyncio.get_running_loop().time() + 30
-        while (await pool.fetchval("SELECT count(*) FROM dead_letters") < 1
-               or len(await customer_rows(pool)) < 3):
+        while len(await customer_rows(pool)) < 3 or sum(c.stats.ghosts for c in consumers) < 1:
             assert asyncio.get_running_loop().time() < deadline
             assert not any(t.done() for t in running), [t.exception() for t in running if t.done()]
             await asyncio.sleep(0.05)
@@ -216,6 +224,7 @@ async def test_through_the_batcher_a_delivery_naming_versions_the_store_lacks_is
         batching.cancel()
         assert not any(c.channel.is_closed for c in consumers)
     assert await customer_rows(pool) == sorted((c, 1, Decimal(2)) for c in HOSTILE_CUSTOMERS[:3])
-    assert await pool.fetchval("SELECT count(*) FROM dead_letters") == 1
+    assert await pool.fetchval("SELECT count(*) FROM dead_letters WHERE status = 'skipped'") == 1
+    assert sum(c.stats.ghosts for c in consumers) == 1
     dlq = await channel.declare_queue(names.dead_letter_queue("customer_stats"), passive=True)
-    assert dlq.declaration_result.message_count == 1
+    assert dlq.declaration_result.message_count == 0

@@ -134,7 +134,8 @@ async def test_events_older_than_partitions_get_theirs_at_migrate(conn_on, monke
             " SELECT gen_random_uuid(), 'order-' || (g % 300), g / 300, 'OrderPaid.v1', '\\x80', '\\x80'"
             " FROM generate_series(0, 2999) AS g")
     monkeypatch.setattr(migrate, "FILL_BATCH", 700)  # several batches
-    assert await migrate.migrate(conn, name, partitions=4) == [5, 6, 7, 8]
+    assert await migrate.migrate(conn, name, partitions=4) == [m.version for m in migrate.store_migrations()
+                                                               if m.version >= 5]
     rows = await conn.fetch("SELECT stream_id, partition FROM events")
     assert len(rows) == 3000
     assert [r for r in rows if r["partition"] != partition_of(r["stream_id"], 4)] == []

@@ -6,6 +6,12 @@ delivered version in the same statement); the versions they had decide each even
 version <= checkpoint is a duplicate, checkpoint + 1 is applied, anything beyond is a gap that is filled
 from the event store first. Whatever the broker does (reorder, duplicate, lose), the read model ends up
 the fold of the store's events.
+
+A delivery is news, never the truth: the claim also checks every delivered event against the store (its
+stream, version and id, one index probe each in the same statement). One the store does not hold is a ghost:
+published from a primary that then lost it to an asynchronous failover (or a store restored from an older
+backup), perhaps with another event stored since at its version. A ghost is never applied and never moves a
+checkpoint; its version, if the store holds one, is read from the store like any gap.
 """
 
 from __future__ import annotations
@@ -39,13 +45,15 @@ class Parked:
 
 @dataclasses.dataclass(slots=True)
 class BatchResult:
-    """What a batch did: events applied (gap fills included, in order), duplicates, held and parked."""
+    """What a batch did: events applied (gap fills included, in order), duplicates, held, parked, and the
+    delivered events the store does not hold (ghosts: dropped)."""
 
     applied: list[RecordedEvent] = dataclasses.field(default_factory=list)
     duplicates: int = 0
     gaps_filled: int = 0
     held: int = 0
     parked: list[Parked] = dataclasses.field(default_factory=list)
+    ghosts: list[RecordedEvent] = dataclasses.field(default_factory=list)
 
     def add(self, other: BatchResult) -> None:
         self.applied += other.applied
@@ -53,6 +61,7 @@ class BatchResult:
         self.gaps_filled += other.gaps_filled
         self.held += other.held
         self.parked += other.parked
+        self.ghosts += other.ghosts
 
 
 @dataclasses.dataclass(slots=True)
@@ -88,15 +97,21 @@ async def apply_batch(store: EventStore, projection: Projection, events: Sequenc
             versions[event.version] = event
     if not delivered:
         return result
-    ordered = sorted(delivered)
-    targets = [max(delivered[sid]) for sid in ordered]
+    every = [e for versions in delivered.values() for e in versions.values()]
     park = park or {}
     async with db.translate_errors(), store.pool.acquire() as conn, conn.transaction():
         await locks.share(conn, locks.projection(store.schema, projection.name))
-        claimed = await conn.fetch(SQL["claim_checkpoints"], projection.name, ordered, targets)
-        rows = {row["stream_id"]: row for row in claimed}
-        streams = {sid: _Stream(rows[sid]["previous_version"], rows[sid]["halted_version"], delivered[sid], target)
-                   for sid, target in zip(ordered, targets, strict=True)}
+        claimed = await conn.fetch(SQL["claim_checkpoints"], projection.name, [e.stream_id for e in every],
+                                   [e.version for e in every], [e.event_id for e in every])
+        streams: dict[str, _Stream] = {}
+        for row in sorted(claimed, key=lambda r: r["stream_id"]):
+            sid, versions = row["stream_id"], delivered[row["stream_id"]]
+            for ghost in row["ghosts"] or ():
+                result.ghosts.append(versions.pop(ghost))
+            if versions:
+                streams[sid] = _Stream(row["previous_version"], row["halted_version"], versions, max(versions))
+        if result.ghosts:
+            await _record_ghosts(conn, projection, result.ghosts)
         filled = await _load_gaps(conn, store, projection, streams, result, park)
         to_apply: list[RecordedEvent] = []
         halts: list[tuple[str, int]] = []
@@ -114,6 +129,18 @@ async def apply_batch(store: EventStore, projection: Projection, events: Sequenc
             await conn.execute(SQL["count_applied"], projection.name, len(to_apply))
     result.applied = to_apply
     return result
+
+
+#: The dead-letter error of a ghost (the rows say which event).
+GHOST_ERROR = ("GhostEvent: delivered, but the store holds no such event at its stream and version (published, "
+               "then lost with a primary by an asynchronous failover, or a store restored from an older backup, "
+               "or a forged message): dropped, never applied")
+
+
+async def _record_ghosts(conn: db.Conn, projection: Projection, ghosts: Sequence[RecordedEvent]) -> None:
+    await conn.execute(SQL["record_ghosts"], projection.name, [g.stream_id for g in ghosts],
+                       [g.version for g in ghosts], [g.global_position for g in ghosts], [g.event_id for g in ghosts],
+                       GHOST_ERROR, [g.event_type for g in ghosts])
 
 
 async def _load_gaps(conn: db.Conn, store: EventStore, projection: Projection, streams: dict[str, _Stream],

@@ -68,6 +68,7 @@ class Stats:
     messages: int = 0
     caught_up: int = 0  # events read from the store by catch-ups
     handover_duplicates: int = 0
+    ghosts: int = 0  # delivered events the store does not hold: dropped
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -365,6 +366,7 @@ class Consumer:
         metrics.APPLIED.labels(name).inc(len(result.applied))
         metrics.DUPLICATES.labels(name).inc(duplicates)
         metrics.GAPS_FILLED.labels(name).inc(result.gaps_filled)
+        metrics.GHOSTS.labels(name).inc(len(result.ghosts))
         metrics.DEAD_LETTERED.labels(name).inc(len(result.parked))
         metrics.APPLY_SECONDS.labels(name).observe(seconds)
         metrics.END_TO_END_SECONDS.observe_many(
@@ -373,6 +375,13 @@ class Consumer:
         s.applied += len(result.applied)
         s.duplicates += duplicates
         s.gaps_filled += result.gaps_filled
+        s.ghosts += len(result.ghosts)
+        if result.ghosts:
+            logger.warning("delivered events the store does not hold were dropped (lost with a primary by an "
+                           "asynchronous failover, or a store restored from an older backup)", extra={
+                               "projection": name, "partition": self.partition, "ghosts": [
+                                   f"{e.stream_id}@{e.version}:{e.event_id}" for e in result.ghosts[:20]],
+                               "count": len(result.ghosts)})
         s.held += result.held
         s.dead_lettered += len(result.parked)
         s.batches += 1

@@ -100,6 +100,9 @@ PARTITIONS_HELD = Gauge("eventfleet_worker_partitions_held", "Partitions this wo
                         ["projection"])
 REBALANCES = Counter("eventfleet_worker_rebalances_total",
                      "Partitions this worker acquired or gave up (shares dealt again, leases expired)", ["projection"])
+GHOSTS = Counter("eventfleet_projection_ghosts_total",
+                 "Delivered events the store does not hold (lost with a primary, or from an older backup): "
+                 "dropped, never applied", ["projection"])
 HANDOVER_DUPLICATES = Counter("eventfleet_projection_handover_duplicates_total",
                               "Duplicates a new owner of a partition skipped before its first new event "
                               "(the previous owner's committed, unacked batch)", ["projection"])

@@ -2,20 +2,37 @@
 
 -- name: claim_checkpoints
 -- Lock the batch's checkpoint rows in stream_id order, so concurrent workers queue in one order and never
--- deadlock, and move each to the newest version the batch delivered (unless halted or already past it).
--- The row lock is taken on the latest committed row, also after waiting for another worker's batch, and
--- previous_version records where it was: the caller applies (previous_version, version] in this same
--- transaction, or rolls all of it back.
-INSERT INTO checkpoints AS c (projection, stream_id, version, previous_version)
-SELECT $1, u.stream_id, u.version, -1
-FROM unnest($2::text[], $3::bigint[]) AS u(stream_id, version)
-ORDER BY u.stream_id
-ON CONFLICT (projection, stream_id) DO UPDATE
-    SET previous_version = c.version,
-        version = CASE WHEN c.halted_version IS NULL THEN greatest(c.version, EXCLUDED.version)
-                       ELSE c.version END,
-        updated_at = clock_timestamp()
-RETURNING c.stream_id, c.previous_version, c.version, c.halted_version;
+-- deadlock, and move each to the newest delivered version the store holds (unless halted or already past it).
+-- Input: one row per delivered event ($2 stream, $3 version, $4 event id). A delivered event the store does not
+-- hold at its stream and version under the same id is a ghost (published, then lost with a primary by an
+-- asynchronous failover, or a store restored from an older backup): it never moves a checkpoint, and its
+-- versions are returned (ghosts) for the caller to take from the store instead. The row lock is taken on the
+-- latest committed row, also after waiting for another worker's batch, and previous_version records where it
+-- was: the caller applies (previous_version, version] in this same transaction, or rolls all of it back.
+WITH delivered AS (
+    SELECT d.stream_id, d.version, coalesce(e.event_id = d.event_id, false) AS stored
+    FROM unnest($2::text[], $3::bigint[], $4::uuid[]) AS d(stream_id, version, event_id)
+    LEFT JOIN events AS e ON e.stream_id = d.stream_id AND e.version = d.version
+), targets AS (
+    SELECT stream_id, coalesce(max(version) FILTER (WHERE stored), -1) AS version,
+           array_agg(version ORDER BY version) FILTER (WHERE NOT stored) AS ghosts
+    FROM delivered
+    GROUP BY stream_id
+), claimed AS (
+    INSERT INTO checkpoints AS c (projection, stream_id, version, previous_version)
+    SELECT $1, t.stream_id, t.version, -1
+    FROM targets AS t
+    ORDER BY t.stream_id
+    ON CONFLICT (projection, stream_id) DO UPDATE
+        SET previous_version = c.version,
+            version = CASE WHEN c.halted_version IS NULL THEN greatest(c.version, EXCLUDED.version)
+                           ELSE c.version END,
+            updated_at = clock_timestamp()
+    RETURNING c.stream_id, c.previous_version, c.version, c.halted_version
+)
+SELECT c.stream_id, c.previous_version, c.version, c.halted_version, t.ghosts
+FROM claimed AS c
+JOIN targets AS t USING (stream_id);
 
 -- name: halt_streams
 -- Stop streams at a parked event: the checkpoint stays just before it (claimed rows, locked).
@@ -35,3 +52,12 @@ INSERT INTO dead_letters (projection, stream_id, version, global_position, event
                           traceback, attempts, status)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 RETURNING id;
+
+-- name: record_ghosts
+-- Delivered events the store does not hold (claim_checkpoints' ghosts), recorded as resolved dead letters: the
+-- stream went on without them. Once per projection and event id, however often the message is redelivered.
+INSERT INTO dead_letters (projection, stream_id, version, global_position, event_id, event_type, error, status)
+SELECT $1, g.stream_id, g.version, g.global_position, g.event_id, g.event_type, $6, 'skipped'
+FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::uuid[], $7::text[])
+    AS g(stream_id, version, global_position, event_id, event_type)
+WHERE NOT EXISTS (SELECT 1 FROM dead_letters AS d WHERE d.projection = $1 AND d.event_id = g.event_id);
