@@ -4,8 +4,8 @@ Events are ordered by the id of the transaction that wrote them and read only be
 running (``read_all``), so the ids must grow with commit time. They are the cluster's own ids plus a shift
 (migration 0009): a store restored from ``pg_dump`` into another cluster keeps the old cluster's ids, which may
 be far above the ones the new cluster hands out. ``migrate`` then moves the shift forward so the next id is
-past every id the store holds (``repair``); until it has, the store refuses appends and workers and relays
-refuse to start (``errors.ClockBehind``), rather than write events every reader would skip.
+past every id the store holds (``repair``); until it has, the store refuses appends, workers refuse to start
+and ``status`` to report (``errors.ClockBehind``), rather than write events every reader would skip.
 
 An asynchronous failover is the other way ids come back: the new primary hands out again the ids of
 transactions it never received. Nothing it holds names them (what it lost is gone with its events), so its

@@ -124,7 +124,4 @@ class DomainError(EventFleetError):
 
 
 class ClockBehind(StoreError):
-    """The store holds transaction ids at or beyond the ones this Postgres cluster hands out next: it was
-    restored or moved from another cluster (pg_dump, a logical-replication switch-over). New events would sort
-    before the restored ones and readers would skip them. Run `eventfleet migrate`: it moves the store's clock
-    past them (store/clock.py)."""
+    """The store holds transaction ids ahead of this Postgres cluster's (restored or moved from another cluster): run `eventfleet migrate` to move its clock past them."""

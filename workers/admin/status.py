@@ -16,7 +16,7 @@ from typing import Any
 from aio_pika.abc import AbstractConnection
 
 from projections import registry
-from store import db, outbox, queries
+from store import clock, db, errors, outbox, queries
 from workers import broker, locks
 from workers.projector import lag, leases
 
@@ -127,7 +127,11 @@ async def schema_partitions(pool: db.Pool) -> int:
 
 
 async def collect(pool: db.Pool, schema: str, prefix: str, connection: AbstractConnection | None) -> Report:
-    """Measure everything the report shows."""
+    """Measure everything the report shows; a store whose clock is behind the ids it holds is refused (its lag
+    would read 0 while every new event waits: see store/clock.py)."""
+    async with pool.acquire() as conn:
+        if (await clock.read(conn, schema)).behind:
+            raise errors.ClockBehind()
     names = await projection_names(pool)
     partitions = await schema_partitions(pool)
     depths = await queue_depths(connection, prefix, names, partitions)
