@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from projections import reactor
 from projections.base import Policy, Projection
 from store import db
 from store import errors as store_errors
@@ -39,13 +40,15 @@ class Parked:
 
 @dataclasses.dataclass(slots=True)
 class BatchResult:
-    """What a batch did: events applied (gap fills included, in order), duplicates, held and parked."""
+    """What a batch did: events applied (gap fills included, in order), duplicates, held and parked; for a
+    reactor, what its applied events' handlers did (follow-ups, refusals)."""
 
     applied: list[RecordedEvent] = dataclasses.field(default_factory=list)
     duplicates: int = 0
     gaps_filled: int = 0
     held: int = 0
     parked: list[Parked] = dataclasses.field(default_factory=list)
+    reacted: reactor.Outcome = dataclasses.field(default_factory=reactor.Outcome)
 
     def add(self, other: BatchResult) -> None:
         self.applied += other.applied
@@ -53,6 +56,7 @@ class BatchResult:
         self.gaps_filled += other.gaps_filled
         self.held += other.held
         self.parked += other.parked
+        self.reacted.add(other.reacted)
 
 
 @dataclasses.dataclass(slots=True)
@@ -88,9 +92,20 @@ async def apply_batch(store: EventStore, projection: Projection, events: Sequenc
             versions[event.version] = event
     if not delivered:
         return result
+    park = park or {}
+    with reactor.recording() as outcomes:  # what a reactor's handlers did, counted once they commit
+        to_apply = await _apply(store, projection, delivered, park, result, set_based)
+    result.applied = to_apply
+    result.reacted = outcomes.committed(e.event_id for e in to_apply)
+    return result
+
+
+async def _apply(store: EventStore, projection: Projection, delivered: dict[str, dict[int, RecordedEvent]],
+                 park: Mapping[tuple[str, int], Failure], result: BatchResult, set_based: bool,
+                 ) -> list[RecordedEvent]:
+    """The batch's transaction; returns the events it applied, in order."""
     ordered = sorted(delivered)
     targets = [max(delivered[sid]) for sid in ordered]
-    park = park or {}
     async with db.translate_errors(), store.pool.acquire() as conn, conn.transaction():
         await locks.share(conn, locks.projection(store.schema, projection.name))
         claimed = await conn.fetch(SQL["claim_checkpoints"], projection.name, ordered, targets)
@@ -112,8 +127,7 @@ async def apply_batch(store: EventStore, projection: Projection, events: Sequenc
             await conn.execute(SQL["halt_streams"], projection.name, [h[0] for h in halts], [h[1] for h in halts])
         if to_apply:
             await conn.execute(SQL["count_applied"], projection.name, len(to_apply))
-    result.applied = to_apply
-    return result
+    return to_apply
 
 
 async def _load_gaps(conn: db.Conn, store: EventStore, projection: Projection, streams: dict[str, _Stream],
