@@ -152,6 +152,8 @@ def _error_classes() -> dict[str, type[BaseException]]:
     found = {name: cls for module in ERROR_MODULES for name, cls in inspect.getmembers(module, inspect.isclass)
              if issubclass(cls, BaseException) and cls.__module__ == module.__name__}
     return found | {"ProjectionModuleNotFound": registry.ProjectionModuleNotFound, "WaitTimeout": wait.WaitTimeout,
+                    "WaitFailed": wait.WaitFailed, "StreamHalted": wait.StreamHalted,
+                    "UnknownProjection": wait.UnknownProjection,
                     "ShadowedPackage": _guard.ShadowedPackage}
 
 
