@@ -121,6 +121,8 @@ class Firing:
                 self._failures.pop(deadline.key, None)
                 lateness.append(max(0.0, row["lateness_seconds"]))
                 fired.append(deadline.deadline_id)
+            if fired:
+                await conn.execute(SQL["count_fired"], name, len(fired))
         if lateness:
             metrics.DEADLINES_FIRED.labels(name).inc(len(lateness))
             metrics.DEADLINE_LATENESS.observe_many(name, lateness)
