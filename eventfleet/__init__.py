@@ -17,7 +17,16 @@ from eventfleet import _guard
 
 _guard.check_on_import()
 
-from projections import Projection, WaitTimeout, handles, register, wait_for
+from projections import (
+    Projection,
+    StreamHalted,
+    UnknownProjection,
+    WaitFailed,
+    WaitTimeout,
+    handles,
+    register,
+    wait_for,
+)
 from projections.reactor import Deadline, Effects, Reactor
 from store import (
     NO_STREAM,
@@ -106,9 +115,12 @@ __all__ = [
     "Settings",
     "Snapshot",
     "StoreError",
+    "StreamHalted",
     "TransientError",
     "UnknownEventType",
+    "UnknownProjection",
     "VersionConflict",
+    "WaitFailed",
     "WaitTimeout",
     "WorkerError",
     "__version__",

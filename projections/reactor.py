@@ -43,10 +43,12 @@ handler: retried, then parked per ``policy``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, LiteralString
 
 from projections.base import Projection
@@ -95,6 +97,51 @@ class Outcome:
     follow_ups: int = 0
     refusals: int = 0
     conflicts: int = 0
+
+    def add(self, other: Outcome) -> None:
+        self.follow_ups += other.follow_ups
+        self.refusals += other.refusals
+        self.conflicts += other.conflicts
+
+
+class Outcomes:
+    """What reactors' runs did inside one ``recording()`` block, per cause (a rerun of a cause replaces its
+    outcome); the caller sums those whose transaction committed."""
+
+    def __init__(self) -> None:
+        self.by_cause: dict[uuid.UUID, Outcome] = {}
+
+    def committed(self, causes: Iterable[uuid.UUID]) -> Outcome:
+        """The summed outcomes of these causes (those that committed; runs of the others are ignored)."""
+        total = Outcome()
+        for cause in causes:
+            found = self.by_cause.get(cause)
+            if found is not None:
+                total.add(found)
+        return total
+
+
+# One reactor object serves every partition a worker holds, and their deadline firings, side by side: what its
+# runs do is kept per block of the running task, never on the object, or one partition's count would take or
+# clear another's.
+_RECORDING: contextvars.ContextVar[Outcomes | None] = contextvars.ContextVar("reactor_outcomes", default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[Outcomes]:
+    """Record what reactors run inside this block do (in this task), per cause; nothing outside it."""
+    outcomes = Outcomes()
+    token = _RECORDING.set(outcomes)
+    try:
+        yield outcomes
+    finally:
+        _RECORDING.reset(token)
+
+
+def _record(cause: uuid.UUID, outcome: Outcome) -> None:
+    outcomes = _RECORDING.get()
+    if outcomes is not None:
+        outcomes.by_cause[cause] = outcome
 
 
 #: One cause of a batch run as one piece: its id, its correlation id, and its handler's call.
@@ -297,8 +344,6 @@ class Reactor(Projection):
     ddl: ClassVar[LiteralString] = "SELECT 1"  # no state tables unless a reactor declares them
 
     def __init__(self) -> None:
-        #: The last run's outcome of each cause since ``take`` (the worker takes those that committed).
-        self.outcomes: dict[uuid.UUID, Outcome] = {}
         self._store: EventStore | None = None
         self._partitions = 0
 
@@ -364,7 +409,7 @@ class Reactor(Projection):
         store = self._bound()
         for cause_id, correlation_id, body in causes:
             fx = Effects(self, store, conn, cause_id, correlation_id, self._partitions, batch)
-            self.outcomes[cause_id] = fx.outcome
+            _record(cause_id, fx.outcome)
             await body(fx)
         await batch.flush(conn, self.name, store)
 
@@ -377,18 +422,6 @@ class Reactor(Projection):
         """What a due deadline does; a reactor that schedules deadlines overrides it."""
         raise NotImplementedError(f"reactor {self.name} scheduled a deadline but has no on_deadline")
 
-    def take(self, causes: Sequence[uuid.UUID]) -> Outcome:
-        """The summed outcomes of these causes (their transaction committed); forget every other run."""
-        total = Outcome()
-        for cause in causes:
-            found = self.outcomes.get(cause)
-            if found is not None:
-                total.follow_ups += found.follow_ups
-                total.refusals += found.refusals
-                total.conflicts += found.conflicts
-        self.outcomes.clear()
-        return total
-
     async def _run(self, conn: db.Conn, cause_id: uuid.UUID, correlation_id: str | None,
                    body: Callable[[Effects], Awaitable[None]]) -> None:
         store = self._bound()
@@ -396,7 +429,7 @@ class Reactor(Projection):
         for attempt in range(1, CONFLICT_ATTEMPTS + 1):
             fx = Effects(self, store, conn, cause_id, correlation_id, self._partitions)
             fx.outcome.conflicts = conflicts
-            self.outcomes[cause_id] = fx.outcome
+            _record(cause_id, fx.outcome)
             try:
                 async with conn.transaction():  # a savepoint: a conflict or refusal undoes this cause only
                     await body(fx)
@@ -408,5 +441,6 @@ class Reactor(Projection):
             except errors.DomainError as refused:
                 await conn.execute(SQL["refused"], self.name, cause_id, fx.streams[0] if fx.streams else "",
                                    f"{type(refused).__name__}: {refused}")
-                fx.outcome = self.outcomes[cause_id] = Outcome(refusals=1, conflicts=conflicts)
+                fx.outcome = Outcome(refusals=1, conflicts=conflicts)
+                _record(cause_id, fx.outcome)
                 return

@@ -20,7 +20,7 @@ from eventfleet.examples.orders.events import OrderCancelled, OrderPaid, OrderPl
 from eventfleet.examples.orders.reactors import REASON, PaymentTimeout
 from projections import registry
 from projections.base import handles
-from projections.reactor import Deadline, Effects, Reactor, deadline_id, follow_up_id
+from projections.reactor import Deadline, Effects, Outcome, Reactor, deadline_id, follow_up_id
 from store import NO_STREAM, EventStore, RecordedEvent, db
 from store.aggregate import Repository
 from store.partitions import partition_of
@@ -250,7 +250,7 @@ async def test_a_version_conflict_reruns_only_that_causes_handler_on_a_fresh_loa
     assert [e.metadata.get("causation_id") for e in await stream(event_store, "tally-b")] == [
         None, str(events[1].event_id)]
     assert [len(await stream(event_store, f"tally-{c}")) for c in "ac"] == [1, 1]
-    assert reactor.take([e.event_id for e in events]).conflicts == 1
+    assert result.reacted == Outcome(follow_ups=3, conflicts=1)
 
 
 async def test_follow_up_and_deadline_ids_are_fixed_functions_of_their_cause():

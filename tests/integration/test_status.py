@@ -67,7 +67,7 @@ async def test_json_reports_the_exact_lag_parked_queue_depth_and_outbox(pool, sc
     result = await status(schema, prefix, "--json")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert set(doc) == {"projections", "outbox", "partitions", "workers", "partition_lags"}
+    assert set(doc) == {"projections", "outbox", "partitions", "workers", "partition_lags", "reactors"}
     for row in doc["projections"]:
         assert set(row) == {"name", "state", "applied", "lag_events", "lag_seconds", "parked", "halted",
                             "queue_depth"}

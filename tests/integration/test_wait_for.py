@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from typing import ClassVar, LiteralString
 
 import aio_pika
 import pytest
+import tenacity
 
 import projections
+from eventfleet.examples.orders.events import OrderPaid
 from eventfleet.examples.orders.projections import OrderSummary
-from store import NO_STREAM
+from projections.base import Projection, handles
+from store import NO_STREAM, RecordedEvent, db
 from store.partitions import partition_of
 from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from tests.unit.test_projection_fold import paid, placed
 from workers import broker, projector
 from workers.config import Settings
+from workers.projector import parking
 from workers.runtime import health
 
 SET_CHECKPOINT = """
@@ -46,6 +51,46 @@ async def test_raises_wait_timeout_naming_how_far_it_got(pool, schema):
     assert isinstance(info.value, TimeoutError)
     with pytest.raises(projections.WaitTimeout, match="up to version -1"):
         await projections.wait_for(pool, "order_summary", "order-unknown", 0, timeout=0.05, schema=schema)
+
+
+async def test_an_unknown_projection_fails_at_once_naming_the_deployments_projections(pool, schema):
+    known = [r["projection"] for r in await pool.fetch("SELECT projection FROM projection_status ORDER BY 1")]
+    assert "order_summary" in known
+    with pytest.raises(projections.UnknownProjection) as info:
+        await projections.wait_for(pool, "order_sumary", "order-1", 0, timeout=1, schema=schema)
+    assert (info.value.projection, info.value.known) == ("order_sumary", tuple(known))
+    assert str(info.value) == f"no projection 'order_sumary' in this deployment; it has: {', '.join(known)}"
+
+
+class Refuses(Projection):
+    """Fails on every payment: its stream halts there."""
+
+    name = "refuses_payments"
+    tables = ()
+    ddl: ClassVar[LiteralString] = "SELECT 1"
+
+    @handles(OrderPaid)
+    async def paid(self, conn: db.Conn, event: RecordedEvent) -> None:
+        raise ValueError(f"cannot take payments ({event.stream_id})")
+
+
+async def test_a_stream_halted_by_a_parked_event_fails_at_once_naming_its_dead_letter(pool, event_store, schema):
+    await event_store.append("order-h", [placed("h", "c"), paid("h", "c"), paid("h", "c")], NO_STREAM)
+    result = await parking.apply_or_park(event_store, Refuses(), await event_store.load("order-h"),
+                                         wait=tenacity.wait_none())
+    (parked,) = result.parked
+    with pytest.raises(projections.StreamHalted, match=rf"halted at version 1 by dead letter {parked.dead_letter_id} "
+                                                       r"\(ValueError: cannot take payments \(order-h\)\)") as info:
+        await projections.wait_for(pool, "refuses_payments", "order-h", 2, timeout=1, schema=schema)
+    halted = info.value
+    assert (halted.dead_letter_id, halted.projection, halted.stream_id, halted.version, halted.error) == (
+        parked.dead_letter_id, "refuses_payments", "order-h", 1, "ValueError: cannot take payments (order-h)")
+
+
+async def test_the_version_before_a_halt_is_still_returned(pool, event_store, schema):
+    await event_store.append("order-h", [placed("h", "c"), paid("h", "c")], NO_STREAM)
+    await parking.apply_or_park(event_store, Refuses(), await event_store.load("order-h"), wait=tenacity.wait_none())
+    assert await projections.wait_for(pool, "refuses_payments", "order-h", 0, timeout=1, schema=schema) == 0
 
 
 @pytest.mark.slow

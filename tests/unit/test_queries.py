@@ -15,7 +15,7 @@ def test_bind_writes_the_quoted_schema_before_every_table() -> None:
     bound = queries.bind(queries.TEMPLATES, "shop")
     assert bound["load_snapshot"] == 'SELECT version, snapshot_type, data FROM "shop".snapshots WHERE stream_id = $1;'
     assert queries.bind(wait.SQL, "shop")["checkpoint_version"] == (
-        'SELECT version FROM "shop".checkpoints WHERE projection = $1 AND stream_id = $2;')
+        'SELECT version, halted_version FROM "shop".checkpoints WHERE projection = $1 AND stream_id = $2;')
     assert sorted(bound) == sorted(queries.TEMPLATES)
     assert [name for name, sql in bound.items() if queries.SCHEMA in sql] == []
 

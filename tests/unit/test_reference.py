@@ -26,7 +26,7 @@ from projections import registry, wait
 from store import errors as store_errors
 from workers import broker, cli, locks
 from workers import errors as worker_errors
-from workers.admin.status import ProjectionStatus, Report
+from workers.admin.status import ProjectionStatus, ReactorStatus, Report
 from workers.config import ENVIRONMENT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,10 +127,11 @@ def test_every_option_of_every_command_is_in_the_command_line_section() -> None:
 
 
 def test_every_key_of_status_json_is_in_its_table() -> None:
-    report = Report([ProjectionStatus("p", "live", 0, 0, 0.0, 0, None)], 0, 0.0)
+    report = Report([ProjectionStatus("p", "live", 0, 0, 0.0, 0, None)], 0, 0.0,
+                    reactors=[ReactorStatus("r", 0, None, None, 0, 0)])
     document = report.to_json()
     keys = [f"projections[].{key}" for key in document["projections"][0]] + [
-        f"outbox.{key}" for key in document["outbox"]]
+        f"outbox.{key}" for key in document["outbox"]] + [f"reactors[].{key}" for key in document["reactors"][0]]
     table = rows(section("### 2.3 Output"))
     assert [key for key in keys if key not in table] == []
 
@@ -152,6 +153,8 @@ def _error_classes() -> dict[str, type[BaseException]]:
     found = {name: cls for module in ERROR_MODULES for name, cls in inspect.getmembers(module, inspect.isclass)
              if issubclass(cls, BaseException) and cls.__module__ == module.__name__}
     return found | {"ProjectionModuleNotFound": registry.ProjectionModuleNotFound, "WaitTimeout": wait.WaitTimeout,
+                    "WaitFailed": wait.WaitFailed, "StreamHalted": wait.StreamHalted,
+                    "UnknownProjection": wait.UnknownProjection,
                     "ShadowedPackage": _guard.ShadowedPackage}
 
 

@@ -1,4 +1,5 @@
-"""``eventfleet status [--json]``: per projection state, applied, lag, parked failures, queue depth; the outbox.
+"""``eventfleet status [--json]``: per projection state, applied, lag, parked failures, queue depth; per reactor its
+deadlines (pending, the next due, fired) and refusals; the outbox.
 
 Lag comes from ``workers.lag.measure``, the function behind the lag gauges, so the figures equal the
 metrics. Queue depth is the sum of the ready message counts of the projection's P partition queues, by
@@ -9,6 +10,7 @@ reported).
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 from aio_pika.abc import AbstractConnection
 
 from projections import registry
+from projections.reactor import Reactor
 from store import clock, db, errors, outbox, queries
 from workers import broker, locks
 from workers.projector import lag, leases
@@ -44,6 +47,24 @@ class ProjectionStatus:
         return {"name": self.name, "state": self.state, "applied": self.applied, "lag_events": self.lag_events,
                 "lag_seconds": round(self.lag_seconds, 3), "parked": self.parked, "halted": self.halted,
                 "queue_depth": self.queue_depth}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReactorStatus:
+    """One reactor's deadlines and refusals; ``next_due_seconds`` is negative when the next one is overdue."""
+
+    name: str
+    deadlines_pending: int
+    next_due_at: dt.datetime | None
+    next_due_seconds: float | None
+    deadlines_fired: int
+    refusals: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "deadlines_pending": self.deadlines_pending,
+                "next_due_at": None if self.next_due_at is None else self.next_due_at.isoformat(),
+                "next_due_seconds": None if self.next_due_seconds is None else round(self.next_due_seconds, 3),
+                "deadlines_fired": self.deadlines_fired, "refusals": self.refusals}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,6 +106,7 @@ class Report:
     workers: list[WorkerStatus] = dataclasses.field(default_factory=list)
     #: Every partition of every projection, slowest (most lag) first.
     partition_lags: list[PartitionStatus] = dataclasses.field(default_factory=list)
+    reactors: list[ReactorStatus] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The contract's document."""
@@ -93,7 +115,8 @@ class Report:
                            "oldest_age_seconds": round(self.outbox_oldest_age_seconds, 3)},
                 "partitions": self.partitions,
                 "workers": [w.to_json() for w in self.workers],
-                "partition_lags": [p.to_json() for p in self.partition_lags]}
+                "partition_lags": [p.to_json() for p in self.partition_lags],
+                "reactors": [r.to_json() for r in self.reactors]}
 
 
 async def projection_names(pool: db.Pool) -> list[str]:
@@ -124,6 +147,21 @@ async def schema_partitions(pool: db.Pool) -> int:
     async with db.translate_errors():
         count: int | None = await pool.fetchval(SQL["partitions"])
     return count or 0
+
+
+async def reactor_status(pool: db.Pool, name: str) -> ReactorStatus:
+    """One reactor's deadlines and refusals, from one snapshot."""
+    async with db.translate_errors():
+        row = await pool.fetchrow(SQL["reactor_summary"], name)
+    assert row is not None
+    return ReactorStatus(name, row["pending"], row["next_due_at"], row["next_due_seconds"], row["fired"],
+                         row["refusals"])
+
+
+def is_reactor(name: str) -> bool:
+    """Whether the projection of this name is a reactor in the loaded code."""
+    cls = registry.REGISTRY.get(name)
+    return isinstance(cls, type) and issubclass(cls, Reactor)
 
 
 async def collect(pool: db.Pool, schema: str, prefix: str, connection: AbstractConnection | None) -> Report:
@@ -158,5 +196,8 @@ async def collect(pool: db.Pool, schema: str, prefix: str, connection: AbstractC
     workers = [WorkerStatus(r.worker_id, r.live, r.heartbeat_age_seconds, held.get(r.worker_id, {}))
                for r in await leases.registered(pool)]
     partition_lags.sort(key=lambda p: (-p.lag_events, p.projection, p.partition))
+    reactors = [await reactor_status(pool, name) for name in names]
+    # A reactor whose module this process did not load still shows by what it left behind.
+    reactors = [r for r in reactors if is_reactor(r.name) or r.deadlines_pending or r.deadlines_fired or r.refusals]
     backlog = await outbox.backlog(pool)
-    return Report(rows, backlog.pending, backlog.oldest_age_seconds, partitions, workers, partition_lags)
+    return Report(rows, backlog.pending, backlog.oldest_age_seconds, partitions, workers, partition_lags, reactors)

@@ -1,4 +1,5 @@
-"""``eventfleet status [--json]``: per projection state, lag and parked failures; the outbox backlog."""
+"""``eventfleet status [--json]``: per projection state, lag and parked failures; reactors' deadlines and refusals;
+the outbox backlog."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import asyncpg
 from aio_pika.abc import AbstractConnection
 
 from store import errors
-from workers.admin.status import AMQP_TIMEOUT, Report, collect
+from workers.admin.status import AMQP_TIMEOUT, ReactorStatus, Report, collect
 from workers.config import Settings
 from workers.runtime import lifecycle, retry
 
@@ -24,6 +25,13 @@ def _table(lines: Sequence[tuple[str, ...]], left: int) -> list[str]:
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return ["  ".join(cell.ljust(w) if i < left else cell.rjust(w)
                       for i, (cell, w) in enumerate(zip(line, widths, strict=True))) for line in lines]
+
+
+def _due(reactor: ReactorStatus) -> str:
+    seconds = reactor.next_due_seconds
+    if seconds is None:
+        return "-"
+    return f"in {seconds:.1f}s" if seconds >= 0 else f"{-seconds:.1f}s overdue"
 
 
 def render(report: Report, *, all_partitions: bool = False) -> str:
@@ -39,6 +47,11 @@ def render(report: Report, *, all_partitions: bool = False) -> str:
                                                                                                strict=True)))
             for line in lines]
     text.append(f"outbox: {report.outbox_pending:,} pending, oldest {report.outbox_oldest_age_seconds:.1f}s")
+    if report.reactors:
+        reactors: list[tuple[str, ...]] = [("REACTOR", "DEADLINES PENDING", "NEXT DUE", "FIRED", "REFUSALS")]
+        reactors += [(r.name, f"{r.deadlines_pending:,}", _due(r), f"{r.deadlines_fired:,}", f"{r.refusals:,}")
+                     for r in report.reactors]
+        text += ["", *_table(reactors, 1)]
     projections = [p.name for p in report.projections]
     text.append("")
     if report.workers:

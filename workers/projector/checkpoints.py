@@ -20,6 +20,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from projections import reactor
 from projections.base import Policy, Projection
 from store import db
 from store import errors as store_errors
@@ -45,8 +46,9 @@ class Parked:
 
 @dataclasses.dataclass(slots=True)
 class BatchResult:
-    """What a batch did: events applied (gap fills included, in order), duplicates, held, parked, and the
-    delivered events the store does not hold (ghosts: dropped)."""
+    """What a batch did: events applied (gap fills included, in order), duplicates, held, parked, the
+    delivered events the store does not hold (ghosts: dropped); for a reactor, what its applied events'
+    handlers did (follow-ups, refusals)."""
 
     applied: list[RecordedEvent] = dataclasses.field(default_factory=list)
     duplicates: int = 0
@@ -54,6 +56,7 @@ class BatchResult:
     held: int = 0
     parked: list[Parked] = dataclasses.field(default_factory=list)
     ghosts: list[RecordedEvent] = dataclasses.field(default_factory=list)
+    reacted: reactor.Outcome = dataclasses.field(default_factory=reactor.Outcome)
 
     def add(self, other: BatchResult) -> None:
         self.applied += other.applied
@@ -62,6 +65,7 @@ class BatchResult:
         self.held += other.held
         self.parked += other.parked
         self.ghosts += other.ghosts
+        self.reacted.add(other.reacted)
 
 
 @dataclasses.dataclass(slots=True)
@@ -97,8 +101,19 @@ async def apply_batch(store: EventStore, projection: Projection, events: Sequenc
             versions[event.version] = event
     if not delivered:
         return result
-    every = [e for versions in delivered.values() for e in versions.values()]
     park = park or {}
+    with reactor.recording() as outcomes:  # what a reactor's handlers did, counted once they commit
+        to_apply = await _apply(store, projection, delivered, park, result, set_based)
+    result.applied = to_apply
+    result.reacted = outcomes.committed(e.event_id for e in to_apply)
+    return result
+
+
+async def _apply(store: EventStore, projection: Projection, delivered: dict[str, dict[int, RecordedEvent]],
+                 park: Mapping[tuple[str, int], Failure], result: BatchResult, set_based: bool,
+                 ) -> list[RecordedEvent]:
+    """The batch's transaction; returns the events it applied, in order."""
+    every = [e for versions in delivered.values() for e in versions.values()]
     async with db.translate_errors(), store.pool.acquire() as conn, conn.transaction():
         await locks.share(conn, locks.projection(store.schema, projection.name))
         claimed = await conn.fetch(SQL["claim_checkpoints"], projection.name, [e.stream_id for e in every],
@@ -127,8 +142,7 @@ async def apply_batch(store: EventStore, projection: Projection, events: Sequenc
             await conn.execute(SQL["halt_streams"], projection.name, [h[0] for h in halts], [h[1] for h in halts])
         if to_apply:
             await conn.execute(SQL["count_applied"], projection.name, len(to_apply))
-    result.applied = to_apply
-    return result
+    return to_apply
 
 
 #: The dead-letter error of a ghost (the rows say which event).

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -33,7 +32,7 @@ import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from projections.base import Projection
-from projections.reactor import Reactor
+from projections.reactor import Outcome, Reactor
 from store import codec, db, tracing
 from store import errors as store_errors
 from store.event_store import EventStore, Position, RecordedEvent
@@ -387,15 +386,14 @@ class Consumer:
         s.batches += 1
         s.messages += messages
         if isinstance(self.projection, Reactor):
-            self._reacted([e.event_id for e in result.applied])
+            self._reacted(result.reacted)
         logger.debug("batch applied", extra={"projection": name, "partition": self.partition,
                                              "applied": len(result.applied), "duplicates": duplicates,
                                              "seconds": round(seconds, 4)})
 
-    def _reacted(self, causes: Sequence[uuid.UUID]) -> None:
-        """Count what a reactor's committed causes did; wake the relay for their follow-ups."""
-        assert isinstance(self.projection, Reactor)
-        outcome = self.projection.take(causes)
+    def _reacted(self, outcome: Outcome) -> None:
+        """Count what a reactor's committed causes did (their batch's own outcome: the reactor object is shared by
+        every partition); wake the relay for their follow-ups."""
         metrics.REACTOR_FOLLOW_UPS.labels(self.projection.name).inc(outcome.follow_ups)
         metrics.REACTOR_REFUSALS.labels(self.projection.name).inc(outcome.refusals)
         if outcome.follow_ups:
@@ -412,7 +410,7 @@ class Consumer:
             except retry.OUTAGE_ERRORS:
                 return  # stopping, or the channel is gone: the next owner fires them
             if fired.fired:
-                self._reacted(fired.causes)
+                self._reacted(fired.reacted)
             wait = deadlines.POLL_SECONDS if fired.next_due is None else min(max(fired.next_due, 0.0),
                                                                               deadlines.POLL_SECONDS)
             slept = 0.0

@@ -16,6 +16,7 @@ import logging
 import traceback
 import uuid
 
+from projections import reactor as reactors
 from projections.reactor import Deadline, Reactor
 from store import codec, db
 from store.event_store import EventStore
@@ -44,6 +45,7 @@ class Fired:
     parked: int = 0
     next_due: float | None = None
     causes: list[uuid.UUID] = dataclasses.field(default_factory=list)  # the fired deadlines' ids
+    reacted: reactors.Outcome = dataclasses.field(default_factory=reactors.Outcome)  # what their handlers did
 
 
 class _Rerun(Exception):
@@ -61,10 +63,11 @@ class Firing:
         """Fire due deadlines in transactions of ``BATCH`` until none is due; then say when the next one is."""
         result = Fired()
         while True:
-            fired, parked, full = await self._batch()
+            fired, reacted, parked, full = await self._batch()
             result.fired += len(fired)
             result.causes += fired
             result.parked += parked
+            result.reacted.add(reacted)
             if not full:
                 break
         async with db.translate_errors():
@@ -74,13 +77,17 @@ class Firing:
         metrics.DEADLINES_PENDING.labels(self.reactor.name).set(row["pending"])
         return result
 
-    async def _batch(self) -> tuple[list[uuid.UUID], int, bool]:
+    async def _batch(self) -> tuple[list[uuid.UUID], reactors.Outcome, int, bool]:
         """One transaction of due deadlines: first as one piece (no savepoint per deadline); if any of them
-        raises, that transaction is rolled back and the same deadlines run again, each in its savepoint."""
+        raises, that transaction is rolled back and the same deadlines run again, each in its savepoint.
+        Returns the fired deadlines' ids, what their handlers did, the deadlines parked, whether it was full."""
         try:
-            return await self._fire(safe=False)
+            with reactors.recording() as outcomes:
+                fired, parked, full = await self._fire(safe=False)
         except _Rerun:
-            return await self._fire(safe=True)
+            with reactors.recording() as outcomes:
+                fired, parked, full = await self._fire(safe=True)
+        return fired, outcomes.committed(fired), parked, full
 
     async def _fire(self, *, safe: bool) -> tuple[list[uuid.UUID], int, bool]:
         name = self.reactor.name
@@ -114,6 +121,8 @@ class Firing:
                 self._failures.pop(deadline.key, None)
                 lateness.append(max(0.0, row["lateness_seconds"]))
                 fired.append(deadline.deadline_id)
+            if fired:
+                await conn.execute(SQL["count_fired"], name, len(fired))
         if lateness:
             metrics.DEADLINES_FIRED.labels(name).inc(len(lateness))
             metrics.DEADLINE_LATENESS.observe_many(name, lateness)

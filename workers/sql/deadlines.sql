@@ -33,3 +33,8 @@ SELECT $1, 'deadline:' || $2, $3, 'deadline', $4, $5, $6, payload, $7 FROM gone;
 -- A transaction's deadlines fired as one piece: gone with their handlers' effects.
 DELETE FROM deadlines AS d USING unnest($2::text[], $3::uuid[]) AS u(key, deadline_id)
 WHERE d.reactor = $1 AND d.key = u.key AND d.deadline_id = u.deadline_id;
+
+-- name: count_fired
+-- Add a transaction's fired deadlines to the reactor's count (status shows it); last statement before commit.
+INSERT INTO projection_status AS s (projection, deadlines_fired) VALUES ($1, $2)
+ON CONFLICT (projection) DO UPDATE SET deadlines_fired = s.deadlines_fired + EXCLUDED.deadlines_fired;

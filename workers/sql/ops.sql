@@ -36,3 +36,12 @@ FROM events WHERE split_part(event_type, '.', 1) = ANY($1::text[]) ORDER BY glob
 -- name: refusals
 -- Commands reactor $1 was refused.
 SELECT count(*) FROM reactor_refusals WHERE reactor = $1;
+
+-- name: reactor_summary
+-- Reactor $1's pending deadlines, when the next is due (and in how many seconds: negative when overdue), the
+-- deadlines it has fired and the commands it was refused.
+SELECT count(d.*) AS pending, min(d.due_at) AS next_due_at,
+       extract(epoch FROM min(d.due_at) - clock_timestamp())::float8 AS next_due_seconds,
+       coalesce((SELECT deadlines_fired FROM projection_status WHERE projection = $1), 0) AS fired,
+       (SELECT count(*) FROM reactor_refusals WHERE reactor = $1) AS refusals
+FROM deadlines AS d WHERE d.reactor = $1;
