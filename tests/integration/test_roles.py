@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -31,6 +32,7 @@ from tests.unit.test_projection_fold import paid, placed
 from workers import admin, broker, projector, rebuild, relay
 from workers.config import Settings
 from workers.projector import checkpoints, lag, leases, parking
+from workers.projector.consumer import Consumer
 from workers.projector.worker import pool_size
 from workers.runtime import health
 
@@ -359,6 +361,34 @@ async def test_a_worker_logged_in_as_the_reactor_role_runs_the_reactor_and_the_r
     assert [(e.stream_id, e.event.reason) for e in cancels] == [(f"order-{i}", REASON)
                                                                for i in range(orders // 2, orders)]
     assert await pool.fetchval("SELECT count(*) FROM reactor_refusals") == 0
+
+
+async def test_a_deadline_firing_refused_by_postgres_is_logged_and_takes_its_consumer_down(
+        login: Login, granted: roles.Roles, schema: str, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A reactor run under the worker role (no grant on deadlines): its firing task must neither die unseen nor
+    leave the consumer consuming without it; the consumer raises its error, which ends the worker."""
+    caplog.set_level(logging.ERROR, logger="workers.projector.consumer")
+    store = EventStore(await login(granted.worker), schema=schema)
+    names = broker.Names(prefix)
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        await broker.declare_topology(await connection.channel(), names, [PaymentTimeout.name], PARTITIONS)
+        settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix,
+                            http_port=0)
+        stop = asyncio.Event()
+        consumer = Consumer(store, await connection.channel(), PaymentTimeout(), 0, settings)
+        with pytest.raises(errors.StoreError, match="permission denied for table deadlines"):
+            await asyncio.wait_for(consumer.run(stop), 30)
+        assert not stop.is_set()
+    finally:
+        await broker.delete_topology(await connection.channel(), names, [PaymentTimeout.name], PARTITIONS)
+        await connection.close()
+    (record,) = [r for r in caplog.records if r.name == "workers.projector.consumer"]
+    assert (record.levelno, record.getMessage()) == (
+        logging.ERROR, "firing deadlines failed; the partition's consumer stops")
+    assert (record.projection, record.partition) == (PaymentTimeout.name, 0)  # type: ignore[attr-defined]
+    assert record.exc_info is not None
+    assert "permission denied for table deadlines" in str(record.exc_info[1])
 
 
 async def test_the_reactor_is_refused_everything_else(login: Login, granted: roles.Roles,
