@@ -27,11 +27,12 @@ from eventfleet.examples.orders.reactors import REASON, PaymentTimeout
 from projections import registry
 from store import db, errors, outbox, roles
 from store.event_store import NO_STREAM, EventStore
+from store.partitions import partition_of
 from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from tests.unit.test_projection_fold import paid, placed
 from workers import admin, broker, projector, rebuild, relay
 from workers.config import Settings
-from workers.projector import checkpoints, lag, leases, parking
+from workers.projector import checkpoints, deadlines, lag, leases, parking
 from workers.projector.consumer import Consumer
 from workers.projector.worker import pool_size
 from workers.runtime import health
@@ -361,6 +362,23 @@ async def test_a_worker_logged_in_as_the_reactor_role_runs_the_reactor_and_the_r
     assert [(e.stream_id, e.event.reason) for e in cancels] == [(f"order-{i}", REASON)
                                                                for i in range(orders // 2, orders)]
     assert await pool.fetchval("SELECT count(*) FROM reactor_refusals") == 0
+
+
+async def test_the_reactor_role_records_a_refusal_of_a_timeout_that_lost_to_the_payment(
+        login: Login, granted: roles.Roles, event_store: EventStore, pool: db.Pool, schema: str) -> None:
+    """The path the pipeline test does not take: a fired deadline whose command the domain refuses, recorded in
+    reactor_refusals (INSERT .. ON CONFLICT DO NOTHING, whose conflict target needs SELECT)."""
+    store = EventStore(await login(granted.reactor), schema=schema)
+    timeout = PaymentTimeout()
+    timeout.bind(store, PARTITIONS)
+    await event_store.append("order-1", [placed("1", "c")], NO_STREAM)
+    assert (await parking.apply_or_park(store, timeout, await store.load("order-1"))).parked == []
+    await event_store.append("order-1", [paid("1", "c")], 0)  # paid; the reactor has not seen it yet
+    await pool.execute("UPDATE deadlines SET due_at = clock_timestamp() - interval '1 second'")
+    fired = await deadlines.Firing(store, timeout, partition_of("order-1", PARTITIONS)).round()
+    assert (fired.fired, fired.parked) == (1, 0)
+    assert [type(e.event) for e in await store.load("order-1")] == [OrderPlaced, OrderPaid]
+    assert await pool.fetchval("SELECT stream_id FROM reactor_refusals WHERE reactor = 'payment_timeout'") == "order-1"
 
 
 async def test_a_deadline_firing_refused_by_postgres_is_logged_and_takes_its_consumer_down(
