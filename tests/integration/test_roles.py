@@ -409,6 +409,23 @@ async def test_a_deadline_firing_refused_by_postgres_is_logged_and_takes_its_con
     assert "permission denied for table deadlines" in str(record.exc_info[1])
 
 
+async def test_a_worker_whose_deadline_firing_is_refused_ends_with_that_error(
+        login: Login, granted: roles.Roles, schema: str, prefix: str) -> None:
+    """The process exits (so the orchestrator restarts it, and its one-line error names the cause) instead of
+    consuming on with partitions whose deadlines never fire."""
+    worker_pool = await login(granted.worker, max_size=pool_size(1))
+    names = broker.Names(prefix)
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        with pytest.raises(errors.StoreError, match="permission denied for table deadlines"):
+            await asyncio.wait_for(projector.run_worker(settings, [PaymentTimeout()], health.Health(), asyncio.Event(),
+                                                        pool=worker_pool), 30)
+    finally:
+        await broker.delete_topology(await connection.channel(), names, [PaymentTimeout.name], PARTITIONS)
+        await connection.close()
+
+
 async def test_the_reactor_is_refused_everything_else(login: Login, granted: roles.Roles,
                                                   event_store: EventStore) -> None:
     await seed(event_store)

@@ -143,9 +143,14 @@ async def _beside(main: Coroutine[Any, Any, None], background: dict[str, Corouti
                 for task in tasks:
                     task.cancel()
     except BaseExceptionGroup as failed:
-        if len(failed.exceptions) == 1:  # the common case: raise it as itself, not wrapped
-            raise failed.exceptions[0] from None
-        raise
+        # The common case is one failure, wrapped here and by the session's task group: raise it as itself,
+        # so the command's one-line error names it.
+        inner: BaseException = failed
+        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]
+        if isinstance(inner, BaseExceptionGroup):
+            raise
+        raise inner from None
 
 
 async def _logged(name: str, job: Coroutine[Any, Any, None]) -> None:
