@@ -69,7 +69,7 @@ class Deployment:
         return {*(self.names.partition_queue(p, partition) for p in PROJECTIONS), self.names.queue(LEGACY)}
 
     @property
-    def roles(self) -> tuple[str, str, str]:
+    def roles(self) -> tuple[str, ...]:
         return roles.Roles(self.schema).all()
 
 
