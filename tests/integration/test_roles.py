@@ -138,10 +138,20 @@ async def test_the_grants_are_exactly_the_documented_ones(schema: str, granted: 
         "JOIN pg_roles AS m ON m.oid = a.member WHERE r.rolname = ANY($1::text[]) OR m.rolname = ANY($1::text[])",
         list(granted.all()))
     assert [(r["member"], r["role"]) for r in members] == [(granted.reactor, granted.worker)]
-    columns = await _admin("SELECT grantee, table_name, column_name, privilege_type "
-                           "FROM information_schema.column_privileges WHERE table_schema = $1 "
-                           "AND grantee = $2 AND privilege_type = 'UPDATE'", schema, granted.relay)
-    assert [(r["table_name"], r["column_name"]) for r in columns] == [("outbox", "created_at")]
+    # Grants on single columns (pg_attribute's ACLs; information_schema.column_privileges lists table grants too,
+    # and slowly): the relay's one.
+    columns = await _admin(
+        "SELECT r.rolname, c.relname, a.attname, x.privilege_type FROM pg_attribute AS a "
+        "JOIN pg_class AS c ON c.oid = a.attrelid JOIN pg_namespace AS n ON n.oid = c.relnamespace, "
+        "aclexplode(a.attacl) AS x JOIN pg_roles AS r ON r.oid = x.grantee "
+        "WHERE n.nspname = $1 AND a.attacl IS NOT NULL AND r.rolname = ANY($2::text[])", schema, list(granted.all()))
+    assert [tuple(r) for r in columns] == [(granted.relay, "outbox", "created_at", "UPDATE")]
+    # On the schema itself: USAGE, and nothing else (the reactor has it as the worker's member).
+    usage = await _admin("SELECT r.rolname, a.privilege_type FROM pg_namespace AS n, aclexplode(n.nspacl) AS a "
+                         "JOIN pg_roles AS r ON r.oid = a.grantee WHERE n.nspname = $1 AND r.rolname = ANY($2::text[])",
+                         schema, list(granted.all()))
+    assert sorted(tuple(r) for r in usage) == [(granted.relay, "USAGE"), (granted.worker, "USAGE"),
+                                                (granted.writer, "USAGE")]
 
 
 def test_hostile_schema_names_never_become_role_sql() -> None:
