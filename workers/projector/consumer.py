@@ -533,8 +533,8 @@ class Consumer:
         """Log, with its traceback, why the deadline-firing task failed (if it did)."""
         if firing.cancelled() or firing.exception() is None:
             return
-        logger.error("firing deadlines failed; the partition's consumer stops", exc_info=firing.exception(), extra={
-            "projection": self.projection.name, "partition": self.partition})
+        logger.error("firing deadlines failed; the partition's consumer stops", exc_info=firing.exception(),
+                     extra={"projection": self.projection.name, "partition": self.partition})
 
     async def backlog(self) -> int:
         """Messages ready in the partition's queue (not yet delivered to any consumer)."""
