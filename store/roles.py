@@ -1,10 +1,11 @@
-"""Least-privilege group roles of a deployment: ``<schema>_writer``, ``<schema>_relay``, ``<schema>_worker``.
+"""Least-privilege group roles of a deployment: ``<schema>_writer``, ``_relay``, ``_worker`` and ``_reactor``.
 
 ``eventfleet migrate --roles`` (run by the schema's owner, which needs CREATEROLE) creates the missing
 roles as NOLOGIN groups and (re)grants their privileges, so running it again after a new migration or
 projection brings the grants up to date. Each service then logs in as its own LOGIN role that is a
-member of one group. The statements live in ``store/sql/roles.sql``; only validated, quoted identifiers
-are substituted into them.
+member of one group (a worker running reactors: of ``<schema>_reactor``, itself a member of
+``<schema>_worker``, so it has the worker's rights and the reactor's). The statements live in
+``store/sql/roles.sql``; only validated, quoted identifiers are substituted into them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from store import db, errors, migrate, names, queries
 logger = logging.getLogger(__name__)
 
 SQL = queries.load("store", "roles.sql")
-KINDS = ("writer", "relay", "worker")
+KINDS = ("writer", "relay", "worker", "reactor")
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
@@ -47,23 +48,29 @@ class Roles:
     def worker(self) -> str:
         return f"{self.schema}_worker"
 
-    def all(self) -> tuple[str, str, str]:
-        return self.writer, self.relay, self.worker
+    @property
+    def reactor(self) -> str:
+        return f"{self.schema}_reactor"
+
+    def all(self) -> tuple[str, str, str, str]:
+        """Every group role, members after the roles they are members of (the order ``apply`` creates them in)."""
+        return self.writer, self.relay, self.worker, self.reactor
 
 
 def render(template: LiteralString, **identifiers: str) -> LiteralString:
     """Fill the {placeholders} of a roles.sql block with double-quoted identifiers.
 
     Every value is a schema or table name validated by ``names.identifier`` or a role name built from a
-    validated schema and a fixed suffix (at most 55 characters, under Postgres's 63), so the quoted
-    result is as trusted as a literal.
+    validated schema and a fixed suffix (at most 56 characters, under Postgres's 63), so the quoted
+    result is as trusted as a literal. ``role`` and ``group`` are role names.
     """
     quoted = {}
     for key, value in identifiers.items():
-        if key == "role":
+        if key in ("role", "group"):
             schema, _, kind = value.rpartition("_")
             if kind not in KINDS:
-                raise errors.InvalidName(f"invalid role {value!r}: not <schema>_writer, _relay or _worker")
+                raise errors.InvalidName(
+                    f"invalid role {value!r}: not <schema>_writer, _relay, _worker or _reactor")
             names.identifier(schema, what="schema")
         else:
             names.identifier(value, what=key)
@@ -79,6 +86,7 @@ def statements(schema: str, read_model_tables: Iterable[str]) -> list[LiteralStr
         render(SQL["grant_writer"], schema=schema, role=roles.writer),
         render(SQL["grant_relay"], schema=schema, role=roles.relay),
         render(SQL["grant_worker"], schema=schema, role=roles.worker),
+        render(SQL["grant_reactor"], schema=schema, role=roles.reactor, group=roles.worker),
     ]
     for table in dict.fromkeys(read_model_tables):
         found.append(render(SQL["grant_worker_read_model"], schema=schema, table=table, role=roles.worker))
@@ -117,7 +125,8 @@ async def apply(conn: db.Conn, schema: str, read_model_tables: Iterable[str]) ->
 
 
 async def grant_read_models(conn: db.Conn, schema: str, tables: Iterable[str]) -> bool:
-    """Grant ``<schema>_worker`` its privileges on these read-model tables, if that role exists.
+    """Grant ``<schema>_worker`` its privileges on these read-model tables, if that role exists (the
+    reactor role has them as its member).
 
     A rebuild replaces read-model tables with new ones, which carry no grants: it calls this in the
     swap's transaction. Returns False (and grants nothing) when the deployment does not use the roles.

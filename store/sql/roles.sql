@@ -2,6 +2,8 @@
 -- placeholders in braces: {schema}, {role}, {table}. roles.py substitutes only identifiers it has
 -- validated with store.names and double-quoted; no value is ever formatted into these statements.
 -- Every role is NOLOGIN: grant it to a LOGIN role per service (GRANT "<schema>_writer" TO app_writer).
+-- A worker that runs reactors logs in as a member of <schema>_reactor, which is a member of <schema>_worker:
+-- it has the worker's rights (the read models' too, regranted after a rebuild) and the reactor's own.
 -- Not granted on purpose: USAGE on the identity sequences (an identity column needs only INSERT on
 -- its table), CREATE on the schema (migrate and rebuild run as the owner), anything on
 -- schema_migrations. UPDATE, DELETE and TRUNCATE on events are refused to everyone by its triggers.
@@ -41,6 +43,17 @@ GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT ON TABLE {schema}.events, {schema}.partitioning TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {schema}.checkpoints, {schema}.projection_status,
     {schema}.dead_letters, {schema}.workers, {schema}.leases TO {role};
+
+-- name: grant_reactor
+-- A worker running reactors (projections/reactor.py, workers/projector/deadlines.py): the worker's rights
+-- through membership, plus appending follow-ups (events with their outbox rows, as the writer), deadlines
+-- (scheduled and moved by INSERT .. ON CONFLICT DO UPDATE, taken FOR UPDATE SKIP LOCKED, deleted when
+-- fired, cancelled or parked) and refusals (INSERT .. ON CONFLICT DO NOTHING, whose conflict target needs
+-- SELECT). No snapshots: a reactor's repository neither reads nor writes them.
+GRANT {group} TO {role};
+GRANT INSERT ON TABLE {schema}.events, {schema}.outbox TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {schema}.deadlines TO {role};
+GRANT SELECT, INSERT ON TABLE {schema}.reactor_refusals TO {role};
 
 -- name: grant_worker_read_model
 -- Writes one read-model table of a registered projection.

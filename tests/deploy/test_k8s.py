@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import pathlib
 import re
 import shutil
 import subprocess
+import urllib.parse
 from typing import Any
 
 import kubernetes_validate
@@ -15,6 +17,8 @@ import pytest
 import yaml
 
 from projections import registry
+from projections.base import Projection
+from projections.reactor import Reactor
 from store import errors
 from tests.deploy import crds
 from tests.deploy.support import (
@@ -197,10 +201,10 @@ def test_everything_lives_in_one_namespace(deployed: dict[tuple[str, str], Doc])
 
 def test_the_configmap_is_a_valid_configuration(deployed: dict[tuple[str, str], Doc]) -> None:
     secret = deployed["Secret", "eventfleet-urls"]["stringData"]
-    env = {**config(deployed), "EVENTFLEET_DATABASE_URL": secret["database-url"],
-           "EVENTFLEET_AMQP_URL": secret["amqp-url"]}
-    settings = Settings.from_env(env)
-    assert settings.http_port == 9108
+    for url in DATABASE_URL_KEYS.values():
+        env = {**config(deployed), "EVENTFLEET_DATABASE_URL": secret[url], "EVENTFLEET_AMQP_URL": secret["amqp-url"]}
+        settings = Settings.from_env(env)
+        assert settings.http_port == 9108
     with pytest.raises(errors.ConfigError):  # the check above can fail
         Settings.from_env({**env, "EVENTFLEET_SCHEMA": "not a schema"})
 
@@ -291,9 +295,27 @@ def worker_deployments(deployed: dict[tuple[str, str], Doc]) -> list[Doc]:
             if d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"]
 
 
+def loaded_projections(deployed: dict[tuple[str, str], Doc]) -> dict[str, type[Projection]]:
+    """The projections the ConfigMap's modules declare, by name (read from the modules, not the process's
+    registry, which other tests change)."""
+    found: dict[str, type[Projection]] = {}
+    registered = dict(registry.REGISTRY)
+    try:
+        for name in config(deployed)["EVENTFLEET_PROJECTION_MODULES"].split(","):
+            module = importlib.import_module(name)
+            found.update({obj.name: obj for obj in vars(module).values() if isinstance(obj, type)
+                          and issubclass(obj, Projection) and obj.__module__ == module.__name__})
+    finally:  # importing a module registers its projections for every later test of this process: undone
+        registry.REGISTRY.clear()
+        registry.REGISTRY.update(registered)
+    return found
+
+
 def test_each_registered_projection_runs_in_exactly_one_worker_group(deployed: dict[tuple[str, str], Doc]) -> None:
     deployed_projections = [p for d in worker_deployments(deployed) for p in worker_projections(d)]
-    assert sorted(deployed_projections) == sorted(registry.load([registry.EXAMPLE]))
+    loaded = loaded_projections(deployed)
+    assert sorted(deployed_projections) == sorted(loaded)
+    assert any(issubclass(cls, Reactor) for cls in loaded.values()), "the example's reactor runs too"
     for deployment in worker_deployments(deployed):
         assert worker_projections(deployment), "no --projection runs every projection: name them"
 
@@ -303,10 +325,38 @@ def test_relay_and_migrate_job(deployed: dict[tuple[str, str], Doc]) -> None:
     assert relay["spec"]["replicas"] == 2
     assert containers(relay)[0]["args"] == ["relay"]
     job = deployed["Job", "eventfleet-migrate"]
-    assert containers(job)[0]["args"] == ["migrate"]
+    assert containers(job)[0]["args"] == ["migrate", "--roles"]
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
     assert job["spec"]["ttlSecondsAfterFinished"] > 0  # so the next deploy can re-create it
     assert job["metadata"]["annotations"]["argocd.argoproj.io/hook"] == "PreSync"
+
+
+#: The Secret key of the Postgres URL each kind of pod logs in with: its role's login (migrate-job.yaml).
+DATABASE_URL_KEYS = {"migrate": "owner-database-url", "relay": "relay-database-url",
+                     "worker": "worker-database-url", "reactor": "reactor-database-url"}
+
+
+def database_url_key(workload: Doc) -> str:
+    (container,) = containers(workload)
+    (ref,) = [v["valueFrom"]["secretKeyRef"] for v in container["env"] if v["name"] == "EVENTFLEET_DATABASE_URL"]
+    assert ref["name"] == "eventfleet-urls"
+    key_: str = ref["key"]
+    return key_
+
+
+def test_each_pod_logs_in_as_the_least_privileged_role_it_needs(deployed: dict[tuple[str, str], Doc]) -> None:
+    """Only the migrate Job is the owner (and it grants the roles); each Deployment logs in as its role's login."""
+    loaded = loaded_projections(deployed)
+    expected = {("Job", "eventfleet-migrate"): DATABASE_URL_KEYS["migrate"],
+                ("Deployment", "eventfleet-relay"): DATABASE_URL_KEYS["relay"]}
+    for deployment in worker_deployments(deployed):
+        reacts = any(issubclass(loaded[p], Reactor) for p in worker_projections(deployment))
+        expected[key(deployment)] = DATABASE_URL_KEYS["reactor" if reacts else "worker"]
+    assert {key(w): database_url_key(w) for w in workloads(deployed)} == expected
+    assert sorted(expected.values()).count(DATABASE_URL_KEYS["reactor"]) == 1, "the reactors have a group of their own"
+    secret = deployed["Secret", "eventfleet-urls"]["stringData"]
+    users = {k: urllib.parse.urlsplit(secret[k]).username for k in DATABASE_URL_KEYS.values()}
+    assert len(set(users.values())) == len(users), f"one login per role: {users}"
 
 
 def test_selectors_pick_exactly_their_pods(deployed: dict[tuple[str, str], Doc]) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -19,19 +21,31 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from eventfleet.examples.orders.events import OrderPaid, OrderPlaced
+from eventfleet.examples.orders.events import OrderCancelled, OrderPaid, OrderPlaced
 from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
+from eventfleet.examples.orders.reactors import REASON, PaymentTimeout
+from projections import registry
 from store import db, errors, outbox, roles
 from store.event_store import NO_STREAM, EventStore
-from tests.conftest import DATABASE_URL, PARTITIONS
-from workers import admin, broker, rebuild, relay
-from workers.projector import checkpoints, lag, leases, parking
+from store.partitions import partition_of
+from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
+from tests.unit.test_projection_fold import paid, placed
+from workers import admin, broker, projector, rebuild, relay
+from workers.config import Settings
+from workers.projector import checkpoints, deadlines, lag, leases, parking
+from workers.projector.consumer import Consumer
+from workers.projector.worker import pool_size
+from workers.runtime import health
+
+# Importing the reactors module registered payment_timeout in this process: only the test that runs it has it
+# registered (every later test's migrate and relay would see it otherwise).
+registry.REGISTRY.pop(PaymentTimeout.name, None)
 
 NOW = dt.datetime(2024, 3, 1, 9, tzinfo=dt.UTC)
 PLACED = OrderPlaced("o1", "c1", (), Decimal(5), Decimal(0), Decimal(5), NOW)
 PAID = OrderPaid("o1", "c1", Decimal(5), NOW)
 
-Login = Callable[[str], Awaitable[db.Pool]]
+Login = Callable[..., Awaitable[db.Pool]]
 
 
 async def _admin(sql: str, *args: Any) -> Any:
@@ -58,13 +72,13 @@ async def login(schema: str, granted: roles.Roles) -> AsyncIterator[Login]:
     """Open a pool as a new LOGIN role that is a member of the given group role only."""
     async with contextlib.AsyncExitStack() as stack:
 
-        async def open_as(group: str) -> db.Pool:
+        async def open_as(group: str, max_size: int = 2) -> db.Pool:
             name = f"t_login_{uuid.uuid4().hex[:12]}"
             await _admin(f'CREATE ROLE "{name}" LOGIN IN ROLE "{group}"')
             stack.push_async_callback(_admin, f'DROP ROLE "{name}"')
             stack.push_async_callback(_admin, f'DROP OWNED BY "{name}"')
             pool = await stack.enter_async_context(
-                db.create_pool(DATABASE_URL, schema, min_size=1, max_size=2, user=name))
+                db.create_pool(DATABASE_URL, schema, min_size=1, max_size=max_size, user=name))
             assert await pool.fetchval("SELECT current_user") == name
             return pool
 
@@ -112,11 +126,32 @@ async def test_the_grants_are_exactly_the_documented_ones(schema: str, granted: 
         **{("worker", t): "DELETE,INSERT,SELECT,UPDATE"
            for t in ("checkpoints", "projection_status", "dead_letters", "workers", "leases", "order_summary",
                      "customer_stats")},
+        ("reactor", "events"): "INSERT",
+        ("reactor", "outbox"): "INSERT",
+        ("reactor", "deadlines"): "DELETE,INSERT,SELECT,UPDATE",
+        ("reactor", "reactor_refusals"): "INSERT,SELECT",
     }
-    columns = await _admin("SELECT grantee, table_name, column_name, privilege_type "
-                           "FROM information_schema.column_privileges WHERE table_schema = $1 "
-                           "AND grantee = $2 AND privilege_type = 'UPDATE'", schema, granted.relay)
-    assert [(r["table_name"], r["column_name"]) for r in columns] == [("outbox", "created_at")]
+    # The reactor has the worker's rights by membership (and so its read models' after a rebuild's swap);
+    # no other role of the deployment is a member of any.
+    members = await _admin(
+        "SELECT r.rolname AS role, m.rolname AS member FROM pg_auth_members AS a JOIN pg_roles AS r ON r.oid = a.roleid "
+        "JOIN pg_roles AS m ON m.oid = a.member WHERE r.rolname = ANY($1::text[]) OR m.rolname = ANY($1::text[])",
+        list(granted.all()))
+    assert [(r["member"], r["role"]) for r in members] == [(granted.reactor, granted.worker)]
+    # Grants on single columns (pg_attribute's ACLs; information_schema.column_privileges lists table grants too,
+    # and slowly): the relay's one.
+    columns = await _admin(
+        "SELECT r.rolname, c.relname, a.attname, x.privilege_type FROM pg_attribute AS a "
+        "JOIN pg_class AS c ON c.oid = a.attrelid JOIN pg_namespace AS n ON n.oid = c.relnamespace, "
+        "aclexplode(a.attacl) AS x JOIN pg_roles AS r ON r.oid = x.grantee "
+        "WHERE n.nspname = $1 AND a.attacl IS NOT NULL AND r.rolname = ANY($2::text[])", schema, list(granted.all()))
+    assert [tuple(r) for r in columns] == [(granted.relay, "outbox", "created_at", "UPDATE")]
+    # On the schema itself: USAGE, and nothing else (the reactor has it as the worker's member).
+    usage = await _admin("SELECT r.rolname, a.privilege_type FROM pg_namespace AS n, aclexplode(n.nspacl) AS a "
+                         "JOIN pg_roles AS r ON r.oid = a.grantee WHERE n.nspname = $1 AND r.rolname = ANY($2::text[])",
+                         schema, list(granted.all()))
+    assert sorted(tuple(r) for r in usage) == [(granted.relay, "USAGE"), (granted.worker, "USAGE"),
+                                                (granted.writer, "USAGE")]
 
 
 def test_hostile_schema_names_never_become_role_sql() -> None:
@@ -279,6 +314,142 @@ async def test_worker_is_refused_everything_else(login: Login, granted: roles.Ro
     await refused(pool, "TRUNCATE checkpoints")
     await refused(pool, "CREATE TABLE sneaky (id int)")
     await refused(pool, "DROP TABLE order_summary")
+
+
+# --- reactor -----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def payment_timeout() -> Iterator[None]:
+    """The example's reactor registered while the test runs (ask for it before ``schema``: migrate makes it live)."""
+    registry.REGISTRY[PaymentTimeout.name] = PaymentTimeout
+    yield
+    registry.REGISTRY.pop(PaymentTimeout.name, None)
+
+
+async def test_a_worker_logged_in_as_the_reactor_role_runs_the_reactor_and_the_read_models(
+        payment_timeout: None, login: Login, granted: roles.Roles, schema: str, prefix: str, pool: db.Pool) -> None:
+    """The whole least-privilege pipeline: a writer appends orders, a relay publishes them, a worker logged in as
+    a member of the reactor role schedules the timeouts, fires them, appends the cancels (which the relay
+    publishes and the read models apply), and parks nothing."""
+    writer = EventStore(await login(granted.writer), schema=schema)
+    relay_pool = await login(granted.relay)
+    worker_pool = await login(granted.reactor, max_size=pool_size(3))
+    timeout = PaymentTimeout()
+    timeout.timeout = dt.timedelta(seconds=1)
+    running = [timeout, OrderSummary(), CustomerStats()]
+    names = broker.Names(prefix)
+    connection = await aio_pika.connect(AMQP_URL)
+    targets = await broker.declare_topology(await connection.channel(publisher_confirms=True, on_return_raises=True),
+                                            names, [p.name for p in running], PARTITIONS)
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0,
+                        lease_seconds=3)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(projector.run_worker(settings, running, health.Health(), stop, pool=worker_pool))
+    orders = 20
+    try:
+        for i in range(orders):
+            await writer.append(f"order-{i}", [placed(str(i), "c")], NO_STREAM)
+        for i in range(orders // 2):  # paid in time: their timeouts are cancelled
+            await writer.append(f"order-{i}", [paid(str(i), "c")], 0)
+        deadline = time.monotonic() + 30
+        while True:
+            await relay.relay_until_idle(relay_pool, targets)  # the orders, then the cancels as they come
+            parked = await pool.fetch("SELECT projection, error FROM dead_letters")
+            assert [tuple(r) for r in parked] == []
+            statuses = await pool.fetch("SELECT status, count(*) FROM order_summary GROUP BY status ORDER BY status")
+            if [tuple(r) for r in statuses] == [("cancelled", orders // 2), ("paid", orders // 2)] and not (
+                    await pool.fetchval("SELECT count(*) FROM deadlines")):
+                break
+            assert time.monotonic() < deadline, [tuple(r) for r in statuses]
+            assert not worker.done(), worker
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(worker, 30)
+        await broker.delete_topology(await connection.channel(), names, [p.name for p in running], PARTITIONS)
+        await connection.close()
+    cancels = [e for i in range(orders) for e in await writer.load(f"order-{i}") if isinstance(e.event, OrderCancelled)]
+    assert [(e.stream_id, e.event.reason) for e in cancels] == [(f"order-{i}", REASON)
+                                                               for i in range(orders // 2, orders)]
+    assert await pool.fetchval("SELECT count(*) FROM reactor_refusals") == 0
+
+
+async def test_the_reactor_role_records_a_refusal_of_a_timeout_that_lost_to_the_payment(
+        login: Login, granted: roles.Roles, event_store: EventStore, pool: db.Pool, schema: str) -> None:
+    """The path the pipeline test does not take: a fired deadline whose command the domain refuses, recorded in
+    reactor_refusals (INSERT .. ON CONFLICT DO NOTHING, whose conflict target needs SELECT)."""
+    store = EventStore(await login(granted.reactor), schema=schema)
+    timeout = PaymentTimeout()
+    timeout.bind(store, PARTITIONS)
+    await event_store.append("order-1", [placed("1", "c")], NO_STREAM)
+    assert (await parking.apply_or_park(store, timeout, await store.load("order-1"))).parked == []
+    await event_store.append("order-1", [paid("1", "c")], 0)  # paid; the reactor has not seen it yet
+    await pool.execute("UPDATE deadlines SET due_at = clock_timestamp() - interval '1 second'")
+    fired = await deadlines.Firing(store, timeout, partition_of("order-1", PARTITIONS)).round()
+    assert (fired.fired, fired.parked) == (1, 0)
+    assert [type(e.event) for e in await store.load("order-1")] == [OrderPlaced, OrderPaid]
+    assert await pool.fetchval("SELECT stream_id FROM reactor_refusals WHERE reactor = 'payment_timeout'") == "order-1"
+
+
+async def test_a_deadline_firing_refused_by_postgres_is_logged_and_takes_its_consumer_down(
+        login: Login, granted: roles.Roles, schema: str, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A reactor run under the worker role (no grant on deadlines): its firing task must neither die unseen nor
+    leave the consumer consuming without it; the consumer raises its error, which ends the worker."""
+    caplog.set_level(logging.ERROR, logger="workers.projector.consumer")
+    store = EventStore(await login(granted.worker), schema=schema)
+    names = broker.Names(prefix)
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        await broker.declare_topology(await connection.channel(), names, [PaymentTimeout.name], PARTITIONS)
+        settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix,
+                            http_port=0)
+        stop = asyncio.Event()
+        consumer = Consumer(store, await connection.channel(), PaymentTimeout(), 0, settings)
+        with pytest.raises(errors.StoreError, match="permission denied for table deadlines"):
+            await asyncio.wait_for(consumer.run(stop), 30)
+        assert not stop.is_set()
+    finally:
+        await broker.delete_topology(await connection.channel(), names, [PaymentTimeout.name], PARTITIONS)
+        await connection.close()
+    (record,) = [r for r in caplog.records if r.name == "workers.projector.consumer"]
+    assert (record.levelno, record.getMessage()) == (
+        logging.ERROR, "firing deadlines failed; the partition's consumer stops")
+    assert (record.projection, record.partition) == (PaymentTimeout.name, 0)  # type: ignore[attr-defined]
+    assert record.exc_info is not None
+    assert "permission denied for table deadlines" in str(record.exc_info[1])
+
+
+async def test_a_worker_whose_deadline_firing_is_refused_ends_with_that_error(
+        login: Login, granted: roles.Roles, schema: str, prefix: str) -> None:
+    """The process exits (so the orchestrator restarts it, and its one-line error names the cause) instead of
+    consuming on with partitions whose deadlines never fire."""
+    worker_pool = await login(granted.worker, max_size=pool_size(1))
+    names = broker.Names(prefix)
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        with pytest.raises(errors.StoreError, match="permission denied for table deadlines"):
+            await asyncio.wait_for(projector.run_worker(settings, [PaymentTimeout()], health.Health(), asyncio.Event(),
+                                                        pool=worker_pool), 30)
+    finally:
+        await broker.delete_topology(await connection.channel(), names, [PaymentTimeout.name], PARTITIONS)
+        await connection.close()
+
+
+async def test_the_reactor_is_refused_everything_else(login: Login, granted: roles.Roles,
+                                                  event_store: EventStore) -> None:
+    await seed(event_store)
+    pool = await login(granted.reactor)
+    await refused(pool, "UPDATE events SET event_type = 'x'")
+    await refused(pool, "SELECT * FROM outbox")
+    await refused(pool, "DELETE FROM outbox")
+    await refused(pool, "SELECT * FROM snapshots")
+    await refused(pool, "SELECT * FROM schema_migrations")
+    await refused(pool, "UPDATE reactor_refusals SET error = 'x'")
+    await refused(pool, "DELETE FROM reactor_refusals")
+    await refused(pool, "TRUNCATE deadlines")
+    await refused(pool, "CREATE TABLE sneaky (id int)")
+    await refused(pool, "DROP TABLE deadlines")
 
 
 # --- everyone ----------------------------------------------------------------------------------------

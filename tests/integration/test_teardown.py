@@ -69,7 +69,7 @@ class Deployment:
         return {*(self.names.partition_queue(p, partition) for p in PROJECTIONS), self.names.queue(LEGACY)}
 
     @property
-    def roles(self) -> tuple[str, str, str]:
+    def roles(self) -> tuple[str, ...]:
         return roles.Roles(self.schema).all()
 
 
@@ -223,7 +223,7 @@ async def test_teardown_drops_every_schema_queue_exchange_and_role_of_its_deploy
         f"dropped exchanges: {a.prefix}.partitions, {a.prefix}.events, {a.prefix}.dlx",
         f"dropped schema: {a.schema}",
         f"dropped shadow schemas: {', '.join(sorted(a.shadows))}",
-        f"dropped roles: {a.schema}_writer, {a.schema}_relay, {a.schema}_worker",
+        f"dropped roles: {a.schema}_writer, {a.schema}_relay, {a.schema}_worker, {a.schema}_reactor",
     ]
     assert await schemas((a.schema, *a.shadows)) == set()
     assert await existing_roles(a.roles) == set()
@@ -243,7 +243,7 @@ async def test_teardown_without_yes_names_what_it_would_drop_and_drops_nothing(t
         f"  exchanges: {a.prefix}.partitions, {a.prefix}.events, {a.prefix}.dlx",
         f"  schema: {a.schema}",
         f"  shadow schemas: {', '.join(sorted(a.shadows))}",
-        f"  roles: {a.schema}_writer, {a.schema}_relay, {a.schema}_worker",
+        f"  roles: {a.schema}_writer, {a.schema}_relay, {a.schema}_worker, {a.schema}_reactor",
         "stop the relay and workers first; roles are cluster-wide",
     ]
     assert await schemas((a.schema, *a.shadows)) == {a.schema, *a.shadows}
@@ -265,7 +265,7 @@ async def test_teardown_keeps_a_role_still_granted_something_outside_its_deploym
     ran = await run_cli("teardown", "--yes", schema=schema, prefix=prefix)
 
     assert ran.code == 0, ran.err
-    assert f"dropped roles: {group.relay}, {group.worker}" in ran.out.splitlines()
+    assert f"dropped roles: {group.relay}, {group.worker}, {group.reactor}" in ran.out.splitlines()
     assert ran.out.splitlines()[-1] == (f"kept role {group.writer}: it is still granted privileges outside this "
                                         "deployment (roles are cluster-wide)")
     assert await existing_roles(group.all()) == {group.writer}

@@ -286,6 +286,27 @@ async def test_a_running_worker_logs_its_progress_per_projection(pool, event_sto
     assert sum(r.applied for r in lines) == 10
 
 
+async def test_a_failing_lag_monitor_is_logged_and_ends_the_worker(pool, declare, settings, caplog, monkeypatch):
+    """A background task that fails is no outage: it must not die unseen while the worker runs on without it."""
+    caplog.set_level(logging.ERROR, logger="workers.projector.worker")
+    await declare(["customer_stats"])
+
+    async def broken(pool: db.Pool, projection: str) -> lag.Lag:
+        raise RuntimeError("a bug in the lag monitor")
+
+    monkeypatch.setattr(lag, "measure", broken)
+    stop = asyncio.Event()
+    with pytest.raises(RuntimeError, match="a bug in the lag monitor"):
+        await asyncio.wait_for(projector.run_worker(settings, [CustomerStats()], health.Health(), stop, pool=pool), 30)
+    assert not stop.is_set()
+    (record,) = [r for r in caplog.records if r.name == "workers.projector.worker"]
+    assert (record.levelname, record.getMessage(), record.task) == (
+        "ERROR", "background task failed; the worker stops", "lag monitor")
+    assert record.exc_info is not None
+    assert str(record.exc_info[1]) == "a bug in the lag monitor"
+    assert await pool.fetchval("SELECT count(*) FROM workers") == 0  # it left the fleet on its way out
+
+
 def test_progress_says_what_was_applied_since_the_last_line_and_the_lag(caplog):
     caplog.set_level(logging.INFO, logger="workers.projector.worker")
     stats = {"customer_stats": Stats(applied=7)}

@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = add("migrate", "create or upgrade the schema (idempotent, safe concurrently)")
     migrate.add_argument("--roles", action="store_true",
-                         help="also create the NOLOGIN roles <schema>_writer, _relay, _worker and grant "
-                              "their privileges (needs CREATEROLE; idempotent)")
+                         help="also create the NOLOGIN roles <schema>_writer, _relay, _worker, _reactor and "
+                              "grant their privileges (needs CREATEROLE; idempotent)")
     add("relay", "publish the outbox to RabbitMQ until SIGTERM/SIGINT")
     worker = add("worker", "apply projections until SIGTERM/SIGINT")
     worker.add_argument("--projection", action="append", default=[], metavar="NAME",

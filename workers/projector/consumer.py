@@ -482,20 +482,25 @@ class Consumer:
         for watcher in watchers:
             watcher.add_done_callback(wake)
         tag = await self._consume(buffer)
+        ending = False
         firing = (asyncio.create_task(self.fire_deadlines(
-            lambda: stop.is_set() or leave.is_set() or lost or self.channel.is_closed))
-            if isinstance(self.projection, Reactor) else None)
+            lambda: ending or stop.is_set() or leave.is_set() or lost or self.channel.is_closed),
+            name=f"fire deadlines {self.queue}") if isinstance(self.projection, Reactor) else None)
+        if firing is not None:
+            firing.add_done_callback(wake)  # it ends early only by failing: the consumer goes down with it
         try:
-            while not (stop.is_set() or leave.is_set() or lost or self.channel.is_closed):
+            while not (stop.is_set() or leave.is_set() or lost or self.channel.is_closed
+                       or (firing is not None and firing.done())):
                 await self._catch_up_if_due(stop)
                 delivery = await buffer.get()
                 if delivery is None:
                     continue
                 await self.handle(self._take(delivery, buffer))
         finally:
-            if firing is not None:  # it sees the same conditions and ends after its round in flight
-                with contextlib.suppress(Exception):
-                    await firing
+            ending = True  # the firing sees it and ends after its round in flight, however the loop ended
+            if firing is not None:
+                await asyncio.wait({firing})
+                self._log_firing_failure(firing)
             self.stopping = True
             self._wake = lambda: None
             for watcher in watchers:
@@ -503,8 +508,20 @@ class Consumer:
             if not self.channel.is_closed and self._raw is not None:
                 with contextlib.suppress(*retry.OUTAGE_ERRORS):
                     await self._raw.basic_cancel(tag)
+        if firing is not None and not firing.cancelled() and (failure := firing.exception()) is not None:
+            # Not an outage (those it retries): a bug or a misconfiguration such as a missing grant. Deadlines
+            # must not silently stop firing while events go on being consumed: the consumer fails, and with it
+            # the worker, so the orchestrator restarts it and the failure shows.
+            raise failure
         if not (stop.is_set() or leave.is_set()):
             raise errors.ChannelLost()
+
+    def _log_firing_failure(self, firing: asyncio.Task[None]) -> None:
+        """Log, with its traceback, why the deadline-firing task failed (if it did)."""
+        if firing.cancelled() or firing.exception() is None:
+            return
+        logger.error("firing deadlines failed; the partition's consumer stops", exc_info=firing.exception(),
+                     extra={"projection": self.projection.name, "partition": self.partition})
 
     async def backlog(self) -> int:
         """Messages ready in the partition's queue (not yet delivered to any consumer)."""

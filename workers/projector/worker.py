@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractConnection
@@ -100,27 +100,65 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
             for fleet in fleets:
                 fleet.note_lag(projection, lag_)
 
-        monitor = asyncio.create_task(lag.run_lag_monitor(pool, [p.name for p in projections], health=health_,
-                                                          measured=measured, partitions=partitions))
-        stack.push_async_callback(_cancel, monitor)
+        background = {"lag monitor": lag.run_lag_monitor(pool, [p.name for p in projections], health=health_,
+                                                         measured=measured, partitions=partitions)}
         if settings.progress_seconds:
-            stack.push_async_callback(_cancel, asyncio.create_task(progress.run(settings.progress_seconds)))
+            background["progress"] = progress.run(settings.progress_seconds)
         logger.info("joined the fleet", extra={"worker": keeper.worker_id, "partitions": partitions,
                                                "projections": [p.name for p in projections]})
-        while not stop.is_set():
-            try:
-                async for attempt in retry.retry_until(stop):
-                    with attempt:
-                        try:
-                            await _session(store, settings, projections, health_, stop, stats, keeper, fleets,
-                                           partitions, progress.lags)
-                        except retry.OUTAGE_ERRORS as exc:
-                            health_.down("rabbitmq", exc)
-                            raise
-            except retry.OUTAGE_ERRORS:
-                if not stop.is_set():
-                    raise  # pragma: no cover - retry_until gives up only once stop is set
+        await _beside(_sessions(store, settings, projections, health_, stop, stats, keeper, fleets, partitions,
+                                progress.lags), background)
     return stats
+
+
+async def _sessions(store: EventStore, settings: Settings, projections: Sequence[Projection],
+                    health_: health.Health, stop: asyncio.Event, stats: dict[str, Stats], keeper: LeaseKeeper,
+                    fleets: list[Fleet], partitions: int, lags: dict[str, lag.Lag]) -> None:
+    """Broker sessions one after the other, through RabbitMQ outages, until ``stop``."""
+    while not stop.is_set():
+        try:
+            async for attempt in retry.retry_until(stop):
+                with attempt:
+                    try:
+                        await _session(store, settings, projections, health_, stop, stats, keeper, fleets,
+                                       partitions, lags)
+                    except retry.OUTAGE_ERRORS as exc:
+                        health_.down("rabbitmq", exc)
+                        raise
+        except retry.OUTAGE_ERRORS:
+            if not stop.is_set():
+                raise  # pragma: no cover - retry_until gives up only once stop is set
+
+
+async def _beside(main: Coroutine[Any, Any, None], background: dict[str, Coroutine[Any, Any, None]]) -> None:
+    """Run ``main`` with background jobs that run until cancelled. A background job that fails is logged with
+    its traceback and ends ``main`` with its error (the process exits and is restarted, rather than going on
+    without, say, its lag monitor); when ``main`` ends, the background jobs are cancelled."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_logged(name, job), name=name) for name, job in background.items()]
+            try:
+                await main
+            finally:
+                for task in tasks:
+                    task.cancel()
+    except BaseExceptionGroup as failed:
+        # The common case is one failure, wrapped here and by the session's task group: raise it as itself,
+        # so the command's one-line error names it.
+        inner: BaseException = failed
+        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]
+        if isinstance(inner, BaseExceptionGroup):
+            raise
+        raise inner from None
+
+
+async def _logged(name: str, job: Coroutine[Any, Any, None]) -> None:
+    try:
+        await job
+    except Exception:
+        logger.exception("background task failed; the worker stops", extra={"task": name})
+        raise
 
 
 async def _retrying(step: Any, health_: health.Health, stop: asyncio.Event) -> Any:
@@ -167,12 +205,6 @@ class Progress:
         while True:
             await asyncio.sleep(seconds)
             self.report()
-
-
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 async def _open_pool(stack: contextlib.AsyncExitStack, settings: Settings, size: int,
