@@ -101,10 +101,11 @@ async def freeze_inside_a_transaction(pool: db.Pool, pid: int) -> tuple[int, str
 
 async def transaction_ended(pool: db.Pool, backend: int, xid8: int) -> bool:
     """The frozen session is gone and its transaction id no longer holds the horizon (not in progress)."""
-    return await pool.fetchval(
+    ended: bool = await pool.fetchval(
         "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1) "
         "AND NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(pg_current_snapshot()) AS x "
         "                WHERE x::text::bigint = $2)", backend, xid8)
+    return ended
 
 
 async def held_by(pool: db.Pool, pid: int) -> dict[str, set[int]]:
