@@ -164,12 +164,14 @@ async def test_a_worker_frozen_inside_a_transaction_for_three_leases_stalls_noth
     since_wake = await pool.fetchval("SELECT count(*) FROM batch_recorder WHERE pid = $1 AND started_at > $2",
                                      victim, resumed_at)
     assert since_wake > 0  # the woken worker applies again
-    fleet.stop_all()  # SIGTERM: every worker, the woken one too, exits with 0
+    woken = fleet.stop(victim)  # SIGTERM: every worker, the woken one too, exits with 0
+    fleet.stop_all()
     print(f"frozen {FROZEN_SECONDS} s holding {sum(len(p) for p in theirs.values())} partitions; transaction "
           f"ended after {horizon:.1f} s; partitions owned by the others after {takeover:.1f} s; everything "
           f"applied after {applied:.1f} s; rejoined {rejoined:.1f} s after the wake; "
           f"{writer.written + after.written} events, lost 0, doubled 0; "
-          f"duplicates absorbed {fleet.total('duplicates')}")
+          f"duplicates skipped by the checkpoints {fleet.total('duplicates')} "
+          f"({sum(p['duplicates'] for p in woken.values())} by the woken worker)")
 
 
 async def _balanced(pool: db.Pool, pids: set[int]) -> bool:
