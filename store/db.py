@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import inspect
 import socket
 import urllib.parse
@@ -26,7 +27,11 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.QueryCanceledError,  # 57014: statement_timeout, or a cancel
+    # The session limits of ``Timeouts``: a lock held too long by another session (55P03), this session's
+    # transaction ended by the server because its client paused (25P03; the connection is closed with it).
+    asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
     # The client's protocol state is broken (e.g. its backend was terminated while it sat idle):
@@ -69,13 +74,43 @@ def translate_errors() -> _Translate:
     return _TRANSLATE
 
 
-def connect_kwargs(schema: str, application_name: str = "eventfleet") -> dict[str, Any]:
-    """Connection settings shared by pools and single connections: every name resolves in ``schema``.
+@dataclasses.dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Server-side limits on a session, in seconds (0 = none): the server enforces them whatever its client
+    does, even when the client is frozen (a GC pause, SIGSTOP, a hung node).
+
+    ``idle_in_transaction``: a transaction whose client sends nothing for this long is ended by the server
+    (the session is terminated, SQLSTATE 25P03), which releases its row and advisory locks and its
+    transaction id, so a frozen process holds neither other processes' work nor the read horizon
+    (``read_all`` reads below the oldest open transaction) for longer than this. ``lock``: a statement waiting
+    this long for a lock fails (55P03). ``statement``: a statement running this long is cancelled (57014).
+    All three errors are transient (``TRANSIENT``): the transaction is retried, nothing is parked.
+    """
+
+    idle_in_transaction: float = 0.0
+    lock: float = 0.0
+    statement: float = 0.0
+
+    def server_settings(self) -> dict[str, str]:
+        """The session parameters (milliseconds, as Postgres reads a bare number) of the limits that are set."""
+        limits = {"idle_in_transaction_session_timeout": self.idle_in_transaction, "lock_timeout": self.lock,
+                  "statement_timeout": self.statement}
+        return {name: str(round(seconds * 1000)) for name, seconds in limits.items() if seconds > 0}
+
+
+def connect_kwargs(schema: str, application_name: str = "eventfleet",
+                   timeouts: Timeouts | None = None) -> dict[str, Any]:
+    """Connection settings shared by pools and single connections: every name resolves in ``schema``, and
+    the session gets ``timeouts`` (none by default: commands such as ``migrate`` and ``rebuild`` run long
+    statements and transactions on purpose).
 
     The workers' own SQL and the projection handlers rely on it; the event store does not (it names its
     schema in every statement, so it works over any pool).
     """
-    return {"server_settings": {"search_path": names.quote(schema), "application_name": application_name}}
+    settings = {"search_path": names.quote(schema), "application_name": application_name}
+    if timeouts is not None:
+        settings |= timeouts.server_settings()
+    return {"server_settings": settings}
 
 
 _CLEAN_USE: contextvars.ContextVar[bool] = contextvars.ContextVar("eventfleet_clean_use", default=False)
@@ -227,8 +262,10 @@ async def _connect_hosts(dsn: str, hosts: list[str], **kwargs: Any) -> asyncpg.C
 
 @contextlib.asynccontextmanager
 async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10,
-                      application_name: str = "eventfleet", **kwargs: Any) -> AsyncIterator[Pool]:
-    """Open a pool whose connections resolve unqualified names in ``schema``; close it on exit.
+                      application_name: str = "eventfleet", timeouts: Timeouts | None = None,
+                      **kwargs: Any) -> AsyncIterator[Pool]:
+    """Open a pool whose connections resolve unqualified names in ``schema`` (with ``timeouts``, if given,
+    on every session); close it on exit.
 
     A DSN naming several hosts (``?target_session_attrs=read-write`` for the primary) is tried host by host
     (``HOST_TIMEOUT`` each) whenever the pool opens a connection, so after a failover the pool's new
@@ -239,16 +276,17 @@ async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int
         kwargs.setdefault("connect", _connect)
     async with translate_errors():
         pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                         **connect_kwargs(schema, application_name), **kwargs)
+                                         **connect_kwargs(schema, application_name, timeouts), **kwargs)
     try:
         yield pool
     finally:
         await pool.close()
 
 
-async def connect(dsn: str, schema: str, *, application_name: str = "eventfleet",
+async def connect(dsn: str, schema: str, *, application_name: str = "eventfleet", timeouts: Timeouts | None = None,
                   **kwargs: Any) -> asyncpg.Connection[Any]:
-    """Open a single connection (LISTEN, admin work) resolving names in ``schema`` (hosts as ``create_pool``)."""
+    """Open a single connection (LISTEN, admin work) resolving names in ``schema`` (hosts and ``timeouts`` as
+    ``create_pool``)."""
     async with translate_errors():
-        conn = await _connect(dsn, **connect_kwargs(schema, application_name), **kwargs)
+        conn = await _connect(dsn, **connect_kwargs(schema, application_name, timeouts), **kwargs)
     return conn

@@ -42,6 +42,10 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("EVENTFLEET_EVENTS_EXCHANGE", "0", "1: the relay also publishes one message per event to PREFIX.events"),
     ("EVENTFLEET_LEASE_SECONDS", "15", "a worker's partition leases expire this long after its last heartbeat"),
     ("EVENTFLEET_PROGRESS_SECONDS", "60", "a worker's progress line per projection every N s (0 = off)"),
+    ("EVENTFLEET_TRANSACTION_IDLE_SECONDS", "EVENTFLEET_LEASE_SECONDS/3",
+     "Postgres ends a worker's transaction idle this long (its process frozen); the relay's gets 30 s more (0 = off)"),
+    ("EVENTFLEET_LOCK_TIMEOUT_SECONDS", "EVENTFLEET_LEASE_SECONDS/3",
+     "a worker's or relay's statement waiting this long for a lock fails and is retried (0 = off)"),
 )
 
 
@@ -75,6 +79,12 @@ class Settings:
     lease_seconds: float = 15.0  # partition leases expire this long after the last heartbeat
     #: Every RabbitMQ node's URL (EVENTFLEET_AMQP_URL, comma-separated), tried in turn; () = (amqp_url,).
     amqp_urls: tuple[str, ...] = ()
+    #: Postgres ends a worker's transaction whose process sent nothing for this long (idle_in_transaction_
+    #: session_timeout; 0 = never); None: a third of the lease (lifecycle.session_timeouts).
+    transaction_idle_seconds: float | None = None
+    #: A worker's or relay's statement waiting longer for a lock fails, to be retried (lock_timeout; 0 = never);
+    #: None: a third of the lease.
+    lock_timeout_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if not self.amqp_urls:
@@ -144,6 +154,8 @@ class Settings:
             message_bytes=_int(environ, "EVENTFLEET_MESSAGE_BYTES", 1024 * 1024, 1024, 2 * 1024 * 1024),
             events_exchange=bool(_int(environ, "EVENTFLEET_EVENTS_EXCHANGE", 0, 0, 1)),
             lease_seconds=float(_int(environ, "EVENTFLEET_LEASE_SECONDS", 15, 3, 3600)),
+            transaction_idle_seconds=_int(environ, "EVENTFLEET_TRANSACTION_IDLE_SECONDS", None, 0, 3600),
+            lock_timeout_seconds=_int(environ, "EVENTFLEET_LOCK_TIMEOUT_SECONDS", None, 0, 3600),
         )
 
     def port(self, role: str) -> int:
@@ -199,3 +211,4 @@ def _int(environ: Mapping[str, str], name: str, default: int | None, low: int, h
     if not low <= value <= high:
         raise errors.ConfigError(f"{name} must be between {low} and {high}, got {value}")
     return value
+

@@ -7,6 +7,7 @@ one partition at overlapping times would show as overlapping intervals.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 from collections.abc import Sequence
@@ -21,6 +22,9 @@ from store.partitions import partition_of
 SQL = queries.load("tests.e2e", "recorder.sql")
 #: P of the schemas this projection is used with (its tests migrate with it).
 PARTITIONS = 16
+#: Seconds each batch waits inside its transaction after recording itself (TEST_RECORDER_PAUSE_SECONDS, unset =
+#: none): a worker that spends most of its time inside transactions is easy to freeze inside one.
+PAUSE = float(os.environ.get("TEST_RECORDER_PAUSE_SECONDS", "0"))
 
 
 @register
@@ -36,3 +40,5 @@ class BatchRecorder(Projection):
     async def apply_batch(self, conn: db.Conn, events: Sequence[RecordedEvent]) -> None:
         counts = collections.Counter(partition_of(e.stream_id, PARTITIONS) for e in events)
         await conn.execute(SQL["record"], list(counts), os.getpid(), list(counts.values()))
+        if PAUSE:
+            await asyncio.sleep(PAUSE)

@@ -34,6 +34,8 @@ from workers.runtime import retry
 pytestmark = pytest.mark.slow
 
 PROJECTIONS = ("customer_stats", "batch_recorder")
+#: Every projection whose queues a fleet's relay declares (all of MODULES'): the teardown deletes them all.
+DECLARED = (*PROJECTIONS, "order_summary")
 #: tests/e2e/recorder.py's P and table. This process does not import it: registering batch_recorder here
 #: would make every later test's relay declare its queues too.
 PARTITIONS = 16
@@ -122,7 +124,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
         fleet.reap()
         connection = await aio_pika.connect(AMQP_URL)
         async with connection:
-            await broker.delete_topology(await connection.channel(), broker.Names(prefix), PROJECTIONS, PARTITIONS)
+            await broker.delete_topology(await connection.channel(), broker.Names(prefix), DECLARED, PARTITIONS)
         conn = await asyncpg.connect(DATABASE_URL)
         try:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

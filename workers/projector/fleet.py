@@ -82,6 +82,9 @@ class Fleet:
                     self.health.down("postgres", exc)
                     tick = Tick(settled=False)
                 else:
+                    # A tick that failed on a lock limit (another worker frozen inside its tick) marked Postgres
+                    # down: on a quiet worker no batch would mark it up again, and /readyz would stay 503.
+                    self.health.up("postgres")
                     await self._follow(tick, stop)
                 self._export()
                 wait = self.keeper.interval if tick.settled else REBALANCE_TICK_SECONDS

@@ -129,6 +129,8 @@ async def run_lag_monitor(pool: db.Pool, projections: Sequence[str], *,
                 health.down("postgres", exc)
             logger.debug("lag refresh failed", extra={"projection": projection}, exc_info=True)
             return None
+        if health is not None:  # as a tick: a refresh that failed on a lock limit must not leave it down
+            health.up("postgres")
         export(projection, found, partitions)
         return found
 

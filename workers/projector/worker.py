@@ -214,7 +214,8 @@ async def _open_pool(stack: contextlib.AsyncExitStack, settings: Settings, size:
         with attempt:
             try:
                 pool = await stack.enter_async_context(
-                    lifecycle.open_pool(settings, min_size=1, max_size=size))
+                    lifecycle.open_pool(settings, min_size=1, max_size=size,
+                                        timeouts=lifecycle.session_timeouts(settings)))
             except retry.OUTAGE_ERRORS as exc:
                 health_.down("postgres", exc)
                 raise

@@ -52,9 +52,13 @@ from workers.errors import BrokerUnavailable
 from workers.relay.publish import publish_batch, refresh_backlog
 
 SQL = load("workers", "relay.sql")
-from workers.runtime import amqp, health, retry
+from workers.runtime import amqp, health, lifecycle, retry
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a batch's confirms may take before it is rolled back (RelayConfig.confirm_timeout).
+CONFIRM_TIMEOUT = 30.0
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RelayConfig:
@@ -68,13 +72,15 @@ class RelayConfig:
     batch_size: int = 1000
     poll_interval: float = 1.0  # fallback when a NOTIFY is lost (the relay was not listening)
     metrics_interval: float = 5.0  # how often the backlog gauges are refreshed
-    confirm_timeout: float = 30.0  # a batch whose confirms take longer is rolled back
+    confirm_timeout: float = CONFIRM_TIMEOUT  # a batch whose confirms take longer is rolled back
     stop_timeout: float = 10.0  # on SIGTERM, time the batch in flight gets to commit
     partitions: int | None = None  # P; None: the schema's (read once per session)
     events_exchange: bool = False  # also publish one message per event to the topic exchange
     message_events: int = 100
     message_bytes: int = 1024 * 1024
     amqp_urls: tuple[str, ...] = ()  # every node's URL, tried in turn (amqp.connect); () = (amqp_url,)
+    #: The limits of the relay's Postgres sessions (``lifecycle.session_timeouts``); none unless from_settings.
+    timeouts: db.Timeouts = dataclasses.field(default_factory=db.Timeouts)
 
     def __post_init__(self) -> None:
         if not self.amqp_urls:
@@ -93,7 +99,13 @@ class RelayConfig:
             "events_exchange": settings.events_exchange, "message_events": settings.message_events,
             "message_bytes": settings.message_bytes,
         }
-        return cls(**(fields | overrides))
+        fields |= overrides
+        if "timeouts" not in overrides:
+            # The claim's transaction idles while the broker confirms (at most confirm_timeout): a frozen
+            # relay's claim (its outbox rows, its transaction id) ends that long after a worker's would.
+            confirming = float(fields.get("confirm_timeout", CONFIRM_TIMEOUT))
+            fields["timeouts"] = lifecycle.session_timeouts(settings, busy_idle=confirming)
+        return cls(**fields)
 
 
 # --- the forever loop ---------------------------------------------------------------------------------
@@ -317,6 +329,6 @@ def open_pool(config: RelayConfig) -> contextlib.AbstractAsyncContextManager[db.
     loop (and answers signals) instead of failing.
     """
     return db.create_pool(config.database_url, config.schema, min_size=0, max_size=2,
-                          application_name=application_name(config.schema))
+                          application_name=application_name(config.schema), timeouts=config.timeouts)
 
 
