@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Literal, LiteralString, TypeVar
 
-from store import db
+from store import codec, db
 from store.event_store import RecordedEvent
 
 Policy = Literal["halt", "skip"]
@@ -38,6 +38,9 @@ class Projection:
     ddl: ClassVar[LiteralString]
     #: What happens to a stream whose event keeps failing: stop it there (halt) or move past it (skip).
     policy: ClassVar[Policy] = "halt"
+    #: Whether it takes every event, whatever its type: a projection without ``@handles`` handlers that
+    #: overrides ``apply`` does (a generic audit log); set it to say so explicitly.
+    all_events: ClassVar[bool] = False
     _handlers: ClassVar[dict[type[Any], Handler]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -52,6 +55,19 @@ class Projection:
     def handles_event(self, event: RecordedEvent) -> bool:
         """Whether this projection has a handler for the event's class."""
         return type(event.event) in self._handlers
+
+    @classmethod
+    def handled_names(cls) -> frozenset[str] | None:
+        """The event names (``OrderPaid``, any version) its handlers take, inherited ones included; None when
+        it takes every event (``all_events``, or ``apply`` overridden without handlers)."""
+        if cls.all_events or (not cls._handlers and cls.apply is not Projection.apply):
+            return None
+        return frozenset(n for n in map(codec.REGISTRY.name_of, cls._handlers) if n is not None)
+
+    def handles_type(self, event_type: str) -> bool:
+        """Whether an event of this type (``Name.vN``, known to this code or not) may concern this projection."""
+        handled = self.handled_names()
+        return handled is None or event_type.rpartition(".v")[0] in handled
 
     async def apply(self, conn: db.Conn, event: RecordedEvent) -> None:
         """Apply one event with its handler; events without a handler change nothing."""

@@ -210,6 +210,11 @@ class Registry:
             raise errors.UnknownEventType(f"{type(payload).__name__} is not a registered event class")
         return f"{entry.name}.v{entry.version}"
 
+    def name_of(self, cls: type[Any]) -> str | None:
+        """The registered name (without version) of an event class, None if it is not registered."""
+        entry = self._by_type.get(cls)
+        return None if entry is None else entry.name
+
     def current_type_name(self, name: str) -> str:
         """The ``Name.vN`` of the newest registered version of ``name``."""
         versions = self._by_name.get(name)
@@ -289,7 +294,7 @@ class Registry:
             raise errors.UnknownEventType(f"unknown event type {event_type!r}")
         current = versions[max(versions)]
         if version > current.version:
-            raise errors.UnknownEventType(f"event type {event_type!r} is newer than this code (v{current.version})")
+            raise errors.NewerEventVersion(f"event type {event_type!r} is newer than this code (v{current.version})")
         plan = (name, version, current)
         if len(self._plans) < 1024:  # spellings of known types only ("v1", "v01", ...), but bounded anyway
             self._plans[event_type] = plan

@@ -97,6 +97,10 @@ class UnknownEventType(CodecError):
     """No event class is registered under this type name."""
 
 
+class NewerEventVersion(UnknownEventType):
+    """The event type is a newer version than this code registers: written by a newer release."""
+
+
 class CorruptEvent(CodecError):
     """The stored or delivered bytes are not a valid encoded event."""
 

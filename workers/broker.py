@@ -287,7 +287,9 @@ def _event(fields: Mapping[str, Any], registry: codec.Registry) -> RecordedEvent
         if not isinstance(value, kind):
             raise MalformedMessage(f"body field of type {type(value).__name__} where {kind.__name__} belongs")
     try:
-        payload = registry.decode(event_type, data)
+        payload: Any = registry.decode(event_type, data)
+    except errors.UnknownEventType as exc:  # a type of newer code (or none at all): not corrupt, see handlers
+        payload = Undecodable(exc)
     except (errors.CodecError, errors.InvalidInput, ValueError, TypeError) as exc:
         raise MalformedMessage(f"{type(exc).__name__}: {exc}") from exc
     return RecordedEvent(event_id=event_id, stream_id=stream_id, version=version, global_position=position,

@@ -44,6 +44,17 @@ class HandlerFailed(WorkerError):
         self.event = event
 
 
+class HeldForNewerCode(WorkerError):
+    """An event this projection handles is of a newer version (or type) than this code knows: its partition
+    waits, unacked, for a worker of the newer release; nothing is parked."""
+
+    def __init__(self, projection: str, event: RecordedEvent) -> None:
+        super().__init__(f"{projection}: {event.stream_id}@{event.version} is {event.event_type}, newer than this "
+                         f"code: held for a worker that knows it")
+        self.projection = projection
+        self.event = event
+
+
 class NotRetryable(WorkerError):
     """This dead letter cannot be re-driven."""
 

@@ -69,16 +69,18 @@ class ReactorStatus:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PartitionStatus:
-    """One partition of one projection: who holds its lease (None: nobody live) and its lag."""
+    """One partition of one projection: who holds its lease (None: nobody live), its lag, and why its owner
+    holds it still (an event newer than the owner's code), if it does."""
 
     projection: str
     partition: int
     owner: str | None
     lag_events: int
+    held: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"projection": self.projection, "partition": self.partition, "owner": self.owner,
-                "lag_events": self.lag_events}
+                "lag_events": self.lag_events, "held": self.held}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -173,13 +175,15 @@ async def collect(pool: db.Pool, schema: str, prefix: str, connection: AbstractC
     names = await projection_names(pool)
     partitions = await schema_partitions(pool)
     depths = await queue_depths(connection, prefix, names, partitions)
-    owners = {(lease.projection, lease.partition): lease.owner for lease in await leases.owners(pool) if lease.live}
+    live = [lease for lease in await leases.owners(pool) if lease.live]
+    owners = {(lease.projection, lease.partition): lease.owner for lease in live}
+    holds = {(lease.projection, lease.partition): lease.held for lease in live}
     rows: list[ProjectionStatus] = []
     partition_lags: list[PartitionStatus] = []
     for name in names:
         measured = await lag.measure(pool, name)
-        partition_lags += [PartitionStatus(name, n, owners.get((name, n)), measured.partitions.get(n, 0))
-                           for n in range(partitions)]
+        partition_lags += [PartitionStatus(name, n, owners.get((name, n)), measured.partitions.get(n, 0),
+                                           holds.get((name, n))) for n in range(partitions)]
         async with db.translate_errors():
             row = await pool.fetchrow(SQL["projection_summary"], name)
             assert row is not None
@@ -195,7 +199,7 @@ async def collect(pool: db.Pool, schema: str, prefix: str, connection: AbstractC
             counts[projection] = counts.get(projection, 0) + 1
     workers = [WorkerStatus(r.worker_id, r.live, r.heartbeat_age_seconds, held.get(r.worker_id, {}))
                for r in await leases.registered(pool)]
-    partition_lags.sort(key=lambda p: (-p.lag_events, p.projection, p.partition))
+    partition_lags.sort(key=lambda p: (p.held is None, -p.lag_events, p.projection, p.partition))
     reactors = [await reactor_status(pool, name) for name in names]
     # A reactor whose module this process did not load still shows by what it left behind.
     reactors = [r for r in reactors if is_reactor(r.name) or r.deadlines_pending or r.deadlines_fired or r.refusals]

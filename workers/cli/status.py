@@ -68,6 +68,10 @@ def render(report: Report, *, all_partitions: bool = False) -> str:
         slow: list[tuple[str, ...]] = [("PROJECTION", "PARTITION", "OWNER", "LAG EVENTS")]
         slow += [(p.projection, str(p.partition), p.owner or "-", f"{p.lag_events:,}") for p in shown]
         text += ["", title, *_table(slow, 3)]
+    held = [p for p in report.partition_lags if p.held]
+    if held:
+        text += ["", "held for a worker of a newer release (a rolling upgrade: nothing parked, nothing to do):"]
+        text += [f"  {p.projection} partition {p.partition}: {p.held}" for p in held]
     return "\n".join(text)
 
 

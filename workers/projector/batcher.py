@@ -94,12 +94,13 @@ class Batcher:
                         lambda: parking.apply_or_park(self.store, self.projection, events))
             else:
                 result = BatchResult()
-        except store_errors.StoreError as exc:
+        except (store_errors.StoreError, errors.HeldForNewerCode) as exc:
             if isinstance(exc, store_errors.TransientError):  # given up retrying: stopping, or the channel died
                 self._fail(group, exc)
                 return
-            # A delivery naming what the store does not hold: each consumer finds its own (handle_decoded
-            # applies its deliveries one by one and dead-letters the one that fails).
+            # A delivery naming what the store does not hold, or an event newer than this code: each consumer
+            # finds its own (handle_decoded applies its deliveries alone: the one that fails dead-letters it,
+            # or holds its partition).
             logger.warning("combined batch failed; its consumers apply their deliveries alone", extra={
                 "projection": self.projection.name, "error": f"{type(exc).__name__}: {exc}"})
             for handover in group:

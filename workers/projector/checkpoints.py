@@ -192,9 +192,11 @@ async def _load_gaps(conn: db.Conn, store: EventStore, projection: Projection, s
 
 def _decode_stored(row: Any, store: EventStore, projection: Projection,
                    park: Mapping[tuple[str, int], Failure]) -> RecordedEvent:
-    """A stored event; one this code cannot decode (a type from newer writers) is poison for its stream."""
+    """A stored event; one this code cannot decode is passed by, held (``handlers.passes_by``: a type of newer
+    code) or poison for its stream."""
     event = record_or_undecodable(row, store.registry)
-    if isinstance(event.event, Undecodable) and (event.stream_id, event.version) not in park:
+    if (isinstance(event.event, Undecodable) and (event.stream_id, event.version) not in park
+            and not handlers.passes_by(projection, event)):
         raise errors.HandlerFailed(projection.name, event, event.event.error) from event.event.error
     return event  # a parked undecodable one is never applied
 

@@ -116,7 +116,8 @@ class Consumer:
     def __init__(self, store: EventStore, channel: AbstractChannel, projection: Projection, partition: int,
                  settings: Settings, *, health_: health.Health | None = None, stats: Stats | None = None,
                  cache: DecodeCache | None = None, catchups: asyncio.Semaphore | None = None,
-                 batcher: Batcher | None = None) -> None:
+                 batcher: Batcher | None = None,
+                 on_hold: Callable[[int, str], Awaitable[None]] | None = None) -> None:
         self.store, self.channel, self.projection, self.settings = store, channel, projection, settings
         self.partition = partition
         self.cache = cache or DecodeCache()
@@ -126,6 +127,11 @@ class Consumer:
         self.stats = stats or Stats()
         self.catchups = catchups or asyncio.Semaphore(1)
         self.batcher = batcher
+        #: Tells the fleet why this partition is held (an event newer than this code): status shows it.
+        self.on_hold = on_hold
+        #: What holds this partition still, if anything does (``HeldForNewerCode``): nothing more is applied or
+        #: acked here; the deliveries go back to the queue when the channel closes, for a newer worker.
+        self.held: errors.HeldForNewerCode | None = None
         self.stopping = False  # give up retrying through an outage, leave the rest unacked
         self._catchup_from: Position | None = None  # a catch-up is due, from there
         self._fresh = True  # no new event applied yet since this consumer started: duplicates are the handover's
@@ -491,12 +497,19 @@ class Consumer:
         try:
             while not (stop.is_set() or leave.is_set() or lost or self.channel.is_closed
                        or (firing is not None and firing.done())):
-                await self._catch_up_if_due(stop)
-                delivery = await buffer.get()
-                if delivery is None:
+                if self.held is not None:
+                    await buffer.get()  # nothing more is taken: wait for the stop, the leave or the close
                     continue
-                await self.handle(self._take(delivery, buffer))
+                try:
+                    await self._catch_up_if_due(stop)
+                    delivery = await buffer.get()
+                    if delivery is None:
+                        continue
+                    await self.handle(self._take(delivery, buffer))
+                except errors.HeldForNewerCode as held:
+                    await self.hold(held)
         finally:
+            self.release_hold()
             ending = True  # the firing sees it and ends after its round in flight, however the loop ended
             if firing is not None:
                 await asyncio.wait({firing})
@@ -515,6 +528,30 @@ class Consumer:
             raise failure
         if not (stop.is_set() or leave.is_set()):
             raise errors.ChannelLost()
+
+    async def hold(self, held: errors.HeldForNewerCode) -> None:
+        """Hold the partition at an event newer than this code: what it received stays unacked (it returns to
+        the queue when the channel closes, for the newer worker that takes the partition over); /readyz, a
+        gauge and ``status`` say why. Nothing is parked."""
+        self.held = held
+        key = f"{self.projection.name}.{self.partition}"
+        self.health.held[key] = str(held)
+        metrics.PARTITIONS_HELD_FOR_NEWER_CODE.labels(self.projection.name).inc()
+        logger.warning("partition held at an event newer than this code; a worker of the newer release applies it",
+                       extra={"projection": self.projection.name, "partition": self.partition,
+                              "stream_id": held.event.stream_id, "version": held.event.version,
+                              "event_type": held.event.event_type})
+        if self.on_hold is not None:
+            with contextlib.suppress(*retry.OUTAGE_ERRORS):  # status only: the hold itself needs no database
+                await self.on_hold(self.partition, str(held))
+
+    def release_hold(self) -> None:
+        """The consumer ends: its hold goes with it (the next owner decides afresh)."""
+        if self.held is None:
+            return
+        self.held = None
+        self.health.held.pop(f"{self.projection.name}.{self.partition}", None)
+        metrics.PARTITIONS_HELD_FOR_NEWER_CODE.labels(self.projection.name).dec()
 
     def _log_firing_failure(self, firing: asyncio.Task[None]) -> None:
         """Log, with its traceback, why the deadline-firing task failed (if it did)."""

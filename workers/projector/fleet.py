@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -125,7 +126,8 @@ class Fleet:
             raise errors.ChannelLost(f"cannot open a channel for {projection}.{partition}: {exc}") from exc
         consumer = Consumer(self.store, channel, self.projections[projection], partition, self.settings,
                             health_=self.health, stats=self.stats[projection], cache=self.cache,
-                            catchups=self.catchups, batcher=self.batchers[projection])
+                            catchups=self.catchups, batcher=self.batchers[projection],
+                            on_hold=functools.partial(self.keeper.note_hold, projection))
         measured = self.lags.get(projection)
         if measured is not None:  # a partition taken over far behind catches up at once
             consumer.note_lag(measured.partitions.get(partition, 0), measured.watermark)

@@ -8,8 +8,11 @@ through here. What a handler raises is one of two things:
 - anything else is the handler's own failure on this event (``HandlerFailed``, the original as its
   ``__cause__``): retried a few times, then parked per the projection's policy.
 
-A stored event this code cannot decode (an ``Undecodable`` payload) is never handed to a handler: it
-fails like a handler would, so it costs its stream, never the batch.
+A stored event this code cannot decode (an ``Undecodable`` payload) is never handed to a handler. One of a
+type this code does not know (a newer version, or a type newer code added) is no corruption: a projection
+that does not handle its name passes it by, one that does is held for a worker of the newer release
+(``HeldForNewerCode``: nothing is parked). Anything else fails like a handler would, so it costs its stream,
+never the batch.
 """
 
 from __future__ import annotations
@@ -51,6 +54,17 @@ def has_set_based(projection: Projection) -> bool:
     return type(projection).apply_batch is not Projection.apply_batch
 
 
+def passes_by(projection: Projection, event: RecordedEvent) -> bool:
+    """Whether an undecodable event is one to pass by: of a type newer code knows, which this projection does not
+    handle. Raises ``HeldForNewerCode`` when it does handle it; False for anything else undecodable (poison)."""
+    assert isinstance(event.event, Undecodable)
+    if not isinstance(event.event.error, store_errors.UnknownEventType):
+        return False
+    if projection.handles_type(event.event_type):
+        raise errors.HeldForNewerCode(projection.name, event)
+    return True
+
+
 def raise_for(projection: Projection, event: RecordedEvent | None, exc: BaseException) -> NoReturn:
     if is_transient(exc):
         raise store_errors.TransientError(f"{type(exc).__name__}: {exc}") from exc
@@ -62,6 +76,8 @@ async def apply_one(conn: db.Conn | Any, projection: Projection, event: Recorded
     """Apply one event with its handler. ``passthrough``: exceptions of the caller's own to let through
     unclassified (a rebuild's recorder that stands in for the connection)."""
     if isinstance(event.event, Undecodable):
+        if passes_by(projection, event):
+            return
         raise errors.HandlerFailed(projection.name, event, event.event.error) from event.event.error
     try:
         await projection.apply(conn, event)
@@ -80,9 +96,11 @@ async def apply_each(conn: db.Conn, projection: Projection, events: Sequence[Rec
 async def apply_set(conn: db.Conn, projection: Projection, events: Sequence[RecordedEvent]) -> None:
     """Apply events with the projection's ``apply_batch``; a failure raises ``HandlerFailed`` with no event
     (the caller re-runs them one at a time to find it) or ``TransientError``."""
-    for event in events:
-        if isinstance(event.event, Undecodable):
-            raise errors.HandlerFailed(projection.name, event, event.event.error) from event.event.error
+    if any(isinstance(e.event, Undecodable) for e in events):
+        for event in events:
+            if isinstance(event.event, Undecodable) and not passes_by(projection, event):
+                raise errors.HandlerFailed(projection.name, event, event.event.error) from event.event.error
+        events = [e for e in events if not isinstance(e.event, Undecodable)]
     try:
         await projection.apply_batch(conn, events)
     except Exception as exc:  # noqa: BLE001 - a handler's own error, whatever its type, is poison

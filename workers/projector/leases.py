@@ -117,6 +117,11 @@ class LeaseKeeper:
             await self.pool.execute(SQL["release"], self.worker_id, projection, list(partitions))
         self.held[projection] -= set(partitions)
 
+    async def note_hold(self, projection: str, partition: int, reason: str) -> None:
+        """Record why this worker holds a partition still (``status`` shows it until the lease changes hands)."""
+        async with db.translate_errors():
+            await self.pool.execute(SQL["hold"], self.worker_id, projection, partition, reason)
+
     async def leave(self) -> None:
         """Free every lease and end the registration (a graceful stop, after the consumers stopped)."""
         async with db.translate_errors():
@@ -134,6 +139,7 @@ class Lease:
     live: bool
     generation: int
     expires_in_seconds: float
+    held: str | None = None
 
 
 async def owners(conn: db.Conn | db.Pool) -> list[Lease]:
@@ -141,7 +147,7 @@ async def owners(conn: db.Conn | db.Pool) -> list[Lease]:
     async with db.translate_errors():
         rows = await conn.fetch(SQL["owners"])
     return [Lease(r["projection"], r["partition"], r["owner"], r["live"], r["generation"],
-                  r["expires_in_seconds"]) for r in rows]
+                  r["expires_in_seconds"], r["held"]) for r in rows]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

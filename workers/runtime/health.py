@@ -26,9 +26,11 @@ class Health:
     broker: str | None = None
     blocked_reason: str | None = None
     _outages: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Partitions held at an event newer than this code ("projection.partition" -> why).
+    held: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def ready(self) -> bool:
-        return self.postgres and self.rabbitmq and self.blocked_reason is None
+        return self.postgres and self.rabbitmq and self.blocked_reason is None and not self.held
 
     def reason(self) -> str:
         """Why ``ready()`` is false (empty while ready), e.g. ``rabbitmq: broker blocked publishing: low on memory``."""
@@ -36,6 +38,7 @@ class Health:
                for service in ("postgres", "rabbitmq") if not getattr(self, service)]
         if self.blocked_reason is not None:
             why.append(f"rabbitmq: broker blocked publishing: {self.blocked_reason}")
+        why += [f"{key} held: {reason}" for key, reason in sorted(self.held.items())]
         return "; ".join(why)
 
     def down(self, service: str, cause: BaseException, **extra: Any) -> None:

@@ -100,6 +100,10 @@ PARTITIONS_HELD = Gauge("eventfleet_worker_partitions_held", "Partitions this wo
                         ["projection"])
 REBALANCES = Counter("eventfleet_worker_rebalances_total",
                      "Partitions this worker acquired or gave up (shares dealt again, leases expired)", ["projection"])
+PARTITIONS_HELD_FOR_NEWER_CODE = Gauge(
+    "eventfleet_projection_partitions_held_for_newer_code",
+    "Partitions this worker holds still, unacked, at an event of a newer type or version than its code "
+    "(a rolling upgrade): a worker of the newer release applies them", ["projection"])
 GHOSTS = Counter("eventfleet_projection_ghosts_total",
                  "Delivered events the store does not hold (lost with a primary, or from an older backup): "
                  "dropped, never applied", ["projection"])

@@ -40,24 +40,28 @@ INSERT INTO leases AS l (projection, partition, owner, expires_at, acquired_at, 
 SELECT $2, partition, $1, clock_timestamp() + make_interval(secs => $3), clock_timestamp(), 1 FROM wanted
 ON CONFLICT (projection, partition) DO UPDATE
     SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at, acquired_at = EXCLUDED.acquired_at,
-        generation = l.generation + 1
+        generation = l.generation + 1, held = NULL
 RETURNING partition, generation;
 
 -- name: release
 -- Give up this worker's ($1) leases of projection $2 on partitions $3: free for the others at once.
-UPDATE leases SET owner = NULL, expires_at = '-infinity'
+UPDATE leases SET owner = NULL, expires_at = '-infinity', held = NULL
 WHERE owner = $1 AND projection = $2 AND partition = ANY($3::integer[]);
 
 -- name: release_all
 -- A worker leaving: free every lease it holds and end its registration.
 WITH freed AS (
-    UPDATE leases SET owner = NULL, expires_at = '-infinity' WHERE owner = $1 RETURNING 1
+    UPDATE leases SET owner = NULL, expires_at = '-infinity', held = NULL WHERE owner = $1 RETURNING 1
 )
 DELETE FROM workers WHERE worker_id = $1;
 
+-- name: hold
+-- Why this worker ($1) holds partition $3 of projection $2 still (an event newer than its code): for status.
+UPDATE leases SET held = $4 WHERE owner = $1 AND projection = $2 AND partition = $3;
+
 -- name: owners
--- Every lease with its owner and whether it is live (status).
-SELECT l.projection, l.partition, l.owner, l.expires_at > clock_timestamp() AS live, l.generation,
+-- Every lease with its owner and whether it is live (status), and why its owner holds it, if it does.
+SELECT l.projection, l.partition, l.owner, l.expires_at > clock_timestamp() AS live, l.generation, l.held,
        CASE WHEN l.owner IS NULL THEN 0
             ELSE extract(epoch FROM l.expires_at - clock_timestamp())::float8 END AS expires_in_seconds
 FROM leases AS l
