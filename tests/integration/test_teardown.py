@@ -321,6 +321,6 @@ async def test_teardown_with_rabbitmq_unreachable_drops_nothing(schema, prefix, 
     ran = await run_cli("teardown", "--yes", schema=schema, prefix=prefix, amqp_url="amqp://guest:guest@127.0.0.1:1/")
 
     assert (ran.code, ran.out) == (1, "")
-    assert ran.err.startswith("eventfleet teardown: RabbitMQ unreachable (")
-    assert ran.err.endswith("); nothing dropped\n")
+    assert ran.err.startswith("eventfleet teardown: RabbitMQ at 127.0.0.1:1 unreachable: ")
+    assert ran.err.endswith("; nothing dropped\n")
     assert await schemas((schema,)) == {schema}

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+import asyncpg
+
 from projections import registry
 from store import errors
 from workers.config import ENVIRONMENT, Settings
@@ -120,6 +122,25 @@ def _resolve(command: str) -> Command:
     return fn
 
 
+def _diagnose(exc: errors.EventFleetError, settings: Settings) -> errors.EventFleetError:
+    """The error to report: a missing table in a schema never migrated is ``SchemaNotMigrated`` (which says to
+    run ``eventfleet migrate``), whichever command met it; any other error is reported as it is."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, asyncpg.UndefinedTableError):
+        cause = cause.__cause__
+    if cause is None:
+        return exc
+    from workers.admin import migrate  # only on this path: most commands never need it
+
+    try:
+        asyncio.run(migrate.check_migrated(settings.database_url, settings.schema))
+    except errors.SchemaNotMigrated as not_migrated:
+        return not_migrated
+    except errors.EventFleetError:
+        pass  # cannot tell: report the error as it is
+    return exc
+
+
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     """Parse, configure logging, run the subcommand; print a one-line reason and return 1 on error."""
     args = build_parser().parse_args(argv)
@@ -141,7 +162,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         return 0
     except errors.EventFleetError as exc:
         logger.debug("command failed", exc_info=True)
-        print(redact.text(f"eventfleet {args.command}: {exc}", secrets), file=sys.stderr)
+        print(redact.text(f"eventfleet {args.command}: {_diagnose(exc, settings)}", secrets), file=sys.stderr)
         return 1
     except Exception as exc:
         logger.debug("command failed", exc_info=True)

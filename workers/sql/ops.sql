@@ -36,3 +36,8 @@ FROM events WHERE split_part(event_type, '.', 1) = ANY($1::text[]) ORDER BY glob
 -- name: refusals
 -- Commands reactor $1 was refused.
 SELECT count(*) FROM reactor_refusals WHERE reactor = $1;
+
+-- name: is_migrated
+-- Whether schema $1 holds an eventfleet deployment (migrate creates schema_migrations first).
+SELECT EXISTS (SELECT 1 FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+               WHERE n.nspname = $1 AND c.relname = 'schema_migrations');
