@@ -88,9 +88,8 @@ class Settings:
         return max(2, -(-self.prefetch // self.message_events))
 
     def __repr__(self) -> str:
-        # The URLs carry passwords: a logged or printed Settings must not show them.
-        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
-        return f"Settings({redact.text(fields)})"
+        # The URLs carry passwords: a logged or printed Settings must not show any part of them.
+        return redact.fields(self)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -172,7 +171,14 @@ def amqp_urls_of(value: str) -> tuple[str, ...]:
 
 
 def _check_url(name: str, value: str) -> None:
-    """Refuse a URL the drivers would misparse: their errors would echo part of the password."""
+    """Refuse a URL the drivers would misparse: their errors would echo part of the password.
+
+    An unencoded '@' in the password is the common case: urllib splits the user info at the last '@' and the
+    drivers at the first, so the password's tail becomes the host and the error a DNS one naming it."""
+    if re.split(r"[/?#]", value.partition("://")[2], maxsplit=1)[0].count("@") > 1:
+        # Never echo the value, nor say where the '@' is: both would show part of the password.
+        raise errors.ConfigError(f"{name} has more than one '@' before the host: write each '@' of the user "
+                                 "or password as %40 (percent-encode ':' as %3A and '/' as %2F too)")
     try:
         parts = urllib.parse.urlsplit(value)
         for host in parts.netloc.rpartition("@")[2].split(","):  # libpq allows host1:port1,host2:port2
