@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     teardown = add("teardown", "drop the deployment: its schema and rebuild shadows, queues, "
                    "exchanges and roles (nothing of any other)")
     teardown.add_argument("--yes", action="store_true", help="really drop; without it, list what would go, exit 2")
+    teardown.add_argument("--force", action="store_true",
+                          help="drop even while workers are live or a relay is connected or holds a claim")
     verify = add("verify", "compare a projection's read model with a replay of the store (exit 1 if any row differs)")
     verify.add_argument("projection", metavar="PROJECTION")
     verify.add_argument("--json", action="store_true", help="print one JSON document")

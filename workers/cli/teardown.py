@@ -21,7 +21,8 @@ def describe(found: Plan) -> list[tuple[str, Sequence[str]]]:
 
 
 async def cmd_teardown(settings: Settings, args: argparse.Namespace) -> int:
-    """``eventfleet teardown [--yes]``: without ``--yes``, name what would be dropped and exit 2."""
+    """``eventfleet teardown [--yes [--force]]``: without ``--yes``, name what would be dropped and exit 2; while
+    relays or workers use the deployment, refuse unless ``--force``."""
     try:
         connection = await amqp.connect(settings.amqp_urls, name="eventfleet teardown", attempt_seconds=AMQP_TIMEOUT)
     except retry.OUTAGE_ERRORS as exc:
@@ -33,9 +34,11 @@ async def cmd_teardown(settings: Settings, args: argparse.Namespace) -> int:
                   f"and prefix {settings.prefix}:", file=sys.stderr)
             for kind, items in describe(found):
                 print(f"  {kind}: {', '.join(items)}", file=sys.stderr)
+            if found.in_use is not None:
+                print(f"  in use now: {found.in_use}", file=sys.stderr)
             print("stop the relay and workers first; roles are cluster-wide", file=sys.stderr)
             return 2
-        done = await tear_down(settings.database_url, found, connection)
+        done = await tear_down(settings.database_url, found, connection, force=args.force)
     for kind, items in describe(found):
         if kind == "roles":
             items = done.dropped_roles
