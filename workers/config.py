@@ -16,6 +16,8 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 #: A role's HTTP port when EVENTFLEET_HTTP_PORT is not set.
 DEFAULT_HTTP_PORTS = {"worker": 9108, "relay": 9109}
+#: Ports after a role's default a process tries when the default is taken (several processes on one host).
+NEXT_FREE_PORTS = 20
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -149,6 +151,12 @@ class Settings:
         """The HTTP port of a process of ``role`` ("worker", "relay"): EVENTFLEET_HTTP_PORT, or the role's
         default, so a relay and a worker started side by side with no configuration do not collide."""
         return DEFAULT_HTTP_PORTS[role] if self.http_port is None else self.http_port
+
+    @property
+    def free_ports(self) -> int:
+        """Ports after the role's default a process may move to when it is taken: none once
+        EVENTFLEET_HTTP_PORT is set (that port is where it is scraped)."""
+        return NEXT_FREE_PORTS if self.http_port is None else 0
 
     def with_projection_modules(self, *modules: str) -> Settings:
         """These settings with ``modules`` added to the projection modules (once each, in order)."""

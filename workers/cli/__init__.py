@@ -49,6 +49,8 @@ def _with_modules(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The option of every command that needs the projection registry."""
     parser.add_argument("--projection-module", action="append", default=[], metavar="M", dest="projection_module",
                         help="import module M for its projections (repeatable; adds to EVENTFLEET_PROJECTION_MODULES)")
+    parser.add_argument("--app-dir", default=".", metavar="DIR",
+                        help="import the projection modules from DIR first (default: the current directory)")
     return parser
 
 
@@ -156,6 +158,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     logs.setup(settings.log_format, logging.DEBUG if args.verbose else logging.INFO, secrets=secrets)
     try:
         settings = settings.with_projection_modules(*getattr(args, "projection_module", ()))
+        registry.add_app_dir(getattr(args, "app_dir", "."))
         registry.load(settings.projection_modules)
         command = _resolve(args.command)
         tuning.tune_gc()  # after the imports: they are the start-up heap it freezes
