@@ -174,3 +174,14 @@ def test_the_relay_logs_rabbitmq_unreachable_with_its_node_and_keeps_trying(sche
     assert f"service=rabbitmq cause=BrokerUnavailable: RabbitMQ at 127.0.0.1:{port} unreachable: " in line
     assert PASSWORD not in line
     assert process.poll() is None
+
+
+def test_status_with_a_wrong_rabbitmq_password_says_the_login_was_refused(schema, prefix):
+    broker = urllib.parse.urlsplit(AMQP_URL)
+    host, port = broker.hostname or "127.0.0.1", broker.port or 5672
+    ran = run("status", env=_env(schema, prefix, EVENTFLEET_AMQP_URL=_at(AMQP_URL, host, port)))
+
+    assert ran.returncode == 0
+    assert (f"eventfleet status: RabbitMQ at {host}:{port} refused the login (check the user and password of "
+            "EVENTFLEET_AMQP_URL): ProbableAuthenticationError: ") in ran.stderr
+    assert PASSWORD not in ran.stderr

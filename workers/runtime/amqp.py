@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aio_pika
+import aiormq.exceptions
 from aio_pika.abc import AbstractConnection
 from yarl import URL
 
@@ -99,8 +100,12 @@ async def connect(urls: Sequence[str], *, name: str, after: str | None = None,
             failures.append(f"{endpoint(url)}: {type(exc).__name__}: {redact.text(str(exc), redact.secrets_of(url)) or 'timed out'}")
             logger.debug("RabbitMQ node does not answer, trying the next", extra={"node": endpoint(url),
                                                                                  "error": failures[-1]})
-    if len(tried) == 1:  # the driver's error names neither RabbitMQ nor the node: say both
-        raise BrokerUnavailable(f"RabbitMQ at {failures[0].replace(': ', ' unreachable: ', 1)}") from last
+    if len(tried) == 1:  # the driver's error names neither RabbitMQ nor the node: say both, and what failed
+        refused = isinstance(last, (aiormq.exceptions.AuthenticationError,
+                                    aiormq.exceptions.ProbableAuthenticationError))
+        what = " refused the login (check the user and password of EVENTFLEET_AMQP_URL): " if refused else \
+            " unreachable: "
+        raise BrokerUnavailable(f"RabbitMQ at {failures[0].replace(': ', what, 1)}") from last
     raise BrokerUnavailable(f"no RabbitMQ node answers ({'; '.join(failures)})") from last
 
 
