@@ -185,11 +185,11 @@ def endpoint(dsn: str) -> str:
     names none): how errors name the server. Never any part of the user info (the password is there)."""
     try:
         parts = urllib.parse.urlsplit(dsn)
-        hosts = parts.netloc.rpartition("@")[2]
+        hosts, query = parts.netloc.rpartition("@")[2], urllib.parse.parse_qs(parts.query)
     except ValueError:
-        hosts = ""
-    default_host = os.environ.get("PGHOST", "localhost")
-    default_port = os.environ.get("PGPORT", "5432")
+        hosts, query = "", {}
+    default_host = query.get("host", [os.environ.get("PGHOST", "localhost")])[0]
+    default_port = query.get("port", [os.environ.get("PGPORT", "5432")])[0]
     found = []
     for host in (hosts.split(",") if hosts else [""]):
         name, colon, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
