@@ -38,10 +38,17 @@ def check() -> None:
         expected = home / name / "__init__.py"
         found = _origin(name)
         if found != expected:
-            where = found or "nowhere"
-            raise ShadowedPackage(
-                f"eventfleet: the package {name!r} resolves to {where}, not eventfleet's own {expected}: "
-                f"an application package named {name!r} shadows it (rename it, or put it after eventfleet on sys.path)")
+            raise ShadowedPackage(_shadowed(name, found, expected))
+
+
+def _shadowed(name: str, found: Path | None, expected: Path) -> str:
+    """The one line of ShadowedPackage: what shadows the package, and what to rename it to."""
+    if found is None:
+        return f"eventfleet: the package {name!r} resolves to nowhere, not eventfleet's own {expected}: reinstall eventfleet"
+    culprit, renamed = (found.parent, f"app_{name}/") if found.name == "__init__.py" else (found, f"app_{name}.py")
+    return (f"eventfleet: the package {name!r} resolves to {found}, not eventfleet's own {expected}: your "
+            f"{culprit} shadows it: rename it (e.g. to {renamed}) and its imports, or put it after eventfleet "
+            "on sys.path (modules named store.py, workers.py or projections.py all do this)")
 
 
 def _running_a_command() -> bool:

@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import dataclasses
 import inspect
+import os
 import socket
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -42,6 +43,12 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+#: Transactions Postgres aborted because of another one: retried, and no outage (the server is fine).
+CONFLICTS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+)
+
 
 class _Translate:
     """``with`` / ``async with`` block re-raising driver errors as store errors (a class: it sits on
@@ -53,6 +60,8 @@ class _Translate:
         return None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, CONFLICTS):
+            raise errors.TransactionConflict(f"{type(exc).__name__}: {exc}") from exc
         if isinstance(exc, TRANSIENT):
             raise errors.TransientError(f"{type(exc).__name__}: {exc}") from exc
         if isinstance(exc, asyncpg.PostgresError):
@@ -206,14 +215,39 @@ def _keep_alive(conn: asyncpg.Connection[Any]) -> None:
             sock.setsockopt(level, option, value)
 
 
+def endpoint(dsn: str) -> str:
+    """``host:port`` of a DSN (``h1:p1,h2:p2`` for several hosts; libpq's PGHOST/PGPORT and defaults when it
+    names none): how errors name the server. Never any part of the user info (the password is there)."""
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+        hosts, query = parts.netloc.rpartition("@")[2], urllib.parse.parse_qs(parts.query)
+    except ValueError:
+        hosts, query = "", {}
+    default_host = query.get("host", [os.environ.get("PGHOST", "localhost")])[0]
+    default_port = query.get("port", [os.environ.get("PGPORT", "5432")])[0]
+    found = []
+    for host in (hosts.split(",") if hosts else [""]):
+        name, colon, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+        if not colon:
+            name, port = host, ""
+        found.append(f"{name or default_host}:{port or default_port}")
+    return ",".join(found)
+
+
 async def _connect(dsn: str, **kwargs: Any) -> asyncpg.Connection[Any]:
     """``asyncpg.connect``, for a multi-host DSN host by host (``_connect_hosts``); then keepalive. A one-host
-    DSN goes to asyncpg unchanged."""
+    DSN goes to asyncpg unchanged. A server that cannot be reached (refused, unknown name, timed out) raises
+    ``DatabaseUnreachable`` naming its host and port: the driver's own errors name neither Postgres nor the
+    host (``ConnectionRefusedError``, ``gaierror``)."""
     hosts = split_hosts(dsn)
-    if len(hosts) == 1:
-        conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, **kwargs)
-    else:
-        conn = await _connect_hosts(dsn, hosts, **kwargs)
+    try:
+        if len(hosts) == 1:
+            conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, **kwargs)
+        else:
+            conn = await _connect_hosts(dsn, hosts, **kwargs)
+    except (OSError, TimeoutError) as exc:
+        cause = f"{type(exc).__name__}: {exc}" if str(exc) else f"{type(exc).__name__} (timed out)"
+        raise errors.DatabaseUnreachable(f"PostgreSQL at {endpoint(dsn)} unreachable: {cause}") from exc
     _keep_alive(conn)
     return conn
 

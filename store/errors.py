@@ -24,6 +24,15 @@ class TransientError(StoreError):
     """The database was unreachable or aborted the transaction; retrying may succeed."""
 
 
+class DatabaseUnreachable(TransientError):
+    """PostgreSQL could not be reached (the message names its host and port); retrying may succeed."""
+
+
+class TransactionConflict(TransientError):
+    """Postgres aborted the transaction for a conflict with another one (a deadlock or a serialization
+    failure): not an outage; retrying the transaction succeeds."""
+
+
 class InvalidInput(EventFleetError, ValueError):
     """The input was rejected before it reached the database."""
 
@@ -117,6 +126,14 @@ class InvalidEvent(EventSchemaMismatch, InvalidInput):
 
 class ConfigError(EventFleetError):
     """Invalid configuration."""
+
+
+class SchemaNotMigrated(ConfigError):
+    """The schema has no eventfleet tables yet: run `eventfleet migrate`."""
+
+    def __init__(self, schema: str) -> None:
+        super().__init__(f"schema {schema!r} is not migrated: run `eventfleet migrate`")
+        self.schema = schema
 
 
 class PartitionsMismatch(ConfigError):

@@ -254,7 +254,10 @@ def from_body(body: bytes, registry: codec.Registry = codec.REGISTRY) -> Recorde
     fields = _unpack(body)
     if not isinstance(fields, dict):
         raise MalformedMessage("body is not a msgpack map")
-    return _event(fields, registry)
+    event = _event(fields, registry)
+    if isinstance(event.event, Undecodable):  # of a type this code does not know: not one to re-drive here
+        raise MalformedMessage(f"{type(event.event.error).__name__}: {event.event.error}") from event.event.error
+    return event
 
 
 def _coordinates(fields: Mapping[str, Any]) -> tuple[uuid.UUID, str, int, int, int, str, dt.datetime]:

@@ -16,6 +16,8 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 #: A role's HTTP port when EVENTFLEET_HTTP_PORT is not set.
 DEFAULT_HTTP_PORTS = {"worker": 9108, "relay": 9109}
+#: Ports after a role's default a process tries when the default is taken (several processes on one host).
+NEXT_FREE_PORTS = 20
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -98,9 +100,8 @@ class Settings:
         return max(2, -(-self.prefetch // self.message_events))
 
     def __repr__(self) -> str:
-        # The URLs carry passwords: a logged or printed Settings must not show them.
-        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
-        return f"Settings({redact.text(fields)})"
+        # The URLs carry passwords: a logged or printed Settings must not show any part of them.
+        return redact.fields(self)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -163,6 +164,12 @@ class Settings:
         default, so a relay and a worker started side by side with no configuration do not collide."""
         return DEFAULT_HTTP_PORTS[role] if self.http_port is None else self.http_port
 
+    @property
+    def free_ports(self) -> int:
+        """Ports after the role's default a process may move to when it is taken: none once
+        EVENTFLEET_HTTP_PORT is set (that port is where it is scraped)."""
+        return NEXT_FREE_PORTS if self.http_port is None else 0
+
     def with_projection_modules(self, *modules: str) -> Settings:
         """These settings with ``modules`` added to the projection modules (once each, in order)."""
         merged = tuple(dict.fromkeys((*self.projection_modules, *modules)))
@@ -184,7 +191,14 @@ def amqp_urls_of(value: str) -> tuple[str, ...]:
 
 
 def _check_url(name: str, value: str) -> None:
-    """Refuse a URL the drivers would misparse: their errors would echo part of the password."""
+    """Refuse a URL the drivers would misparse: their errors would echo part of the password.
+
+    An unencoded '@' in the password is the common case: urllib splits the user info at the last '@' and the
+    drivers at the first, so the password's tail becomes the host and the error a DNS one naming it."""
+    if re.split(r"[/?#]", value.partition("://")[2], maxsplit=1)[0].count("@") > 1:
+        # Never echo the value, nor say where the '@' is: both would show part of the password.
+        raise errors.ConfigError(f"{name} has more than one '@' before the host: write each '@' of the user "
+                                 "or password as %40 (percent-encode ':' as %3A and '/' as %2F too)")
     try:
         parts = urllib.parse.urlsplit(value)
         for host in parts.netloc.rpartition("@")[2].split(","):  # libpq allows host1:port1,host2:port2

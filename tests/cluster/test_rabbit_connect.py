@@ -96,8 +96,11 @@ async def test_connect_raises_an_outage_naming_every_node_without_passwords_when
         await amqp.connect(dead, name="eventfleet test connect", attempt_seconds=2)
     assert all(amqp.endpoint(u) in str(raised.value) for u in dead)
     assert "hunter22" not in str(raised.value)
-    with pytest.raises(OSError, match=r"Connect call failed|refused"):  # one URL: its own error, as before
+    # One URL: the outage names RabbitMQ and the node, the driver's error kept as the cause.
+    with pytest.raises(errors.BrokerUnavailable, match=rf"^RabbitMQ at {amqp.endpoint(dead[0])} unreachable: ") as one:
         await amqp.connect(dead[:1], name="eventfleet test connect", attempt_seconds=2)
+    assert isinstance(one.value.__cause__, OSError)
+    assert "hunter22" not in str(one.value)
 
 
 def test_health_reports_a_block_once_each_way_and_the_reason(caplog: pytest.LogCaptureFixture) -> None:

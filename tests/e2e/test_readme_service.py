@@ -50,7 +50,7 @@ def env(service: Path) -> Iterator[dict[str, str]]:
               "PYTHONPATH": str(service), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     values.pop("EVENTFLEET_PROJECTION_MODULES", None)  # the README's export sets it
     yield values
-    subprocess.run([str(BIN / "eventfleet"), "teardown", "--yes"], env=values, cwd=service, capture_output=True,
+    subprocess.run([str(BIN / "eventfleet"), "teardown", "--yes", "--force"], env=values, cwd=service, capture_output=True,
                    check=False, timeout=60)
     subprocess.run(["psql", DATABASE_URL, "-qc", f'DROP SCHEMA IF EXISTS "{name}" CASCADE'], capture_output=True,
                    check=False)

@@ -9,7 +9,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import pytest
 
+from store.errors import ConfigError
+from workers.config import Settings
 from workers.runtime import health, http
 
 
@@ -159,3 +162,29 @@ async def test_a_malformed_request_while_the_loop_is_blocked_gets_400_and_the_wa
     async with http.serve(free_port(), lambda: True, host="127.0.0.1", stall_after=0.3) as port:
         answers = await answers_while_blocked(port, garbage_then_healthz)
         assert [status for status, _ in answers] == [400, 503]
+
+
+async def test_a_taken_default_port_moves_to_the_next_free_one_and_logs_it(caplog):
+    with socket.socket() as taken:  # another process on this host holds the port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        caplog.set_level("WARNING", logger="workers.runtime.http")
+        async with http.serve(busy, lambda: True, host="127.0.0.1", next_free=20) as port:
+            assert busy < port <= busy + 20
+            assert (await get(port, "/readyz"))[0] == 200
+    assert [(r.getMessage(), r.taken, r.port) for r in caplog.records] == [
+        ("http port in use: serving on the next free port", busy, port)]
+
+
+async def test_a_taken_port_set_explicitly_is_an_error_naming_it():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        settings = Settings(http_port=busy)
+        with pytest.raises(ConfigError, match=rf"^HTTP port {busy} is already in use"):
+            async with http.serve(settings.port("worker"), lambda: True, host="127.0.0.1",
+                                  next_free=settings.free_ports):
+                pass
+    assert Settings().free_ports == 20  # unset: the role's default, which may move

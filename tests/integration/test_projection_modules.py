@@ -94,3 +94,66 @@ def test_a_taken_http_port_names_the_variable(schema: str, prefix: str) -> None:
     assert (done.returncode, done.stderr.splitlines()[-1]) == (1, (
         f"eventfleet relay: HTTP port {port} is already in use (another eventfleet process?): set "
         "EVENTFLEET_HTTP_PORT to a free port, or 0 to turn the HTTP server off"))
+
+
+INVENTORY = '''"""An application's projection module, beside which the commands are run."""
+import eventfleet as ef
+
+
+@ef.register
+class Stock(ef.Projection):
+    name = "stock"
+    tables = ("stock",)
+    ddl = "CREATE TABLE IF NOT EXISTS stock (sku text PRIMARY KEY)"
+'''
+
+
+def command(*argv: str, schema: str, prefix: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The installed ``eventfleet`` command as a user runs it: no PYTHONPATH, in ``cwd``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("EVENTFLEET_PROJECTION_MODULES", "PYTHONPATH")}
+    env |= {"EVENTFLEET_DATABASE_URL": DATABASE_URL, "EVENTFLEET_AMQP_URL": AMQP_URL, "EVENTFLEET_SCHEMA": schema,
+            "EVENTFLEET_PREFIX": prefix}
+    return subprocess.run([str(Path(sys.executable).parent / "eventfleet"), *argv], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+async def test_the_command_finds_a_projection_module_in_the_current_directory(tmp_path: Path, bare_schema: str,
+                                                                               prefix: str) -> None:
+    (tmp_path / "inventory.py").write_text(INVENTORY)
+
+    migrated = command("migrate", "--projection-module", "inventory", schema=bare_schema, prefix=prefix, cwd=tmp_path)
+
+    assert migrated.returncode == 0, migrated.stderr
+    assert "stock" in await tables(bare_schema)
+
+
+async def test_app_dir_names_where_the_projection_modules_are(tmp_path: Path, bare_schema: str, prefix: str) -> None:
+    (tmp_path / "service").mkdir()
+    (tmp_path / "service" / "inventory.py").write_text(INVENTORY)
+
+    migrated = command("migrate", "--projection-module", "inventory", "--app-dir", "service", schema=bare_schema,
+                       prefix=prefix, cwd=tmp_path)
+
+    assert migrated.returncode == 0, migrated.stderr
+    assert "stock" in await tables(bare_schema)
+
+
+def test_a_module_not_found_says_where_it_was_looked_for(tmp_path: Path, bare_schema: str, prefix: str) -> None:
+    done = command("migrate", "--projection-module", "inventory", schema=bare_schema, prefix=prefix, cwd=tmp_path)
+
+    assert (done.returncode, done.stderr.splitlines()[-1]) == (1, (
+        f"eventfleet migrate: projection module 'inventory' not found in {tmp_path} and the Python path (PYTHONPATH; "
+        "--app-dir DIR looks in DIR); projections come from the modules named in EVENTFLEET_PROJECTION_MODULES "
+        "(comma-separated) or by --projection-module M"))
+
+
+def test_a_projection_module_named_like_an_eventfleet_package_says_to_rename_it(tmp_path: Path, bare_schema: str,
+                                                                                 prefix: str) -> None:
+    (tmp_path / "projections.py").write_text(INVENTORY)
+
+    done = command("migrate", "--projection-module", "projections", schema=bare_schema, prefix=prefix, cwd=tmp_path)
+
+    assert (done.returncode, done.stderr.splitlines()[-1]) == (1, (
+        "eventfleet migrate: projection module 'projections': 'projections' is eventfleet's own package, so an "
+        "application module of that name is never imported: rename your projections.py (or projections/), e.g. to "
+        "app_projections.py"))

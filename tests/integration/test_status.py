@@ -86,7 +86,7 @@ async def test_table_shows_a_stopped_rebuild_and_survives_rabbitmq_being_unreach
     await pool.execute("UPDATE projection_status SET state = 'rebuilding' WHERE projection = 'order_summary'")
     result = await status(schema, prefix, amqp_url="amqp://guest:guest@127.0.0.1:1/")
     assert result.returncode == 0, result.stderr
-    assert "RabbitMQ unreachable" in result.stderr
+    assert "eventfleet status: RabbitMQ at 127.0.0.1:1 unreachable: " in result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split()[:3] == ["PROJECTION", "STATE", "APPLIED"]
     assert lines[1].split() == ["customer_stats", "live", "4", "3", lines[1].split()[4], "1", "0", "-"]

@@ -19,12 +19,12 @@ import pytest
 from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from projections import registry
 from projections.base import Projection
-from store import NO_STREAM, EventStore, db, roles
+from store import NO_STREAM, EventStore, db, outbox, roles
 from store.partitions import partition_of
 from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from tests.unit.test_projection_fold import paid, placed
-from workers import admin, broker, rebuild
-from workers.projector import checkpoints
+from workers import admin, broker, rebuild, relay
+from workers.projector import checkpoints, leases
 
 
 class LongNamed(Projection):
@@ -321,6 +321,68 @@ async def test_teardown_with_rabbitmq_unreachable_drops_nothing(schema, prefix, 
     ran = await run_cli("teardown", "--yes", schema=schema, prefix=prefix, amqp_url="amqp://guest:guest@127.0.0.1:1/")
 
     assert (ran.code, ran.out) == (1, "")
-    assert ran.err.startswith("eventfleet teardown: RabbitMQ unreachable (")
-    assert ran.err.endswith("); nothing dropped\n")
+    assert ran.err.startswith("eventfleet teardown: RabbitMQ at 127.0.0.1:1 unreachable: ")
+    assert ran.err.endswith("; nothing dropped\n")
     assert await schemas((schema,)) == {schema}
+
+
+# --- refusing while the deployment is in use ---------------------------------------------------------------
+
+
+async def test_teardown_refuses_while_a_worker_is_live_and_names_it(pool, schema, prefix, run_cli):
+    keeper = leases.LeaseKeeper(pool, schema, ["order_summary"], PARTITIONS, lease_seconds=60)
+    await keeper.tick()  # a worker's heartbeat: registered, live for a minute
+
+    ran = await run_cli("teardown", "--yes", schema=schema, prefix=prefix)
+
+    assert (ran.code, ran.out) == (1, "")
+    assert ran.err == (f"eventfleet teardown: schema {schema!r} is in use: live workers {keeper.worker_id}; stop the "
+                       "relays and workers first (a stopped worker's heartbeat expires within "
+                       "EVENTFLEET_LEASE_SECONDS), or pass --force; nothing dropped\n")
+    assert await schemas((schema,)) == {schema}
+
+
+async def test_teardown_without_yes_says_what_uses_the_deployment(pool, schema, prefix, run_cli):
+    keeper = leases.LeaseKeeper(pool, schema, ["order_summary"], PARTITIONS, lease_seconds=60)
+    await keeper.tick()
+
+    ran = await run_cli("teardown", schema=schema, prefix=prefix)
+
+    assert ran.code == 2
+    assert f"  in use now: live workers {keeper.worker_id}\n" in ran.err
+
+
+async def test_teardown_refuses_while_a_relay_is_connected(schema, prefix, run_cli):
+    config = relay.RelayConfig(database_url=DATABASE_URL, schema=schema, amqp_url=AMQP_URL, prefix=prefix,
+                               projections=())
+    async with relay.open_pool(config) as relay_pool, relay_pool.acquire() as conn:  # an idle relay's session
+        pid = conn.get_server_pid()
+        ran = await run_cli("teardown", "--yes", schema=schema, prefix=prefix)
+
+    assert ran.code == 1
+    assert ran.err.startswith(f"eventfleet teardown: schema {schema!r} is in use: relay sessions (pids {pid}); ")
+    assert await schemas((schema,)) == {schema}
+
+
+async def test_teardown_refuses_while_a_relay_batch_holds_a_claim(pool, event_store, schema, prefix, run_cli):
+    await event_store.append("order-1", [placed("order-1", "alice")], expected_version=NO_STREAM)
+    async with pool.acquire() as conn, conn.transaction():
+        claimed = await outbox.claim(conn, 100)  # the relay's claim, as publish_batch makes it
+        ran = await run_cli("teardown", "--yes", schema=schema, prefix=prefix)
+
+    assert len(claimed) == 1
+    assert ran.code == 1
+    assert ran.err.startswith(f"eventfleet teardown: schema {schema!r} is in use: 1 outbox rows claimed by a relay's "
+                              "batch; ")
+    assert await schemas((schema,)) == {schema}
+
+
+async def test_teardown_force_drops_a_deployment_in_use(pool, schema, prefix, run_cli):
+    await leases.LeaseKeeper(pool, schema, ["order_summary"], PARTITIONS, lease_seconds=60).tick()
+    await pool.close()  # its sessions would hold the schema's locks against the drop
+
+    ran = await run_cli("teardown", "--yes", "--force", schema=schema, prefix=prefix)
+
+    assert ran.code == 0, ran.err
+    assert f"dropped schema: {schema}" in ran.out.splitlines()
+    assert await schemas((schema,)) == set()

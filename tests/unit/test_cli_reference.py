@@ -85,5 +85,6 @@ def test_a_missing_projection_module_is_a_one_line_error(capsys: pytest.CaptureF
     code = cli.main(["status", "--projection-module", "app.not_installed_anywhere"],
                     environ={"EVENTFLEET_PROJECTION_MODULES": ""})
     assert (code, capsys.readouterr().err) == (1, (
-        "eventfleet status: projection module 'app.not_installed_anywhere' not found; projections come from the "
-        "modules named in EVENTFLEET_PROJECTION_MODULES (comma-separated) or by --projection-module M\n"))
+        f"eventfleet status: projection module 'app.not_installed_anywhere' not found in {Path.cwd()} and the Python "
+        "path (PYTHONPATH; --app-dir DIR looks in DIR); projections come from the modules named in "
+        "EVENTFLEET_PROJECTION_MODULES (comma-separated) or by --projection-module M\n"))

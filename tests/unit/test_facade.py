@@ -38,8 +38,21 @@ def _shadow(tmp_path: Path, package: str) -> dict[str, str]:
 
 def _message(tmp_path: Path, package: str) -> str:
     return (f"eventfleet: the package {package!r} resolves to {tmp_path / package / '__init__.py'}, not eventfleet's "
-            f"own {ROOT / package / '__init__.py'}: an application package named {package!r} shadows it "
-            f"(rename it, or put it after eventfleet on sys.path)")
+            f"own {ROOT / package / '__init__.py'}: your {tmp_path / package} shadows it: rename it (e.g. to "
+            f"app_{package}/) and its imports, or put it after eventfleet on sys.path (modules named store.py, "
+            "workers.py or projections.py all do this)")
+
+
+def test_an_application_module_file_that_shadows_a_package_is_named_with_what_to_rename_it_to(tmp_path: Path) -> None:
+    (tmp_path / "store.py").write_text("")  # the common case: a module, not a package
+    (tmp_path / "app.py").write_text("import eventfleet\n")
+    done = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, env={"PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, check=False)
+    assert done.stderr.splitlines()[-1] == (
+        f"eventfleet._guard.ShadowedPackage: eventfleet: the package 'store' resolves to {tmp_path / 'store.py'}, "
+        f"not eventfleet's own {ROOT / 'store' / '__init__.py'}: your {tmp_path / 'store.py'} shadows it: rename it "
+        "(e.g. to app_store.py) and its imports, or put it after eventfleet on sys.path (modules named store.py, "
+        "workers.py or projections.py all do this)")
 
 
 @pytest.mark.parametrize("package", ["store", "workers", "projections"])

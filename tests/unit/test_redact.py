@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import urllib.parse
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from store import errors
 from workers import cli
 from workers.config import Settings
+from workers.relay import RelayConfig
 from workers.runtime import logs, redact, tuning
 
 PG = "postgresql://app:Pg-S3cret%40x@db.example:5432/prod?sslmode=verify-full"
@@ -126,3 +128,56 @@ def test_cli_main_redacts_its_logs_and_its_error_line(monkeypatch: pytest.Monkey
     assert "connecting to postgresql://app:***@db.example" in err
     assert "eventfleet migrate: could not reach postgresql://app:***@db.example" in err
     assert "S3cret" not in out + err
+
+
+# A password with an unencoded '@': urllib and the drivers split it at different '@'s.
+AT_TAIL = "tailofthepassword"
+PG_AT = f"postgresql://app:front@{AT_TAIL}@db.example:5432/prod"
+MQ_AT = f"amqp://svc:front@{AT_TAIL}@mq.example:5672/"
+
+
+@pytest.mark.parametrize(("variable", "url"), [("EVENTFLEET_DATABASE_URL", PG_AT), ("EVENTFLEET_AMQP_URL", MQ_AT),
+                                               ("EVENTFLEET_AMQP_URL", f"amqp://g:g@mq1:5672/,{MQ_AT}")])
+def test_a_password_with_an_unencoded_at_is_refused_with_the_encoding_to_use(variable: str, url: str) -> None:
+    with pytest.raises(errors.ConfigError) as refused:
+        Settings.from_env({variable: url})
+
+    assert str(refused.value).startswith(f"{variable}")
+    assert "more than one '@' before the host: write each '@' of the user or password as %40" in str(refused.value)
+    assert "front" not in str(refused.value)
+    assert AT_TAIL not in str(refused.value)
+    assert Settings.from_env({variable: url.replace("front@", "front%40")})  # as the message says: accepted
+
+
+def test_the_cli_refuses_an_unencoded_at_before_connecting(capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["status"], environ={"EVENTFLEET_DATABASE_URL": PG_AT})
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("eventfleet: configuration error: EVENTFLEET_DATABASE_URL has more than one '@'")
+    assert AT_TAIL not in err
+
+
+@pytest.mark.parametrize("shown", [
+    lambda: repr(Settings(database_url=PG_AT, amqp_url=MQ_AT)),
+    lambda: repr(RelayConfig(database_url=PG_AT, schema="s", amqp_url=MQ_AT, prefix="p", projections=())),
+    lambda: str(RelayConfig(database_url=PG_AT, schema="s", amqp_url=MQ_AT, prefix="p", projections=())),
+    lambda: redact.text(f"could not reach {PG_AT} nor {MQ_AT}"),
+], ids=["Settings", "RelayConfig", "str(RelayConfig)", "text"])
+def test_no_part_of_a_password_with_an_at_is_shown(shown: Callable[[], str]) -> None:
+    text = shown()
+
+    assert "front" not in text
+    assert AT_TAIL not in text
+
+
+def test_relay_config_repr_hides_both_passwords_and_keeps_the_rest() -> None:
+    config = RelayConfig(database_url=PG, schema="s", amqp_url=MQ, prefix="p", projections=("a",))
+
+    assert repr(config) == (
+        "RelayConfig(database_url='postgresql://app:***@db.example:5432/prod?sslmode=verify-full', schema='s', "
+        "amqp_url='amqps://svc:***@mq.example:5671/vhost?cafile=/etc/ca.pem', prefix='p', projections=('a',), "
+        "batch_size=1000, poll_interval=1.0, metrics_interval=5.0, confirm_timeout=30.0, stop_timeout=10.0, "
+        "partitions=None, events_exchange=False, message_events=100, message_bytes=1048576, "
+        "amqp_urls=('amqps://svc:***@mq.example:5671/vhost?cafile=/etc/ca.pem',), "
+        "timeouts=Timeouts(idle_in_transaction=0.0, lock=0.0, statement=0.0))")

@@ -6,10 +6,12 @@ import logging
 from typing import LiteralString
 
 from projections import registry
-from store import db, migrate, roles
+from store import db, errors, migrate, queries, roles
 from workers.rebuild import backfill
 
 logger = logging.getLogger(__name__)
+
+SQL = queries.load("workers", "ops.sql")
 
 
 def read_model_ddl() -> list[LiteralString]:
@@ -42,3 +44,15 @@ async def run_roles(database_url: str, schema: str) -> list[str]:
         await conn.close()
 
 
+
+
+async def check_migrated(database_url: str, schema: str) -> None:
+    """Raise ``SchemaNotMigrated`` unless ``schema`` holds a migrated deployment (one short connection)."""
+    conn = await db.connect(database_url, schema)
+    try:
+        async with db.translate_errors():
+            migrated: bool = await conn.fetchval(SQL["is_migrated"], schema)
+    finally:
+        await conn.close()
+    if not migrated:
+        raise errors.SchemaNotMigrated(schema)

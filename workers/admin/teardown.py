@@ -28,6 +28,7 @@ from store import db, names, queries, roles
 from store import errors as store_errors
 from workers import broker, errors, locks
 from workers.rebuild.shadow import shadow_schema
+from workers.relay.session import application_name
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,24 @@ class Plan:
     queues: tuple[str, ...]  # those of ``projections`` that exist
     exchanges: tuple[str, ...]  # those that exist
     roles: tuple[str, ...]  # those that exist (roles are cluster-wide)
+    #: What still uses the deployment: workers with an unexpired heartbeat, the relays' sessions (their pids,
+    #: by application_name) and the outbox rows a relay's batch holds claimed. ``tear_down`` refuses unless
+    #: all are empty or it is forced.
+    live_workers: tuple[str, ...] = ()
+    relay_sessions: tuple[int, ...] = ()
+    claimed_rows: int = 0
+
+    @property
+    def in_use(self) -> str | None:
+        """What of the deployment is live, in words; None when nothing is."""
+        users = []
+        if self.live_workers:
+            users.append(f"live workers {', '.join(self.live_workers)}")
+        if self.relay_sessions:
+            users.append(f"relay sessions (pids {', '.join(map(str, self.relay_sessions))})")
+        if self.claimed_rows:
+            users.append(f"{self.claimed_rows} outbox rows claimed by a relay's batch")
+        return "; ".join(users) or None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,6 +105,7 @@ async def plan(database_url: str, schema: str, prefix: str, amqp: AbstractConnec
             found_roles = tuple([r for r in roles.Roles(schema).all()
                                  if await conn.fetchval(roles.SQL["role_exists"], r)])
             partitions = await conn.fetchval(SQL["partitions"]) or 0
+            users = await _users(conn, schema)
     finally:
         await conn.close()
     # The partition queues, and the queue of its own each projection had before partitions.
@@ -93,7 +113,16 @@ async def plan(database_url: str, schema: str, prefix: str, amqp: AbstractConnec
               for q in (*(n.partition_queue(p, i) for i in range(partitions)), n.queue(p), n.dead_letter_queue(p))]
     exchanges = [n.partitions_exchange, n.exchange, n.dead_letter_exchange]
     return Plan(schema, prefix, projections, shadows, tuple(await _existing(amqp, queues, queue=True)),
-                tuple(await _existing(amqp, exchanges, queue=False)), found_roles)
+                tuple(await _existing(amqp, exchanges, queue=False)), found_roles, *users)
+
+
+async def _users(conn: db.Conn, schema: str) -> tuple[tuple[str, ...], tuple[int, ...], int]:
+    """The live workers, the relays' session pids and the claimed outbox rows of the deployment (see Plan)."""
+    workers = tuple(r["worker_id"] for r in await conn.fetch(SQL["live_workers"]))
+    relays = tuple(r["pid"] for r in await conn.fetch(SQL["relay_sessions"], application_name(schema)))
+    async with conn.transaction():  # the probe's row locks end here, at once
+        claimed: int = await conn.fetchval(SQL["claimed_outbox_rows"])
+    return workers, relays, claimed
 
 
 async def _shadows(conn: db.Conn, schema: str, projections: Sequence[str]) -> tuple[str, ...]:
@@ -142,13 +171,20 @@ async def _existing(amqp: AbstractConnection, candidates: Sequence[str], *, queu
     return found
 
 
-async def tear_down(database_url: str, plan: Plan, amqp: AbstractConnection) -> TornDown:
+async def tear_down(database_url: str, plan: Plan, amqp: AbstractConnection, *, force: bool = False) -> TornDown:
     """Delete the plan's queues and exchanges, then drop its schemas and roles in one transaction.
+
+    Refused (``TeardownRefused``, nothing dropped) while the plan found the deployment in use (``Plan.in_use``:
+    its relays and workers would crash on the missing tables), unless ``force``.
 
     The broker goes first: if Postgres then fails, the schema and its status rows are still there for a
     second run to find the same projections. A role still granted something outside the dropped schemas
     (another database's deployment of the same schema name shares it) is kept and reported.
     """
+    if plan.in_use is not None and not force:
+        raise errors.TeardownRefused(
+            f"schema {plan.schema!r} is in use: {plan.in_use}; stop the relays and workers first (a stopped "
+            f"worker's heartbeat expires within EVENTFLEET_LEASE_SECONDS), or pass --force; nothing dropped")
     channel = await amqp.channel()
     try:
         for queue in plan.queues:

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+import asyncpg
+
 from projections import registry
 from store import errors
 from workers.config import ENVIRONMENT, Settings
@@ -47,6 +49,8 @@ def _with_modules(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The option of every command that needs the projection registry."""
     parser.add_argument("--projection-module", action="append", default=[], metavar="M", dest="projection_module",
                         help="import module M for its projections (repeatable; adds to EVENTFLEET_PROJECTION_MODULES)")
+    parser.add_argument("--app-dir", default=".", metavar="DIR",
+                        help="import the projection modules from DIR first (default: the current directory)")
     return parser
 
 
@@ -99,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     teardown = add("teardown", "drop the deployment: its schema and rebuild shadows, queues, "
                    "exchanges and roles (nothing of any other)")
     teardown.add_argument("--yes", action="store_true", help="really drop; without it, list what would go, exit 2")
+    teardown.add_argument("--force", action="store_true",
+                          help="drop even while workers are live or a relay is connected or holds a claim")
     verify = add("verify", "compare a projection's read model with a replay of the store (exit 1 if any row differs)")
     verify.add_argument("projection", metavar="PROJECTION")
     verify.add_argument("--json", action="store_true", help="print one JSON document")
@@ -120,6 +126,25 @@ def _resolve(command: str) -> Command:
     return fn
 
 
+def _diagnose(exc: errors.EventFleetError, settings: Settings) -> errors.EventFleetError:
+    """The error to report: a missing table in a schema never migrated is ``SchemaNotMigrated`` (which says to
+    run ``eventfleet migrate``), whichever command met it; any other error is reported as it is."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, asyncpg.UndefinedTableError):
+        cause = cause.__cause__
+    if cause is None:
+        return exc
+    from workers.admin import migrate  # only on this path: most commands never need it
+
+    try:
+        asyncio.run(migrate.check_migrated(settings.database_url, settings.schema))
+    except errors.SchemaNotMigrated as not_migrated:
+        return not_migrated
+    except errors.EventFleetError:
+        pass  # cannot tell: report the error as it is
+    return exc
+
+
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     """Parse, configure logging, run the subcommand; print a one-line reason and return 1 on error."""
     args = build_parser().parse_args(argv)
@@ -133,6 +158,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     logs.setup(settings.log_format, logging.DEBUG if args.verbose else logging.INFO, secrets=secrets)
     try:
         settings = settings.with_projection_modules(*getattr(args, "projection_module", ()))
+        registry.add_app_dir(getattr(args, "app_dir", "."))
         registry.load(settings.projection_modules)
         command = _resolve(args.command)
         tuning.tune_gc()  # after the imports: they are the start-up heap it freezes
@@ -141,7 +167,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         return 0
     except errors.EventFleetError as exc:
         logger.debug("command failed", exc_info=True)
-        print(redact.text(f"eventfleet {args.command}: {exc}", secrets), file=sys.stderr)
+        print(redact.text(f"eventfleet {args.command}: {_diagnose(exc, settings)}", secrets), file=sys.stderr)
         return 1
     except Exception as exc:
         logger.debug("command failed", exc_info=True)

@@ -16,7 +16,7 @@ async def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     """``eventfleet relay``: publish the outbox until SIGTERM/SIGINT; exit 0 on a clean stop."""
     config = RelayConfig.from_settings(settings)
     status = health.Health()
-    async with http.serve(settings.port("relay"), status.ready, reason=status.reason), open_pool(config) as pool:
+    async with http.serve(settings.port("relay"), status.ready, reason=status.reason, next_free=settings.free_ports), open_pool(config) as pool:
         if not config.projections:
             logger.warning("no projections configured: no queue is bound, and the broker returns what is "
                            "published unless other consumers bound their own queues (set "

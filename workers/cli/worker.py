@@ -25,7 +25,7 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with http.serve(settings.port("worker"), health_.ready, reason=health_.reason):
+    async with http.serve(settings.port("worker"), health_.ready, reason=health_.reason, next_free=settings.free_ports):
         worker = asyncio.create_task(run_worker(settings, projections, health_, stop))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({worker, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -52,7 +52,7 @@ from workers.errors import BrokerUnavailable
 from workers.relay.publish import publish_batch, refresh_backlog
 
 SQL = load("workers", "relay.sql")
-from workers.runtime import amqp, health, lifecycle, retry
+from workers.runtime import amqp, health, lifecycle, redact, retry
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,10 @@ class RelayConfig:
             object.__setattr__(self, "amqp_urls", (self.amqp_url,))
         elif self.amqp_urls[0] != self.amqp_url:
             raise ValueError("RelayConfig.amqp_url must be the first of amqp_urls")
+
+    def __repr__(self) -> str:
+        # Both URLs carry passwords: a logged or printed configuration must not show them.
+        return redact.fields(self)
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> RelayConfig:

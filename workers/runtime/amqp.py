@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aio_pika
+import aiormq.exceptions
 from aio_pika.abc import AbstractConnection
 from yarl import URL
 
@@ -84,8 +85,9 @@ def order(urls: Sequence[str], after: str | None = None, *, rng: random.Random |
 async def connect(urls: Sequence[str], *, name: str, after: str | None = None,
                   attempt_seconds: float = CONNECT_TIMEOUT, heartbeat: int = HEARTBEAT) -> AbstractConnection:
     """The first node of ``urls`` (see ``order``) that opens a connection named ``name``, not robust (the
-    caller owns reconnection). Raises the failure when there is one URL, else ``BrokerUnavailable`` naming
-    each node's failure (never a password); both are outages (``retry.OUTAGE_ERRORS``)."""
+    caller owns reconnection). Raises ``BrokerUnavailable`` naming each node (``RabbitMQ at host:port
+    unreachable: <cause>`` when there is one) and its failure, never a password: an outage
+    (``retry.OUTAGE_ERRORS``), its ``__cause__`` the last node's failure."""
     tried = order(urls, after)
     failures: list[str] = []
     last: BaseException | None = None
@@ -94,12 +96,16 @@ async def connect(urls: Sequence[str], *, name: str, after: str | None = None,
             return await aio_pika.connect(with_heartbeat(url, heartbeat), timeout=attempt_seconds,
                                           client_properties={"connection_name": name})
         except retry.OUTAGE_ERRORS as exc:
-            if len(tried) == 1:
-                raise
             last = exc
             failures.append(f"{endpoint(url)}: {type(exc).__name__}: {redact.text(str(exc), redact.secrets_of(url)) or 'timed out'}")
             logger.debug("RabbitMQ node does not answer, trying the next", extra={"node": endpoint(url),
                                                                                  "error": failures[-1]})
+    if len(tried) == 1:  # the driver's error names neither RabbitMQ nor the node: say both, and what failed
+        refused = isinstance(last, (aiormq.exceptions.AuthenticationError,
+                                    aiormq.exceptions.ProbableAuthenticationError))
+        what = " refused the login (check the user and password of EVENTFLEET_AMQP_URL): " if refused else \
+            " unreachable: "
+        raise BrokerUnavailable(f"RabbitMQ at {failures[0].replace(': ', what, 1)}") from last
     raise BrokerUnavailable(f"no RabbitMQ node answers ({'; '.join(failures)})") from last
 
 

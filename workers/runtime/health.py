@@ -6,6 +6,7 @@ import dataclasses
 import logging
 from typing import Any
 
+from store import errors as store_errors
 from workers.runtime import metrics
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,14 @@ class Health:
         return "; ".join(why)
 
     def down(self, service: str, cause: BaseException, **extra: Any) -> None:
-        """Mark service ('postgres' or 'rabbitmq') unreachable; log the first failure of an outage."""
+        """Mark service ('postgres' or 'rabbitmq') unreachable; log the first failure of an outage.
+
+        A transaction Postgres aborted for a conflict (a deadlock, a serialization failure) is no outage:
+        it is logged as what it is, each time, and the caller's retry runs it again; readiness stays."""
+        if isinstance(cause, store_errors.TransactionConflict):
+            logger.warning("transaction conflict, retrying", extra={
+                "service": service, "cause": str(cause), **extra})
+            return
         setattr(self, service, False)
         if service == "rabbitmq":
             self.unblocked(quiet=True)  # a block belongs to the connection that is gone

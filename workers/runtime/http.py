@@ -164,24 +164,40 @@ def _watch(server: _StalledServer, stop: threading.Event) -> None:
         server.handle_request()
 
 
+def _bind(host: str, port: int, next_free: int) -> socket.socket:
+    """A listening socket on ``port``, or on the first free one of the next ``next_free`` ports (logged)."""
+    for candidate in range(port, min(port + next_free, 65535) + 1):
+        try:
+            sock = socket.create_server((host, candidate), backlog=128)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            continue
+        if candidate != port:
+            logger.warning("http port in use: serving on the next free port", extra={"taken": port,
+                                                                                   "port": candidate})
+        return sock
+    taken = (f"HTTP port {port} is already in use (another eventfleet process?)" if not next_free else
+             f"HTTP ports {port} to {port + next_free} are all in use (other eventfleet processes?)")
+    raise ConfigError(f"{taken}: set EVENTFLEET_HTTP_PORT to a free port, or 0 to turn the HTTP server off")
+
+
 @contextlib.asynccontextmanager
 async def serve(port: int, ready: Check, host: str = "0.0.0.0", *,
                 stall_after: float = DEFAULT_STALL_AFTER, reason: Callable[[], str] | None = None,
-                ) -> AsyncIterator[int]:
+                next_free: int = 0) -> AsyncIterator[int]:
     """Serve the endpoints on port (0 = off) until exit; yields the bound port (0 when off).
 
+    ``next_free``: when ``port`` is taken, the first free one of the next ``next_free`` ports is used instead,
+    and logged (a role's default port, so that several processes on one host start without configuration;
+    a port set explicitly is meant to be scraped there and fails instead).
     /healthz turns 503 once the loop has not run for ``stall_after`` seconds (see Watchdog).
     """
     if port == 0:
         yield 0
         return
-    try:
-        sock = socket.create_server((host, port), backlog=128)
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        raise ConfigError(f"HTTP port {port} is already in use (another eventfleet process?): set "
-                          "EVENTFLEET_HTTP_PORT to a free port, or 0 to turn the HTTP server off") from None
+    sock = _bind(host, port, next_free)
+    port = sock.getsockname()[1]
     sock.setblocking(False)
     watchdog = Watchdog(stall_after)
     runner = web.AppRunner(make_app(ready, watchdog, reason), access_log=None, handle_signals=False)

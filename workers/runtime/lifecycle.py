@@ -33,7 +33,8 @@ async def run_until_stopped(*jobs: Coroutine[Any, Any, None], stop: asyncio.Even
     except BaseExceptionGroup as group:
         # One failing job is the common case: surface it as itself, not wrapped.
         if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+            failure = group.exceptions[0]
+            raise failure from failure.__cause__  # keeps the failure's own cause, drops the group
         raise
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,18 +7,23 @@ collects them with ``secrets_of`` and installs ``RedactingFormatter`` on the onl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import urllib.parse
 from collections.abc import Iterable
+from typing import Any
 
 MASK = "***"
 
 # Too short to mask in free text without erasing ordinary words; such a password is masked in URLs only.
 MIN_SECRET_LENGTH = 4
 
-# scheme://user:password@ in free text, whatever the secrets configured: the password is group 2.
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)([^@\s]+)(@)")
+# scheme://user:password@ in free text, whatever the secrets configured: the password is group 2, up to the
+# URL's last '@' (a password with an unencoded '@' is masked whole, not up to its first '@').
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)([^\s/?#]+)(@)")
+# The same up to the first '@', for what the first misses: a password with an unencoded '/', '?' or '#'.
+_URL_PASSWORD_LOOSE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)([^@\s]+)(@)")
 # password=... in a query string or a libpq keyword/value DSN.
 _PASSWORD_PARAM = re.compile(r"(\bpassword=)([^&\s]+)", re.IGNORECASE)
 
@@ -60,7 +65,23 @@ def text(value: str, secrets: Iterable[str] = ()) -> str:
         if len(secret) >= MIN_SECRET_LENGTH:
             value = value.replace(secret, MASK)
     value = _URL_PASSWORD.sub(rf"\g<1>{MASK}\g<3>", value)
+    value = _URL_PASSWORD_LOOSE.sub(rf"\g<1>{MASK}\g<3>", value)
     return _PASSWORD_PARAM.sub(rf"\g<1>{MASK}", value)
+
+
+def fields(obj: Any) -> str:
+    """``Name(field=value, ...)`` of a dataclass with every URL's password masked (``url``), the URLs in
+    tuples too, and the whole text then passed through ``text``: the ``__repr__`` of a configuration."""
+
+    def shown(value: Any) -> Any:
+        if isinstance(value, str) and "://" in value:
+            return url(value)
+        if isinstance(value, tuple):
+            return tuple(shown(v) for v in value)
+        return value
+
+    listed = ", ".join(f"{f.name}={shown(getattr(obj, f.name))!r}" for f in dataclasses.fields(obj) if f.repr)
+    return text(f"{type(obj).__name__}({listed})")
 
 
 class RedactingFormatter(logging.Formatter):

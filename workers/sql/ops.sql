@@ -45,3 +45,7 @@ SELECT count(d.*) AS pending, min(d.due_at) AS next_due_at,
        coalesce((SELECT deadlines_fired FROM projection_status WHERE projection = $1), 0) AS fired,
        (SELECT count(*) FROM reactor_refusals WHERE reactor = $1) AS refusals
 FROM deadlines AS d WHERE d.reactor = $1;
+-- name: is_migrated
+-- Whether schema $1 holds an eventfleet deployment (migrate creates schema_migrations first).
+SELECT EXISTS (SELECT 1 FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+               WHERE n.nspname = $1 AND c.relname = 'schema_migrations');

@@ -41,3 +41,19 @@ DROP ROLE IF EXISTS {role};
 -- name: partitions
 -- P of the deployment: its partition queues are torn down with it.
 SELECT partitions FROM partitioning;
+
+-- name: live_workers
+-- Workers whose heartbeat is not expired: they hold (or are about to take) partitions of the deployment.
+SELECT worker_id FROM workers WHERE expires_at > clock_timestamp() ORDER BY worker_id;
+
+-- name: relay_sessions
+-- Sessions of relays of the deployment ($1: their application_name, workers/relay/session.py), idle or not.
+SELECT pid FROM pg_stat_activity
+WHERE datname = current_database() AND application_name = $1 AND pid <> pg_backend_pid()
+ORDER BY pid;
+
+-- name: claimed_outbox_rows
+-- Outbox rows claimed right now (a relay's FOR UPDATE SKIP LOCKED batch): those a SKIP LOCKED read cannot
+-- lock. One statement, one snapshot; the probe's own locks end with its transaction, at once.
+SELECT (SELECT count(*) FROM outbox)
+       - (SELECT count(*) FROM (SELECT 1 FROM outbox FOR KEY SHARE SKIP LOCKED) AS free) AS claimed;
