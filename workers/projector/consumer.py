@@ -82,22 +82,34 @@ class Delivery:
 
 class DecodeCache:
     """Recently decoded batch bodies, shared by the consumers of one process: every projection's queue of a
-    partition gets its own copy of each batch, and decoding is the largest cost per event. Events are immutable."""
+    partition gets its own copy of each batch, and decoding is the largest cost per event. Events are immutable.
+    Bounded in bytes (bodies counted by length; a body over a quarter of the budget is not kept), not entries:
+    256 bodies of a megabyte would not fit a pod. Bodies over ``max_message_bytes`` are refused as malformed."""
 
-    def __init__(self, size: int = 256, largest: int = 4 * 1024 * 1024) -> None:
-        self.size, self.largest = size, largest
+    def __init__(self, max_bytes: int = 16 * 1024 * 1024, *, max_message_bytes: int = broker.MAX_MESSAGE_BYTES
+                 ) -> None:
+        self.max_bytes, self.largest, self.max_message_bytes = max_bytes, max_bytes // 4, max_message_bytes
+        self.bytes = 0  # the cached bodies' length
         self._batches: dict[bytes, broker.Batch] = {}
+
+    @classmethod
+    def of(cls, settings: Settings) -> DecodeCache:
+        """The cache a worker of these settings keeps (EVENTFLEET_DECODE_CACHE_BYTES)."""
+        return cls(settings.decode_cache_bytes, max_message_bytes=settings.max_message_bytes)
 
     def decode(self, body: bytes, registry: codec.Registry) -> broker.Batch:
         """The batch of a body; raises MalformedMessage (never cached) like ``broker.from_batch_body``."""
         batch = self._batches.get(body)
         if batch is None:
-            batch = broker.from_batch_body(body, registry)
+            batch = broker.from_batch_body(body, registry, max_bytes=self.max_message_bytes)
             if len(body) > self.largest:
                 return batch
             self._batches[body] = batch
-            if len(self._batches) > self.size:
-                del self._batches[next(iter(self._batches))]  # the oldest: dicts keep insertion order
+            self.bytes += len(body)
+            while self.bytes > self.max_bytes:  # the oldest first: dicts keep insertion order
+                oldest = next(iter(self._batches))
+                del self._batches[oldest]
+                self.bytes -= len(oldest)
         return batch
 
 
@@ -115,7 +127,7 @@ class Consumer:
                  batcher: Batcher | None = None) -> None:
         self.store, self.channel, self.projection, self.settings = store, channel, projection, settings
         self.partition = partition
-        self.cache = cache or DecodeCache()
+        self.cache = cache or DecodeCache.of(settings)
         self.names = broker.Names(settings.prefix)
         self.queue = self.names.partition_queue(projection.name, partition)
         self.health = health_ or health.Health()
