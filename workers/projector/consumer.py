@@ -8,9 +8,9 @@ messages make one transaction, up to ``Settings.batch_size`` events.
 
 Catch-up. When the lag monitor finds the partition ``Settings.catchup_threshold`` events behind, the
 consumer reads the partition's backlog from the store (``EventStore.read_partition``, from the projection's
-low watermark, in ``catchup_batch_size`` reads, the next read overlapping the apply of the last) and applies
-it through the same exactly-once path; deliveries it has passed are then acked with no database work. Every
-worker catches up its own partitions, at the same time. Correctness depends on none of it: every event goes
+low watermark, in reads of ``catchup_batch_size`` events and about ``read_bytes``, the next read overlapping
+the apply of the last) and applies it through the same exactly-once path; deliveries it has passed are then
+acked with no database work. Every worker catches up its own partitions, at the same time. Correctness depends on none of it: every event goes
 through the per-stream checkpoints in its batch's transaction.
 """
 
@@ -308,14 +308,14 @@ class Consumer:
     async def catch_up(self, start: Position, stop: asyncio.Event | None = None) -> int:
         """Read the partition's events after ``start`` from the store and apply them until the frontier;
         move the cursor as each batch commits; return the events read. One read runs ahead of each apply."""
-        limit = self.settings.catchup_batch_size
+        limit, max_bytes = self.settings.catchup_batch_size, self.settings.read_bytes
         read = 0
         began = time.perf_counter()
         async with self.catchups:
-            events = await self.store.read_partition(self.partition, start, limit)
+            events = await self.store.read_partition(self.partition, start, limit, max_bytes=max_bytes)
             while events:
-                pending = (asyncio.ensure_future(self.store.read_partition(self.partition, events[-1].position, limit))
-                           if len(events) == limit else None)
+                pending = (asyncio.ensure_future(self.store.read_partition(
+                    self.partition, events[-1].position, limit, max_bytes=max_bytes)) if events.full else None)
                 try:
                     await self.apply_from_store(events)
                 except BaseException:

@@ -220,7 +220,7 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
             async with asyncio.TaskGroup() as group:
                 group.create_task(fleet.run(stop))
                 if backfills:
-                    group.create_task(backfill.run_backfills(store, backfills, stop))
+                    group.create_task(backfill.run_backfills(store, backfills, stop, batch_bytes=settings.read_bytes))
         except BaseExceptionGroup as group:
             # One lost connection ends every consumer of it: report it as the single outage it is.
             if all(isinstance(e, retry.OUTAGE_ERRORS) for e in group.exceptions):
