@@ -121,7 +121,7 @@ async def test_a_catch_up_reads_in_reads_bounded_in_bytes_and_applies_the_whole_
         reads.append(len(events))
         return events
 
-    event_store.read_partition = counting  # type: ignore[method-assign]
+    event_store.read_partition = counting
 
     read = await c.catch_up(Position.START)
 
