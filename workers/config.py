@@ -50,7 +50,7 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("EVENTFLEET_READ_BYTES", "4194304", "event bytes per read of a catch-up, backfill or rebuild (reaching event included)"),
     ("EVENTFLEET_DECODE_CACHE_BYTES", "16777216", "bytes of batch bodies a worker keeps decoded (0 = none)"),
     ("EVENTFLEET_MESSAGE_EVENTS", "100", "events per batch message the relay publishes to a partition"),
-    ("EVENTFLEET_MESSAGE_BYTES", "1048576", "bytes per batch message, about (an event bigger goes alone)"),
+    ("EVENTFLEET_MESSAGE_BYTES", "1048576", "bytes per batch message, at most (an event bigger goes alone)"),
     ("EVENTFLEET_BROKER_MAX_MESSAGE_BYTES", "16777216", "the broker's max_message_size (RabbitMQ 4.x default)"),
     ("EVENTFLEET_EVENTS_EXCHANGE", "0", "1: the relay also publishes one message per event to PREFIX.events"),
     ("EVENTFLEET_LEASE_SECONDS", "15", "a worker's partition leases expire this long after its last heartbeat"),
