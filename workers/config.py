@@ -104,7 +104,8 @@ class Settings:
 
     @property
     def max_message_bytes(self) -> int:
-        """The largest batch message the relay publishes and the workers accept (``max_message_bytes``)."""
+        """The largest batch message the relay publishes (``max_message_bytes``), which the prefetch budget
+        must hold; workers accept any body the broker delivers (``broker_max_message_bytes``)."""
         return max_message_bytes(self.max_payload_bytes, self.message_bytes)
 
     @property

@@ -9,6 +9,7 @@ import pytest
 
 from store import codec
 from workers import broker, errors
+from workers.config import Settings
 from workers.projector.consumer import DecodeCache
 
 KIB = 1024
@@ -46,3 +47,12 @@ def test_a_worker_refuses_a_body_over_its_largest_message() -> None:
     with pytest.raises(errors.MalformedMessage, match="over the 10240 limit"):
         cache.decode(body(20 * KIB), codec.REGISTRY)
 
+
+
+def test_a_worker_applies_a_message_published_under_larger_limits_than_its_own() -> None:
+    # Events of 1 MiB stored before EVENTFLEET_MAX_PAYLOAD_BYTES was lowered to 64 KiB: the broker delivers them.
+    settings = Settings(max_payload_bytes=64 * KIB, message_bytes=64 * KIB)
+    big = body(1024 * KIB)
+
+    assert len(big) > settings.max_message_bytes
+    assert len(DecodeCache.of(settings).decode(big, codec.REGISTRY).events) == 1

@@ -84,7 +84,10 @@ class DecodeCache:
     """Recently decoded batch bodies, shared by the consumers of one process: every projection's queue of a
     partition gets its own copy of each batch, and decoding is the largest cost per event. Events are immutable.
     Bounded in bytes (bodies counted by length; a body over a quarter of the budget is not kept), not entries:
-    256 bodies of a megabyte would not fit a pod. Bodies over ``max_message_bytes`` are refused as malformed."""
+    256 bodies of a megabyte would not fit a pod. Bodies over ``max_message_bytes`` are refused as malformed: a
+    worker takes what the broker can deliver (EVENTFLEET_BROKER_MAX_MESSAGE_BYTES), so a message published under
+    larger limits than today's (events stored before EVENTFLEET_MAX_PAYLOAD_BYTES was lowered) is still applied,
+    not dead-lettered with the events it carries."""
 
     def __init__(self, max_bytes: int = 16 * 1024 * 1024, *, max_message_bytes: int = broker.MAX_MESSAGE_BYTES
                  ) -> None:
@@ -95,7 +98,7 @@ class DecodeCache:
     @classmethod
     def of(cls, settings: Settings) -> DecodeCache:
         """The cache a worker of these settings keeps (EVENTFLEET_DECODE_CACHE_BYTES)."""
-        return cls(settings.decode_cache_bytes, max_message_bytes=settings.max_message_bytes)
+        return cls(settings.decode_cache_bytes, max_message_bytes=settings.broker_max_message_bytes)
 
     def decode(self, body: bytes, registry: codec.Registry) -> broker.Batch:
         """The batch of a body; raises MalformedMessage (never cached) like ``broker.from_batch_body``."""
