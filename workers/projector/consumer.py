@@ -8,9 +8,9 @@ messages make one transaction, up to ``Settings.batch_size`` events.
 
 Catch-up. When the lag monitor finds the partition ``Settings.catchup_threshold`` events behind, the
 consumer reads the partition's backlog from the store (``EventStore.read_partition``, from the projection's
-low watermark, in reads of ``catchup_batch_size`` events and about ``read_bytes``, the next read overlapping
-the apply of the last) and applies it through the same exactly-once path; deliveries it has passed are then
-acked with no database work. Every worker catches up its own partitions, at the same time. Correctness depends on none of it: every event goes
+low watermark, in reads of ``catchup_batch_size`` events or ``read_bytes``, the next overlapping the apply) and applies
+it through the same exactly-once path; deliveries it has passed are then acked with no database work. Every
+worker catches up its own partitions, at the same time. Correctness depends on none of it: every event goes
 through the per-stream checkpoints in its batch's transaction.
 """
 
