@@ -29,10 +29,14 @@ from store.records import (
     NewEvent,
     Position,
     RecordedEvent,
+    Slice,
     Snapshot,
     record_from_row,
     snapshot_from_row,
 )
+
+#: A read's byte budget when none is given.
+UNBOUNDED_BYTES = 2**62
 
 __all__ = [
     "NO_STREAM",
@@ -306,14 +310,20 @@ class EventStore(Encoding):
         return await self._decode_slices(rows)
 
     async def read_partition(self, partition: int, after: Position = Position.START, limit: int = 1000, *,
-                             conn: db.Conn | None = None) -> list[RecordedEvent]:
-        """``read_all`` of one partition's streams (store.partitions): what one partition's owner catches up."""
+                             max_bytes: int | None = None, conn: db.Conn | None = None) -> Slice:
+        """``read_all`` of one partition's streams (store.partitions): what one partition's owner catches up.
+        At most ``limit`` events, and with ``max_bytes`` only while the bytes (data + metadata) before each are
+        under it: the event reaching it is the last (at least one comes). ``full`` on the result: more may
+        follow at once."""
         _check_int(limit, "limit", 1, high=None)
         _check_int(partition, "partition", 0, high=None)
+        if max_bytes is not None:
+            _check_int(max_bytes, "max_bytes", 1, high=None)
+        budget = UNBOUNDED_BYTES if max_bytes is None else max_bytes
         async with self.hot.use(conn) as c:
             rows = await c.fetch(self.queries["read_partition"], after.transaction_id, after.global_position,
-                                 limit, partition)
-        return await self._decode_slices(rows)
+                                 limit, partition, budget)
+        return Slice(await self._decode_slices(rows), bool(rows) and (len(rows) >= limit or bool(rows[-1]["reached"])))
 
     async def _decode_slices(self, rows: Sequence[Any]) -> list[RecordedEvent]:
         """The rows decoded, yielding to the loop between slices (see DECODE_SLICE)."""

@@ -22,13 +22,19 @@ class Backlog:
     oldest_age_seconds: float
 
 
-async def claim(conn: db.Conn, limit: int) -> list[Any]:
-    """Lock up to ``limit`` unclaimed rows (skipping locked ones) and return their events rows in order.
+#: A claim's byte budget when none is given: no bound but the rows'.
+UNBOUNDED = 2**62
+
+
+async def claim(conn: db.Conn, limit: int, max_bytes: int = UNBOUNDED) -> list[Any]:
+    """Lock up to ``limit`` unclaimed rows (skipping locked ones) and return their events rows in order, while
+    the events' bytes (data + metadata) before each are under ``max_bytes`` (so at least one; the last row
+    returned reaches the budget when its ``reached`` column is true: more may wait then).
 
     Must run inside a transaction: the locks, and the rows' fate, end with it.
     """
     async with db.translate_errors():
-        return await conn.fetch(SQL["claim"], limit)
+        return await conn.fetch(SQL["claim"], limit, max_bytes)
 
 
 async def delete(conn: db.Conn, positions: Sequence[int]) -> None:

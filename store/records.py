@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 from store import codec, errors
@@ -59,6 +59,17 @@ class RecordedEvent:
     data: bytes
     metadata: Mapping[str, Any]
     recorded_at: dt.datetime
+
+
+class Slice(list[RecordedEvent]):
+    """The events of one bounded read, in order; ``full``: the read stopped at its row or byte limit, so more
+    may follow at once (a read that is not full reached the tail)."""
+
+    __slots__ = ("full",)
+
+    def __init__(self, events: Iterable[RecordedEvent] = (), full: bool = False) -> None:
+        super().__init__(events)
+        self.full = full
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from store.event_store import Position, RecordedEvent
 from store.records import Undecodable
 from workers.errors import MalformedMessage
 
+#: The largest body the decoders accept unless told (a worker passes its ``Settings.max_message_bytes``).
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 #: Header of a message whose stored event the relay could not encode (see encode_undecodable_row).
 UNDECODABLE_HEADER = "x-eventfleet-undecodable"
@@ -239,9 +240,9 @@ def _message(event_id: uuid.UUID, stream_id: str, version: int, global_position:
     return message_from_body(codec.packb(body), event_id, event_type, stream_id, version, flag)
 
 
-def _unpack(body: bytes) -> Any:
-    if len(body) > MAX_MESSAGE_BYTES:
-        raise MalformedMessage(f"message of {len(body)} bytes is over the {MAX_MESSAGE_BYTES} limit")
+def _unpack(body: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
+    if len(body) > max_bytes:
+        raise MalformedMessage(f"message of {len(body)} bytes is over the {max_bytes} limit")
     try:
         return msgpack.unpackb(body, ext_hook=codec.ext_hook, raw=False, timestamp=3)
     except Exception as exc:  # msgpack raises many unrelated types for corrupt input
@@ -359,11 +360,13 @@ class Batch:
     dropped: int = 0
 
 
-def from_batch_body(body: bytes, registry: codec.Registry = codec.REGISTRY) -> Batch:
-    """Decode a batch body. A body that is not an array of maps raises MalformedMessage (dead-lettered whole);
-    an event whose payload cannot be decoded comes back with an ``Undecodable`` payload (parked per policy,
-    alone); a map without the coordinates of an event is dropped and counted."""
-    entries = _unpack(body)
+def from_batch_body(body: bytes, registry: codec.Registry = codec.REGISTRY, *,
+                    max_bytes: int = MAX_MESSAGE_BYTES) -> Batch:
+    """Decode a batch body. A body that is not an array of maps, or is over ``max_bytes``, raises
+    MalformedMessage (dead-lettered whole); an event whose payload cannot be decoded comes back with an
+    ``Undecodable`` payload (parked per policy, alone); a map without the coordinates of an event is dropped
+    and counted."""
+    entries = _unpack(body, max_bytes)
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise MalformedMessage("batch body is not a msgpack array of maps")
     events: list[RecordedEvent] = []

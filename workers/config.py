@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import overload
 
 from store import errors, names
+from workers.errors import LimitsConflict
 from workers.runtime import redact
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -18,6 +19,13 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_HTTP_PORTS = {"worker": 9108, "relay": 9109}
 #: Ports after a role's default a process tries when the default is taken (several processes on one host).
 NEXT_FREE_PORTS = 20
+MIB = 1024 * 1024
+#: The broker's largest message by default: RabbitMQ 4.x's ``max_message_size`` (3.x allowed 128 MiB). The
+#: one place the broker's limit is known; EVENTFLEET_BROKER_MAX_MESSAGE_BYTES overrides it.
+BROKER_MAX_MESSAGE_BYTES = 16 * MIB
+#: What a batch message holds besides its events' data and metadata, at most, when it holds one event: the
+#: map's keys, ids and positions (about 200 bytes), the stream id (255 characters) and the type name.
+ENVELOPE_BYTES = 64 * 1024
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -32,15 +40,20 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("EVENTFLEET_HTTP_PORT", "9108 worker, 9109 relay", "port of /metrics, /healthz, /readyz (0 = off)"),
     ("EVENTFLEET_LOG_FORMAT", "text", "text or json (one object per line)"),
     ("EVENTFLEET_PREFETCH", "500", "events a worker's partition channel may hold unacked (in whole messages)"),
+    ("EVENTFLEET_PREFETCH_BYTES", "3145728", "bytes of messages a worker's partition channel may hold unacked, at most"),
     ("EVENTFLEET_BATCH_SIZE", "200", "events per worker transaction (whole messages, at least one)"),
     ("EVENTFLEET_RELAY_BATCH_SIZE", "1000", "outbox rows per relay transaction"),
+    ("EVENTFLEET_RELAY_BATCH_BYTES", "16777216", "event bytes per relay transaction (the event reaching it included)"),
     ("EVENTFLEET_RELAY_POLL_MS", "1000", "the relay's poll when no NOTIFY arrives"),
     ("EVENTFLEET_STOP_TIMEOUT", "10", "seconds the batch in flight gets to commit at SIGTERM"),
     ("EVENTFLEET_MAX_PAYLOAD_BYTES", "1048576", "largest event (data + metadata) the store accepts"),
     ("EVENTFLEET_CATCHUP_THRESHOLD", "2000", "lag in events above which a worker reads the store (0 = never)"),
     ("EVENTFLEET_CATCHUP_BATCH_SIZE", "2000", "events per read of a catch-up"),
+    ("EVENTFLEET_READ_BYTES", "4194304", "event bytes per read of a catch-up, backfill or rebuild (reaching event included)"),
+    ("EVENTFLEET_DECODE_CACHE_BYTES", "16777216", "bytes of batch bodies a worker keeps decoded (0 = none)"),
     ("EVENTFLEET_MESSAGE_EVENTS", "100", "events per batch message the relay publishes to a partition"),
-    ("EVENTFLEET_MESSAGE_BYTES", "1048576", "bytes per batch message, about (an event bigger goes alone)"),
+    ("EVENTFLEET_MESSAGE_BYTES", "1048576", "bytes per batch message, at most (an event bigger goes alone)"),
+    ("EVENTFLEET_BROKER_MAX_MESSAGE_BYTES", "16777216", "the broker's max_message_size (RabbitMQ 4.x default)"),
     ("EVENTFLEET_EVENTS_EXCHANGE", "0", "1: the relay also publishes one message per event to PREFIX.events"),
     ("EVENTFLEET_LEASE_SECONDS", "15", "a worker's partition leases expire this long after its last heartbeat"),
     ("EVENTFLEET_PROGRESS_SECONDS", "60", "a worker's progress line per projection every N s (0 = off)"),
@@ -77,6 +90,13 @@ class Settings:
     partitions: int | None = None
     message_events: int = 100  # events per batch message (EVENTFLEET_MESSAGE_EVENTS)
     message_bytes: int = 1024 * 1024  # bytes per batch message, about (EVENTFLEET_MESSAGE_BYTES)
+    # The memory budgets, in bytes (check_limits says which combinations cannot all hold).
+    relay_batch_bytes: int = 16 * 1024 * 1024  # event bytes per relay claim (EVENTFLEET_RELAY_BATCH_BYTES)
+    prefetch_bytes: int = 3 * 1024 * 1024  # a partition channel's unacked messages (EVENTFLEET_PREFETCH_BYTES)
+    read_bytes: int = 4 * 1024 * 1024  # event bytes per store read of a catch-up/rebuild (EVENTFLEET_READ_BYTES)
+    decode_cache_bytes: int = 16 * 1024 * 1024  # bodies kept decoded per process (EVENTFLEET_DECODE_CACHE_BYTES)
+    #: The broker's max_message_size (EVENTFLEET_BROKER_MAX_MESSAGE_BYTES): no message may be bigger.
+    broker_max_message_bytes: int = BROKER_MAX_MESSAGE_BYTES
     events_exchange: bool = False  # the relay also feeds the per-event topic exchange (EVENTFLEET_EVENTS_EXCHANGE)
     lease_seconds: float = 15.0  # partition leases expire this long after the last heartbeat
     #: Every RabbitMQ node's URL (EVENTFLEET_AMQP_URL, comma-separated), tried in turn; () = (amqp_url,).
@@ -95,9 +115,42 @@ class Settings:
             raise ValueError("Settings.amqp_url must be the first of Settings.amqp_urls (set both, or amqp_url alone)")
 
     @property
+    def max_message_bytes(self) -> int:
+        """The largest batch message the relay publishes (``max_message_bytes``), which the prefetch budget
+        must hold; workers accept any body the broker delivers (``broker_max_message_bytes``)."""
+        return max_message_bytes(self.max_payload_bytes, self.message_bytes)
+
+    @property
     def prefetch_messages(self) -> int:
-        """A partition channel's prefetch in messages: ``prefetch`` events of full batch messages, at least 2."""
-        return max(2, -(-self.prefetch // self.message_events))
+        """A partition channel's prefetch in messages: ``prefetch`` events of full batch messages (at least 2),
+        but no more messages of the largest size than fit in ``prefetch_bytes`` (at least 1)."""
+        by_events = max(2, -(-self.prefetch // self.message_events))
+        return max(1, min(by_events, self.prefetch_bytes // self.max_message_bytes))
+
+    def check_limits(self) -> None:
+        """Refuse byte limits that cannot all hold; raise LimitsConflict naming the variables and a value that
+        works. The relay and the worker call it at start-up (a claim or a read takes at least one event and a
+        prefetch at least one message, so each budget must hold one of the largest)."""
+        payload, largest = self.max_payload_bytes, self.max_message_bytes
+        problems = []
+        if largest > self.broker_max_message_bytes:
+            fits = self.broker_max_message_bytes - ENVELOPE_BYTES
+            problems.append(
+                f"EVENTFLEET_MAX_PAYLOAD_BYTES={payload} and EVENTFLEET_MESSAGE_BYTES={self.message_bytes} make "
+                f"messages of up to {largest} bytes, over the broker's EVENTFLEET_BROKER_MAX_MESSAGE_BYTES="
+                f"{self.broker_max_message_bytes}: set both to at most {fits} (or raise the broker's "
+                f"max_message_size and that variable to {largest})")
+        if self.prefetch_bytes < largest:
+            problems.append(f"EVENTFLEET_PREFETCH_BYTES={self.prefetch_bytes} cannot hold one message of up to "
+                            f"{largest} bytes: set it to at least {largest}")
+        if self.relay_batch_bytes < payload:
+            problems.append(f"EVENTFLEET_RELAY_BATCH_BYTES={self.relay_batch_bytes} cannot hold one event of "
+                            f"EVENTFLEET_MAX_PAYLOAD_BYTES={payload}: set it to at least {payload}")
+        if self.read_bytes < payload:
+            problems.append(f"EVENTFLEET_READ_BYTES={self.read_bytes} cannot hold one event of "
+                            f"EVENTFLEET_MAX_PAYLOAD_BYTES={payload}: set it to at least {payload}")
+        if problems:
+            raise LimitsConflict("; ".join(problems))
 
     def __repr__(self) -> str:
         # The URLs carry passwords: a logged or printed Settings must not show any part of them.
@@ -153,6 +206,12 @@ class Settings:
             partitions=_int(environ, "EVENTFLEET_PARTITIONS", None, 1, 4096),
             message_events=_int(environ, "EVENTFLEET_MESSAGE_EVENTS", 100, 1, 10_000),
             message_bytes=_int(environ, "EVENTFLEET_MESSAGE_BYTES", 1024 * 1024, 1024, 2 * 1024 * 1024),
+            relay_batch_bytes=_int(environ, "EVENTFLEET_RELAY_BATCH_BYTES", 16 * MIB, 1024, 1024 * MIB),
+            prefetch_bytes=_int(environ, "EVENTFLEET_PREFETCH_BYTES", 3 * MIB, 1024, 1024 * MIB),
+            read_bytes=_int(environ, "EVENTFLEET_READ_BYTES", 4 * MIB, 1024, 1024 * MIB),
+            decode_cache_bytes=_int(environ, "EVENTFLEET_DECODE_CACHE_BYTES", 16 * MIB, 0, 1024 * MIB),
+            broker_max_message_bytes=_int(environ, "EVENTFLEET_BROKER_MAX_MESSAGE_BYTES",
+                                          BROKER_MAX_MESSAGE_BYTES, 64 * 1024, 512 * MIB),
             events_exchange=bool(_int(environ, "EVENTFLEET_EVENTS_EXCHANGE", 0, 0, 1)),
             lease_seconds=float(_int(environ, "EVENTFLEET_LEASE_SECONDS", 15, 3, 3600)),
             transaction_idle_seconds=_int(environ, "EVENTFLEET_TRANSACTION_IDLE_SECONDS", None, 0, 3600),
@@ -174,6 +233,12 @@ class Settings:
         """These settings with ``modules`` added to the projection modules (once each, in order)."""
         merged = tuple(dict.fromkeys((*self.projection_modules, *modules)))
         return dataclasses.replace(self, projection_modules=merged)
+
+
+def max_message_bytes(max_payload_bytes: int, message_bytes: int) -> int:
+    """The largest batch message body: a full message holds about ``message_bytes``, a bigger event goes alone
+    (``workers.relay.publish.partition_batches``), with its envelope."""
+    return max(max_payload_bytes, message_bytes) + ENVELOPE_BYTES
 
 
 def amqp_urls_of(value: str) -> tuple[str, ...]:

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from store.records import RecordedEvent
 
 
+class LimitsConflict(ConfigError):
+    """The configured byte limits cannot all hold (an event or message bigger than a budget or the broker)."""
+
+
 class WorkerError(EventFleetError):
     """Unexpected worker error."""
 
@@ -83,6 +87,7 @@ class DemoFailed(WorkerError):
     """The demo cannot go on; the message says why."""
 
 
-__all__ = ["BrokerUnavailable", "ChannelLost", "ConfigError", "DemoFailed", "HandlerFailed", "MalformedMessage",
+__all__ = ["BrokerUnavailable", "ChannelLost", "ConfigError", "DemoFailed", "HandlerFailed", "LimitsConflict",
+           "MalformedMessage",
            "NoDeadLetter", "NotRetryable", "PublishFailed", "RebuildError", "RebuildRunning",
            "TeardownRefused", "WorkerError"]

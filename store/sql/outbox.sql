@@ -3,23 +3,37 @@
 -- The store's own statements (store/sql/queries.sql) name their schema and need no search_path.
 
 -- name: claim
--- Lock the oldest unclaimed outbox rows (rows another relay holds are skipped, not waited for) and
--- return their events in position order. Locks only the outbox rows: events rows are immutable.
+-- Lock the oldest unclaimed outbox rows (rows another relay holds are skipped, not waited for), at most $1,
+-- and return their events in position order while the bytes (data + metadata) before each are under $2:
+-- the event reaching the budget is the last one returned, and the first is returned whatever its size. Rows
+-- locked past the budget stay in the outbox for the next claim (the lock ends with the transaction).
+-- Locks only the outbox rows: events rows are immutable. `reached` is true on a row that reached the budget.
 -- Each event is fetched by its primary key (the LATERAL ... LIMIT 1 cannot be flattened into a join): with a
 -- plain join, stale statistics of the churning outbox (before autovacuum or ANALYZE caught up) made the
 -- planner merge or hash join against the whole events table, a claim cost growing with the store's size.
+-- The sizes come first (octet_length reads a TOASTed value's size without fetching it), the payloads only
+-- for the rows returned.
 WITH claimed AS (
     SELECT global_position FROM outbox
     ORDER BY global_position
     LIMIT $1
     FOR UPDATE SKIP LOCKED
+), sized AS (
+    SELECT c.global_position,
+           sum(s.bytes) OVER (ORDER BY c.global_position ROWS UNBOUNDED PRECEDING) AS running, s.bytes
+    FROM claimed AS c
+    CROSS JOIN LATERAL (
+        SELECT octet_length(x.data) + octet_length(x.metadata) AS bytes
+        FROM events AS x WHERE x.global_position = c.global_position LIMIT 1
+    ) AS s
 )
 SELECT e.global_position, e.event_id, e.stream_id, e.version, e.event_type, e.data, e.metadata,
-       e.recorded_at, e.transaction_id, e.partition
-FROM claimed AS c
+       e.recorded_at, e.transaction_id, e.partition, z.running >= $2 AS reached
+FROM sized AS z
 CROSS JOIN LATERAL (
-    SELECT * FROM events AS x WHERE x.global_position = c.global_position LIMIT 1
+    SELECT * FROM events AS x WHERE x.global_position = z.global_position LIMIT 1
 ) AS e
+WHERE z.running - z.bytes < $2
 ORDER BY e.global_position;
 
 -- name: delete

@@ -138,14 +138,25 @@ LIMIT $3;
 
 -- name: read_partition
 -- read_all restricted to one partition ($4): the events of its streams after the cursor, in the same
--- commit-safe order, read along events_partition_idx.
-SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id
-FROM {schema}.events
-WHERE partition = $4
-  AND (transaction_id, global_position) > ($1::xid8, $2::bigint)
-  AND transaction_id < {schema}.store_xmin()
-ORDER BY transaction_id, global_position
-LIMIT $3;
+-- commit-safe order, read along events_partition_idx; at most $3 rows, and only while the bytes (data +
+-- metadata) before each are under $5: the event reaching the budget is the last (`reached` true on it), the
+-- first comes whatever its size. octet_length reads a TOASTed value's size without fetching it.
+SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id,
+       running >= $5 AS reached
+FROM (
+    SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at,
+           transaction_id, octet_length(data) + octet_length(metadata) AS bytes,
+           sum(octet_length(data) + octet_length(metadata))
+               OVER (ORDER BY transaction_id, global_position ROWS UNBOUNDED PRECEDING) AS running
+    FROM {schema}.events
+    WHERE partition = $4
+      AND (transaction_id, global_position) > ($1::xid8, $2::bigint)
+      AND transaction_id < {schema}.store_xmin()
+    ORDER BY transaction_id, global_position
+    LIMIT $3
+) AS r
+WHERE running - bytes < $5
+ORDER BY transaction_id, global_position;
 
 -- name: horizon
 -- The safe frontier of read_all (the oldest transaction id still running, cluster-wide, on the store's clock:

@@ -18,7 +18,7 @@ from tests.conftest import PARTITIONS
 from tests.unit.test_projection_fold import paid, placed, shipped
 from workers import broker
 from workers.errors import MalformedMessage
-from workers.relay.publish import EVENT_OVERHEAD_BYTES, partition_batches
+from workers.relay.publish import event_weight, partition_batches
 
 
 async def stored_rows(pool: db.Pool) -> list[dict[str, Any]]:
@@ -156,11 +156,23 @@ async def test_a_message_holds_the_events_that_fit_in_message_bytes_and_a_bigger
     await event_store.append("order-1", [placed("order-1", "c"), paid("order-1", "c"), shipped("order-1", "c"),
                                          paid("order-1", "c")], NO_STREAM)
     rows = await stored_rows(pool)
-    weight = [len(r["data"]) + len(r["metadata"]) + EVENT_OVERHEAD_BYTES for r in rows]
+    weight = [event_weight(r) for r in rows]
     limit = weight[0] + weight[1]  # room for the first two events exactly
     rows[2]["data"] = rows[2]["data"] + b"\x00" * limit  # the third is bigger than a whole message
     messages, _ = partition_batches(rows, PARTITIONS, message_bytes=limit)
     assert [[e.version for e in broker.from_batch_body(m.body).events] for _, m in messages] == [[0, 1], [2], [3]]
+
+
+async def test_a_message_of_events_with_the_longest_stream_ids_stays_within_message_bytes(
+        pool: db.Pool, event_store: EventStore) -> None:
+    streams = [f"{i:03d}" + "\u00e9" * 252 for i in range(60)]  # 255 characters, 507 bytes each
+    await event_store.append_batch([(s, [paid(s, "c")], NO_STREAM) for s in streams])
+    rows = await stored_rows(pool)
+
+    messages, _ = partition_batches(rows, PARTITIONS, message_events=1000, message_bytes=8192)
+
+    assert max(len(m.body) for _, m in messages) <= 8192 + 5  # the array's header
+    assert sum(len(broker.from_batch_body(m.body).events) for _, m in messages) == len(streams)
 
 
 async def test_a_row_written_before_partitions_goes_to_its_streams_partition(pool: db.Pool,

@@ -106,6 +106,31 @@ async def queues_empty(connection: aio_pika.abc.AbstractConnection, prefix: str,
     return True
 
 
+async def test_a_catch_up_reads_in_reads_bounded_in_bytes_and_applies_the_whole_backlog(
+        pool, event_store, connection, declare, settings):
+    await declare([CustomerStats.name])
+    events = await visible(event_store, await append_orders(event_store, 60, 5))  # 300 events
+    p = busiest(events)
+    mine = of_partition(events, p)
+    c = await consumer_of(event_store, connection, dataclasses.replace(settings, read_bytes=1024), CustomerStats(), p)
+    reads: list[int] = []
+    read_partition = event_store.read_partition
+
+    async def counting(*args, **kwargs):
+        events = await read_partition(*args, **kwargs)
+        reads.append(len(events))
+        return events
+
+    event_store.read_partition = counting
+
+    read = await c.catch_up(Position.START)
+
+    assert read == len(mine)
+    assert await applied_count(pool, "customer_stats") == len(mine)
+    assert max(reads) < 70  # the byte budget cut every read before catchup_batch_size
+    assert sum(reads) == len(mine)
+
+
 async def test_a_catch_up_applies_its_partitions_backlog_from_the_store_exactly_once(pool, event_store, connection,
                                                                                      declare, settings):
     await declare([CustomerStats.name])

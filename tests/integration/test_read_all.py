@@ -30,6 +30,7 @@ from store import (
 from store import event_store as event_store_module
 from store.partitions import DEFAULT_PARTITIONS, partition_of
 from tests.conftest import DATABASE_URL
+from tests.unit.test_projection_fold import cancelled
 
 NOW = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -151,3 +152,44 @@ async def test_a_large_read_lets_other_tasks_run_between_slices_of_decoding(even
 
     assert runs == [event_store_module.DECODE_SLICE, event_store_module.DECODE_SLICE,
                     300 - 2 * event_store_module.DECODE_SLICE]
+
+
+
+async def big_events_in_partition_0(store: EventStore, n: int, size: int) -> list[RecordedEvent]:
+    """Append ``n`` events of about ``size`` bytes to streams of partition 0; return them once readable."""
+    partitions = await store.partitions()
+    streams = [s for s in (f"s{i}" for i in range(100 * n)) if partition_of(s, partitions) == 0][:n]
+    await store.append_batch([(s, [cancelled(s, "c", "x" * size)], NO_STREAM) for s in streams])
+    deadline = asyncio.get_running_loop().time() + 60
+    while len(events := await store.read_partition(0, limit=1000)) < n:  # an old transaction elsewhere holds them
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    return events
+
+
+async def test_a_partition_read_stops_at_the_event_that_reaches_its_byte_budget(event_store) -> None:
+    stored = await big_events_in_partition_0(event_store, 10, 10_000)
+    sizes = [len(e.data) + len(codec.packb(e.metadata)) for e in stored]
+
+    events = await event_store.read_partition(0, limit=100, max_bytes=sum(sizes[:2]) + 1)
+
+    assert [e.event_id for e in events] == [e.event_id for e in stored[:3]]
+    assert events.full
+
+
+async def test_a_partition_read_returns_one_event_bigger_than_its_byte_budget(event_store) -> None:
+    await big_events_in_partition_0(event_store, 3, 10_000)
+
+    events = await event_store.read_partition(0, limit=100, max_bytes=1)
+
+    assert len(events) == 1
+    assert events.full
+
+
+async def test_a_partition_read_that_reaches_the_tail_within_its_limits_is_not_full(event_store) -> None:
+    await big_events_in_partition_0(event_store, 3, 100)
+
+    events = await event_store.read_partition(0, limit=100, max_bytes=1024 * 1024)
+
+    assert len(events) == 3
+    assert not events.full

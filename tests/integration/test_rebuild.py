@@ -96,6 +96,21 @@ class _Killed(Exception):
     pass
 
 
+async def test_a_rebuild_reads_the_store_in_reads_bounded_in_bytes_to_the_tail(pool, event_store, schema):
+    total = await write_orders(event_store, 40, random.Random(3))
+    batches: list[int] = []
+
+    def count(done: int, of: int, seconds: float) -> None:
+        batches.append(done - sum(batches))
+
+    result = await rebuild.rebuild(pool, event_store, OrderSummary, batch_size=1000, batch_bytes=2048, progress=count)
+
+    assert result.events == total
+    assert len(batches) > 1  # read on past reads cut by bytes, to the tail
+    assert max(batches) < total  # cut by bytes, not by the 1,000 rows
+    assert (await read_models(pool)).order_summary == (await expected(event_store)).order_summary
+
+
 async def test_a_killed_rebuild_resumes_where_it_stopped(pool, event_store, schema):
     total = await write_orders(event_store, 60, random.Random(2))
 

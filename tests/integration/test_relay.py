@@ -247,6 +247,18 @@ async def test_notify_wakes_the_relay(pool, event_store, config, running, collec
     await collector.wait_for(n)
 
 
+async def test_a_claim_cut_by_its_byte_budget_is_followed_by_the_next_at_once_not_at_the_poll(
+        pool, event_store, config, running, collector):
+    # A poll that never fires within the test and a budget of one event per claim: one NOTIFY must carry all.
+    _, _, idle = running(cfg=dataclasses.replace(config, poll_interval=3600, batch_bytes=1))
+    await asyncio.wait_for(idle.wait(), 30)
+    n = await append_orders(event_store, 2)  # one transaction, one NOTIFY, 6 claims of one event
+
+    await collector.wait_for(n)
+
+    assert await outbox_count(pool) == 0
+
+
 async def test_rows_inserted_without_notify_are_published_by_the_poll(pool, event_store, running, collector):
     event_store.notifier.enabled = False  # appends send no NOTIFY from now on
     _, _, idle = running()
@@ -383,10 +395,11 @@ def test_config_reads_the_relay_knobs_from_the_environment():
     settings = Settings.from_env({"EVENTFLEET_RELAY_BATCH_SIZE": "250", "EVENTFLEET_RELAY_POLL_MS": "1500",
                                   "EVENTFLEET_SCHEMA": "s1", "EVENTFLEET_PREFIX": "p1",
                                   "EVENTFLEET_EVENTS_EXCHANGE": "1", "EVENTFLEET_MESSAGE_EVENTS": "25",
-                                  "EVENTFLEET_MESSAGE_BYTES": "65536"})
+                                  "EVENTFLEET_MESSAGE_BYTES": "65536", "EVENTFLEET_RELAY_BATCH_BYTES": "2097152"})
     config = relay.RelayConfig.from_settings(settings)
     assert (config.batch_size, config.poll_interval, config.schema, config.prefix) == (250, 1.5, "s1", "p1")
     assert (config.events_exchange, config.message_events, config.message_bytes) == (True, 25, 65536)
+    assert config.batch_bytes == 2 * 1024 * 1024
     assert config.partitions is None  # read from the schema when the relay starts
     assert set(config.projections) == set(PROJECTIONS)
     default = relay.RelayConfig.from_settings(Settings())

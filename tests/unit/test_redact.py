@@ -180,4 +180,4 @@ def test_relay_config_repr_hides_both_passwords_and_keeps_the_rest() -> None:
         "batch_size=1000, poll_interval=1.0, metrics_interval=5.0, confirm_timeout=30.0, stop_timeout=10.0, "
         "partitions=None, events_exchange=False, message_events=100, message_bytes=1048576, "
         "amqp_urls=('amqps://svc:***@mq.example:5671/vhost?cafile=/etc/ca.pem',), "
-        "timeouts=Timeouts(idle_in_transaction=0.0, lock=0.0, statement=0.0))")
+        "timeouts=Timeouts(idle_in_transaction=0.0, lock=0.0, statement=0.0), batch_bytes=16777216)")

@@ -145,11 +145,17 @@ def _diagnose(exc: errors.EventFleetError, settings: Settings) -> errors.EventFl
     return exc
 
 
+#: The commands that hold events in memory by the byte limits: they refuse limits that cannot all hold.
+_BUDGETED = ("relay", "worker")
+
+
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     """Parse, configure logging, run the subcommand; print a one-line reason and return 1 on error."""
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env(os.environ if environ is None else environ)
+        if args.command in _BUDGETED:
+            settings.check_limits()
     except errors.ConfigError as exc:
         print(f"eventfleet: configuration error: {exc}", file=sys.stderr)
         return 2

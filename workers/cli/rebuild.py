@@ -34,7 +34,8 @@ async def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     projection = registry.get(args.name)
     async with lifecycle.open_pool(settings, min_size=2, max_size=4) as pool:
         store = lifecycle.open_store(pool, settings)
-        result = await rebuild(pool, store, projection, progress=print_progress(projection.name))
+        result = await rebuild(pool, store, projection, progress=print_progress(projection.name),
+                               batch_bytes=settings.read_bytes)
     if sys.stderr.isatty():
         print(file=sys.stderr)
     rate = result.events / result.seconds if result.seconds else 0.0

@@ -8,7 +8,7 @@ messages make one transaction, up to ``Settings.batch_size`` events.
 
 Catch-up. When the lag monitor finds the partition ``Settings.catchup_threshold`` events behind, the
 consumer reads the partition's backlog from the store (``EventStore.read_partition``, from the projection's
-low watermark, in ``catchup_batch_size`` reads, the next read overlapping the apply of the last) and applies
+low watermark, in reads of ``catchup_batch_size`` events or ``read_bytes``, the next overlapping the apply) and applies
 it through the same exactly-once path; deliveries it has passed are then duplicates to their checkpoints. Every
 worker catches up its own partitions, at the same time. Correctness depends on none of it: every event goes
 through the per-stream checkpoints in its batch's transaction.
@@ -86,22 +86,37 @@ class Delivery:
 
 class DecodeCache:
     """Recently decoded batch bodies, shared by the consumers of one process: every projection's queue of a
-    partition gets its own copy of each batch, and decoding is the largest cost per event. Events are immutable."""
+    partition gets its own copy of each batch, and decoding is the largest cost per event. Events are immutable.
+    Bounded in bytes (bodies counted by length; a body over a quarter of the budget is not kept), not entries:
+    256 bodies of a megabyte would not fit a pod. Bodies over ``max_message_bytes`` are refused as malformed: a
+    worker takes what the broker can deliver (EVENTFLEET_BROKER_MAX_MESSAGE_BYTES), so a message published under
+    larger limits than today's (events stored before EVENTFLEET_MAX_PAYLOAD_BYTES was lowered) is still applied,
+    not dead-lettered with the events it carries."""
 
-    def __init__(self, size: int = 256, largest: int = 4 * 1024 * 1024) -> None:
-        self.size, self.largest = size, largest
+    def __init__(self, max_bytes: int = 16 * 1024 * 1024, *, max_message_bytes: int = broker.MAX_MESSAGE_BYTES
+                 ) -> None:
+        self.max_bytes, self.largest, self.max_message_bytes = max_bytes, max_bytes // 4, max_message_bytes
+        self.bytes = 0  # the cached bodies' length
         self._batches: dict[bytes, broker.Batch] = {}
+
+    @classmethod
+    def of(cls, settings: Settings) -> DecodeCache:
+        """The cache a worker of these settings keeps (EVENTFLEET_DECODE_CACHE_BYTES)."""
+        return cls(settings.decode_cache_bytes, max_message_bytes=settings.broker_max_message_bytes)
 
     def decode(self, body: bytes, registry: codec.Registry) -> broker.Batch:
         """The batch of a body; raises MalformedMessage (never cached) like ``broker.from_batch_body``."""
         batch = self._batches.get(body)
         if batch is None:
-            batch = broker.from_batch_body(body, registry)
+            batch = broker.from_batch_body(body, registry, max_bytes=self.max_message_bytes)
             if len(body) > self.largest:
                 return batch
             self._batches[body] = batch
-            if len(self._batches) > self.size:
-                del self._batches[next(iter(self._batches))]  # the oldest: dicts keep insertion order
+            self.bytes += len(body)
+            while self.bytes > self.max_bytes:  # the oldest first: dicts keep insertion order
+                oldest = next(iter(self._batches))
+                del self._batches[oldest]
+                self.bytes -= len(oldest)
         return batch
 
 
@@ -120,7 +135,7 @@ class Consumer:
                  on_hold: Callable[[int, str], Awaitable[None]] | None = None) -> None:
         self.store, self.channel, self.projection, self.settings = store, channel, projection, settings
         self.partition = partition
-        self.cache = cache or DecodeCache()
+        self.cache = cache or DecodeCache.of(settings)
         self.names = broker.Names(settings.prefix)
         self.queue = self.names.partition_queue(projection.name, partition)
         self.health = health_ or health.Health()
@@ -285,14 +300,14 @@ class Consumer:
     async def catch_up(self, start: Position, stop: asyncio.Event | None = None) -> int:
         """Read the partition's events after ``start`` from the store and apply them until the frontier;
         move the cursor as each batch commits; return the events read. One read runs ahead of each apply."""
-        limit = self.settings.catchup_batch_size
+        limit, max_bytes = self.settings.catchup_batch_size, self.settings.read_bytes
         read = 0
         began = time.perf_counter()
         async with self.catchups:
-            events = await self.store.read_partition(self.partition, start, limit)
+            events = await self.store.read_partition(self.partition, start, limit, max_bytes=max_bytes)
             while events:
-                pending = (asyncio.ensure_future(self.store.read_partition(self.partition, events[-1].position, limit))
-                           if len(events) == limit else None)
+                pending = (asyncio.ensure_future(self.store.read_partition(
+                    self.partition, events[-1].position, limit, max_bytes=max_bytes)) if events.full else None)
                 try:
                     await self.apply_from_store(events)
                 except BaseException:

@@ -51,7 +51,7 @@ class Fleet:
         self.store, self.connection, self.keeper, self.settings = store, connection, keeper, settings
         self.projections = {p.name: p for p in projections}
         self.health, self.stats = health_, stats
-        self.cache = DecodeCache()
+        self.cache = DecodeCache.of(settings)
         self.catchups = asyncio.Semaphore(CATCHUPS_AT_ONCE)
         self.running: dict[tuple[str, int], _Running] = {}
         #: One per projection: its consumers' deliveries applied together (workers/projector/batcher.py).

@@ -39,7 +39,7 @@ async def run_consumer(pool: db.Pool, connection: AbstractConnection, projection
     what it did. Each partition gets a channel of its own on ``connection``."""
     store = lifecycle.open_store(pool, settings)
     partitions = await store.partitions()
-    stats, cache, health_ = Stats(), DecodeCache(), health_ or health.Health()
+    stats, cache, health_ = Stats(), DecodeCache.of(settings), health_ or health.Health()
     consumers = [Consumer(store, await connection.channel(), projection, p, settings, health_=health_, stats=stats,
                           cache=cache) for p in range(partitions)]
     try:
@@ -58,7 +58,7 @@ async def consume_until_idle(pool: db.Pool, channel: AbstractChannel, projection
     """Apply everything in one projection's partition queues, one after the other, then return (tests,
     benchmarks: no sleeps needed)."""
     store = lifecycle.open_store(pool, settings)
-    stats, cache = Stats(), DecodeCache()
+    stats, cache = Stats(), DecodeCache.of(settings)
     for partition in range(await store.partitions()):
         await Consumer(store, channel, projection, partition, settings, stats=stats, cache=cache).until_idle()
     return stats
@@ -253,7 +253,7 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
             async with asyncio.TaskGroup() as group:
                 group.create_task(fleet.run(stop))
                 if backfills:
-                    group.create_task(backfill.run_backfills(store, backfills, stop))
+                    group.create_task(backfill.run_backfills(store, backfills, stop, batch_bytes=settings.read_bytes))
         except BaseExceptionGroup as group:
             # One lost connection ends every consumer of it: report it as the single outage it is.
             if all(isinstance(e, retry.OUTAGE_ERRORS) for e in group.exceptions):

@@ -25,7 +25,7 @@ from projections.reactor import Reactor
 from store import db
 from store.event_store import EventStore
 from workers import broker, errors, rebuild
-from workers.rebuild import shadow
+from workers.rebuild import reader, shadow
 from workers.runtime import retry
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,8 @@ async def claim(pool: db.Pool, projection: str, *, queue_exists: bool) -> bool:
 
 
 async def backfill_if_new(pool: db.Pool, store: EventStore, projection: type[Projection], *,
-                          queue_exists: bool = False,
-                          progress: rebuild.Progress | None = None) -> rebuild.RebuildResult | None:
+                          queue_exists: bool = False, progress: rebuild.Progress | None = None,
+                          batch_bytes: int = reader.READ_BYTES) -> rebuild.RebuildResult | None:
     """Backfill a projection seen for the first time, or finish a stopped backfill.
 
     Over an empty store the projection simply goes live. Returns None when there was nothing to do or
@@ -65,7 +65,8 @@ async def backfill_if_new(pool: db.Pool, store: EventStore, projection: type[Pro
     if not await claim(pool, projection.name, queue_exists=queue_exists):
         return None
     try:
-        return await rebuild.rebuild(pool, store, projection, state="backfilling", progress=progress)
+        return await rebuild.rebuild(pool, store, projection, state="backfilling", progress=progress,
+                                     batch_bytes=batch_bytes)
     except errors.RebuildRunning:
         return None
 
@@ -91,9 +92,11 @@ async def claim_backfills(store: EventStore, connection: AbstractConnection, pre
     return claimed
 
 
-async def run_backfills(store: EventStore, projections: Sequence[Projection], stop: asyncio.Event) -> None:
-    """Backfill the claimed projections one by one, through database outages, until done or ``stop``."""
-    work = asyncio.ensure_future(_backfill_all(store, projections))
+async def run_backfills(store: EventStore, projections: Sequence[Projection], stop: asyncio.Event, *,
+                        batch_bytes: int = reader.READ_BYTES) -> None:
+    """Backfill the claimed projections one by one, through database outages, until done or ``stop``; each
+    read of the store is at most ``batch_bytes`` of events (the event reaching it included)."""
+    work = asyncio.ensure_future(_backfill_all(store, projections, batch_bytes))
     stopper = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -104,12 +107,13 @@ async def run_backfills(store: EventStore, projections: Sequence[Projection], st
                 await task
 
 
-async def _backfill_all(store: EventStore, projections: Sequence[Projection]) -> None:
+async def _backfill_all(store: EventStore, projections: Sequence[Projection], batch_bytes: int) -> None:
     for projection in projections:
         try:
             async for attempt in retry.retry_forever():
                 with attempt:
-                    result = await backfill_if_new(store.pool, store, type(projection), queue_exists=True)
+                    result = await backfill_if_new(store.pool, store, type(projection), queue_exists=True,
+                                                   batch_bytes=batch_bytes)
             if result is not None:
                 logger.info("projection backfilled", extra={
                     "projection": projection.name, "events": result.events, "seconds": round(result.seconds, 3)})

@@ -4,27 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from store import db, queries
-from store.event_store import EventStore, Position, RecordedEvent
-from store.records import record_or_undecodable
+from store.event_store import EventStore, Position
+from store.records import Slice, record_or_undecodable
 
 SQL = queries.load("workers", "rebuild.sql")
 
 
-Read = Callable[[Position, int], Coroutine[Any, Any, list[RecordedEvent]]]
+#: A bounded read: the events after a position, at most ``limit`` of them and about ``max_bytes``.
+Read = Callable[[Position, int, int], Coroutine[Any, Any, Slice]]
+
+#: Event bytes per read when the caller names none (Settings.read_bytes's default).
+READ_BYTES = 4 * 1024 * 1024
+
+
+def _slice(rows: Sequence[Any], limit: int, store: EventStore) -> Slice:
+    full = bool(rows) and (len(rows) >= limit or bool(rows[-1]["reached"]))
+    return Slice([record_or_undecodable(r, store.registry) for r in rows], full)
 
 
 def all_reader(store: EventStore) -> Read:
-    """``store.read_all``, except that events which cannot be decoded come back ``Undecodable``."""
+    """``store.read_all`` bounded in bytes too, except that events which cannot be decoded come back
+    ``Undecodable``."""
 
-    async def read(after: Position, limit: int) -> list[RecordedEvent]:
+    async def read(after: Position, limit: int, max_bytes: int) -> Slice:
         async with db.translate_errors():
-            rows = await store.pool.fetch(store.queries["read_all"], after.transaction_id, after.global_position,
-                                          limit)
-        return [record_or_undecodable(r, store.registry) for r in rows]
+            rows = await store.pool.fetch(SQL["read_all"], after.transaction_id, after.global_position, limit,
+                                          max_bytes)
+        return _slice(rows, limit, store)
 
     return read
 
@@ -33,32 +43,34 @@ def settled_reader(store: EventStore) -> Read:
     """Reads in global_position order, ignoring the read_all horizon: only for a store no one writes to
     any more, where each stream's positions grow with its versions and every event is committed."""
 
-    async def read(after: Position, limit: int) -> list[RecordedEvent]:
+    async def read(after: Position, limit: int, max_bytes: int) -> Slice:
         async with db.translate_errors():
-            rows = await store.pool.fetch(SQL["read_settled"], after.global_position, limit)
-        return [record_or_undecodable(r, store.registry) for r in rows]
+            rows = await store.pool.fetch(SQL["read_settled"], after.global_position, limit, max_bytes)
+        return _slice(rows, limit, store)
 
     return read
 
 
 class Prefetcher:
-    """Batches of ``read`` (``all_reader`` by default), the next one read on the store's pool while the
-    caller applies the current one."""
+    """Batches of ``read`` (``all_reader`` by default), each at most ``limit`` events and about ``max_bytes``
+    (the event reaching it included), the next one read on the store's pool while the caller applies the
+    current one: two batches in memory at most."""
 
-    def __init__(self, store: EventStore, after: Position, limit: int, read: Read | None = None) -> None:
-        self.after, self.limit = after, limit
+    def __init__(self, store: EventStore, after: Position, limit: int, read: Read | None = None, *,
+                 max_bytes: int = READ_BYTES) -> None:
+        self.after, self.limit, self.max_bytes = after, limit, max_bytes
         self.read: Read = read or all_reader(store)
-        self._next: asyncio.Task[list[RecordedEvent]] | None = None
+        self._next: asyncio.Task[Slice] | None = None
 
-    async def next(self) -> list[RecordedEvent]:
-        """The next batch; a short one means the reader reached the store's tail."""
-        task = self._next or asyncio.create_task(self.read(self.after, self.limit))
+    async def next(self) -> Slice:
+        """The next batch; one that is not ``full`` means the reader reached the store's tail."""
+        task = self._next or asyncio.create_task(self.read(self.after, self.limit, self.max_bytes))
         self._next = None
         events = await task
         if events:
             self.after = events[-1].position
-        if len(events) == self.limit:
-            self._next = asyncio.create_task(self.read(self.after, self.limit))
+        if events.full:
+            self._next = asyncio.create_task(self.read(self.after, self.limit, self.max_bytes))
         return events
 
     async def aclose(self) -> None:

@@ -118,7 +118,7 @@ class Rebuild:
     """One rebuild (or backfill) of one projection; ``run()`` does it all."""
 
     def __init__(self, pool: db.Pool, store: EventStore, projection: type[Projection], *,
-                 state: State = "rebuilding", batch_size: int = BATCH_SIZE,
+                 state: State = "rebuilding", batch_size: int = BATCH_SIZE, batch_bytes: int = reader.READ_BYTES,
                  progress: Progress | None = None, shadow: str | None = None, reference: bool = False,
                  settled: bool = False) -> None:
         """``reference``: the verifying replay's path (handlers one event at a time, failures only counted);
@@ -129,6 +129,7 @@ class Rebuild:
         self.schema = store.schema
         self.shadow = shadow or shadow_schema(self.schema, projection.name)
         self.state, self.batch_size, self.progress = state, batch_size, progress
+        self.batch_bytes = batch_bytes  # event bytes per read: the rebuild holds two reads
         self.applier = applier.Applier(projection(), store, reference=reference)
         self.events = 0
         self.resolved = 0  # parked dead letters the swap settled
@@ -256,7 +257,7 @@ class Rebuild:
             must_pass = await conn.fetchval(SQL["snapshot_xmax"])
         done, started, pause = 0, time.monotonic(), _FIRST_PAUSE
         read = reader.settled_reader(self.store) if self.settled else None
-        batches = reader.Prefetcher(self.store, cursor, self.batch_size, read)
+        batches = reader.Prefetcher(self.store, cursor, self.batch_size, read, max_bytes=self.batch_bytes)
         try:
             while True:
                 events = await batches.next()
@@ -269,7 +270,7 @@ class Rebuild:
                     done += len(events)
                     if self.progress:
                         self.progress(done, max(total, done), time.monotonic() - started)
-                if len(events) == self.batch_size:
+                if events.full:
                     continue
                 async with db.translate_errors():
                     if self.settled or await conn.fetchval(SQL["horizon_passed"], must_pass):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -73,8 +74,16 @@ def encode_rows(rows: Sequence[Any]) -> tuple[list[tuple[str, aio_pika.Message]]
     return messages, undecodable
 
 
-#: Bytes a batch body spends per event besides its data and metadata (keys, ids, timestamps), roughly.
-EVENT_OVERHEAD_BYTES = 160
+#: Bytes a batch body spends per event besides its data, metadata, stream id and type name, at most: the keys,
+#: the event id, the positions and the timestamp, and the msgpack headers around them (189 with the largest ints).
+EVENT_OVERHEAD_BYTES = 200
+
+
+def event_weight(row: Any) -> int:
+    """What an events row takes in a batch body, at most (its metadata map packed as stored): a message's
+    events weigh no more than ``message_bytes`` together, so its body stays under the workers' limit."""
+    return (len(row["data"]) + len(row["metadata"]) + len(row["stream_id"].encode())
+            + len(row["event_type"].encode()) + EVENT_OVERHEAD_BYTES)
 
 
 def partition_batches(rows: Sequence[Any], partitions: int, *, message_events: int = 100,
@@ -97,7 +106,7 @@ def partition_batches(rows: Sequence[Any], partitions: int, *, message_events: i
         chunk: list[tuple[Any, dict[str, Any]]] = []
         size = 0
         for row, entry in items:
-            weight = len(row["data"]) + len(row["metadata"]) + EVENT_OVERHEAD_BYTES
+            weight = event_weight(row)
             if chunk and (len(chunk) >= message_events or size + weight > message_bytes):
                 messages.append(_batch(partition, chunk))
                 chunk, size = [], 0
@@ -120,17 +129,36 @@ def _batch(partition: int, chunk: Sequence[tuple[Any, dict[str, Any]]]) -> tuple
     return str(partition), broker.batch_message(partition, [r for r, _ in chunk], [e for _, e in chunk])
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Published:
+    """What one relay transaction published: its events, and whether its claim stopped at a limit (rows or
+    bytes), so more may be waiting."""
+
+    events: int
+    full: bool
+
+
 async def publish_batch(pool: db.Pool, targets: broker.Targets, batch_size: int, *,
-                        confirm_timeout: float = 30.0) -> int:
-    """Claim up to batch_size rows, publish them as partition batches (and one message per event to the
-    events exchange when it is a target), delete them after every confirm, commit; return the count.
+                        confirm_timeout: float = 30.0, batch_bytes: int = outbox.UNBOUNDED) -> int:
+    """Claim up to batch_size rows and about ``batch_bytes`` of events, publish them as partition batches (and
+    one message per event to the events exchange when it is a target), delete them after every confirm,
+    commit; return the count (``publish_claim`` also says whether the claim was full)."""
+    return (await publish_claim(pool, targets, batch_size, confirm_timeout=confirm_timeout,
+                                batch_bytes=batch_bytes)).events
+
+
+async def publish_claim(pool: db.Pool, targets: broker.Targets, batch_size: int, *,
+                        confirm_timeout: float = 30.0, batch_bytes: int = outbox.UNBOUNDED) -> Published:
+    """``publish_batch``, returning what was published and whether the claim was full.
 
     The batches are sent as soon as the claim returns: no timer waits for more events, so a quiet store's
-    events go out one per message at once and a busy one's fill their messages."""
+    events go out one per message at once and a busy one's fill their messages. The claim stops at the event
+    that reaches ``batch_bytes`` (always one): the rows, their message bodies and the frames in flight are
+    what the relay holds, so its memory follows the bytes, not the row count."""
     async with db.translate_errors(), pool.acquire() as conn, conn.transaction():
-        rows = await outbox.claim(conn, batch_size)
+        rows = await outbox.claim(conn, batch_size, batch_bytes)
         if not rows:
-            return 0
+            return Published(0, False)
         batches, undecodable = partition_batches(rows, targets.partitions, message_events=targets.message_events,
                                                  message_bytes=targets.message_bytes)
         exchange = targets.partitions_exchange
@@ -155,14 +183,15 @@ async def publish_batch(pool: db.Pool, targets: broker.Targets, batch_size: int,
     metrics.RELAY_UNDECODABLE.inc(len(undecodable))
     logger.debug("batch published", extra={"events": len(rows), "messages": len(batches),
                                            "last_position": rows[-1]["global_position"]})
-    return len(rows)
+    return Published(len(rows), len(rows) >= batch_size or bool(rows[-1]["reached"]))
 
 
 async def relay_until_idle(pool: db.Pool, targets: broker.Targets, *, batch_size: int = 1000,
-                           confirm_timeout: float = 30.0) -> int:
+                           confirm_timeout: float = 30.0, batch_bytes: int = outbox.UNBOUNDED) -> int:
     """Publish batches until a claim finds nothing; return how many events were published (bounded twin)."""
     total = 0
-    while n := await publish_batch(pool, targets, batch_size, confirm_timeout=confirm_timeout):
+    while n := await publish_batch(pool, targets, batch_size, confirm_timeout=confirm_timeout,
+                                   batch_bytes=batch_bytes):
         total += n
     return total
 

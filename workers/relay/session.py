@@ -49,7 +49,7 @@ from store.queries import load
 from workers import broker
 from workers.config import Settings
 from workers.errors import BrokerUnavailable
-from workers.relay.publish import publish_batch, refresh_backlog
+from workers.relay.publish import Published, publish_claim, refresh_backlog
 
 SQL = load("workers", "relay.sql")
 from workers.runtime import amqp, health, lifecycle, redact, retry
@@ -81,6 +81,7 @@ class RelayConfig:
     amqp_urls: tuple[str, ...] = ()  # every node's URL, tried in turn (amqp.connect); () = (amqp_url,)
     #: The limits of the relay's Postgres sessions (``lifecycle.session_timeouts``); none unless from_settings.
     timeouts: db.Timeouts = dataclasses.field(default_factory=db.Timeouts)
+    batch_bytes: int = 16 * 1024 * 1024  # event bytes per claim (the event reaching it included)
 
     def __post_init__(self) -> None:
         if not self.amqp_urls:
@@ -99,6 +100,7 @@ class RelayConfig:
             "database_url": settings.database_url, "schema": settings.schema,
             "amqp_url": settings.amqp_url, "amqp_urls": settings.amqp_urls, "prefix": settings.prefix,
             "projections": tuple(registry.load(settings.projection_modules)), "batch_size": settings.relay_batch_size,
+            "batch_bytes": settings.relay_batch_bytes,
             "poll_interval": settings.relay_poll_ms / 1000, "stop_timeout": settings.stop_timeout,
             "events_exchange": settings.events_exchange, "message_events": settings.message_events,
             "message_bytes": settings.message_bytes,
@@ -212,11 +214,11 @@ async def _relay_loop(pool: db.Pool, targets: broker.Targets, config: RelayConfi
             session.check()
             if published is None:  # blocked mid-batch: rolled back; claim again once unblocked
                 continue
-            n = published
+            n = published.events
             if time.monotonic() >= next_refresh:
                 await refresh_backlog(pool)
                 next_refresh = time.monotonic() + config.metrics_interval
-            if n < config.batch_size:  # drained (or the rest is claimed by other relays)
+            if not published.full:  # drained (or the rest is claimed by other relays)
                 break
         if idle is not None and n == 0:
             idle.set()
@@ -229,12 +231,13 @@ async def _relay_loop(pool: db.Pool, targets: broker.Targets, config: RelayConfi
 
 
 async def _publish_finishing_on_stop(pool: db.Pool, targets: broker.Targets, config: RelayConfig,
-                                     session: _Session) -> int | None:
-    """publish_batch, but a cancellation (SIGTERM) lets it finish for up to stop_timeout first; None when the
+                                     session: _Session) -> Published | None:
+    """publish_claim, but a cancellation (SIGTERM) lets it finish for up to stop_timeout first; None when the
     broker blocked publishing before it was confirmed (it is rolled back at once: no confirm comes before
     the alarm clears, and an open claim would hold its rows and the store's horizon meanwhile)."""
     task = asyncio.ensure_future(
-        publish_batch(pool, targets, config.batch_size, confirm_timeout=config.confirm_timeout))
+        publish_claim(pool, targets, config.batch_size, confirm_timeout=config.confirm_timeout,
+                      batch_bytes=config.batch_bytes))
     blocked = asyncio.ensure_future(session.blocking.wait())
     try:
         await asyncio.wait({task, blocked}, return_when=asyncio.FIRST_COMPLETED)  # neither is cancelled by a stop

@@ -36,13 +36,44 @@ UPDATE rebuild_cursor
 SET transaction_id = $2, global_position = $3, events = events + $4
 WHERE projection = $1;
 
+-- name: read_all
+-- The store's read_all for a rebuild: events after the cursor ($1 transaction id, $2 position) in commit-safe
+-- order, only from transactions older than every one still running; at most $3 rows, and only while the bytes
+-- (data + metadata) before each are under $4: the event reaching it is the last (`reached` true on it), the
+-- first comes whatever its size. octet_length reads a TOASTed value's size without fetching it.
+SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id,
+       running >= $4 AS reached
+FROM (
+    SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at,
+           transaction_id, octet_length(data) + octet_length(metadata) AS bytes,
+           sum(octet_length(data) + octet_length(metadata))
+               OVER (ORDER BY transaction_id, global_position ROWS UNBOUNDED PRECEDING) AS running
+    FROM events
+    WHERE (transaction_id, global_position) > ($1::xid8, $2::bigint)
+      AND transaction_id < store_xmin()
+    ORDER BY transaction_id, global_position
+    LIMIT $3
+) AS r
+WHERE running - bytes < $4
+ORDER BY transaction_id, global_position;
+
 -- name: read_settled
--- Events after a global position, in position order, horizon or not (a store nobody writes to any more).
-SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id
-FROM events
-WHERE global_position > $1
-ORDER BY global_position
-LIMIT $2;
+-- Events after a global position, in position order, horizon or not (a store nobody writes to any more);
+-- at most $2 rows and the bytes budget $3 as in read_all.
+SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id,
+       running >= $3 AS reached
+FROM (
+    SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at,
+           transaction_id, octet_length(data) + octet_length(metadata) AS bytes,
+           sum(octet_length(data) + octet_length(metadata))
+               OVER (ORDER BY global_position ROWS UNBOUNDED PRECEDING) AS running
+    FROM events
+    WHERE global_position > $1
+    ORDER BY global_position
+    LIMIT $2
+) AS r
+WHERE running - bytes < $3
+ORDER BY global_position;
 
 -- name: count_after
 -- How many events lie after the cursor (for the progress line).
