@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from projections import registry
 from store import NO_STREAM, EventStore, db, queries
 from store.event_store import record_from_row
 from store.partitions import partition_of
-from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.conftest import AMQP_URL, DATABASE_URL, new_prefix, new_schema
 from tests.unit.test_projection_fold import fold, order_life, read_models
 from workers import admin, broker
 from workers.projector import leases
@@ -108,7 +107,7 @@ class Fleet:
 
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    schema, prefix = f"t_{uuid.uuid4().hex[:16]}", f"test.{uuid.uuid4().hex[:12]}"
+    schema, prefix = new_schema(), new_prefix()
     await admin.run_migrate(DATABASE_URL, schema, partitions=PARTITIONS)
     conn = await db.connect(DATABASE_URL, schema)
     try:

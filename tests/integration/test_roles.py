@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Any
@@ -23,7 +22,7 @@ from eventfleet.examples.orders.events import OrderPaid, OrderPlaced
 from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from store import db, errors, outbox, roles
 from store.event_store import NO_STREAM, EventStore
-from tests.conftest import DATABASE_URL, PARTITIONS
+from tests.conftest import DATABASE_URL, PARTITIONS, new_schema
 from workers import admin, broker, rebuild, relay
 from workers.projector import checkpoints, lag, leases, parking
 
@@ -59,7 +58,7 @@ async def login(schema: str, granted: roles.Roles) -> AsyncIterator[Login]:
     async with contextlib.AsyncExitStack() as stack:
 
         async def open_as(group: str) -> db.Pool:
-            name = f"t_login_{uuid.uuid4().hex[:12]}"
+            name = new_schema("t_login", 12)
             await _admin(f'CREATE ROLE "{name}" LOGIN IN ROLE "{group}"')
             stack.push_async_callback(_admin, f'DROP ROLE "{name}"')
             stack.push_async_callback(_admin, f'DROP OWNED BY "{name}"')
@@ -130,13 +129,13 @@ def test_hostile_schema_names_never_become_role_sql() -> None:
 
 
 async def test_migrate_without_createrole_fails_with_a_clear_message(schema: str) -> None:
-    name = f"t_owner_{uuid.uuid4().hex[:12]}"
+    name = new_schema("t_owner", 12)
     await _admin(f'CREATE ROLE "{name}" LOGIN')
     try:
         conn = await db.connect(DATABASE_URL, schema, user=name)
         try:
             with pytest.raises(errors.StoreError, match="CREATEROLE"):
-                await roles.apply(conn, f"t_{uuid.uuid4().hex[:16]}", [])
+                await roles.apply(conn, new_schema(), [])
         finally:
             await conn.close()
     finally:
