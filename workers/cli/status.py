@@ -7,14 +7,14 @@ import json
 import sys
 from collections.abc import Sequence
 
-import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractConnection
 
 from store import errors
 from workers.admin.status import AMQP_TIMEOUT, Report, collect
 from workers.config import Settings
-from workers.runtime import lifecycle, retry
+from workers.errors import BrokerUnavailable
+from workers.runtime import amqp, lifecycle, retry
 
 #: Partitions ``status`` lists without ``--partitions``: the slowest.
 SLOWEST = 5
@@ -58,19 +58,20 @@ def render(report: Report, *, all_partitions: bool = False) -> str:
     return "\n".join(text)
 
 
-async def _connect_amqp(url: str) -> AbstractConnection | None:
+async def _connect_amqp(settings: Settings) -> AbstractConnection | None:
     try:
-        return await aio_pika.connect(url, timeout=AMQP_TIMEOUT,
-                                      client_properties={"connection_name": "eventfleet status"})
+        return await amqp.connect(settings.amqp_urls, name="eventfleet status", attempt_seconds=AMQP_TIMEOUT)
     except retry.OUTAGE_ERRORS as exc:
-        print(f"eventfleet status: RabbitMQ unreachable ({type(exc).__name__}): queue depths unknown",
-              file=sys.stderr)
+        # BrokerUnavailable says why (a node that took TCP and never answered); others by their type alone,
+        # as their text may hold a URL.
+        why = f"{exc}" if isinstance(exc, BrokerUnavailable) else type(exc).__name__
+        print(f"eventfleet status: RabbitMQ unreachable ({why}): queue depths unknown", file=sys.stderr)
         return None
 
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     """``eventfleet status [--json]``."""
-    connection = await _connect_amqp(settings.amqp_url)
+    connection = await _connect_amqp(settings)
     try:
         async with lifecycle.open_pool(settings, min_size=1, max_size=2) as pool:
             report = await collect(pool, settings.schema, settings.prefix, connection)
