@@ -130,7 +130,7 @@ def test_every_key_of_status_json_is_in_its_table() -> None:
     report = Report([ProjectionStatus("p", "live", 0, 0, 0.0, 0, None)], 0, 0.0)
     document = report.to_json()
     keys = [f"projections[].{key}" for key in document["projections"][0]] + [
-        f"outbox.{key}" for key in document["outbox"]]
+        f"outbox.{key}" for key in document["outbox"]] + [f"broker.{key}" for key in document["broker"]]
     table = rows(section("### 2.3 Output"))
     assert [key for key in keys if key not in table] == []
 

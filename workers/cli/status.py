@@ -39,6 +39,9 @@ def render(report: Report, *, all_partitions: bool = False) -> str:
                                                                                                strict=True)))
             for line in lines]
     text.append(f"outbox: {report.outbox_pending:,} pending, oldest {report.outbox_oldest_age_seconds:.1f}s")
+    text.append(f"broker: {report.broker.describe()}")
+    if report.broker.warning is not None:
+        text.append(f"warning: {report.broker.warning}")
     projections = [p.name for p in report.projections]
     text.append("")
     if report.workers:
