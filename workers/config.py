@@ -16,6 +16,14 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 #: A role's HTTP port when EVENTFLEET_HTTP_PORT is not set.
 DEFAULT_HTTP_PORTS = {"worker": 9108, "relay": 9109}
+#: The largest message the broker takes: RabbitMQ 4.x's default ``max_message_size`` (3.x: 128 MiB). Every
+#: message the relay publishes stays under EVENTFLEET_BROKER_MAX_MESSAGE_BYTES, whose default this is: batch
+#: messages are cut at EVENTFLEET_MESSAGE_BYTES (at most 2 MiB) and an event bigger than that goes alone, so
+#: the largest event (EVENTFLEET_MAX_PAYLOAD_BYTES) with its envelope must fit (``Settings.from_env`` checks).
+BROKER_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Bytes a message of one event spends besides the event's data and metadata, at most: the body's keys, ids
+#: and timestamp (``relay.publish.EVENT_OVERHEAD_BYTES`` roughly) with room for long stream ids and types.
+MESSAGE_ENVELOPE_BYTES = 64 * 1024
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -39,6 +47,7 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("EVENTFLEET_CATCHUP_BATCH_SIZE", "2000", "events per read of a catch-up"),
     ("EVENTFLEET_MESSAGE_EVENTS", "100", "events per batch message the relay publishes to a partition"),
     ("EVENTFLEET_MESSAGE_BYTES", "1048576", "bytes per batch message, about (an event bigger goes alone)"),
+    ("EVENTFLEET_BROKER_MAX_MESSAGE_BYTES", "16777216", "the broker's max_message_size: no message is bigger"),
     ("EVENTFLEET_EVENTS_EXCHANGE", "0", "1: the relay also publishes one message per event to PREFIX.events"),
     ("EVENTFLEET_LEASE_SECONDS", "15", "a worker's partition leases expire this long after its last heartbeat"),
     ("EVENTFLEET_PROGRESS_SECONDS", "60", "a worker's progress line per projection every N s (0 = off)"),
@@ -71,6 +80,8 @@ class Settings:
     partitions: int | None = None
     message_events: int = 100  # events per batch message (EVENTFLEET_MESSAGE_EVENTS)
     message_bytes: int = 1024 * 1024  # bytes per batch message, about (EVENTFLEET_MESSAGE_BYTES)
+    #: The broker's max_message_size (EVENTFLEET_BROKER_MAX_MESSAGE_BYTES): the largest event must fit in a message.
+    broker_max_message_bytes: int = BROKER_MAX_MESSAGE_BYTES
     events_exchange: bool = False  # the relay also feeds the per-event topic exchange (EVENTFLEET_EVENTS_EXCHANGE)
     lease_seconds: float = 15.0  # partition leases expire this long after the last heartbeat
     #: Every RabbitMQ node's URL (EVENTFLEET_AMQP_URL, comma-separated), tried in turn; () = (amqp_url,).
@@ -121,6 +132,19 @@ class Settings:
         log_format = get("EVENTFLEET_LOG_FORMAT", "text")
         if log_format not in ("text", "json"):
             raise errors.ConfigError("EVENTFLEET_LOG_FORMAT must be 'text' or 'json'")
+        max_payload_bytes = _int(environ, "EVENTFLEET_MAX_PAYLOAD_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024)
+        message_bytes = _int(environ, "EVENTFLEET_MESSAGE_BYTES", 1024 * 1024, 1024, 2 * 1024 * 1024)
+        broker_max = _int(environ, "EVENTFLEET_BROKER_MAX_MESSAGE_BYTES", BROKER_MAX_MESSAGE_BYTES, 1024 * 1024,
+                          512 * 1024 * 1024)
+        if message_bytes > broker_max:
+            raise errors.ConfigError(
+                f"EVENTFLEET_MESSAGE_BYTES ({message_bytes}) is over EVENTFLEET_BROKER_MAX_MESSAGE_BYTES ({broker_max}): "
+                "the broker would refuse a full batch message")
+        if max_payload_bytes + MESSAGE_ENVELOPE_BYTES > broker_max:
+            raise errors.ConfigError(
+                f"EVENTFLEET_MAX_PAYLOAD_BYTES ({max_payload_bytes}) with a message's envelope ({MESSAGE_ENVELOPE_BYTES}) "
+                f"is over EVENTFLEET_BROKER_MAX_MESSAGE_BYTES ({broker_max}): the broker would refuse the message of "
+                "an event that big; lower the payload limit, or raise the broker's max_message_size and this setting")
         return cls(
             database_url=database_url,
             amqp_url=amqp_urls[0],
@@ -134,14 +158,15 @@ class Settings:
             relay_batch_size=_int(environ, "EVENTFLEET_RELAY_BATCH_SIZE", 1000, 1, 10_000),
             relay_poll_ms=_int(environ, "EVENTFLEET_RELAY_POLL_MS", 1000, 10, 600_000),
             stop_timeout=float(_int(environ, "EVENTFLEET_STOP_TIMEOUT", 10, 1, 3600)),
-            max_payload_bytes=_int(environ, "EVENTFLEET_MAX_PAYLOAD_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
+            max_payload_bytes=max_payload_bytes,
             catchup_threshold=_int(environ, "EVENTFLEET_CATCHUP_THRESHOLD", 2000, 0, 2**31 - 1),
             catchup_batch_size=_int(environ, "EVENTFLEET_CATCHUP_BATCH_SIZE", 2000, 1, 100_000),
             projection_modules=modules,
             progress_seconds=_int(environ, "EVENTFLEET_PROGRESS_SECONDS", 60, 0, 86_400),
             partitions=_int(environ, "EVENTFLEET_PARTITIONS", None, 1, 4096),
             message_events=_int(environ, "EVENTFLEET_MESSAGE_EVENTS", 100, 1, 10_000),
-            message_bytes=_int(environ, "EVENTFLEET_MESSAGE_BYTES", 1024 * 1024, 1024, 2 * 1024 * 1024),
+            message_bytes=message_bytes,
+            broker_max_message_bytes=broker_max,
             events_exchange=bool(_int(environ, "EVENTFLEET_EVENTS_EXCHANGE", 0, 0, 1)),
             lease_seconds=float(_int(environ, "EVENTFLEET_LEASE_SECONDS", 15, 3, 3600)),
         )
