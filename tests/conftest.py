@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 import aio_pika
 import asyncpg
 import pytest
+import tenacity
 from aio_pika.abc import AbstractRobustConnection
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -206,11 +207,22 @@ def _rabbitmq_names(kind: str) -> list[str] | None:
     return [line.strip() for line in ran.stdout.splitlines() if line.strip()]
 
 
+async def _admin_connection() -> asyncpg.Connection:
+    """A connection to the test database, waiting out a restart of Postgres (some tests restart it) for 60 s."""
+    async for attempt in tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type((OSError, asyncpg.PostgresConnectionError,
+                                                    asyncpg.CannotConnectNowError)),
+            wait=tenacity.wait_fixed(1), stop=tenacity.stop_after_delay(60), reraise=True):
+        with attempt:
+            return await asyncpg.connect(DATABASE_URL)
+    raise AssertionError("unreachable")  # pragma: no cover - reraise=True
+
+
 async def _postgres_leftovers(schemas: Iterable[str]) -> tuple[list[str], list[str]]:
     """The schemas and roles named after ``schemas`` (themselves, or ``<schema>_...``) that exist."""
     names = sorted(schemas)
     patterns = [name.replace("_", r"\_") + r"\_%" for name in names]
-    conn = await asyncpg.connect(DATABASE_URL)
+    conn = await _admin_connection()
     try:
         found = [r["nspname"] for r in await conn.fetch(
             "SELECT nspname FROM pg_namespace WHERE nspname = any($1::text[]) OR nspname LIKE any($2::text[])",
@@ -228,11 +240,11 @@ def leftovers(created: Created) -> dict[str, list[str]]:
     ``<prefix>.…``, schemas and roles named ``<schema>`` or ``<schema>_…`` (empty lists when all is gone)."""
     left: dict[str, list[str]] = {}
 
-    def ours(name: str) -> bool:
-        return any(name == p or name.startswith(f"{p}.") for p in created.prefixes)
+    def ours(name: str) -> bool:  # some tests name their prefix after their schema
+        return any(name == p or name.startswith(f"{p}.") for p in (*created.prefixes, *created.schemas))
 
     for kind in ("queues", "exchanges"):
-        names = _rabbitmq_names(kind) if created.prefixes else []
+        names = _rabbitmq_names(kind) if created.prefixes or created.schemas else []
         left[kind] = sorted(n for n in names or [] if ours(n))
     left["schemas"], left["roles"] = (asyncio.run(_postgres_leftovers(created.schemas)) if created.schemas
                                       else ([], []))
@@ -248,7 +260,7 @@ async def remove_leftovers(left: dict[str, list[str]]) -> None:
             await channel.queue_delete(queue)
         for exchange in left["exchanges"]:
             await channel.exchange_delete(exchange)
-    conn = await asyncpg.connect(DATABASE_URL)
+    conn = await _admin_connection()
     try:
         for schema in left["schemas"]:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
@@ -263,13 +275,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run when it left a queue, exchange, schema or role of its own deployments (and remove them)."""
     if not CREATED.prefixes and not CREATED.schemas:
         return
-    left = leftovers(CREATED)
-    if not any(left.values()):
-        return
-    asyncio.run(remove_leftovers(left))
+    left: dict[str, list[str]] = {}
+    try:
+        left = leftovers(CREATED)
+        if not any(left.values()):
+            return
+        asyncio.run(remove_leftovers(left))
+        removed = "now removed"
+    except Exception as exc:  # noqa: BLE001 - a server gone at the end: say so, and fail the run
+        removed = f"could not check or remove: {type(exc).__name__}: {exc}"
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     lines = [f"  {kind}: {name} (from {CREATED.owner(name)})" for kind, names in left.items() for name in names]
-    message = "\n".join(["this run left these behind (now removed): every test must tear down its deployment",
+    message = "\n".join([f"this run left these behind ({removed}): every test must tear down its deployment",
                          *lines])
     if reporter is not None:
         reporter.write_sep("=", "leftovers", red=True)
