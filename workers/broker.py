@@ -135,8 +135,8 @@ async def delete_topology(channel: AbstractChannel, n: Names, projections: Itera
 #: every return counts (a lease handover returns the prefetched messages), so it must be set; its "no
 #: limit", -1, cannot be used: 3.10-3.13 take any value below 1 as a limit of 0 (measured on 3.10.8: -1 and
 #: 0 dead-letter a message at its first return). 2^31 - 1 means the same on every version (returns that
-#: never happen) and a queue keeps it through an upgrade to 4.x. With a limit set, 3.x and 4.x requeue a
-#: returned message at the head of the queue (without one, 3.x puts it at the back): a handover keeps order.
+#: never happen) and a queue keeps it through an upgrade to 4.x. With a limit set, 3.x requeues a returned
+#: message at the head of the queue (without one, at the back; measured on 3.10.8): a handover keeps order.
 DELIVERY_LIMIT = 2**31 - 1
 
 
