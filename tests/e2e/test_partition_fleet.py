@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import asyncpg
 import pytest
 
@@ -24,9 +23,9 @@ from projections import registry
 from store import NO_STREAM, EventStore, db, queries
 from store.event_store import record_from_row
 from store.partitions import partition_of
-from tests.conftest import AMQP_URL, DATABASE_URL, new_prefix, new_schema
+from tests.conftest import AMQP_URL, DATABASE_URL, delete_topology, new_prefix, new_schema
 from tests.unit.test_projection_fold import fold, order_life, read_models
-from workers import admin, broker
+from workers import admin
 from workers.projector import leases
 from workers.runtime import retry
 
@@ -119,9 +118,8 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
         yield fleet
     finally:
         fleet.reap()
-        connection = await aio_pika.connect(AMQP_URL)
-        async with connection:
-            await broker.delete_topology(await connection.channel(), broker.Names(prefix), PROJECTIONS, PARTITIONS)
+        # Every projection of MODULES: the example's too (order_summary), which the relay and workers declare.
+        await delete_topology(prefix, PROJECTIONS, PARTITIONS)
         conn = await asyncpg.connect(DATABASE_URL)
         try:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
