@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DATABASE_URL
+from tests.integration.conftest import RunCli
 from tests.integration.test_http import free_port, get
 from tests.integration.test_http_outage import start_relay, stop
 from tests.integration.test_status import status
@@ -94,3 +95,14 @@ async def test_relay_readyz_says_the_broker_accepted_tcp_but_never_answered(sche
     assert answer[0] == 503
     assert (f"rabbitmq: BrokerUnavailable: RabbitMQ at 127.0.0.1:{port} {SILENT} 10 s: file descriptors/handles "
             "exhausted? see docs/reference.md, \"RabbitMQ versions and the broker's limits\"\n") in answer[1]
+
+
+async def test_teardown_says_the_broker_accepted_tcp_but_never_answered_and_drops_nothing(
+        schema: str, prefix: str, run_cli: RunCli) -> None:
+    async with silent_broker() as port:
+        ran = await run_cli("teardown", "--yes", schema=schema, prefix=prefix,
+                            amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/")
+    assert ran.code == 1
+    assert ran.err == (f"eventfleet teardown: RabbitMQ unreachable (RabbitMQ at 127.0.0.1:{port} {SILENT} 5 s: file "
+                       "descriptors/handles exhausted? see docs/reference.md, \"RabbitMQ versions and the broker's "
+                       "limits\"); nothing dropped\n")

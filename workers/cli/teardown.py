@@ -6,13 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import aio_pika
-
 from workers import errors
 from workers.admin.status import AMQP_TIMEOUT
 from workers.admin.teardown import Plan, plan, tear_down
 from workers.config import Settings
-from workers.runtime import retry
+from workers.runtime import amqp, retry
 
 
 def describe(found: Plan) -> list[tuple[str, Sequence[str]]]:
@@ -25,12 +23,14 @@ def describe(found: Plan) -> list[tuple[str, Sequence[str]]]:
 async def cmd_teardown(settings: Settings, args: argparse.Namespace) -> int:
     """``eventfleet teardown [--yes]``: without ``--yes``, name what would be dropped and exit 2."""
     try:
-        amqp = await aio_pika.connect(settings.amqp_url, timeout=AMQP_TIMEOUT,
-                                      client_properties={"connection_name": "eventfleet teardown"})
+        connection = await amqp.connect(settings.amqp_urls, name="eventfleet teardown", attempt_seconds=AMQP_TIMEOUT)
     except retry.OUTAGE_ERRORS as exc:
-        raise errors.BrokerUnavailable(f"RabbitMQ unreachable ({type(exc).__name__}); nothing dropped") from exc
-    async with amqp:
-        found = await plan(settings.database_url, settings.schema, settings.prefix, amqp)
+        # BrokerUnavailable says why (a node that took TCP and never answered: out of file descriptors, which
+        # deleting queues would cure: rabbitmqctl delete_queue works without AMQP); others by their type alone.
+        why = f"{exc}" if isinstance(exc, errors.BrokerUnavailable) else type(exc).__name__
+        raise errors.BrokerUnavailable(f"RabbitMQ unreachable ({why}); nothing dropped") from exc
+    async with connection:
+        found = await plan(settings.database_url, settings.schema, settings.prefix, connection)
         if not args.yes:
             print(f"eventfleet teardown: refusing without --yes; it would drop, for schema {settings.schema} "
                   f"and prefix {settings.prefix}:", file=sys.stderr)
@@ -38,7 +38,7 @@ async def cmd_teardown(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"  {kind}: {', '.join(items)}", file=sys.stderr)
             print("stop the relay and workers first; roles are cluster-wide", file=sys.stderr)
             return 2
-        done = await tear_down(settings.database_url, found, amqp)
+        done = await tear_down(settings.database_url, found, connection)
     for kind, items in describe(found):
         if kind == "roles":
             items = done.dropped_roles
