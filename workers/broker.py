@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import aio_pika
 import msgpack
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 from pamqp import commands as spec
 
 from store import codec, correlation_ids, errors, names, tracing
 from store.event_store import Position, RecordedEvent
 from store.records import Undecodable
 from workers.errors import MalformedMessage
+
+logger = logging.getLogger(__name__)
 
 #: The largest body the decoders accept unless told (a worker passes its ``Settings.max_message_bytes``).
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
@@ -128,30 +131,103 @@ async def delete_topology(channel: AbstractChannel, n: Names, projections: Itera
     await channel.exchange_delete(n.exchange)
 
 
+#: ``x-delivery-limit`` of every quorum queue declared here: deliveries of one message before the broker
+#: dead-letters it on its own. RabbitMQ 4.x gives a quorum queue declared without one a limit of 20, and
+#: every return counts (a lease handover returns the prefetched messages), so it must be set; its "no
+#: limit", -1, cannot be used: 3.10-3.13 take any value below 1 as a limit of 0 (measured on 3.10.8: -1 and
+#: 0 dead-letter a message at its first return). 2^31 - 1 means the same on every version (returns that
+#: never happen) and a queue keeps it through an upgrade to 4.x. With a limit set, 3.x requeues a returned
+#: message at the head of the queue (without one, at the back; measured on 3.10.8): a handover keeps order.
+DELIVERY_LIMIT = 2**31 - 1
+
+
+def partition_queue_arguments(n: Names, projection: str) -> dict[str, Any]:
+    """The arguments a partition queue is declared with (docs/reference.md, "Messages")."""
+    return {
+        "x-queue-type": "quorum",
+        "x-single-active-consumer": True,
+        "x-queue-leader-locator": "balanced",
+        "x-dead-letter-exchange": n.dead_letter_exchange,
+        "x-dead-letter-routing-key": projection,
+        "x-delivery-limit": DELIVERY_LIMIT,
+    }
+
+
+def dead_letter_queue_arguments() -> dict[str, Any]:
+    """The arguments a dead-letter queue is declared with: reading one (``dead-letters``) returns messages too."""
+    return {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT}
+
+
 async def declare_partitions(channel: AbstractChannel, n: Names, projections: Iterable[str],
                              partitions: int) -> AbstractExchange:
     """Declare (idempotently) the partitions exchange and, per projection, its dead-letter queue and one quorum
-    queue per partition (single active consumer, leaders balanced over a cluster's nodes) bound by partition
-    number. Returns the partitions exchange."""
+    queue per partition (single active consumer, leaders balanced over a cluster's nodes, ``DELIVERY_LIMIT``)
+    bound by partition number. Returns the partitions exchange (on ``channel``).
+
+    A queue declared before the delivery limit was (by an older version) keeps its arguments: the broker
+    refuses to redeclare it with another (PRECONDITION_FAILED), so it is declared as it was, and a warning
+    names it (on RabbitMQ 4.x it dead-letters a message after 20 deliveries: docs/reference.md, "Messages",
+    says how to redeclare it). The queues are declared on a channel of their own, since a refusal closes the
+    channel it was asked on, and ``channel`` may be one the caller publishes on.
+    """
     exchange = await channel.declare_exchange(n.partitions_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
-    dlx = await channel.declare_exchange(n.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
-    for projection in projections:
-        dlq = await channel.declare_queue(n.dead_letter_queue(projection), durable=True,
-                                          arguments={"x-queue-type": "quorum"})
-        await dlq.bind(dlx, routing_key=projection)
-        for partition in range(partitions):
-            queue = await channel.declare_queue(
-                n.partition_queue(projection, partition), durable=True,
-                arguments={
-                    "x-queue-type": "quorum",
-                    "x-single-active-consumer": True,
-                    "x-queue-leader-locator": "balanced",
-                    "x-dead-letter-exchange": n.dead_letter_exchange,
-                    "x-dead-letter-routing-key": projection,
-                },
-            )
-            await queue.bind(exchange, routing_key=str(partition))
+    await channel.declare_exchange(n.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+    declaring = _Declaring(await _connection_of(channel).channel())
+    try:
+        for projection in projections:
+            dlq = await declaring.queue(n.dead_letter_queue(projection), dead_letter_queue_arguments())
+            await dlq.bind(n.dead_letter_exchange, routing_key=projection)
+            for partition in range(partitions):
+                queue = await declaring.queue(n.partition_queue(projection, partition),
+                                              partition_queue_arguments(n, projection))
+                await queue.bind(n.partitions_exchange, routing_key=str(partition))
+    finally:
+        await declaring.close()
+    if declaring.without_limit:
+        logger.warning("queues declared without x-delivery-limit by an older version: on RabbitMQ 4.x the broker "
+                       "dead-letters a message of theirs after 20 deliveries; redeclare them (docs/reference.md, "
+                       "Messages)", extra={"queues": declaring.without_limit, "server": server_version(channel)})
     return exchange
+
+
+class _Declaring:
+    """Queue declarations on a channel of their own, reopened after a refusal."""
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self.channel = channel
+        self.without_limit: list[str] = []
+
+    async def queue(self, name: str, arguments: dict[str, Any]) -> AbstractQueue:
+        try:
+            return await self.channel.declare_queue(name, durable=True, arguments=arguments)
+        except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+            if "x-delivery-limit" not in str(exc):
+                raise
+        # Declared before DELIVERY_LIMIT: as it was (the broker compares every argument, so this one alone).
+        await self.channel.reopen()
+        self.without_limit.append(name)
+        legacy = {k: v for k, v in arguments.items() if k != "x-delivery-limit"}
+        return await self.channel.declare_queue(name, durable=True, arguments=legacy)
+
+    async def close(self) -> None:
+        if not self.channel.is_closed:
+            await self.channel.close()
+
+
+def _connection_of(channel: AbstractChannel) -> AbstractConnection:
+    """The connection a channel was opened on (aio-pika keeps it, without a public accessor)."""
+    connection: AbstractConnection = getattr(channel, "_connection")  # noqa: B009 - private attribute
+    return connection
+
+
+def server_version(channel_or_connection: AbstractChannel | AbstractConnection) -> str | None:
+    """The RabbitMQ version the broker announced when the connection opened (``3.10.8``), if it did."""
+    connection = (channel_or_connection if isinstance(channel_or_connection, AbstractConnection)
+                  else _connection_of(channel_or_connection))
+    raw = getattr(getattr(connection, "transport", None), "connection", None)
+    properties = getattr(raw, "server_properties", None) or {}
+    version = properties.get("version")
+    return version.decode() if isinstance(version, bytes) else version if isinstance(version, str) else None
 
 
 async def delete_partitions(channel: AbstractChannel, n: Names, projections: Iterable[str], partitions: int) -> None:

@@ -185,6 +185,7 @@ class Settings:
         log_format = get("EVENTFLEET_LOG_FORMAT", "text")
         if log_format not in ("text", "json"):
             raise errors.ConfigError("EVENTFLEET_LOG_FORMAT must be 'text' or 'json'")
+        max_payload_bytes = _int(environ, "EVENTFLEET_MAX_PAYLOAD_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024)
         return cls(
             database_url=database_url,
             amqp_url=amqp_urls[0],
@@ -198,7 +199,7 @@ class Settings:
             relay_batch_size=_int(environ, "EVENTFLEET_RELAY_BATCH_SIZE", 1000, 1, 10_000),
             relay_poll_ms=_int(environ, "EVENTFLEET_RELAY_POLL_MS", 1000, 10, 600_000),
             stop_timeout=float(_int(environ, "EVENTFLEET_STOP_TIMEOUT", 10, 1, 3600)),
-            max_payload_bytes=_int(environ, "EVENTFLEET_MAX_PAYLOAD_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
+            max_payload_bytes=max_payload_bytes,
             catchup_threshold=_int(environ, "EVENTFLEET_CATCHUP_THRESHOLD", 2000, 0, 2**31 - 1),
             catchup_batch_size=_int(environ, "EVENTFLEET_CATCHUP_BATCH_SIZE", 2000, 1, 100_000),
             projection_modules=modules,

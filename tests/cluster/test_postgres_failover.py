@@ -45,7 +45,7 @@ from store import errors as store_errors
 from store.event_store import record_from_row
 from store.records import NewEvent
 from tests.cluster.postgres import PostgresPair, can_vanish, postgres_pair
-from tests.conftest import AMQP_URL
+from tests.conftest import AMQP_URL, new_prefix, new_schema
 from tests.unit.test_projection_fold import Models, fold, order_life, read_models
 from workers import admin, broker
 
@@ -193,7 +193,7 @@ class Fleet:
 @contextlib.asynccontextmanager
 async def deployment(pair: PostgresPair, logs: Path) -> AsyncIterator[Fleet]:
     """A migrated schema on the pair, a relay and a worker on it; the RabbitMQ names removed after."""
-    schema, prefix = f"t_{uuid.uuid4().hex[:16]}", f"test.{uuid.uuid4().hex[:12]}"
+    schema, prefix = new_schema(), new_prefix()
     await admin.run_migrate(pair.url, schema, partitions=PARTITIONS)
     fleet = Fleet(pair.url, schema, prefix, logs)
     try:

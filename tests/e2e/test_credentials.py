@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 
 from store import roles
-from tests.conftest import DATABASE_URL
+from tests.conftest import DATABASE_URL, new_schema
 from tests.integration.test_relay_helpers import topology_names
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def assert_no_secret(*outputs: str) -> None:
 @pytest.fixture(scope="module")
 def mq_user() -> Iterator[str]:
     """A RabbitMQ user with a password (deleted after the module)."""
-    name = f"t_cred_{uuid.uuid4().hex[:10]}"
+    name = new_schema("t_cred", 10)
     subprocess.run(["rabbitmqctl", "-q", "add_user", name, MQ_PASSWORD], check=True, capture_output=True)
     try:
         subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", "/", name, ".*", ".*", ".*"],

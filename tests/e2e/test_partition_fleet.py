@@ -12,12 +12,10 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import asyncpg
 import pytest
 
@@ -25,9 +23,9 @@ from projections import registry
 from store import NO_STREAM, EventStore, db, queries
 from store.event_store import record_from_row
 from store.partitions import partition_of
-from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.conftest import AMQP_URL, DATABASE_URL, delete_topology, new_prefix, new_schema
 from tests.unit.test_projection_fold import fold, order_life, read_models
-from workers import admin, broker
+from workers import admin
 from workers.projector import leases
 from workers.runtime import retry
 
@@ -110,7 +108,7 @@ class Fleet:
 
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    schema, prefix = f"t_{uuid.uuid4().hex[:16]}", f"test.{uuid.uuid4().hex[:12]}"
+    schema, prefix = new_schema(), new_prefix()
     await admin.run_migrate(DATABASE_URL, schema, partitions=PARTITIONS)
     conn = await db.connect(DATABASE_URL, schema)
     try:
@@ -122,9 +120,8 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
         yield fleet
     finally:
         fleet.reap()
-        connection = await aio_pika.connect(AMQP_URL)
-        async with connection:
-            await broker.delete_topology(await connection.channel(), broker.Names(prefix), DECLARED, PARTITIONS)
+        # Every projection of MODULES: the example's too (order_summary), which the relay and workers declare.
+        await delete_topology(prefix, DECLARED, PARTITIONS)
         conn = await asyncpg.connect(DATABASE_URL)
         try:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

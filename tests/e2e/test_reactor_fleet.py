@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from projections import registry
 from store import NO_STREAM, EventStore, db
 from store.aggregate import Repository
 from store.event_store import record_from_row
-from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.conftest import AMQP_URL, DATABASE_URL, new_prefix, new_schema
 from tests.unit.test_projection_fold import placed
 from workers import admin, broker
 from workers.runtime import retry
@@ -87,7 +86,7 @@ class Processes:
 
 @pytest.fixture
 async def deployment(tmp_path: Path) -> AsyncIterator[Processes]:
-    schema, prefix = f"t_{uuid.uuid4().hex[:16]}", f"test.{uuid.uuid4().hex[:12]}"
+    schema, prefix = new_schema(), new_prefix()
     await admin.run_migrate(DATABASE_URL, schema, partitions=PARTITIONS)
     procs = Processes(schema, prefix, tmp_path)
     try:

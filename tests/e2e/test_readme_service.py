@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.conftest import AMQP_URL, DATABASE_URL, new_schema
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +43,7 @@ def service(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def env(service: Path) -> Iterator[dict[str, str]]:
-    name = f"t_{uuid.uuid4().hex[:16]}"
+    name = new_schema()
     values = {**os.environ, "EVENTFLEET_DATABASE_URL": DATABASE_URL, "EVENTFLEET_AMQP_URL": AMQP_URL,
               "EVENTFLEET_SCHEMA": name, "EVENTFLEET_PREFIX": name, "EVENTFLEET_HTTP_PORT": "0",
               "PYTHONPATH": str(service), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}

@@ -24,7 +24,7 @@ import pytest
 from eventfleet.examples.orders.projections import CustomerStats
 from store import NO_STREAM, EventStore, RecordedEvent, db
 from store.event_store import record_from_row
-from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
+from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS, delete_topology
 from tests.unit.test_projection_fold import fold, order_life, read_models
 from workers import broker, projector, relay
 from workers.config import Settings
@@ -56,7 +56,10 @@ async def topology(prefix: str) -> AsyncIterator[Topology]:
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         yield Topology(channel, await broker.declare_topology(channel, names, [PROJECTION], PARTITIONS), names)
-        await broker.delete_topology(channel, names, [PROJECTION], PARTITIONS)
+    # On a connection of its own: the test's may have been closed under it (a broker restart, another run's
+    # close_all_connections), and the workers declared every loaded projection's queues (the prefix fixture
+    # deletes them all after the test too).
+    await delete_topology(prefix, [PROJECTION], PARTITIONS)
 
 
 async def append_orders(event_store: EventStore, streams: int, length: int) -> list[RecordedEvent]:

@@ -6,21 +6,20 @@ import asyncio
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
 from store import db, migrate, queries
-from tests.conftest import DATABASE_URL
+from tests.conftest import DATABASE_URL, new_schema
 from workers import admin
 
 
 @pytest.fixture
 async def fresh_schema() -> AsyncIterator[str]:
     """A schema name nobody has migrated yet; dropped after the test."""
-    name = f"t_mig_{uuid.uuid4().hex[:12]}"
+    name = new_schema("t_mig", 12)
     yield name
     conn = await asyncpg.connect(DATABASE_URL)
     try:

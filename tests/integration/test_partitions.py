@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 
 import asyncpg
@@ -13,7 +12,7 @@ from hypothesis import strategies as st
 
 from store import NO_STREAM, EventStore, db, errors, migrate, names
 from store.partitions import partition_of
-from tests.conftest import DATABASE_URL, PARTITIONS
+from tests.conftest import DATABASE_URL, PARTITIONS, new_schema
 from tests.unit.test_projection_fold import paid, placed
 
 STREAM_IDS = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), min_size=1,
@@ -34,7 +33,7 @@ async def _sql_partitions(pairs: list[tuple[str, int]], schema: str) -> list[int
 @pytest.fixture(scope="module")
 def function_schema() -> Iterator[str]:
     """A migrated schema whose stream_partition function the property compares against."""
-    name = f"t_{uuid.uuid4().hex[:16]}"
+    name = new_schema()
 
     async def setup() -> None:
         conn = await db.connect(DATABASE_URL, name)
@@ -81,7 +80,7 @@ async def test_every_appended_event_carries_its_streams_partition(pool: db.Pool,
 
 @pytest.fixture
 async def conn_on(cleanup) -> tuple[str, asyncpg.Connection]:
-    name = f"t_{uuid.uuid4().hex[:16]}"
+    name = new_schema()
     conn = await db.connect(DATABASE_URL, name)
 
     async def drop() -> None:

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import asyncpg
 import pytest
 
 from projections import registry
-from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.conftest import AMQP_URL, DATABASE_URL, new_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def bare_schema() -> Iterator[str]:
     """A schema name of its own, not migrated; dropped after the test."""
-    name = f"t_{uuid.uuid4().hex[:16]}"
+    name = new_schema()
     yield name
     subprocess.run(["psql", DATABASE_URL, "-qc", f'DROP SCHEMA IF EXISTS "{name}" CASCADE'], check=True,
                    capture_output=True)

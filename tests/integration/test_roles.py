@@ -11,7 +11,6 @@ import contextlib
 import datetime as dt
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from decimal import Decimal
 from typing import Any
@@ -28,7 +27,7 @@ from projections import registry
 from store import db, errors, outbox, roles
 from store.event_store import NO_STREAM, EventStore
 from store.partitions import partition_of
-from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
+from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS, new_schema
 from tests.unit.test_projection_fold import paid, placed
 from workers import admin, broker, projector, rebuild, relay
 from workers.config import Settings
@@ -73,7 +72,7 @@ async def login(schema: str, granted: roles.Roles) -> AsyncIterator[Login]:
     async with contextlib.AsyncExitStack() as stack:
 
         async def open_as(group: str, max_size: int = 2) -> db.Pool:
-            name = f"t_login_{uuid.uuid4().hex[:12]}"
+            name = new_schema("t_login", 12)
             await _admin(f'CREATE ROLE "{name}" LOGIN IN ROLE "{group}"')
             stack.push_async_callback(_admin, f'DROP ROLE "{name}"')
             stack.push_async_callback(_admin, f'DROP OWNED BY "{name}"')
@@ -165,13 +164,13 @@ def test_hostile_schema_names_never_become_role_sql() -> None:
 
 
 async def test_migrate_without_createrole_fails_with_a_clear_message(schema: str) -> None:
-    name = f"t_owner_{uuid.uuid4().hex[:12]}"
+    name = new_schema("t_owner", 12)
     await _admin(f'CREATE ROLE "{name}" LOGIN')
     try:
         conn = await db.connect(DATABASE_URL, schema, user=name)
         try:
             with pytest.raises(errors.StoreError, match="CREATEROLE"):
-                await roles.apply(conn, f"t_{uuid.uuid4().hex[:16]}", [])
+                await roles.apply(conn, new_schema(), [])
         finally:
             await conn.close()
     finally:

@@ -67,7 +67,9 @@ async def test_json_reports_the_exact_lag_parked_queue_depth_and_outbox(pool, sc
     result = await status(schema, prefix, "--json")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert set(doc) == {"projections", "outbox", "partitions", "workers", "partition_lags", "reactors"}
+    assert set(doc) == {"projections", "outbox", "partitions", "workers", "partition_lags", "reactors", "broker"}
+    assert doc["broker"] == {"quorum_queues": 2 * (PARTITIONS + 1), "file_handles": 6 * (PARTITIONS + 1),
+                             "default_node_handles": 927, "warning": None}
     for row in doc["projections"]:
         assert set(row) == {"name", "state", "applied", "lag_events", "lag_seconds", "parked", "halted",
                             "queue_depth"}
@@ -92,6 +94,9 @@ async def test_table_shows_a_stopped_rebuild_and_survives_rabbitmq_being_unreach
     assert lines[1].split() == ["customer_stats", "live", "4", "3", lines[1].split()[4], "1", "0", "-"]
     assert lines[2].startswith("order_summary   rebuilding (not running)")
     assert lines[3].startswith("outbox: 7 pending, oldest ")  # below the projections (the fleet follows)
+    assert lines[4] == (f"broker: this deployment declares {2 * (PARTITIONS + 1)} quorum queues (2 projections x "
+                        f"({PARTITIONS} partitions + 1 DLQ)), ~{6 * (PARTITIONS + 1)} file handles of the broker; a "
+                        "node with the Debian default of 1,024 descriptors has ~927")
     # While a rebuild holds its lock the state is just "rebuilding" (pg_locks splits the key in two).
     key = locks.rebuild(schema, "order_summary")
     async with pool.acquire() as conn:

@@ -16,7 +16,7 @@ import pytest
 import projections
 from projections import wait
 from store import NO_STREAM, EventStore, NewEvent, Position, Repository, VersionConflict, db, names, queries
-from tests.conftest import Cleanup
+from tests.conftest import Cleanup, new_schema
 from tests.contract.counters import REG, Counter, CounterState, Incremented, increment
 from tests.unit.test_projection_fold import paid, placed
 from workers import admin
@@ -34,7 +34,7 @@ async def plain_pool(database_url: str) -> AsyncIterator[db.Pool]:
 @pytest.fixture
 async def other_schema(database_url: str, cleanup: Cleanup) -> str:
     """A second migrated schema, with its own events, outbox, snapshots and checkpoints; dropped after."""
-    name = f"t_{uuid.uuid4().hex[:16]}"
+    name = new_schema()
 
     async def drop() -> None:
         conn = await asyncpg.connect(database_url)

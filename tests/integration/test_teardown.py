@@ -21,7 +21,7 @@ from projections import registry
 from projections.base import Projection
 from store import NO_STREAM, EventStore, db, outbox, roles
 from store.partitions import partition_of
-from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
+from tests.conftest import AMQP_URL, CREATED, DATABASE_URL, PARTITIONS, new_schema
 from tests.unit.test_projection_fold import paid, placed
 from workers import admin, broker, rebuild, relay
 from workers.projector import checkpoints, leases
@@ -142,6 +142,8 @@ async def two(monkeypatch, cleanup) -> tuple[Deployment, Deployment]:
     tag = uuid.uuid4().hex[:12]
     first = f"t_{tag}_teardown_".ljust(41, "a")
     second = f"{first}_rb_b"
+    CREATED.add_schema(first)  # and so second, named after it; the session check finds what is left of them
+    CREATED.add_prefix(f"test.{tag}")
     a = await deploy(first, f"test.{tag}.first", cleanup)
     b = await deploy(second, f"test.{tag}.second", cleanup)
     assert len(a.schema) == 41
@@ -304,7 +306,7 @@ async def test_teardown_drops_a_shadow_of_a_projection_no_longer_known_by_its_cu
 
 
 async def test_teardown_refuses_a_schema_that_is_not_a_deployment(cleanup, prefix, run_cli):
-    name = f"t_{uuid.uuid4().hex[:12]}_plain"
+    name = f"{new_schema(length=12)}_plain"
     cleanup(lambda: admin_fetch(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
     await admin_fetch(f'CREATE SCHEMA "{name}"')
     await admin_fetch(f'CREATE TABLE "{name}".precious (id int)')

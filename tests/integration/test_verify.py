@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
+import asyncpg
+
 from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from store import NO_STREAM
+from tests.conftest import DATABASE_URL, new_schema
 from tests.unit.test_projection_fold import cancelled, paid, placed, shipped
+from workers import admin
 from workers.admin import verify as engine
 from workers.cli import verify as command
 from workers.projector import checkpoints
@@ -87,3 +91,26 @@ def test_composite_keys_are_shown_in_parentheses():
     text = command.render(engine.Verification("p", 3, (table,)))
     assert "1 only in the read model (a, b): (x, 1)" in text
     assert "1 only in the replay (a, b): (x, NULL)" in text
+
+
+async def drop_schema(name: str) -> None:
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    finally:
+        await conn.close()
+
+
+async def test_a_deployment_needing_more_than_half_a_default_brokers_file_handles_is_warned_about_on_stderr(
+        prefix, run_cli, cleanup):
+    name = new_schema()
+    cleanup(lambda: drop_schema(name))
+    await admin.run_migrate(DATABASE_URL, name, partitions=80)
+    ran = await run_cli("verify", "customer_stats", schema=name, prefix=prefix)
+    assert ran.code == 0
+    assert ran.err == (
+        "eventfleet verify: warning: this deployment declares 162 quorum queues (2 projections x (80 partitions + 1 "
+        "DLQ)), ~486 file handles of the broker; a node with the Debian default of 1,024 descriptors has ~927: this "
+        "deployment alone needs more than half of the file handles of a RabbitMQ node with the default limit; past "
+        "927 the node stops answering: raise its limit (docs/reference.md, \"RabbitMQ versions and the broker's "
+        "limits\")\n")

@@ -131,7 +131,8 @@ def test_every_key_of_status_json_is_in_its_table() -> None:
                     reactors=[ReactorStatus("r", 0, None, None, 0, 0)])
     document = report.to_json()
     keys = [f"projections[].{key}" for key in document["projections"][0]] + [
-        f"outbox.{key}" for key in document["outbox"]] + [f"reactors[].{key}" for key in document["reactors"][0]]
+        f"outbox.{key}" for key in document["outbox"]] + [f"reactors[].{key}" for key in document["reactors"][0]] + [
+        f"broker.{key}" for key in document["broker"]]
     table = rows(section("### 2.3 Output"))
     assert [key for key in keys if key not in table] == []
 

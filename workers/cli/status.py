@@ -12,6 +12,7 @@ from aio_pika.abc import AbstractConnection
 
 from workers.admin.status import AMQP_TIMEOUT, ReactorStatus, Report, collect
 from workers.config import Settings
+from workers.errors import BrokerUnavailable
 from workers.runtime import amqp, lifecycle, redact, retry
 
 #: Partitions ``status`` lists without ``--partitions``: the slowest.
@@ -49,6 +50,9 @@ def render(report: Report, *, all_partitions: bool = False) -> str:
         reactors += [(r.name, f"{r.deadlines_pending:,}", _due(r), f"{r.deadlines_fired:,}", f"{r.refusals:,}")
                      for r in report.reactors]
         text += ["", *_table(reactors, 1)]
+    text.append(f"broker: {report.broker.describe()}")
+    if report.broker.warning is not None:
+        text.append(f"warning: {report.broker.warning}")
     projections = [p.name for p in report.projections]
     text.append("")
     if report.workers:
@@ -76,7 +80,10 @@ async def _connect_amqp(settings: Settings) -> AbstractConnection | None:
     try:
         return await amqp.connect(settings.amqp_urls, name="eventfleet status", attempt_seconds=AMQP_TIMEOUT)
     except retry.OUTAGE_ERRORS as exc:
-        print(redact.text(f"eventfleet status: {exc} (queue depths unknown)"), file=sys.stderr)
+        # BrokerUnavailable says why (a node that took TCP and never answered, or refused the login); others by
+        # their type alone, as their text may hold a URL.
+        why = f"{exc}" if isinstance(exc, BrokerUnavailable) else type(exc).__name__
+        print(redact.text(f"eventfleet status: {why} (queue depths unknown)"), file=sys.stderr)
         return None
 
 

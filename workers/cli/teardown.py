@@ -26,7 +26,10 @@ async def cmd_teardown(settings: Settings, args: argparse.Namespace) -> int:
     try:
         connection = await amqp.connect(settings.amqp_urls, name="eventfleet teardown", attempt_seconds=AMQP_TIMEOUT)
     except retry.OUTAGE_ERRORS as exc:
-        raise errors.BrokerUnavailable(f"{exc}; nothing dropped") from exc
+        # BrokerUnavailable says why (a node that took TCP and never answered: out of file descriptors, which
+        # deleting queues would cure: rabbitmqctl delete_queue works without AMQP); others by their type alone.
+        why = f"{exc}" if isinstance(exc, errors.BrokerUnavailable) else type(exc).__name__
+        raise errors.BrokerUnavailable(f"{why}; nothing dropped") from exc
     async with connection:
         found = await plan(settings.database_url, settings.schema, settings.prefix, connection)
         if not args.yes:

@@ -1,11 +1,14 @@
 """``eventfleet verify PROJECTION [--json] [--limit N]``: the read model against a replay of the store.
 
-Exit 0 when every table of the projection equals the replay, 1 when any row differs (or on an error)."""
+Exit 0 when every table of the projection equals the replay, 1 when any row differs (or on an error). A
+deployment whose quorum queues need more than half of a default RabbitMQ node's file handles is warned
+about on stderr (``BrokerNeeds``), as ``status`` does."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +16,7 @@ import asyncpg
 
 from projections import registry
 from store import errors
+from workers.admin.status import BrokerNeeds, projection_names, schema_partitions
 from workers.admin.verify import TableDiff, Verification, verify
 from workers.config import Settings
 from workers.runtime import lifecycle
@@ -54,9 +58,12 @@ async def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     try:
         async with lifecycle.open_pool(settings, min_size=1, max_size=3) as pool:
             result = await verify(pool, lifecycle.open_store(pool, settings), projection, limit=args.limit)
+            needs = BrokerNeeds(len(await projection_names(pool)), await schema_partitions(pool))
     except errors.StoreError as exc:
         if isinstance(exc.__cause__, asyncpg.UndefinedTableError):
             raise errors.StoreError(f"schema {settings.schema!r} is not migrated: run `eventfleet migrate`") from exc
         raise
     print(json.dumps(result.to_json()) if args.json else render(result))
+    if needs.warning is not None:  # the broker's part of the deployment: on stderr, the result stays as it was
+        print(f"eventfleet verify: warning: {needs.describe()}: {needs.warning}", file=sys.stderr)
     return 0 if result.ok else 1

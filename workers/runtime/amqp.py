@@ -5,8 +5,9 @@ them one after the other and returns the first connection that opens. Processes 
 first connection starts at a random node; a reconnection (``after=`` the node of the connection just lost)
 starts at a random other node and tries the lost one last, so a process whose node is gone goes elsewhere
 first, and the clients of one lost node spread over the rest. Each
-attempt is bounded (``attempt_seconds``): a node that accepts TCP but never answers AMQP (half-open, blackholed)
-costs that long, then the next node is tried.
+attempt is bounded (``attempt_seconds``): a node that accepts TCP but never answers AMQP (half-open, blackholed,
+or out of file descriptors) costs that long, then the next node is tried; the failure says which it was
+(``timed_out``).
 
 Every connection gets an AMQP heartbeat (``HEARTBEAT`` seconds unless the URL names one, ``?heartbeat=N``),
 so a connection whose peer went silent without closing it (a dead host, a dropped route) is detected by the
@@ -20,6 +21,8 @@ them (aio-pika#506), so it wraps aiormq's two frame handlers on that one connect
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,6 +42,8 @@ logger = logging.getLogger(__name__)
 HEARTBEAT = 10
 #: Seconds one node gets to open a connection (TCP, AMQP handshake, ``connection.open``).
 CONNECT_TIMEOUT = 10.0
+#: Seconds a node that timed out gets to accept a plain TCP connection, to tell why it timed out.
+TCP_PROBE_SECONDS = 2.0
 
 # aiormq's handlers of the two frames (private: name-mangled methods of aiormq.connection.Connection).
 _BLOCKED_HANDLER = "_Connection__handle_connection_blocked"
@@ -87,7 +92,8 @@ async def connect(urls: Sequence[str], *, name: str, after: str | None = None,
     """The first node of ``urls`` (see ``order``) that opens a connection named ``name``, not robust (the
     caller owns reconnection). Raises ``BrokerUnavailable`` naming each node (``RabbitMQ at host:port
     unreachable: <cause>`` when there is one) and its failure, never a password: an outage
-    (``retry.OUTAGE_ERRORS``), its ``__cause__`` the last node's failure."""
+    (``retry.OUTAGE_ERRORS``), its ``__cause__`` the last node's failure. A node that timed out is named by
+    ``timed_out``, which says whether it accepted TCP."""
     tried = order(urls, after)
     failures: list[str] = []
     last: BaseException | None = None
@@ -96,8 +102,13 @@ async def connect(urls: Sequence[str], *, name: str, after: str | None = None,
             return await aio_pika.connect(with_heartbeat(url, heartbeat), timeout=attempt_seconds,
                                           client_properties={"connection_name": name})
         except retry.OUTAGE_ERRORS as exc:
-            last = exc
-            failures.append(f"{endpoint(url)}: {type(exc).__name__}: {redact.text(str(exc), redact.secrets_of(url)) or 'timed out'}")
+            # A timeout says nothing by itself: find out whether the node took the TCP connection at all.
+            silent = await timed_out(url, attempt_seconds) if isinstance(exc, TimeoutError) else None
+            if len(tried) == 1 and silent is not None:
+                raise silent from exc
+            last = silent or exc
+            failures.append(str(silent) if silent else f"{endpoint(url)}: {type(exc).__name__}: "
+                            f"{redact.text(str(exc), redact.secrets_of(url)) or 'timed out'}")
             logger.debug("RabbitMQ node does not answer, trying the next", extra={"node": endpoint(url),
                                                                                  "error": failures[-1]})
     if len(tried) == 1:  # the driver's error names neither RabbitMQ nor the node: say both, and what failed
@@ -107,6 +118,25 @@ async def connect(urls: Sequence[str], *, name: str, after: str | None = None,
             " unreachable: "
         raise BrokerUnavailable(f"RabbitMQ at {failures[0].replace(': ', what, 1)}") from last
     raise BrokerUnavailable(f"no RabbitMQ node answers ({'; '.join(failures)})") from last
+
+
+async def timed_out(url: str, seconds: float) -> BrokerUnavailable:
+    """Why a connection attempt to ``url`` timed out after ``seconds``: the node accepted TCP and did not answer
+    the AMQP handshake (a node out of file descriptors does that: docs/reference.md, "RabbitMQ versions and the
+    broker's limits"), or it did not accept TCP at all. Asked again with a plain TCP connection (closed at once)."""
+    node = endpoint(url)
+    host, _, port = node.rpartition(":")
+    try:
+        async with asyncio.timeout(min(seconds, TCP_PROBE_SECONDS)):
+            _, writer = await asyncio.open_connection(host, int(port))
+    except (OSError, TimeoutError):
+        return BrokerUnavailable(f"RabbitMQ at {node} did not accept a TCP connection within {seconds:g} s")
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return BrokerUnavailable(
+        f"RabbitMQ at {node} accepted TCP but did not answer the AMQP handshake within {seconds:g} s: file "
+        "descriptors/handles exhausted? see docs/reference.md, \"RabbitMQ versions and the broker's limits\"")
 
 
 def watch_blocked(connection: AbstractConnection, blocked: Callable[[str], None],
