@@ -244,12 +244,17 @@ class Consumer:
                 with self.span(events):
                     result = await self.outage_retrying(
                         lambda: parking.apply_or_park(self.store, self.projection, events))
+            except store_errors.TransientError:
+                raise  # given up retrying: stopping, or the channel died
             except store_errors.StoreError as exc:
-                if isinstance(exc, store_errors.TransientError):
-                    raise
                 # Neither an outage nor a handler's failure: a delivery naming what the store does not hold
-                # (a version it lacks). Find which delivery by applying them one by one; that one is
-                # dead-lettered whole, as an undecodable message is.
+                # (GapNotInStore: versions it lacks), or a store error no retry heals. Find which delivery by
+                # applying them one by one; that one is dead-lettered whole, as an undecodable message is,
+                # its body kept (``dead-letters retry`` re-drives it once the store holds its events).
+                if not isinstance(exc, store_errors.GapNotInStore):
+                    logger.error("a batch failed with an unexpected store error; its delivery is dead-lettered",
+                                 extra={"projection": self.projection.name, "partition": self.partition,
+                                        "error": f"{type(exc).__name__}: {exc}"})
                 if len(deliveries) == 1:
                     await self._dead_letter_undecodable([dataclasses.replace(
                         deliveries[0], decoded=errors.MalformedMessage(f"{type(exc).__name__}: {exc}"))])
@@ -440,7 +445,7 @@ class Consumer:
                 try:
                     value = await step()
                 except retry.OUTAGE_ERRORS as exc:
-                    self.health.down("postgres", exc, projection=self.projection.name)
+                    self.health.down("postgres", exc, projection=self.projection.name, **retry.condition_of(exc))
                     raise
                 self.health.up("postgres")
                 return value
