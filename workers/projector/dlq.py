@@ -39,6 +39,7 @@ class DeadLetterCopies:
         self.exchange_name = broker.Names(prefix).dead_letter_exchange
         self.connection: AbstractConnection | None = None
         self.published = 0
+        self.unsent = 0  # handed over, neither published nor given up yet
         self._pending: asyncio.Queue[tuple[str, aio_pika.Message]] = asyncio.Queue(MAX_PENDING)
         self._task: asyncio.Task[None] | None = None
 
@@ -50,6 +51,7 @@ class DeadLetterCopies:
             logger.warning("DLQ copy dropped: too many pending (its dead letter is in the table)",
                            extra={"projection": projection, "message_id": message.message_id})
             return
+        self.unsent += 1
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="dead-letter copies")
 
@@ -58,16 +60,18 @@ class DeadLetterCopies:
         if self._task is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._pending.join(), wait_seconds)
+            left = self.unsent
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, *retry.OUTAGE_ERRORS):
                 await self._task
             self._task = None
-        if not self._pending.empty():
-            logger.warning("DLQ copies not published (their dead letters are in the table)",
-                           extra={"copies": self._pending.qsize()})
+            if left:
+                logger.warning("DLQ copies not published (their dead letters are in the table)",
+                               extra={"copies": left})
             while not self._pending.empty():
                 self._pending.get_nowait()
                 self._pending.task_done()
+            self.unsent = 0
         await self._disconnect()
 
     async def _run(self) -> None:
@@ -94,6 +98,7 @@ class DeadLetterCopies:
                     "projection": projection, "message_id": message.message_id,
                     "error": f"{type(exc).__name__}: {exc}"})
             finally:
+                self.unsent -= 1
                 self._pending.task_done()
 
     async def _connect(self) -> AbstractExchange:
