@@ -69,18 +69,22 @@ async def test_a_broker_alarm_holds_no_acks_of_a_consumer_that_parks_an_event(no
         exchange = await channel.get_exchange(names.partitions_exchange, ensure=False)
         await exchange.publish(broker.events_message(partition, events), routing_key=str(partition))
         consuming = await connection.channel()  # the consumer's: it only consumes and acks
+        queue = names.partition_queue(Counter.name, partition)
+        caplog.set_level(logging.WARNING, logger="workers.projector.dlq")
+        consumer = Consumer(event_store, consuming, Counter(), partition, settings, health_=health.Health())
         await asyncio.to_thread(node.memory_alarm, node.nodes[0])
         try:
-            caplog.set_level(logging.WARNING, logger="workers.projector.dlq")
-            consumer = Consumer(event_store, consuming, Counter(), partition, settings, health_=health.Health())
-            stats = await asyncio.wait_for(consumer.until_idle(), 60)
-            assert (stats.applied, stats.dead_lettered) == (4, 1)
-            # The batch is acked while the alarm stands: the consumer's connection published nothing.
-            queue = names.partition_queue(Counter.name, partition)
-            assert await asyncio.to_thread(unacked, node, queue) == (0, 0)
-            assert "DLQ copies not published (their dead letters are in the table)" in caplog.messages
+            run = asyncio.ensure_future(consumer.until_idle())
+            done, _ = await asyncio.wait({run}, timeout=60)  # a bound on a hang, not a timing
+            during_alarm = await asyncio.to_thread(unacked, node, queue)
         finally:
             await asyncio.to_thread(node.clear_memory_alarm, node.nodes[0])
+        stats = await run
+        assert done, "the consumer finished its batch while the alarm stood"
+        # The batch is acked while the alarm stands: the consumer's connection published nothing.
+        assert during_alarm == (0, 0)
+        assert (stats.applied, stats.dead_lettered) == (4, 1)
+        assert "DLQ copies not published (their dead letters are in the table)" in caplog.messages
         (row,) = await parking.list_parked(pool, Counter.name)
         assert (row["stream_id"], row["version"]) == ("order-a", 1)
         assert await applied(pool) == {"order-a": 1, events[-1].stream_id: 3}
