@@ -172,6 +172,26 @@ async def test_a_read_only_database_parks_nothing_and_everything_applies_once_it
     assert set((await applied(pool)).values()) == {3}
 
 
+async def test_a_missing_privilege_parks_nothing_fails_readiness_and_everything_applies_once_granted(
+        pool, event_store, schema, channel, prefix, settings, role):
+    events = await history(event_store)
+    await publish(channel, prefix, events)
+    table, quoted = f"{names.quote(schema)}.env_probe", names.quote(role)
+    await pool.execute(f"REVOKE ALL ON {table} FROM {quoted}")
+    health_ = health.Health()
+    async with db.create_pool(as_role(DATABASE_URL, role), schema) as worker_pool:
+        run = asyncio.ensure_future(consumer(worker_pool, schema, channel, settings, health_).until_idle())
+        await until_reported(health_, "42501")
+        assert "GRANT" in health_.reason()
+        assert not health_.ready()
+        assert await pool.fetchval("SELECT count(*) FROM dead_letters") == 0
+        await pool.execute(f"GRANT ALL ON {table} TO {quoted}")
+        stats = await asyncio.wait_for(run, 60)
+    assert (stats.applied, stats.dead_lettered) == (6, 0)
+    assert await pool.fetchval("SELECT count(*) FROM dead_letters") == 0
+    assert set((await applied(pool)).values()) == {3}
+
+
 async def test_a_handler_raising_file_not_found_is_parked_per_policy_and_other_streams_flow(
         pool, event_store, schema, channel, prefix, settings):
     await event_store.append("order-a", [placed("a", "c"), cancelled("a", "c", "no file"), paid("a", "c")],
