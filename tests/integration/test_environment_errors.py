@@ -225,6 +225,7 @@ async def test_a_batch_message_dead_letter_is_re_driven_and_its_events_applied_e
     assert (stats.applied, stats.undecodable) == (3, 1)
     (row,) = await parking.list_parked(pool, Counter.name)
     assert row["undecodable"]
+    assert row["error"] == "GapNotInStore: gap filling found 0 of 1 missing events in the store"
     assert await applied(pool) == {b[0].stream_id: 3}
 
     # The store catches up (here: the writers append versions 3 and 4); the dead letter is re-driven.
