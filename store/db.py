@@ -16,11 +16,13 @@ from typing import Any, TypeAlias
 import asyncpg
 import asyncpg.pool
 
-from store import errors, names
+from store import errors, names, sqlstates
 
 Conn: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"
 Pool: TypeAlias = "asyncpg.Pool[Any]"
 
+#: Errors of the driver and the socket that mean the connection (or the server) failed, whatever the
+#: statement: retried. Errors the server reports are classified by SQLSTATE instead (``is_transient``).
 TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.SerializationError,
@@ -50,6 +52,25 @@ CONFLICTS: tuple[type[BaseException], ...] = (
 )
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database call's error may pass when retried: the connection failed (``TRANSIENT``), or the
+    server reported a condition of its environment or a conflict (``sqlstates.classify``)."""
+    return isinstance(exc, TRANSIENT) or sqlstates.classify(exc) is not None
+
+
+def transient_error(exc: BaseException) -> errors.TransientError:
+    """The store's error for a retried database error: ``EnvironmentFailure`` (with its SQLSTATE and what to
+    fix) for a condition an operator may have to fix, ``TransactionConflict`` for a conflict with another
+    transaction (no outage), ``TransientError`` for an outage."""
+    text = f"{type(exc).__name__}: {exc}"
+    condition = sqlstates.classify(exc)
+    if condition is not None and condition.kind == "environment":
+        return errors.EnvironmentFailure(text, str(getattr(exc, "sqlstate", "")), condition.name, condition.remedy)
+    if (condition is not None and condition.kind == "conflict") or isinstance(exc, CONFLICTS):
+        return errors.TransactionConflict(text)
+    return errors.TransientError(text)
+
+
 class _Translate:
     """``with`` / ``async with`` block re-raising driver errors as store errors (a class: it sits on
     every statement's path, and a generator-based context manager costs several microseconds more)."""
@@ -60,10 +81,10 @@ class _Translate:
         return None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if isinstance(exc, CONFLICTS):
-            raise errors.TransactionConflict(f"{type(exc).__name__}: {exc}") from exc
-        if isinstance(exc, TRANSIENT):
-            raise errors.TransientError(f"{type(exc).__name__}: {exc}") from exc
+        if exc is None or isinstance(exc, errors.EventFleetError):
+            return
+        if is_transient(exc):
+            raise transient_error(exc) from exc
         if isinstance(exc, asyncpg.PostgresError):
             raise errors.StoreError(f"{type(exc).__name__}: {exc}") from exc
 

@@ -33,6 +33,17 @@ class TransactionConflict(TransientError):
     failure): not an outage; retrying the transaction succeeds."""
 
 
+class EnvironmentFailure(TransientError):
+    """The database refused for a reason of its environment (disk full, out of memory, a lock or statement
+    timeout, read-only, a missing privilege: ``store.sqlstates``), not of the event; retried until fixed."""
+
+    def __init__(self, message: str, sqlstate: str, condition: str, remedy: str) -> None:
+        super().__init__(f"{message} [SQLSTATE {sqlstate} {condition}: {remedy}]")
+        self.sqlstate = sqlstate
+        self.condition = condition
+        self.remedy = remedy
+
+
 class InvalidInput(EventFleetError, ValueError):
     """The input was rejected before it reached the database."""
 
@@ -61,6 +72,16 @@ class VersionConflict(StoreError):
         self.stream_id = stream_id
         self.expected = expected
         self.actual = actual
+
+
+class GapNotInStore(StoreError):
+    """A delivery names versions whose predecessors the store does not hold (a message from another store, or
+    from events an async failover lost): nothing can fill the gap before them."""
+
+    def __init__(self, found: int, wanted: int) -> None:
+        super().__init__(f"gap filling found {found} of {wanted} missing events in the store")
+        self.found = found
+        self.wanted = wanted
 
 
 class DuplicateEventId(StoreError):

@@ -369,6 +369,7 @@ async def test_a_poison_event_met_by_a_catch_up_is_parked_per_policy_with_a_copy
     c = await consumer_of(event_store, connection, settings, probe(), 3)
 
     assert await c.catch_up(Position.START) == 5
+    await c.close_copies()  # the DLQ copies go out behind the acks, on their own connection
 
     assert await seen(pool, probe.name) == seen_after
     assert await checkpoint(pool, probe.name, "order-a") == stream_checkpoint

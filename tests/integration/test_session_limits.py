@@ -65,7 +65,7 @@ async def test_a_statement_that_waits_longer_than_the_lock_limit_raises_a_transi
                                    asyncpg.exceptions.IdleInTransactionSessionTimeoutError])  # 25P03
 def test_what_the_limits_raise_inside_a_handler_is_retried_not_parked(error: type[Exception]) -> None:
     # (57014 query_canceled, a statement_timeout's, was transient already.)
-    assert handlers.is_transient(error("limit"))
+    assert handlers.is_outage(error("limit"))
 
 
 async def test_a_lease_tick_that_works_again_marks_postgres_up_after_a_lock_limit_marked_it_down(

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from workers.config import Settings
-from workers.projector.parking import DeadLetter, Skipped, dead_letter, list_parked, retry, skip
+from workers.projector.parking import DeadLetter, Redriven, Skipped, dead_letter, list_parked, retry, skip
 from workers.runtime import lifecycle
 
 
@@ -50,6 +50,16 @@ def skipped_line(done: Skipped) -> str:
             f"(now at version {done.version}); stream released")
 
 
+def retried_line(done: Redriven) -> str:
+    """What a retry did, in one line."""
+    if done.stream_id is None:
+        held = f"; {len(done.held)} halted by another dead letter left to it" if done.held else ""
+        return (f"dead letter {done.dead_letter_id}: batch message re-driven: applied {done.applied} events of "
+                f"{len(done.streams)} streams to {done.projection}; streams released{held}")
+    return (f"dead letter {done.dead_letter_id}: applied {done.applied} events of {done.stream_id} "
+            f"to {done.projection} (now at version {done.version}); stream released")
+
+
 async def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     """``eventfleet dead-letters list [--projection NAME]`` / ``show ID`` / ``retry ID`` / ``skip ID``."""
     async with lifecycle.open_pool(settings, min_size=1, max_size=2) as pool:
@@ -68,7 +78,5 @@ async def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
         if args.action == "skip":
             print(skipped_line(await skip(store, args.id)))
             return 0
-        done = await retry(store, args.id)
-        print(f"dead letter {done.dead_letter_id}: applied {done.applied} events of {done.stream_id} "
-              f"to {done.projection} (now at version {done.version}); stream released")
+        print(retried_line(await retry(store, args.id)))
         return 0

@@ -186,7 +186,7 @@ async def _load_gaps(conn: db.Conn, store: EventStore, projection: Projection, s
         filled.setdefault(row["stream_id"], {})[row["version"]] = _decode_stored(row, store, projection, park)
     wanted = sum(last - first + 1 for _, first, last in ranges)
     if len(rows) != wanted:
-        raise store_errors.StoreError(f"gap filling found {len(rows)} of {wanted} missing events in the store")
+        raise store_errors.GapNotInStore(len(rows), wanted)
     return filled
 
 

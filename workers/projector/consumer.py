@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aiormq.abc
-from aio_pika.abc import AbstractChannel, AbstractExchange
+from aio_pika.abc import AbstractChannel
 
 from projections.base import Projection
 from projections.reactor import Outcome, Reactor
@@ -41,7 +41,7 @@ from store.queries import load
 from store.records import Undecodable
 from workers import broker, errors
 from workers.config import Settings
-from workers.projector import deadlines, parking
+from workers.projector import deadlines, dlq, parking
 from workers.projector.batcher import Batcher
 from workers.projector.checkpoints import BatchResult
 from workers.runtime import health, metrics, retry
@@ -131,7 +131,7 @@ class Consumer:
     def __init__(self, store: EventStore, channel: AbstractChannel, projection: Projection, partition: int,
                  settings: Settings, *, health_: health.Health | None = None, stats: Stats | None = None,
                  cache: DecodeCache | None = None, catchups: asyncio.Semaphore | None = None,
-                 batcher: Batcher | None = None,
+                 batcher: Batcher | None = None, copies: dlq.DeadLetterCopies | None = None,
                  on_hold: Callable[[int, str], Awaitable[None]] | None = None) -> None:
         self.store, self.channel, self.projection, self.settings = store, channel, projection, settings
         self.partition = partition
@@ -150,19 +150,25 @@ class Consumer:
         self.stopping = False  # give up retrying through an outage, leave the rest unacked
         self._catchup_from: Position | None = None  # a catch-up is due, from there
         self._fresh = True  # no new event applied yet since this consumer started: duplicates are the handover's
-        self._dlx: AbstractExchange | None = None
+        #: Where parked events' DLQ copies go: a connection apart from this channel's (``dlq``), the worker's
+        #: shared one, or one of this consumer's own that it closes when it ends.
+        self.copies = copies or dlq.DeadLetterCopies(settings.amqp_urls, settings.prefix)
+        self._own_copies = copies is None
         self._raw: aiormq.abc.AbstractChannel | None = None
         self._wake: Callable[[], None] = lambda: None
         metrics.CAUGHT_UP.labels(projection.name)  # exported at 0 before any catch-up, not absent
 
     async def open(self) -> None:
-        """Set the prefetch (in messages) and get the exchanges this consumer publishes dead letters to; a
-        reactor is bound to the store its follow-ups go to."""
+        """Set the prefetch (in messages); a reactor is bound to the store its follow-ups go to."""
         if isinstance(self.projection, Reactor):
             self.projection.bind(self.store, await self.store.partitions())
         await self.channel.set_qos(prefetch_count=self.settings.prefetch_messages)
-        self._dlx = await self.channel.get_exchange(self.names.dead_letter_exchange, ensure=False)
         self._raw = await self.channel.get_underlay_channel()
+
+    async def close_copies(self) -> None:
+        """Publish the DLQ copies still pending, if the copies' connection is this consumer's own."""
+        if self._own_copies:
+            await self.copies.close()
 
     # --- what the lag monitor tells ---------------------------------------------------------------
 
@@ -231,7 +237,7 @@ class Consumer:
         partitions = await self.store.partitions()
         for parked_event in result.parked:
             if partition_of(parked_event.event.stream_id, partitions) == self.partition:
-                await self._publish_dead_letter(parked_event.event)
+                self._copy_dead_letter(parked_event.event)
         good = [d.tag for d in deliveries if not isinstance(d.decoded, errors.MalformedMessage)]
         if good:
             await self._raw.basic_ack(max(good), multiple=True)
@@ -249,12 +255,17 @@ class Consumer:
                 with self.span(events):
                     result = await self.outage_retrying(
                         lambda: parking.apply_or_park(self.store, self.projection, events))
+            except store_errors.TransientError:
+                raise  # given up retrying: stopping, or the channel died
             except store_errors.StoreError as exc:
-                if isinstance(exc, store_errors.TransientError):
-                    raise
                 # Neither an outage nor a handler's failure: a delivery naming what the store does not hold
-                # (a version it lacks). Find which delivery by applying them one by one; that one is
-                # dead-lettered whole, as an undecodable message is.
+                # (GapNotInStore: versions it lacks), or a store error no retry heals. Find which delivery by
+                # applying them one by one; that one is dead-lettered whole, as an undecodable message is,
+                # its body kept (``dead-letters retry`` re-drives it once the store holds its events).
+                if not isinstance(exc, store_errors.GapNotInStore):
+                    logger.error("a batch failed with an unexpected store error; its delivery is dead-lettered",
+                                 extra={"projection": self.projection.name, "partition": self.partition,
+                                        "error": f"{type(exc).__name__}: {exc}"})
                 if len(deliveries) == 1:
                     await self._dead_letter_undecodable([dataclasses.replace(
                         deliveries[0], decoded=errors.MalformedMessage(f"{type(exc).__name__}: {exc}"))])
@@ -274,7 +285,7 @@ class Consumer:
                 self._fresh = False
         self.count(result, time.perf_counter() - started, messages=len(deliveries))
         for parked in result.parked:
-            await self._publish_dead_letter(parked.event)
+            self._copy_dead_letter(parked.event)
         good = [d.tag for d in deliveries if not isinstance(d.decoded, errors.MalformedMessage)]
         if good:
             # Every delivery up to this tag is in this batch or settled before: one frame acks them all.
@@ -294,7 +305,7 @@ class Consumer:
         self.stats.caught_up += len(events)
         metrics.CAUGHT_UP.labels(self.projection.name).inc(len(events))
         for parked in result.parked:
-            await self._publish_dead_letter(parked.event)
+            self._copy_dead_letter(parked.event)
         return result
 
     async def catch_up(self, start: Position, stop: asyncio.Event | None = None) -> int:
@@ -365,10 +376,10 @@ class Consumer:
         self.stats.undecodable += len(bad)
         self.stats.dead_lettered += len(bad)
 
-    async def _publish_dead_letter(self, event: RecordedEvent) -> None:
+    def _copy_dead_letter(self, event: RecordedEvent) -> None:
         """A parked event: its message carries others too, so a copy of the event alone goes to the DLQ (one
-        that could not be decoded flagged as such, as the relay flags what it cannot encode)."""
-        assert self._dlx is not None, "open() first"
+        that could not be decoded flagged as such, as the relay flags what it cannot encode), published on
+        the copies' own connection, never this channel's (see ``dlq``): the deliveries are acked meanwhile."""
         if isinstance(event.event, Undecodable):
             message = broker.encode_undecodable_row(
                 {"event_id": event.event_id, "stream_id": event.stream_id, "version": event.version,
@@ -377,7 +388,7 @@ class Consumer:
                  "recorded_at": event.recorded_at}, str(event.event.error))
         else:
             message = broker.to_message(event)
-        await self._dlx.publish(message, routing_key=self.projection.name)
+        self.copies.put(self.projection.name, message)
 
     def count(self, result: BatchResult, seconds: float, *, deliveries: bool = True, messages: int = 0) -> None:
         """Count a batch; events a catch-up read that were applied already are no duplicate deliveries."""
@@ -448,7 +459,7 @@ class Consumer:
                 try:
                     value = await step()
                 except retry.OUTAGE_ERRORS as exc:
-                    self.health.down("postgres", exc, projection=self.projection.name)
+                    self.health.down("postgres", exc, projection=self.projection.name, **retry.condition_of(exc))
                     raise
                 self.health.up("postgres")
                 return value
@@ -526,16 +537,17 @@ class Consumer:
         finally:
             self.release_hold()
             ending = True  # the firing sees it and ends after its round in flight, however the loop ended
+            self.stopping = True  # and gives up retrying through an outage (a missing grant retries for ever)
             if firing is not None:
                 await asyncio.wait({firing})
                 self._log_firing_failure(firing)
-            self.stopping = True
             self._wake = lambda: None
             for watcher in watchers:
                 watcher.cancel()
             if not self.channel.is_closed and self._raw is not None:
                 with contextlib.suppress(*retry.OUTAGE_ERRORS):
                     await self._raw.basic_cancel(tag)
+            await self.close_copies()
         if firing is not None and not firing.cancelled() and (failure := firing.exception()) is not None:
             # Not an outage (those it retries): a bug or a misconfiguration such as a missing grant. Deadlines
             # must not silently stop firing while events go on being consumed: the consumer fails, and with it
@@ -611,6 +623,7 @@ class Consumer:
             first = buffer.get_nowait()
             if first is not None:
                 await self.handle_decoded(self._take(first, buffer))
+        await self.close_copies()
         return self.stats
 
 

@@ -103,7 +103,7 @@ class Firing:
                 try:
                     await self.reactor.fire_all(conn, due)
                 except Exception as exc:
-                    if handlers.is_transient(exc):
+                    if handlers.is_outage(exc, conn):
                         raise
                     raise _Rerun from exc
                 await conn.execute(SQL["fired_all"], name, [d.key for d in due], [d.deadline_id for d in due])

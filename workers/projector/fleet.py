@@ -23,7 +23,7 @@ from projections.base import Projection
 from store.event_store import EventStore
 from workers import errors
 from workers.config import Settings
-from workers.projector import lag
+from workers.projector import dlq, lag
 from workers.projector.batcher import Batcher
 from workers.projector.consumer import Consumer, DecodeCache, Stats
 from workers.projector.leases import REBALANCE_TICK_SECONDS, LeaseKeeper, Tick
@@ -57,6 +57,9 @@ class Fleet:
         #: One per projection: its consumers' deliveries applied together (workers/projector/batcher.py).
         self.batchers = {p.name: Batcher(store, p, settings.batch_size) for p in projections}
         self.lags: dict[str, lag.Lag] = {}
+        #: Every consumer's DLQ copies, on a connection of their own (a broker alarm must not hold the acks).
+        self.copies = dlq.DeadLetterCopies(settings.amqp_urls, settings.prefix,
+                                           name=f"{settings.prefix} worker dead-letter copies")
         self._ended = asyncio.Event()  # a consumer ended by itself: look at once
 
     def note_lag(self, projection: str, measured: lag.Lag) -> None:
@@ -98,6 +101,7 @@ class Fleet:
             for task in batching:  # after the consumers: their last hand-overs are applied
                 task.cancel()
             await asyncio.gather(*batching, return_exceptions=True)
+            await self.copies.close()
         self._check_consumers()
 
     async def _follow(self, tick: Tick, stop: asyncio.Event) -> None:
@@ -126,7 +130,7 @@ class Fleet:
             raise errors.ChannelLost(f"cannot open a channel for {projection}.{partition}: {exc}") from exc
         consumer = Consumer(self.store, channel, self.projections[projection], partition, self.settings,
                             health_=self.health, stats=self.stats[projection], cache=self.cache,
-                            catchups=self.catchups, batcher=self.batchers[projection],
+                            catchups=self.catchups, batcher=self.batchers[projection], copies=self.copies,
                             on_hold=functools.partial(self.keeper.note_hold, projection))
         measured = self.lags.get(projection)
         if measured is not None:  # a partition taken over far behind catches up at once

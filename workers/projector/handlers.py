@@ -1,12 +1,18 @@
 """The only code that calls a projection's handlers, and the one classification of what they raise.
 
 Whoever applies events (a worker's batch, a catch-up, a re-drive, a rebuild or a backfill) calls them
-through here. What a handler raises is one of two things:
+through here. What a handler raises is one of two things (``is_outage``):
 
-- a database outage or conflict (``store.db.TRANSIENT``, ``TransientError``): nothing is wrong with the
-  event; it is raised as ``TransientError`` and the whole transaction is retried;
+- the database failing, not the event: a condition of its environment or a conflict the server reports
+  by SQLSTATE (disk full, a lock timeout, read-only, a missing privilege... ``store.sqlstates``), the
+  connection lost under the handler (asyncpg's connection errors, or anything at all once the connection
+  it was given is closed), or a driver timeout. Nothing is wrong with the event; it is raised as
+  ``TransientError`` (``EnvironmentFailure`` with the SQLSTATE and what to fix) and the whole transaction
+  is retried, for as long as it takes;
 - anything else is the handler's own failure on this event (``HandlerFailed``, the original as its
-  ``__cause__``): retried a few times, then parked per the projection's policy.
+  ``__cause__``), whatever its type: a data or integrity error of its SQL, a wrong argument, an
+  ``OSError`` such as ``FileNotFoundError`` of its own making. Retried a few times, then parked per the
+  projection's policy.
 
 A stored event this code cannot decode (an ``Undecodable`` payload) is never handed to a handler. One of a
 type this code does not know (a newer version, or a type newer code added) is no corruption: a projection
@@ -22,8 +28,10 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+import asyncpg
+
 from projections.base import Projection
-from store import db
+from store import db, sqlstates
 from store import errors as store_errors
 from store.records import RecordedEvent, Undecodable
 from workers import errors
@@ -44,9 +52,26 @@ class Failure:
         return cls(f"{type(cause).__name__}: {cause}", text, attempts)
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is an outage or conflict of the database rather than the handler's own failure."""
-    return isinstance(exc, (*db.TRANSIENT, store_errors.TransientError))
+#: Driver errors that mean the connection failed under the handler (a reset socket surfaces as asyncpg's
+#: ConnectionDoesNotExistError), and the driver's timeouts (asyncpg cancels the statement and raises
+#: TimeoutError, a ``query_canceled`` of the client's making; handlers run SQL only).
+CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.InternalClientError,
+    TimeoutError,
+)
+
+
+def is_outage(exc: BaseException, conn: object = None) -> bool:
+    """Whether a handler's ``exc`` is the database failing rather than the handler's own failure (see the
+    module doc). ``conn``: the connection the handler was given; once it is closed, whatever the handler
+    raised came from losing it (retrying a handler that fails for its own reason costs one more try)."""
+    if isinstance(exc, (store_errors.TransientError, *CONNECTION_LOST)) or sqlstates.classify(exc) is not None:
+        return True
+    if isinstance(exc, store_errors.EventFleetError):
+        return False
+    closed = getattr(conn, "is_closed", None)
+    return callable(closed) and closed() is True
 
 
 def has_set_based(projection: Projection) -> bool:
@@ -65,9 +90,13 @@ def passes_by(projection: Projection, event: RecordedEvent) -> bool:
     return True
 
 
-def raise_for(projection: Projection, event: RecordedEvent | None, exc: BaseException) -> NoReturn:
-    if is_transient(exc):
-        raise store_errors.TransientError(f"{type(exc).__name__}: {exc}") from exc
+def raise_for(projection: Projection, event: RecordedEvent | None, exc: BaseException,
+              conn: object = None) -> NoReturn:
+    """Raise what a handler's ``exc`` is: ``TransientError`` for an outage (``is_outage``), else ``HandlerFailed``."""
+    if isinstance(exc, store_errors.TransientError):
+        raise exc
+    if is_outage(exc, conn):
+        raise db.transient_error(exc) from exc
     raise errors.HandlerFailed(projection.name, event, exc) from exc
 
 
@@ -84,7 +113,7 @@ async def apply_one(conn: db.Conn | Any, projection: Projection, event: Recorded
     except passthrough:
         raise
     except Exception as exc:  # noqa: BLE001 - a handler's own error, whatever its type, is poison
-        raise_for(projection, event, exc)
+        raise_for(projection, event, exc, conn)
 
 
 async def apply_each(conn: db.Conn, projection: Projection, events: Sequence[RecordedEvent]) -> None:
@@ -104,7 +133,7 @@ async def apply_set(conn: db.Conn, projection: Projection, events: Sequence[Reco
     try:
         await projection.apply_batch(conn, events)
     except Exception as exc:  # noqa: BLE001 - a handler's own error, whatever its type, is poison
-        raise_for(projection, None, exc)
+        raise_for(projection, None, exc, conn)
 
 
 async def apply(conn: db.Conn, projection: Projection, events: Sequence[RecordedEvent], *,

@@ -14,7 +14,7 @@ import datetime as dt
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import tenacity
 
@@ -102,20 +102,27 @@ async def record_undecodable(pool: db.Pool, projection: str, items: Sequence[tup
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Redriven:
-    """What a retry did: the stream it released and how many events it applied."""
+    """What a retry did: the streams it released, how many events it applied, and where the stream stands
+    (``stream_id`` and ``version`` are None for a whole batch message, which can hold several streams)."""
 
     dead_letter_id: int
     projection: str
-    stream_id: str
+    stream_id: str | None
     applied: int
-    version: int
+    version: int | None
+    streams: tuple[str, ...] = ()
+    held: tuple[str, ...] = ()  # streams of a batch message halted by another dead letter: left to it
 
 
 async def retry(store: EventStore, dead_letter_id: int,
                 resolve: Callable[[str], Projection] = lambda name: registry.get(name)()) -> Redriven:
     """Re-drive a parked dead letter: apply its stream from the checkpoint to the store's head, release it.
 
-    One transaction with the checkpoint (and the watermark lock, so lag never misses the released events).
+    A dead letter holding a whole batch message (a delivery dead-lettered whole: undecodable then, or naming
+    versions the store did not hold) re-drives every stream of the batch the same way, in stream order;
+    a stream another dead letter halts stays halted (that one's retry applies it). The store is the truth:
+    what the message carried is only which streams to look at, and the checkpoints absorb what was applied.
+    One transaction with the checkpoints (and the watermark lock, so lag never misses the released events).
     If a handler still fails, nothing changes but the dead letter's attempts and error, and it raises.
     """
     try:
@@ -134,16 +141,50 @@ async def _redrive(conn: db.Conn, store: EventStore, dead_letter_id: int,
     projection = resolve(row["projection"])
     stream_id, version = row["stream_id"], row["version"]
     if stream_id is None:
-        try:
-            event = broker.from_body(row["body"], store.registry)
-        except errors.MalformedMessage as exc:
-            raise errors.NotRetryable(f"dead letter {dead_letter_id} is still undecodable: {exc}") from exc
-        stream_id, version = event.stream_id, event.version
+        streams = _streams_of(dead_letter_id, row["body"], store)
+        if isinstance(streams, RecordedEvent):  # a one-event message
+            stream_id, version = streams.stream_id, streams.version
+        else:
+            return await _redrive_batch(conn, store, projection, dead_letter_id, streams)
     applied, last = await _release(conn, store, projection, stream_id)
     await conn.execute(SQL["resolve_dead_letter"], dead_letter_id, stream_id, version)
     logger.info("dead letter re-driven", extra={"dead_letter": dead_letter_id, "projection": projection.name,
                                                 "stream_id": stream_id, "applied": applied})
-    return Redriven(dead_letter_id, projection.name, stream_id, applied, last)
+    return Redriven(dead_letter_id, projection.name, stream_id, applied, last, (stream_id,))
+
+
+def _streams_of(dead_letter_id: int, body: bytes, store: EventStore) -> RecordedEvent | list[str]:
+    """The event of a one-event body, or the streams of a batch body, sorted; NotRetryable if it is neither."""
+    try:
+        return broker.from_body(body, store.registry)
+    except errors.MalformedMessage as exc:
+        one = exc
+    try:
+        batch = broker.from_batch_body(body, store.registry)
+    except errors.MalformedMessage as exc:
+        raise errors.NotRetryable(f"dead letter {dead_letter_id} is still undecodable: {one}; as a batch: {exc}"
+                                  ) from exc
+    streams = sorted({e.stream_id for e in batch.events})
+    if not streams:
+        raise errors.NotRetryable(f"dead letter {dead_letter_id} is a batch message that names no stream")
+    return streams
+
+
+async def _redrive_batch(conn: db.Conn, store: EventStore, projection: Projection, dead_letter_id: int,
+                         streams: list[str]) -> Redriven:
+    """Release every stream of a batch message that no other dead letter halts; mark the dead letter retried."""
+    applied, released, held = 0, [], []
+    for sid in streams:
+        done = await _release(conn, store, projection, sid, keep_halted=True)
+        if done is None:
+            held.append(sid)
+            continue
+        applied += done[0]
+        released.append(sid)
+    await conn.execute(SQL["resolve_dead_letter"], dead_letter_id, None, None)
+    logger.info("dead letter re-driven", extra={"dead_letter": dead_letter_id, "projection": projection.name,
+                                                "streams": len(released), "held": held, "applied": applied})
+    return Redriven(dead_letter_id, projection.name, None, applied, None, tuple(released), tuple(held))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -192,10 +233,17 @@ async def _lock_parked(conn: db.Conn, dead_letter_id: int, verb: str) -> Any:
     return row
 
 
+@overload
 async def _release(conn: db.Conn, store: EventStore, projection: Projection, stream_id: str, *,
-                   past: int = -1) -> tuple[int, int]:
+                   past: int = -1, keep_halted: Literal[False] = False) -> tuple[int, int]: ...
+@overload
+async def _release(conn: db.Conn, store: EventStore, projection: Projection, stream_id: str, *,
+                   past: int = -1, keep_halted: bool) -> tuple[int, int] | None: ...
+async def _release(conn: db.Conn, store: EventStore, projection: Projection, stream_id: str, *,
+                   past: int = -1, keep_halted: bool = False) -> tuple[int, int] | None:
     """Apply a stream's events after its checkpoint (and after version ``past``) up to the store's head, move
     the checkpoint to the last of them and lift its halt; return (events applied, the new checkpoint).
+    ``keep_halted``: leave a halted stream as it is (its dead letter releases it) and return None.
 
     Takes the projection's lock shared, as every batch does, then the watermark lock, so the lag monitor
     never passes the released events unseen (see ``locks``).
@@ -207,6 +255,8 @@ async def _release(conn: db.Conn, store: EventStore, projection: Projection, str
     await locks.take(conn, locks.watermark(store.schema, name))
     head = await conn.fetchrow(SQL["lock_stream_checkpoint"], name, stream_id)
     assert head is not None
+    if keep_halted and head["halted_version"] is not None:
+        return None
     if head["halted_version"] is not None and head["halted_version"] < past:
         # Moving past ``past`` would drop the event the stream is halted at, unapplied and unrecorded.
         raise errors.NotRetryable(f"stream {stream_id} of {name} is halted at version {head['halted_version']}, "

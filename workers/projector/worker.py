@@ -23,7 +23,7 @@ from store import db
 from store.event_store import EventStore
 from workers import broker, errors
 from workers.config import Settings
-from workers.projector import lag
+from workers.projector import dlq, lag
 from workers.projector.consumer import Consumer, DecodeCache, Stats
 from workers.projector.fleet import CATCHUPS_AT_ONCE, Fleet
 from workers.projector.leases import LeaseKeeper
@@ -40,8 +40,9 @@ async def run_consumer(pool: db.Pool, connection: AbstractConnection, projection
     store = lifecycle.open_store(pool, settings)
     partitions = await store.partitions()
     stats, cache, health_ = Stats(), DecodeCache.of(settings), health_ or health.Health()
+    copies = dlq.DeadLetterCopies(settings.amqp_urls, settings.prefix)
     consumers = [Consumer(store, await connection.channel(), projection, p, settings, health_=health_, stats=stats,
-                          cache=cache) for p in range(partitions)]
+                          cache=cache, copies=copies) for p in range(partitions)]
     try:
         async with asyncio.TaskGroup() as group:
             for consumer in consumers:
@@ -50,6 +51,7 @@ async def run_consumer(pool: db.Pool, connection: AbstractConnection, projection
         for consumer in consumers:
             with contextlib.suppress(Exception):
                 await consumer.channel.close()
+        await copies.close()
     return stats
 
 

@@ -13,6 +13,9 @@ from store import errors as store_errors
 from workers import errors
 
 #: What an outage of Postgres or RabbitMQ looks like from here; anything else is a bug and propagates.
+#: Postgres errors reach here translated (``store.db.translate_errors``: by SQLSTATE, ``store.sqlstates``),
+#: and a handler's own errors as ``HandlerFailed`` (``workers.projector.handlers``), so the bare socket
+#: errors below are the broker's (a handler's FileNotFoundError is no outage).
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     store_errors.TransientError,
     errors.BrokerUnavailable,
@@ -26,6 +29,13 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+
+def condition_of(exc: BaseException) -> dict[str, str]:
+    """Log fields of an outage that is a condition of the database's environment (``EnvironmentFailure``):
+    its SQLSTATE, its name and what to fix; none for any other outage."""
+    if isinstance(exc, store_errors.EnvironmentFailure):
+        return {"sqlstate": exc.sqlstate, "condition": exc.condition, "fix": exc.remedy}
+    return {}
 
 
 def retry_forever(*, max_wait: float = 10.0) -> tenacity.AsyncRetrying:
