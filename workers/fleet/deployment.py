@@ -1,0 +1,70 @@
+"""A deployment of the fleet's own: migrated on entry, torn down on exit whatever happened in between.
+
+Tearing down is ``eventfleet teardown --yes`` (``workers.admin.teardown``): the schema and its shadows, the
+queues and exchanges of the prefix, the roles of ``migrate --roles``. A schema that never got migrated (the
+migrate itself failed) leaves the broker names its projections would have had, which are deleted by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterable
+
+from aio_pika.abc import AbstractConnection
+
+from projections import registry
+from store.partitions import DEFAULT_PARTITIONS
+from workers import admin, broker, errors
+from workers.admin import teardown
+from workers.config import Settings
+from workers.runtime import amqp, retry
+
+#: How long removal waits for a broker that does not answer (a fault test may have stopped it a moment ago).
+BROKER_WITHIN = 60.0
+
+
+async def create(settings: Settings) -> None:
+    """Migrate the settings' schema with their P (the store's default when unset)."""
+    await admin.run_migrate(settings.database_url, settings.schema, partitions=settings.partitions)
+
+
+async def remove(settings: Settings, projections: Iterable[str] = ()) -> None:
+    """Drop the deployment as ``eventfleet teardown --yes`` does; ``projections`` are torn down besides the
+    registered ones and those with a status row (the fleet's processes may load modules this one does not)."""
+    names = sorted({*registry.load(settings.projection_modules), *projections})
+    connection = await _connect(settings)
+    async with connection:
+        try:
+            found = await teardown.plan(settings.database_url, settings.schema, settings.prefix, connection, names)
+        except errors.TeardownRefused:
+            channel = await connection.channel()
+            await broker.delete_topology(channel, broker.Names(settings.prefix), names,
+                                         settings.partitions or DEFAULT_PARTITIONS)
+            await channel.close()
+            return
+        await teardown.tear_down(settings.database_url, found, connection)
+
+
+async def _connect(settings: Settings) -> AbstractConnection:
+    deadline = time.monotonic() + BROKER_WITHIN
+    while True:
+        try:
+            return await amqp.connect(settings.amqp_urls, name=f"eventfleet fleet teardown {settings.prefix}")
+        except retry.OUTAGE_ERRORS:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+@contextlib.asynccontextmanager
+async def open_deployment(settings: Settings, projections: Iterable[str] = (), *,
+                          migrate: bool = True) -> AsyncIterator[Settings]:
+    """Migrate (unless ``migrate`` is false: the caller did), yield the settings, and always remove it."""
+    try:
+        if migrate:
+            await create(settings)
+        yield settings
+    finally:
+        await remove(settings, projections)
