@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import asyncpg
 import pytest
 
@@ -27,7 +21,8 @@ from store.event_store import record_from_row
 from store.partitions import partition_of
 from tests.conftest import AMQP_URL, DATABASE_URL
 from tests.unit.test_projection_fold import fold, order_life, read_models
-from workers import admin, broker
+from workers.config import Settings
+from workers.fleet import Fleet, Process, open_fleet
 from workers.projector import leases
 from workers.runtime import retry
 
@@ -38,101 +33,54 @@ PROJECTIONS = ("customer_stats", "batch_recorder")
 #: would make every later test's relay declare its queues too.
 PARTITIONS = 16
 RECORDER = queries.load("tests.e2e", "recorder.sql")
-MODULES = f"{registry.EXAMPLE},tests.e2e.recorder"
+MODULES = (registry.EXAMPLE, "tests.e2e.recorder")
 LEASE_SECONDS = 6
 RETRYABLE: tuple[type[BaseException], ...] = (*retry.OUTAGE_ERRORS, asyncpg.PostgresError)
 
 
-class Fleet:
-    """A relay and worker processes on one deployment (schema with 16 partitions, prefix of its own)."""
-
-    def __init__(self, schema: str, prefix: str, logs: Path) -> None:
-        self.schema, self.prefix, self.logs = schema, prefix, logs
-        self.workers: dict[int, subprocess.Popen[str]] = {}
-        self.reports: list[dict[str, dict[str, int]]] = []
-        self.relay: subprocess.Popen[str] | None = None
-
-    def _start(self, role: str, *args: str, log: str) -> subprocess.Popen[str]:
-        env = {**os.environ, "EVENTFLEET_DATABASE_URL": DATABASE_URL, "EVENTFLEET_AMQP_URL": AMQP_URL,
-               "EVENTFLEET_SCHEMA": self.schema, "EVENTFLEET_PREFIX": self.prefix, "EVENTFLEET_HTTP_PORT": "0",
-               "EVENTFLEET_PROJECTION_MODULES": MODULES, "EVENTFLEET_LEASE_SECONDS": str(LEASE_SECONDS),
-               "EVENTFLEET_CATCHUP_THRESHOLD": "0", "EVENTFLEET_RELAY_POLL_MS": "100"}
-        fd = os.open(self.logs / log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        try:
-            return subprocess.Popen([sys.executable, "-m", "workers", role, *args], env=env,
-                                    stdout=subprocess.PIPE, stderr=fd, text=True)
-        finally:
-            os.close(fd)
-
-    def start_relay(self) -> None:
-        self.relay = self._start("relay", log="relay.log")
-
-    def start_worker(self) -> int:
-        args = [a for p in PROJECTIONS for a in ("--projection", p)]
-        proc = self._start("worker", *args, log=f"worker-{len(self.workers)}.log")
-        self.workers[proc.pid] = proc
-        return proc.pid
-
-    def stop(self, pid: int, *, kill: bool = False) -> dict[str, dict[str, int]]:
-        """SIGKILL (nothing reported) or SIGTERM: the worker hands over and prints its totals per projection."""
-        proc = self.workers.pop(pid)
-        if kill:
-            proc.kill()
-            proc.communicate()
-            return {}
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0, (self.logs, out)
-        report: dict[str, dict[str, int]] = json.loads(out.strip().splitlines()[-1])["projections"]
-        self.reports.append(report)
-        return report
-
-    def stop_all(self) -> None:
-        for pid in list(self.workers):
-            self.stop(pid)
-
-    def total(self, key: str) -> int:
-        """A counter summed over the workers stopped with SIGTERM, over every projection."""
-        return sum(p[key] for report in self.reports for p in report.values())
-
-    def reap(self) -> None:
-        for proc in [*self.workers.values(), *([self.relay] if self.relay else [])]:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-
-    def alive(self) -> None:
-        dead = {pid: p.returncode for pid, p in self.workers.items() if p.poll() is not None}
-        assert not dead, f"workers died: {dead}; logs in {self.logs}"
+ENV = {"EVENTFLEET_LEASE_SECONDS": str(LEASE_SECONDS), "EVENTFLEET_CATCHUP_THRESHOLD": "0",
+       "EVENTFLEET_RELAY_POLL_MS": "100"}
+WORKER_ARGS = tuple(a for p in PROJECTIONS for a in ("--projection", p))
 
 
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    schema, prefix = f"t_{uuid.uuid4().hex[:16]}", f"test.{uuid.uuid4().hex[:12]}"
-    await admin.run_migrate(DATABASE_URL, schema, partitions=PARTITIONS)
-    conn = await db.connect(DATABASE_URL, schema)
-    try:
-        await conn.execute(RECORDER["ddl"])
-    finally:
-        await conn.close()
-    fleet = Fleet(schema, prefix, tmp_path)
-    try:
-        yield fleet
-    finally:
-        fleet.reap()
-        connection = await aio_pika.connect(AMQP_URL)
-        async with connection:
-            await broker.delete_topology(await connection.channel(), broker.Names(prefix), PROJECTIONS, PARTITIONS)
-        conn = await asyncpg.connect(DATABASE_URL)
+    """A deployment with 16 partitions and the recorder's table; removed after, whatever happened."""
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=f"t_{uuid.uuid4().hex[:16]}",
+                        prefix=f"test.{uuid.uuid4().hex[:12]}", partitions=PARTITIONS, projection_modules=MODULES)
+    async with open_fleet(settings, tmp_path, env=ENV, projections=PROJECTIONS) as f:
+        conn = await db.connect(DATABASE_URL, settings.schema)
         try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            await conn.execute(RECORDER["ddl"])
         finally:
             await conn.close()
+        yield f
+
+
+async def start_worker(fleet: Fleet) -> int:
+    """A worker of both projections, started (not waited for); its pid, which its lease owner name holds."""
+    worker = fleet.add("worker", *WORKER_ARGS)
+    worker.start()
+    return worker.pid
+
+
+def worker(fleet: Fleet, pid: int) -> Process:
+    [found] = [p for p in fleet.workers if p.alive and p.pid == pid]
+    return found
+
+
+async def stop(fleet: Fleet, pid: int) -> None:
+    """SIGTERM: the worker hands over and prints its totals per projection (``fleet.totals()``)."""
+    assert await fleet.stop(worker(fleet, pid)) == 0, fleet.logs
+
+
+async def stop_all(fleet: Fleet) -> None:
+    assert set((await fleet.stop_all()).values()) <= {0}, fleet.logs
 
 
 @pytest.fixture
 async def pool(fleet: Fleet) -> AsyncIterator[db.Pool]:
-    async with db.create_pool(DATABASE_URL, fleet.schema, min_size=1, max_size=4) as p:
+    async with db.create_pool(DATABASE_URL, fleet.settings.schema, min_size=1, max_size=4) as p:
         yield p
 
 
@@ -145,7 +93,7 @@ async def until(check: Callable[[], Awaitable[bool]], within: float, fleet: Flee
                 return time.monotonic() - began
         except RETRYABLE:
             pass
-        fleet.alive()
+        fleet.check()
         assert time.monotonic() - began < within, f"{what}: not within {within} s; logs in {fleet.logs}"
         await asyncio.sleep(0.05)
 
@@ -244,7 +192,7 @@ def overlaps(batches: list[Any]) -> list[tuple[Any, Any]]:
 
 
 async def test_four_workers_on_sixteen_partitions_hold_fair_shares_within_ten_seconds(fleet, pool):
-    pids = {fleet.start_worker() for _ in range(4)}
+    pids = {await start_worker(fleet) for _ in range(4)}
     # From the last worker's start: each has to import, connect and register first.
     seconds = await until(lambda: _balanced(pool, pids), 10 + 10, fleet, "fair shares")
     assert balanced(await shares(pool), pids)
@@ -257,16 +205,16 @@ async def _balanced(pool: db.Pool, pids: set[int]) -> bool:
 
 async def test_a_killed_workers_partitions_are_owned_and_applied_by_the_others_within_the_lease_plus_five_s(
         fleet, pool):
-    fleet.start_relay()
-    pids = {fleet.start_worker() for _ in range(4)}
+    fleet.add("relay").start()
+    pids = {await start_worker(fleet) for _ in range(4)}
     await until(lambda: _balanced(pool, pids), 30, fleet, "fair shares")
     victim = min(pids)
     theirs = {lease.partition for lease in await leases.owners(pool)
               if lease.owner is not None and lease.owner.split(":")[1] == str(victim)
               and lease.projection == "customer_stats"}
-    fleet.stop(victim, kill=True)
+    fleet.kill(worker(fleet, victim))
     killed = time.monotonic()
-    store = EventStore(pool, schema=fleet.schema)
+    store = EventStore(pool, schema=fleet.settings.schema)
     await Writer(store, "after-kill", streams_in(theirs, 20, "k")).write(20)
     rest = pids - {victim}
     await until(lambda: _balanced(pool, rest), LEASE_SECONDS + 5, fleet, "the victim's partitions owned")
@@ -279,18 +227,18 @@ async def test_a_killed_workers_partitions_are_owned_and_applied_by_the_others_w
 
 
 async def test_scaling_one_to_four_to_two_under_load_keeps_read_models_exact_and_partitions_unshared(fleet, pool):
-    fleet.start_relay()
-    first = fleet.start_worker()
+    fleet.add("relay").start()
+    first = await start_worker(fleet)
     await until(lambda: _balanced(pool, {first}), 30, fleet, "one worker holding everything")
-    writer = Writer(EventStore(pool, schema=fleet.schema), "scale")
+    writer = Writer(EventStore(pool, schema=fleet.settings.schema), "scale")
     writing = asyncio.create_task(writer.run(per_second=400))
     try:
         await asyncio.sleep(2)
-        pids = {first} | {fleet.start_worker() for _ in range(3)}
+        pids = {first} | {await start_worker(fleet) for _ in range(3)}
         await until(lambda: _balanced(pool, pids), 20, fleet, "four fair shares")
         await asyncio.sleep(2)
         for pid in sorted(pids - {first})[:2]:
-            fleet.stop(pid)  # SIGTERM: hands its partitions over
+            await stop(fleet, pid)  # SIGTERM: hands its partitions over
             pids.discard(pid)
         await until(lambda: _balanced(pool, pids), 10, fleet, "two fair shares")
         await asyncio.sleep(2)
@@ -302,9 +250,9 @@ async def test_scaling_one_to_four_to_two_under_load_keeps_read_models_exact_and
     batches = await pool.fetch("SELECT partition, pid, events, started_at, ended_at FROM batch_recorder")
     assert {b["pid"] for b in batches} > {first}  # the partitions did move
     assert overlaps(batches) == []
-    fleet.stop_all()
+    await stop_all(fleet)
     # Every handover was graceful: the old owner committed and acked before it released the lease.
-    assert (fleet.total("duplicates"), fleet.total("gaps_filled")) == (0, 0)
+    assert (fleet.totals()["duplicates"], fleet.totals()["gaps_filled"]) == (0, 0)
 
 
 #: The most duplicates one partition's handover can cost after a kill: the killed owner's transaction in
@@ -315,17 +263,17 @@ HANDOVER_BOUND = BATCH_SIZE + MESSAGE_EVENTS - 1
 
 
 async def test_a_kill_under_load_costs_at_most_one_transaction_per_partition_in_duplicates(fleet, pool):
-    fleet.start_relay()
-    pids = {fleet.start_worker() for _ in range(4)}
+    fleet.add("relay").start()
+    pids = {await start_worker(fleet) for _ in range(4)}
     await until(lambda: _balanced(pool, pids), 30, fleet, "fair shares")
     victim = min(pids)
     held = sum(1 for lease in await leases.owners(pool)
                if lease.owner is not None and lease.owner.split(":")[1] == str(victim))
-    writer = Writer(EventStore(pool, schema=fleet.schema), "kill")
+    writer = Writer(EventStore(pool, schema=fleet.settings.schema), "kill")
     writing = asyncio.create_task(writer.run(per_second=800))
     try:
         await asyncio.sleep(3)
-        fleet.stop(victim, kill=True)
+        fleet.kill(worker(fleet, victim))
         await until(lambda: _balanced(pool, pids - {victim}), LEASE_SECONDS + 5, fleet, "taken over")
         await asyncio.sleep(1)
     finally:
@@ -333,7 +281,7 @@ async def test_a_kill_under_load_costs_at_most_one_transaction_per_partition_in_
         await writing
     await until(lambda: all_applied(pool), 60, fleet, "everything applied")
     await assert_exact(pool)
-    fleet.stop_all()
-    duplicates = fleet.total("duplicates")
+    await stop_all(fleet)
+    duplicates = fleet.totals()["duplicates"]
     assert duplicates <= held * HANDOVER_BOUND
-    assert fleet.total("handover_duplicates") == duplicates  # every duplicate was the victim's redelivery
+    assert fleet.totals()["handover_duplicates"] == duplicates  # every duplicate was the victim's redelivery

@@ -33,7 +33,9 @@ async def create(settings: Settings) -> None:
 async def remove(settings: Settings, projections: Iterable[str] = ()) -> None:
     """Drop the deployment as ``eventfleet teardown --yes`` does; ``projections`` are torn down besides the
     registered ones and those with a status row (the fleet's processes may load modules this one does not)."""
-    names = sorted({*registry.load(settings.projection_modules), *projections})
+    # Not registry.load(settings.projection_modules): importing the processes' modules here would register
+    # their projections in this process too (and its in-process relays would declare their queues).
+    names = sorted({*registry.load(), *projections})
     connection = await _connect(settings)
     async with connection:
         try:

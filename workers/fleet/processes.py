@@ -296,10 +296,11 @@ class Fleet:
             return await process.wait_exit(within)
 
     async def stop_all(self, within: float = STOP_WITHIN) -> dict[str, int]:
-        """Stop the workers, then the relays (what they published is applied first); exit codes by slot name."""
+        """Stop the live workers, then the live relays (what they published is applied first); their exit codes
+        by slot name."""
         codes: dict[str, int] = {}
         for group in (self.workers, self.relays):
-            started = [p for p in group if p.incarnations]
+            started = [p for p in group if p.alive]
             for p, code in zip(started, await asyncio.gather(*(self.stop(p, within) for p in started)), strict=True):
                 codes[p.name] = code
         return codes
