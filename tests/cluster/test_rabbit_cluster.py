@@ -22,7 +22,8 @@ import pytest
 
 from store import NO_STREAM, EventStore, db
 from tests.cluster import rabbit_fleet
-from tests.cluster.rabbit import Forwarder, HarnessError, Node, RabbitCluster
+from tests.cluster.proxy import Proxy
+from tests.cluster.rabbit import HarnessError, Node, RabbitCluster
 from tests.cluster.rabbit_fleet import PARTITIONS, PROJECTIONS, Context, http_get, metric, scaled
 from tests.conftest import DATABASE_URL
 from tests.unit.test_projection_fold import order_life
@@ -165,7 +166,7 @@ def _alarmed(cluster: RabbitCluster, node: Node) -> bool:
 async def test_readiness_is_down_while_no_node_answers_and_up_when_connected_again(
         rabbit: RabbitCluster, tmp_path: Path) -> None:
     dead = f"amqp://guest:guest@127.0.0.1:{rabbit_fleet.free_port()}/"
-    forwarder = Forwarder(rabbit_fleet.free_port(), rabbit.nodes[0].port)
+    forwarder = Proxy(rabbit_fleet.free_port(), rabbit.nodes[0].port)
     urls = [dead, f"amqp://guest:guest@127.0.0.1:{forwarder.listen}/?heartbeat=2"]
     status = health.Health()
     try:
