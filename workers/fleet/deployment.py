@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 
 from aio_pika.abc import AbstractConnection
 
 from projections import registry
+from store import errors as store_errors
 from store.partitions import DEFAULT_PARTITIONS
 from workers import admin, broker, errors
 from workers.admin import teardown
 from workers.config import Settings
 from workers.runtime import amqp, retry
+
+logger = logging.getLogger(__name__)
 
 #: How long removal waits for a broker that does not answer (a fault test may have stopped it a moment ago).
 BROKER_WITHIN = 60.0
@@ -40,13 +44,22 @@ async def remove(settings: Settings, projections: Iterable[str] = ()) -> None:
     async with connection:
         try:
             found = await teardown.plan(settings.database_url, settings.schema, settings.prefix, connection, names)
-        except errors.TeardownRefused:
-            channel = await connection.channel()
-            await broker.delete_topology(channel, broker.Names(settings.prefix), names,
-                                         settings.partitions or DEFAULT_PARTITIONS)
-            await channel.close()
+        except errors.TeardownRefused:  # never migrated, or dropped already: its broker names only
+            await _delete_by_name(connection, settings, names)
             return
+        except store_errors.TransientError:  # Postgres is gone (a failover test): the broker half at least
+            await _delete_by_name(connection, settings, names)
+            raise
         await teardown.tear_down(settings.database_url, found, connection)
+
+
+async def _delete_by_name(connection: AbstractConnection, settings: Settings, projections: Iterable[str]) -> None:
+    channel = await connection.channel()
+    try:
+        await broker.delete_topology(channel, broker.Names(settings.prefix), projections,
+                                     settings.partitions or DEFAULT_PARTITIONS)
+    finally:
+        await channel.close()
 
 
 async def _connect(settings: Settings) -> AbstractConnection:
@@ -63,10 +76,20 @@ async def _connect(settings: Settings) -> AbstractConnection:
 @contextlib.asynccontextmanager
 async def open_deployment(settings: Settings, projections: Iterable[str] = (), *,
                           migrate: bool = True) -> AsyncIterator[Settings]:
-    """Migrate (unless ``migrate`` is false: the caller did), yield the settings, and always remove it."""
+    """Migrate (unless ``migrate`` is false: the caller did), yield the settings, and always remove it. When
+    the block failed, a failure to remove is logged, not raised: it would hide the block's own."""
+    failed = False
     try:
         if migrate:
             await create(settings)
         yield settings
+    except BaseException:
+        failed = True
+        raise
     finally:
-        await remove(settings, projections)
+        try:
+            await remove(settings, projections)
+        except Exception:
+            if not failed:
+                raise
+            logger.exception("deployment not removed", extra={"schema": settings.schema, "prefix": settings.prefix})
