@@ -98,6 +98,7 @@ class Process:
     logs: Path
     args: Sequence[str] = ()
     module: str = "workers"  # what ``python -m`` runs (a wrapper of ``workers``, e.g. a tracer)
+    verbose: bool = False  # log at DEBUG (``-v``), for digging
     incarnations: list[Incarnation] = dataclasses.field(default_factory=list)
     frozen: bool = False  # SIGSTOPped
     stopping: bool = False  # the fleet sent SIGKILL or SIGTERM: an exit is expected
@@ -118,13 +119,13 @@ class Process:
     def alive(self) -> bool:
         return bool(self.incarnations) and self.current.alive
 
-    def start(self, *, verbose: bool = False) -> Incarnation:
+    def start(self) -> Incarnation:
         """Start a new incarnation (the slot's previous one, if any, must have exited)."""
         n = len(self.incarnations)
         log, out = self.logs / f"{self.name}.{n}.log", self.logs / f"{self.name}.{n}.out"
         env = {**self.env, "EVENTFLEET_HTTP_PORT": str(self.port)}
         with log.open("wb") as stderr, out.open("wb") as stdout:
-            proc = subprocess.Popen([sys.executable, "-m", self.module, *(["-v"] if verbose else []), self.role,
+            proc = subprocess.Popen([sys.executable, "-m", self.module, *(["-v"] if self.verbose else []), self.role,
                                      *self.args], env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
         incarnation = Incarnation(proc, time.monotonic(), log, out)
         self.incarnations.append(incarnation)
