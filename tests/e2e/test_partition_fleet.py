@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -22,7 +23,8 @@ from store.partitions import partition_of
 from tests.conftest import AMQP_URL, DATABASE_URL
 from tests.unit.test_projection_fold import fold, order_life, read_models
 from workers.config import Settings
-from workers.fleet import Fleet, Process, open_fleet
+from workers.fleet import Fleet as Processes
+from workers.fleet import Process, open_fleet
 from workers.projector import leases
 from workers.runtime import retry
 
@@ -40,47 +42,75 @@ RETRYABLE: tuple[type[BaseException], ...] = (*retry.OUTAGE_ERRORS, asyncpg.Post
 
 ENV = {"EVENTFLEET_LEASE_SECONDS": str(LEASE_SECONDS), "EVENTFLEET_CATCHUP_THRESHOLD": "0",
        "EVENTFLEET_RELAY_POLL_MS": "100"}
-WORKER_ARGS = tuple(a for p in PROJECTIONS for a in ("--projection", p))
+
+
+class Fleet:
+    """A relay and worker processes on one deployment (schema with 16 partitions, prefix of its own): the
+    processes of a ``workers.fleet.Fleet``, workers known by pid (their lease owner names hold it)."""
+
+    def __init__(self, processes: Processes) -> None:
+        self.processes = processes
+        self.schema, self.prefix, self.logs = processes.settings.schema, processes.settings.prefix, processes.logs
+        self.workers: dict[int, Process] = {}
+        self.reports: list[dict[str, dict[str, int]]] = []
+
+    def _start(self, role: str, *args: str) -> Process:
+        # AMQP_URL read now: a test may point the processes elsewhere (e.g. a shorter heartbeat).
+        process = self.processes.add(role, *args, env={"EVENTFLEET_AMQP_URL": AMQP_URL})
+        process.start()
+        return process
+
+    def start_relay(self) -> None:
+        self._start("relay")
+
+    def start_worker(self) -> int:
+        process = self._start("worker", *(a for p in PROJECTIONS for a in ("--projection", p)))
+        self.workers[process.pid] = process
+        return process.pid
+
+    def stop(self, pid: int, *, kill: bool = False) -> dict[str, dict[str, int]]:
+        """SIGKILL (nothing reported) or SIGTERM: the worker hands over and prints its totals per projection."""
+        process = self.workers.pop(pid)
+        process.signal(signal.SIGKILL if kill else signal.SIGTERM)
+        code = process.current.proc.wait(30)
+        if kill:
+            return {}
+        assert code == 0, self.logs
+        process.current.read_final()
+        report = process.current.final
+        assert report is not None, self.logs
+        self.reports.append(report)
+        return report
+
+    def stop_all(self) -> None:
+        for pid in list(self.workers):
+            self.stop(pid)
+
+    def total(self, key: str) -> int:
+        """A counter summed over the workers stopped with SIGTERM, over every projection."""
+        return sum(p[key] for report in self.reports for p in report.values())
+
+    def alive(self) -> None:
+        self.processes.check()
 
 
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    """A deployment with 16 partitions and the recorder's table; removed after, whatever happened."""
+    """The deployment with the recorder's table, torn down after (workers.fleet) whatever happened."""
     settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=f"t_{uuid.uuid4().hex[:16]}",
                         prefix=f"test.{uuid.uuid4().hex[:12]}", partitions=PARTITIONS, projection_modules=MODULES)
-    async with open_fleet(settings, tmp_path, env=ENV, projections=PROJECTIONS) as f:
+    async with open_fleet(settings, tmp_path, env=ENV, projections=PROJECTIONS) as processes:
         conn = await db.connect(DATABASE_URL, settings.schema)
         try:
             await conn.execute(RECORDER["ddl"])
         finally:
             await conn.close()
-        yield f
-
-
-async def start_worker(fleet: Fleet) -> int:
-    """A worker of both projections, started (not waited for); its pid, which its lease owner name holds."""
-    worker = fleet.add("worker", *WORKER_ARGS)
-    worker.start()
-    return worker.pid
-
-
-def worker(fleet: Fleet, pid: int) -> Process:
-    [found] = [p for p in fleet.workers if p.alive and p.pid == pid]
-    return found
-
-
-async def stop(fleet: Fleet, pid: int) -> None:
-    """SIGTERM: the worker hands over and prints its totals per projection (``fleet.totals()``)."""
-    assert await fleet.stop(worker(fleet, pid)) == 0, fleet.logs
-
-
-async def stop_all(fleet: Fleet) -> None:
-    assert set((await fleet.stop_all()).values()) <= {0}, fleet.logs
+        yield Fleet(processes)
 
 
 @pytest.fixture
 async def pool(fleet: Fleet) -> AsyncIterator[db.Pool]:
-    async with db.create_pool(DATABASE_URL, fleet.settings.schema, min_size=1, max_size=4) as p:
+    async with db.create_pool(DATABASE_URL, fleet.schema, min_size=1, max_size=4) as p:
         yield p
 
 
@@ -93,7 +123,7 @@ async def until(check: Callable[[], Awaitable[bool]], within: float, fleet: Flee
                 return time.monotonic() - began
         except RETRYABLE:
             pass
-        fleet.check()
+        fleet.alive()
         assert time.monotonic() - began < within, f"{what}: not within {within} s; logs in {fleet.logs}"
         await asyncio.sleep(0.05)
 
@@ -192,7 +222,7 @@ def overlaps(batches: list[Any]) -> list[tuple[Any, Any]]:
 
 
 async def test_four_workers_on_sixteen_partitions_hold_fair_shares_within_ten_seconds(fleet, pool):
-    pids = {await start_worker(fleet) for _ in range(4)}
+    pids = {fleet.start_worker() for _ in range(4)}
     # From the last worker's start: each has to import, connect and register first.
     seconds = await until(lambda: _balanced(pool, pids), 10 + 10, fleet, "fair shares")
     assert balanced(await shares(pool), pids)
@@ -205,16 +235,16 @@ async def _balanced(pool: db.Pool, pids: set[int]) -> bool:
 
 async def test_a_killed_workers_partitions_are_owned_and_applied_by_the_others_within_the_lease_plus_five_s(
         fleet, pool):
-    fleet.add("relay").start()
-    pids = {await start_worker(fleet) for _ in range(4)}
+    fleet.start_relay()
+    pids = {fleet.start_worker() for _ in range(4)}
     await until(lambda: _balanced(pool, pids), 30, fleet, "fair shares")
     victim = min(pids)
     theirs = {lease.partition for lease in await leases.owners(pool)
               if lease.owner is not None and lease.owner.split(":")[1] == str(victim)
               and lease.projection == "customer_stats"}
-    fleet.kill(worker(fleet, victim))
+    fleet.stop(victim, kill=True)
     killed = time.monotonic()
-    store = EventStore(pool, schema=fleet.settings.schema)
+    store = EventStore(pool, schema=fleet.schema)
     await Writer(store, "after-kill", streams_in(theirs, 20, "k")).write(20)
     rest = pids - {victim}
     await until(lambda: _balanced(pool, rest), LEASE_SECONDS + 5, fleet, "the victim's partitions owned")
@@ -227,18 +257,18 @@ async def test_a_killed_workers_partitions_are_owned_and_applied_by_the_others_w
 
 
 async def test_scaling_one_to_four_to_two_under_load_keeps_read_models_exact_and_partitions_unshared(fleet, pool):
-    fleet.add("relay").start()
-    first = await start_worker(fleet)
+    fleet.start_relay()
+    first = fleet.start_worker()
     await until(lambda: _balanced(pool, {first}), 30, fleet, "one worker holding everything")
-    writer = Writer(EventStore(pool, schema=fleet.settings.schema), "scale")
+    writer = Writer(EventStore(pool, schema=fleet.schema), "scale")
     writing = asyncio.create_task(writer.run(per_second=400))
     try:
         await asyncio.sleep(2)
-        pids = {first} | {await start_worker(fleet) for _ in range(3)}
+        pids = {first} | {fleet.start_worker() for _ in range(3)}
         await until(lambda: _balanced(pool, pids), 20, fleet, "four fair shares")
         await asyncio.sleep(2)
         for pid in sorted(pids - {first})[:2]:
-            await stop(fleet, pid)  # SIGTERM: hands its partitions over
+            fleet.stop(pid)  # SIGTERM: hands its partitions over
             pids.discard(pid)
         await until(lambda: _balanced(pool, pids), 10, fleet, "two fair shares")
         await asyncio.sleep(2)
@@ -250,9 +280,9 @@ async def test_scaling_one_to_four_to_two_under_load_keeps_read_models_exact_and
     batches = await pool.fetch("SELECT partition, pid, events, started_at, ended_at FROM batch_recorder")
     assert {b["pid"] for b in batches} > {first}  # the partitions did move
     assert overlaps(batches) == []
-    await stop_all(fleet)
+    fleet.stop_all()
     # Every handover was graceful: the old owner committed and acked before it released the lease.
-    assert (fleet.totals()["duplicates"], fleet.totals()["gaps_filled"]) == (0, 0)
+    assert (fleet.total("duplicates"), fleet.total("gaps_filled")) == (0, 0)
 
 
 #: The most duplicates one partition's handover can cost after a kill: the killed owner's transaction in
@@ -263,17 +293,17 @@ HANDOVER_BOUND = BATCH_SIZE + MESSAGE_EVENTS - 1
 
 
 async def test_a_kill_under_load_costs_at_most_one_transaction_per_partition_in_duplicates(fleet, pool):
-    fleet.add("relay").start()
-    pids = {await start_worker(fleet) for _ in range(4)}
+    fleet.start_relay()
+    pids = {fleet.start_worker() for _ in range(4)}
     await until(lambda: _balanced(pool, pids), 30, fleet, "fair shares")
     victim = min(pids)
     held = sum(1 for lease in await leases.owners(pool)
                if lease.owner is not None and lease.owner.split(":")[1] == str(victim))
-    writer = Writer(EventStore(pool, schema=fleet.settings.schema), "kill")
+    writer = Writer(EventStore(pool, schema=fleet.schema), "kill")
     writing = asyncio.create_task(writer.run(per_second=800))
     try:
         await asyncio.sleep(3)
-        fleet.kill(worker(fleet, victim))
+        fleet.stop(victim, kill=True)
         await until(lambda: _balanced(pool, pids - {victim}), LEASE_SECONDS + 5, fleet, "taken over")
         await asyncio.sleep(1)
     finally:
@@ -281,7 +311,7 @@ async def test_a_kill_under_load_costs_at_most_one_transaction_per_partition_in_
         await writing
     await until(lambda: all_applied(pool), 60, fleet, "everything applied")
     await assert_exact(pool)
-    await stop_all(fleet)
-    duplicates = fleet.totals()["duplicates"]
+    fleet.stop_all()
+    duplicates = fleet.total("duplicates")
     assert duplicates <= held * HANDOVER_BOUND
-    assert fleet.totals()["handover_duplicates"] == duplicates  # every duplicate was the victim's redelivery
+    assert fleet.total("handover_duplicates") == duplicates  # every duplicate was the victim's redelivery
