@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 
+import tenacity
 from aio_pika.abc import AbstractConnection
 
 from projections import registry
@@ -25,8 +26,9 @@ from workers.runtime import amqp, retry
 
 logger = logging.getLogger(__name__)
 
-#: How long removal waits for a broker that does not answer (a fault test may have stopped it a moment ago).
-BROKER_WITHIN = 60.0
+#: How long removal waits for a broker, or a Postgres, that does not answer (a fault test may have stopped it a
+#: moment ago).
+BROKER_WITHIN = POSTGRES_WITHIN = 60.0
 
 
 async def create(settings: Settings) -> None:
@@ -43,14 +45,20 @@ async def remove(settings: Settings, projections: Iterable[str] = ()) -> None:
     connection = await _connect(settings)
     async with connection:
         try:
-            found = await teardown.plan(settings.database_url, settings.schema, settings.prefix, connection, names)
+            # Postgres restarting (another test's fault) is back within seconds; one that is gone (a failover
+            # test's primary) is not: then the broker half at least.
+            async for attempt in tenacity.AsyncRetrying(
+                    retry=tenacity.retry_if_exception_type(store_errors.TransientError),
+                    wait=tenacity.wait_fixed(0.5), stop=tenacity.stop_after_delay(POSTGRES_WITHIN), reraise=True):
+                with attempt:
+                    found = await teardown.plan(settings.database_url, settings.schema, settings.prefix,
+                                                connection, names)
+                    await teardown.tear_down(settings.database_url, found, connection)
         except errors.TeardownRefused:  # never migrated, or dropped already: its broker names only
             await _delete_by_name(connection, settings, names)
-            return
-        except store_errors.TransientError:  # Postgres is gone (a failover test): the broker half at least
+        except store_errors.TransientError:
             await _delete_by_name(connection, settings, names)
             raise
-        await teardown.tear_down(settings.database_url, found, connection)
 
 
 async def _delete_by_name(connection: AbstractConnection, settings: Settings, projections: Iterable[str]) -> None:
