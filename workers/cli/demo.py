@@ -69,6 +69,8 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         print(f"eventfleet demo: {exc}", file=sys.stderr)
         return 1
     logs = Path(tempfile.mkdtemp(prefix="eventfleet-demo-"))
+    # The demo says it cleans up; teardown's list of every queue it deleted would drown its summary.
+    logging.getLogger("workers.admin.teardown").setLevel(logging.WARNING)
     ok = False
     try:
         ok = await demo.run_demo(settings, args.orders, logs)
