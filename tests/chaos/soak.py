@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import eventfleet.examples.orders.events  # noqa: F401 - registers the orders events
+from projections import registry
 from store import EventStore, db
 from store.partitions import DEFAULT_PARTITIONS
 from tests.chaos import harness
-from tests.chaos.fleet import PROJECTIONS, Fleet, rss_kib
+from tests.chaos.fleet import PROJECTIONS, REACTORS_MODULE, Fleet, rss_kib
 from tests.chaos.verify import verify
 from tests.chaos.writer import Writer
 from workers import fleet as fleet_mod
@@ -95,6 +96,8 @@ def memory_verdict(series: list[tuple[float, dict[str, int]]], load_seconds: flo
 async def run_soak(logdir: Path) -> dict[str, Any]:
     deployment = harness.Deployment(DATABASE_URL, AMQP_URL, "/", f"soak_{uuid.uuid4().hex[:10]}",
                                     f"soak.{uuid.uuid4().hex[:10]}", PARTITIONS)
+    # The read models' tables are migrated for the projections registered here: the fleet's own.
+    registry.load([registry.EXAMPLE, REACTORS_MODULE])
     async with fleet_mod.open_deployment(deployment.settings(), PROJECTIONS):
         return await _soak(deployment, logdir)
 
