@@ -39,17 +39,14 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 import aio_pika
-import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.pipeline import (
     PROJECTIONS,
-    Lab,
     applied_all,
     cpu_seconds,
-    free_port,
     plan,
     retrying,
     store_step,
@@ -59,8 +56,9 @@ from bench.pipeline import (
 )
 from projections import registry
 from store import EventStore, db
-from workers import admin, broker, relay
+from workers import broker, errors, fleet, relay
 from workers.config import Settings
+from workers.fleet import Process, metrics
 from workers.runtime import tuning
 
 APPLIED = "eventfleet_projection_applied_total"
@@ -108,25 +106,12 @@ class Result:
 # --- metrics -----------------------------------------------------------------------------------------
 
 
-async def scrape(session: aiohttp.ClientSession, port: int) -> dict[str, float]:
+async def scrape(run: Fleet, worker: Process) -> dict[str, float]:
     """A worker's /metrics samples, each summed over its labels (projections)."""
-    async with session.get(f"http://127.0.0.1:{port}/metrics", timeout=aiohttp.ClientTimeout(total=10)) as response:
-        if response.status != 200:
-            raise BenchError(f"/metrics on port {port} answered {response.status}")
-        text = await response.text()
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[s.name] = samples.get(s.name, 0.0) + s.value
-    return samples
-
-
-async def ready(session: aiohttp.ClientSession, port: int) -> bool:
-    try:
-        async with session.get(f"http://127.0.0.1:{port}/readyz", timeout=aiohttp.ClientTimeout(total=2)) as r:
-            return r.status == 200
-    except (aiohttp.ClientError, TimeoutError):
-        return False  # not listening yet
+    samples = await run.processes.scrape(worker)
+    if samples is None:
+        raise BenchError(f"/metrics of {worker.name} (port {worker.port}) did not answer 200")
+    return {name: metrics.total(series) for name, series in samples.items()}
 
 
 # --- one run -----------------------------------------------------------------------------------------
@@ -134,93 +119,72 @@ async def ready(session: aiohttp.ClientSession, port: int) -> bool:
 
 @dataclasses.dataclass
 class Fleet:
-    """One run's lab (schema, prefix, processes, logs) and what it is doing now, for the error messages."""
+    """One run's processes (``workers.fleet``: its deployment is removed on the way out) and what it is
+    doing now, for the error messages."""
 
-    lab: Lab
-    settings: Settings
+    processes: fleet.Fleet
     workers: int
     partitions: int
-    ports: list[int] = dataclasses.field(default_factory=list)
-    pids: list[int] = dataclasses.field(default_factory=list)
     phase: str = "migrating"
+
+    @property
+    def settings(self) -> Settings:
+        return self.processes.settings
 
     def alive(self) -> None:
         """Raise, naming its log, if any process of the run has exited."""
-        for i, proc in enumerate(self.lab.processes):
-            if proc.returncode is not None:
-                raise BenchError(f"{self.workers} workers: a subprocess exited with code {proc.returncode} while"
-                                 f" {self.phase}; its log: {self.log(i)}{tail(self.log(i))}")
-
-    def log(self, index: int) -> str:
-        found = [f for f in sorted(os.listdir(self.lab.logs)) if f.startswith(f"{index}-")]
-        return os.path.join(self.lab.logs, found[0]) if found else self.lab.logs
+        try:
+            self.processes.check()
+        except errors.FleetFailed as exc:
+            raise BenchError(f"{self.workers} workers: {exc} (while {self.phase})") from exc
 
 
-def tail(path: str, lines: int = 15) -> str:
-    with contextlib.suppress(OSError), open(path, errors="replace") as f:
-        last = f.readlines()[-lines:]
-        return "\n  | " + "  | ".join(last) if last else ""
-    return ""
-
-
-async def deploy(lab: Lab, workers: int, partitions: int) -> Settings:
-    """A fresh schema migrated with P partitions and a fresh prefix, both registered with the lab before
-    they exist, so that its close removes them whatever happens."""
-    schema, prefix = f"bench_scale_{lab.tag}_w{workers}", f"bench.scale.{lab.tag}.w{workers}"
-    lab.schemas.append(schema)
-    lab.prefixes.append(prefix)
-    await admin.run_migrate(lab.settings.database_url, schema, partitions=partitions)
-    conn = await db.connect(lab.settings.database_url, schema)
+async def check_partitions(settings: Settings, partitions: int) -> None:
+    """The schema was migrated with P partitions (not an older schema of the same name)."""
+    conn = await db.connect(settings.database_url, settings.schema)
     try:
         recorded = await conn.fetchval("SELECT partitions FROM partitioning")
     finally:
         await conn.close()
     if recorded != partitions:
-        raise BenchError(f"schema {schema} migrated with {recorded} partitions, not {partitions}")
-    # The relay declares the topology when it starts, before it listens (``start`` waits for that); the
-    # status rows of the migrate keep the workers from backfilling.
-    return dataclasses.replace(lab.settings, schema=schema, prefix=prefix, http_port=0, catchup_threshold=0,
-                               partitions=partitions)
+        raise BenchError(f"schema {settings.schema} migrated with {recorded} partitions, not {partitions}")
 
 
-async def start(fleet: Fleet, session: aiohttp.ClientSession) -> None:
+async def start(run: Fleet) -> None:
     """The relay (listening) and the workers (each answering /readyz on its own port)."""
-    lab, settings = fleet.lab, fleet.settings
-    fleet.phase = "starting the relay and the workers"
-    await lab.spawn(settings, "workers", "relay", http_port=0)
-    for _ in range(fleet.workers):
-        port = free_port()
-        proc = await lab.spawn(settings, "workers", "worker", http_port=port)
-        fleet.ports.append(port)
-        fleet.pids.append(proc.pid)
+    settings = run.settings
+    run.phase = "starting the relay and the workers"
+    run.processes.add("relay").start()
+    for _ in range(run.workers):
+        run.processes.add("worker").start()
     conn = await db.connect(settings.database_url, settings.schema)
     try:
         async def relay_listening() -> bool:
-            fleet.alive()
+            run.alive()
             n = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
                                     " AND query LIKE 'LISTEN%'", relay.application_name(settings.schema))
             return bool(n)
-        fleet.phase = "waiting for the relay to listen"
+        run.phase = "waiting for the relay to listen"
         await until(relay_listening, 60, "the relay listening", every=0.1)
     finally:
         await conn.close()
 
     async def all_ready() -> bool:
-        fleet.alive()
-        return all([await ready(session, port) for port in fleet.ports])
-    fleet.phase = "waiting for every worker's /readyz"
-    await until(all_ready, 60, f"{fleet.workers} workers' /readyz", every=0.1)
+        run.alive()
+        return all([await run.processes.ready(w) for w in run.processes.workers])
+    run.phase = "waiting for every worker's /readyz"
+    await until(all_ready, 60, f"{run.workers} workers' /readyz", every=0.1)
 
 
-async def settle(fleet: Fleet, session: aiohttp.ClientSession) -> str:
+async def settle(run: Fleet) -> str:
     """Wait until the fleet is balanced; return how that was decided (for the report)."""
-    fleet.phase = "settling the fleet"
-    expected, now = fleet.partitions * len(PROJECTIONS), time.perf_counter()
+    run.phase = "settling the fleet"
+    expected, now = run.partitions * len(PROJECTIONS), time.perf_counter()
     appear_by, deadline = now + 5, now + 90  # 5 s for the gauge to show up at all, 90 s to balance
     previous: list[float] | None = None
     while True:
-        fleet.alive()
-        held = [(await scrape(session, port)).get(HELD) for port in fleet.ports]
+        run.alive()
+        held = [(await scrape(run, w)).get(HELD) for w in run.processes.workers]
         if all(h is None for h in held):
             if time.perf_counter() > appear_by:
                 break
@@ -233,69 +197,69 @@ async def settle(fleet: Fleet, session: aiohttp.ClientSession) -> str:
             return f"{HELD} sums to {expected:.0f} ({'/'.join(f'{c:.0f}' for c in counts)} per worker)"
         previous = counts if balanced else None
         if time.perf_counter() > deadline:
-            print(f"warning: {fleet.workers} workers not balanced after 90 s ({HELD} per worker {counts},"
+            print(f"warning: {run.workers} workers not balanced after 90 s ({HELD} per worker {counts},"
                   f" expected {expected} in all); measuring anyway", file=sys.stderr, flush=True)
             return f"UNBALANCED ({HELD} per worker {counts})"
         await asyncio.sleep(1)  # pacing the scrapes, and the steadiness check
     # Workers without the gauge: every worker consuming each projection's queue, then a fixed settle.
-    connection = await fleet.lab.connection()
-
-    async def consuming() -> bool:
-        fleet.alive()
-        found = [await broker.passive_queue(connection, broker.Names(fleet.settings.prefix).queue(p))
-                 for p in PROJECTIONS]
-        return all(q is not None and (q.consumer_count or 0) >= fleet.workers for q in found)
-    how = f"no {HELD}; every queue has its {fleet.workers} consumer(s), then {FALLBACK_SETTLE:.0f} s"
-    try:
-        await until(consuming, 15, "consumers", every=0.1)
-    except TimeoutError:
-        how = f"no {HELD}; the per-projection queues lack consumers; a fixed {FALLBACK_SETTLE:.0f} s"
+    connection = await aio_pika.connect(run.settings.amqp_url)
+    async with connection:
+        async def consuming() -> bool:
+            run.alive()
+            found = [await broker.passive_queue(connection, broker.Names(run.settings.prefix).queue(p))
+                     for p in PROJECTIONS]
+            return all(q is not None and (q.consumer_count or 0) >= run.workers for q in found)
+        how = f"no {HELD}; every queue has its {run.workers} consumer(s), then {FALLBACK_SETTLE:.0f} s"
+        try:
+            await until(consuming, 15, "consumers", every=0.1)
+        except TimeoutError:
+            how = f"no {HELD}; the per-projection queues lack consumers; a fixed {FALLBACK_SETTLE:.0f} s"
     await asyncio.sleep(FALLBACK_SETTLE)  # the brief's fixed settle when nothing says the fleet is balanced
-    fleet.alive()
+    run.alive()
     return how
 
 
-async def measure(fleet: Fleet, events: int, writers: int) -> Result:
+async def measure(run: Fleet, events: int, writers: int) -> Result:
     """Start, settle, then the load: first append to lag 0, and the workers' CPU and counters over it."""
-    settings = fleet.settings
+    settings = run.settings
     schedules = plan(events, writers)
     events = sum(map(len, schedules))
-    async with aiohttp.ClientSession() as session:
-        await start(fleet, session)
-        how = await settle(fleet, session)
-        conn = await db.connect(settings.database_url, settings.schema)
-        try:
-            async with db.create_pool(settings.database_url, settings.schema, min_size=writers,
-                                      max_size=writers) as pool:
-                step = store_step(EventStore(pool, schema=settings.schema))
-                before = [await scrape(session, port) for port in fleet.ports]
-                cpu = [cpu_seconds(pid) for pid in fleet.pids]
-                fleet.phase = "writing the load and waiting for lag 0"
-                started = time.perf_counter()
-                writing = asyncio.ensure_future(write(schedules, step))
-                check = applied_all(conn, events, writing)
+    await start(run)
+    how = await settle(run)
+    workers = run.processes.workers
+    conn = await db.connect(settings.database_url, settings.schema)
+    try:
+        async with db.create_pool(settings.database_url, settings.schema, min_size=writers,
+                                  max_size=writers) as pool:
+            step = store_step(EventStore(pool, schema=settings.schema))
+            before = [await scrape(run, w) for w in workers]
+            cpu = [cpu_seconds(w.pid) for w in workers]
+            run.phase = "writing the load and waiting for lag 0"
+            started = time.perf_counter()
+            writing = asyncio.ensure_future(write(schedules, step))
+            check = applied_all(conn, events, writing)
 
-                async def current() -> bool:
-                    fleet.alive()
-                    return await check()
-                try:
-                    done = await until(current, float("inf"), "lag 0", every=0.01)  # --timeout bounds it
-                except BaseException:
-                    writing.cancel()
-                    with contextlib.suppress(BaseException):
-                        await writing
-                    raise
-                used = [cpu_seconds(pid) - c for pid, c in zip(fleet.pids, cpu, strict=True)]
-                writers_seconds = await writing
-                fleet.phase = "scraping the workers' metrics"
-                after = [await scrape(session, port) for port in fleet.ports]
-        finally:
-            await conn.close()
+            async def current() -> bool:
+                run.alive()
+                return await check()
+            try:
+                done = await until(current, float("inf"), "lag 0", every=0.01)  # --timeout bounds it
+            except BaseException:
+                writing.cancel()
+                with contextlib.suppress(BaseException):
+                    await writing
+                raise
+            used = [cpu_seconds(w.pid) - c for w, c in zip(workers, cpu, strict=True)]
+            writers_seconds = await writing
+            run.phase = "scraping the workers' metrics"
+            after = [await scrape(run, w) for w in workers]
+    finally:
+        await conn.close()
     delta = {name: [a.get(name, 0.0) - b.get(name, 0.0) for a, b in zip(after, before, strict=True)]
              for name in COUNTERS}
     if not any(APPLIED in a for a in after):
-        raise BenchError(f"{fleet.workers} workers: no worker exposes {APPLIED} on /metrics")
-    return Result(fleet.workers, done - started, writers_seconds, sum(delta[APPLIED]), sum(delta[DUPLICATES]),
+        raise BenchError(f"{run.workers} workers: no worker exposes {APPLIED} on /metrics")
+    return Result(run.workers, done - started, writers_seconds, sum(delta[APPLIED]), sum(delta[DUPLICATES]),
                   sum(delta[GAPS_FILLED]), sum(delta[CAUGHT_UP]), sum(used), delta[APPLIED], how)
 
 
@@ -351,27 +315,30 @@ async def listed(what: str, settings: Settings, stems: tuple[str, ...]) -> list[
 
 async def one_run(settings: Settings, tag: str, logs: str, workers: int, args: argparse.Namespace) -> Result:
     """A fresh deployment with ``workers`` workers, measured within ``--timeout`` s, then removed."""
-    lab = Lab(settings, tag=tag, logs=os.path.join(logs, f"w{workers}"))
-    os.makedirs(lab.logs)
-    fleet = Fleet(lab, settings, workers, args.partitions)
+    settings = dataclasses.replace(settings, schema=f"bench_scale_{tag}_w{workers}",
+                                   prefix=f"bench.scale.{tag}.w{workers}", http_port=0, catchup_threshold=0,
+                                   partitions=args.partitions)
+    logdir = Path(logs) / f"w{workers}"
+    run: Fleet | None = None
     try:
         try:
-            async with asyncio.timeout(args.timeout):
-                fleet.settings = await deploy(lab, workers, args.partitions)
-                result = await measure(fleet, args.events, args.writers)
+            async with asyncio.timeout(args.timeout), fleet.open_fleet(settings, logdir) as processes:
+                run = Fleet(processes, workers, args.partitions)
+                await check_partitions(settings, args.partitions)
+                result = await measure(run, args.events, args.writers)
+                run.phase = "stopping the processes"
+                await processes.stop_all(20)
+                return result
         except TimeoutError as exc:
             why = str(exc) or f"the run's {args.timeout:.0f} s are up"
-            raise BenchError(f"{workers} workers: timed out ({why}) while {fleet.phase}; the"
-                             f" subprocesses' logs are in {lab.logs}: {', '.join(sorted(os.listdir(lab.logs)))}"
-                             ) from exc
-        fleet.phase = "stopping the processes"
-        await lab.stop_all()
-        return result
+            phase = run.phase if run is not None else "migrating"
+            raise BenchError(f"{workers} workers: timed out ({why}) while {phase}; the subprocesses' logs are in"
+                             f" {logdir}: {', '.join(sorted(os.listdir(logdir)))}") from exc
+        except errors.FleetFailed as exc:
+            raise BenchError(f"{workers} workers: {exc}") from exc
     finally:
-        try:
-            await lab.close()  # stops what still runs, drops the schema, deletes the per-event topology
-        finally:
-            await purge(settings, lab.prefixes, args.partitions)
+        # The fleet tore the deployment down; this checks that nothing of the prefix is left on the broker.
+        await purge(settings, [settings.prefix], args.partitions)
 
 
 # --- the report ---------------------------------------------------------------------------------------
@@ -425,7 +392,7 @@ async def run(args: argparse.Namespace, command: str) -> None:
     # Every process of every run (and this one's migrate): catch-up off, the chosen P.
     os.environ["EVENTFLEET_CATCHUP_THRESHOLD"] = "0"
     os.environ["EVENTFLEET_PARTITIONS"] = str(args.partitions)
-    settings = Settings.from_env()
+    settings = Settings.from_env().with_projection_modules(registry.EXAMPLE)
     registry.load([registry.EXAMPLE])
     tag, logs = uuid.uuid4().hex[:8], tempfile.mkdtemp(prefix="bench_scale_")
     print(f"bench.scale: {args.events} events per run, {args.writers} writers, P={args.partitions}, workers"

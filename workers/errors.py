@@ -87,7 +87,11 @@ class DemoFailed(WorkerError):
     """The demo cannot go on; the message says why."""
 
 
-__all__ = ["BrokerUnavailable", "ChannelLost", "ConfigError", "DemoFailed", "HandlerFailed", "LimitsConflict",
-           "MalformedMessage",
-           "NoDeadLetter", "NotRetryable", "PublishFailed", "RebuildError", "RebuildRunning",
+class FleetFailed(WorkerError):
+    """A process of the fleet exited on its own or was not ready in time; the message names it and its log."""
+
+
+__all__ = ["BrokerUnavailable", "ChannelLost", "ConfigError", "DemoFailed", "FleetFailed", "HandlerFailed",
+           "HeldForNewerCode", "LimitsConflict", "MalformedMessage", "NoDeadLetter", "NotRetryable", "PublishFailed",
+           "RebuildError", "RebuildRunning",
            "TeardownRefused", "WorkerError"]

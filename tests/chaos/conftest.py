@@ -33,10 +33,10 @@ def vhost() -> Iterator[str]:
 
 @pytest.fixture
 async def deployment(schema: str, prefix: str, vhost: str) -> AsyncIterator[harness.Deployment]:
-    """This test's schema (migrated) and prefix, in the chaos vhost; its queues are deleted after."""
+    """This test's schema (migrated) and prefix, in the chaos vhost; torn down after (workers.fleet)."""
     deployment = harness.Deployment(DATABASE_URL, harness.vhost_url(AMQP_URL, vhost), vhost, schema, prefix,
                                     PARTITIONS)
     yield deployment
-    await harness.delete_topology(deployment)
-    # Another test may be restarting Postgres: let it come back before `schema` drops this test's schema.
+    # Another test may be restarting Postgres: let it come back before the deployment is torn down.
     await faults.wait_postgres(DATABASE_URL)
+    await harness.remove(deployment)

@@ -262,7 +262,7 @@ async def _lower_timeout_and_reconnect(pid: int) -> int:
 
 
 async def _count_logged(slot: Slot, text: str) -> int:
-    log = slot.log_path(len(slot.incarnations) - 1)
+    log = slot.current.log
     return (await asyncio.to_thread(log.read_text, errors="replace")).count(text)
 
 

@@ -24,15 +24,14 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import aio_pika
-
 from store import EventStore, db
 from store.queries import load
 from tests.chaos import faults as faults_mod
 from tests.chaos.fleet import PAYMENT_TIMEOUT_SECONDS, PROJECTIONS, ROOT, Fleet
 from tests.chaos.verify import verify
 from tests.chaos.writer import TRANSIENT, Writer, retrying
-from workers import broker
+from workers import fleet as fleet_mod
+from workers.config import Settings
 from workers.projector import lag
 
 LEDGER = load("tests.chaos", "ledger.sql")
@@ -164,6 +163,9 @@ class Deployment:
     prefix: str
     partitions: int  # P of the schema: each projection has as many queues
 
+    def settings(self) -> Settings:
+        return Settings.from_env(self.env())
+
     def env(self) -> dict[str, str]:
         return {"EVENTFLEET_DATABASE_URL": self.database_url, "EVENTFLEET_AMQP_URL": self.amqp_url,
                 "EVENTFLEET_SCHEMA": self.schema, "EVENTFLEET_PREFIX": self.prefix,
@@ -184,21 +186,10 @@ async def prepare(deployment: Deployment) -> None:
         await pool.execute(LEDGER["ddl"])
 
 
-async def delete_topology(deployment: Deployment, within: float = 60) -> None:
-    """Delete the run's queues and exchanges (waiting for the broker if another test has stopped it)."""
-    names = broker.Names(deployment.prefix)
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            connection = await aio_pika.connect(deployment.amqp_url)
-            break
-        except ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.5)
-    async with connection:
-        channel = await connection.channel()
-        await broker.delete_topology(channel, names, PROJECTIONS, deployment.partitions)
+async def remove(deployment: Deployment) -> None:
+    """Tear the run's deployment down (workers.fleet: schema, queues, exchanges, roles), waiting for the
+    broker if another test has stopped it."""
+    await fleet_mod.remove(deployment.settings(), PROJECTIONS)
 
 
 @contextlib.asynccontextmanager
@@ -232,7 +223,7 @@ async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, 
             application_name=f"eventfleet chaos observer {deployment.schema}"[:63]))
         store = EventStore(writer_pool, schema=deployment.schema)
         fleet = await stack.enter_async_context(Fleet(deployment.env(), logdir))
-        await fleet.start()
+        await fleet.start_all()
         t0 = time.monotonic()
         monitor = LagMonitor(pool, t0)
         writer = Writer(store, rate, rng.getrandbits(64))
@@ -266,7 +257,7 @@ async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, 
         verdict = await retrying(lambda: verify(store))
         stats = await pool.fetch("SELECT projection, applied FROM projection_status")
         dead = await pool.fetchval("SELECT count(*) FROM dead_letters WHERE status = 'parked'")
-        exit_codes = await fleet.stop()
+        exit_codes = await fleet.stop_all()
     samples = [(round(x.t, 1), x.total, None if x.lag_seconds is None else round(x.lag_seconds, 2))
                for x in monitor.samples]
     steady = steady_lag(samples, injections[0].started if injections else load_end)

@@ -36,16 +36,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 import eventfleet.examples.orders.events  # noqa: F401 - registers the orders events
+from projections import registry
 from store import EventStore, db
 from store.partitions import DEFAULT_PARTITIONS
 from tests.chaos import harness
-from tests.chaos.fleet import Fleet, rss_kib
+from tests.chaos.fleet import PROJECTIONS, REACTORS_MODULE, Fleet, rss_kib
 from tests.chaos.verify import verify
 from tests.chaos.writer import Writer
-from workers import admin
+from workers import fleet as fleet_mod
 
 DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -97,16 +96,10 @@ def memory_verdict(series: list[tuple[float, dict[str, int]]], load_seconds: flo
 async def run_soak(logdir: Path) -> dict[str, Any]:
     deployment = harness.Deployment(DATABASE_URL, AMQP_URL, "/", f"soak_{uuid.uuid4().hex[:10]}",
                                     f"soak.{uuid.uuid4().hex[:10]}", PARTITIONS)
-    await admin.run_migrate(DATABASE_URL, deployment.schema, partitions=deployment.partitions)
-    try:
+    # The read models' tables are migrated for the projections registered here: the fleet's own.
+    registry.load([registry.EXAMPLE, REACTORS_MODULE])
+    async with fleet_mod.open_deployment(deployment.settings(), PROJECTIONS):
         return await _soak(deployment, logdir)
-    finally:
-        await harness.delete_topology(deployment)
-        conn = await asyncpg.connect(DATABASE_URL)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{deployment.schema}" CASCADE')
-        finally:
-            await conn.close()
 
 
 async def _soak(deployment: harness.Deployment, logdir: Path) -> dict[str, Any]:
@@ -114,7 +107,7 @@ async def _soak(deployment: harness.Deployment, logdir: Path) -> dict[str, Any]:
     async with db.create_pool(DATABASE_URL, deployment.schema, min_size=0, max_size=16) as writer_pool, \
             db.create_pool(DATABASE_URL, deployment.schema, min_size=0, max_size=2) as pool, \
             Fleet(deployment.env(), logdir, traced=TRACED) as fleet:
-        await fleet.start()
+        await fleet.start_all()
         store = EventStore(writer_pool, schema=deployment.schema)
         t0 = time.monotonic()
         monitor = harness.LagMonitor(pool, t0, interval=5.0)
@@ -146,10 +139,10 @@ async def _soak(deployment: harness.Deployment, logdir: Path) -> dict[str, Any]:
             load_end = time.monotonic() - t0
             rss["end"] = rss_now(fleet)
             series.append((round(load_end), rss["end"]))
-            await fleet.scrape()
+            await fleet.scrape_all(None)
             drained = await monitor.wait_drained(fleet, 300)
         verdict = await verify(store)
-        exit_codes = await fleet.stop()
+        exit_codes = await fleet.stop_all()
     samples = [s for s in monitor.samples if s.t <= load_end and s.total is not None]
     half = len(samples) // 2
     lag_events = [s.total or 0 for s in samples]
@@ -166,13 +159,14 @@ async def _soak(deployment: harness.Deployment, logdir: Path) -> dict[str, Any]:
         "outbox_max": max((s.outbox or 0 for s in samples), default=0),
         "rss_kib": {name: {"start": rss["start"].get(name), "after_1min": rss.get("warm", {}).get(name),
                            "end": rss["end"].get(name),
-                           "peak": max(inc.rss_peak for inc in slot.incarnations)}
+                           "peak": max(m["rss_peak_kib"] for m in fleet.memory()
+                                       if m["process"].startswith(f"{name}."))}
                     for slot in fleet.slots for name in [slot.name]},
         "totals": fleet.totals(), "writer_retries": writer.retries,
         "rss_series_kib": [[t, values] for t, values in series], "traced": TRACED,
     }
     report["lag_bounded"] = report["lag_seconds_max"] < LAG_BOUND_SECONDS
-    report["memory"] = memory_verdict(series, load_end, [s.name for s in fleet.slots if not s.traced])
+    report["memory"] = memory_verdict(series, load_end, [s.name for s in fleet.slots if s.name not in fleet.traced])
     return report
 
 

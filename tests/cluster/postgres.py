@@ -35,13 +35,13 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.cluster.proxy import Proxy
 
 BIN = Path(os.environ.get("EVENTFLEET_PG_BIN", "/usr/lib/postgresql/15/bin"))
 OS_USER = "postgres"
@@ -193,106 +193,6 @@ def remove_stale_rules() -> None:
                            timeout=30)
 
 
-class DelayRelay:
-    """A TCP relay from ``listen`` to ``target`` that holds the target's bytes ``delay`` s before passing them on
-    (the client's go through at once). ``cut()`` drops everything held and closes every connection, as a host
-    that vanished: nothing it had not delivered arrives."""
-
-    def __init__(self, listen: int, target: int, delay: float) -> None:
-        self.listen, self.target, self.delay = listen, target, delay
-        self._server = socket.create_server(("127.0.0.1", listen), reuse_port=False)
-        self._server.settimeout(0.2)
-        self._cut = threading.Event()
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._accept, name="delay-relay-accept", daemon=True)]
-        self._threads[0].start()
-
-    def _accept(self) -> None:
-        while not self._cut.is_set():
-            try:
-                client, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._sockets += [client, upstream]
-            held: deque[tuple[float, bytes]] = deque()
-            ready = threading.Condition()
-            for target, args in ((self._pipe, (client, upstream)), (self._hold, (upstream, held, ready)),
-                                 (self._release, (held, ready, client))):
-                thread = threading.Thread(target=target, args=args, daemon=True)
-                thread.start()
-                self._threads.append(thread)
-
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while not self._cut.is_set():
-                chunk = source.recv(65536)
-                if not chunk:
-                    break
-                sink.sendall(chunk)
-        self._close(source, sink)
-
-    def _hold(self, source: socket.socket, held: deque[tuple[float, bytes]], ready: threading.Condition) -> None:
-        with contextlib.suppress(OSError):
-            while not self._cut.is_set():
-                chunk = source.recv(65536)
-                if not chunk:
-                    break
-                with ready:
-                    held.append((time.monotonic() + self.delay, chunk))
-                    ready.notify()
-        with ready:
-            held.append((0.0, b""))  # end of stream, after what is held
-            ready.notify()
-
-    def _release(self, held: deque[tuple[float, bytes]], ready: threading.Condition, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while not self._cut.is_set():
-                with ready:
-                    while not held and not self._cut.is_set():
-                        ready.wait(0.1)
-                    if self._cut.is_set():
-                        break
-                    due, chunk = held[0]
-                    wait = due - time.monotonic()
-                    if wait > 0:
-                        ready.wait(min(wait, 0.1))
-                        continue
-                    held.popleft()
-                if not chunk:
-                    break
-                sink.sendall(chunk)
-        self._close(sink)
-
-    def _close(self, *sockets: socket.socket) -> None:
-        for s in sockets:
-            with contextlib.suppress(OSError):
-                s.close()
-
-    def cut(self) -> None:
-        """Drop what is held and every connection at once (RST, not a goodbye)."""
-        self._cut.set()
-        with self._lock:
-            for s in self._sockets:
-                with contextlib.suppress(OSError):
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                self._close(s)
-        self._close(self._server)
-
-    def close(self) -> None:
-        self.cut()
-        for thread in self._threads:
-            thread.join(timeout=2)
-
-
 def _configure(node: Node, fsync: bool, extra: dict[str, str]) -> None:
     """Write a node's settings: its port and socket on loopback, small buffers, replication allowed."""
     settings = {
@@ -383,7 +283,7 @@ class PostgresPair:
         self.primary = self._node("primary", ports[0])
         self.standby = self._node("standby", ports[1])
         self.relay_port = ports[2] if replication_delay else None
-        self.relay: DelayRelay | None = None
+        self.relay: Proxy | None = None
         self.promoted_at: float | None = None
         self.stopped_at: float | None = None
         self._dropped: list[int] = []  # ports whose packets vanish_primary() drops
@@ -421,7 +321,7 @@ class PostgresPair:
         upstream = self.primary.port
         if self.replication_delay:
             assert self.relay_port is not None
-            self.relay = DelayRelay(self.relay_port, self.primary.port, self.replication_delay)
+            self.relay = Proxy(self.relay_port, self.primary.port, delay=self.replication_delay)
             upstream = self.relay_port
         self._configure(self.standby, {
             "synchronous_standby_names": "''",  # promoted, it has no standby to wait for
@@ -450,7 +350,7 @@ class PostgresPair:
     def stop_primary_hard(self) -> float:
         """Cut the replication link (if delayed) and stop the primary with ``-m immediate``; when it was gone."""
         if self.relay is not None:
-            self.relay.cut()
+            self.relay.cut(reset=True)
         self.primary.pg_ctl("-m", "immediate", "-w", "stop")
         self.stopped_at = time.monotonic()  # gone now: whatever answers from here on is the standby
         return self.stopped_at
@@ -459,7 +359,7 @@ class PostgresPair:
         """The primary's host vanishes: every packet to and from its port is dropped (iptables, removed on
         exit), then the server is stopped; its clients get no reset, only silence. When it happened."""
         if self.relay is not None:
-            self.relay.cut()
+            self.relay.cut(reset=True)
         for rule in _drop_rules(self.primary.port):
             subprocess.run(["iptables", "-w", "-I", *rule], check=True, capture_output=True, timeout=30)
         self._dropped.append(self.primary.port)
@@ -470,7 +370,7 @@ class PostgresPair:
     def kill_primary(self) -> float:
         """SIGKILL of the primary's postmaster only (its backends notice and exit); when it happened."""
         if self.relay is not None:
-            self.relay.cut()
+            self.relay.cut(reset=True)
         pid = self.primary.postmaster_pid()
         self.stopped_at = time.monotonic()
         if pid is not None:

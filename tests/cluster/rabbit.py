@@ -44,13 +44,14 @@ import string
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
 
 import pytest
+
+from tests.cluster.proxy import Proxy
 
 BIN = Path(os.environ.get("EVENTFLEET_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
 DEFAULT_AMQP_PORT = int(os.environ.get("EVENTFLEET_CLUSTER_AMQP_PORT", "5681"))
@@ -112,110 +113,6 @@ class Node:
         return self.name.split("@")[0]
 
 
-# --- the user-space forwarder (a half-open connection on demand) --------------------------------------------
-
-
-class Forwarder:
-    """A TCP forwarder on 127.0.0.1:``listen`` to 127.0.0.1:``target`` in a thread of its own.
-
-    ``blackhole()`` stops moving bytes (both directions, every connection) and leaves every socket open;
-    connections accepted meanwhile get no byte either. ``cut()`` closes every connection and refuses new ones
-    (a node that is gone). ``restore()`` undoes either: bytes move again from where they were.
-    """
-
-    def __init__(self, listen: int, target: int) -> None:
-        self.listen, self.target = listen, target
-        self._flowing = threading.Event()
-        self._flowing.set()
-        self._closing = threading.Event()
-        self._refusing = False
-        self._sockets: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._server = socket.create_server(("127.0.0.1", listen), reuse_port=False)
-        self._server.settimeout(0.2)
-        self._thread = threading.Thread(target=self._accept, name=f"forward {listen}->{target}", daemon=True)
-        self._thread.start()
-
-    def blackhole(self) -> None:
-        self._flowing.clear()
-
-    def cut(self) -> None:
-        self._refusing = True
-        with self._lock:
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                with contextlib.suppress(OSError):
-                    sock.close()
-            self._sockets.clear()
-
-    def restore(self) -> None:
-        self._refusing = False
-        self._flowing.set()
-
-    @property
-    def blackholed(self) -> bool:
-        return not self._flowing.is_set()
-
-    def close(self) -> None:
-        self._closing.set()
-        self._flowing.set()
-        self._thread.join(5)
-        self._server.close()
-        with self._lock:
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.close()
-            self._sockets.clear()
-
-    def _accept(self) -> None:
-        while not self._closing.is_set():
-            try:
-                client, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if self._refusing:
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
-            except OSError:
-                client.close()  # the node is down: refuse as it would
-                continue
-            with self._lock:
-                self._sockets |= {client, upstream}
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
-        source.settimeout(0.2)
-        try:
-            while not self._closing.is_set():
-                if not self._flowing.is_set():
-                    self._flowing.wait(0.2)  # hold the bytes in the kernel buffers: nothing read, nothing sent
-                    continue
-                try:
-                    data = source.recv(65536)
-                except TimeoutError:
-                    continue
-                if not data:
-                    break
-                while not self._flowing.is_set() and not self._closing.is_set():
-                    self._flowing.wait(0.2)  # cut mid-chunk: this chunk waits too
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                sink.shutdown(socket.SHUT_WR)
-            with self._lock:
-                for sock in (source, sink):
-                    if sock in self._sockets and sock.fileno() == -1:
-                        self._sockets.discard(sock)
-
-
 # --- the cluster ----------------------------------------------------------------------------------------------
 
 
@@ -229,7 +126,7 @@ class RabbitCluster:
         self.root = root
         self.nodes: list[Node] = []
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
-        self._forwarders: dict[int, Forwarder] = {}
+        self._forwarders: dict[int, Proxy] = {}
         self._rules: list[list[str]] = []  # iptables rule specs (after -A/-D) this harness added
         self._blackhole_mode: dict[int, str] = {}
         self._alarms: set[tuple[int, str]] = set()  # (node, "memory" | "disk") raised by this harness
@@ -283,7 +180,7 @@ class RabbitCluster:
         if self.proxy:
             for node in self.nodes:
                 node.proxy_port = node.port + PROXY_OFFSET
-                self._forwarders[node.index] = Forwarder(node.proxy_port, node.port)
+                self._forwarders[node.index] = Proxy(node.proxy_port, node.port)
 
     def down(self) -> None:
         """Stop every node, remove the iptables rules and the forwarders, delete the directory."""

@@ -30,9 +30,6 @@ import dataclasses
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -41,7 +38,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import aiohttp
 import asyncpg
 
@@ -51,7 +47,9 @@ from store.event_store import record_from_row
 from tests.cluster.rabbit import RabbitCluster
 from tests.conftest import DATABASE_URL
 from tests.unit.test_projection_fold import fold, order_life, read_models
-from workers import admin, broker
+from workers import fleet as fleet_mod
+from workers.config import Settings
+from workers.fleet import Fleet
 from workers.runtime import retry
 
 PARTITIONS = 6
@@ -70,13 +68,6 @@ def scaled(short: float, long_share: float) -> float:
     return max(short, SECONDS * long_share) if SECONDS else short
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def http_get(port: int, path: str) -> tuple[int, str]:
     timeout = aiohttp.ClientTimeout(total=3)
     async with aiohttp.ClientSession(timeout=timeout) as session, \
@@ -92,107 +83,21 @@ def metric(text: str, name: str) -> float | None:
     return None
 
 
-@dataclasses.dataclass
-class Proc:
-    role: str
-    popen: subprocess.Popen[str]
-    http_port: int
-    log: Path
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        lines = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                lines.append(json.loads(line))
-        return lines
-
-    def tail(self, n: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+ENV = {"EVENTFLEET_LEASE_SECONDS": str(LEASE_SECONDS), "EVENTFLEET_RELAY_POLL_MS": "100",
+       "EVENTFLEET_LOG_FORMAT": "json", "EVENTFLEET_PROGRESS_SECONDS": "0"}
 
 
-class Fleet:
-    """The relay and workers of one deployment on the cluster."""
+def settings_of(cluster: RabbitCluster, schema: str, prefix: str) -> Settings:
+    """The deployment's settings; its own broker connections (teardown) reach the nodes directly."""
+    urls = tuple(node.direct_url for node in cluster.nodes)
+    return Settings(database_url=DATABASE_URL, amqp_url=urls[0], amqp_urls=urls, schema=schema, prefix=prefix,
+                    partitions=PARTITIONS, projection_modules=(registry.EXAMPLE,))
 
-    def __init__(self, schema: str, prefix: str, amqp_url: str, logs: Path) -> None:
-        self.schema, self.prefix, self.amqp_url, self.logs = schema, prefix, amqp_url, logs
-        self.procs: list[Proc] = []
-        self.reports: list[dict[str, dict[str, int]]] = []
 
-    def env(self, http_port: int) -> dict[str, str]:
-        return {**os.environ, "EVENTFLEET_DATABASE_URL": DATABASE_URL, "EVENTFLEET_AMQP_URL": self.amqp_url,
-                "EVENTFLEET_SCHEMA": self.schema, "EVENTFLEET_PREFIX": self.prefix,
-                "EVENTFLEET_HTTP_PORT": str(http_port), "EVENTFLEET_PROJECTION_MODULES": registry.EXAMPLE,
-                "EVENTFLEET_LEASE_SECONDS": str(LEASE_SECONDS), "EVENTFLEET_RELAY_POLL_MS": "100",
-                "EVENTFLEET_LOG_FORMAT": "json", "EVENTFLEET_PARTITIONS": str(PARTITIONS),
-                "EVENTFLEET_PROGRESS_SECONDS": "0"}
-
-    def start(self, role: str) -> Proc:
-        port = free_port()
-        log = self.logs / f"{role}-{len(self.procs)}.log"
-        with log.open("w") as stderr:
-            popen = subprocess.Popen([sys.executable, "-m", "workers", role], env=self.env(port),
-                                     stdout=subprocess.PIPE, stderr=stderr, text=True)
-        proc = Proc(role, popen, port, log)
-        self.procs.append(proc)
-        return proc
-
-    @property
-    def relay(self) -> Proc:
-        return next(p for p in self.procs if p.role == "relay")
-
-    @property
-    def workers(self) -> list[Proc]:
-        return [p for p in self.procs if p.role == "worker"]
-
-    def alive(self) -> None:
-        for proc in self.procs:
-            if proc.popen.poll() is not None:
-                raise AssertionError(f"{proc.role} exited {proc.popen.returncode}:\n{proc.tail()}")
-
-    async def ready(self, proc: Proc) -> bool:
-        with contextlib.suppress(OSError, aiohttp.ClientError, TimeoutError):
-            return (await http_get(proc.http_port, "/readyz"))[0] == 200
-        return False
-
-    async def all_ready(self, within: float = 60) -> None:
-        deadline = time.monotonic() + within
-        while not all([await self.ready(p) for p in self.procs]):
-            self.alive()
-            assert time.monotonic() < deadline, "not every process ready: " + "\n".join(p.tail() for p in self.procs)
-            await asyncio.sleep(0.2)
-
-    def stop(self, proc: Proc) -> dict[str, dict[str, int]] | None:
-        """SIGTERM; a worker's last stdout line is its per-projection stats."""
-        proc.popen.send_signal(signal.SIGTERM)
-        try:
-            out, _ = proc.popen.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.popen.kill()
-            out, _ = proc.popen.communicate()
-            raise AssertionError(f"{proc.role} did not stop within 60 s:\n{proc.tail()}") from None
-        assert proc.popen.returncode == 0, f"{proc.role} exited {proc.popen.returncode}:\n{proc.tail()}"
-        if proc.role != "worker":
-            return None
-        report: dict[str, dict[str, int]] = json.loads(out.strip().splitlines()[-1])["projections"]
-        self.reports.append(report)
-        return report
-
-    def stop_all(self) -> None:
-        for proc in self.workers:
-            if proc.popen.poll() is None:
-                self.stop(proc)
-        for proc in self.procs:
-            if proc.role == "relay" and proc.popen.poll() is None:
-                self.stop(proc)
-
-    def reap(self) -> None:
-        for proc in self.procs:
-            if proc.popen.poll() is None:
-                proc.popen.kill()
-                proc.popen.communicate()
-
-    def total(self, projection: str, key: str) -> int:
-        return sum(report.get(projection, {}).get(key, 0) for report in self.reports)
+async def stop_all(fleet: Fleet) -> None:
+    """SIGTERM every process (workers first); each must exit 0 (a worker's totals are then in ``totals``)."""
+    codes = await fleet.stop_all(60)
+    assert set(codes.values()) <= {0}, f"exit codes {codes}; logs in {fleet.logs}"
 
 
 class Writer:
@@ -372,7 +277,7 @@ class Context:
         """Sleep while checking that every process is alive."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            self.fleet.alive()
+            self.fleet.check()
             await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     async def in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -385,23 +290,11 @@ Fault = Callable[[Context], Awaitable[None]]
 
 @contextlib.asynccontextmanager
 async def deployment(cluster: RabbitCluster, logs: Path) -> Any:
-    """A schema with P=6 and a prefix of its own; dropped (and its queues deleted) after."""
-    schema, prefix = f"t_{uuid.uuid4().hex[:16]}", f"cl.{uuid.uuid4().hex[:10]}"
-    await admin.run_migrate(DATABASE_URL, schema, partitions=PARTITIONS)
-    try:
-        async with db.create_pool(DATABASE_URL, schema, min_size=1, max_size=6) as pool:
-            yield schema, prefix, pool
-    finally:
-        with contextlib.suppress(*RETRYABLE):
-            connection = await aio_pika.connect(cluster.nodes[0].direct_url, timeout=10)
-            async with connection:
-                await broker.delete_partitions(await connection.channel(), broker.Names(prefix), PROJECTIONS,
-                                               PARTITIONS)
-        conn = await asyncpg.connect(DATABASE_URL)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
+    """A schema with P=6 and a prefix of its own; torn down after (workers.fleet), whatever happened."""
+    settings = settings_of(cluster, f"t_{uuid.uuid4().hex[:16]}", f"cl.{uuid.uuid4().hex[:10]}")
+    async with fleet_mod.open_deployment(settings, PROJECTIONS), \
+            db.create_pool(DATABASE_URL, settings.schema, min_size=1, max_size=6) as pool:
+        yield settings.schema, settings.prefix, pool
 
 
 async def run_scenario(name: str, cluster: RabbitCluster, logs: Path, fault: Fault, *, rate: float = RATE,
@@ -411,14 +304,15 @@ async def run_scenario(name: str, cluster: RabbitCluster, logs: Path, fault: Fau
     warmup = scaled(3, 0.2) if warmup is None else warmup
     tail = scaled(3, 0.2) if tail is None else tail
     async with deployment(cluster, logs) as (schema, prefix, pool):
-        fleet = Fleet(schema, prefix, amqp_url or cluster.amqp_url, logs)
+        fleet = Fleet(settings_of(cluster, schema, prefix), logs,
+                      {**ENV, "EVENTFLEET_AMQP_URL": amqp_url or cluster.amqp_url})
         sampler = Sampler(pool)
         context = Context(cluster, fleet, sampler, prefix)
         try:
-            fleet.start("relay")
+            fleet.add("relay").start()
             for _ in range(2):
-                fleet.start("worker")
-            await fleet.all_ready()
+                fleet.add("worker").start()
+            await fleet.wait_ready()
             writer = Writer(EventStore(pool, schema=schema), name, rate)
             began = time.monotonic()
             writing = asyncio.create_task(writer.run())
@@ -437,7 +331,7 @@ async def run_scenario(name: str, cluster: RabbitCluster, logs: Path, fault: Fau
                     with contextlib.suppress(*RETRYABLE):
                         if await all_applied(pool):
                             break
-                    fleet.alive()
+                    fleet.check()
                     if time.monotonic() > deadline:
                         raise AssertionError(f"{name}: not everything applied within {drain_within}s; logs in {logs}")
                     await asyncio.sleep(0.2)
@@ -447,22 +341,24 @@ async def run_scenario(name: str, cluster: RabbitCluster, logs: Path, fault: Fau
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampling
             finished = time.monotonic()
-            fleet.stop_all()
+            await stop_all(fleet)
         finally:
-            fleet.reap()
+            await fleet.close()
         lost, doubled, equal = await exactness(pool)
         baseline = sampler.baseline(context.injected, floor=int(rate / 4) + 1)
         figures = Figures(
-            name, written=writer.written, applied=fleet.total("customer_stats", "applied"),
-            duplicates=fleet.total("customer_stats", "duplicates"),
-            gaps_filled=fleet.total("customer_stats", "gaps_filled"),
-            caught_up=fleet.total("customer_stats", "caught_up"),
-            handover_duplicates=fleet.total("customer_stats", "handover_duplicates"), lost=lost, doubled=doubled,
+            name, written=writer.written, applied=fleet.totals("customer_stats").get("applied", 0),
+            duplicates=fleet.totals("customer_stats").get("duplicates", 0),
+            gaps_filled=fleet.totals("customer_stats").get("gaps_filled", 0),
+            caught_up=fleet.totals("customer_stats").get("caught_up", 0),
+            handover_duplicates=fleet.totals("customer_stats").get("handover_duplicates", 0), lost=lost,
+            doubled=doubled,
             stall_seconds=round(sampler.longest_stall(context.injected), 1),
             recover_seconds=round(sampler.recovered_after(context.injected, baseline), 1),
             fault_seconds=round((context.repaired or context.injected) - context.injected, 1), rate=rate,
             seconds=round(finished - began, 1), notes={**context.notes, "baseline_lag": baseline,
-                                                       "order_summary_applied": fleet.total("order_summary", "applied")})
+                                                       "order_summary_applied":
+                                                           fleet.totals("order_summary").get("applied", 0)})
         print(figures.line(), flush=True)
         if REPORT:
             record(Path(REPORT), figures)

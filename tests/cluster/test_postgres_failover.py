@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +35,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import pytest
 
 from projections import registry
@@ -47,7 +45,9 @@ from store.records import NewEvent
 from tests.cluster.postgres import PostgresPair, can_vanish, postgres_pair
 from tests.conftest import AMQP_URL, new_prefix, new_schema
 from tests.unit.test_projection_fold import Models, fold, order_life, read_models
-from workers import admin, broker
+from workers.config import Settings
+from workers.fleet import Fleet as Processes
+from workers.fleet import open_fleet
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -153,58 +153,34 @@ class Writers:
 
 
 class Fleet:
-    """One relay and one worker process on the multi-host URL."""
+    """One relay and one worker process on the multi-host URL (a workers.fleet.Fleet, by role)."""
 
-    def __init__(self, url: str, schema: str, prefix: str, logs: Path) -> None:
-        self.url, self.schema, self.prefix, self.logs = url, schema, prefix, logs
-        self.procs: dict[str, subprocess.Popen[str]] = {}
-
-    def start(self, role: str) -> None:
-        env = {**os.environ, "EVENTFLEET_DATABASE_URL": self.url, "EVENTFLEET_AMQP_URL": AMQP_URL,
-               "EVENTFLEET_SCHEMA": self.schema, "EVENTFLEET_PREFIX": self.prefix, "EVENTFLEET_HTTP_PORT": "0",
-               "EVENTFLEET_PROJECTION_MODULES": registry.EXAMPLE, "EVENTFLEET_RELAY_POLL_MS": "100",
-               "EVENTFLEET_PARTITIONS": str(PARTITIONS)}
-        fd = os.open(self.logs / f"{role}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        try:
-            self.procs[role] = subprocess.Popen([sys.executable, "-m", "workers", role], env=env,
-                                                stdout=subprocess.PIPE, stderr=fd, text=True)
-        finally:
-            os.close(fd)
+    def __init__(self, processes: Processes) -> None:
+        self.processes = processes
+        self.schema, self.logs = processes.settings.schema, processes.logs
 
     def alive(self) -> None:
-        dead = {role: p.returncode for role, p in self.procs.items() if p.poll() is not None}
-        assert not dead, f"exited: {dead}; logs in {self.logs}"
+        self.processes.check()
 
-    def stop(self, role: str) -> str:
-        proc = self.procs.pop(role)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0, (role, proc.returncode, self.logs)
-        return out
-
-    def reap(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-        self.procs.clear()
+    async def stop(self, role: str) -> str:
+        """SIGTERM; the process's stdout (a worker's last line is its totals per projection)."""
+        [process] = [p for p in self.processes.processes if p.role == role and p.alive]
+        code = await self.processes.stop(process)
+        assert code == 0, (role, code, self.logs)
+        return process.current.out.read_text()
 
 
 @contextlib.asynccontextmanager
 async def deployment(pair: PostgresPair, logs: Path) -> AsyncIterator[Fleet]:
-    """A migrated schema on the pair, a relay and a worker on it; the RabbitMQ names removed after."""
-    schema, prefix = new_schema(), new_prefix()
-    await admin.run_migrate(pair.url, schema, partitions=PARTITIONS)
-    fleet = Fleet(pair.url, schema, prefix, logs)
-    try:
-        fleet.start("relay")
-        fleet.start("worker")
-        yield fleet
-    finally:
-        fleet.reap()
-        connection = await aio_pika.connect(AMQP_URL)
-        async with connection:
-            await broker.delete_topology(await connection.channel(), broker.Names(prefix), PROJECTIONS, PARTITIONS)
+    """A migrated schema on the pair, a relay and a worker on it; torn down after (workers.fleet)."""
+    settings = Settings(database_url=pair.url, amqp_url=AMQP_URL, schema=new_schema(),
+                        prefix=new_prefix(), partitions=PARTITIONS,
+                        projection_modules=(registry.EXAMPLE,))
+    async with open_fleet(settings, logs, env={"EVENTFLEET_RELAY_POLL_MS": "100"},
+                          projections=PROJECTIONS) as processes:
+        processes.add("relay").start()
+        processes.add("worker").start()
+        yield Fleet(processes)
 
 
 # --- watching ---------------------------------------------------------------------------------------------
@@ -352,8 +328,8 @@ async def failover(pair: PostgresPair, logs: Path, mode: str, *, vanish: bool = 
             await asyncio.sleep(0.1)
         watching.set()
         await watcher
-        worker = json.loads(fleet.stop("worker").strip().splitlines()[-1])["projections"]
-        fleet.stop("relay")
+        worker = json.loads((await fleet.stop("worker")).strip().splitlines()[-1])["projections"]
+        await fleet.stop("relay")
         rows = await pool.fetch("SELECT global_position, event_id, stream_id, version, event_type, data, metadata, "
                                 "recorded_at, transaction_id FROM events ORDER BY global_position")
         stored = [record_from_row(r) for r in rows if r["stream_id"] != probe]

@@ -22,11 +22,12 @@ import pytest
 
 from store import NO_STREAM, EventStore, db
 from tests.cluster import rabbit_fleet
-from tests.cluster.rabbit import Forwarder, HarnessError, Node, RabbitCluster
+from tests.cluster.proxy import Proxy
+from tests.cluster.rabbit import HarnessError, Node, RabbitCluster
 from tests.cluster.rabbit_fleet import PARTITIONS, PROJECTIONS, Context, http_get, metric, scaled
 from tests.conftest import DATABASE_URL
 from tests.unit.test_projection_fold import order_life
-from workers import broker, relay
+from workers import broker, fleet, relay
 from workers.runtime import health, metrics
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600 + 20 * rabbit_fleet.SECONDS)]
@@ -164,8 +165,8 @@ def _alarmed(cluster: RabbitCluster, node: Node) -> bool:
 
 async def test_readiness_is_down_while_no_node_answers_and_up_when_connected_again(
         rabbit: RabbitCluster, tmp_path: Path) -> None:
-    dead = f"amqp://guest:guest@127.0.0.1:{rabbit_fleet.free_port()}/"
-    forwarder = Forwarder(rabbit_fleet.free_port(), rabbit.nodes[0].port)
+    dead = f"amqp://guest:guest@127.0.0.1:{fleet.free_port()}/"
+    forwarder = Proxy(fleet.free_port(), rabbit.nodes[0].port)
     urls = [dead, f"amqp://guest:guest@127.0.0.1:{forwarder.listen}/?heartbeat=2"]
     status = health.Health()
     try:
@@ -299,20 +300,20 @@ async def test_a_node_blackholed_without_closing_its_connections(rabbit: RabbitC
 
 async def test_a_memory_alarm_blocks_the_relay_until_it_clears(rabbit: RabbitCluster, tmp_path: Path) -> None:
     async def fault(ctx: Context) -> None:
-        relay_proc = ctx.fleet.relay
+        relay_proc = ctx.fleet.relays[0]
         node = ctx.cluster.nodes[0]
         ctx.inject()
         await ctx.in_thread(ctx.cluster.memory_alarm, node)
         try:
             began = time.monotonic()
             while True:
-                _, text = await http_get(relay_proc.http_port, "/metrics")
+                _, text = await http_get(relay_proc.port, "/metrics")
                 if metric(text, "eventfleet_relay_blocked") == 1:
                     break
                 assert time.monotonic() - began < 30, "the relay never reported the block"
                 await ctx.sleep(0.2)
             ctx.notes["blocked_after"] = round(time.monotonic() - began, 2)
-            status, body = await http_get(relay_proc.http_port, "/readyz")
+            status, body = await http_get(relay_proc.port, "/readyz")
             ctx.notes["readyz_while_blocked"] = [status, body.strip()]
             assert status == 503
             await ctx.sleep(scaled(5, 0.5))
@@ -321,7 +322,7 @@ async def test_a_memory_alarm_blocks_the_relay_until_it_clears(rabbit: RabbitClu
             await ctx.in_thread(ctx.cluster.clear_memory_alarm, node)
         ctx.repair()
         began = time.monotonic()
-        while (await http_get(relay_proc.http_port, "/readyz"))[0] != 200:
+        while (await http_get(relay_proc.port, "/readyz"))[0] != 200:
             assert time.monotonic() - began < 30, "the relay never became ready again"
             await ctx.sleep(0.2)
         ctx.notes["ready_after_clear"] = round(time.monotonic() - began, 2)

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -23,9 +19,11 @@ from projections import registry
 from store import NO_STREAM, EventStore, db, queries
 from store.event_store import record_from_row
 from store.partitions import partition_of
-from tests.conftest import AMQP_URL, DATABASE_URL, delete_topology, new_prefix, new_schema
+from tests.conftest import AMQP_URL, DATABASE_URL, new_prefix, new_schema
 from tests.unit.test_projection_fold import fold, order_life, read_models
-from workers import admin
+from workers.config import Settings
+from workers.fleet import Fleet as Processes
+from workers.fleet import Process, open_fleet
 from workers.projector import leases
 from workers.runtime import retry
 
@@ -38,52 +36,50 @@ DECLARED = (*PROJECTIONS, "order_summary")
 #: would make every later test's relay declare its queues too.
 PARTITIONS = 16
 RECORDER = queries.load("tests.e2e", "recorder.sql")
-MODULES = f"{registry.EXAMPLE},tests.e2e.recorder"
+MODULES = (registry.EXAMPLE, "tests.e2e.recorder")
 LEASE_SECONDS = 6
 RETRYABLE: tuple[type[BaseException], ...] = (*retry.OUTAGE_ERRORS, asyncpg.PostgresError)
 
 
+ENV = {"EVENTFLEET_LEASE_SECONDS": str(LEASE_SECONDS), "EVENTFLEET_CATCHUP_THRESHOLD": "0",
+       "EVENTFLEET_RELAY_POLL_MS": "100"}
+
+
 class Fleet:
-    """A relay and worker processes on one deployment (schema with 16 partitions, prefix of its own)."""
+    """A relay and worker processes on one deployment (schema with 16 partitions, prefix of its own): the
+    processes of a ``workers.fleet.Fleet``, workers known by pid (their lease owner names hold it)."""
 
-    def __init__(self, schema: str, prefix: str, logs: Path) -> None:
-        self.schema, self.prefix, self.logs = schema, prefix, logs
-        self.workers: dict[int, subprocess.Popen[str]] = {}
+    def __init__(self, processes: Processes) -> None:
+        self.processes = processes
+        self.schema, self.prefix, self.logs = processes.settings.schema, processes.settings.prefix, processes.logs
+        self.workers: dict[int, Process] = {}
         self.reports: list[dict[str, dict[str, int]]] = []
-        self.relay: subprocess.Popen[str] | None = None
 
-    def _start(self, role: str, *args: str, log: str) -> subprocess.Popen[str]:
-        env = {**os.environ, "EVENTFLEET_DATABASE_URL": DATABASE_URL, "EVENTFLEET_AMQP_URL": AMQP_URL,
-               "EVENTFLEET_SCHEMA": self.schema, "EVENTFLEET_PREFIX": self.prefix, "EVENTFLEET_HTTP_PORT": "0",
-               "EVENTFLEET_PROJECTION_MODULES": MODULES, "EVENTFLEET_LEASE_SECONDS": str(LEASE_SECONDS),
-               "EVENTFLEET_CATCHUP_THRESHOLD": "0", "EVENTFLEET_RELAY_POLL_MS": "100"}
-        fd = os.open(self.logs / log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        try:
-            return subprocess.Popen([sys.executable, "-m", "workers", role, *args], env=env,
-                                    stdout=subprocess.PIPE, stderr=fd, text=True)
-        finally:
-            os.close(fd)
+    def _start(self, role: str, *args: str) -> Process:
+        # AMQP_URL read now: a test may point the processes elsewhere (e.g. a shorter heartbeat).
+        process = self.processes.add(role, *args, env={"EVENTFLEET_AMQP_URL": AMQP_URL})
+        process.start()
+        return process
 
     def start_relay(self) -> None:
-        self.relay = self._start("relay", log="relay.log")
+        self._start("relay")
 
     def start_worker(self) -> int:
-        args = [a for p in PROJECTIONS for a in ("--projection", p)]
-        proc = self._start("worker", *args, log=f"worker-{len(self.workers)}.log")
-        self.workers[proc.pid] = proc
-        return proc.pid
+        process = self._start("worker", *(a for p in PROJECTIONS for a in ("--projection", p)))
+        self.workers[process.pid] = process
+        return process.pid
 
     def stop(self, pid: int, *, kill: bool = False) -> dict[str, dict[str, int]]:
         """SIGKILL (nothing reported) or SIGTERM: the worker hands over and prints its totals per projection."""
-        proc = self.workers.pop(pid)
+        process = self.workers.pop(pid)
+        process.signal(signal.SIGKILL if kill else signal.SIGTERM)
+        code = process.current.proc.wait(30)
         if kill:
-            proc.kill()
-            proc.communicate()
             return {}
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0, (self.logs, out)
-        report: dict[str, dict[str, int]] = json.loads(out.strip().splitlines()[-1])["projections"]
+        assert code == 0, self.logs
+        process.current.read_final()
+        report = process.current.final
+        assert report is not None, self.logs
         self.reports.append(report)
         return report
 
@@ -95,38 +91,22 @@ class Fleet:
         """A counter summed over the workers stopped with SIGTERM, over every projection."""
         return sum(p[key] for report in self.reports for p in report.values())
 
-    def reap(self) -> None:
-        for proc in [*self.workers.values(), *([self.relay] if self.relay else [])]:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-
     def alive(self) -> None:
-        dead = {pid: p.returncode for pid, p in self.workers.items() if p.poll() is not None}
-        assert not dead, f"workers died: {dead}; logs in {self.logs}"
+        self.processes.check()
 
 
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    schema, prefix = new_schema(), new_prefix()
-    await admin.run_migrate(DATABASE_URL, schema, partitions=PARTITIONS)
-    conn = await db.connect(DATABASE_URL, schema)
-    try:
-        await conn.execute(RECORDER["ddl"])
-    finally:
-        await conn.close()
-    fleet = Fleet(schema, prefix, tmp_path)
-    try:
-        yield fleet
-    finally:
-        fleet.reap()
-        # Every projection of MODULES: the example's too (order_summary), which the relay and workers declare.
-        await delete_topology(prefix, DECLARED, PARTITIONS)
-        conn = await asyncpg.connect(DATABASE_URL)
+    """The deployment with the recorder's table, torn down after (workers.fleet) whatever happened."""
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=new_schema(),
+                        prefix=new_prefix(), partitions=PARTITIONS, projection_modules=MODULES)
+    async with open_fleet(settings, tmp_path, env=ENV, projections=PROJECTIONS) as processes:
+        conn = await db.connect(DATABASE_URL, settings.schema)
         try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            await conn.execute(RECORDER["ddl"])
         finally:
             await conn.close()
+        yield Fleet(processes)
 
 
 @pytest.fixture

@@ -86,8 +86,10 @@ def _sql(name: str, **identifiers: str) -> LiteralString:
     return statement
 
 
-async def plan(database_url: str, schema: str, prefix: str, amqp: AbstractConnection) -> Plan:
-    """Find what of the deployment exists; raise ``TeardownRefused`` unless ``schema`` is a migrated one."""
+async def plan(database_url: str, schema: str, prefix: str, amqp: AbstractConnection,
+               also: Iterable[str] = ()) -> Plan:
+    """Find what of the deployment exists; raise ``TeardownRefused`` unless ``schema`` is a migrated one.
+    ``also`` adds projections to the registered ones (a supervisor whose processes load modules it does not)."""
     n = broker.Names(prefix)
     conn = await db.connect(database_url, schema)
     try:
@@ -99,7 +101,7 @@ async def plan(database_url: str, schema: str, prefix: str, amqp: AbstractConnec
                 raise errors.TeardownRefused(f"schema {schema!r} {what}; nothing dropped")
             rows = await conn.fetch(_sql("status_projections", schema=schema))
             # A status row's name that is no identifier never had queues or shadows (both derive from it).
-            projections = tuple(sorted(p for p in set(registry.load()) | {r["projection"] for r in rows}
+            projections = tuple(sorted(p for p in {*registry.load(), *also} | {r["projection"] for r in rows}
                                        if _is_identifier(p)))
             shadows = await _shadows(conn, schema, projections)
             found_roles = tuple([r for r in roles.Roles(schema).all()
