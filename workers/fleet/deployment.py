@@ -53,7 +53,8 @@ async def remove(settings: Settings, projections: Iterable[str] = ()) -> None:
                 with attempt:
                     found = await teardown.plan(settings.database_url, settings.schema, settings.prefix,
                                                 connection, names)
-                    await teardown.tear_down(settings.database_url, found, connection)
+                    # Its processes are gone (killed at worst: their registrations not yet expired).
+                    await teardown.tear_down(settings.database_url, found, connection, force=True)
         except errors.TeardownRefused:  # never migrated, or dropped already: its broker names only
             await _delete_by_name(connection, settings, names)
         except store_errors.TransientError:
