@@ -176,8 +176,8 @@ class UncheckedRegistry(codec.Registry):
     def __init__(self, base: codec.Registry) -> None:
         self.__dict__.update(base.__dict__)  # the very same tables, not copies: base's registrations
 
-    def encode_checked(self, payload: object) -> tuple[str, bytes]:
-        return self.encode(payload)
+    def encode_checked(self, payload: object, origin: codec.Origin | None = None) -> tuple[str, bytes]:
+        return self.encode(payload, origin)
 
 
 async def store_append_without_check(store: EventStore, writers: int, streams: int, seconds: float) -> Sample:

@@ -83,7 +83,7 @@ def record_from_row(row: Mapping[str, Any], registry: codec.Registry = codec.REG
     """Decode an events row (as selected by the store's queries) into a RecordedEvent."""
     stream_id, version, event_type = row["stream_id"], row["version"], row["event_type"]
     try:
-        payload = registry.decode(event_type, row["data"])
+        payload = registry.decode(event_type, row["data"], (row["event_id"], stream_id))
         metadata = codec.unpackb(row["metadata"])
     except errors.CodecError as exc:
         raise type(exc)(f"{exc} (stream {stream_id!r}, version {version}, type {event_type})") from exc
@@ -96,7 +96,7 @@ def snapshot_from_row(stream_id: str, row: Mapping[str, Any],
                       registry: codec.Registry = codec.REGISTRY) -> Snapshot:
     """Decode a snapshots row (version, snapshot_type, data) of stream_id into a Snapshot."""
     try:
-        state = registry.decode(row["snapshot_type"], row["data"])
+        state = registry.decode(row["snapshot_type"], row["data"], (None, stream_id))
     except errors.CodecError as exc:
         raise type(exc)(f"{exc} (snapshot of stream {stream_id!r}, version {row['version']})") from exc
     return Snapshot(stream_id, row["version"], row["snapshot_type"], state)

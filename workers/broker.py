@@ -287,7 +287,7 @@ def _event(fields: Mapping[str, Any], registry: codec.Registry) -> RecordedEvent
         if not isinstance(value, kind):
             raise MalformedMessage(f"body field of type {type(value).__name__} where {kind.__name__} belongs")
     try:
-        payload = registry.decode(event_type, data)
+        payload = registry.decode(event_type, data, (event_id, stream_id))
     except (errors.CodecError, errors.InvalidInput, ValueError, TypeError) as exc:
         raise MalformedMessage(f"{type(exc).__name__}: {exc}") from exc
     return RecordedEvent(event_id=event_id, stream_id=stream_id, version=version, global_position=position,

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import overload
 
 from store import errors, names
+from store.subject_keys import KeyEncryptionKeys
 from workers.runtime import redact
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -42,6 +43,8 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("EVENTFLEET_EVENTS_EXCHANGE", "0", "1: the relay also publishes one message per event to PREFIX.events"),
     ("EVENTFLEET_LEASE_SECONDS", "15", "a worker's partition leases expire this long after its last heartbeat"),
     ("EVENTFLEET_PROGRESS_SECONDS", "60", "a worker's progress line per projection every N s (0 = off)"),
+    ("EVENTFLEET_KEK", "(none)", "key-encryption keys of personal fields: base64 of 32 bytes, or ID:BASE64, ... newest last"),
+    ("EVENTFLEET_KEK_FILE", "(none)", "a file holding what EVENTFLEET_KEK would (one entry a line); not both"),
 )
 
 
@@ -75,6 +78,8 @@ class Settings:
     lease_seconds: float = 15.0  # partition leases expire this long after the last heartbeat
     #: Every RabbitMQ node's URL (EVENTFLEET_AMQP_URL, comma-separated), tried in turn; () = (amqp_url,).
     amqp_urls: tuple[str, ...] = ()
+    #: The key-encryption keys of personal fields (EVENTFLEET_KEK or EVENTFLEET_KEK_FILE); None: none.
+    keks: KeyEncryptionKeys | None = None
 
     def __post_init__(self) -> None:
         if not self.amqp_urls:
@@ -144,6 +149,8 @@ class Settings:
             message_bytes=_int(environ, "EVENTFLEET_MESSAGE_BYTES", 1024 * 1024, 1024, 2 * 1024 * 1024),
             events_exchange=bool(_int(environ, "EVENTFLEET_EVENTS_EXCHANGE", 0, 0, 1)),
             lease_seconds=float(_int(environ, "EVENTFLEET_LEASE_SECONDS", 15, 3, 3600)),
+            keks=KeyEncryptionKeys.from_env({"EVENTFLEET_KEK": get("EVENTFLEET_KEK", ""),
+                                             "EVENTFLEET_KEK_FILE": get("EVENTFLEET_KEK_FILE", "")}),
         )
 
     def port(self, role: str) -> int:

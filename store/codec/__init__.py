@@ -13,6 +13,9 @@ The package, one module per job, from the bytes up:
   ``constructor``);
 - ``checking``: an event refused before it is stored unless it decodes back equal (``check``,
   ``encode_metadata``);
+- ``personal``: the ``Personal`` marker of personal fields and their erased values;
+- ``cipher``: the seat between a packed field and the column, sealing personal values with their
+  subject's data key;
 - ``registry``: event classes by name and version, upcasters, and ``Registry.encode``/``decode``, which
   compose the others.
 
@@ -31,15 +34,27 @@ from store.codec.builders import (
     constructor,
 )
 from store.codec.checking import _failure, _fitting, _same, check, encode_metadata
-from store.codec.registry import REGISTRY, Fields, Registry, Upcaster
+from store.codec.cipher import Cipher, Keyring, Sealed
+from store.codec.personal import ERASED, ERASED_BYTES, Erased, ErasedBytes, Personal, SubjectForgotten
+from store.codec.registry import REGISTRY, Fields, Origin, Registry, Upcaster
 from store.codec.wire import _default, _ext_hook, ext_hook, packb, unpackb
 
 __all__ = [
+    "ERASED",
+    "ERASED_BYTES",
     "REGISTRY",
     "Builder",
+    "Cipher",
     "Convert",
+    "Erased",
+    "ErasedBytes",
     "Fields",
+    "Keyring",
+    "Origin",
+    "Personal",
     "Registry",
+    "Sealed",
+    "SubjectForgotten",
     "Upcaster",
     "_build_general",
     "_converter",

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from store import errors
+from store.codec import personal
 from store.codec.builders import build
 from store.codec.checking import _check_slowly, check
+from store.codec.cipher import Cipher, Sealed, event_aad, snapshot_aad
 from store.codec.wire import packb, unpackb
 
 Fields = dict[str, Any]
+#: Where a stored map was stored: (event id, stream id) of an event, (None, stream id) of a snapshot. The
+#: associated data of its sealed personal values (store/codec/cipher.py) is made of it.
+Origin = tuple[uuid.UUID | None, str]
 Upcaster = Callable[[Fields], Fields]
 T = TypeVar("T")
 
@@ -23,16 +30,35 @@ class _Registered:
     version: int
     cls: type[Any]
     fields: tuple[str, ...]
+    personal: tuple[personal.PersonalField, ...]
 
 
 class Registry:
-    """Event classes by name and version, and the upcasters between versions."""
+    """Event classes by name and version, and the upcasters between versions.
+
+    ``cipher`` seals and opens personal fields (store/codec/cipher.py): None in a registry as made; a store
+    encodes and decodes with ``with_cipher(...)``, a view of the same classes with its subjects' keys.
+    Every registry knows the library's own events (``SubjectForgotten``)."""
 
     def __init__(self) -> None:
         self._by_type: dict[type[Any], _Registered] = {}
         self._by_name: dict[str, dict[int, _Registered]] = {}
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
         self._plans: dict[str, tuple[str, int, _Registered]] = {}  # by event type; see _plan
+        self.cipher: Cipher | None = None
+        self.event("SubjectForgotten")(personal.SubjectForgotten)
+
+    def with_cipher(self, cipher: Cipher) -> Registry:
+        """This registry (the same classes and upcasters, registered before or after) sealing and opening
+        personal fields with cipher."""
+        view = copy.copy(self)  # shares the dicts: a class registered later is known to both
+        view.cipher = cipher
+        return view
+
+    def personal(self, cls: type[Any]) -> tuple[personal.PersonalField, ...]:
+        """The personal fields of a registered class (empty for any other)."""
+        entry = self._by_type.get(cls)
+        return entry.personal if entry is not None else ()
 
     def event(self, name: str, *, version: int = 1) -> Callable[[type[T]], type[T]]:
         """Register a frozen dataclass as event ``name`` at ``version``; its type name is ``Name.vN``."""
@@ -45,7 +71,8 @@ class Registry:
             versions = self._by_name.setdefault(name, {})
             if version in versions and versions[version].cls is not cls:
                 raise ValueError(f"{name}.v{version} is already registered")
-            entry = _Registered(name, version, cls, tuple(f.name for f in dataclasses.fields(cls)))
+            entry = _Registered(name, version, cls, tuple(f.name for f in dataclasses.fields(cls)),
+                                personal.personal_fields(cls))
             versions[version] = entry
             self._plans.clear()  # a newer version changes what older types decode to
             self._by_type[cls] = entry
@@ -86,40 +113,75 @@ class Registry:
         versions = self._by_name.get(name)
         return versions is not None and version <= max(versions)
 
-    def encode(self, payload: object) -> tuple[str, bytes]:
-        """Return (event_type, data) for an event instance."""
+    def encode(self, payload: object, origin: Origin | None = None) -> tuple[str, bytes]:
+        """Return (event_type, data) for an event instance, its personal fields sealed for origin."""
         entry = self._by_type.get(type(payload))
         if entry is None:
             raise errors.UnknownEventType(f"{type(payload).__name__} is not a registered event class")
-        return f"{entry.name}.v{entry.version}", packb({name: getattr(payload, name) for name in entry.fields})
+        fields = {name: getattr(payload, name) for name in entry.fields}
+        if entry.personal:
+            self._seal(entry, fields, origin)
+        return f"{entry.name}.v{entry.version}", packb(fields)
 
-    def encode_checked(self, payload: object) -> tuple[str, bytes]:
+    def encode_checked(self, payload: object, origin: Origin | None = None) -> tuple[str, bytes]:
         """Like ``encode``, having made sure that decoding the data builds an event equal to payload
         (``check``); raise ``InvalidEvent``, naming the field, the type it expects and the value's type,
         when it would not. An event of an older version must also upcast to the newest, as every read
-        of it will. What the store appends with this can always be read back."""
+        of it will. What the store appends with this can always be read back. Personal fields are
+        sealed for origin (its event id and stream) after the check."""
         entry = self._by_type.get(type(payload))
         if entry is None:
             raise errors.UnknownEventType(f"{type(payload).__name__} is not a registered event class")
         check(payload)
         event_type = f"{entry.name}.v{entry.version}"
-        try:
-            data = packb({name: getattr(payload, name) for name in entry.fields})
-        except errors.CodecError:
-            _check_slowly(payload, every_field=True)  # says which field cannot be encoded
-            raise
+        fields = {name: getattr(payload, name) for name in entry.fields}
         plan = self._plans.get(event_type)
         if plan is None:
             plan = self._plan(event_type)
+        try:
+            # The upcasting check runs on the values in the clear, as a read will see them.
+            data = packb(fields) if plan[2] is not entry or not entry.personal else b""
+            if entry.personal:
+                self._seal(entry, fields, origin)
+                sealed = packb(fields)
+        except errors.CodecError:
+            _check_slowly(payload, every_field=True)  # says which field cannot be encoded
+            raise
         if plan[2] is not entry:
             try:
                 self.decode(event_type, data)
             except errors.CodecError as exc:
                 raise errors.InvalidEvent(f"{event_type} would not upcast to v{plan[2].version}: {exc}") from exc
-        return event_type, data
+        return event_type, (sealed if entry.personal else data)
 
-    def decode(self, event_type: str, data: bytes) -> Any:
-        """Decode data stored as event_type into an instance of the newest class of that name."""
+    def _seal(self, entry: _Registered, fields: Fields, origin: Origin | None) -> None:
+        """Replace the personal values of fields by their sealed forms (store/codec/cipher.py)."""
+        if self.cipher is None:
+            raise errors.KeyEncryptionKeyMissing()
+        if origin is None:
+            raise errors.InvalidInput(f"{entry.name} has personal fields: encoding it needs its event id and stream")
+        event_id, stream_id = origin
+        aad = event_aad(event_id, stream_id) if event_id is not None else snapshot_aad(stream_id)
+        for field in entry.personal:
+            subject = personal.subject_id(fields[field.subject], f"{entry.name}.{field.subject}")
+            fields[field.name] = self.cipher.seal(subject, field.kind, fields[field.name],
+                                                  aad + field.name.encode())
+
+    def open(self, fields: Fields, origin: Origin | None) -> None:
+        """Replace the sealed values of a decoded map by their values, or erased values (store/codec/cipher.py)."""
+        for name, value in fields.items():
+            if type(value) is Sealed:
+                if self.cipher is None:
+                    raise errors.KeyEncryptionKeyMissing()
+                if origin is None:
+                    raise errors.CorruptEvent("a personal value outside an event or snapshot")
+                event_id, stream_id = origin
+                aad = event_aad(event_id, stream_id) if event_id is not None else snapshot_aad(stream_id)
+                fields[name] = self.cipher.open(value, aad + name.encode())
+
+    def decode(self, event_type: str, data: bytes, origin: Origin | None = None) -> Any:
+        """Decode data stored as event_type into an instance of the newest class of that name, opening its
+        personal values sealed for origin (before any upcaster: they see values, or erased values)."""
         plan = self._plans.get(event_type) if isinstance(event_type, str) else None
         if plan is None:
             plan = self._plan(event_type)
@@ -127,6 +189,10 @@ class Registry:
         fields = unpackb(data)
         if not isinstance(fields, dict):
             raise errors.CorruptEvent(f"{event_type} data is a {type(fields).__name__}, not a map")
+        for value in fields.values():
+            if type(value) is Sealed:
+                self.open(fields, origin)
+                break
         for step in range(version, current.version):
             upcast = self._upcasters.get((name, step))
             if upcast is None:

@@ -9,6 +9,7 @@ import decimal
 import threading
 import uuid
 import zoneinfo
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgpack
@@ -71,7 +72,14 @@ def _ext_hook(code: int, data: bytes) -> object:
         return dt.date.fromordinal(msgpack.unpackb(data))
     if code == _EXT_UUID:
         return uuid.UUID(bytes=data)
+    hook = EXT_HOOKS.get(code)
+    if hook is not None:
+        return hook(data)
     raise errors.CorruptEvent(f"unknown msgpack ext type {code}")
+
+
+#: Decoders of the ext types other modules add (``cipher.EXT_SEALED``), by code.
+EXT_HOOKS: dict[int, Callable[[bytes], object]] = {}
 
 
 # Bounded caches of the ext hook (values are immutable; the bound keeps hostile input from growing them).

@@ -19,12 +19,13 @@ SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1);
 CREATE ROLE {role} NOLOGIN;
 
 -- name: grant_writer
--- Appends events with their outbox rows, reads streams, keeps snapshots.
+-- Appends events with their outbox rows, reads streams, keeps snapshots, creates and forgets subject keys.
 GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT, INSERT ON TABLE {schema}.events TO {role};
 GRANT INSERT ON TABLE {schema}.outbox TO {role};
 GRANT SELECT, INSERT, UPDATE ON TABLE {schema}.snapshots TO {role};
 GRANT SELECT ON TABLE {schema}.partitioning TO {role};
+GRANT SELECT, INSERT, UPDATE ON TABLE {schema}.subject_keys TO {role};
 
 -- name: grant_relay
 -- Reads the outbox and its events, deletes published rows. Claiming rows FOR UPDATE SKIP LOCKED needs
@@ -36,9 +37,9 @@ GRANT SELECT ON TABLE {schema}.events TO {role};
 GRANT SELECT ON TABLE {schema}.partitioning TO {role};
 
 -- name: grant_worker
--- Reads events and P; writes checkpoints, projection status and dead letters, its registration and leases.
+-- Reads events, P and subject keys; writes checkpoints, projection status and dead letters, its registration and leases.
 GRANT USAGE ON SCHEMA {schema} TO {role};
-GRANT SELECT ON TABLE {schema}.events, {schema}.partitioning TO {role};
+GRANT SELECT ON TABLE {schema}.events, {schema}.partitioning, {schema}.subject_keys TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {schema}.checkpoints, {schema}.projection_status,
     {schema}.dead_letters, {schema}.workers, {schema}.leases TO {role};
 

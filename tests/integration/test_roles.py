@@ -104,11 +104,13 @@ async def test_the_grants_are_exactly_the_documented_ones(schema: str, granted: 
         ("writer", "outbox"): "INSERT",
         ("writer", "snapshots"): "INSERT,SELECT,UPDATE",
         ("writer", "partitioning"): "SELECT",
+        ("writer", "subject_keys"): "INSERT,SELECT,UPDATE",
         ("relay", "events"): "SELECT",
         ("relay", "partitioning"): "SELECT",
         ("relay", "outbox"): "DELETE,SELECT",
         ("worker", "events"): "SELECT",
         ("worker", "partitioning"): "SELECT",
+        ("worker", "subject_keys"): "SELECT",
         **{("worker", t): "DELETE,INSERT,SELECT,UPDATE"
            for t in ("checkpoints", "projection_status", "dead_letters", "workers", "leases", "order_summary",
                      "customer_stats")},

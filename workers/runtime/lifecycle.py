@@ -49,4 +49,5 @@ def open_pool(settings: Settings, *, min_size: int = 1, max_size: int = 2,
 
 def open_store(pool: db.Pool, settings: Settings) -> EventStore:
     """The deployment's event store over ``pool``."""
-    return EventStore(pool, schema=settings.schema, max_payload_bytes=settings.max_payload_bytes)
+    return EventStore(pool, schema=settings.schema, max_payload_bytes=settings.max_payload_bytes,
+                      keks=settings.keks)
