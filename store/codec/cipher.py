@@ -1,17 +1,23 @@
-"""The seat between a packed field and the column: personal fields sealed with their subject's data key.
+"""The seat between the packed fields and the column: personal fields sealed with their subject's data key.
 
 The ``eventsourcing`` library's Mapper composes a transcoder, a compressor and a cipher over a whole event.
 Here only the personal fields are secret (type, version, stream, ids and every other field must stay
-readable, so routing, partitions, lag and audits work without a key), so the cipher sits per field: each
-personal value is packed alone (``wire.packb``), sealed, and stored in the event's map as msgpack ext type
-5 (``EXT_SEALED``), whose body is ``[subject, kind, nonce, ciphertext]``:
+readable, so routing, partitions, lag and audits work without a key), so the cipher sits on the fields:
+the personal values of one subject in one event (or snapshot) are packed together as a msgpack list,
+sealed, and stored under the first of their fields as msgpack ext type 5 (``EXT_SEALED``, laid out in
+``Sealed``); the others are left out of the map and come back when it is opened:
 
-- AES-256-GCM with the subject's data key and a random 96-bit nonce per value;
-- associated data binding the ciphertext to its event id (or the snapshot), stream and field name, so a
-  sealed value copied into another event, stream or field does not open (``CorruptEvent``);
-- ``kind`` (``personal.STR``, ``BYTES``, ``OPTIONAL``) says which erased value it reads back as once the
-  key is gone (``personal.ERASED_VALUES``); an empty nonce is a value sealed for a subject already forgotten
-  at append: nothing of it was stored.
+- AES-256-GCM with the subject's data key and a random 96-bit nonce per sealed value;
+- associated data binding the ciphertext to its event id (or the snapshot), its stream, the name of the
+  field it is stored under and its head (the subject, the kinds and the other fields' names), so a sealed
+  value copied into another event, stream or field, or given other names, does not open (``CorruptEvent``);
+- each field's kind (``personal.STR``, ``BYTES``, ``OPTIONAL``) says which erased value it reads back as
+  once the key is gone (``personal.ERASED_VALUES``); a body that ends after its head holds values sealed for
+  a subject already forgotten at append (or erased values appended again): nothing of them was stored.
+
+One sealed value per subject and event rather than per field: an event's personal fields are erased
+together anyway, and each sealed value costs a decryption and a few microseconds of Python on every read
+(bench/personal.py).
 
 A whole-body transformer (a compressor) would sit in ``Registry.encode``/``decode`` after the map is packed;
 this one needs the fields, so the registry runs it on the map.
@@ -21,8 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import msgpack
@@ -35,28 +42,71 @@ from store.codec import personal, wire
 EXT_SEALED = 5
 _NONCE_BYTES = 12
 _AAD_PREFIX = b"eventfleet/personal/v1\x00"
+_EVENT_AAD = _AAD_PREFIX + b"event\x00"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Sealed:
-    """A personal value as stored: opened (or erased) by ``Cipher.open`` before the event is built."""
+class Sealed(bytes):
+    """The personal values of one subject in one event (or snapshot) as stored, under the first of their
+    fields (the others are left out of the map); the ext 5 body, opened by ``Cipher.open_fields``:
 
-    subject: str
-    kind: str
-    nonce: bytes
-    ciphertext: bytes
+    - 2 bytes (big-endian): the length of the head, then the head:
+      - 1 byte: n, the number of fields sealed together, then n bytes: their kinds (``personal.STR``, ...);
+      - 2 bytes (big-endian): the subject's length, then its UTF-8;
+      - for each field but the first (whose name is the map's key): 1 byte, its name's length, then its name;
+    - the nonce (12 bytes) and the ciphertext of the values' msgpack list, in that order; or nothing, for
+      values sealed for a subject forgotten at append (or erased values appended again): nothing stored.
+
+    The head repeats across a subject's events of one class, so its parse is remembered (``_heads``).
+    """
+
+    __slots__ = ()
+
+    def head(self) -> tuple[bytes, Head]:
+        """The head's bytes and what they say; CorruptEvent when malformed."""
+        end = 2 + ((self[0] << 8) | self[1]) if len(self) >= 2 else 0
+        raw = self[2:end]
+        found = _heads.get(raw)
+        if found is None:
+            if end == 0 or end > len(self):
+                raise errors.CorruptEvent("malformed sealed personal value")
+            found = _parse_head(raw)
+            if len(_heads) >= 4096:  # bounded: a head per subject and class met lately
+                _heads.clear()
+            _heads[raw] = found
+        return raw, found
+
+    @property
+    def subject(self) -> str:
+        """The subject id the values belong to."""
+        return self.head()[1][0]
 
 
-def unpack_sealed(data: bytes) -> Sealed:
-    """The ext body of a sealed value; CorruptEvent when it is not one."""
-    body = msgpack.unpackb(data)
-    if not (isinstance(body, list) and len(body) == 4 and isinstance(body[0], str)
-            and body[1] in personal.ERASED_VALUES and isinstance(body[2], bytes) and isinstance(body[3], bytes)):
+#: What a head says: the subject, the fields' kinds, the names of the fields but the first.
+Head = tuple[str, tuple[str, ...], tuple[str, ...]]
+_heads: dict[bytes, Head] = {}
+
+
+def _parse_head(raw: bytes) -> Head:
+    try:
+        n = raw[0]
+        kinds = tuple(_KIND_OF[k] for k in raw[1:1 + n])
+        at = 1 + n
+        size = (raw[at] << 8) | raw[at + 1]
+        subject = raw[at + 2:at + 2 + size].decode()
+        at += 2 + size
+        others = []
+        for _ in range(n - 1):
+            others.append(raw[at + 1:at + 1 + raw[at]].decode())
+            at += 1 + raw[at]
+    except (IndexError, KeyError, UnicodeDecodeError) as exc:
+        raise errors.CorruptEvent("malformed sealed personal value") from exc
+    if n == 0 or len(kinds) != n or at != len(raw) or len(subject.encode()) != size or len(others) != n - 1:
         raise errors.CorruptEvent("malformed sealed personal value")
-    return Sealed(*body)
+    return subject, kinds, tuple(others)
 
 
-wire.EXT_HOOKS[EXT_SEALED] = unpack_sealed
+_KIND_OF = {ord(kind): kind for kind in personal.ERASED_VALUES}  # by its byte in a body
+wire.EXT_HOOKS[EXT_SEALED] = Sealed
 
 
 def sealed_subjects(datas: Iterable[bytes]) -> list[str]:
@@ -65,11 +115,36 @@ def sealed_subjects(datas: Iterable[bytes]) -> list[str]:
     for data in datas:
         try:
             fields = wire.unpackb(data)
+            if isinstance(fields, dict):
+                found += [v.subject for v in fields.values() if type(v) is Sealed]
         except errors.CodecError:
             continue
-        if isinstance(fields, dict):
-            found += [v.subject for v in fields.values() if type(v) is Sealed]
     return found
+
+
+class _Nonces(threading.local):
+    """Random 96-bit nonces, drawn from the OS 4 KiB at a time (a system call per value costs as much as
+    the encryption). A forked child drops what its parent drew: a nonce must never repeat under one key."""
+
+    def __init__(self) -> None:
+        self.pool = b""
+        self.at = 0
+
+    def next(self) -> bytes:
+        if self.at + _NONCE_BYTES > len(self.pool):
+            self.pool, self.at = os.urandom(4096 - 4096 % _NONCE_BYTES), 0
+        self.at += _NONCE_BYTES
+        return self.pool[self.at - _NONCE_BYTES:self.at]
+
+
+_nonces = _Nonces()
+
+
+def _forget_nonces() -> None:
+    _nonces.pool, _nonces.at = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_nonces)
 
 
 class Keyring(Protocol):
@@ -83,7 +158,7 @@ class Keyring(Protocol):
 
 def event_aad(event_id: uuid.UUID, stream_id: str) -> bytes:
     """The associated data of an event's sealed values (the field name is appended per value)."""
-    return b"%sevent\x00%s\x00%s\x00" % (_AAD_PREFIX, event_id.bytes, stream_id.encode())
+    return _EVENT_AAD + event_id.bytes + b"\x00" + stream_id.encode() + b"\x00"
 
 
 def snapshot_aad(stream_id: str) -> bytes:
@@ -97,27 +172,54 @@ class Cipher:
 
     keyring: Keyring
 
-    def seal(self, subject: str, kind: str, value: Any, aad: bytes) -> msgpack.ExtType:
-        """The stored form of a personal value of subject (nothing of it when the subject is forgotten)."""
+    def seal(self, subject: str, group: Sequence[tuple[str, str, Any]], aad: bytes) -> msgpack.ExtType:
+        """The stored form of a subject's personal values in one event, ``(name, kind, value)`` each (stored
+        under the first name): nothing of them when the subject is forgotten, or all are erased values (a
+        handler copying them on). One nonce and one ciphertext for the group: the fields' names and kinds are
+        in the associated data, so a value cannot move to another field either."""
+        raw = subject.encode()
+        head = bytes([len(group), *(ord(kind) for _, kind, _ in group)]) + len(raw).to_bytes(2, "big") + raw
+        for name, _, _ in group[1:]:
+            head += bytes([len(name.encode())]) + name.encode()
+        head = len(head).to_bytes(2, "big") + head
         key = self.keyring.key(subject)
-        if key is None:
-            body = [subject, kind, b"", b""]
-        else:
-            nonce = os.urandom(_NONCE_BYTES)
-            body = [subject, kind, nonce, key.encrypt(nonce, wire.packb(value), aad)]
-        return msgpack.ExtType(EXT_SEALED, wire.packb(body))
+        if key is None or all(isinstance(v, (personal.Erased, personal.ErasedBytes)) for _, _, v in group):
+            return msgpack.ExtType(EXT_SEALED, head)
+        nonce = _nonces.next()
+        plain = wire.packb([v for _, _, v in group])
+        return msgpack.ExtType(EXT_SEALED, head + nonce + key.encrypt(nonce, plain, aad + group[0][0].encode() + head))
 
-    def open(self, sealed: Sealed, aad: bytes) -> Any:
-        """The value sealed, or its erased value when its subject is forgotten; CorruptEvent when the
-        ciphertext does not authenticate (tampered with, or moved from another event, stream or field)."""
-        if not sealed.nonce:
-            return personal.ERASED_VALUES[sealed.kind]
-        key = self.keyring.key(sealed.subject)
-        if key is None:
-            return personal.ERASED_VALUES[sealed.kind]
-        try:
-            plain = key.decrypt(sealed.nonce, sealed.ciphertext, aad)
-        except InvalidTag as exc:
-            raise errors.CorruptEvent("a personal value does not authenticate (tampered with, or moved "
-                                      "from another event, stream or field)") from exc
-        return wire.unpackb(plain)
+    def open_fields(self, fields: dict[str, Any], aad: bytes, names: list[str]) -> None:
+        """Put back the values of the sealed groups under names in a decoded map, or their erased values when
+        their subject is forgotten; CorruptEvent when one does not authenticate (tampered with, or moved from
+        another event, stream or field). Reading is the hot path: no step here is taken twice."""
+        for name in names:
+            sealed = fields[name]
+            end = 2 + ((sealed[0] << 8) | sealed[1]) if len(sealed) >= 2 else 0
+            head = _heads.get(sealed[2:end]) or sealed.head()[1]
+            subject, kinds, others = head
+            key = self.keyring.key(subject) if end < len(sealed) else None
+            if key is None:
+                fields[name] = personal.ERASED_VALUES[kinds[0]]
+                for field, kind in zip(others, kinds[1:], strict=True):
+                    fields[field] = personal.ERASED_VALUES[kind]
+                continue
+            try:
+                values = msgpack.unpackb(key.decrypt(sealed[end:end + _NONCE_BYTES], sealed[end + _NONCE_BYTES:],
+                                                     aad + name.encode() + sealed[:end]),
+                                         ext_hook=wire.ext_hook, raw=False, timestamp=0)
+            except InvalidTag as exc:
+                raise errors.CorruptEvent("a personal value does not authenticate (tampered with, or "
+                                          "moved from another event, stream or field)") from exc
+            except errors.CodecError:
+                raise
+            except Exception as exc:  # a nonce cut short (ValueError), or msgpack's many errors
+                raise errors.CorruptEvent(f"a sealed personal value cannot be read: {type(exc).__name__}") from exc
+            if type(values) is not list or len(values) != len(kinds):
+                raise errors.CorruptEvent("a sealed group of personal values holds another number of values")
+            fields[name] = values[0]
+            if len(others) == 1:
+                fields[others[0]] = values[1]
+            else:
+                for field, value in zip(others, values[1:], strict=True):
+                    fields[field] = value

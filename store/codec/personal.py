@@ -118,6 +118,8 @@ def personal_fields(cls: type[Any]) -> tuple[PersonalField, ...]:
         if not marks:
             continue
         where = f"{cls.__name__}.{name}"
+        if len(name.encode()) > 255:
+            raise TypeError(f"{where}: a personal field's name must be at most 255 bytes of UTF-8")
         if len(marks) > 1:
             raise TypeError(f"{where} is marked Personal twice")
         subject = marks[0].subject
@@ -128,6 +130,14 @@ def personal_fields(cls: type[Any]) -> tuple[PersonalField, ...]:
     if subjects & {p.name for p in found}:
         raise TypeError(f"{cls.__name__}: a subject id field cannot itself be personal")
     return tuple(found)
+
+
+def groups(fields: tuple[PersonalField, ...]) -> tuple[tuple[str, tuple[PersonalField, ...]], ...]:
+    """The personal fields by subject field (sealed together), each group and its fields in declaration order."""
+    by_subject: dict[str, list[PersonalField]] = {}
+    for field in fields:
+        by_subject.setdefault(field.subject, []).append(field)
+    return tuple((subject, tuple(group)) for subject, group in by_subject.items())
 
 
 def _kind(hint: Any, where: str) -> str:

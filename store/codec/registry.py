@@ -13,6 +13,7 @@ from store.codec import personal
 from store.codec.builders import build
 from store.codec.checking import _check_slowly, check
 from store.codec.cipher import Cipher, Sealed, event_aad, snapshot_aad
+from store.codec.personal import PersonalField
 from store.codec.wire import packb, unpackb
 
 Fields = dict[str, Any]
@@ -30,7 +31,9 @@ class _Registered:
     version: int
     cls: type[Any]
     fields: tuple[str, ...]
-    personal: tuple[personal.PersonalField, ...]
+    personal: tuple[PersonalField, ...]
+    #: The personal fields by subject field, in declaration order: each group is sealed together.
+    sealing: tuple[tuple[str, tuple[PersonalField, ...]], ...]
 
 
 class Registry:
@@ -71,8 +74,9 @@ class Registry:
             versions = self._by_name.setdefault(name, {})
             if version in versions and versions[version].cls is not cls:
                 raise ValueError(f"{name}.v{version} is already registered")
-            entry = _Registered(name, version, cls, tuple(f.name for f in dataclasses.fields(cls)),
-                                personal.personal_fields(cls))
+            found = personal.personal_fields(cls)
+            entry = _Registered(name, version, cls, tuple(f.name for f in dataclasses.fields(cls)), found,
+                                personal.groups(found))
             versions[version] = entry
             self._plans.clear()  # a newer version changes what older types decode to
             self._by_type[cls] = entry
@@ -162,22 +166,24 @@ class Registry:
             raise errors.InvalidInput(f"{entry.name} has personal fields: encoding it needs its event id and stream")
         event_id, stream_id = origin
         aad = event_aad(event_id, stream_id) if event_id is not None else snapshot_aad(stream_id)
-        for field in entry.personal:
-            subject = personal.subject_id(fields[field.subject], f"{entry.name}.{field.subject}")
-            fields[field.name] = self.cipher.seal(subject, field.kind, fields[field.name],
-                                                  aad + field.name.encode())
+        for subject_field, group in entry.sealing:
+            subject = personal.subject_id(fields[subject_field], f"{entry.name}.{subject_field}")
+            fields[group[0].name] = self.cipher.seal(
+                subject, [(f.name, f.kind, fields.pop(f.name) if i else fields[f.name]) for i, f in enumerate(group)],
+                aad)
 
-    def open(self, fields: Fields, origin: Origin | None) -> None:
-        """Replace the sealed values of a decoded map by their values, or erased values (store/codec/cipher.py)."""
-        for name, value in fields.items():
-            if type(value) is Sealed:
-                if self.cipher is None:
-                    raise errors.KeyEncryptionKeyMissing()
-                if origin is None:
-                    raise errors.CorruptEvent("a personal value outside an event or snapshot")
-                event_id, stream_id = origin
-                aad = event_aad(event_id, stream_id) if event_id is not None else snapshot_aad(stream_id)
-                fields[name] = self.cipher.open(value, aad + name.encode())
+    def open(self, fields: Fields, origin: Origin | None, names: list[str] | None = None) -> None:
+        """Replace the sealed values of a decoded map (under names, if known) by their values, or their
+        erased values (store/codec/cipher.py)."""
+        if self.cipher is None:
+            raise errors.KeyEncryptionKeyMissing()
+        if origin is None:
+            raise errors.CorruptEvent("a personal value outside an event or snapshot")
+        event_id, stream_id = origin
+        if names is None:
+            names = [k for k, v in fields.items() if type(v) is Sealed]
+        self.cipher.open_fields(fields, event_aad(event_id, stream_id) if event_id is not None
+                                else snapshot_aad(stream_id), names)
 
     def decode(self, event_type: str, data: bytes, origin: Origin | None = None) -> Any:
         """Decode data stored as event_type into an instance of the newest class of that name, opening its
@@ -189,10 +195,12 @@ class Registry:
         fields = unpackb(data)
         if not isinstance(fields, dict):
             raise errors.CorruptEvent(f"{event_type} data is a {type(fields).__name__}, not a map")
-        for value in fields.values():
+        sealed = None
+        for key, value in fields.items():
             if type(value) is Sealed:
-                self.open(fields, origin)
-                break
+                sealed = [key] if sealed is None else [*sealed, key]
+        if sealed is not None:
+            self.open(fields, origin, sealed)
         for step in range(version, current.version):
             upcast = self._upcasters.get((name, step))
             if upcast is None:
