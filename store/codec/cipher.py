@@ -107,6 +107,19 @@ def _parse_head(raw: bytes) -> Head:
 
 _KIND_OF = {ord(kind): kind for kind in personal.ERASED_VALUES}  # by its byte in a body
 wire.EXT_HOOKS[EXT_SEALED] = Sealed
+# An erased value among real ones of a group reads back erased too.
+_ERASED_MARKS: dict[type[Any], msgpack.ExtType] = {
+    personal.Erased: msgpack.ExtType(personal.EXT_ERASED, personal.STR.encode()),
+    personal.ErasedBytes: msgpack.ExtType(personal.EXT_ERASED, personal.BYTES.encode())}
+
+
+def _erased(body: bytes) -> Any:
+    if len(body) != 1 or body[0] not in _KIND_OF:
+        raise errors.CorruptEvent("malformed erased value")
+    return personal.ERASED_VALUES[_KIND_OF[body[0]]]
+
+
+wire.EXT_HOOKS[personal.EXT_ERASED] = _erased
 
 
 def sealed_subjects(datas: Iterable[bytes]) -> list[str]:
@@ -186,7 +199,7 @@ class Cipher:
         if key is None or all(isinstance(v, (personal.Erased, personal.ErasedBytes)) for _, _, v in group):
             return msgpack.ExtType(EXT_SEALED, head)
         nonce = _nonces.next()
-        plain = wire.packb([v for _, _, v in group])
+        plain = wire.packb([_ERASED_MARKS.get(type(v), v) for _, _, v in group])
         return msgpack.ExtType(EXT_SEALED, head + nonce + key.encrypt(nonce, plain, aad + group[0][0].encode() + head))
 
     def open_fields(self, fields: dict[str, Any], aad: bytes, names: list[str]) -> None:

@@ -88,6 +88,8 @@ class ErasedBytes(bytes):
 
 ERASED = Erased()
 ERASED_BYTES = ErasedBytes()
+#: Ext type of an erased value sealed among real ones (its body: its kind), opened as that erased value.
+EXT_ERASED = 6
 
 #: The kinds of personal field, as written in a sealed value (so a value reads back erased as the type it
 #: was written with, whatever the class has become since), and their erased values.
@@ -130,6 +132,14 @@ def personal_fields(cls: type[Any]) -> tuple[PersonalField, ...]:
     if subjects & {p.name for p in found}:
         raise TypeError(f"{cls.__name__}: a subject id field cannot itself be personal")
     return tuple(found)
+
+
+def unerased(payload: Any, fields: tuple[PersonalField, ...]) -> Any:
+    """payload, with erased values (a handler copying a forgotten subject's fields on) as their real empty
+    values, for the round-trip check at append: they are stored as erased, and read back as they are."""
+    erased = {f.name: type(v).__mro__[1]() for f in fields
+              if isinstance(v := getattr(payload, f.name), (Erased, ErasedBytes))}
+    return dataclasses.replace(payload, **erased) if erased else payload
 
 
 def groups(fields: tuple[PersonalField, ...]) -> tuple[tuple[str, tuple[PersonalField, ...]], ...]:

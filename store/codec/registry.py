@@ -136,7 +136,7 @@ class Registry:
         entry = self._by_type.get(type(payload))
         if entry is None:
             raise errors.UnknownEventType(f"{type(payload).__name__} is not a registered event class")
-        check(payload)
+        check(personal.unerased(payload, entry.personal) if entry.personal else payload)
         event_type = f"{entry.name}.v{entry.version}"
         fields = {name: getattr(payload, name) for name in entry.fields}
         plan = self._plans.get(event_type)

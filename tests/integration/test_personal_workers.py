@@ -1,0 +1,59 @@
+"""Personal fields where workers decode them: deliveries opened with keys the worker never loaded, and a
+rebuild after ``forget`` writing the erased value."""
+
+from __future__ import annotations
+
+import pytest
+
+from projections.base import Projection, handles
+from store import ERASED, NO_STREAM, EventStore, db
+from store.event_store import RecordedEvent
+from tests.contract.personal import KEKS, REG, CustomerRegistered, registered
+from tests.integration.test_rebuild_helpers import drop_shadows
+from workers import broker, rebuild
+from workers.projector import checkpoints
+
+pytestmark = pytest.mark.usefixtures(drop_shadows.__name__)
+
+
+class Contacts(Projection):
+    """Each customer's e-mail address: personal data in a read model."""
+
+    name = "contacts"
+    tables = ("contacts",)
+    ddl = "CREATE TABLE IF NOT EXISTS contacts (customer_id text PRIMARY KEY, email text NOT NULL)"
+
+    @handles(CustomerRegistered)
+    async def record(self, conn: db.Conn, event: RecordedEvent) -> None:
+        await conn.execute("INSERT INTO contacts VALUES ($1, $2) ON CONFLICT (customer_id) DO UPDATE SET email = $2",
+                           event.event.customer_id, event.event.email)
+
+
+async def delivered(pool: db.Pool, store: EventStore, stream_id: str) -> list[RecordedEvent]:
+    """The stream's events as a worker gets them: the relay's message bodies, decoded with store.registry."""
+    rows = await pool.fetch("SELECT global_position, event_id, stream_id, version, event_type, data, metadata, "
+                            "recorded_at, transaction_id FROM events WHERE stream_id = $1 ORDER BY version", stream_id)
+    return [broker.from_body(broker.encode_row(row).body, store.registry) for row in rows]
+
+
+async def test_a_worker_opens_a_delivery_with_a_key_it_never_loaded(pool, schema):
+    await EventStore(pool, schema=schema, registry=REG, keks=KEKS).append("customer-1", [registered()], NO_STREAM)
+    worker_store = EventStore(pool, schema=schema, registry=REG, keks=KEKS)
+    assert [e.event for e in await delivered(pool, worker_store, "customer-1")] == [registered()]
+
+
+async def test_a_worker_applies_personal_fields_and_a_rebuild_after_forget_writes_the_erased_value(pool, schema):
+    writer = EventStore(pool, schema=schema, registry=REG, keks=KEKS)
+    await writer.append("customer-1", [registered("c1")], NO_STREAM)
+    await writer.append("customer-2", [registered("c2", "bob@example.com")], NO_STREAM)
+    await pool.execute(Contacts.ddl)
+    worker_store = EventStore(pool, schema=schema, registry=REG, keks=KEKS)
+    for stream_id in ("customer-1", "customer-2"):
+        await checkpoints.apply_batch(worker_store, Contacts(), await delivered(pool, worker_store, stream_id))
+    assert dict(await pool.fetch("SELECT customer_id, email FROM contacts")) == {
+        "c1": "ann@example.com", "c2": "bob@example.com"}
+    await writer.forget("c1")
+    rebuilder = EventStore(pool, schema=schema, registry=REG, keks=KEKS)
+    await rebuild.rebuild(pool, rebuilder, Contacts)
+    assert dict(await pool.fetch("SELECT customer_id, email FROM contacts")) == {"c1": "", "c2": "bob@example.com"}
+    assert [e.event.email for e in await delivered(pool, rebuilder, "customer-1")] == [ERASED]
