@@ -29,7 +29,7 @@ import dataclasses
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import msgpack
@@ -107,6 +107,7 @@ def _parse_head(raw: bytes) -> Head:
 
 _KIND_OF = {ord(kind): kind for kind in personal.ERASED_VALUES}  # by its byte in a body
 wire.EXT_HOOKS[EXT_SEALED] = Sealed
+_ERASED_TYPES = frozenset({personal.Erased, personal.ErasedBytes})
 # An erased value among real ones of a group reads back erased too.
 _ERASED_MARKS: dict[type[Any], msgpack.ExtType] = {
     personal.Erased: msgpack.ExtType(personal.EXT_ERASED, personal.STR.encode()),
@@ -133,6 +134,24 @@ def sealed_subjects(datas: Iterable[bytes]) -> list[str]:
         except errors.CodecError:
             continue
     return found
+
+
+#: Heads made, by (subject, id of the group): a subject's events of one class share one.
+_made_heads: dict[tuple[str, int], tuple[tuple[personal.PersonalField, ...], bytes]] = {}
+
+
+def _make_head(subject: str, group: tuple[personal.PersonalField, ...]) -> bytes:
+    raw = subject.encode()
+    if len(raw) > 65535:
+        raise errors.InvalidEvent(f"a subject id must be at most 65535 bytes of UTF-8, got {len(raw)}")
+    head = bytes([len(group), *(ord(f.kind) for f in group)]) + len(raw).to_bytes(2, "big") + raw
+    for field in group[1:]:
+        head += bytes([len(field.name.encode())]) + field.name.encode()
+    head = len(head).to_bytes(2, "big") + head
+    if len(_made_heads) >= 4096:  # bounded, as _heads
+        _made_heads.clear()
+    _made_heads[(subject, id(group))] = (group, head)
+    return head
 
 
 class _Nonces(threading.local):
@@ -185,22 +204,21 @@ class Cipher:
 
     keyring: Keyring
 
-    def seal(self, subject: str, group: Sequence[tuple[str, str, Any]], aad: bytes) -> msgpack.ExtType:
-        """The stored form of a subject's personal values in one event, ``(name, kind, value)`` each (stored
-        under the first name): nothing of them when the subject is forgotten, or all are erased values (a
-        handler copying them on). One nonce and one ciphertext for the group: the fields' names and kinds are
-        in the associated data, so a value cannot move to another field either."""
-        raw = subject.encode()
-        head = bytes([len(group), *(ord(kind) for _, kind, _ in group)]) + len(raw).to_bytes(2, "big") + raw
-        for name, _, _ in group[1:]:
-            head += bytes([len(name.encode())]) + name.encode()
-        head = len(head).to_bytes(2, "big") + head
+    def seal(self, subject: str, group: tuple[personal.PersonalField, ...], values: list[Any],
+             aad: bytes) -> msgpack.ExtType:
+        """The stored form of a subject's personal values in one event (those of group's fields, stored under
+        the first one): nothing of them when the subject is forgotten, or all are erased values (a handler
+        copying them on). One nonce and one ciphertext for the group: the fields' names and kinds are in the
+        associated data, so a value cannot move to another field either."""
+        found = _made_heads.get((subject, id(group)))
+        head = found[1] if found is not None and found[0] is group else _make_head(subject, group)
         key = self.keyring.key(subject)
-        if key is None or all(isinstance(v, (personal.Erased, personal.ErasedBytes)) for _, _, v in group):
+        if key is None or (not _ERASED_TYPES.isdisjoint(map(type, values))
+                           and all(type(v) in _ERASED_TYPES for v in values)):
             return msgpack.ExtType(EXT_SEALED, head)
         nonce = _nonces.next()
-        plain = wire.packb([_ERASED_MARKS.get(type(v), v) for _, _, v in group])
-        return msgpack.ExtType(EXT_SEALED, head + nonce + key.encrypt(nonce, plain, aad + group[0][0].encode() + head))
+        plain = wire.packb([_ERASED_MARKS.get(type(v), v) for v in values])
+        return msgpack.ExtType(EXT_SEALED, head + nonce + key.encrypt(nonce, plain, aad + group[0].name.encode() + head))
 
     def open_fields(self, fields: dict[str, Any], aad: bytes, names: list[str]) -> None:
         """Put back the values of the sealed groups under names in a decoded map, or their erased values when

@@ -136,7 +136,12 @@ class Registry:
         entry = self._by_type.get(type(payload))
         if entry is None:
             raise errors.UnknownEventType(f"{type(payload).__name__} is not a registered event class")
-        check(personal.unerased(payload, entry.personal) if entry.personal else payload)
+        try:
+            check(payload)
+        except errors.InvalidEvent:
+            if not entry.personal:
+                raise
+            check(personal.unerased(payload, entry.personal))  # an erased value is stored as erased
         event_type = f"{entry.name}.v{entry.version}"
         fields = {name: getattr(payload, name) for name in entry.fields}
         plan = self._plans.get(event_type)
@@ -168,9 +173,8 @@ class Registry:
         aad = event_aad(event_id, stream_id) if event_id is not None else snapshot_aad(stream_id)
         for subject_field, group in entry.sealing:
             subject = personal.subject_id(fields[subject_field], f"{entry.name}.{subject_field}")
-            fields[group[0].name] = self.cipher.seal(
-                subject, [(f.name, f.kind, fields.pop(f.name) if i else fields[f.name]) for i, f in enumerate(group)],
-                aad)
+            values = [fields[group[0].name], *(fields.pop(f.name) for f in group[1:])]
+            fields[group[0].name] = self.cipher.seal(subject, group, values, aad)
 
     def open(self, fields: Fields, origin: Origin | None, names: list[str] | None = None) -> None:
         """Replace the sealed values of a decoded map (under names, if known) by their values, or their
