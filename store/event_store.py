@@ -412,18 +412,7 @@ class EventStore(Encoding):
         """Wrap every subject key that another key-encryption key wraps with the newest one (KEK rotation:
         add the new KEK last, run this, then drop the old one); the number of keys rewrapped."""
         _check_int(batch, "batch", 1, high=None)
-        keks = self.keys.require_keks()
-        done = 0
-        while True:
-            async with db.translate_errors(), self.pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(self.queries["keys_to_rewrap"], keks.newest, batch)
-                if not rows:
-                    return done
-                wrapped = [keks.wrap(r["subject"], keks.unwrap(r["subject"], r["kek_id"], r["wrapped_key"]))
-                           for r in rows]
-                await conn.execute(self.queries["rewrap_subject_keys"], [r["subject"] for r in rows],
-                                   [w[0] for w in wrapped], [w[1] for w in wrapped])
-            done += len(rows)
+        return await key_table.rewrap(self.pool, self.queries, self.keys.require_keks(), batch)
 
 
 def _unique_violation(exc: BaseException | None) -> asyncpg.UniqueViolationError | None:

@@ -1,4 +1,4 @@
-"""The ``subject_keys`` table as the ``KeyTable`` of ``store.subject_keys``, and its blocking twin.
+"""The ``subject_keys`` table as the ``KeyTable`` of ``store.subject_keys``, its blocking twin, and rewrapping.
 
 Decoding is synchronous. The store's own reads load the keys a batch of rows needs before decoding it
 (``EventStore``); a caller decoding on its own (a worker decoding a delivery with ``store.registry``, a
@@ -16,7 +16,7 @@ from typing import Any, LiteralString
 
 from store import db, errors
 from store.hot import HotConnections
-from store.subject_keys import StoredKey
+from store.subject_keys import KeyEncryptionKeys, StoredKey
 
 
 class PostgresKeyTable:
@@ -35,6 +35,21 @@ class PostgresKeyTable:
         async with self.hot.use() as conn:
             await conn.execute(self.queries["create_subject_keys"], [r[0] for r in rows], [r[1] for r in rows],
                                [r[2] for r in rows])
+
+
+async def rewrap(pool: db.Pool, queries: Mapping[str, LiteralString], keks: KeyEncryptionKeys, batch: int) -> int:
+    """Wrap every live key that an older KEK wraps with the newest one, ``batch`` keys per transaction (rows
+    locked, others skipped: runs beside writers and each other); the number rewrapped."""
+    done = 0
+    while True:
+        async with db.translate_errors(), pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(queries["keys_to_rewrap"], keks.newest, batch)
+            if not rows:
+                return done
+            wrapped = [keks.wrap(r["subject"], keks.unwrap(r["subject"], r["kek_id"], r["wrapped_key"])) for r in rows]
+            await conn.execute(queries["rewrap_subject_keys"], [r["subject"] for r in rows],
+                               [w[0] for w in wrapped], [w[1] for w in wrapped])
+        done += len(rows)
 
 
 def blocking_fetch(pool: db.Pool, queries: Mapping[str, LiteralString],
