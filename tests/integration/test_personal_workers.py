@@ -3,14 +3,19 @@ rebuild after ``forget`` writing the erased value."""
 
 from __future__ import annotations
 
+import argparse
+import os
+
 import pytest
 
 from projections.base import Projection, handles
-from store import ERASED, NO_STREAM, EventStore, db
+from store import ERASED, NO_STREAM, EventStore, KeyEncryptionKeys, db
 from store.event_store import RecordedEvent
 from tests.contract.personal import KEKS, REG, CustomerRegistered, registered
 from tests.integration.test_rebuild_helpers import drop_shadows
 from workers import broker, rebuild
+from workers.cli.forget import cmd_forget, cmd_rewrap_keys
+from workers.config import Settings
 from workers.projector import checkpoints
 
 pytestmark = pytest.mark.usefixtures(drop_shadows.__name__)
@@ -57,3 +62,23 @@ async def test_a_worker_applies_personal_fields_and_a_rebuild_after_forget_write
     await rebuild.rebuild(pool, rebuilder, Contacts)
     assert dict(await pool.fetch("SELECT customer_id, email FROM contacts")) == {"c1": "", "c2": "bob@example.com"}
     assert [e.event.email for e in await delivered(pool, rebuilder, "customer-1")] == [ERASED]
+
+
+async def test_the_forget_command_forgets_once_and_says_so(pool, schema, database_url, capsys):
+    await EventStore(pool, schema=schema, registry=REG, keks=KEKS).append("customer-1", [registered()], NO_STREAM)
+    settings = Settings(database_url=database_url, schema=schema, keks=KEKS)
+    assert await cmd_forget(settings, argparse.Namespace(subject="c1")) == 0
+    assert await cmd_forget(settings, argparse.Namespace(subject="c1")) == 0
+    assert capsys.readouterr().out == "subject c1: forgotten\nsubject c1: already forgotten\n"
+    reader = EventStore(pool, schema=schema, registry=REG, keks=KEKS)
+    assert [e.event.email for e in await reader.load("customer-1")] == [ERASED]
+
+
+async def test_the_rewrap_keys_command_moves_keys_to_the_newest_kek(pool, schema, database_url, capsys):
+    old, new = os.urandom(32), os.urandom(32)
+    await EventStore(pool, schema=schema, registry=REG, keks=KeyEncryptionKeys({"old": old})).append(
+        "customer-1", [registered()], NO_STREAM)
+    settings = Settings(database_url=database_url, schema=schema, keks=KeyEncryptionKeys({"old": old, "new": new}))
+    assert await cmd_rewrap_keys(settings, argparse.Namespace()) == 0
+    assert capsys.readouterr().out == "rewrapped 1 subject key(s) with key-encryption key new\n"
+    assert await pool.fetchval("SELECT kek_id FROM subject_keys WHERE subject = 'c1'") == "new"

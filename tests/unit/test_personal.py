@@ -15,6 +15,7 @@ import pytest
 from store import ERASED, ERASED_BYTES, Erased, InMemoryEventStore, Personal, codec, errors
 from store.subject_keys import KeyEncryptionKeys, MemoryKeyTable, SubjectKeys
 from tests.contract.personal import KEKS, REG, CustomerRegistered, registered
+from workers.config import Settings
 
 KEY = base64.b64encode(b"k" * 32).decode()
 
@@ -203,3 +204,12 @@ async def test_an_erased_value_beside_a_real_one_stays_erased() -> None:
     await store.append("customer-1", [CustomerRegistered("c1", ERASED, "+33 1 23", "gold")], -1)
     (event,) = await store.load("customer-1")
     assert event.event == CustomerRegistered("c1", ERASED, "+33 1 23", "gold")
+
+
+def test_settings_read_the_keks_and_name_a_bad_one() -> None:
+    keks = Settings.from_env({"EVENTFLEET_KEK": f"a:{KEY}"}).keks
+    assert keks is not None
+    assert keks.newest == "a"
+    assert Settings.from_env({}).keks is None
+    with pytest.raises(errors.ConfigError, match="EVENTFLEET_KEK_FILE"):
+        Settings.from_env({"EVENTFLEET_KEK_FILE": "/nonexistent/kek"})
