@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from store import codec, errors
@@ -125,3 +125,10 @@ def record_or_undecodable(row: Mapping[str, Any], registry: codec.Registry = cod
                              position=Position(row["transaction_id"], row["global_position"]),
                              event_type=row["event_type"], event=Undecodable(exc), data=row["data"],
                              metadata={}, recorded_at=row["recorded_at"])
+
+
+def records_or_undecodable(rows: Sequence[Mapping[str, Any]], registry: codec.Registry = codec.REGISTRY,
+                           ) -> list[RecordedEvent]:
+    """``record_or_undecodable`` of each row, the data keys of the whole batch loaded first in one go."""
+    registry.preload_keys(row["data"] for row in rows)
+    return [record_or_undecodable(row, registry) for row in rows]

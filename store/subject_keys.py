@@ -20,7 +20,7 @@ import enum
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal, Protocol
 
 from cryptography.exceptions import InvalidTag
@@ -177,6 +177,13 @@ class SubjectKeys:
             yield
         finally:
             _DEFERRING.reset(token)
+
+    def preload(self, subjects: Sequence[str]) -> None:
+        """Fetch the keys of those subjects not cached in one blocking round trip (a batch a caller is about
+        to decode on its own), unless the caller loads keys itself (``deferring``)."""
+        wanted = self.missing(subjects)
+        if wanted and self.blocking_fetch is not None and not _DEFERRING.get():
+            self._remember(self.blocking_fetch(wanted), wanted)
 
     def missing(self, subjects: Iterable[str]) -> list[str]:
         """Those of subjects whose key is not cached (or has expired)."""

@@ -361,6 +361,7 @@ def from_batch_body(body: bytes, registry: codec.Registry = codec.REGISTRY) -> B
     entries = _unpack(body)
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise MalformedMessage("batch body is not a msgpack array of maps")
+    registry.preload_keys(fields.get("data") for fields in entries)  # one round trip for the batch's new subjects
     events: list[RecordedEvent] = []
     dropped = 0
     for fields in entries:

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import msgpack
@@ -124,9 +125,12 @@ wire.EXT_HOOKS[personal.EXT_ERASED] = _erased
 
 
 def sealed_subjects(datas: Iterable[bytes]) -> list[str]:
-    """The subjects of the sealed values in stored maps (corrupt data is left for its decoder to report)."""
+    """The subjects of the sealed values in stored maps (corrupt data is left for its decoder to report).
+    Only the maps whose bytes may hold an ext 5 are decoded (``_MAYBE_SEALED``: false positives cost a decode)."""
     found: list[str] = []
     for data in datas:
+        if not isinstance(data, bytes) or _MAYBE_SEALED.search(data) is None:
+            continue
         try:
             fields = wire.unpackb(data)
             if isinstance(fields, dict):
@@ -134,6 +138,10 @@ def sealed_subjects(datas: Iterable[bytes]) -> list[str]:
         except errors.CodecError:
             continue
     return found
+
+
+#: The msgpack headers an ext 5 can have: ext 8/16/32 with their lengths, or a fixext of 8 or 16 bytes.
+_MAYBE_SEALED = re.compile(rb"\xc7.\x05|\xc8..\x05|\xc9....\x05|[\xd7\xd8]\x05", re.DOTALL)
 
 
 #: Heads made, by (subject, id of the group): a subject's events of one class share one.
@@ -185,6 +193,10 @@ class Keyring(Protocol):
     def key(self, subject: str) -> AESGCM | None:
         """The subject's data key for sealing and opening; None when the subject is forgotten. Raises
         ``SubjectKeyNotLoaded`` when this process has not loaded it (the store loads it and asks again)."""
+        ...
+
+    def preload(self, subjects: Sequence[str]) -> None:
+        """Load the keys of subjects not loaded yet, at once where the keyring can (a batch about to be decoded)."""
         ...
 
 

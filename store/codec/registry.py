@@ -5,14 +5,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from store import errors
 from store.codec import personal
 from store.codec.builders import build
 from store.codec.checking import _check_slowly, check
-from store.codec.cipher import Cipher, Sealed, event_aad, snapshot_aad
+from store.codec.cipher import Cipher, Sealed, event_aad, sealed_subjects, snapshot_aad
 from store.codec.personal import PersonalField
 from store.codec.wire import packb, unpackb
 
@@ -188,6 +188,14 @@ class Registry:
             names = [k for k, v in fields.items() if type(v) is Sealed]
         self.cipher.open_fields(fields, event_aad(event_id, stream_id) if event_id is not None
                                 else snapshot_aad(stream_id), names)
+
+    def preload_keys(self, datas: Iterable[bytes]) -> None:
+        """Load the data keys the sealed values of these stored maps need in one go, before decoding them one
+        by one (a worker's batch of deliveries, a rebuild's batch of rows)."""
+        if self.cipher is not None:
+            subjects = sealed_subjects(datas)
+            if subjects:
+                self.cipher.keyring.preload(subjects)
 
     def decode(self, event_type: str, data: bytes, origin: Origin | None = None) -> Any:
         """Decode data stored as event_type into an instance of the newest class of that name, opening its

@@ -11,6 +11,7 @@ import pytest
 from projections.base import Projection, handles
 from store import ERASED, NO_STREAM, EventStore, KeyEncryptionKeys, db
 from store.event_store import RecordedEvent
+from store.subject_keys import StoredKey
 from tests.contract.personal import KEKS, REG, CustomerRegistered, registered
 from tests.integration.test_rebuild_helpers import drop_shadows
 from workers import broker, rebuild
@@ -82,3 +83,24 @@ async def test_the_rewrap_keys_command_moves_keys_to_the_newest_kek(pool, schema
     assert await cmd_rewrap_keys(settings, argparse.Namespace()) == 0
     assert capsys.readouterr().out == "rewrapped 1 subject key(s) with key-encryption key new\n"
     assert await pool.fetchval("SELECT kek_id FROM subject_keys WHERE subject = 'c1'") == "new"
+
+
+async def test_a_batch_of_deliveries_loads_its_new_subjects_keys_in_one_round_trip(pool, schema):
+    writer = EventStore(pool, schema=schema, registry=REG, keks=KEKS)
+    for n in range(3):
+        await writer.append(f"customer-{n}", [registered(f"c{n}")], NO_STREAM)
+    rows = await pool.fetch("SELECT global_position, event_id, stream_id, version, event_type, data, metadata, "
+                            "recorded_at, transaction_id FROM events ORDER BY global_position")
+    body = broker.batch_message(0, rows, [broker.event_map(r) for r in rows]).body
+    worker_store = EventStore(pool, schema=schema, registry=REG, keks=KEKS)
+    fetch, fetched = worker_store.keys.blocking_fetch, []
+    assert fetch is not None
+
+    def counted(subjects: list[str]) -> dict[str, StoredKey]:
+        fetched.append(sorted(subjects))
+        return fetch(subjects)
+
+    worker_store.keys.blocking_fetch = counted
+    batch = broker.from_batch_body(body, worker_store.registry)
+    assert [e.event for e in batch.events] == [registered(f"c{n}") for n in range(3)]
+    assert fetched == [["c0", "c1", "c2"]]

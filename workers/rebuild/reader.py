@@ -9,7 +9,7 @@ from typing import Any
 
 from store import db, queries
 from store.event_store import EventStore, Position, RecordedEvent
-from store.records import record_or_undecodable
+from store.records import records_or_undecodable
 
 SQL = queries.load("workers", "rebuild.sql")
 
@@ -24,7 +24,7 @@ def all_reader(store: EventStore) -> Read:
         async with db.translate_errors():
             rows = await store.pool.fetch(store.queries["read_all"], after.transaction_id, after.global_position,
                                           limit)
-        return [record_or_undecodable(r, store.registry) for r in rows]
+        return records_or_undecodable(rows, store.registry)
 
     return read
 
@@ -36,7 +36,7 @@ def settled_reader(store: EventStore) -> Read:
     async def read(after: Position, limit: int) -> list[RecordedEvent]:
         async with db.translate_errors():
             rows = await store.pool.fetch(SQL["read_settled"], after.global_position, limit)
-        return [record_or_undecodable(r, store.registry) for r in rows]
+        return records_or_undecodable(rows, store.registry)
 
     return read
 
