@@ -148,20 +148,20 @@ class Registry:
         if plan is None:
             plan = self._plan(event_type)
         try:
-            # The upcasting check runs on the values in the clear, as a read will see them.
-            data = packb(fields) if plan[2] is not entry or not entry.personal else b""
+            # The upcasting check below reads the values in the clear, as a read will see them.
+            plain = packb(fields) if plan[2] is not entry or not entry.personal else b""
             if entry.personal:
                 self._seal(entry, fields, origin)
-                sealed = packb(fields)
+            data = packb(fields) if entry.personal else plain
         except errors.CodecError:
             _check_slowly(payload, every_field=True)  # says which field cannot be encoded
             raise
         if plan[2] is not entry:
             try:
-                self.decode(event_type, data)
+                self.decode(event_type, plain)
             except errors.CodecError as exc:
                 raise errors.InvalidEvent(f"{event_type} would not upcast to v{plan[2].version}: {exc}") from exc
-        return event_type, (sealed if entry.personal else data)
+        return event_type, data
 
     def _seal(self, entry: _Registered, fields: Fields, origin: Origin | None) -> None:
         """Replace the personal values of fields by their sealed forms (store/codec/cipher.py)."""
