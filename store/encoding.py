@@ -14,8 +14,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from store import codec, correlation_ids, errors, subject_keys, tracing
-from store.codec import personal
+from store import codec, correlation_ids, errors, names, subject_keys, tracing
 from store.records import NO_STREAM, AppendResult, NewEvent
 
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
@@ -63,24 +62,15 @@ class Encoding:
         self.keys = keys
         self.registry = registry.with_cipher(codec.Cipher(keys))
 
-    async def _ensure_keys(self, payloads: Iterable[Any]) -> None:
-        """Have the data keys of the payloads' subjects at hand (created if new) before encoding them."""
-        if isinstance(payloads, (str, bytes)) or not isinstance(payloads, Iterable):
-            return  # not events: _encode_all says so
-        subjects = []
-        for payload in payloads:
-            if isinstance(payload, NewEvent):
-                payload = payload.payload
-            for field in self.registry.personal(type(payload)):
-                where = f"{type(payload).__name__}.{field.subject}"
-                subjects.append(personal.subject_id(getattr(payload, field.subject), where))
-        if subjects:
-            await self.keys.ensure(subjects)
-
-    async def _ensure_batch_keys(self, batch: Sequence[tuple[str, Sequence[Any], int]]) -> None:
-        if isinstance(batch, Sequence):
-            await self._ensure_keys(e for item in batch if isinstance(item, tuple) and len(item) == 3
-                                    and isinstance(item[1], Sequence) for e in item[1])
+    def _encode_batch(self, batch: Sequence[tuple[str, Sequence[Any], int]],
+                      context: AppendContext) -> list[list[Encoded]]:
+        """Each stream's events of an append_batch, checked and encoded."""
+        encoded = []
+        for stream_id, events, expected in batch:
+            names.stream_id(stream_id)
+            check_expected(expected)
+            encoded.append(self._encode_all(events, context, stream_id))
+        return encoded
 
     def _encode_all(self, events: Sequence[Any], context: AppendContext = NO_CONTEXT,
                     stream_id: str | None = None) -> list[Encoded]:

@@ -119,8 +119,8 @@ class EventStore(Encoding):
         """
         names.stream_id(stream_id)
         _check_expected(expected_version)
-        await self._ensure_keys(events)
-        encoded = self._encode_all(events, append_context(correlation_id, causation_id), stream_id)
+        context = append_context(correlation_id, causation_id)
+        encoded = await self.keys.encode_with_keys(lambda: self._encode_all(events, context, stream_id))
         count = self._partitions if self._partitions is not None else await self._load_partitions()
         partition = partition_of(stream_id, count) if count else None
         try:
@@ -160,15 +160,10 @@ class EventStore(Encoding):
         if not batch:
             raise errors.InvalidInput("append_batch needs at least one stream")
         context = append_context(correlation_id, causation_id)
-        await self._ensure_batch_keys(batch)
+        encoded_batch = await self.keys.encode_with_keys(lambda: self._encode_batch(batch, context))
         columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
         stream_ids, expected_ids, steps, event_ids, event_types, datas, metadatas, partitions = columns
-        encoded_batch: list[list[_Encoded]] = []
-        for stream_id, events, expected in batch:
-            names.stream_id(stream_id)
-            _check_expected(expected)
-            encoded = self._encode_all(events, context, stream_id)
-            encoded_batch.append(encoded)
+        for (stream_id, _, expected), encoded in zip(batch, encoded_batch, strict=True):
             for step, e in enumerate(encoded, start=1):
                 stream_ids.append(stream_id)
                 expected_ids.append(expected)
@@ -365,8 +360,7 @@ class EventStore(Encoding):
         """Store ``state`` (a registered class) as the stream's state at ``version``; False if a newer exists."""
         names.stream_id(stream_id)
         _check_int(version, "version", 0)
-        await self._ensure_keys([state])
-        snapshot_type, data = self._encode_snapshot(stream_id, state)
+        snapshot_type, data = await self.keys.encode_with_keys(lambda: self._encode_snapshot(stream_id, state))
         async with self.hot.use() as conn:
             status = await conn.execute(self.queries["save_snapshot"], stream_id, version, snapshot_type, data)
         return bool(status == "INSERT 0 1")

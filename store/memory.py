@@ -88,8 +88,8 @@ class InMemoryEventStore(Encoding):
         as in ``EventStore.append``."""
         names.stream_id(stream_id)
         check_expected(expected_version)
-        await self._ensure_keys(events)
-        encoded = self._encode_all(events, append_context(correlation_id, causation_id), stream_id)
+        context = append_context(correlation_id, causation_id)
+        encoded = await self.keys.encode_with_keys(lambda: self._encode_all(events, context, stream_id))
         await asyncio.sleep(0)  # see the module's docstring
         if self._version(stream_id) == expected_version and not self._found(encoded):
             return self._write([(stream_id, expected_version, encoded)])[0]
@@ -105,12 +105,9 @@ class InMemoryEventStore(Encoding):
         if not batch:
             raise errors.InvalidInput("append_batch needs at least one stream")
         context = append_context(correlation_id, causation_id)
-        await self._ensure_batch_keys(batch)
-        appends: list[_Append] = []
-        for stream_id, events, expected in batch:
-            names.stream_id(stream_id)
-            check_expected(expected)
-            appends.append((stream_id, expected, self._encode_all(events, context, stream_id)))
+        encoded_batch = await self.keys.encode_with_keys(lambda: self._encode_batch(batch, context))
+        appends: list[_Append] = [(stream_id, expected, encoded)
+                                  for (stream_id, _, expected), encoded in zip(batch, encoded_batch, strict=True)]
         if len({stream_id for stream_id, _, _ in appends}) != len(appends):
             raise errors.InvalidInput("a stream appears twice in one append_batch")
         check_unique_ids([e.event_id for _, _, encoded in appends for e in encoded])
@@ -210,8 +207,7 @@ class InMemoryEventStore(Encoding):
         """Store ``state`` (a registered class) as the stream's state at ``version``; False if a newer exists."""
         names.stream_id(stream_id)
         check_int(version, "version", 0)
-        await self._ensure_keys([state])
-        snapshot_type, data = self._encode_snapshot(stream_id, state)
+        snapshot_type, data = await self.keys.encode_with_keys(lambda: self._encode_snapshot(stream_id, state))
         await asyncio.sleep(0)
         newest = self._snapshots.get(stream_id)
         if newest is not None and newest["version"] >= version:

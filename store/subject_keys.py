@@ -21,7 +21,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -37,10 +37,14 @@ DEFAULT_CACHE_SIZE = 100_000
 _WRAP_AAD = b"eventfleet/subject-key/v1\x00"
 _NONCE_BYTES = 12
 
+T = TypeVar("T")
 #: A subject's stored key: (kek_id, wrapped key), both None once the subject is forgotten.
 StoredKey = tuple[str | None, bytes | None]
 #: Set while a caller that loads keys itself decodes: a missing key raises instead of blocking (see ``key``).
 _DEFERRING: contextvars.ContextVar[bool] = contextvars.ContextVar("eventfleet_keys_deferring", default=False)
+#: Set during a dry run (``encode_with_keys``): the subjects met without a cached key, which get a throwaway one.
+_MISSING: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("eventfleet_keys_missing", default=None)
+_THROWAWAY = AESGCM(bytes(32))
 
 
 class FromEnv(enum.Enum):
@@ -162,10 +166,30 @@ class SubjectKeys:
         found = self._cache.get(subject)
         if found is not None and found[1] > time.monotonic():
             return found[0]
+        missing = _MISSING.get()
+        if missing is not None:
+            missing.append(subject)
+            return _THROWAWAY
         if self.blocking_fetch is None or _DEFERRING.get():
             raise errors.SubjectKeyNotLoaded(frozenset([subject]))
         self._remember(self.blocking_fetch([subject]), [subject])
         return self._cache[subject][0]
+
+    async def encode_with_keys(self, encode: Callable[[], T]) -> T:
+        """``encode()`` (an append's or a snapshot's encoding, which checks everything), with the keys of the
+        subjects it seals for loaded or created first when any is not cached. It runs once when all are
+        (the usual case); else once dry, with throwaway keys for the subjects missing, so a refused event is
+        refused before any I/O, then again once their keys are at hand."""
+        missing: list[str] = []
+        token = _MISSING.set(missing)
+        try:
+            encoded = encode()
+        finally:
+            _MISSING.reset(token)
+        if not missing:
+            return encoded
+        await self.ensure(missing)
+        return encode()
 
     @staticmethod
     @contextlib.contextmanager

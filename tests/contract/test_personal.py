@@ -12,6 +12,7 @@ from store import (
     ERASED,
     NO_STREAM,
     EventStore,
+    InvalidEvent,
     KeyEncryptionKeyMismatch,
     KeyEncryptionKeyMissing,
     KeyEncryptionKeys,
@@ -19,7 +20,16 @@ from store import (
     Position,
     SubjectForgotten,
 )
-from tests.contract.personal import KEKS, REG, UPCASTER_SAW, CustomerCard, Renamed, RenamedV1, registered
+from tests.contract.personal import (
+    KEKS,
+    REG,
+    UPCASTER_SAW,
+    CustomerCard,
+    CustomerRegistered,
+    Renamed,
+    RenamedV1,
+    registered,
+)
 from tests.integration.test_read_all import read_until
 
 
@@ -146,3 +156,12 @@ async def test_another_process_sees_the_erasure_once_its_cached_key_expires(post
     assert [e.event for e in await reader.load("customer-1")] == [registered()]
     await writer.forget("c1")
     assert [e.event for e in await reader.load("customer-1")] == [registered("c1", ERASED, None)]
+
+
+async def test_an_event_with_personal_fields_is_refused_before_any_io(offline):
+    store = offline(registry=REG, keks=KEKS)
+    bad = CustomerRegistered("c1", "ann@example.com", None, 3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidEvent, match=r"CustomerRegistered\.plan: expected str, got int"):
+        await store.append("customer-1", [registered(), bad], NO_STREAM)
+    with pytest.raises(InvalidEvent, match=r"CustomerRegistered\.plan"):
+        await store.append_batch([("customer-1", [registered()], NO_STREAM), ("customer-2", [bad], NO_STREAM)])
