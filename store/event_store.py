@@ -120,7 +120,7 @@ class EventStore(Encoding):
         names.stream_id(stream_id)
         _check_expected(expected_version)
         context = append_context(correlation_id, causation_id)
-        encoded = await self.keys.encode_with_keys(lambda: self._encode_all(events, context, stream_id))
+        encoded = await self.keys.encode_with_keys(lambda: self._encode_all(events, context, stream_id), conn)
         count = self._partitions if self._partitions is not None else await self._load_partitions()
         partition = partition_of(stream_id, count) if count else None
         try:
@@ -160,7 +160,7 @@ class EventStore(Encoding):
         if not batch:
             raise errors.InvalidInput("append_batch needs at least one stream")
         context = append_context(correlation_id, causation_id)
-        encoded_batch = await self.keys.encode_with_keys(lambda: self._encode_batch(batch, context))
+        encoded_batch = await self.keys.encode_with_keys(lambda: self._encode_batch(batch, context), conn)
         columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
         stream_ids, expected_ids, steps, event_ids, event_types, datas, metadatas, partitions = columns
         for (stream_id, _, expected), encoded in zip(batch, encoded_batch, strict=True):
@@ -268,7 +268,7 @@ class EventStore(Encoding):
                 rows = await c.fetch(self.queries["load_stream"], stream_id, from_version)
             else:
                 rows = await c.fetch(self.queries["load_stream_range"], stream_id, from_version, to_version)
-        return await self._records(rows)
+        return await self._records(rows, conn)
 
     async def load_streams(self, stream_ids: Sequence[str], *, conn: db.Conn | None = None,
                            ) -> dict[str, list[RecordedEvent]]:
@@ -278,7 +278,7 @@ class EventStore(Encoding):
         async with self.hot.use(conn) as c:
             rows = await c.fetch(self.queries["load_streams"], list(stream_ids))
         found: dict[str, list[RecordedEvent]] = {}
-        for row, event in zip(rows, await self._records(rows), strict=True):
+        for row, event in zip(rows, await self._records(rows, conn), strict=True):
             found.setdefault(row["stream_id"], []).append(event)
         return found
 
@@ -294,7 +294,7 @@ class EventStore(Encoding):
         """A stream's events first..last inclusive, read on conn (inside the caller's transaction)."""
         async with db.translate_errors():
             rows = await conn.fetch(self.queries["load_stream_range"], stream_id, first, last)
-        return await self._records(rows)
+        return await self._records(rows, conn)
 
     async def read_all(self, after: Position = Position.START, limit: int = 1000, *,
                        conn: db.Conn | None = None) -> list[RecordedEvent]:
@@ -310,7 +310,7 @@ class EventStore(Encoding):
         async with self.hot.use(conn) as c:
             rows = await c.fetch(
                 self.queries["read_all"], after.transaction_id, after.global_position, limit)
-        return await self._decode_slices(rows)
+        return await self._decode_slices(rows, conn)
 
     async def read_partition(self, partition: int, after: Position = Position.START, limit: int = 1000, *,
                              conn: db.Conn | None = None) -> list[RecordedEvent]:
@@ -320,25 +320,31 @@ class EventStore(Encoding):
         async with self.hot.use(conn) as c:
             rows = await c.fetch(self.queries["read_partition"], after.transaction_id, after.global_position,
                                  limit, partition)
-        return await self._decode_slices(rows)
+        return await self._decode_slices(rows, conn)
 
-    async def _decode_slices(self, rows: Sequence[Any]) -> list[RecordedEvent]:
+    async def _decode_slices(self, rows: Sequence[Any], conn: db.Conn | None = None) -> list[RecordedEvent]:
         """The rows decoded, yielding to the loop between slices (see DECODE_SLICE)."""
         events: list[RecordedEvent] = []
         for start in range(0, len(rows), DECODE_SLICE):
             if start:
                 await asyncio.sleep(0)
-            events += await self._records(rows[start:start + DECODE_SLICE])
+            events += await self._records(rows[start:start + DECODE_SLICE], conn)
         return events
 
-    async def _records(self, rows: Sequence[Any]) -> list[RecordedEvent]:
-        """The rows decoded, the data keys they need loaded first (one query) if this process lacks any."""
+    async def _records(self, rows: Sequence[Any], conn: db.Conn | None = None) -> list[RecordedEvent]:
+        """The rows decoded, the data keys they need loaded first (one query, on conn if given) if this
+        process lacks any."""
         try:
             with self.keys.deferring():  # a key not cached raises here rather than being fetched blocking
                 return [record_from_row(r, self.registry) for r in rows]
         except errors.SubjectKeyNotLoaded:
-            await self.keys.load(sealed_subjects(r["data"] for r in rows))
-        return [record_from_row(r, self.registry) for r in rows]
+            subjects = sealed_subjects(r["data"] for r in rows)
+        if conn is None:
+            await self.keys.load(subjects)
+            return [record_from_row(r, self.registry) for r in rows]
+        # In the caller's transaction: read there, and not cached (SubjectKeys.provide).
+        with self.keys.provisional(await self.keys.provide(subjects, conn, create=False)):
+            return [record_from_row(r, self.registry) for r in rows]
 
     async def partitions(self) -> int:
         """P of the schema (recorded at its first migrate)."""

@@ -26,15 +26,15 @@ class PostgresKeyTable:
         self.hot = hot
         self.queries = queries
 
-    async def fetch(self, subjects: list[str]) -> dict[str, StoredKey]:
-        async with self.hot.use() as conn:
-            rows = await conn.fetch(self.queries["subject_keys"], subjects)
+    async def fetch(self, subjects: list[str], conn: db.Conn | None = None) -> dict[str, StoredKey]:
+        async with self.hot.use(conn) as c:
+            rows = await c.fetch(self.queries["subject_keys"], subjects)
         return {r["subject"]: (r["kek_id"], r["wrapped_key"]) for r in rows}
 
-    async def create(self, rows: list[tuple[str, str, bytes]]) -> None:
-        async with self.hot.use() as conn:
-            await conn.execute(self.queries["create_subject_keys"], [r[0] for r in rows], [r[1] for r in rows],
-                               [r[2] for r in rows])
+    async def create(self, rows: list[tuple[str, str, bytes]], conn: db.Conn | None = None) -> None:
+        async with self.hot.use(conn) as c:
+            await c.execute(self.queries["create_subject_keys"], [r[0] for r in rows], [r[1] for r in rows],
+                            [r[2] for r in rows])
 
 
 async def rewrap(pool: db.Pool, queries: Mapping[str, LiteralString], keks: KeyEncryptionKeys, batch: int) -> int:

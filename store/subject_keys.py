@@ -21,7 +21,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -45,6 +45,9 @@ _DEFERRING: contextvars.ContextVar[bool] = contextvars.ContextVar("eventfleet_ke
 #: Set during a dry run (``encode_with_keys``): the subjects met without a cached key, which get a throwaway one.
 _MISSING: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("eventfleet_keys_missing", default=None)
 _THROWAWAY = AESGCM(bytes(32))
+#: Set while encoding or decoding inside a caller's transaction: the keys read (or created) in it, not cached.
+_PROVISIONAL: contextvars.ContextVar[Mapping[str, AESGCM | None] | None] = contextvars.ContextVar(
+    "eventfleet_keys_provisional", default=None)
 
 
 class FromEnv(enum.Enum):
@@ -137,12 +140,13 @@ def resolve(keks: KeyEncryptionKeys | FromEnv | None) -> KeyEncryptionKeys | Non
 class KeyTable(Protocol):
     """Where subjects' wrapped keys are kept (the ``subject_keys`` table, or memory)."""
 
-    async def fetch(self, subjects: list[str]) -> dict[str, StoredKey]:
-        """The stored keys of those subjects that have a row."""
+    async def fetch(self, subjects: list[str], conn: Any = None) -> dict[str, StoredKey]:
+        """The stored keys of those subjects that have a row (read on conn, the caller's, if given)."""
         ...
 
-    async def create(self, rows: list[tuple[str, str, bytes]]) -> None:
-        """Store (subject, kek_id, wrapped key) rows for subjects without one; others are left as they are."""
+    async def create(self, rows: list[tuple[str, str, bytes]], conn: Any = None) -> None:
+        """Store (subject, kek_id, wrapped key) rows for subjects without one; others are left as they are
+        (written on conn, in the caller's transaction, if given; else committed at once)."""
         ...
 
 
@@ -166,6 +170,9 @@ class SubjectKeys:
         found = self._cache.get(subject)
         if found is not None and found[1] > time.monotonic():
             return found[0]
+        provisional = _PROVISIONAL.get()
+        if provisional is not None and subject in provisional:
+            return provisional[subject]
         missing = _MISSING.get()
         if missing is not None:
             missing.append(subject)
@@ -175,11 +182,12 @@ class SubjectKeys:
         self._remember(self.blocking_fetch([subject]), [subject])
         return self._cache[subject][0]
 
-    async def encode_with_keys(self, encode: Callable[[], T]) -> T:
+    async def encode_with_keys(self, encode: Callable[[], T], conn: Any = None) -> T:
         """``encode()`` (an append's or a snapshot's encoding, which checks everything), with the keys of the
         subjects it seals for loaded or created first when any is not cached. It runs once when all are
         (the usual case); else once dry, with throwaway keys for the subjects missing, so a refused event is
-        refused before any I/O, then again once their keys are at hand."""
+        refused before any I/O, then again once their keys are at hand. With conn (an append inside the
+        caller's transaction), keys are read and created on it (``provide``)."""
         missing: list[str] = []
         token = _MISSING.set(missing)
         try:
@@ -188,8 +196,35 @@ class SubjectKeys:
             _MISSING.reset(token)
         if not missing:
             return encoded
-        await self.ensure(missing)
-        return encode()
+        if conn is None:
+            await self.ensure(missing)
+            return encode()
+        with self.provisional(await self.provide(missing, conn, create=True)):
+            return encode()
+
+    async def provide(self, subjects: Iterable[str], conn: Any, *, create: bool) -> dict[str, AESGCM | None]:
+        """The keys of subjects read (and, with create, created) in the caller's transaction on conn, for use
+        within ``provisional``. Nothing is cached: the transaction may roll back, or hold rows of its own not
+        committed yet, and a key cached from it could differ from the one that commits. On conn, because a
+        caller inside a transaction must not wait for a second connection of a pool it may have exhausted."""
+        wanted = list(dict.fromkeys(subjects))
+        stored = await self.table.fetch(wanted, conn)
+        absent = [s for s in wanted if s not in stored]
+        if create and absent:
+            keks = self._keks()
+            await self.table.create([(s, *keks.wrap(s, AESGCM.generate_key(bit_length=256))) for s in absent], conn)
+            stored.update(await self.table.fetch(absent, conn))
+        return {s: self._unwrap(s, stored.get(s, (None, None))) for s in wanted}
+
+    @staticmethod
+    @contextlib.contextmanager
+    def provisional(keys: Mapping[str, AESGCM | None]) -> Iterator[None]:
+        """Within: ``key`` answers for these subjects with these keys (``provide``)."""
+        token = _PROVISIONAL.set(keys)
+        try:
+            yield
+        finally:
+            _PROVISIONAL.reset(token)
 
     @staticmethod
     @contextlib.contextmanager
@@ -221,8 +256,8 @@ class SubjectKeys:
             self._remember(await self.table.fetch(wanted), wanted)
 
     async def ensure(self, subjects: Iterable[str]) -> None:
-        """Cache the keys of subjects (for appending), creating the missing ones: KeyEncryptionKeyMissing
-        when there is none to create or unwrap with."""
+        """Cache the keys of subjects (for appending), creating the missing ones (committed at once):
+        KeyEncryptionKeyMissing when there is none to create or unwrap with."""
         wanted = self.missing(subjects)
         if not wanted:
             return
@@ -241,11 +276,14 @@ class SubjectKeys:
     def _remember(self, stored: Mapping[str, StoredKey], wanted: list[str]) -> None:
         expires = time.monotonic() + self.ttl
         for subject in wanted:
-            kek_id, wrapped = stored.get(subject, (None, None))
-            if kek_id is None or wrapped is None:
-                self._put(subject, None, float("inf"))
-            else:
-                self._put(subject, AESGCM(self._keks().unwrap(subject, kek_id, wrapped)), expires)
+            key = self._unwrap(subject, stored.get(subject, (None, None)))
+            self._put(subject, key, expires if key is not None else float("inf"))
+
+    def _unwrap(self, subject: str, stored: StoredKey) -> AESGCM | None:
+        kek_id, wrapped = stored
+        if kek_id is None or wrapped is None:
+            return None  # forgotten (or never had one: nothing of it can be sealed)
+        return AESGCM(self._keks().unwrap(subject, kek_id, wrapped))
 
     def _put(self, subject: str, key: AESGCM | None, expires: float) -> None:
         if len(self._cache) >= self.cache_size and subject not in self._cache:
@@ -268,10 +306,10 @@ class MemoryKeyTable:
     def __init__(self) -> None:
         self.rows: dict[str, StoredKey] = {}
 
-    async def fetch(self, subjects: list[str]) -> dict[str, StoredKey]:
+    async def fetch(self, subjects: list[str], conn: Any = None) -> dict[str, StoredKey]:
         return {s: self.rows[s] for s in subjects if s in self.rows}
 
-    async def create(self, rows: list[tuple[str, str, bytes]]) -> None:
+    async def create(self, rows: list[tuple[str, str, bytes]], conn: Any = None) -> None:
         for subject, kek_id, wrapped in rows:
             self.rows.setdefault(subject, (kek_id, wrapped))
 

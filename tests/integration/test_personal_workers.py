@@ -4,6 +4,7 @@ rebuild after ``forget`` writing the erased value."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 
 import pytest
@@ -104,3 +105,22 @@ async def test_a_batch_of_deliveries_loads_its_new_subjects_keys_in_one_round_tr
     batch = broker.from_batch_body(body, worker_store.registry)
     assert [e.event for e in batch.events] == [registered(f"c{n}") for n in range(3)]
     assert fetched == [["c0", "c1", "c2"]]
+
+
+async def test_inside_a_transaction_keys_are_read_and_made_on_its_connection_and_commit_with_it(pool, schema,
+                                                                                                 database_url):
+    async with db.create_pool(database_url, schema, min_size=1, max_size=1) as one:
+        store = EventStore(one, schema=schema, registry=REG, keks=KEKS)
+        await store.partitions()  # read once, on a connection of the store's own
+        async with one.acquire() as conn:
+            # The pool's only connection is taken: anything that waited for another would hang here.
+            tx = conn.transaction()
+            await tx.start()
+            await asyncio.wait_for(store.append("customer-1", [registered()], NO_STREAM, conn=conn), 10)
+            loaded = await asyncio.wait_for(store.load("customer-1", conn=conn), 10)
+            await tx.rollback()
+    assert [e.event for e in loaded] == [registered()]
+    assert await pool.fetchval("SELECT count(*) FROM subject_keys") == 0  # rolled back with the event
+    await EventStore(pool, schema=schema, registry=REG, keks=KEKS).append("customer-1", [registered()], NO_STREAM)
+    assert [e.event for e in await EventStore(pool, schema=schema, registry=REG, keks=KEKS).load("customer-1")] == [
+        registered()]
