@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 
@@ -165,3 +166,11 @@ async def test_an_event_with_personal_fields_is_refused_before_any_io(offline):
         await store.append("customer-1", [registered(), bad], NO_STREAM)
     with pytest.raises(InvalidEvent, match=r"CustomerRegistered\.plan"):
         await store.append_batch([("customer-1", [registered()], NO_STREAM), ("customer-2", [bad], NO_STREAM)])
+
+
+async def test_writers_racing_for_a_new_subjects_key_agree_on_one(postgres_only, pool, schema):
+    writers = [EventStore(pool, schema=schema, registry=REG, keks=KEKS) for _ in range(4)]
+    await asyncio.gather(*(w.append(f"customer-{n}", [registered()], NO_STREAM) for n, w in enumerate(writers)))
+    reader = EventStore(pool, schema=schema, registry=REG, keks=KEKS)
+    assert [e.event for n in range(4) for e in await reader.load(f"customer-{n}")] == [registered()] * 4
+    assert await pool.fetchval("SELECT count(*) FROM subject_keys") == 1
