@@ -1,7 +1,7 @@
 """Append throughput and latency: ``EventStore`` against a minimal hand-written baseline, alternating.
 
     python -m bench.append [--seconds 2] [--rounds 3] [--writers 1,8,32] [--streams 1000] [--without-check]
-                           [--tracing-writers 8]
+                           [--tracing-writers 8] [--personal-writers 8]
 
 Baseline: one connection per writer (held for a whole segment), one statement per append (a data-modifying CTE that checks the
 version, inserts the event and its outbox row), the payload encoded once up front. Store: ``append`` of
@@ -20,7 +20,11 @@ single-event appends, the same store encoding without the check, alternating wit
 
 Tracing: the store's appends at ``--tracing-writers`` writers with OpenTelemetry absent, off, on, and on
 with a span per append (bench/tracing.py), alternating likewise; the figures above run with the API
-installed and no tracer provider. Database: ``EVENTFLEET_DATABASE_URL``.
+installed and no tracer provider.
+
+Personal fields (bench/personal.py): appends of an event with two personal fields against its plain twin
+at ``--personal-writers``, a read of 1,000 of them against 1,000 plain ones, and ``forget`` of a subject
+with 10,000 events. Database: ``EVENTFLEET_DATABASE_URL``.
 """
 
 from __future__ import annotations
@@ -176,8 +180,8 @@ class UncheckedRegistry(codec.Registry):
     def __init__(self, base: codec.Registry) -> None:
         self.__dict__.update(base.__dict__)  # the very same tables, not copies: base's registrations
 
-    def encode_checked(self, payload: object) -> tuple[str, bytes]:
-        return self.encode(payload)
+    def encode_checked(self, payload: object, origin: codec.Origin | None = None) -> tuple[str, bytes]:
+        return self.encode(payload, origin)
 
 
 async def store_append_without_check(store: EventStore, writers: int, streams: int, seconds: float) -> Sample:
@@ -342,6 +346,13 @@ async def run(dsn: str, args: argparse.Namespace) -> None:
         if args.tracing_writers:
             for line in await bench_tracing(dsn, schema, args.tracing_writers, args):
                 print(line, flush=True)
+        if args.personal_writers:
+            from bench import personal  # imports this module: not at the top
+
+            options = argparse.Namespace(seconds=args.seconds, rounds=args.rounds, writers=args.personal_writers,
+                                         streams=args.streams, reads=20)
+            for line in await personal.run_all(dsn, schema, options):
+                print(line, flush=True)
     finally:
         conn = await asyncpg.connect(dsn)
         try:
@@ -360,6 +371,8 @@ def main() -> None:
                         help="also time single-event appends without the check at append (a third side)")
     parser.add_argument("--tracing-writers", type=int, default=8,
                         help="writers of the tracing comparison (absent, off, on); 0 skips it")
+    parser.add_argument("--personal-writers", type=int, default=8,
+                        help="writers of the personal-fields appends (bench/personal.py); 0 skips them")
     args = parser.parse_args()
     dsn = os.environ.get("EVENTFLEET_DATABASE_URL", DEFAULT_DATABASE_URL)
     print(f"bench.append: {args.rounds} x {args.seconds}s per side and configuration, {args.streams} streams,"

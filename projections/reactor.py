@@ -210,6 +210,10 @@ class _InTransaction(Store):
     async def load_snapshot(self, stream_id: str, *, at_or_before: int | None = None) -> Snapshot | None:
         return None
 
+    async def forget(self, subject: str) -> bool:
+        # In a transaction of its own, not the reactor's: forgetting is idempotent, so a rerun repeats it harmlessly.
+        return await self.fx.store.forget(subject)
+
 
 class _Batch:
     """A batch run as one piece: the prefetched histories of its streams, and its deferred schedules and cancels

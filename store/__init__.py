@@ -5,7 +5,7 @@ ids (`correlation`, `caused_by`) and, with the `eventfleet[otel]` extra, the tra
 from __future__ import annotations
 
 from store.aggregate import Aggregate, Executed, Repository
-from store.codec import REGISTRY
+from store.codec import ERASED, ERASED_BYTES, REGISTRY, Erased, ErasedBytes, Personal, SubjectForgotten
 from store.correlation_ids import Correlation, caused_by, correlation
 from store.errors import (
     BeforeStreamStart,
@@ -21,6 +21,8 @@ from store.errors import (
     InvalidInput,
     InvalidName,
     InvalidStreamId,
+    KeyEncryptionKeyMismatch,
+    KeyEncryptionKeyMissing,
     PayloadTooLarge,
     StoreError,
     StreamNotFound,
@@ -41,11 +43,14 @@ from store.event_store import (
 )
 from store.interface import Store
 from store.memory import InMemoryEventStore
+from store.subject_keys import KeyEncryptionKeys
 
 event = REGISTRY.event
 upcaster = REGISTRY.upcaster
 
 __all__ = [
+    "ERASED",
+    "ERASED_BYTES",
     "NO_STREAM",
     "REGISTRY",
     "Aggregate",
@@ -56,6 +61,8 @@ __all__ = [
     "CorruptEvent",
     "DomainError",
     "DuplicateEventId",
+    "Erased",
+    "ErasedBytes",
     "EventFleetError",
     "EventSchemaMismatch",
     "EventStore",
@@ -68,8 +75,12 @@ __all__ = [
     "InvalidInput",
     "InvalidName",
     "InvalidStreamId",
+    "KeyEncryptionKeyMismatch",
+    "KeyEncryptionKeyMissing",
+    "KeyEncryptionKeys",
     "NewEvent",
     "PayloadTooLarge",
+    "Personal",
     "Position",
     "RecordedEvent",
     "Repository",
@@ -77,6 +88,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StreamNotFound",
+    "SubjectForgotten",
     "TransientError",
     "UnknownEventType",
     "VersionBeyondEnd",

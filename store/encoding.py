@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from store import codec, correlation_ids, errors, tracing
+from store import codec, correlation_ids, errors, names, subject_keys, tracing
 from store.records import NO_STREAM, AppendResult, NewEvent
 
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
@@ -26,6 +26,9 @@ class Encoded(NamedTuple):
     event_type: str
     data: bytes
     metadata: bytes
+    #: The event given, when it has personal fields: a retry is recognised by its values, not its bytes
+    #: (every append seals them with fresh nonces).
+    personal: Any = None
 
 
 class AppendContext(NamedTuple):
@@ -48,41 +51,64 @@ def append_context(correlation_id: str | None = None, causation_id: str | None =
 
 
 class Encoding:
-    """The encoding of events and snapshots with ``registry``, within ``max_payload_bytes``."""
+    """The encoding of events and snapshots with ``registry``, within ``max_payload_bytes``; personal fields
+    sealed with the data keys of ``keys`` (``registry`` is a view of the registry given, sealing with them)."""
 
     registry: codec.Registry
     max_payload_bytes: int
+    keys: subject_keys.SubjectKeys
 
-    def _encode_all(self, events: Sequence[Any], context: AppendContext = NO_CONTEXT) -> list[Encoded]:
+    def _use_keys(self, registry: codec.Registry, keys: subject_keys.SubjectKeys) -> None:
+        self.keys = keys
+        self.registry = registry.with_cipher(codec.Cipher(keys))
+
+    def _encode_batch(self, batch: Sequence[tuple[str, Sequence[Any], int]],
+                      context: AppendContext) -> list[list[Encoded]]:
+        """Each stream's events of an append_batch, checked and encoded."""
+        encoded = []
+        for stream_id, events, expected in batch:
+            names.stream_id(stream_id)
+            check_expected(expected)
+            encoded.append(self._encode_all(events, context, stream_id))
+        return encoded
+
+    def _encode_all(self, events: Sequence[Any], context: AppendContext = NO_CONTEXT,
+                    stream_id: str | None = None) -> list[Encoded]:
         if isinstance(events, (str, bytes)) or not isinstance(events, Sequence) or not events:
             raise errors.InvalidInput("append needs a non-empty sequence of events")
-        encoded = [self._encode(e, context) for e in events]
+        encoded = [self._encode(e, context, stream_id) for e in events]
         if len(encoded) > 1:
             check_unique_ids([e.event_id for e in encoded])
         return encoded
 
-    def _encode(self, event: Any, context: AppendContext = NO_CONTEXT) -> Encoded:
+    def _encode(self, event: Any, context: AppendContext = NO_CONTEXT, stream_id: str | None = None) -> Encoded:
         if isinstance(event, NewEvent):
             payload, event_id, meta = event.payload, event.event_id, event.metadata
         else:
             payload, event_id, meta = event, None, None
+        origin: codec.Origin | None = None
+        if stream_id is not None and self.registry.personal(type(payload)):
+            if event_id is None:
+                event_id = uuid.uuid4()  # its sealed values are bound to it: drawn here, not by the database
+            origin = (event_id, stream_id)
         # The log is immutable: an event that would not decode back is refused, not stored as poison.
-        event_type, data = self.registry.encode_checked(payload)
+        event_type, data = self.registry.encode_checked(payload, origin)
         metadata = codec.encode_metadata({**context.values, **meta}) if meta else context.packed
         if len(data) + len(metadata) > self.max_payload_bytes:
             raise errors.PayloadTooLarge(
                 f"{event_type} encodes to {len(data) + len(metadata)} bytes, over the {self.max_payload_bytes} limit")
-        return Encoded(event_id, event_type, data, metadata)
+        return Encoded(event_id, event_type, data, metadata, payload if origin is not None else None)
 
     def _encode_snapshot(self, stream_id: str, state: Any) -> tuple[str, bytes]:
-        snapshot_type, data = self.registry.encode(state)
+        snapshot_type, data = self.registry.encode(state, (None, stream_id))
         if len(data) > self.max_payload_bytes:
             raise errors.PayloadTooLarge(f"snapshot of {stream_id!r} encodes to {len(data)} bytes")
         return snapshot_type, data
 
 
 def original_result(stream_id: str, expected: int, encoded: list[Encoded],
-                    found: Iterable[Mapping[str, Any]]) -> AppendResult | None:
+                    found: Iterable[Mapping[str, Any]], registry: codec.Registry = codec.REGISTRY,
+                    ) -> AppendResult | None:
     """The original result if these exact events already sit at these versions (a retried append).
 
     ``found`` are the stored rows of the append's event ids (event_id, stream_id, version, global_position,
@@ -98,10 +124,25 @@ def original_result(stream_id: str, expected: int, encoded: list[Encoded],
         if row is None or row["stream_id"] != stream_id or row["version"] != expected + step:
             raise errors.DuplicateEventId(
                 f"event {e.event_id or '(without id)'} of a retried append is not where it was appended")
-        if row["event_type"] != e.event_type or row["data"] != e.data or not _same_metadata(row["metadata"], e.metadata):
+        if (row["event_type"] != e.event_type or not _same_data(row, e, registry)
+                or not _same_metadata(row["metadata"], e.metadata)):
             raise errors.DuplicateEventId(f"event {e.event_id} was appended before with other content")
         positions.append(row["global_position"])
     return AppendResult(stream_id, expected + 1, expected + len(encoded), tuple(positions))
+
+
+def _same_data(row: Mapping[str, Any], given: Encoded, registry: codec.Registry) -> bool:
+    """The same bytes, or, for an event with personal fields (sealed with other nonces each time), the same
+    event decoded."""
+    if row["data"] == given.data:
+        return True
+    if given.personal is None:
+        return False
+    try:
+        stored = registry.decode(row["event_type"], row["data"], (row["event_id"], row["stream_id"]))
+    except errors.CodecError:
+        return False
+    return bool(stored == given.personal)
 
 
 def _same_metadata(stored: bytes, given: bytes) -> bool:

@@ -167,3 +167,20 @@ class DomainError(EventFleetError):
 
 class ClockBehind(StoreError):
     """The store holds transaction ids ahead of this Postgres cluster's (restored or moved from another cluster): run `eventfleet migrate` to move its clock past them."""
+
+
+class KeyEncryptionKeyMissing(ConfigError):
+    """Personal fields need a key-encryption key: set EVENTFLEET_KEK (base64 of 32 bytes) or EVENTFLEET_KEK_FILE."""
+
+
+class KeyEncryptionKeyMismatch(ConfigError):
+    """A subject's data key does not unwrap with the configured key-encryption keys (EVENTFLEET_KEK or
+    EVENTFLEET_KEK_FILE): the key it was wrapped with is missing or wrong."""
+
+
+class SubjectKeyNotLoaded(StoreError):
+    """A subject's data key is not in this process's cache: the store loads it and decodes again (internal)."""
+
+    def __init__(self, subjects: frozenset[str]) -> None:
+        super().__init__(f"data keys not loaded for {len(subjects)} subject(s)")
+        self.subjects = subjects

@@ -15,7 +15,9 @@ from typing import Any
 
 import asyncpg
 
-from store import codec, db, errors, hot, names, notify, queries
+from store import codec, db, errors, hot, key_table, names, notify, queries, subject_keys
+from store.codec import personal
+from store.codec.cipher import sealed_subjects
 from store.encoding import DEFAULT_MAX_PAYLOAD_BYTES, Encoding, append_context, check_time, original_result
 from store.encoding import Encoded as _Encoded
 from store.encoding import check_expected as _check_expected
@@ -69,7 +71,13 @@ class EventStore(Encoding):
 
     def __init__(self, pool: db.Pool, *, schema: str = "eventfleet",
                  max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-                 registry: codec.Registry = codec.REGISTRY) -> None:
+                 registry: codec.Registry = codec.REGISTRY,
+                 keks: subject_keys.KeyEncryptionKeys | subject_keys.FromEnv | None = subject_keys.FROM_ENV,
+                 key_cache_seconds: float = subject_keys.DEFAULT_TTL) -> None:
+        """``registry``: the event classes (``self.registry`` is a view of it sealing personal fields with
+        this store's keys); ``keks``: the key-encryption keys of personal fields (by default
+        ``EVENTFLEET_KEK`` or ``EVENTFLEET_KEK_FILE``; None: none, and personal fields are refused);
+        ``key_cache_seconds``: how long a cached data key is used (store/subject_keys.py)."""
         self.pool = pool
         self.schema = names.identifier(schema, what="schema")
         #: The store's statements with its schema written in, built once per schema and shared.
@@ -77,9 +85,11 @@ class EventStore(Encoding):
         #: P of the schema (fixed for its life: store.migrate refuses another), read at the first append.
         self._partitions: int | None = None
         self.max_payload_bytes = max_payload_bytes
-        self.registry = registry
         #: Connections kept between the store's statements (store/hot.py).
         self.hot = hot.HotConnections(pool)
+        self._use_keys(registry, subject_keys.SubjectKeys(
+            key_table.PostgresKeyTable(self.hot, self.queries), subject_keys.resolve(keks),
+            ttl=key_cache_seconds, blocking_fetch=key_table.blocking_fetch(pool, self.queries)))
         self.notifier = notify.Notifier(self.hot, self.schema)
 
     # --- writing ---------------------------------------------------------------------------------
@@ -113,7 +123,8 @@ class EventStore(Encoding):
         """
         names.stream_id(stream_id)
         _check_expected(expected_version)
-        encoded = self._encode_all(events, append_context(correlation_id, causation_id))
+        context = append_context(correlation_id, causation_id)
+        encoded = await self.keys.encode_with_keys(lambda: self._encode_all(events, context, stream_id), conn)
         count = self._partitions if self._partitions is not None else await self._load_partitions()
         partition = partition_of(stream_id, count) if count else None
         try:
@@ -153,14 +164,10 @@ class EventStore(Encoding):
         if not batch:
             raise errors.InvalidInput("append_batch needs at least one stream")
         context = append_context(correlation_id, causation_id)
+        encoded_batch = await self.keys.encode_with_keys(lambda: self._encode_batch(batch, context), conn)
         columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
         stream_ids, expected_ids, steps, event_ids, event_types, datas, metadatas, partitions = columns
-        encoded_batch: list[list[_Encoded]] = []
-        for stream_id, events, expected in batch:
-            names.stream_id(stream_id)
-            _check_expected(expected)
-            encoded = self._encode_all(events, context)
-            encoded_batch.append(encoded)
+        for (stream_id, _, expected), encoded in zip(batch, encoded_batch, strict=True):
             for step, e in enumerate(encoded, start=1):
                 stream_ids.append(stream_id)
                 expected_ids.append(expected)
@@ -242,7 +249,7 @@ class EventStore(Encoding):
             return None  # ids drawn by the database: this append cannot have been made before
         async with self.hot.use(conn) as c:
             rows = await c.fetch(self.queries["find_events"], event_ids)
-        return original_result(stream_id, expected, encoded, rows)
+        return original_result(stream_id, expected, encoded, rows, self.registry)
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -265,7 +272,7 @@ class EventStore(Encoding):
                 rows = await c.fetch(self.queries["load_stream"], stream_id, from_version)
             else:
                 rows = await c.fetch(self.queries["load_stream_range"], stream_id, from_version, to_version)
-        return [record_from_row(r, self.registry) for r in rows]
+        return await self._records(rows, conn)
 
     async def load_streams(self, stream_ids: Sequence[str], *, conn: db.Conn | None = None,
                            ) -> dict[str, list[RecordedEvent]]:
@@ -275,8 +282,8 @@ class EventStore(Encoding):
         async with self.hot.use(conn) as c:
             rows = await c.fetch(self.queries["load_streams"], list(stream_ids))
         found: dict[str, list[RecordedEvent]] = {}
-        for row in rows:
-            found.setdefault(row["stream_id"], []).append(record_from_row(row, self.registry))
+        for row, event in zip(rows, await self._records(rows, conn), strict=True):
+            found.setdefault(row["stream_id"], []).append(event)
         return found
 
     async def version_at(self, stream_id: str, as_of: dt.datetime, *, conn: db.Conn | None = None) -> int:
@@ -291,7 +298,7 @@ class EventStore(Encoding):
         """A stream's events first..last inclusive, read on conn (inside the caller's transaction)."""
         async with db.translate_errors():
             rows = await conn.fetch(self.queries["load_stream_range"], stream_id, first, last)
-        return [record_from_row(r, self.registry) for r in rows]
+        return await self._records(rows, conn)
 
     async def read_all(self, after: Position = Position.START, limit: int = 1000, *,
                        conn: db.Conn | None = None) -> list[RecordedEvent]:
@@ -307,7 +314,7 @@ class EventStore(Encoding):
         async with self.hot.use(conn) as c:
             rows = await c.fetch(
                 self.queries["read_all"], after.transaction_id, after.global_position, limit)
-        return await self._decode_slices(rows)
+        return await self._decode_slices(rows, conn)
 
     async def read_partition(self, partition: int, after: Position = Position.START, limit: int = 1000, *,
                              max_bytes: int | None = None, conn: db.Conn | None = None) -> Slice:
@@ -323,16 +330,32 @@ class EventStore(Encoding):
         async with self.hot.use(conn) as c:
             rows = await c.fetch(self.queries["read_partition"], after.transaction_id, after.global_position,
                                  limit, partition, budget)
-        return Slice(await self._decode_slices(rows), bool(rows) and (len(rows) >= limit or bool(rows[-1]["reached"])))
+        return Slice(await self._decode_slices(rows, conn),
+                     bool(rows) and (len(rows) >= limit or bool(rows[-1]["reached"])))
 
-    async def _decode_slices(self, rows: Sequence[Any]) -> list[RecordedEvent]:
+    async def _decode_slices(self, rows: Sequence[Any], conn: db.Conn | None = None) -> list[RecordedEvent]:
         """The rows decoded, yielding to the loop between slices (see DECODE_SLICE)."""
         events: list[RecordedEvent] = []
         for start in range(0, len(rows), DECODE_SLICE):
             if start:
                 await asyncio.sleep(0)
-            events += [record_from_row(r, self.registry) for r in rows[start:start + DECODE_SLICE]]
+            events += await self._records(rows[start:start + DECODE_SLICE], conn)
         return events
+
+    async def _records(self, rows: Sequence[Any], conn: db.Conn | None = None) -> list[RecordedEvent]:
+        """The rows decoded, the data keys they need loaded first (one query, on conn if given) if this
+        process lacks any."""
+        try:
+            with self.keys.deferring():  # a key not cached raises here rather than being fetched blocking
+                return [record_from_row(r, self.registry) for r in rows]
+        except errors.SubjectKeyNotLoaded:
+            subjects = sealed_subjects(r["data"] for r in rows)
+        if conn is None:
+            await self.keys.load(subjects)
+            return [record_from_row(r, self.registry) for r in rows]
+        # In the caller's transaction: read there, and not cached (SubjectKeys.provide).
+        with self.keys.provisional(await self.keys.provide(subjects, conn, create=False)):
+            return [record_from_row(r, self.registry) for r in rows]
 
     async def partitions(self) -> int:
         """P of the schema (recorded at its first migrate)."""
@@ -354,7 +377,7 @@ class EventStore(Encoding):
         """Store ``state`` (a registered class) as the stream's state at ``version``; False if a newer exists."""
         names.stream_id(stream_id)
         _check_int(version, "version", 0)
-        snapshot_type, data = self._encode_snapshot(stream_id, state)
+        snapshot_type, data = await self.keys.encode_with_keys(lambda: self._encode_snapshot(stream_id, state))
         async with self.hot.use() as conn:
             status = await conn.execute(self.queries["save_snapshot"], stream_id, version, snapshot_type, data)
         return bool(status == "INSERT 0 1")
@@ -372,7 +395,35 @@ class EventStore(Encoding):
                 row = await conn.fetchrow(self.queries["load_snapshot_at_or_before"], stream_id, at_or_before)
         if row is None:
             return None
+        await self.keys.load(sealed_subjects([row["data"]]))
         return snapshot_from_row(stream_id, row, self.registry)
+
+    # --- personal data ---------------------------------------------------------------------------
+
+    async def forget(self, subject: str) -> bool:
+        """Forget a subject: delete its data key (keeping a tombstone, so it never gets another) and append
+        ``SubjectForgotten(subject)`` to stream ``subject-<subject>``, in one transaction. From then on its
+        personal fields decode to their erased values (store/codec/personal.py), in this process at once and
+        in others within their key cache time. True when this call forgot it, False when it already was."""
+        subject = personal.subject_id(subject, "subject")
+        stream_id = names.stream_id(personal.forgotten_stream(subject))
+        async with db.translate_errors(), self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(self.queries["forget_subject"], subject)
+            try:
+                await self.append(stream_id, [personal.SubjectForgotten(subject)], NO_STREAM, conn=conn)
+                first = True
+            except errors.VersionConflict:
+                first = False  # forgotten before: the tombstone stays as it was
+        self.keys.forgotten(subject)
+        if first:
+            self.notifier.poke()
+        return first
+
+    async def rewrap_keys(self, batch: int = 1000) -> int:
+        """Wrap every subject key that another key-encryption key wraps with the newest one (KEK rotation:
+        add the new KEK last, run this, then drop the old one); the number of keys rewrapped."""
+        _check_int(batch, "batch", 1, high=None)
+        return await key_table.rewrap(self.pool, self.queries, self.keys.require_keks(), batch)
 
 
 def _unique_violation(exc: BaseException | None) -> asyncpg.UniqueViolationError | None:

@@ -70,6 +70,11 @@ class Store(Protocol):
         than version ``at_or_before``: a store keeps only the newest snapshot of a stream."""
         ...
 
+    async def forget(self, subject: str) -> bool:
+        """Forget a subject: delete its data key and append ``SubjectForgotten`` to ``subject-<subject>``; its
+        personal fields decode to their erased values from then on. False when it was forgotten before."""
+        ...
+
 
 if TYPE_CHECKING:  # mypy checks here that both stores still satisfy the Protocol
     from store.event_store import EventStore

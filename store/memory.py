@@ -20,7 +20,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from store import codec, errors, names
+from store import codec, errors, names, subject_keys
+from store.codec import personal
 from store.encoding import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     Encoded,
@@ -61,9 +62,15 @@ class InMemoryEventStore(Encoding):
 
     def __init__(self, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
                  registry: codec.Registry = codec.REGISTRY,
-                 clock: Callable[[], dt.datetime] = _utc_now) -> None:
+                 clock: Callable[[], dt.datetime] = _utc_now,
+                 keks: subject_keys.KeyEncryptionKeys | subject_keys.FromEnv | None = subject_keys.FROM_ENV,
+                 ) -> None:
+        """Options as ``EventStore``'s; subject keys are kept (wrapped) in memory too."""
         self.max_payload_bytes = max_payload_bytes
-        self.registry = registry
+        self._key_table = table = subject_keys.MemoryKeyTable()
+        self._use_keys(registry, subject_keys.SubjectKeys(
+            table, subject_keys.resolve(keks), ttl=float("inf"),
+            blocking_fetch=lambda subjects: {s: table.rows[s] for s in subjects if s in table.rows}))
         #: Where ``recorded_at`` comes from (a timezone-aware datetime); tests may pass a fake clock.
         self.clock = clock
         self._last_recorded_at: dt.datetime | None = None
@@ -81,11 +88,12 @@ class InMemoryEventStore(Encoding):
         as in ``EventStore.append``."""
         names.stream_id(stream_id)
         check_expected(expected_version)
-        encoded = self._encode_all(events, append_context(correlation_id, causation_id))
+        context = append_context(correlation_id, causation_id)
+        encoded = await self.keys.encode_with_keys(lambda: self._encode_all(events, context, stream_id))
         await asyncio.sleep(0)  # see the module's docstring
         if self._version(stream_id) == expected_version and not self._found(encoded):
             return self._write([(stream_id, expected_version, encoded)])[0]
-        existing = original_result(stream_id, expected_version, encoded, self._found(encoded))
+        existing = original_result(stream_id, expected_version, encoded, self._found(encoded), self.registry)
         if existing is not None:
             return existing
         raise errors.VersionConflict(stream_id, expected_version, self._version(stream_id))
@@ -97,11 +105,9 @@ class InMemoryEventStore(Encoding):
         if not batch:
             raise errors.InvalidInput("append_batch needs at least one stream")
         context = append_context(correlation_id, causation_id)
-        appends: list[_Append] = []
-        for stream_id, events, expected in batch:
-            names.stream_id(stream_id)
-            check_expected(expected)
-            appends.append((stream_id, expected, self._encode_all(events, context)))
+        encoded_batch = await self.keys.encode_with_keys(lambda: self._encode_batch(batch, context))
+        appends: list[_Append] = [(stream_id, expected, encoded)
+                                  for (stream_id, _, expected), encoded in zip(batch, encoded_batch, strict=True)]
         if len({stream_id for stream_id, _, _ in appends}) != len(appends):
             raise errors.InvalidInput("a stream appears twice in one append_batch")
         check_unique_ids([e.event_id for _, _, encoded in appends for e in encoded])
@@ -111,7 +117,7 @@ class InMemoryEventStore(Encoding):
             return self._write(appends)
         results = []
         for stream_id, expected, encoded in appends:
-            existing = original_result(stream_id, expected, encoded, self._found(encoded))
+            existing = original_result(stream_id, expected, encoded, self._found(encoded), self.registry)
             if existing is None:
                 break
             results.append(existing)
@@ -201,7 +207,7 @@ class InMemoryEventStore(Encoding):
         """Store ``state`` (a registered class) as the stream's state at ``version``; False if a newer exists."""
         names.stream_id(stream_id)
         check_int(version, "version", 0)
-        snapshot_type, data = self._encode_snapshot(stream_id, state)
+        snapshot_type, data = await self.keys.encode_with_keys(lambda: self._encode_snapshot(stream_id, state))
         await asyncio.sleep(0)
         newest = self._snapshots.get(stream_id)
         if newest is not None and newest["version"] >= version:
@@ -220,3 +226,28 @@ class InMemoryEventStore(Encoding):
         if row is None or (at_or_before is not None and row["version"] > at_or_before):
             return None
         return snapshot_from_row(stream_id, row, self.registry)
+
+    # --- personal data ---------------------------------------------------------------------------
+
+    async def forget(self, subject: str) -> bool:
+        """Forget a subject as ``EventStore.forget`` does: its key gone, ``SubjectForgotten`` appended."""
+        subject = personal.subject_id(subject, "subject")
+        stream_id = names.stream_id(personal.forgotten_stream(subject))
+        await asyncio.sleep(0)
+        self._key_table.forget(subject)
+        self.keys.forgotten(subject)
+        try:
+            await self.append(stream_id, [personal.SubjectForgotten(subject)], NO_STREAM)
+        except errors.VersionConflict:
+            return False
+        return True
+
+    async def rewrap_keys(self, batch: int = 1000) -> int:
+        """Wrap every subject key that another key-encryption key wraps with the newest one."""
+        check_int(batch, "batch", 1, high=None)
+        keks = self.keys.require_keks()
+        rows = self._key_table.rows
+        stale = [(s, k, w) for s, (k, w) in rows.items() if k is not None and w is not None and k != keks.newest]
+        for subject, kek_id, wrapped in stale:
+            rows[subject] = keks.wrap(subject, keks.unwrap(subject, kek_id, wrapped))
+        return len(stale)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from store import codec, errors
@@ -94,7 +94,7 @@ def record_from_row(row: Mapping[str, Any], registry: codec.Registry = codec.REG
     """Decode an events row (as selected by the store's queries) into a RecordedEvent."""
     stream_id, version, event_type = row["stream_id"], row["version"], row["event_type"]
     try:
-        payload = registry.decode(event_type, row["data"])
+        payload = registry.decode(event_type, row["data"], (row["event_id"], stream_id))
         metadata = codec.unpackb(row["metadata"])
     except errors.CodecError as exc:
         raise type(exc)(f"{exc} (stream {stream_id!r}, version {version}, type {event_type})") from exc
@@ -107,7 +107,7 @@ def snapshot_from_row(stream_id: str, row: Mapping[str, Any],
                       registry: codec.Registry = codec.REGISTRY) -> Snapshot:
     """Decode a snapshots row (version, snapshot_type, data) of stream_id into a Snapshot."""
     try:
-        state = registry.decode(row["snapshot_type"], row["data"])
+        state = registry.decode(row["snapshot_type"], row["data"], (None, stream_id))
     except errors.CodecError as exc:
         raise type(exc)(f"{exc} (snapshot of stream {stream_id!r}, version {row['version']})") from exc
     return Snapshot(stream_id, row["version"], row["snapshot_type"], state)
@@ -136,3 +136,10 @@ def record_or_undecodable(row: Mapping[str, Any], registry: codec.Registry = cod
                              position=Position(row["transaction_id"], row["global_position"]),
                              event_type=row["event_type"], event=Undecodable(exc), data=row["data"],
                              metadata={}, recorded_at=row["recorded_at"])
+
+
+def records_or_undecodable(rows: Sequence[Mapping[str, Any]], registry: codec.Registry = codec.REGISTRY,
+                           ) -> list[RecordedEvent]:
+    """``record_or_undecodable`` of each row, the data keys of the whole batch loaded first in one go."""
+    registry.preload_keys(row["data"] for row in rows)
+    return [record_or_undecodable(row, registry) for row in rows]

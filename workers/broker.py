@@ -367,7 +367,7 @@ def _event(fields: Mapping[str, Any], registry: codec.Registry) -> RecordedEvent
         if not isinstance(value, kind):
             raise MalformedMessage(f"body field of type {type(value).__name__} where {kind.__name__} belongs")
     try:
-        payload: Any = registry.decode(event_type, data)
+        payload: Any = registry.decode(event_type, data, (event_id, stream_id))
     except errors.UnknownEventType as exc:  # a type of newer code (or none at all): not corrupt, see handlers
         payload = Undecodable(exc)
     except (errors.CodecError, errors.InvalidInput, ValueError, TypeError) as exc:
@@ -445,6 +445,7 @@ def from_batch_body(body: bytes, registry: codec.Registry = codec.REGISTRY, *,
     entries = _unpack(body, max_bytes)
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise MalformedMessage("batch body is not a msgpack array of maps")
+    registry.preload_keys(fields.get("data") for fields in entries)  # one round trip for the batch's new subjects
     events: list[RecordedEvent] = []
     dropped = 0
     for fields in entries:

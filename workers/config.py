@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import overload
 
 from store import errors, names
+from store.subject_keys import KeyEncryptionKeys
 from workers.errors import LimitsConflict
 from workers.runtime import redact
 
@@ -61,6 +62,8 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
      "Postgres ends a worker's transaction idle this long (its process frozen); the relay's gets 30 s more (0 = off)"),
     ("EVENTFLEET_LOCK_TIMEOUT_SECONDS", "EVENTFLEET_LEASE_SECONDS/3",
      "a worker's or relay's statement waiting this long for a lock fails and is retried (0 = off)"),
+    ("EVENTFLEET_KEK", "(none)", "key-encryption keys of personal fields: base64 of 32 bytes, or ID:BASE64, ... newest last"),
+    ("EVENTFLEET_KEK_FILE", "(none)", "a file holding what EVENTFLEET_KEK would (one entry a line); not both"),
 )
 
 
@@ -107,6 +110,8 @@ class Settings:
     #: A worker's or relay's statement waiting longer for a lock fails, to be retried (lock_timeout; 0 = never);
     #: None: a third of the lease.
     lock_timeout_seconds: float | None = None
+    #: The key-encryption keys of personal fields (EVENTFLEET_KEK or EVENTFLEET_KEK_FILE); None: none.
+    keks: KeyEncryptionKeys | None = None
 
     def __post_init__(self) -> None:
         if not self.amqp_urls:
@@ -217,6 +222,8 @@ class Settings:
             lease_seconds=float(_int(environ, "EVENTFLEET_LEASE_SECONDS", 15, 3, 3600)),
             transaction_idle_seconds=_int(environ, "EVENTFLEET_TRANSACTION_IDLE_SECONDS", None, 0, 3600),
             lock_timeout_seconds=_int(environ, "EVENTFLEET_LOCK_TIMEOUT_SECONDS", None, 0, 3600),
+            keks=KeyEncryptionKeys.from_env({"EVENTFLEET_KEK": get("EVENTFLEET_KEK", ""),
+                                             "EVENTFLEET_KEK_FILE": get("EVENTFLEET_KEK_FILE", "")}),
         )
 
     def port(self, role: str) -> int:

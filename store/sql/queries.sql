@@ -189,3 +189,34 @@ SELECT version, snapshot_type, data FROM {schema}.snapshots WHERE stream_id = $1
 -- name: count_events_by_type
 -- How many events of each type the store holds (summaries for operators and the demo).
 SELECT event_type, count(*) AS events FROM {schema}.events GROUP BY event_type ORDER BY event_type;
+
+-- name: subject_keys
+-- The wrapped data keys of subjects $1 (kek_id and wrapped_key NULL: forgotten; no row: none yet).
+SELECT subject, kek_id, wrapped_key FROM {schema}.subject_keys WHERE subject = ANY($1::text[]);
+
+-- name: create_subject_keys
+-- Data keys for subjects that have none; a racing writer's key (or a tombstone) wins: read them back after.
+INSERT INTO {schema}.subject_keys (subject, kek_id, wrapped_key)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])
+ON CONFLICT (subject) DO NOTHING;
+
+-- name: forget_subject
+-- Delete a subject's data key and keep its tombstone (a forgotten subject never gets a new key).
+INSERT INTO {schema}.subject_keys AS k (subject, kek_id, wrapped_key, forgotten_at)
+VALUES ($1, NULL, NULL, now())
+ON CONFLICT (subject) DO UPDATE
+SET kek_id = NULL, wrapped_key = NULL, forgotten_at = coalesce(k.forgotten_at, excluded.forgotten_at);
+
+-- name: keys_to_rewrap
+-- Up to $2 live keys wrapped by another key-encryption key than $1, locked until the rewrap commits.
+SELECT subject, kek_id, wrapped_key FROM {schema}.subject_keys
+WHERE kek_id <> $1
+ORDER BY subject
+LIMIT $2
+FOR UPDATE SKIP LOCKED;
+
+-- name: rewrap_subject_keys
+-- Store keys wrapped again ($1 subjects, $2 their new kek_id, $3 wrapped keys), unless forgotten meanwhile.
+UPDATE {schema}.subject_keys AS k SET kek_id = n.kek_id, wrapped_key = n.wrapped_key
+FROM unnest($1::text[], $2::text[], $3::bytea[]) AS n(subject, kek_id, wrapped_key)
+WHERE k.subject = n.subject AND k.wrapped_key IS NOT NULL;

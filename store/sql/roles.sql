@@ -21,12 +21,13 @@ SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1);
 CREATE ROLE {role} NOLOGIN;
 
 -- name: grant_writer
--- Appends events with their outbox rows, reads streams, keeps snapshots.
+-- Appends events with their outbox rows, reads streams, keeps snapshots, creates and forgets subject keys.
 GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT, INSERT ON TABLE {schema}.events TO {role};
 GRANT INSERT ON TABLE {schema}.outbox TO {role};
 GRANT SELECT, INSERT, UPDATE ON TABLE {schema}.snapshots TO {role};
 GRANT SELECT ON TABLE {schema}.partitioning TO {role};
+GRANT SELECT, INSERT, UPDATE ON TABLE {schema}.subject_keys TO {role};
 
 -- name: grant_relay
 -- Reads the outbox and its events, deletes published rows. Claiming rows FOR UPDATE SKIP LOCKED needs
@@ -38,9 +39,9 @@ GRANT SELECT ON TABLE {schema}.events TO {role};
 GRANT SELECT ON TABLE {schema}.partitioning TO {role};
 
 -- name: grant_worker
--- Reads events and P; writes checkpoints, projection status and dead letters, its registration and leases.
+-- Reads events, P and subject keys; writes checkpoints, projection status and dead letters, its registration and leases.
 GRANT USAGE ON SCHEMA {schema} TO {role};
-GRANT SELECT ON TABLE {schema}.events, {schema}.partitioning TO {role};
+GRANT SELECT ON TABLE {schema}.events, {schema}.partitioning, {schema}.subject_keys TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {schema}.checkpoints, {schema}.projection_status,
     {schema}.dead_letters, {schema}.workers, {schema}.leases TO {role};
 
@@ -49,9 +50,10 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {schema}.checkpoints, {schema}.pro
 -- through membership, plus appending follow-ups (events with their outbox rows, as the writer), deadlines
 -- (scheduled and moved by INSERT .. ON CONFLICT DO UPDATE, taken FOR UPDATE SKIP LOCKED, deleted when
 -- fired, cancelled or parked) and refusals (INSERT .. ON CONFLICT DO NOTHING, whose conflict target needs
--- SELECT). No snapshots: a reactor's repository neither reads nor writes them.
+-- SELECT). No snapshots: a reactor's repository neither reads nor writes them. A follow-up with personal fields
+-- of a new subject makes its data key (INSERT on subject_keys; reading them is the worker's).
 GRANT {group} TO {role};
-GRANT INSERT ON TABLE {schema}.events, {schema}.outbox TO {role};
+GRANT INSERT ON TABLE {schema}.events, {schema}.outbox, {schema}.subject_keys TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {schema}.deadlines TO {role};
 GRANT SELECT, INSERT ON TABLE {schema}.reactor_refusals TO {role};
 

@@ -117,11 +117,13 @@ async def test_the_grants_are_exactly_the_documented_ones(schema: str, granted: 
         ("writer", "outbox"): "INSERT",
         ("writer", "snapshots"): "INSERT,SELECT,UPDATE",
         ("writer", "partitioning"): "SELECT",
+        ("writer", "subject_keys"): "INSERT,SELECT,UPDATE",
         ("relay", "events"): "SELECT",
         ("relay", "partitioning"): "SELECT",
         ("relay", "outbox"): "DELETE,SELECT",
         ("worker", "events"): "SELECT",
         ("worker", "partitioning"): "SELECT",
+        ("worker", "subject_keys"): "SELECT",
         **{("worker", t): "DELETE,INSERT,SELECT,UPDATE"
            for t in ("checkpoints", "projection_status", "dead_letters", "workers", "leases", "order_summary",
                      "customer_stats")},
@@ -129,6 +131,7 @@ async def test_the_grants_are_exactly_the_documented_ones(schema: str, granted: 
         ("reactor", "outbox"): "INSERT",
         ("reactor", "deadlines"): "DELETE,INSERT,SELECT,UPDATE",
         ("reactor", "reactor_refusals"): "INSERT,SELECT",
+        ("reactor", "subject_keys"): "INSERT",
     }
     # The reactor has the worker's rights by membership (and so its read models' after a rebuild's swap);
     # no other role of the deployment is a member of any.

@@ -35,6 +35,8 @@ _COMMANDS = {
     "dead-letters": "workers.cli.dead_letters:cmd_dead_letters",
     "teardown": "workers.cli.teardown:cmd_teardown",
     "verify": "workers.cli.verify:cmd_verify",
+    "forget": "workers.cli.forget:cmd_forget",
+    "rewrap-keys": "workers.cli.forget:cmd_rewrap_keys",
 }
 
 
@@ -110,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print one JSON document")
     verify.add_argument("--limit", type=int, default=20, metavar="N",
                         help="keys of differing rows shown per table and side (default 20)")
+    forget = add("forget", "forget a subject: delete its data key and append SubjectForgotten (its personal "
+                 "fields read as erased from then on)", modules=False)
+    forget.add_argument("subject", metavar="SUBJECT")
+    add("rewrap-keys", "wrap every subject key with the newest key-encryption key (after adding one to "
+        "EVENTFLEET_KEK)", modules=False)
     return parser
 
 

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 from projections.base import Projection
 from store import correlation_ids, db, queries
 from store.event_store import EventStore, RecordedEvent
-from store.records import Undecodable, record_or_undecodable
+from store.records import Undecodable, records_or_undecodable
 from workers import errors
 from workers.projector import handlers
 
@@ -127,8 +127,8 @@ class Applier:
             streams.setdefault(e.stream_id, []).append(e)
         if gaps:
             rows = await conn.fetch(EVENTS["load_ranges"], *(list(column) for column in zip(*gaps, strict=True)))
-            for row in rows:
-                streams[row["stream_id"]].append(record_or_undecodable(row, self.store.registry))
+            for row, event in zip(rows, records_or_undecodable(rows, self.store.registry), strict=True):
+                streams[row["stream_id"]].append(event)
             for stream_events in streams.values():
                 stream_events.sort(key=lambda e: e.version)
         return streams

@@ -9,7 +9,7 @@ from typing import Any
 
 from store import db, queries
 from store.event_store import EventStore, Position
-from store.records import Slice, record_or_undecodable
+from store.records import Slice, records_or_undecodable
 
 SQL = queries.load("workers", "rebuild.sql")
 
@@ -23,7 +23,7 @@ READ_BYTES = 4 * 1024 * 1024
 
 def _slice(rows: Sequence[Any], limit: int, store: EventStore) -> Slice:
     full = bool(rows) and (len(rows) >= limit or bool(rows[-1]["reached"]))
-    return Slice([record_or_undecodable(r, store.registry) for r in rows], full)
+    return Slice(records_or_undecodable(rows, store.registry), full)
 
 
 def all_reader(store: EventStore) -> Read:

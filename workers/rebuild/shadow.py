@@ -33,7 +33,7 @@ from projections.base import Projection
 from projections.reactor import Reactor
 from store import db, errors, names, queries, roles
 from store.event_store import EventStore, Position
-from store.records import record_or_undecodable
+from store.records import records_or_undecodable
 from workers import errors as worker_errors
 from workers import locks
 from workers.rebuild import applier, reader
@@ -313,7 +313,7 @@ class Rebuild:
         if behind:
             rows = await conn.fetch(EVENTS["load_ranges"], [r["stream_id"] for r in behind],
                                     [r["shadow_version"] + 1 for r in behind], [r["live_version"] for r in behind])
-            await self.applier.apply(conn, [record_or_undecodable(r, self.store.registry) for r in rows])
+            await self.applier.apply(conn, records_or_undecodable(rows, self.store.registry))
         for table in self.projection.tables:
             grants = await conn.fetch(SQL["table_grants"], self.schema, table)
             await conn.execute(f"DROP TABLE IF EXISTS {main}.{_quote(table)}")

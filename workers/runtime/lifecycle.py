@@ -76,4 +76,5 @@ def session_timeouts(settings: Settings, *, busy_idle: float = 0.0) -> db.Timeou
 
 def open_store(pool: db.Pool, settings: Settings) -> EventStore:
     """The deployment's event store over ``pool``."""
-    return EventStore(pool, schema=settings.schema, max_payload_bytes=settings.max_payload_bytes)
+    return EventStore(pool, schema=settings.schema, max_payload_bytes=settings.max_payload_bytes,
+                      keks=settings.keks)
