@@ -48,6 +48,8 @@ from tests.unit.test_projection_fold import Models, fold, order_life, read_model
 from workers.config import Settings
 from workers.fleet import Fleet as Processes
 from workers.fleet import open_fleet
+from workers.projector.consumer import STALL_SECONDS
+from workers.projector.lag import REFRESH_SECONDS
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -64,7 +66,7 @@ DOWN_SECONDS = 1.0
 READY_WITHIN = 60.0
 DRAIN_WITHIN = 60.0
 #: A fleet that has not moved for this long with the outbox empty is done, whatever it left behind.
-QUIET_SECONDS = 3.0
+QUIET_SECONDS = STALL_SECONDS + 2 * REFRESH_SECONDS + 1  # the stall repair's wait, and its catch-up
 
 
 # --- the writers' ledger --------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from tests.unit.test_projection_fold import cancelled, fold, paid, placed, read_
 from workers import broker, projector
 from workers.config import Settings
 from workers.projector import checkpoints, lag
-from workers.projector.consumer import Consumer
+from workers.projector.consumer import STALL_SECONDS, Consumer
 from workers.runtime import health
 
 Declare = Callable[[list[str]], Awaitable[aio_pika.abc.AbstractExchange]]
@@ -446,3 +446,21 @@ async def test_a_worker_far_behind_catches_its_partitions_up_from_the_store_and_
     assert await applied_count(pool, "customer_stats") == 600
     async with pool.acquire() as conn:
         assert (await read_models(conn)).customer_stats == fold(e.event for e in events).customer_stats
+
+
+async def test_a_partition_whose_oldest_unapplied_event_waited_too_long_catches_up_however_few_it_lags(
+        event_store, connection, declare, settings):
+    """News that never comes (an apply lost with a primary after its message was acked, a dropped message): the
+    store is the truth, so a stalled partition reads it, whatever catchup_threshold says (100 here)."""
+    await declare([CustomerStats.name])
+    c = await consumer_of(event_store, connection, settings, CustomerStats(), 0)
+    mark = Position(10, 20)
+
+    c.note_lag(3, mark, oldest_age=STALL_SECONDS - 0.1)
+    assert c._catchup_from is None
+    c.note_lag(3, mark, oldest_age=STALL_SECONDS)
+    assert c._catchup_from == mark
+    off = await consumer_of(event_store, connection, dataclasses.replace(settings, catchup_threshold=0),
+                            CustomerStats(), 0)
+    off.note_lag(3, mark, oldest_age=10 * STALL_SECONDS)
+    assert off._catchup_from is None

@@ -52,6 +52,11 @@ SQL = load("workers", "rebuild.sql")
 
 T = TypeVar("T")
 
+#: How long an unapplied event of a partition may wait before the partition catches up from the store, however
+#: few events it lags (``Consumer.note_lag``): several lag refreshes (``lag.REFRESH_SECONDS``), far above the
+#: second or two the live path takes.
+STALL_SECONDS = 10.0
+
 
 @dataclasses.dataclass(slots=True)
 class Stats:
@@ -172,10 +177,19 @@ class Consumer:
 
     # --- what the lag monitor tells ---------------------------------------------------------------
 
-    def note_lag(self, lag_events: int, watermark: Position) -> None:
-        """The partition's lag and the projection's watermark: catch up from it when far behind."""
+    def note_lag(self, lag_events: int, watermark: Position, oldest_age: float = 0.0) -> None:
+        """The partition's lag, the age of its oldest unapplied event and the projection's watermark: catch up
+        from the watermark when far behind (``catchup_threshold`` events), or when an unapplied event has waited
+        ``STALL_SECONDS`` (catch-up on: a threshold of 0 turns both off).
+
+        The second is the store being the truth whatever the broker says: committed events that no message will
+        bring any more (an asynchronous failover lost the worker's own apply after the broker had its ack, a
+        message dropped by a broker) would wait for news that never comes; a live partition applies its events
+        within a second or two, so one that waited that long is stalled, or so far behind that reading the store
+        is the faster way anyway."""
         threshold = self.settings.catchup_threshold
-        if threshold and lag_events >= threshold and self._catchup_from is None:
+        due = bool(threshold) and (lag_events >= threshold or (lag_events > 0 and oldest_age >= STALL_SECONDS))
+        if due and self._catchup_from is None:
             self._catchup_from = watermark
             self._wake()
 

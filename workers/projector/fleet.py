@@ -67,7 +67,8 @@ class Fleet:
         self.lags[projection] = measured
         for (name, partition), running in self.running.items():
             if name == projection:
-                running.consumer.note_lag(measured.partitions.get(partition, 0), measured.watermark)
+                running.consumer.note_lag(measured.partitions.get(partition, 0), measured.watermark,
+                                          measured.partition_ages.get(partition, 0.0))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the leases until ``stop`` (every consumer's batch in flight commits) or the connection dies."""
@@ -134,7 +135,8 @@ class Fleet:
                             on_hold=functools.partial(self.keeper.note_hold, projection))
         measured = self.lags.get(projection)
         if measured is not None:  # a partition taken over far behind catches up at once
-            consumer.note_lag(measured.partitions.get(partition, 0), measured.watermark)
+            consumer.note_lag(measured.partitions.get(partition, 0), measured.watermark,
+                              measured.partition_ages.get(partition, 0.0))
         leave = asyncio.Event()
         task = asyncio.create_task(consumer.run(stop, leave), name=f"consume {consumer.queue}")
         task.add_done_callback(lambda _: self._ended.set())

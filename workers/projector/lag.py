@@ -43,6 +43,8 @@ class Lag:
     watermark: Position = Position.START
     #: Unapplied events per partition (partitions with none are absent).
     partitions: Mapping[int, int] = dataclasses.field(default_factory=dict)
+    #: Seconds since the oldest unapplied event of each partition was recorded (partitions with none absent).
+    partition_ages: Mapping[int, float] = dataclasses.field(default_factory=dict)
 
 
 
@@ -70,20 +72,22 @@ async def advance(pool: db.Pool, projection: str, *, step: int = ADVANCE_STEP, m
 
 async def count(pool: db.Pool, projection: str) -> tuple[int, float, Position]:
     """Unapplied committed events, the age of the oldest of them, and the watermark they are counted after."""
-    events, seconds, watermark, _ = await count_partitions(pool, projection)
+    events, seconds, watermark, _, _ = await count_partitions(pool, projection)
     return events, seconds, watermark
 
 
-async def count_partitions(pool: db.Pool, projection: str) -> tuple[int, float, Position, dict[int, int]]:
-    """``count``, and the unapplied events per partition."""
+async def count_partitions(pool: db.Pool, projection: str
+                           ) -> tuple[int, float, Position, dict[int, int], dict[int, float]]:
+    """``count``, and per partition the unapplied events and the age of the oldest of them."""
     async with db.translate_errors(), pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
         # One snapshot: the watermark the tail is counted after is the one returned.
         rows = await conn.fetch(SQL["measure_lag"], projection)
         mark = await conn.fetchrow(SQL["watermark"], projection)
     assert mark is not None
     by_partition = {r["partition"]: int(r["lag_events"]) for r in rows if r["partition"] is not None}
+    ages = {r["partition"]: float(r["lag_seconds"]) for r in rows if r["partition"] is not None}
     return (sum(int(r["lag_events"]) for r in rows), max((float(r["lag_seconds"]) for r in rows), default=0.0),
-            Position(mark["watermark_txid"], mark["watermark_position"]), by_partition)
+            Position(mark["watermark_txid"], mark["watermark_position"]), by_partition, ages)
 
 
 async def horizon_age(pool: db.Pool) -> float:
@@ -96,8 +100,8 @@ async def horizon_age(pool: db.Pool) -> float:
 async def measure(pool: db.Pool, projection: str) -> Lag:
     """Advance the watermark, then count: the exact lag of ``projection`` now."""
     await advance(pool, projection)
-    events, seconds, watermark, partitions = await count_partitions(pool, projection)
-    return Lag(events, seconds, await horizon_age(pool), watermark, partitions)
+    events, seconds, watermark, partitions, ages = await count_partitions(pool, projection)
+    return Lag(events, seconds, await horizon_age(pool), watermark, partitions, ages)
 
 
 def export(projection: str, lag: Lag, partitions: int | None = None) -> None:
