@@ -142,6 +142,36 @@ def unerased(payload: Any, fields: tuple[PersonalField, ...]) -> Any:
     return dataclasses.replace(payload, **erased) if erased else payload
 
 
+#: What a personal value is replaced by in a text (``redact``).
+REDACTED = "[personal]"
+#: Values shorter than this are not redacted in free text: they would blank out ordinary words and digits.
+MIN_REDACTED_LENGTH = 3
+
+
+def redact(text: str, payload: Any) -> str:
+    """text with each personal value of payload (an event or snapshot state; any other object: none) replaced
+    by ``[personal]``: for error messages and tracebacks of a handler that formatted the event (a dead letter's
+    error, a log line). Bytes values are redacted as Python prints them (their ``repr`` without ``b''``)."""
+    if not dataclasses.is_dataclass(payload) or isinstance(payload, type):
+        return text
+    try:
+        fields = personal_fields(type(payload))
+    except (TypeError, NameError):
+        return text
+    values: list[str] = []
+    for field in fields:
+        value = getattr(payload, field.name, None)
+        if isinstance(value, (Erased, ErasedBytes)) or value is None:
+            continue
+        values += [value] if isinstance(value, str) else [repr(value)[2:-1]] if isinstance(value, bytes) else []
+        if isinstance(value, str) and (quoted := repr(value)[1:-1]) != value:
+            values.append(quoted)  # as a repr shows it (escaped quotes, non-printables)
+    for value in sorted(values, key=len, reverse=True):  # longest first: one value may contain another
+        if len(value) >= MIN_REDACTED_LENGTH:
+            text = text.replace(value, REDACTED)
+    return text
+
+
 def groups(fields: tuple[PersonalField, ...]) -> tuple[tuple[str, tuple[PersonalField, ...]], ...]:
     """The personal fields by subject field (sealed together), each group and its fields in declaration order."""
     by_subject: dict[str, list[PersonalField]] = {}
