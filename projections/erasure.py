@@ -7,7 +7,8 @@ holding the subject's id::
 
 On ``SubjectForgotten(S)`` (stream ``subject-S``, through the same exactly-once path as every event) the
 default handler sets those columns of the rows whose subject column holds S to their erased value: NULL in a
-nullable column, the empty value (``''``: text, varchar or bytea) in a ``NOT NULL`` one. Rows stay: counts,
+nullable column, the empty value (``''``: text, varchar or bytea) in a ``NOT NULL`` one, in one statement per
+table (no catalog round trip: a rebuild batches it). Rows stay: counts,
 sums and the subject's id (which ``forget`` does not erase either) remain exact. The erased value depends on
 the column only, never on what it held, so a read model and a replay of the store (where the subject's events
 already decode to erased values, then the same handler runs) end with the same rows, whatever order the
@@ -21,22 +22,12 @@ Personal columns are text, varchar or bytea (the types of personal fields: str, 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
-from typing import Any
 
 from store import db, errors, names
 
 #: table -> (subject column, personal columns): what ``Projection.personal`` declares.
 Declared = Mapping[str, tuple[str, tuple[str, ...]]]
-
-_COLUMNS = """
-SELECT a.attname AS name, a.attnotnull AS not_null, a.atttypid::regtype::text AS type
-FROM pg_attribute AS a
-WHERE a.attrelid = $1::regclass AND a.attname = ANY($2::text[]) AND a.attnum > 0 AND NOT a.attisdropped
-"""
-_INTEGERS = frozenset({"smallint", "integer", "bigint"})
-
 
 def validate(owner: str, declared: Declared, tables: tuple[str, ...] | None) -> None:
     """TypeError unless every declared table is one of ``tables`` and every name a safe identifier."""
@@ -55,24 +46,27 @@ def validate(owner: str, declared: Declared, tables: tuple[str, ...] | None) -> 
             raise TypeError(f"{owner}.personal[{table!r}]: the subject column cannot itself be personal")
 
 
-async def erase_declared(conn: db.Conn, declared: Declared, subject: str) -> int:
-    """Set the declared personal columns of subject's rows to their erased values; the rows changed."""
-    changed = 0
+async def erase_declared(conn: db.Conn, declared: Declared, subject: str) -> None:
+    """Set the declared personal columns of subject's rows to their erased values: one statement per table."""
     for table, (subject_column, columns) in declared.items():
-        catalog = {r["name"]: r for r in await conn.fetch(_COLUMNS, names.quote(table),
-                                                          [subject_column, *columns])}
-        missing = [c for c in (subject_column, *columns) if c not in catalog]
-        if missing:
-            raise errors.InvalidInput(f"personal columns {missing!r} are not columns of table {table!r}")
-        key = _subject_value(subject, catalog[subject_column]["type"])
-        if key is None:
-            continue  # a subject id that cannot be in this column (not an int, not a UUID): no row to erase
-        sets = ", ".join(f"{names.quote(c)} = {_erased(catalog[c]['not_null'])}" for c in columns)
-        # Identifiers validated and quoted; the erased values are literals of this module; the subject a parameter.
-        sql = f"UPDATE {names.quote(table)} SET {sets} WHERE {names.quote(subject_column)} = $1"
-        status = await conn.execute(sql, key)
-        changed += int(status.rpartition(" ")[2] or 0)
-    return changed
+        await conn.execute(erase_sql(table, subject_column, columns), subject)
+
+
+def erase_sql(table: str, subject_column: str, columns: tuple[str, ...]) -> str:
+    """The UPDATE erasing ``columns`` of ``table`` in the rows whose subject column (as text) is ``$1``.
+
+    One statement whatever the columns' types, so a rebuild batches it like any handler's ``execute``: the
+    catalog says which columns are ``NOT NULL`` (``substr(c, 1, 0)`` is the empty value of c's own type, text
+    or bytea), the others get NULL. A text subject column's ``::text`` is no cast, so its index serves.
+    """
+    flags = ", ".join(f"bool_or(a.attnotnull) FILTER (WHERE a.attname = '{names.identifier(c)}') AS n{i}"
+                      for i, c in enumerate(columns))
+    sets = ", ".join(f"{names.quote(c)} = CASE WHEN n.n{i} THEN substr({names.quote(c)}, 1, 0) END"
+                     for i, c in enumerate(columns))
+    # Identifiers validated (lowercase letters, digits, underscores) and quoted; the subject is a parameter.
+    return (f"UPDATE {names.quote(table)} SET {sets} FROM (SELECT {flags} FROM pg_attribute AS a "
+            f"WHERE a.attrelid = '{names.quote(table)}'::regclass AND a.attnum > 0) AS n "
+            f"WHERE {names.quote(subject_column)}::text = $1")
 
 
 def residue_sql(schema: str, table: str, subject_column: str, columns: tuple[str, ...]) -> str:
@@ -84,22 +78,3 @@ def residue_sql(schema: str, table: str, subject_column: str, columns: tuple[str
     subject = f"t.{names.quote(subject_column)}::text"
     return (f"SELECT {subject} AS subject FROM {qualified} AS t JOIN {keys} AS k ON k.subject = {subject} "
             f"WHERE k.wrapped_key IS NULL AND ({held})")
-
-
-def _erased(not_null: bool) -> str:
-    return "''" if not_null else "NULL"
-
-
-def _subject_value(subject: str, column_type: str) -> Any:
-    """The subject id as the subject column's type takes it (None when it cannot be one of its values)."""
-    if column_type in _INTEGERS:
-        try:
-            return int(subject)
-        except ValueError:
-            return None
-    if column_type == "uuid":
-        try:
-            return uuid.UUID(subject)
-        except ValueError:
-            return None
-    return subject

@@ -16,7 +16,7 @@ from store.event_store import RecordedEvent
 from tests.contract.personal import KEKS, REG, CustomerCard, CustomerRegistered, registered
 from tests.integration.test_personal_workers import delivered
 from tests.integration.test_rebuild_helpers import drop_shadows
-from workers import broker
+from workers import broker, rebuild
 from workers.admin.verify import verify
 from workers.config import Settings
 from workers.projector import checkpoints, parking
@@ -101,6 +101,16 @@ async def test_a_set_based_projection_gets_subject_forgotten_through_its_handler
     await store.forget("c1")
     events = await delivered(pool, store, "subject-c1") + await delivered(pool, store, "customer-2")
     await checkpoints.apply_batch(store, SetBasedContacts(), events)
+    assert await contacts(pool) == {"c1": ("", None, "gold"), "c2": (BOB, "+44 9 87", "gold")}
+
+
+async def test_a_rebuild_after_a_forget_batches_the_erasure_like_any_handler(pool, schema, caplog):
+    store = await customers(pool, schema)
+    await store.forget("c1")
+    await store.append("customer-1", [registered("c1", "ann@new.example", None)], 0)
+    caplog.set_level(logging.INFO)
+    await rebuild.rebuild(pool, EventStore(pool, schema=schema, registry=REG, keks=KEKS), Contacts)
+    assert [r.getMessage() for r in caplog.records if "real connection" in r.getMessage()] == []
     assert await contacts(pool) == {"c1": ("", None, "gold"), "c2": (BOB, "+44 9 87", "gold")}
 
 
