@@ -7,16 +7,18 @@ import logging
 from collections.abc import Sequence
 from typing import ClassVar
 
+import aio_pika
 import pytest
 import tenacity
 
 from projections.base import Projection, handles
 from store import ERASED, NO_STREAM, EventStore, db
 from store.event_store import RecordedEvent
+from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from tests.contract.personal import KEKS, REG, CustomerCard, CustomerRegistered, registered
 from tests.integration.test_personal_workers import delivered
 from tests.integration.test_rebuild_helpers import drop_shadows
-from workers import broker, rebuild
+from workers import broker, rebuild, relay
 from workers.admin.verify import verify
 from workers.config import Settings
 from workers.projector import checkpoints, parking
@@ -183,9 +185,7 @@ async def test_a_forgotten_subjects_values_appear_nowhere_in_the_database_the_dl
     await store.forget("c1")
     await project(store, Contacts(), "subject-c1")
     clear, sealed = (ANN, "+33 1 23"), [v.encode().hex() for v in (ANN, "+33 1 23")]
-    dump = "\n".join([await pool.fetchval(f'SELECT coalesce(string_agg(t::text, chr(10)), \'\') FROM "{t}" AS t')
-                      for t in await pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
-                      for t in [t["tablename"]]])
+    dump = await database_text(pool, schema)
     dlq_copies = [broker.to_message(p.event).body for p in parked.parked]
     logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
     assert [v for v in (*clear, *sealed) if v in dump or v in logged] == []
@@ -196,3 +196,49 @@ async def test_a_forgotten_subjects_values_appear_nowhere_in_the_database_the_dl
     assert [(e.event.customer_id, e.event.email, e.event.phone, e.event.plan)
             for e in await store.load("customer-1")] == [("c1", ERASED, None, "gold")]
     assert BOB in dump
+
+
+async def database_text(pool: db.Pool, schema: str) -> str:
+    """Every row of every table of the schema, as text (bytea as hex)."""
+    tables = [r["tablename"] for r in await pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1",
+                                                        schema)]
+    return "\n".join([await pool.fetchval(f'SELECT coalesce(string_agg(t::text, chr(10)), \'\') FROM "{t}" AS t')
+                      for t in tables])
+
+
+async def test_a_run_through_the_broker_leaves_a_forgotten_subjects_values_nowhere(pool, schema, prefix, caplog):
+    caplog.set_level(logging.DEBUG)
+    store = await customers(pool, schema)
+    await pool.execute(Contacts.ddl)
+    names = broker.Names(prefix)
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    targets = await broker.declare_topology(channel, names, ["contacts", "quoting"], PARTITIONS)
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0,
+                        keks=KEKS)
+    try:
+        async def run() -> None:
+            await relay.relay_until_idle(pool, targets)
+            for projection in (Contacts(), Quoting()):
+                cache = DecodeCache()
+                for p in range(PARTITIONS):
+                    await Consumer(store, await connection.channel(), projection, p, settings, cache=cache
+                                   ).until_idle()
+
+        await run()
+        assert await pool.fetchval("SELECT count(*) FROM dead_letters WHERE status = 'parked'") == 2
+        await store.forget("c1")
+        await run()
+        dlq = await channel.get_queue(names.dead_letter_queue("quoting"), ensure=False)
+        copies = []
+        while (m := await dlq.get(no_ack=True, fail=False)) is not None:
+            copies.append(m.body)
+        dump = await database_text(pool, schema)
+    finally:
+        await broker.delete_topology(await connection.channel(), names, ["contacts", "quoting"], PARTITIONS)
+        await connection.close()
+    logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert len(copies) == 2
+    assert [v for v in (ANN, "+33 1 23") if v in dump or v in logged or any(v.encode() in c for c in copies)] == []
+    assert await contacts(pool) == {"c1": ("", None, "gold"), "c2": (BOB, "+44 9 87", "gold")}
+    assert BOB.encode() not in b"".join(copies)  # sealed, not erased: the DLQ copies hold no value in the clear
