@@ -26,6 +26,7 @@ import dataclasses
 import types
 import typing
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from store import errors
@@ -170,6 +171,25 @@ def redact(text: str, payload: Any) -> str:
         if len(value) >= MIN_REDACTED_LENGTH:
             text = text.replace(value, REDACTED)
     return text
+
+
+def in_metadata(payload: Any, fields: tuple[PersonalField, ...], metadata: Any) -> str | None:
+    """The first personal field of payload whose value (non-empty, not erased) is also a value in metadata (a
+    map, searched through its maps and lists), or None: metadata is stored and published in the clear, and
+    ``forget`` cannot reach it."""
+    values = {v: f.name for f in fields if (v := getattr(payload, f.name)) and not isinstance(v, (Erased, ErasedBytes))}
+    if not values:
+        return None
+    stack = [metadata]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple)):
+            stack += item
+        elif isinstance(item, (str, bytes)) and item in values:
+            return values[item]
+    return None
 
 
 def groups(fields: tuple[PersonalField, ...]) -> tuple[tuple[str, tuple[PersonalField, ...]], ...]:
