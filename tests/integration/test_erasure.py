@@ -206,7 +206,8 @@ async def database_text(pool: db.Pool, schema: str) -> str:
                       for t in tables])
 
 
-async def test_a_run_through_the_broker_leaves_a_forgotten_subjects_values_nowhere(pool, schema, prefix, caplog):
+async def test_a_run_through_the_broker_leaves_a_forgotten_subjects_values_nowhere(pool, schema, prefix, caplog,
+                                                                                  spans):
     caplog.set_level(logging.DEBUG)
     store = await customers(pool, schema)
     await pool.execute(Contacts.ddl)
@@ -242,3 +243,7 @@ async def test_a_run_through_the_broker_leaves_a_forgotten_subjects_values_nowhe
     assert [v for v in (ANN, "+33 1 23") if v in dump or v in logged or any(v.encode() in c for c in copies)] == []
     assert await contacts(pool) == {"c1": ("", None, "gold"), "c2": (BOB, "+44 9 87", "gold")}
     assert BOB.encode() not in b"".join(copies)  # sealed, not erased: the DLQ copies hold no value in the clear
+    traced = [(s.name, dict(s.attributes or {}), [dict(link.attributes or {}) for link in s.links])
+              for s in spans.get_finished_spans()]
+    assert {name.rpartition(" ")[2] for name, _, _ in traced} >= {"publish", "process"}
+    assert [t for t in traced if any(v in repr(t) for v in (ANN, BOB, "+33 1 23", "+44 9 87"))] == []
