@@ -8,12 +8,12 @@ holding the subject's id::
 On ``SubjectForgotten(S)`` (stream ``subject-S``, through the same exactly-once path as every event) the
 default handler sets those columns of the rows whose subject column holds S to their erased value: NULL in a
 nullable column, the empty value (``''``: text, varchar or bytea) in a ``NOT NULL`` one, in one statement per
-table (no catalog round trip: a rebuild batches it). Rows stay: counts,
-sums and the subject's id (which ``forget`` does not erase either) remain exact. The erased value depends on
-the column only, never on what it held, so a read model and a replay of the store (where the subject's events
-already decode to erased values, then the same handler runs) end with the same rows, whatever order the
-worker met the subject's streams in: ``verify`` compares them as usual, and also checks that no row of a
-forgotten subject holds a non-empty value in a declared column (``forgotten_residue``).
+table (no catalog round trip: a rebuild batches it). Rows stay: counts, sums and the subject's id (which
+``forget`` does not erase either) remain exact. The erased value depends on the column only, never on what it
+held, so a read model and a replay of the store (where the subject's events already decode to erased values,
+then the same handler runs) end with the same rows, whatever order the worker met the subject's streams in:
+``verify`` compares them as usual, and also checks that no row of a forgotten subject holds a non-empty value
+in a declared column (``residue_sql``; ``workers.admin.verify.Residue``).
 
 A projection that must do something else (delete the rows, recompute a summary) writes its own
 ``@handles(SubjectForgotten)`` handler, which replaces the default; it may call ``erase_declared`` too.
@@ -28,6 +28,7 @@ from store import db, errors, names
 
 #: table -> (subject column, personal columns): what ``Projection.personal`` declares.
 Declared = Mapping[str, tuple[str, tuple[str, ...]]]
+
 
 def validate(owner: str, declared: Declared, tables: tuple[str, ...] | None) -> None:
     """TypeError unless every declared table is one of ``tables`` and every name a safe identifier."""

@@ -177,7 +177,8 @@ def in_metadata(payload: Any, fields: tuple[PersonalField, ...], metadata: Any) 
     """The first personal field of payload whose value (non-empty, not erased) is also a value in metadata (a
     map, searched through its maps and lists), or None: metadata is stored and published in the clear, and
     ``forget`` cannot reach it."""
-    values = {v: f.name for f in fields if (v := getattr(payload, f.name)) and not isinstance(v, (Erased, ErasedBytes))}
+    values = {v: f.name for f in fields if isinstance(v := getattr(payload, f.name), (str, bytes))
+              and v and not isinstance(v, (Erased, ErasedBytes))}
     if not values:
         return None
     stack = [metadata]
