@@ -12,6 +12,7 @@ import pytest
 import tenacity
 
 from projections.base import Projection, handles
+from projections.reactor import Reactor
 from store import ERASED, NO_STREAM, EventStore, db
 from store.event_store import RecordedEvent
 from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
@@ -119,6 +120,12 @@ async def test_a_rebuild_after_a_forget_batches_the_erasure_like_any_handler(poo
 def test_personal_columns_of_a_table_the_projection_does_not_own_are_refused():
     with pytest.raises(TypeError, match="not one of its tables"):
         type("Elsewhere", (Contacts,), {"name": "elsewhere", "personal": {"other": ("customer_id", ("email",))}})
+
+
+def test_a_reactor_declaring_personal_columns_is_refused():
+    with pytest.raises(TypeError, match="a reactor cannot declare personal columns"):
+        type("Mailer", (Reactor,), {"name": "mailer", "tables": ("sent",),
+                                    "personal": {"sent": ("customer_id", ("email",))}})
 
 
 async def test_verify_names_the_forgotten_subjects_whose_personal_columns_still_hold_values(pool, schema):
