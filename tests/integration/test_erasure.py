@@ -21,6 +21,7 @@ from tests.integration.test_personal_workers import delivered
 from tests.integration.test_rebuild_helpers import drop_shadows
 from workers import broker, rebuild, relay
 from workers.admin.verify import verify
+from workers.cli.verify import render
 from workers.config import Settings
 from workers.projector import checkpoints, parking
 from workers.projector.consumer import Consumer, DecodeCache
@@ -137,9 +138,13 @@ async def test_verify_names_the_forgotten_subjects_whose_personal_columns_still_
     assert (before.ok, [r.to_json() for r in before.forgotten]) == (False, [
         {"table": "contacts", "subject_column": "customer_id", "columns": ["email", "phone"], "rows": 1,
          "subjects": ["c1"]}])
+    assert render(before).splitlines()[-2:] == [
+        "  contacts: 1 row of forgotten subjects hold personal values (email, phone): subjects c1",
+        "result: MISMATCH"]
     await project(store, Contacts(), "subject-c1")
     after = await verify(pool, EventStore(pool, schema=schema, registry=REG, keks=KEKS), Contacts)
     assert (after.ok, [r.rows for r in after.forgotten]) == (True, [0])
+    assert render(after).splitlines()[-2:] == ["  contacts: personal columns of forgotten subjects erased", "result: OK"]
 
 
 async def test_the_decode_cache_does_not_keep_a_batch_with_personal_fields_past_a_forget(pool, schema):

@@ -50,7 +50,7 @@ def render(result: Verification) -> str:
         if r.rows == 0:
             lines.append(f"  {r.table}: personal columns of forgotten subjects erased")
             continue
-        lines.append(f"  {r.table}: {r.rows:,} rows of forgotten subjects hold personal values "
+        lines.append(f"  {r.table}: {r.rows:,} row{'' if r.rows == 1 else 's'} of forgotten subjects hold personal values "
                      f"({', '.join(r.columns)}): subjects {', '.join(r.subjects)}")
     lines.append("result: OK" if result.ok else "result: MISMATCH")
     return "\n".join(lines)
