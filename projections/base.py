@@ -7,10 +7,12 @@ They never commit, ack, retry or log at INFO; the worker does all of that around
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal, LiteralString, TypeVar
 
+from projections import erasure
 from store import codec, db
+from store.codec.personal import SubjectForgotten
 from store.event_store import RecordedEvent
 
 Policy = Literal["halt", "skip"]
@@ -41,6 +43,10 @@ class Projection:
     #: Whether it takes every event, whatever its type: a projection without ``@handles`` handlers that
     #: overrides ``apply`` does (a generic audit log); set it to say so explicitly.
     all_events: ClassVar[bool] = False
+    #: Where its tables hold personal values: ``{table: (subject_column, (column, ...))}``. On
+    #: ``SubjectForgotten`` the default handler (``forget_subject``) sets those columns of the subject's rows
+    #: to their erased values (projections/erasure.py); a ``@handles(SubjectForgotten)`` of its own replaces it.
+    personal: ClassVar[Mapping[str, tuple[str, tuple[str, ...]]]] = {}
     _handlers: ClassVar[dict[type[Any], Handler]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -50,7 +56,15 @@ class Projection:
             for attr in vars(klass).values():
                 for event_class in getattr(attr, "_eventfleet_handles", ()):
                     found[event_class] = attr
+        if cls.personal:
+            erasure.validate(cls.__name__, cls.personal, getattr(cls, "tables", None))
+            found.setdefault(SubjectForgotten, Projection.forget_subject)
         cls._handlers = found
+
+    async def forget_subject(self, conn: db.Conn, event: RecordedEvent) -> None:
+        """The default handler of ``SubjectForgotten`` for a projection that declares ``personal`` columns:
+        they are set to their erased values in the subject's rows (projections/erasure.py)."""
+        await erasure.erase_declared(conn, self.personal, event.event.subject)
 
     def handles_event(self, event: RecordedEvent) -> bool:
         """Whether this projection has a handler for the event's class."""

@@ -342,6 +342,13 @@ class Reactor(Projection):
     ``on_deadline`` for the deadlines they schedule. State tables are optional."""
 
     tables: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        if cls.personal:  # the default erasure runs SQL on a connection; a reactor's handlers get Effects
+            raise TypeError(f"{cls.__name__}: a reactor cannot declare personal columns; erase its state tables "
+                            f"in a @handles(SubjectForgotten) handler of its own (fx.conn)")
+        super().__init_subclass__(**kwargs)
+
     #: Read the histories of a batch's streams in one query for the repository's loads (a reactor that acts
     #: on other streams than its events', or on long streams, may turn it off).
     prefetch: ClassVar[bool] = True

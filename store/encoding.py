@@ -91,6 +91,8 @@ class Encoding:
             if event_id is None:
                 event_id = uuid.uuid4()  # its sealed values are bound to it: drawn here, not by the database
             origin = (event_id, stream_id)
+            if meta or context.values:
+                check_personal_metadata(payload, self.registry.personal(type(payload)), {**context.values, **(meta or {})})
         # The log is immutable: an event that would not decode back is refused, not stored as poison.
         event_type, data = self.registry.encode_checked(payload, origin)
         metadata = codec.encode_metadata({**context.values, **meta}) if meta else context.packed
@@ -181,3 +183,14 @@ def check_unique_ids(event_ids: list[uuid.UUID | None]) -> None:
     given = [i for i in event_ids if i is not None]
     if len(set(given)) != len(given):
         raise errors.DuplicateEventId("the same event id appears twice in one append")
+
+
+def check_personal_metadata(payload: Any, fields: tuple[codec.personal.PersonalField, ...],
+                            metadata: Mapping[str, Any]) -> None:
+    """InvalidEvent when the event's metadata holds one of its own personal values (stored and published in
+    the clear, never erased by ``forget``)."""
+    field = codec.personal.in_metadata(payload, fields, metadata)
+    if field is not None:
+        raise errors.InvalidEvent(
+            f"{type(payload).__name__}: its metadata holds the value of personal field {field!r}; metadata is "
+            f"stored and published in the clear and a forget cannot erase it")

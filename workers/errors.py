@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from store.codec import personal
 from store.errors import ConfigError, EventFleetError
 
 if TYPE_CHECKING:
@@ -44,7 +45,9 @@ class HandlerFailed(WorkerError):
 
     def __init__(self, projection: str, event: RecordedEvent | None, cause: BaseException) -> None:
         where = f"{event.stream_id}@{event.version} ({event.event_type})" if event else "a set-based batch"
-        super().__init__(f"projection {projection}: handler failed on {where}: {type(cause).__name__}: {cause}")
+        # The handler's message may quote the event: its personal values never reach a log or a dead letter.
+        told = personal.redact(str(cause), event.event) if event else str(cause)
+        super().__init__(f"projection {projection}: handler failed on {where}: {type(cause).__name__}: {told}")
         self.event = event
 
 

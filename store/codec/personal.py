@@ -26,6 +26,7 @@ import dataclasses
 import types
 import typing
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from store import errors
@@ -140,6 +141,56 @@ def unerased(payload: Any, fields: tuple[PersonalField, ...]) -> Any:
     erased = {f.name: type(v).__mro__[1]() for f in fields
               if isinstance(v := getattr(payload, f.name), (Erased, ErasedBytes))}
     return dataclasses.replace(payload, **erased) if erased else payload
+
+
+#: What a personal value is replaced by in a text (``redact``).
+REDACTED = "[personal]"
+#: Values shorter than this are not redacted in free text: they would blank out ordinary words and digits.
+MIN_REDACTED_LENGTH = 3
+
+
+def redact(text: str, payload: Any) -> str:
+    """text with each personal value of payload (an event or snapshot state; any other object: none) replaced
+    by ``[personal]``: for error messages and tracebacks of a handler that formatted the event (a dead letter's
+    error, a log line). Bytes values are redacted as Python prints them (their ``repr`` without ``b''``)."""
+    if not dataclasses.is_dataclass(payload) or isinstance(payload, type):
+        return text
+    try:
+        fields = personal_fields(type(payload))
+    except (TypeError, NameError):
+        return text
+    values: list[str] = []
+    for field in fields:
+        value = getattr(payload, field.name, None)
+        if isinstance(value, (Erased, ErasedBytes)) or value is None:
+            continue
+        values += [value] if isinstance(value, str) else [repr(value)[2:-1]] if isinstance(value, bytes) else []
+        if isinstance(value, str) and (quoted := repr(value)[1:-1]) != value:
+            values.append(quoted)  # as a repr shows it (escaped quotes, non-printables)
+    for value in sorted(values, key=len, reverse=True):  # longest first: one value may contain another
+        if len(value) >= MIN_REDACTED_LENGTH:
+            text = text.replace(value, REDACTED)
+    return text
+
+
+def in_metadata(payload: Any, fields: tuple[PersonalField, ...], metadata: Any) -> str | None:
+    """The first personal field of payload whose value (non-empty, not erased) is also a value in metadata (a
+    map, searched through its maps and lists), or None: metadata is stored and published in the clear, and
+    ``forget`` cannot reach it."""
+    values = {v: f.name for f in fields if isinstance(v := getattr(payload, f.name), (str, bytes))
+              and v and not isinstance(v, (Erased, ErasedBytes))}
+    if not values:
+        return None
+    stack = [metadata]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple)):
+            stack += item
+        elif isinstance(item, (str, bytes)) and item in values:
+            return values[item]
+    return None
 
 
 def groups(fields: tuple[PersonalField, ...]) -> tuple[tuple[str, tuple[PersonalField, ...]], ...]:

@@ -174,3 +174,11 @@ async def test_writers_racing_for_a_new_subjects_key_agree_on_one(postgres_only,
     reader = EventStore(pool, schema=schema, registry=REG, keks=KEKS)
     assert [e.event for n in range(4) for e in await reader.load(f"customer-{n}")] == [registered()] * 4
     assert await pool.fetchval("SELECT count(*) FROM subject_keys") == 1
+
+
+async def test_metadata_holding_one_of_the_events_personal_values_is_refused(personal_store):
+    with pytest.raises(InvalidEvent, match="metadata holds the value of personal field 'email'"):
+        await personal_store.append("customer-1", [NewEvent(registered(), metadata={
+            "source": {"contact": ["ann@example.com"]}})], NO_STREAM)
+    assert await personal_store.stream_version("customer-1") == NO_STREAM
+    await personal_store.append("customer-1", [NewEvent(registered(), metadata={"source": "signup"})], NO_STREAM)

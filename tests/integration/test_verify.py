@@ -39,7 +39,7 @@ async def test_a_read_model_equal_to_the_replay_matches_and_exits_0(event_store,
     assert ran.code == 0, ran.err
     assert json.loads(ran.out) == {"projection": "order_summary", "events": 10, "ok": True, "tables": [
         {"table": "order_summary", "key": ["order_id"], "rows": 5, "replayed_rows": 5, "only_in_read_model": 0,
-         "only_in_replay": 0, "read_model_keys": [], "replay_keys": [], "truncated": False}]}
+         "only_in_replay": 0, "read_model_keys": [], "replay_keys": [], "truncated": False}], "forgotten": []}
     # The scratch schema is gone; the live state untouched.
     scratch = shadow_schema(schema, "order_summary", kind="vf")
     assert await pool.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", scratch) == 0

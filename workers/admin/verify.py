@@ -6,6 +6,11 @@ then each of its tables is compared with the live one as multisets of rows (``EX
 replay's columns by name). A row that differs in any column shows on both sides under its primary key. The
 scratch schema is dropped afterwards, whatever happens.
 
+A projection that declares personal columns (``Projection.personal``) is also checked for what a forget must
+have erased: no row of a forgotten subject (a tombstone in ``subject_keys``) may hold a non-empty value in a
+declared column (``Residue``). The replay alone shows it as a difference too (a forgotten subject's values
+replay as erased); this names the subjects and holds whatever the replay does.
+
 What it proves depends on what moved meanwhile: the replay reads the store as it is when it runs (in position
 order, not waiting for the ``read_all`` horizon), and the read model is compared after it. Run it with the
 writers and workers idle (lag 0): a row written in between shows as a difference.
@@ -17,7 +22,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from projections import registry
+from projections import erasure, registry
 from projections.base import Projection
 from projections.reactor import Reactor
 from store import db, names
@@ -83,20 +88,37 @@ class TableDiff:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Residue:
+    """A table with declared personal columns: its rows of forgotten subjects that still hold a value there,
+    and (up to ``limit`` of) those subjects, ordered."""
+
+    table: str
+    subject_column: str
+    columns: tuple[str, ...]
+    rows: int
+    subjects: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"table": self.table, "subject_column": self.subject_column, "columns": list(self.columns),
+                "rows": self.rows, "subjects": list(self.subjects)}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Verification:
-    """One projection: the events replayed and each of its tables compared."""
+    """One projection: the events replayed, each of its tables compared, its declared personal columns checked."""
 
     projection: str
     events: int
     tables: tuple[TableDiff, ...]
+    forgotten: tuple[Residue, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return all(t.mismatched == 0 for t in self.tables)
+        return all(t.mismatched == 0 for t in self.tables) and all(r.rows == 0 for r in self.forgotten)
 
     def to_json(self) -> dict[str, Any]:
         return {"projection": self.projection, "events": self.events, "ok": self.ok,
-                "tables": [t.to_json() for t in self.tables]}
+                "tables": [t.to_json() for t in self.tables], "forgotten": [r.to_json() for r in self.forgotten]}
 
 
 async def verify(pool: db.Pool, store: EventStore, projection: type[Projection], *, limit: int = LIMIT,
@@ -117,7 +139,20 @@ async def verify(pool: db.Pool, store: EventStore, projection: type[Projection],
     finally:
         async with db.translate_errors():
             await pool.execute(f"DROP SCHEMA IF EXISTS {_quote(scratch)} CASCADE")
-    return Verification(projection.name, events, tuple(tables))
+    residues = [await residue(pool, store.schema, table, subject_column, columns, limit)
+                for table, (subject_column, columns) in projection.personal.items()]
+    return Verification(projection.name, events, tuple(tables), tuple(residues))
+
+
+async def residue(pool: db.Pool, schema: str, table: str, subject_column: str, columns: tuple[str, ...],
+                  limit: int = LIMIT) -> Residue:
+    """The rows of ``schema.table`` of forgotten subjects holding a value in a declared personal column."""
+    found = erasure.residue_sql(schema, table, subject_column, columns)
+    async with db.translate_errors():
+        rows: int = await pool.fetchval(f"SELECT count(*) FROM ({found}) AS r")
+        subjects = [r["subject"] for r in await pool.fetch(
+            f"SELECT DISTINCT subject FROM ({found}) AS r ORDER BY subject LIMIT $1", limit)] if rows else []
+    return Residue(table, subject_column, columns, rows, tuple(subjects))
 
 
 async def verify_all(pool: db.Pool, store: EventStore, projections: Iterable[type[Projection]] | None = None, *,

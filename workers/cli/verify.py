@@ -46,6 +46,12 @@ def render(result: Verification) -> str:
                      f"{t.mismatched:,} rows differ")
         lines += _side("read model", t, t.only_in_read_model, t.read_model_keys)
         lines += _side("replay", t, t.only_in_replay, t.replay_keys)
+    for r in result.forgotten:
+        if r.rows == 0:
+            lines.append(f"  {r.table}: personal columns of forgotten subjects erased")
+            continue
+        lines.append(f"  {r.table}: {r.rows:,} row{'' if r.rows == 1 else 's'} of forgotten subjects hold personal values "
+                     f"({', '.join(r.columns)}): subjects {', '.join(r.subjects)}")
     lines.append("result: OK" if result.ok else "result: MISMATCH")
     return "\n".join(lines)
 

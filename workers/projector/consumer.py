@@ -96,7 +96,9 @@ class DecodeCache:
     256 bodies of a megabyte would not fit a pod. Bodies over ``max_message_bytes`` are refused as malformed: a
     worker takes what the broker can deliver (EVENTFLEET_BROKER_MAX_MESSAGE_BYTES), so a message published under
     larger limits than today's (events stored before EVENTFLEET_MAX_PAYLOAD_BYTES was lowered) is still applied,
-    not dead-lettered with the events it carries."""
+    not dead-lettered with the events it carries. A batch holding personal fields is never kept: its values in
+    the clear would outlive a ``forget`` (each consumer decodes it with the store's keys, whose cache the
+    reference bounds by ``key_cache_seconds``)."""
 
     def __init__(self, max_bytes: int = 16 * 1024 * 1024, *, max_message_bytes: int = broker.MAX_MESSAGE_BYTES
                  ) -> None:
@@ -114,7 +116,7 @@ class DecodeCache:
         batch = self._batches.get(body)
         if batch is None:
             batch = broker.from_batch_body(body, registry, max_bytes=self.max_message_bytes)
-            if len(body) > self.largest:
+            if len(body) > self.largest or any(registry.personal(type(e.event)) for e in batch.events):
                 return batch
             self._batches[body] = batch
             self.bytes += len(body)
@@ -201,6 +203,9 @@ class Consumer:
             decoded: broker.Batch | errors.MalformedMessage = self.cache.decode(body, self.store.registry)
         except errors.MalformedMessage as exc:
             decoded = exc
+        for event in () if isinstance(decoded, errors.MalformedMessage) else decoded.events:
+            if isinstance(event.event, codec.SubjectForgotten):  # a forget: this process drops the key at once
+                self.store.keys.forgotten(event.event.subject)
         return Delivery(tag, body, message_id, decoded)
 
     def _sort(self, deliveries: Sequence[Delivery]) -> tuple[list[RecordedEvent], list[Delivery]]:

@@ -33,6 +33,8 @@ import asyncpg
 from projections.base import Projection
 from store import db, sqlstates
 from store import errors as store_errors
+from store.codec import personal
+from store.codec.personal import SubjectForgotten
 from store.records import RecordedEvent, Undecodable
 from workers import errors
 
@@ -47,9 +49,14 @@ class Failure:
 
     @classmethod
     def of(cls, exc: BaseException, attempts: int) -> Failure:
+        """The failure of exc; the personal values of its event redacted (a handler's message may quote them)."""
         cause = exc.__cause__ if isinstance(exc, errors.HandlerFailed) and exc.__cause__ else exc
+        event = exc.event if isinstance(exc, errors.HandlerFailed) and exc.event is not None else None
         text = "".join(traceback.format_exception(cause))
-        return cls(f"{type(cause).__name__}: {cause}", text, attempts)
+        error = f"{type(cause).__name__}: {cause}"
+        if event is not None:
+            text, error = personal.redact(text, event.event), personal.redact(error, event.event)
+        return cls(error, text, attempts)
 
 
 #: Driver errors that mean the connection failed under the handler (a reset socket surfaces as asyncpg's
@@ -124,16 +131,24 @@ async def apply_each(conn: db.Conn, projection: Projection, events: Sequence[Rec
 
 async def apply_set(conn: db.Conn, projection: Projection, events: Sequence[RecordedEvent]) -> None:
     """Apply events with the projection's ``apply_batch``; a failure raises ``HandlerFailed`` with no event
-    (the caller re-runs them one at a time to find it) or ``TransientError``."""
+    (the caller re-runs them one at a time to find it) or ``TransientError``. ``SubjectForgotten`` events
+    never reach ``apply_batch`` (a set-based fast path written for its domain's events would drop them): they
+    go through ``apply`` after it, each alone in its own stream, so the order among streams changes nothing."""
     if any(isinstance(e.event, Undecodable) for e in events):
         for event in events:
             if isinstance(event.event, Undecodable) and not passes_by(projection, event):
                 raise errors.HandlerFailed(projection.name, event, event.event.error) from event.event.error
         events = [e for e in events if not isinstance(e.event, Undecodable)]
+    forgotten = [e for e in events if isinstance(e.event, SubjectForgotten)]
+    if forgotten:
+        events = [e for e in events if not isinstance(e.event, SubjectForgotten)]
     try:
-        await projection.apply_batch(conn, events)
+        if events or not forgotten:
+            await projection.apply_batch(conn, events)
     except Exception as exc:  # noqa: BLE001 - a handler's own error, whatever its type, is poison
         raise_for(projection, None, exc, conn)
+    for event in forgotten:
+        await apply_one(conn, projection, event)
 
 
 async def apply(conn: db.Conn, projection: Projection, events: Sequence[RecordedEvent], *,

@@ -22,6 +22,7 @@ from projections import registry
 from projections.base import Projection
 from projections.reactor import Reactor
 from store import correlation_ids, db
+from store.codec import personal
 from store.event_store import EventStore, RecordedEvent
 from store.queries import load
 from workers import broker, errors, locks
@@ -88,7 +89,8 @@ async def _settle_stream(store: EventStore, projection: Projection, events: list
             park[(event.stream_id, event.version)] = Failure.of(failed, attempts)
             logger.warning("parking poison event", extra={
                 "projection": projection.name, "stream_id": event.stream_id, "version": event.version,
-                "event_type": event.event_type, "policy": projection.policy, "error": str(failed.__cause__),
+                "event_type": event.event_type, "policy": projection.policy,
+                "error": personal.redact(str(failed.__cause__), event.event),
                 **correlation_ids.of(event.metadata)})
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
