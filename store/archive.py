@@ -86,7 +86,9 @@ async def archive(store: EventStore, stream_id: str, *, archived_by: str, reason
             raise errors.AlreadyArchived(stream_id)
         if await conn.fetchval(sql["unpublished_events"], stream_id):
             raise errors.UnpublishedEvents(stream_id)
-        entry = ArchiveEntry(**dict(await conn.fetchrow(sql["log_archive"], stream_id, archived_by, reason)))
+        row = await conn.fetchrow(sql["log_archive"], stream_id, archived_by, reason)
+        assert row is not None  # a closed stream holds its StreamClosed at least, until archived
+        entry = ArchiveEntry(**dict(row))
         moved = await conn.fetchval(sql["move_to_archive"], stream_id, entry.archive_id)
         assert moved == entry.events, (moved, entry.events)  # the stream is closed and its row locked
         await conn.execute(sql["drop_snapshot"], stream_id)
