@@ -51,6 +51,38 @@ class ArchiveEntry:
     last_version: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ArchivePreview:
+    """What archiving a stream would do now: ``refusal`` is the error it would raise (None: it would move
+    ``events`` events)."""
+
+    stream_id: str
+    closed: bool
+    archived: bool
+    events: int
+    unpublished: int
+
+    @property
+    def refusal(self) -> errors.ArchiveRefused | None:
+        """The error ``archive`` would raise now, or None."""
+        if self.archived:
+            return errors.AlreadyArchived(self.stream_id)
+        if not self.closed:
+            return errors.StreamNotClosed(self.stream_id)
+        if self.unpublished:
+            return errors.UnpublishedEvents(self.stream_id)
+        return None
+
+
+async def preview(store: EventStore, stream_id: str) -> ArchivePreview:
+    """What ``archive`` would do with the stream now (nothing is changed or locked)."""
+    sql = queries.bind(TEMPLATES, store.schema)
+    async with store.hot.use() as conn:
+        row = await conn.fetchrow(sql["archive_preview"], names.stream_id(stream_id))
+    assert row is not None
+    return ArchivePreview(stream_id, row["closed"], row["archived"], row["events"], row["unpublished"])
+
+
 async def close(store: EventStore, stream_id: str, *, reason: str = "") -> int:
     """Close a stream: append ``StreamClosed(reason)`` at its end and mark it closed, in one transaction;
     the event's version. ``StreamNotFound`` for a stream without events, ``StreamClosed`` if it is closed,

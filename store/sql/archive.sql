@@ -58,3 +58,13 @@ SELECT global_position, event_id, stream_id, version, event_type, data, metadata
 FROM {schema}.events_archive
 WHERE stream_id = $1
 ORDER BY version;
+
+-- name: archive_preview
+-- What archiving the stream would do now: whether it is closed, archived, how many events it holds and how
+-- many of them wait in the outbox (`eventfleet archive` without --yes).
+SELECT EXISTS (SELECT 1 FROM {schema}.closed_streams WHERE stream_id = $1) AS closed,
+       EXISTS (SELECT 1 FROM {schema}.archive_log WHERE stream_id = $1) AS archived,
+       (SELECT count(*) FROM {schema}.events WHERE stream_id = $1) AS events,
+       (SELECT count(*) FROM {schema}.outbox AS o
+        JOIN {schema}.events AS e ON e.global_position = o.global_position
+        WHERE e.stream_id = $1) AS unpublished;

@@ -251,3 +251,44 @@ async def test_a_projection_handling_stream_archived_equals_its_rebuild_after_ar
     live = await orders_rows(pool)
     await rebuild.rebuild(pool, event_store, _Orders)
     assert live == await orders_rows(pool) == {"order-o0": 1}
+
+
+# --- the command line ------------------------------------------------------------------------------------
+
+
+async def test_close_stream_and_archive_yes_by_the_command_line(pool, event_store, schema, run_cli):
+    await event_store.append("order-o1", [placed("o1", "c1")], NO_STREAM)
+    ran = await run_cli("close-stream", "order-o1", "--reason", "delivered", schema=schema, prefix="t_unused")
+    assert (ran.code, ran.out) == (0, "stream order-o1: closed at version 1\n")
+    await publish(pool)
+    ran = await run_cli("archive", "order-o1", "--reason", "retention", "--by", "ops", "--yes", schema=schema,
+                        prefix="t_unused")
+    entry = await archive.archived(event_store, "order-o1")
+    assert entry is not None
+    assert (ran.code, ran.out) == (0, f"stream order-o1: archived 2 event(s) (versions 0-1, positions "
+                                      f"{entry.first_position}-{entry.last_position}) as archive "
+                                      f"{entry.archive_id}, by ops\n")
+    assert (entry.archived_by, entry.reason) == ("ops", "retention")
+
+
+async def test_archive_without_yes_says_what_it_would_do_and_changes_nothing(pool, event_store, schema, run_cli):
+    await event_store.append("order-o1", [placed("o1", "c1")], NO_STREAM)
+    ran = await run_cli("archive", "order-o1", "--reason", "retention", schema=schema, prefix="t_unused")
+    assert (ran.code, ran.err) == (2, "eventfleet archive: refusing without --yes; stream order-o1: refused: "
+                                      "stream 'order-o1' cannot be archived: only a closed stream is archived: "
+                                      "close it first (eventfleet close-stream)\n")
+    await archive.close(event_store, "order-o1")
+    await publish(pool)
+    ran = await run_cli("archive", "order-o1", "--reason", "retention", schema=schema, prefix="t_unused")
+    assert (ran.code, ran.err) == (2, "eventfleet archive: refusing without --yes; stream order-o1: would move 2 "
+                                      "event(s) to events_archive and append StreamArchived to "
+                                      "archived-order-o1\n")
+    assert await pool.fetchval("SELECT count(*) FROM events WHERE stream_id = 'order-o1'") == 2
+
+
+async def test_an_append_to_a_closed_stream_fails_the_command_line_with_its_reason(event_store, schema, run_cli):
+    await event_store.append("order-o1", [placed("o1", "c1")], NO_STREAM)
+    await archive.close(event_store, "order-o1")
+    ran = await run_cli("close-stream", "order-o1", schema=schema, prefix="t_unused")
+    assert (ran.code, ran.err) == (1, "eventfleet close-stream: stream 'order-o1' is closed: it takes no more "
+                                      "events\n")
