@@ -1,7 +1,7 @@
 """Closing and archiving streams: the end of a stream's life in the live table (migration 0013).
 
 ``close`` appends ``StreamClosed`` and marks the stream closed, in one transaction: from then on every insert
-into it fails (``errors.StreamClosed``), by the events trigger, whichever path appends. ``archive`` moves a
+into it fails (``errors.StreamIsClosed``), by the events trigger, whichever path appends. ``archive`` moves a
 closed stream's events to ``events_archive`` in one transaction, audited: it writes the ``archive_log`` row
 (who, why, how many, which positions) first, and the events trigger lets the stream's rows be deleted only
 in the transaction holding that row. It appends ``StreamArchived`` to ``archived-<stream_id>`` in the same
@@ -85,7 +85,7 @@ async def preview(store: EventStore, stream_id: str) -> ArchivePreview:
 
 async def close(store: EventStore, stream_id: str, *, reason: str = "") -> int:
     """Close a stream: append ``StreamClosed(reason)`` at its end and mark it closed, in one transaction;
-    the event's version. ``StreamNotFound`` for a stream without events, ``StreamClosed`` if it is closed,
+    the event's version. ``StreamNotFound`` for a stream without events, ``StreamIsClosed`` if it is closed,
     ``VersionConflict`` if a writer appended meanwhile (call again)."""
     names.stream_id(stream_id)
     sql = queries.bind(TEMPLATES, store.schema)

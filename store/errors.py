@@ -74,7 +74,7 @@ class VersionConflict(StoreError):
         self.actual = actual
 
 
-class StreamClosed(StoreError):
+class StreamIsClosed(StoreError):
     """The stream is closed: it takes no more events (store/archive.py)."""
 
     def __init__(self, stream_id: str) -> None:

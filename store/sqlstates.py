@@ -84,5 +84,5 @@ def classify(exc: BaseException) -> Condition | None:
     return CONDITIONS.get(sqlstate) or CONDITIONS.get(sqlstate[:2])
 
 
-#: Raised by the events trigger on an insert into a closed stream (migration 0013): ``errors.StreamClosed``.
+#: Raised by the events trigger on an insert into a closed stream (migration 0013): ``errors.StreamIsClosed``.
 STREAM_CLOSED = "EF001"

@@ -9,7 +9,7 @@ import dataclasses
 @dataclasses.dataclass(frozen=True, slots=True)
 class StreamClosed:
     """The last event of a closed stream (``store.archive.close``): appends to the stream fail from then on
-    (``errors.StreamClosed``). ``reason``: why, as the closer gave it."""
+    (``errors.StreamIsClosed``). ``reason``: why, as the closer gave it."""
 
     reason: str
 

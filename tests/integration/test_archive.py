@@ -73,10 +73,10 @@ async def test_closing_appends_stream_closed_at_the_streams_end(event_store):
     assert (last.version, last.event) == (2, StreamClosed("delivered"))
 
 
-async def test_an_append_to_a_closed_stream_is_refused_with_stream_closed(event_store):
+async def test_an_append_to_a_closed_stream_is_refused_with_stream_is_closed(event_store):
     await event_store.append("order-o1", [placed("o1", "c1")], NO_STREAM)
     await archive.close(event_store, "order-o1")
-    with pytest.raises(errors.StreamClosed) as raised:
+    with pytest.raises(errors.StreamIsClosed) as raised:
         await event_store.append("order-o1", [paid("o1", "c1")], 1)
     assert raised.value.stream_id == "order-o1"
     assert await event_store.stream_version("order-o1") == 1
@@ -85,16 +85,16 @@ async def test_an_append_to_a_closed_stream_is_refused_with_stream_closed(event_
 async def test_an_append_batch_touching_a_closed_stream_writes_nothing(event_store):
     await event_store.append("order-o1", [placed("o1", "c1")], NO_STREAM)
     await archive.close(event_store, "order-o1")
-    with pytest.raises(errors.StreamClosed):
+    with pytest.raises(errors.StreamIsClosed):
         await event_store.append_batch([("order-o2", [placed("o2", "c2")], NO_STREAM),
                                         ("order-o1", [paid("o1", "c1")], 1)])
     assert await event_store.stream_version("order-o2") == NO_STREAM
 
 
-async def test_closing_a_closed_stream_is_refused_with_stream_closed(event_store):
+async def test_closing_a_closed_stream_is_refused_with_stream_is_closed(event_store):
     await event_store.append("order-o1", [placed("o1", "c1")], NO_STREAM)
     await archive.close(event_store, "order-o1")
-    with pytest.raises(errors.StreamClosed):
+    with pytest.raises(errors.StreamIsClosed):
         await archive.close(event_store, "order-o1")
 
 
@@ -140,7 +140,7 @@ async def test_an_archived_stream_keeps_its_version_and_refuses_appends(event_st
     assert await event_store.stream_version(stream_id) == 3
     assert await event_store.load(stream_id) == []
     for expected in (3, NO_STREAM):
-        with pytest.raises(errors.StreamClosed):
+        with pytest.raises(errors.StreamIsClosed):
             await event_store.append(stream_id, [paid("o1", "c1")], expected)
 
 
@@ -265,24 +265,24 @@ async def test_close_stream_and_archive_yes_by_the_command_line(pool, event_stor
                         prefix="t_unused")
     entry = await archive.archived(event_store, "order-o1")
     assert entry is not None
-    assert (ran.code, ran.out) == (0, f"stream order-o1: archived 2 event(s) (versions 0-1, positions "
+    assert (ran.code, ran.out) == (0, (f"stream order-o1: archived 2 event(s) (versions 0-1, positions "
                                       f"{entry.first_position}-{entry.last_position}) as archive "
-                                      f"{entry.archive_id}, by ops\n")
+                                      f"{entry.archive_id}, by ops\n"))
     assert (entry.archived_by, entry.reason) == ("ops", "retention")
 
 
 async def test_archive_without_yes_says_what_it_would_do_and_changes_nothing(pool, event_store, schema, run_cli):
     await event_store.append("order-o1", [placed("o1", "c1")], NO_STREAM)
     ran = await run_cli("archive", "order-o1", "--reason", "retention", schema=schema, prefix="t_unused")
-    assert (ran.code, ran.err) == (2, "eventfleet archive: refusing without --yes; stream order-o1: refused: "
+    assert (ran.code, ran.err) == (2, ("eventfleet archive: refusing without --yes; stream order-o1: refused: "
                                       "stream 'order-o1' cannot be archived: only a closed stream is archived: "
-                                      "close it first (eventfleet close-stream)\n")
+                                      "close it first (eventfleet close-stream)\n"))
     await archive.close(event_store, "order-o1")
     await publish(pool)
     ran = await run_cli("archive", "order-o1", "--reason", "retention", schema=schema, prefix="t_unused")
-    assert (ran.code, ran.err) == (2, "eventfleet archive: refusing without --yes; stream order-o1: would move 2 "
+    assert (ran.code, ran.err) == (2, ("eventfleet archive: refusing without --yes; stream order-o1: would move 2 "
                                       "event(s) to events_archive and append StreamArchived to "
-                                      "archived-order-o1\n")
+                                      "archived-order-o1\n"))
     assert await pool.fetchval("SELECT count(*) FROM events WHERE stream_id = 'order-o1'") == 2
 
 
@@ -290,5 +290,5 @@ async def test_an_append_to_a_closed_stream_fails_the_command_line_with_its_reas
     await event_store.append("order-o1", [placed("o1", "c1")], NO_STREAM)
     await archive.close(event_store, "order-o1")
     ran = await run_cli("close-stream", "order-o1", schema=schema, prefix="t_unused")
-    assert (ran.code, ran.err) == (1, "eventfleet close-stream: stream 'order-o1' is closed: it takes no more "
-                                      "events\n")
+    assert (ran.code, ran.err) == (1, ("eventfleet close-stream: stream 'order-o1' is closed: it takes no more "
+                                      "events\n"))

@@ -1,5 +1,5 @@
 -- Closing and archiving streams (store/archive.py). A closed stream takes no more events: its last event is
--- StreamClosed, and a row here makes every later insert into it fail (SQLSTATE EF001, errors.StreamClosed),
+-- StreamClosed, and a row here makes every later insert into it fail (SQLSTATE EF001, errors.StreamIsClosed),
 -- whichever path appends. Archiving a closed stream moves its events to events_archive in one transaction
 -- that first writes its archive_log row; the events trigger lets a DELETE through only in that transaction.
 -- The closed_streams row stays for good: it is the stream's tombstone (its end, so stream_version still
