@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from store import db, errors, names, queries
@@ -61,6 +62,7 @@ class ArchivePreview:
     archived: bool
     events: int
     unpublished: int
+    halting: tuple[str, ...] = ()
 
     @property
     def refusal(self) -> errors.ArchiveRefused | None:
@@ -71,6 +73,8 @@ class ArchivePreview:
             return errors.StreamNotClosed(self.stream_id)
         if self.unpublished:
             return errors.UnpublishedEvents(self.stream_id)
+        if self.halting:
+            return _halted(self.stream_id, self.halting)
         return None
 
 
@@ -80,7 +84,12 @@ async def preview(store: EventStore, stream_id: str) -> ArchivePreview:
     async with store.hot.use() as conn:
         row = await conn.fetchrow(sql["archive_preview"], names.stream_id(stream_id))
     assert row is not None
-    return ArchivePreview(stream_id, row["closed"], row["archived"], row["events"], row["unpublished"])
+    return ArchivePreview(stream_id, row["closed"], row["archived"], row["events"], row["unpublished"],
+                          tuple(row["halting"]))
+
+
+def _halted(stream_id: str, projections: Sequence[str]) -> errors.HaltedStream:
+    return errors.HaltedStream(stream_id, f"{errors.HaltedStream.__doc__}; halted by {', '.join(projections)}")
 
 
 async def close(store: EventStore, stream_id: str, *, reason: str = "") -> int:
@@ -105,7 +114,8 @@ async def archive(store: EventStore, stream_id: str, *, archived_by: str, reason
     row and ``StreamArchived`` in ``archived-<stream_id>``, in one transaction; the log row.
 
     Refused (``ArchiveRefused``, nothing changed): ``StreamNotClosed``, ``AlreadyArchived``, or
-    ``UnpublishedEvents`` while the outbox still holds any of its events."""
+    ``UnpublishedEvents`` while the outbox still holds any of its events, ``HaltedStream`` while a projection
+    holds it halted at a parked dead letter."""
     names.stream_id(stream_id)
     tombstone_stream = names.stream_id(closing.archived_stream(stream_id))
     if not archived_by or not reason:
@@ -118,6 +128,9 @@ async def archive(store: EventStore, stream_id: str, *, archived_by: str, reason
             raise errors.AlreadyArchived(stream_id)
         if await conn.fetchval(sql["unpublished_events"], stream_id):
             raise errors.UnpublishedEvents(stream_id)
+        halting = [r["projection"] for r in await conn.fetch(sql["halting_projections"], stream_id)]
+        if halting:
+            raise _halted(stream_id, halting)
         row = await conn.fetchrow(sql["log_archive"], stream_id, archived_by, reason)
         assert row is not None  # a closed stream holds its StreamClosed at least, until archived
         entry = ArchiveEntry(**dict(row))

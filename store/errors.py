@@ -98,6 +98,10 @@ class AlreadyArchived(ArchiveRefused):
     """it was archived before"""
 
 
+class HaltedStream(ArchiveRefused):
+    """a projection holds it halted at a parked dead letter: retry or skip that first (eventfleet dead-letters)"""
+
+
 class UnpublishedEvents(ArchiveRefused):
     """the relay has not published all its events yet: archive it once the outbox holds none of them"""
 

@@ -21,6 +21,10 @@ SELECT count(*) FROM {schema}.outbox AS o
 JOIN {schema}.events AS e ON e.global_position = o.global_position
 WHERE e.stream_id = $1;
 
+-- name: halting_projections
+-- The projections holding the stream halted at a parked event (their dead letter would find nothing to re-drive).
+SELECT projection FROM {schema}.checkpoints WHERE stream_id = $1 AND halted_version IS NOT NULL ORDER BY projection;
+
 -- name: log_archive
 -- Write the archival's audit row: who ($2), why ($3) and what the stream holds now. Its transaction id is
 -- what lets the events trigger delete the stream's events in this transaction, and in no other.
@@ -60,11 +64,13 @@ WHERE stream_id = $1
 ORDER BY version;
 
 -- name: archive_preview
--- What archiving the stream would do now: whether it is closed, archived, how many events it holds and how
--- many of them wait in the outbox (`eventfleet archive` without --yes).
+-- What archiving the stream would do now: whether it is closed, archived, how many events it holds, how many
+-- of them wait in the outbox and which projections hold it halted (`eventfleet archive` without --yes).
 SELECT EXISTS (SELECT 1 FROM {schema}.closed_streams WHERE stream_id = $1) AS closed,
        EXISTS (SELECT 1 FROM {schema}.archive_log WHERE stream_id = $1) AS archived,
        (SELECT count(*) FROM {schema}.events WHERE stream_id = $1) AS events,
        (SELECT count(*) FROM {schema}.outbox AS o
         JOIN {schema}.events AS e ON e.global_position = o.global_position
-        WHERE e.stream_id = $1) AS unpublished;
+        WHERE e.stream_id = $1) AS unpublished,
+       ARRAY(SELECT projection FROM {schema}.checkpoints
+             WHERE stream_id = $1 AND halted_version IS NOT NULL ORDER BY projection) AS halting;

@@ -175,6 +175,17 @@ async def test_a_stream_whose_events_wait_in_the_outbox_is_not_archived(pool, ev
     assert await pool.fetchval("SELECT count(*) FROM archive_log") == 0
 
 
+async def test_a_stream_a_projection_holds_halted_at_a_dead_letter_is_not_archived(pool, event_store):
+    stream_id = await closed_order(event_store)
+    await pool.execute("INSERT INTO checkpoints (projection, stream_id, version, halted_version) "
+                       "VALUES ('order_summary', $1, 0, 1)", stream_id)
+    with pytest.raises(errors.HaltedStream) as raised:
+        await archive_it(event_store, stream_id)
+    assert str(raised.value).endswith("halted by order_summary")
+    assert (await archive.preview(event_store, stream_id)).halting == ("order_summary",)
+    assert await pool.fetchval("SELECT count(*) FROM events WHERE stream_id = $1", stream_id) == 4
+
+
 async def test_a_closed_streams_events_cannot_be_deleted_outside_an_archival(pool, event_store):
     stream_id = await closed_order(event_store)
     with pytest.raises(asyncpg.RestrictViolationError):
