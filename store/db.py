@@ -86,6 +86,8 @@ class _Translate:
         if is_transient(exc):
             raise transient_error(exc) from exc
         if isinstance(exc, asyncpg.PostgresError):
+            if getattr(exc, "sqlstate", None) == sqlstates.STREAM_CLOSED:
+                raise errors.StreamIsClosed(str(getattr(exc, "detail", "") or "")) from exc
             raise errors.StoreError(f"{type(exc).__name__}: {exc}") from exc
 
     async def __aenter__(self) -> None:

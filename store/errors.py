@@ -74,6 +74,38 @@ class VersionConflict(StoreError):
         self.actual = actual
 
 
+class StreamIsClosed(StoreError):
+    """The stream is closed: it takes no more events (store/archive.py)."""
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(f"stream {stream_id!r} is closed: it takes no more events")
+        self.stream_id = stream_id
+
+
+class ArchiveRefused(StoreError):
+    """The stream cannot be archived now (store/archive.py); nothing was changed."""
+
+    def __init__(self, stream_id: str, why: str | None = None) -> None:
+        super().__init__(f"stream {stream_id!r} cannot be archived: {why or self.__doc__}")
+        self.stream_id = stream_id
+
+
+class StreamNotClosed(ArchiveRefused):
+    """only a closed stream is archived: close it first (eventfleet close-stream)"""
+
+
+class AlreadyArchived(ArchiveRefused):
+    """it was archived before"""
+
+
+class HaltedStream(ArchiveRefused):
+    """a projection holds it halted at a parked dead letter: retry or skip that first (eventfleet dead-letters)"""
+
+
+class UnpublishedEvents(ArchiveRefused):
+    """the relay has not published all its events yet: archive it once the outbox holds none of them"""
+
+
 class GapNotInStore(StoreError):
     """A delivery names versions whose predecessors the store does not hold (a message from another store, or
     from events an async failover lost): nothing can fill the gap before them."""

@@ -215,6 +215,9 @@ class EventStore(Encoding):
             raise errors.DuplicateEventId(f"an event id of this append to {stream_id!r} exists elsewhere") from exc
         if actual is None:
             actual = await self.stream_version(stream_id, conn=conn)
+        async with self.hot.use(conn) as c:  # a closed stream refuses any version (archived: its events gone)
+            if await c.fetchval(self.queries["stream_closed"], stream_id):
+                raise errors.StreamIsClosed(stream_id) from exc
         raise errors.VersionConflict(stream_id, expected, actual) from exc
 
     async def _batch_after_rejection(self, batch: Sequence[tuple[str, Sequence[Any], int]],

@@ -82,3 +82,7 @@ def classify(exc: BaseException) -> Condition | None:
     if not isinstance(sqlstate, str) or len(sqlstate) != 5:
         return None
     return CONDITIONS.get(sqlstate) or CONDITIONS.get(sqlstate[:2])
+
+
+#: Raised by the events trigger on an insert into a closed stream (migration 0013): ``errors.StreamIsClosed``.
+STREAM_CLOSED = "EF001"

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from store import errors
-from store.codec import personal
+from store.codec import closing, personal
 from store.codec.builders import build
 from store.codec.checking import _check_slowly, check
 from store.codec.cipher import Cipher, Sealed, event_aad, sealed_subjects, snapshot_aad
@@ -41,7 +41,8 @@ class Registry:
 
     ``cipher`` seals and opens personal fields (store/codec/cipher.py): None in a registry as made; a store
     encodes and decodes with ``with_cipher(...)``, a view of the same classes with its subjects' keys.
-    Every registry knows the library's own events (``SubjectForgotten``)."""
+    Every registry knows the library's own events (``SubjectForgotten``, ``StreamClosed``,
+    ``StreamArchived``)."""
 
     def __init__(self) -> None:
         self._by_type: dict[type[Any], _Registered] = {}
@@ -50,6 +51,8 @@ class Registry:
         self._plans: dict[str, tuple[str, int, _Registered]] = {}  # by event type; see _plan
         self.cipher: Cipher | None = None
         self.event("SubjectForgotten")(personal.SubjectForgotten)
+        self.event("StreamClosed")(closing.StreamClosed)
+        self.event("StreamArchived")(closing.StreamArchived)
 
     def with_cipher(self, cipher: Cipher) -> Registry:
         """This registry (the same classes and upcasters, registered before or after) sealing and opening

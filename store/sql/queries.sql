@@ -93,8 +93,15 @@ SELECT array_agg(global_position ORDER BY global_position) FROM inserted;
 SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '');
 
 -- name: stream_version
--- The stream's current version, -1 when it has no events.
-SELECT coalesce(max(version), -1) FROM {schema}.events WHERE stream_id = $1;
+-- The stream's current version, -1 when it has no events. An archived stream's events are gone: its
+-- closed_streams row (its tombstone, read only then: coalesce stops at the first non-NULL) keeps its end.
+SELECT coalesce(max(version),
+                (SELECT c.version FROM {schema}.closed_streams AS c WHERE c.stream_id = $1), -1)
+FROM {schema}.events WHERE stream_id = $1;
+
+-- name: stream_closed
+-- Whether the stream is closed (store/archive.py).
+SELECT EXISTS (SELECT 1 FROM {schema}.closed_streams WHERE stream_id = $1);
 
 -- name: stream_version_at
 -- The stream's version as of a time: its last event recorded at or before $2, -1 when there is none.

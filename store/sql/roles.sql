@@ -6,7 +6,8 @@
 -- it has the worker's rights (the read models' too, regranted after a rebuild) and the reactor's own.
 -- Not granted on purpose: USAGE on the identity sequences (an identity column needs only INSERT on
 -- its table), CREATE on the schema (migrate and rebuild run as the owner), anything on
--- schema_migrations. UPDATE, DELETE and TRUNCATE on events are refused to everyone by its triggers.
+-- schema_migrations; archive_log and events_archive (archiving is the owner's command). UPDATE, DELETE and
+-- TRUNCATE on events are refused to everyone by its triggers (DELETE but in an archival's transaction).
 
 -- name: lock
 -- The migrate lock of the schema: roles are granted after, never during, a migration.
@@ -22,12 +23,14 @@ CREATE ROLE {role} NOLOGIN;
 
 -- name: grant_writer
 -- Appends events with their outbox rows, reads streams, keeps snapshots, creates and forgets subject keys.
+-- closed_streams: the events trigger refusing appends to a closed stream reads it with the appender's rights.
 GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT, INSERT ON TABLE {schema}.events TO {role};
 GRANT INSERT ON TABLE {schema}.outbox TO {role};
 GRANT SELECT, INSERT, UPDATE ON TABLE {schema}.snapshots TO {role};
 GRANT SELECT ON TABLE {schema}.partitioning TO {role};
 GRANT SELECT, INSERT, UPDATE ON TABLE {schema}.subject_keys TO {role};
+GRANT SELECT ON TABLE {schema}.closed_streams TO {role};
 
 -- name: grant_relay
 -- Reads the outbox and its events, deletes published rows. Claiming rows FOR UPDATE SKIP LOCKED needs
@@ -39,9 +42,10 @@ GRANT SELECT ON TABLE {schema}.events TO {role};
 GRANT SELECT ON TABLE {schema}.partitioning TO {role};
 
 -- name: grant_worker
--- Reads events, P and subject keys; writes checkpoints, projection status and dead letters, its registration and leases.
+-- Reads events, P, subject keys and closed streams (a reactor's follow-up passes the closed-stream trigger); writes checkpoints, projection status and dead letters, its registration and leases.
 GRANT USAGE ON SCHEMA {schema} TO {role};
-GRANT SELECT ON TABLE {schema}.events, {schema}.partitioning, {schema}.subject_keys TO {role};
+GRANT SELECT ON TABLE {schema}.events, {schema}.partitioning, {schema}.subject_keys, {schema}.closed_streams
+    TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {schema}.checkpoints, {schema}.projection_status,
     {schema}.dead_letters, {schema}.workers, {schema}.leases TO {role};
 

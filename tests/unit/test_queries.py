@@ -25,5 +25,5 @@ def test_stores_of_one_schema_share_one_set_of_statement_strings() -> None:
     assert first.queries is second.queries
     assert first.notifier._notify is first.queries["notify_outbox"]
     other = EventStore(NO_POOL, schema="shop_2")
-    assert other.queries["stream_version"] == (
-        'SELECT coalesce(max(version), -1) FROM "shop_2".events WHERE stream_id = $1;')
+    assert other.queries["stream_closed"] == (
+        'SELECT EXISTS (SELECT 1 FROM "shop_2".closed_streams WHERE stream_id = $1);')

@@ -37,6 +37,8 @@ _COMMANDS = {
     "verify": "workers.cli.verify:cmd_verify",
     "forget": "workers.cli.forget:cmd_forget",
     "rewrap-keys": "workers.cli.forget:cmd_rewrap_keys",
+    "close-stream": "workers.cli.archive:cmd_close_stream",
+    "archive": "workers.cli.archive:cmd_archive",
 }
 
 
@@ -117,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("subject", metavar="SUBJECT")
     add("rewrap-keys", "wrap every subject key with the newest key-encryption key (after adding one to "
         "EVENTFLEET_KEK)", modules=False)
+    close_stream = add("close-stream", "close a stream: append StreamClosed; appends to it fail from then on",
+                       modules=False)
+    close_stream.add_argument("stream", metavar="STREAM")
+    close_stream.add_argument("--reason", default="", metavar="TEXT", help="why, kept in the StreamClosed event")
+    archive = add("archive", "move a closed stream's events to events_archive, audited in archive_log, and "
+                  "append StreamArchived to archived-STREAM", modules=False)
+    archive.add_argument("stream", metavar="STREAM")
+    archive.add_argument("--reason", required=True, metavar="TEXT", help="why, kept in archive_log and the event")
+    archive.add_argument("--by", default=None, metavar="WHO",
+                         help="who archives, kept in archive_log (default: the OS user@host)")
+    archive.add_argument("--yes", action="store_true",
+                         help="really archive; without it, say what it would do and exit 2")
     return parser
 
 
