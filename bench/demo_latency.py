@@ -93,16 +93,17 @@ async def observe(settings: Settings, partitions: int, delivered: list[tuple[flo
     return connection
 
 
-async def settle(processes: fleet.Fleet, expected: float) -> float:
+async def settle(processes: fleet.Fleet, expected: float, subscribers: int) -> float:
+    """Until the workers hold every partition, dealt evenly (each subscriber's P split by at most one), the
+    same a second apart; the seconds it took."""
     began, previous = time.monotonic(), None
     while True:
-        held = 0.0
-        for w in processes.workers:
-            held += metrics.total((await processes.scrape(w) or {}).get(HELD))
-        if held == expected and previous == expected:
+        held = [metrics.total((await processes.scrape(w) or {}).get(HELD)) for w in processes.workers]
+        balanced = sum(held) == expected and max(held) - min(held) <= subscribers
+        if balanced and held == previous:
             return time.monotonic() - began
-        previous = held
-        await asyncio.sleep(1 if held == expected else 0.2)
+        previous = held if balanced else None
+        await asyncio.sleep(1 if balanced else 0.2)
 
 
 def pct(ordered: list[float], q: float) -> float:
@@ -130,7 +131,7 @@ async def run(args: argparse.Namespace) -> None:
         partitions = await pool.fetchval("SELECT partitions FROM partitioning")
         observer = await observe(settings, partitions, delivered)
         if args.settle:
-            waited = await settle(processes, partitions * len(subscribers))
+            waited = await settle(processes, partitions * len(subscribers), len(subscribers))
             print(f"settled in {waited:.1f}s")
         store = lifecycle.open_store(pool, settings)
 
