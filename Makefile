@@ -42,6 +42,7 @@ bench: services $(STAMP)
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.reactors
 	$(BIN)/python -m bench.rebuild
+	$(BIN)/python -m bench.fanout
 
 # make chaos: the fault-injection suite, longer than its CI run; figures go to CHAOS_REPORT (RELIABILITY.md).
 CHAOS_SECONDS ?= 60
