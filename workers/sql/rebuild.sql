@@ -75,6 +75,70 @@ FROM (
 WHERE running - bytes < $3
 ORDER BY global_position;
 
+-- name: read_all_of
+-- read_all of the events named $5 (any version: the name is event_type's part before ".v"), for a read model
+-- that handles a few types: per name the first $3 after the cursor along events_name_idx, merged in read_all
+-- order, so a batch costs the events read, not the store's; the byte budget $4 as in read_all.
+SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id,
+       running >= $4 AS reached
+FROM (
+    SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at,
+           transaction_id, octet_length(data) + octet_length(metadata) AS bytes,
+           sum(octet_length(data) + octet_length(metadata))
+               OVER (ORDER BY transaction_id, global_position ROWS UNBOUNDED PRECEDING) AS running
+    FROM (
+        SELECT e.* FROM unnest($5::text[]) AS n(name)
+        CROSS JOIN LATERAL (
+            SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at,
+                   transaction_id
+            FROM events
+            WHERE split_part(event_type, '.v', 1) = n.name
+              AND (transaction_id, global_position) > ($1::xid8, $2::bigint)
+              AND transaction_id < store_xmin()
+            ORDER BY transaction_id, global_position
+            LIMIT $3
+        ) AS e
+        ORDER BY transaction_id, global_position
+        LIMIT $3
+    ) AS named
+) AS r
+WHERE running - bytes < $4
+ORDER BY transaction_id, global_position;
+
+-- name: read_settled_of
+-- read_all_of without the horizon (a store nobody writes to any more: every event is committed, so the
+-- read_all order holds them all); at most $3 rows, the byte budget $4, the names $5.
+SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id,
+       running >= $4 AS reached
+FROM (
+    SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at,
+           transaction_id, octet_length(data) + octet_length(metadata) AS bytes,
+           sum(octet_length(data) + octet_length(metadata))
+               OVER (ORDER BY transaction_id, global_position ROWS UNBOUNDED PRECEDING) AS running
+    FROM (
+        SELECT e.* FROM unnest($5::text[]) AS n(name)
+        CROSS JOIN LATERAL (
+            SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at,
+                   transaction_id
+            FROM events
+            WHERE split_part(event_type, '.v', 1) = n.name
+              AND (transaction_id, global_position) > ($1::xid8, $2::bigint)
+            ORDER BY transaction_id, global_position
+            LIMIT $3
+        ) AS e
+        ORDER BY transaction_id, global_position
+        LIMIT $3
+    ) AS named
+) AS r
+WHERE running - bytes < $4
+ORDER BY transaction_id, global_position;
+
+-- name: count_after_of
+-- How many events named $3 lie after the cursor (for the progress line of a read model with few types).
+SELECT count(*) FROM events
+WHERE split_part(event_type, '.v', 1) = ANY($3::text[])
+  AND (transaction_id, global_position) > ($1::xid8, $2::bigint);
+
 -- name: count_after
 -- How many events lie after the cursor (for the progress line).
 SELECT count(*) FROM events WHERE (transaction_id, global_position) > ($1::xid8, $2::bigint);
@@ -129,6 +193,15 @@ SELECT l.stream_id, coalesce(s.version, -1) AS shadow_version, l.version AS live
 FROM checkpoints AS l
 LEFT JOIN rebuild_checkpoints AS s ON s.stream_id = l.stream_id
 WHERE l.projection = $1 AND l.version > coalesce(s.version, -1);
+
+-- name: reach_live_versions
+-- After the swap applied what the live workers were ahead in ($1 streams, $2 their live versions): the shadow
+-- has it all, so its checkpoints move up to the live ones (a read model with a few types read only those, and
+-- must not move a live checkpoint back over events it does not handle), unless the shadow halted the stream.
+INSERT INTO rebuild_checkpoints AS c (stream_id, version)
+SELECT * FROM unnest($1::text[], $2::bigint[])
+ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version
+    WHERE c.halted_version IS NULL AND c.version < EXCLUDED.version;
 
 -- name: table_grants
 -- The privileges granted on a table to roles other than its owner (grantee NULL: PUBLIC).
