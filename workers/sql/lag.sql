@@ -85,7 +85,7 @@ WITH mark AS (
         WHERE split_part(ev.event_type, '.v', 1) = n.name
           AND (ev.transaction_id, ev.global_position) > ((SELECT txid FROM mark), (SELECT pos FROM mark))
           AND ev.transaction_id < store_xmin()
-        ORDER BY split_part(ev.event_type, '.v', 1), ev.transaction_id, ev.global_position
+        ORDER BY ev.transaction_id, ev.global_position
         LIMIT $2
     ) AS e
     ORDER BY e.transaction_id, e.global_position

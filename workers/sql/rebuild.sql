@@ -78,10 +78,10 @@ ORDER BY global_position;
 -- name: read_all_of
 -- read_all of the events named $5 (any version: the name is event_type's part before ".v"), for a read model
 -- that handles a few types: per name the first $3 after the cursor along events_name_idx, merged in read_all
--- order, so a batch costs the events read, not the store's; the byte budget $4 as in read_all. Each name's
--- scan is ordered by the index's own columns (one name: the same order as read_all's): the planner cannot know
--- how rare a name from unnest is, and ordered by (transaction_id, global_position) alone it may walk the
--- commit-order index through the whole store filtering by name.
+-- order, so a batch decodes and applies the events it handles only; the byte budget $4 as in read_all. The
+-- planner does not know how rare a name from unnest is (it assumes 1/distinct names) and may walk the
+-- commit-order index instead, skipping the other names' rows in the index scan (about a microsecond each
+-- on a cached store; measured in BENCHMARKS.md "Type filter").
 SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id,
        running >= $4 AS reached
 FROM (
@@ -98,7 +98,7 @@ FROM (
             WHERE split_part(event_type, '.v', 1) = n.name
               AND (transaction_id, global_position) > ($1::xid8, $2::bigint)
               AND transaction_id < store_xmin()
-            ORDER BY split_part(event_type, '.v', 1), transaction_id, global_position
+            ORDER BY transaction_id, global_position
             LIMIT $3
         ) AS e
         ORDER BY transaction_id, global_position
@@ -126,7 +126,7 @@ FROM (
             FROM events
             WHERE split_part(event_type, '.v', 1) = n.name
               AND (transaction_id, global_position) > ($1::xid8, $2::bigint)
-            ORDER BY split_part(event_type, '.v', 1), transaction_id, global_position
+            ORDER BY transaction_id, global_position
             LIMIT $3
         ) AS e
         ORDER BY transaction_id, global_position
