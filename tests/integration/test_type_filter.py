@@ -12,7 +12,7 @@ import pytest
 
 from eventfleet.examples.orders.events import OrderShipped
 from projections.base import Projection, handles
-from store import EventStore, Position, db
+from store import EventStore, Position, db, migrate
 from store.event_store import RecordedEvent
 from tests.integration import test_catchup as catchup
 from tests.integration.test_catchup import busiest, consumer_of, of_partition, visible
@@ -194,3 +194,25 @@ async def test_a_catch_up_of_a_one_type_read_model_reads_only_its_events(pool, e
 
     assert types == ["OrderShipped.v1"] * len(mine)
     assert await shipment_rows(pool) == expected_rows(mine)
+
+
+async def test_migrate_builds_the_index_of_names_on_a_store_that_holds_events(pool, event_store, schema):
+    # A store migrated before the index existed (dropped here), with events; an interrupted concurrent build
+    # leaves an invalid index behind: simulated by marking it so.
+    await write_orders(event_store, 20, random.Random(11))
+    await pool.execute("DROP INDEX events_name_idx")
+    async with pool.acquire() as conn:
+        await migrate.migrate(conn, schema)
+        assert await index_valid(conn, schema) is True
+        await conn.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'events_name_idx'::regclass")
+        assert await index_valid(conn, schema) is False
+        await migrate.migrate(conn, schema)
+        assert await index_valid(conn, schema) is True
+
+
+async def index_valid(conn: db.Conn, schema: str) -> bool | None:
+    valid: bool | None = await conn.fetchval(
+        "SELECT i.indisvalid FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid"
+        " JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = 'events_name_idx'",
+        schema)
+    return valid
