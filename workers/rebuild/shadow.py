@@ -47,6 +47,9 @@ BATCH_SIZE = 5000
 _BOOKKEEPING = ("rebuild_checkpoints", "rebuild_cursor")
 _SWAP_ATTEMPTS = 5
 _FIRST_PAUSE = 0.05
+#: The longest pause between two looks at the horizon at the tail: a rebuild that reads a few types is done
+#: in a fraction of a second, and a pause of a second after the last old transaction ended would double it.
+_LAST_PAUSE = 0.2
 _SWAP_LOCK_TIMEOUT: LiteralString = "SET LOCAL lock_timeout = '5s'"
 
 State = Literal["rebuilding", "backfilling"]
@@ -288,7 +291,7 @@ class Rebuild:
                     logger.info("rebuild waits for transactions older than it to end",
                                 extra={"projection": self.projection.name})
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
+                pause = min(pause * 2, _LAST_PAUSE)
         finally:
             await batches.aclose()
         self.events += done
@@ -318,16 +321,17 @@ class Rebuild:
     async def _swap_once(self, conn: db.Conn) -> int:
         name, main, shadow = self.projection.name, _quote(self.schema), _quote(self.shadow)
         await locks.take(conn, locks.projection(self.schema, name))
-        behind = await conn.fetch(SQL["live_ahead"], name)
+        if self.names is None:
+            behind = await conn.fetch(SQL["live_ahead"], name)
+        else:
+            read = await self._cursor(conn)
+            behind = await conn.fetch(SQL["live_ahead_of"], name, read.transaction_id, read.global_position,
+                                      sorted(self.names))
         if behind:
             rows = await self.applier.load_ranges(conn, [r["stream_id"] for r in behind],
                                                   [r["shadow_version"] + 1 for r in behind],
                                                   [r["live_version"] for r in behind])
             await self.applier.apply(conn, records_or_undecodable(rows, self.store.registry))
-            halted = self.applier.halted
-            ahead = [r for r in behind if r["stream_id"] not in halted]
-            await conn.execute(SQL["reach_live_versions"], [r["stream_id"] for r in ahead],
-                               [r["live_version"] for r in ahead])
         for table in self.projection.tables:
             grants = await conn.fetch(SQL["table_grants"], self.schema, table)
             await conn.execute(f"DROP TABLE IF EXISTS {main}.{_quote(table)}")

@@ -197,14 +197,17 @@ FROM checkpoints AS l
 LEFT JOIN rebuild_checkpoints AS s ON s.stream_id = l.stream_id
 WHERE l.projection = $1 AND l.version > coalesce(s.version, -1);
 
--- name: reach_live_versions
--- After the swap applied what the live workers were ahead in ($1 streams, $2 their live versions): the shadow
--- has it all, so its checkpoints move up to the live ones (a read model with a few types read only those, and
--- must not move a live checkpoint back over events it does not handle), unless the shadow halted the stream.
-INSERT INTO rebuild_checkpoints AS c (stream_id, version)
-SELECT * FROM unnest($1::text[], $2::bigint[])
-ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version
-    WHERE c.halted_version IS NULL AND c.version < EXCLUDED.version;
+-- name: live_ahead_of
+-- live_ahead for a read model that handles the events named $4 only: the shadow read every one of those up to
+-- its cursor ($2, $3), so only a stream with one after it can lack one the live workers applied. The live
+-- checkpoints of the others may be ahead over events of other types, which are nothing to the shadow.
+SELECT l.stream_id, coalesce(s.version, -1) AS shadow_version, l.version AS live_version
+FROM checkpoints AS l
+LEFT JOIN rebuild_checkpoints AS s ON s.stream_id = l.stream_id
+WHERE l.projection = $1 AND l.version > coalesce(s.version, -1)
+  AND l.stream_id IN (SELECT e.stream_id FROM unnest($4::text[]) AS n(name)
+                      JOIN events AS e ON split_part(e.event_type, '.v', 1) = n.name
+                      WHERE (e.transaction_id, e.global_position) > ($2::xid8, $3::bigint));
 
 -- name: table_grants
 -- The privileges granted on a table to roles other than its owner (grantee NULL: PUBLIC).
@@ -216,13 +219,19 @@ LEFT JOIN pg_roles AS r ON r.oid = a.grantee
 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind = 'r' AND a.grantee <> c.relowner;
 
 -- name: adopt_shadow_checkpoints
--- Make the shadow's checkpoints the live ones (after the swap the shadow is behind live only where a
--- handler failed and halted the stream in the shadow).
+-- Make the shadow's checkpoints the live ones. After the swap the shadow has every event the live workers
+-- applied of the types it handles, so a live checkpoint further on is ahead over events of other types only
+-- (a read model with a few types reads only those) and stays; only a stream the shadow halted at a failing
+-- handler goes back to where the shadow stopped.
 INSERT INTO checkpoints AS c (projection, stream_id, version, halted_version)
 SELECT $1, stream_id, version, halted_version FROM rebuild_checkpoints
 ON CONFLICT (projection, stream_id) DO UPDATE
-    SET version = EXCLUDED.version, halted_version = EXCLUDED.halted_version, updated_at = clock_timestamp()
-    WHERE (c.version, c.halted_version) IS DISTINCT FROM (EXCLUDED.version, EXCLUDED.halted_version);
+    SET version = CASE WHEN EXCLUDED.halted_version IS NULL THEN greatest(c.version, EXCLUDED.version)
+                       ELSE EXCLUDED.version END,
+        halted_version = EXCLUDED.halted_version, updated_at = clock_timestamp()
+    WHERE (c.version, c.halted_version) IS DISTINCT FROM
+          (CASE WHEN EXCLUDED.halted_version IS NULL THEN greatest(c.version, EXCLUDED.version)
+                ELSE EXCLUDED.version END, EXCLUDED.halted_version);
 
 -- name: resolve_dead_letters
 -- Settle the parked dead letters of events the shadow got past (run in the swap, with the shadow's
