@@ -92,11 +92,11 @@ async def read_ceiling(store: EventStore, batch: int) -> tuple[int, float]:
 
 
 async def fresh_rebuild(pool: db.Pool, store: EventStore, projection: type[Projection],
-                        batch: int) -> rebuild.RebuildResult:
+                        batch: int, progress: rebuild.Progress | None = None) -> rebuild.RebuildResult:
     """A rebuild from scratch (a shadow left by a run a restart cut short is dropped first)."""
     shadow = rebuild.shadow_schema(store.schema, projection.name)
     await pool.execute(f"DROP SCHEMA IF EXISTS {names.quote(shadow)} CASCADE")
-    return await rebuild.rebuild(pool, store, projection, batch_size=batch)
+    return await rebuild.rebuild(pool, store, projection, batch_size=batch, progress=progress)
 
 
 async def analyze(pool: db.Pool) -> None:

@@ -11,8 +11,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal, LiteralString, TypeVar
 
 from projections import erasure
-from store import codec, db
+from store import db
 from store.codec.personal import SubjectForgotten
+from store.codec.registry import EVENT_NAME_ATTRIBUTE
 from store.event_store import RecordedEvent
 
 Policy = Literal["halt", "skip"]
@@ -73,10 +74,11 @@ class Projection:
     @classmethod
     def handled_names(cls) -> frozenset[str] | None:
         """The event names (``OrderPaid``, any version) its handlers take, inherited ones included; None when
-        it takes every event (``all_events``, or ``apply`` overridden without handlers)."""
-        if cls.all_events or (not cls._handlers and cls.apply is not Projection.apply):
+        it takes every event (``all_events``, or ``apply`` or ``apply_batch`` overridden without handlers)."""
+        overridden = cls.apply is not Projection.apply or cls.apply_batch is not Projection.apply_batch
+        if cls.all_events or (not cls._handlers and overridden):
             return None
-        return frozenset(n for n in map(codec.REGISTRY.name_of, cls._handlers) if n is not None)
+        return frozenset(n for n in (getattr(c, EVENT_NAME_ATTRIBUTE, None) for c in cls._handlers) if n is not None)
 
     def handles_type(self, event_type: str) -> bool:
         """Whether an event of this type (``Name.vN``, known to this code or not) may concern this projection."""

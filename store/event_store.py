@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import asyncpg
@@ -320,19 +320,25 @@ class EventStore(Encoding):
         return await self._decode_slices(rows, conn)
 
     async def read_partition(self, partition: int, after: Position = Position.START, limit: int = 1000, *,
-                             max_bytes: int | None = None, conn: db.Conn | None = None) -> Slice:
+                             max_bytes: int | None = None, conn: db.Conn | None = None,
+                             event_names: Collection[str] | None = None) -> Slice:
         """``read_all`` of one partition's streams (store.partitions): what one partition's owner catches up.
         At most ``limit`` events, and with ``max_bytes`` only while the bytes (data + metadata) before each are
         under it: the event reaching it is the last (at least one comes). ``full`` on the result: more may
-        follow at once."""
+        follow at once. ``event_names``: only events of these names (``OrderPaid``, any version), read along
+        an index of names (a read model's ``handled_names()``); None: every event."""
         _check_int(limit, "limit", 1, high=None)
         _check_int(partition, "partition", 0, high=None)
         if max_bytes is not None:
             _check_int(max_bytes, "max_bytes", 1, high=None)
         budget = UNBOUNDED_BYTES if max_bytes is None else max_bytes
         async with self.hot.use(conn) as c:
-            rows = await c.fetch(self.queries["read_partition"], after.transaction_id, after.global_position,
-                                 limit, partition, budget)
+            if event_names is None:
+                rows = await c.fetch(self.queries["read_partition"], after.transaction_id, after.global_position,
+                                     limit, partition, budget)
+            else:
+                rows = await c.fetch(self.queries["read_partition_of"], after.transaction_id,
+                                     after.global_position, limit, partition, budget, sorted(event_names))
         return Slice(await self._decode_slices(rows, conn),
                      bool(rows) and (len(rows) >= limit or bool(rows[-1]["reached"])))
 

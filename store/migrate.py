@@ -85,11 +85,11 @@ async def migrate(conn: db.Conn, schema: str, *, extra_ddl: Sequence[LiteralStri
 
 async def _record_partitions(conn: db.Conn, schema: str, partitions: int | None) -> None:
     recorded: int | None = await conn.fetchval("SELECT partitions FROM partitioning")
-    if recorded is None and not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM events)"):
-        # A new store: the index costs nothing now, and a concurrent build would wait for every transaction
-        # of the database to end.
-        await conn.execute(f"CREATE INDEX IF NOT EXISTS {_PARTITION_INDEX}"
-                           " ON events (partition, transaction_id, global_position)")
+    if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM events)"):
+        # An empty store: the indexes cost nothing now, and a concurrent build would wait for every
+        # transaction of the database to end.
+        for index, definition in _ONLINE_INDEXES.items():
+            await conn.execute(f"CREATE INDEX IF NOT EXISTS {index} ON events {definition}")
     if recorded is None:
         chosen = DEFAULT_PARTITIONS if partitions is None else partitions
         if not 1 <= chosen <= MAX_PARTITIONS:
@@ -104,8 +104,23 @@ async def _record_partitions(conn: db.Conn, schema: str, partitions: int | None)
             f"and move the writers there (their projections rebuild from its store)")
 
 
-_PARTITION_INDEX = "events_partition_idx"
-_HAS_PARTITION_INDEX = "SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE schemaname = $1 AND indexname = 'events_partition_idx')"
+#: Indexes on events built by ``migrate`` outside its transaction on a store that holds events (concurrently:
+#: appends go on meanwhile). events_partition_idx reads one partition in read_all order (a partition's
+#: catch-up); events_name_idx reads the events of one name (any version) in read_all order, so the reads of
+#: a read model that handles a few types (rebuild, backfill, verify, lag) cost its events, not the store's.
+#: The name is an expression of event_type (``Name.vN``; names hold no dot), not a column: appends pay one
+#: index entry and nothing else (bench/append.py, BENCHMARKS.md).
+_ONLINE_INDEXES: dict[str, LiteralString] = {
+    "events_partition_idx": "(partition, transaction_id, global_position)",
+    "events_name_idx": "(split_part(event_type, '.v', 1), transaction_id, global_position)",
+}
+_HAS_INDEX = "SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE schemaname = $1 AND indexname = $2)"
+# An index whose concurrent build was interrupted stays behind invalid: it is dropped and built again.
+_INVALID_INDEX = """
+SELECT EXISTS (SELECT 1 FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid
+               JOIN pg_namespace AS n ON n.oid = c.relnamespace
+               WHERE n.nspname = $1 AND c.relname = $2 AND NOT i.indisvalid)
+"""
 
 #: Events given their partition per transaction by the fill of events older than partitions.
 FILL_BATCH = 10_000
@@ -113,7 +128,7 @@ FILL_BATCH = 10_000
 
 async def _fill_partitions(conn: db.Conn, schema: str) -> None:
     """Give events written before partitions existed theirs, a range of positions per transaction, then
-    make the index that reads one partition in order (concurrently: appends go on meanwhile)."""
+    make the indexes of _ONLINE_INDEXES a store lacks (concurrently: appends go on meanwhile)."""
     quoted = names.quote(schema)
     events = f"{quoted}.events"
     async with db.translate_errors():
@@ -132,9 +147,12 @@ async def _fill_partitions(conn: db.Conn, schema: str) -> None:
                 position += FILL_BATCH
             if filled:
                 logger.info("partitions filled in", extra={"schema": schema, "events": filled})
-            if not await conn.fetchval(_HAS_PARTITION_INDEX, schema):
-                await conn.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {_PARTITION_INDEX}"
-                                   f" ON {events} (partition, transaction_id, global_position)")
+            for index, definition in _ONLINE_INDEXES.items():
+                if await conn.fetchval(_INVALID_INDEX, schema, index):
+                    await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {quoted}.{index}")
+                if not await conn.fetchval(_HAS_INDEX, schema, index):
+                    await conn.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {events} {definition}")
+                    logger.info("index built", extra={"schema": schema, "index": index})
         finally:
             await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", lock_key(schema))
 

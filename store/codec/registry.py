@@ -36,6 +36,10 @@ class _Registered:
     sealing: tuple[tuple[str, tuple[PersonalField, ...]], ...]
 
 
+#: The attribute an event class gets when it is registered (in any registry): its name, without the version.
+EVENT_NAME_ATTRIBUTE = "__eventfleet_event_name__"
+
+
 class Registry:
     """Event classes by name and version, and the upcasters between versions.
 
@@ -83,6 +87,8 @@ class Registry:
             versions[version] = entry
             self._plans.clear()  # a newer version changes what older types decode to
             self._by_type[cls] = entry
+            # The class carries its name: what a projection handles is known whichever registry has it.
+            setattr(cls, EVENT_NAME_ATTRIBUTE, name)
             return cls
 
         return register
@@ -105,7 +111,7 @@ class Registry:
         return f"{entry.name}.v{entry.version}"
 
     def name_of(self, cls: type[Any]) -> str | None:
-        """The registered name (without version) of an event class, None if it is not registered."""
+        """The registered name (without version) of an event class, None if it is not registered (here)."""
         entry = self._by_type.get(cls)
         return None if entry is None else entry.name
 

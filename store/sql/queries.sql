@@ -165,6 +165,37 @@ FROM (
 WHERE running - bytes < $5
 ORDER BY transaction_id, global_position;
 
+-- name: read_partition_of
+-- read_partition of the events named $6 (any version: the name is event_type's part before ".v"): per name
+-- the first $3 after the cursor, along events_name_idx or events_partition_idx (the planner picks), merged
+-- in read_all order; the byte budget $5 as in read_partition. A read model that handles a few types reads
+-- its events, not the partition's.
+SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id,
+       running >= $5 AS reached
+FROM (
+    SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at,
+           transaction_id, octet_length(data) + octet_length(metadata) AS bytes,
+           sum(octet_length(data) + octet_length(metadata))
+               OVER (ORDER BY transaction_id, global_position ROWS UNBOUNDED PRECEDING) AS running
+    FROM (
+        SELECT e.* FROM unnest($6::text[]) AS n(name)
+        CROSS JOIN LATERAL (
+            SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at,
+                   transaction_id
+            FROM {schema}.events
+            WHERE split_part(event_type, '.v', 1) = n.name AND partition = $4
+              AND (transaction_id, global_position) > ($1::xid8, $2::bigint)
+              AND transaction_id < {schema}.store_xmin()
+            ORDER BY transaction_id, global_position
+            LIMIT $3
+        ) AS e
+        ORDER BY transaction_id, global_position
+        LIMIT $3
+    ) AS named
+) AS r
+WHERE running - bytes < $5
+ORDER BY transaction_id, global_position;
+
 -- name: horizon
 -- The safe frontier of read_all (the oldest transaction id still running, cluster-wide, on the store's clock:
 -- store/clock.py) and the age in

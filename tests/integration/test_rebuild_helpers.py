@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from projections.base import Projection
 from store import NO_STREAM, EventStore, RecordedEvent, db
 from store.event_store import record_from_row
 from tests.conftest import DATABASE_URL
@@ -52,10 +53,12 @@ async def expected(event_store: EventStore) -> Models:
     return fold(e.event for e in await all_events(event_store))
 
 
-async def stream_versions(event_store: EventStore) -> dict[str, int]:
-    """Each stream's last version."""
+async def stream_versions(event_store: EventStore, projection: type[Projection] | None = None) -> dict[str, int]:
+    """Each stream's last version (of the events ``projection`` handles, when given)."""
     versions: dict[str, int] = {}
     for e in await all_events(event_store):
+        if projection is not None and not projection().handles_type(e.event_type):
+            continue
         versions[e.stream_id] = max(versions.get(e.stream_id, -1), e.version)
     return versions
 

@@ -76,11 +76,12 @@ async def test_json_reports_the_exact_lag_parked_queue_depth_and_outbox(pool, sc
         assert row["lag_seconds"] > 0
     got = {r["name"]: (r["state"], r["applied"], r["lag_events"], r["parked"], r["queue_depth"])
            for r in doc["projections"]}
-    assert got == {"customer_stats": ("live", 4, 3, 1, 5), "order_summary": ("live", 0, 7, 0, 5)}
+    # customer_stats has no handler for order-c's OrderShipped: of the 3 events it has not applied, 2 are lag.
+    assert got == {"customer_stats": ("live", 4, 2, 1, 5), "order_summary": ("live", 0, 7, 0, 5)}
     assert doc["outbox"]["pending"] == 7
     assert doc["outbox"]["oldest_age_seconds"] > 0
     # The same figures as the lag gauges, which come from lag.measure.
-    assert (await lag.measure(pool, "customer_stats")).lag_events == 3
+    assert (await lag.measure(pool, "customer_stats")).lag_events == 2
 
 
 async def test_table_shows_a_stopped_rebuild_and_survives_rabbitmq_being_unreachable(pool, schema, prefix,
@@ -91,7 +92,7 @@ async def test_table_shows_a_stopped_rebuild_and_survives_rabbitmq_being_unreach
     assert "eventfleet status: RabbitMQ at 127.0.0.1:1 unreachable: " in result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split()[:3] == ["PROJECTION", "STATE", "APPLIED"]
-    assert lines[1].split() == ["customer_stats", "live", "4", "3", lines[1].split()[4], "1", "0", "-"]
+    assert lines[1].split() == ["customer_stats", "live", "4", "2", lines[1].split()[4], "1", "0", "-"]
     assert lines[2].startswith("order_summary   rebuilding (not running)")
     assert lines[3].startswith("outbox: 7 pending, oldest ")  # below the projections (the fleet follows)
     assert lines[4] == (f"broker: this deployment declares {2 * (PARTITIONS + 1)} quorum queues (2 projections x "

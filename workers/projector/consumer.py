@@ -331,13 +331,17 @@ class Consumer:
         """Read the partition's events after ``start`` from the store and apply them until the frontier;
         move the cursor as each batch commits; return the events read. One read runs ahead of each apply."""
         limit, max_bytes = self.settings.catchup_batch_size, self.settings.read_bytes
+        # Only the types it handles: an event of another type is nothing to this read model (issue 25).
+        names = self.projection.handled_names()
         read = 0
         began = time.perf_counter()
         async with self.catchups:
-            events = await self.store.read_partition(self.partition, start, limit, max_bytes=max_bytes)
+            events = await self.store.read_partition(self.partition, start, limit, max_bytes=max_bytes,
+                                                     event_names=names)
             while events:
                 pending = (asyncio.ensure_future(self.store.read_partition(
-                    self.partition, events[-1].position, limit, max_bytes=max_bytes)) if events.full else None)
+                    self.partition, events[-1].position, limit, max_bytes=max_bytes, event_names=names))
+                    if events.full else None)
                 try:
                     await self.apply_from_store(events)
                 except BaseException:

@@ -6,15 +6,20 @@ newer than it and stops at the first event that is none of these, and never pass
 (a transaction still running may commit events ordered before anything above it). Lag is then the tail
 after the watermark not covered by checkpoints, plus the unapplied events of halted streams before it;
 the count is exact at any moment, the watermark only keeps it cheap.
+
+A read model that handles a few event types (``Projection.handled_names()``) is measured against those
+only, read along the store's index of names: an event of another type is not lag, the watermark passes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
+from projections import registry
 from store import db
 from store.queries import load
 from store.records import Position
@@ -49,39 +54,64 @@ class Lag:
 
 
 
+class _Registered(enum.Enum):
+    NAMES = "registered"
+
+
+#: The default of ``event_names``: the handled names of the projection registered under that name (all
+#: events when none is registered, or it takes every event).
+REGISTERED = _Registered.NAMES
+EventNames = Collection[str] | None | _Registered
+
+
+def handled_names(projection: str, event_names: EventNames = REGISTERED) -> list[str] | None:
+    """The event names the lag of ``projection`` counts (None: every event), sorted."""
+    if event_names is REGISTERED:
+        cls = registry.REGISTRY.get(projection)
+        event_names = None if cls is None else cls.handled_names()
+    return None if event_names is None else sorted(event_names)
+
+
 async def current_schema(conn: db.Conn) -> str:
     """The schema the connection's unqualified names resolve to."""
     schema: str = await conn.fetchval("SELECT current_schema()")
     return schema
 
 
-async def advance(pool: db.Pool, projection: str, *, step: int = ADVANCE_STEP, max_steps: int = 1000) -> bool:
-    """Advance the projection's watermark as far as it may go now; False if another process holds it."""
+async def advance(pool: db.Pool, projection: str, *, step: int = ADVANCE_STEP, max_steps: int = 1000,
+                  event_names: EventNames = REGISTERED) -> bool:
+    """Advance the projection's watermark as far as it may go now; False if another process holds it.
+    ``event_names``: the events it handles (None: all; by default the registered projection's)."""
+    names = handled_names(projection, event_names)
     async with db.translate_errors(), pool.acquire() as conn:
         key = locks.watermark(await current_schema(conn), projection)
         for _ in range(max_steps):
             async with conn.transaction():
                 if not await locks.try_take(conn, key):
                     return False
-                row = await conn.fetchrow(SQL["advance_watermark"], projection, step)
+                row = await (conn.fetchrow(SQL["advance_watermark"], projection, step) if names is None
+                             else conn.fetchrow(SQL["advance_watermark_of"], projection, step, names))
             assert row is not None
             if row["blocked"] or row["scanned"] < step:
                 break
     return True
 
 
-async def count(pool: db.Pool, projection: str) -> tuple[int, float, Position]:
+async def count(pool: db.Pool, projection: str, *, event_names: EventNames = REGISTERED,
+                ) -> tuple[int, float, Position]:
     """Unapplied committed events, the age of the oldest of them, and the watermark they are counted after."""
-    events, seconds, watermark, _, _ = await count_partitions(pool, projection)
+    events, seconds, watermark, _, _ = await count_partitions(pool, projection, event_names=event_names)
     return events, seconds, watermark
 
 
-async def count_partitions(pool: db.Pool, projection: str
+async def count_partitions(pool: db.Pool, projection: str, *, event_names: EventNames = REGISTERED,
                            ) -> tuple[int, float, Position, dict[int, int], dict[int, float]]:
     """``count``, and per partition the unapplied events and the age of the oldest of them."""
+    names = handled_names(projection, event_names)
     async with db.translate_errors(), pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
         # One snapshot: the watermark the tail is counted after is the one returned.
-        rows = await conn.fetch(SQL["measure_lag"], projection)
+        rows = await (conn.fetch(SQL["measure_lag"], projection) if names is None
+                      else conn.fetch(SQL["measure_lag_of"], projection, names))
         mark = await conn.fetchrow(SQL["watermark"], projection)
     assert mark is not None
     by_partition = {r["partition"]: int(r["lag_events"]) for r in rows if r["partition"] is not None}
@@ -97,10 +127,12 @@ async def horizon_age(pool: db.Pool) -> float:
     return float(age)
 
 
-async def measure(pool: db.Pool, projection: str) -> Lag:
-    """Advance the watermark, then count: the exact lag of ``projection`` now."""
-    await advance(pool, projection)
-    events, seconds, watermark, partitions, ages = await count_partitions(pool, projection)
+async def measure(pool: db.Pool, projection: str, *, event_names: EventNames = REGISTERED) -> Lag:
+    """Advance the watermark, then count: the exact lag of ``projection`` now (``event_names`` as in
+    ``advance``)."""
+    await advance(pool, projection, event_names=event_names)
+    events, seconds, watermark, partitions, ages = await count_partitions(pool, projection,
+                                                                          event_names=event_names)
     return Lag(events, seconds, await horizon_age(pool), watermark, partitions, ages)
 
 

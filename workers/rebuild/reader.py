@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import Any
 
 from store import db, queries
@@ -26,26 +26,39 @@ def _slice(rows: Sequence[Any], limit: int, store: EventStore) -> Slice:
     return Slice(records_or_undecodable(rows, store.registry), full)
 
 
-def all_reader(store: EventStore) -> Read:
+def all_reader(store: EventStore, event_names: Collection[str] | None = None) -> Read:
     """``store.read_all`` bounded in bytes too, except that events which cannot be decoded come back
-    ``Undecodable``."""
+    ``Undecodable``; with ``event_names`` only the events of those names (a read model's handled names),
+    read along events_name_idx."""
+    names = None if event_names is None else sorted(event_names)
 
     async def read(after: Position, limit: int, max_bytes: int) -> Slice:
         async with db.translate_errors():
-            rows = await store.pool.fetch(SQL["read_all"], after.transaction_id, after.global_position, limit,
-                                          max_bytes)
+            if names is None:
+                rows = await store.pool.fetch(SQL["read_all"], after.transaction_id, after.global_position, limit,
+                                              max_bytes)
+            else:
+                rows = await store.pool.fetch(SQL["read_all_of"], after.transaction_id, after.global_position,
+                                              limit, max_bytes, names)
         return _slice(rows, limit, store)
 
     return read
 
 
-def settled_reader(store: EventStore) -> Read:
+def settled_reader(store: EventStore, event_names: Collection[str] | None = None) -> Read:
     """Reads in global_position order, ignoring the read_all horizon: only for a store no one writes to
-    any more, where each stream's positions grow with its versions and every event is committed."""
+    any more, where each stream's positions grow with its versions and every event is committed. With
+    ``event_names``: only those names' events, in read_all order (the order of events_name_idx) without
+    the horizon."""
+    names = None if event_names is None else sorted(event_names)
 
     async def read(after: Position, limit: int, max_bytes: int) -> Slice:
         async with db.translate_errors():
-            rows = await store.pool.fetch(SQL["read_settled"], after.global_position, limit, max_bytes)
+            if names is None:
+                rows = await store.pool.fetch(SQL["read_settled"], after.global_position, limit, max_bytes)
+            else:
+                rows = await store.pool.fetch(SQL["read_settled_of"], after.transaction_id,
+                                              after.global_position, limit, max_bytes, names)
         return _slice(rows, limit, store)
 
     return read

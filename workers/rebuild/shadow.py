@@ -47,6 +47,9 @@ BATCH_SIZE = 5000
 _BOOKKEEPING = ("rebuild_checkpoints", "rebuild_cursor")
 _SWAP_ATTEMPTS = 5
 _FIRST_PAUSE = 0.05
+#: The longest pause between two looks at the horizon at the tail: a rebuild that reads a few types is done
+#: in a fraction of a second, and a pause of a second after the last old transaction ended would double it.
+_LAST_PAUSE = 0.2
 _SWAP_LOCK_TIMEOUT: LiteralString = "SET LOCAL lock_timeout = '5s'"
 
 State = Literal["rebuilding", "backfilling"]
@@ -109,8 +112,10 @@ def _grant(grant: Any, table: str) -> str:
 
 
 def _fingerprint(projection: type[Projection]) -> str:
-    """What a resumed rebuild must share with the killed one: the tables and their DDL."""
-    text = "\n".join([projection.name, *projection.tables, projection.ddl])
+    """What a resumed rebuild must share with the killed one: the tables, their DDL and the types it reads."""
+    handled = projection.handled_names()
+    text = "\n".join([projection.name, *projection.tables, projection.ddl,
+                      *(["*"] if handled is None else sorted(handled))])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -130,6 +135,8 @@ class Rebuild:
         self.shadow = shadow or shadow_schema(self.schema, projection.name)
         self.state, self.batch_size, self.progress = state, batch_size, progress
         self.batch_bytes = batch_bytes  # event bytes per read: the rebuild holds two reads
+        #: The event names it handles (None: all): the rebuild reads only those (issue 25).
+        self.names = projection.handled_names()
         self.applier = applier.Applier(projection(), store, reference=reference)
         self.events = 0
         self.resolved = 0  # parked dead letters the swap settled
@@ -253,10 +260,15 @@ class Rebuild:
         still read, so a new projection misses nothing published before its queue existed.
         """
         async with db.translate_errors():
-            total: int = await conn.fetchval(SQL["count_after"], cursor.transaction_id, cursor.global_position)
+            total: int = await (
+                conn.fetchval(SQL["count_after"], cursor.transaction_id, cursor.global_position)
+                if self.names is None else
+                conn.fetchval(SQL["count_after_of"], cursor.transaction_id, cursor.global_position,
+                              sorted(self.names)))
             must_pass = await conn.fetchval(SQL["snapshot_xmax"])
         done, started, pause = 0, time.monotonic(), _FIRST_PAUSE
-        read = reader.settled_reader(self.store) if self.settled else None
+        read = (reader.settled_reader(self.store, self.names) if self.settled
+                else reader.all_reader(self.store, self.names))
         batches = reader.Prefetcher(self.store, cursor, self.batch_size, read, max_bytes=self.batch_bytes)
         try:
             while True:
@@ -279,7 +291,7 @@ class Rebuild:
                     logger.info("rebuild waits for transactions older than it to end",
                                 extra={"projection": self.projection.name})
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
+                pause = min(pause * 2, _LAST_PAUSE)
         finally:
             await batches.aclose()
         self.events += done
@@ -309,10 +321,16 @@ class Rebuild:
     async def _swap_once(self, conn: db.Conn) -> int:
         name, main, shadow = self.projection.name, _quote(self.schema), _quote(self.shadow)
         await locks.take(conn, locks.projection(self.schema, name))
-        behind = await conn.fetch(SQL["live_ahead"], name)
+        if self.names is None:
+            behind = await conn.fetch(SQL["live_ahead"], name)
+        else:
+            read = await self._cursor(conn)
+            behind = await conn.fetch(SQL["live_ahead_of"], name, read.transaction_id, read.global_position,
+                                      sorted(self.names))
         if behind:
-            rows = await conn.fetch(EVENTS["load_ranges"], [r["stream_id"] for r in behind],
-                                    [r["shadow_version"] + 1 for r in behind], [r["live_version"] for r in behind])
+            rows = await self.applier.load_ranges(conn, [r["stream_id"] for r in behind],
+                                                  [r["shadow_version"] + 1 for r in behind],
+                                                  [r["live_version"] for r in behind])
             await self.applier.apply(conn, records_or_undecodable(rows, self.store.registry))
         for table in self.projection.tables:
             grants = await conn.fetch(SQL["table_grants"], self.schema, table)

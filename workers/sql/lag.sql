@@ -70,6 +70,83 @@ SELECT partition, count(*) AS lag_events,
 FROM unapplied
 GROUP BY partition;
 
+-- name: advance_watermark_of
+-- advance_watermark for a read model that handles the events named $3 only (any version): the tail is the
+-- next $2 of those (per name along events_name_idx, merged in read_all order); an event of another name is
+-- nothing to it, and the watermark passes it with the next of its own.
+WITH mark AS (
+    SELECT coalesce((SELECT watermark_txid FROM projection_status WHERE projection = $1), '0'::xid8) AS txid,
+           coalesce((SELECT watermark_position FROM projection_status WHERE projection = $1), 0) AS pos
+), named AS (
+    SELECT e.* FROM unnest($3::text[]) AS n(name)
+    CROSS JOIN LATERAL (
+        SELECT ev.transaction_id, ev.global_position, ev.stream_id, ev.version
+        FROM events AS ev
+        WHERE split_part(ev.event_type, '.v', 1) = n.name
+          AND (ev.transaction_id, ev.global_position) > ((SELECT txid FROM mark), (SELECT pos FROM mark))
+          AND ev.transaction_id < store_xmin()
+        ORDER BY ev.transaction_id, ev.global_position
+        LIMIT $2
+    ) AS e
+    ORDER BY e.transaction_id, e.global_position
+    LIMIT $2
+), tail AS (
+    SELECT e.transaction_id, e.global_position,
+           coalesce(c.version >= e.version OR c.halted_version IS NOT NULL, false) AS passable
+    FROM named AS e
+    LEFT JOIN checkpoints AS c ON c.projection = $1 AND c.stream_id = e.stream_id
+), blocked AS (
+    SELECT transaction_id, global_position FROM tail WHERE NOT passable
+    ORDER BY transaction_id, global_position
+    LIMIT 1
+), target AS (
+    SELECT t.transaction_id, t.global_position FROM tail AS t
+    WHERE NOT EXISTS (SELECT 1 FROM blocked AS b
+                      WHERE (t.transaction_id, t.global_position) >= (b.transaction_id, b.global_position))
+    ORDER BY t.transaction_id DESC, t.global_position DESC
+    LIMIT 1
+), moved AS (
+    INSERT INTO projection_status AS s (projection, watermark_txid, watermark_position)
+    SELECT $1, transaction_id, global_position FROM target
+    ON CONFLICT (projection) DO UPDATE
+        SET watermark_txid = EXCLUDED.watermark_txid, watermark_position = EXCLUDED.watermark_position,
+            updated_at = clock_timestamp()
+        WHERE (s.watermark_txid, s.watermark_position) < (EXCLUDED.watermark_txid, EXCLUDED.watermark_position)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM tail) AS scanned,
+       (SELECT count(*) FROM blocked) AS blocked,
+       (SELECT count(*) FROM moved) AS moved;
+
+-- name: measure_lag_of
+-- measure_lag for a read model that handles the events named $2 only (any version): the others are not lag.
+WITH w AS (
+    SELECT coalesce((SELECT watermark_txid FROM projection_status WHERE projection = $1), '0'::xid8) AS txid,
+           coalesce((SELECT watermark_position FROM projection_status WHERE projection = $1), 0) AS pos
+), tail AS (
+    SELECT e.partition, e.recorded_at
+    FROM unnest($2::text[]) AS n(name)
+    JOIN events AS e ON split_part(e.event_type, '.v', 1) = n.name
+    LEFT JOIN checkpoints AS c ON c.projection = $1 AND c.stream_id = e.stream_id
+    WHERE (e.transaction_id, e.global_position) > ((SELECT txid FROM w), (SELECT pos FROM w))
+      AND (c.version IS NULL OR c.version < e.version)
+), halted AS (
+    SELECT e.partition, e.recorded_at
+    FROM checkpoints AS c
+    JOIN events AS e ON e.stream_id = c.stream_id AND e.version > c.version
+    WHERE c.projection = $1 AND c.halted_version IS NOT NULL
+      AND split_part(e.event_type, '.v', 1) = ANY($2::text[])
+      AND (e.transaction_id, e.global_position) <= ((SELECT txid FROM w), (SELECT pos FROM w))
+), unapplied AS (
+    SELECT partition, recorded_at FROM tail
+    UNION ALL
+    SELECT partition, recorded_at FROM halted
+)
+SELECT partition, count(*) AS lag_events,
+       greatest(coalesce(extract(epoch FROM clock_timestamp() - min(recorded_at))::float8, 0), 0) AS lag_seconds
+FROM unapplied
+GROUP BY partition;
+
 -- name: watermark
 -- The projection's low watermark (the start when it has none yet).
 SELECT coalesce((SELECT watermark_txid FROM projection_status WHERE projection = $1), '0'::xid8) AS watermark_txid,

@@ -75,6 +75,73 @@ FROM (
 WHERE running - bytes < $3
 ORDER BY global_position;
 
+-- name: read_all_of
+-- read_all of the events named $5 (any version: the name is event_type's part before ".v"), for a read model
+-- that handles a few types: per name the first $3 after the cursor along events_name_idx, merged in read_all
+-- order, so a batch decodes and applies the events it handles only; the byte budget $4 as in read_all. The
+-- planner does not know how rare a name from unnest is (it assumes 1/distinct names) and may walk the
+-- commit-order index instead, skipping the other names' rows in the index scan (about a microsecond each
+-- on a cached store; measured in BENCHMARKS.md "Type filter").
+SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id,
+       running >= $4 AS reached
+FROM (
+    SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at,
+           transaction_id, octet_length(data) + octet_length(metadata) AS bytes,
+           sum(octet_length(data) + octet_length(metadata))
+               OVER (ORDER BY transaction_id, global_position ROWS UNBOUNDED PRECEDING) AS running
+    FROM (
+        SELECT e.* FROM unnest($5::text[]) AS n(name)
+        CROSS JOIN LATERAL (
+            SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at,
+                   transaction_id
+            FROM events
+            WHERE split_part(event_type, '.v', 1) = n.name
+              AND (transaction_id, global_position) > ($1::xid8, $2::bigint)
+              AND transaction_id < store_xmin()
+            ORDER BY transaction_id, global_position
+            LIMIT $3
+        ) AS e
+        ORDER BY transaction_id, global_position
+        LIMIT $3
+    ) AS named
+) AS r
+WHERE running - bytes < $4
+ORDER BY transaction_id, global_position;
+
+-- name: read_settled_of
+-- read_all_of without the horizon (a store nobody writes to any more: every event is committed, so the
+-- read_all order holds them all); at most $3 rows, the byte budget $4, the names $5.
+SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at, transaction_id,
+       running >= $4 AS reached
+FROM (
+    SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at,
+           transaction_id, octet_length(data) + octet_length(metadata) AS bytes,
+           sum(octet_length(data) + octet_length(metadata))
+               OVER (ORDER BY transaction_id, global_position ROWS UNBOUNDED PRECEDING) AS running
+    FROM (
+        SELECT e.* FROM unnest($5::text[]) AS n(name)
+        CROSS JOIN LATERAL (
+            SELECT global_position, event_id, stream_id, version, event_type, data, metadata, recorded_at,
+                   transaction_id
+            FROM events
+            WHERE split_part(event_type, '.v', 1) = n.name
+              AND (transaction_id, global_position) > ($1::xid8, $2::bigint)
+            ORDER BY transaction_id, global_position
+            LIMIT $3
+        ) AS e
+        ORDER BY transaction_id, global_position
+        LIMIT $3
+    ) AS named
+) AS r
+WHERE running - bytes < $4
+ORDER BY transaction_id, global_position;
+
+-- name: count_after_of
+-- How many events named $3 lie after the cursor (for the progress line of a read model with few types).
+SELECT count(*) FROM events
+WHERE split_part(event_type, '.v', 1) = ANY($3::text[])
+  AND (transaction_id, global_position) > ($1::xid8, $2::bigint);
+
 -- name: count_after
 -- How many events lie after the cursor (for the progress line).
 SELECT count(*) FROM events WHERE (transaction_id, global_position) > ($1::xid8, $2::bigint);
@@ -130,6 +197,18 @@ FROM checkpoints AS l
 LEFT JOIN rebuild_checkpoints AS s ON s.stream_id = l.stream_id
 WHERE l.projection = $1 AND l.version > coalesce(s.version, -1);
 
+-- name: live_ahead_of
+-- live_ahead for a read model that handles the events named $4 only: the shadow read every one of those up to
+-- its cursor ($2, $3), so only a stream with one after it can lack one the live workers applied. The live
+-- checkpoints of the others may be ahead over events of other types, which are nothing to the shadow.
+SELECT l.stream_id, coalesce(s.version, -1) AS shadow_version, l.version AS live_version
+FROM checkpoints AS l
+LEFT JOIN rebuild_checkpoints AS s ON s.stream_id = l.stream_id
+WHERE l.projection = $1 AND l.version > coalesce(s.version, -1)
+  AND l.stream_id IN (SELECT e.stream_id FROM unnest($4::text[]) AS n(name)
+                      JOIN events AS e ON split_part(e.event_type, '.v', 1) = n.name
+                      WHERE (e.transaction_id, e.global_position) > ($2::xid8, $3::bigint));
+
 -- name: table_grants
 -- The privileges granted on a table to roles other than its owner (grantee NULL: PUBLIC).
 SELECT r.rolname AS grantee, a.privilege_type, a.is_grantable
@@ -140,13 +219,19 @@ LEFT JOIN pg_roles AS r ON r.oid = a.grantee
 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind = 'r' AND a.grantee <> c.relowner;
 
 -- name: adopt_shadow_checkpoints
--- Make the shadow's checkpoints the live ones (after the swap the shadow is behind live only where a
--- handler failed and halted the stream in the shadow).
+-- Make the shadow's checkpoints the live ones. After the swap the shadow has every event the live workers
+-- applied of the types it handles, so a live checkpoint further on is ahead over events of other types only
+-- (a read model with a few types reads only those) and stays; only a stream the shadow halted at a failing
+-- handler goes back to where the shadow stopped.
 INSERT INTO checkpoints AS c (projection, stream_id, version, halted_version)
 SELECT $1, stream_id, version, halted_version FROM rebuild_checkpoints
 ON CONFLICT (projection, stream_id) DO UPDATE
-    SET version = EXCLUDED.version, halted_version = EXCLUDED.halted_version, updated_at = clock_timestamp()
-    WHERE (c.version, c.halted_version) IS DISTINCT FROM (EXCLUDED.version, EXCLUDED.halted_version);
+    SET version = CASE WHEN EXCLUDED.halted_version IS NULL THEN greatest(c.version, EXCLUDED.version)
+                       ELSE EXCLUDED.version END,
+        halted_version = EXCLUDED.halted_version, updated_at = clock_timestamp()
+    WHERE (c.version, c.halted_version) IS DISTINCT FROM
+          (CASE WHEN EXCLUDED.halted_version IS NULL THEN greatest(c.version, EXCLUDED.version)
+                ELSE EXCLUDED.version END, EXCLUDED.halted_version);
 
 -- name: resolve_dead_letters
 -- Settle the parked dead letters of events the shadow got past (run in the swap, with the shadow's
