@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import random
 import signal
 import time
@@ -56,8 +57,10 @@ class Fleet:
         self.reports: list[dict[str, dict[str, int]]] = []
 
     def _start(self, role: str, *args: str) -> Process:
-        # AMQP_URL read now: a test may point the processes elsewhere (e.g. a shorter heartbeat).
-        process = self.processes.add(role, *args, env={"EVENTFLEET_AMQP_URL": AMQP_URL})
+        # AMQP_URL and the TEST_* variables read now: a test may point the processes elsewhere (e.g. a shorter
+        # heartbeat) or tune the recorder (TEST_RECORDER_PAUSE_SECONDS) after the fleet was made.
+        tests = {k: v for k, v in os.environ.items() if k.startswith("TEST_")}
+        process = self.processes.add(role, *args, env={"EVENTFLEET_AMQP_URL": AMQP_URL, **tests})
         process.start()
         return process
 
