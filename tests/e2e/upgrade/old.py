@@ -6,13 +6,7 @@ from typing import ClassVar, LiteralString
 
 import eventfleet as ef
 from tests.e2e.upgrade.events_v1 import Noted, RatedV1
-
-RATINGS_DDL: LiteralString = ("CREATE TABLE IF NOT EXISTS ratings (item text PRIMARY KEY, stars bigint NOT NULL, "
-                              "ratings bigint NOT NULL, comments bigint NOT NULL)")
-NOTES_DDL: LiteralString = "CREATE TABLE IF NOT EXISTS notes (item text PRIMARY KEY, notes bigint NOT NULL)"
-RATE: LiteralString = ("INSERT INTO ratings AS r VALUES ($1, $2, 1, $3) ON CONFLICT (item) DO UPDATE SET "
-                       "stars = r.stars + EXCLUDED.stars, ratings = r.ratings + 1, comments = r.comments + EXCLUDED.comments")
-NOTE: LiteralString = ("INSERT INTO notes AS n VALUES ($1, 1) ON CONFLICT (item) DO UPDATE SET notes = n.notes + 1")
+from tests.e2e.upgrade.tables import NOTE, NOTES_DDL, RATE, RATINGS_DDL
 
 
 @ef.register
