@@ -140,7 +140,10 @@ async def test_a_store_restored_into_a_new_cluster_and_migrated_applies_every_ev
             assert {sid for sid in models.order_summary} == set(restored_streams) | set(new_streams)
             for projection in PROJECTIONS:
                 measured = await lag.measure(pool, projection.name)
-                assert (measured.lag_events, measured.watermark) == (0, read[-1].position)
+                types = projection.handled_names()
+                handled = [e for e in read if types is None or e.event_type.rpartition(".v")[0] in types]
+                # The watermark stands at the last event the read model handles (the rest are none of its lag).
+                assert (measured.lag_events, measured.watermark) == (0, handled[-1].position)
         finally:
             await broker.delete_topology(channel, names, [p.name for p in PROJECTIONS], PARTITIONS)
 
