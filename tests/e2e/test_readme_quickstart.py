@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.e2e import readme
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +24,12 @@ BIN = Path(sys.executable).parent
 
 
 def section() -> str:
-    text = (ROOT / "README.md").read_text()
-    start = text.index("## Quickstart\n")
-    return text[start:text.index("\n## ", start + 1)]
+    return readme.section('Quickstart')
 
 
 def blocks(kind: str) -> list[tuple[str, str]]:
     """(info string, body) of the section's fenced blocks whose language is ``kind``."""
-    return [(m[1].strip(), m[2]) for m in
-            re.finditer(rf"^```{kind}([^\n]*)\n(.*?)^```$", section(), re.DOTALL | re.MULTILINE)]
+    return readme.blocks(section(), kind)
 
 
 def test_the_quickstart_is_the_readmes_first_section() -> None:
@@ -75,38 +71,10 @@ def env(service: Path) -> Iterator[dict[str, str]]:
 def test_the_quickstart_runs_and_prints_what_the_readme_shows(service: Path, env: dict[str, str]) -> None:
     (shell,) = [body for _, body in blocks("sh")]
     (expected,) = [body for _, body in blocks("text")]
-    background: list[subprocess.Popen[str]] = []
-    output = ""
-    try:
-        for line in shell.splitlines():
-            command = line.split("#")[0].strip()
-            if command.startswith("python -m pip install"):
-                continue
-            if command.startswith("export "):
-                key, _, value = command.removeprefix("export ").partition("=")
-                env[key] = value
-            elif command.endswith("&"):
-                with (service / f"{len(background)}.log").open("w") as log:
-                    background.append(subprocess.Popen(command.rstrip("&").split(), env=env, cwd=service, text=True,
-                                                       stdout=subprocess.DEVNULL, stderr=log))
-            elif command.startswith("python "):
-                done = subprocess.run([sys.executable, *command.split()[1:]], env=env, cwd=service,
-                                      capture_output=True, text=True, timeout=120, check=False)
-                assert done.returncode == 0, done.stderr
-                output = done.stdout
-            elif command:
-                done = subprocess.run(command.split(), env=env, cwd=service, capture_output=True, text=True,
-                                      timeout=120, check=False)
-                assert done.returncode == 0, done.stderr
-    finally:
-        for proc in background:
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for proc in background:
-            proc.wait(max(1.0, deadline - time.monotonic()))
-    logs = {i: (service / f"{i}.log").read_text() for i in range(len(background))}
-    assert output == expected
-    assert [proc.returncode for proc in background] == [0, 0, 0], logs
+    ran = readme.run_commands(shell, env, service)
+    logs = dict(enumerate(ran.logs))
+    assert ran.output == expected
+    assert ran.codes == [0, 0, 0], logs
     # The two workers (and the relay) each served HTTP on a port of their own, without configuration.
     ports = [re.findall(r"http server listening port=(\d+)", logs[i]) for i in range(3)]
     assert all(len(p) == 1 for p in ports), logs

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 from eventfleet.examples.orders.events import OrderCancelled, OrderPaid, OrderPlaced
 from store import NO_STREAM, EventStore, db
 from tests.conftest import AMQP_URL, DATABASE_URL
+from tests.e2e import readme
 from tests.unit.test_projection_fold import paid, placed
 
 pytestmark = pytest.mark.slow
@@ -28,15 +28,12 @@ BIN = Path(sys.executable).parent
 
 
 def section() -> str:
-    text = (ROOT / "README.md").read_text()
-    start = text.index("## Reactors: workers that act\n")
-    return text[start:text.index("\n## ", start + 1)]
+    return readme.section('Reactors: workers that act')
 
 
 def blocks(kind: str) -> list[tuple[str, str]]:
     """(info string, body) of the section's fenced blocks whose language is ``kind``."""
-    return [(m[1].strip(), m[2]) for m in re.finditer(rf"^```{kind}([^\n]*)\n(.*?)^```$", section(),
-                                                      re.DOTALL | re.MULTILINE)]
+    return readme.blocks(section(), kind)
 
 
 @pytest.fixture

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import AMQP_URL, DATABASE_URL, new_schema
+from tests.e2e import readme
 
 pytestmark = pytest.mark.slow
 
@@ -22,14 +21,12 @@ BIN = Path(sys.executable).parent
 
 
 def section() -> str:
-    text = (ROOT / "README.md").read_text()
-    start = text.index("## Your own service\n")
-    return text[start:text.index("\n## ", start + 1)]
+    return readme.section('Your own service')
 
 
 def blocks(kind: str) -> list[tuple[str, str]]:
     """(info string, body) of the section's fenced blocks whose language is ``kind``."""
-    return [(m[1].strip(), m[2]) for m in re.finditer(rf"^```{kind}([^\n]*)\n(.*?)^```$", section(), re.DOTALL | re.MULTILINE)]
+    return readme.blocks(section(), kind)
 
 
 @pytest.fixture
@@ -69,32 +66,6 @@ def test_the_service_type_checks_strictly(service: Path) -> None:
 def test_the_commands_run_the_service_and_print_what_the_readme_shows(service: Path, env: dict[str, str]) -> None:
     (shell,) = [body for _, body in blocks("sh")]
     (expected,) = [body for _, body in blocks("text")]
-    background: list[subprocess.Popen[str]] = []
-    output = ""
-    try:
-        for line in shell.splitlines():
-            command = line.split("#")[0].strip()
-            if command.startswith("export "):
-                key, _, value = command.removeprefix("export ").partition("=")
-                env[key] = value
-            elif command.endswith("&"):
-                with (service / f"{len(background)}.log").open("w") as log:
-                    background.append(subprocess.Popen(command.rstrip("&").split(), env=env, cwd=service, text=True,
-                                                       stdout=subprocess.DEVNULL, stderr=log))
-            elif command.startswith("python "):
-                done = subprocess.run([sys.executable, *command.split()[1:]], env=env, cwd=service,
-                                      capture_output=True, text=True, timeout=120, check=False)
-                assert done.returncode == 0, done.stderr
-                output = done.stdout
-            elif command:
-                done = subprocess.run(command.split(), env=env, cwd=service, capture_output=True, text=True,
-                                      timeout=120, check=False)
-                assert done.returncode == 0, done.stderr
-    finally:
-        for proc in background:
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for proc in background:
-            proc.wait(max(1.0, deadline - time.monotonic()))
-    assert output == expected
-    assert [proc.returncode for proc in background] == [0, 0]
+    ran = readme.run_commands(shell, env, service)
+    assert ran.output == expected
+    assert ran.codes == [0, 0]
