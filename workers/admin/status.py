@@ -20,8 +20,9 @@ from aio_pika.abc import AbstractConnection
 from projections import registry
 from projections.reactor import Reactor
 from store import clock, db, errors, outbox, queries
-from workers import broker, locks, readmodels
+from workers import broker, locks
 from workers.projector import lag, leases
+from workers.rebuild import typebook
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +44,10 @@ class ProjectionStatus:
     halted: int = 0
     rebuild_running: bool = False
     #: The event types its tables and checkpoints were built with (None: every event).
-    handled: readmodels.Names = None
+    handled: typebook.Names = None
     #: The types the code of its live workers (or this process's) adds to those: a change waiting for a
-    #: rebuild (workers/readmodels.py); None: a code takes every event; empty: nothing pending.
-    types_added: readmodels.Names = frozenset()
+    #: rebuild (workers/typebook.py); None: a code takes every event; empty: nothing pending.
+    types_added: typebook.Names = frozenset()
     #: Whether this process's code or a live worker's runs it; False: removed from the code (``retire`` it).
     in_code: bool = True
 
@@ -63,7 +64,7 @@ class ProjectionStatus:
                 "in_code": self.in_code}
 
 
-def _names_json(names: readmodels.Names) -> str | list[str]:
+def _names_json(names: typebook.Names) -> str | list[str]:
     return "all" if names is None else sorted(names)
 
 
@@ -235,7 +236,7 @@ def is_reactor(name: str) -> bool:
     return isinstance(cls, type) and issubclass(cls, Reactor)
 
 
-def types_of(name: str, recorded: readmodels.Recorded | None) -> tuple[readmodels.Names, readmodels.Names, bool]:
+def types_of(name: str, recorded: typebook.Recorded | None) -> tuple[typebook.Names, typebook.Names, bool]:
     """A read model's recorded types, the types its codes add (live workers' and this process's), and whether
     any of those codes runs it."""
     cls = registry.REGISTRY.get(name)
@@ -249,7 +250,7 @@ def types_of(name: str, recorded: readmodels.Recorded | None) -> tuple[readmodel
     for code in codes:
         if code is None and built is not None:
             return built, None, True
-        if not readmodels.covers(built, code):
+        if not typebook.covers(built, code):
             added |= (code or frozenset()) - (built or frozenset())
     return built, frozenset(added), bool(codes)
 
@@ -270,7 +271,7 @@ async def collect(pool: db.Pool, schema: str, prefix: str, connection: AbstractC
     holds = {(lease.projection, lease.partition): lease.held for lease in live}
     rows: list[ProjectionStatus] = []
     partition_lags: list[PartitionStatus] = []
-    types = await readmodels.recorded(pool, lease_seconds)
+    types = await typebook.recorded(pool, lease_seconds)
     for name in names:
         measured = await lag.measure(pool, name)
         partition_lags += [PartitionStatus(name, n, owners.get((name, n)), measured.partitions.get(n, 0),

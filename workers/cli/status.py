@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 from aio_pika.abc import AbstractConnection
 
-from workers import readmodels
 from workers.admin.status import AMQP_TIMEOUT, ReactorStatus, Report, collect
 from workers.config import Settings
 from workers.errors import BrokerUnavailable
+from workers.rebuild import typebook
 from workers.runtime import amqp, lifecycle, redact, retry
 
 #: Partitions ``status`` lists without ``--partitions``: the slowest.
@@ -45,7 +45,6 @@ def render(report: Report, *, all_partitions: bool = False) -> str:
     text = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths,
                                                                                                strict=True)))
             for line in lines]
-    text += _types(report)
     text.append(f"outbox: {report.outbox_pending:,} pending, oldest {report.outbox_oldest_age_seconds:.1f}s")
     if report.reactors:
         reactors: list[tuple[str, ...]] = [("REACTOR", "DEADLINES PENDING", "NEXT DUE", "FIRED", "REFUSALS")]
@@ -55,6 +54,7 @@ def render(report: Report, *, all_partitions: bool = False) -> str:
     text.append(f"broker: {report.broker.describe()}")
     if report.broker.warning is not None:
         text.append(f"warning: {report.broker.warning}")
+    text += _types(report)
     projections = [p.name for p in report.projections]
     text.append("")
     if report.workers:
@@ -80,10 +80,10 @@ def render(report: Report, *, all_partitions: bool = False) -> str:
 
 def _types(report: Report) -> list[str]:
     """Each read model's handled types; the changes waiting for a rebuild; the read models no code runs."""
-    text = ["types: " + "; ".join(f"{p.name} {readmodels.describe(p.handled)}" for p in report.projections)]
+    text = ["types: " + "; ".join(f"{p.name} {typebook.describe(p.handled)}" for p in report.projections)]
     for p in report.projections:
         if p.types_pending:
-            added = "every event" if p.types_added is None else readmodels.describe(p.types_added)
+            added = "every event" if p.types_added is None else typebook.describe(p.types_added)
             text.append(f"types pending: {p.name} handles {added} in newer code: its workers rebuild it from the "
                         f"store once no worker of other code runs it (or: eventfleet rebuild {p.name})")
         if not p.in_code:

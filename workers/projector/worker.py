@@ -96,7 +96,7 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
                              lease_seconds=settings.lease_seconds)
         stack.push_async_callback(_leave, keeper)
         # Before it consumes: the types its code handles are recorded, and the read models it adds types to
-        # are rebuilt beside the consumers once no worker of other code runs them (workers/readmodels.py).
+        # are rebuilt beside the consumers once no worker of other code runs them (workers/rebuild/typebook.py).
         pending = await _retrying(lambda: typechange.register(pool, keeper.worker_id, projections), health_, stop)
         if pending is None:
             return stats

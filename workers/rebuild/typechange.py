@@ -1,4 +1,4 @@
-"""A worker's side of read models whose types changed (the rule: ``workers/readmodels.py``).
+"""A worker's side of read models whose types changed (the rule: ``workers/typebook.py``).
 
 ``register`` runs once as the worker starts, before it consumes: its code's types are recorded. ``watch`` runs
 beside the consumers: every few seconds it says the worker still runs its read models, and for each read model
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from projections.base import Projection
 from store import db
 from store.event_store import EventStore
-from workers import errors, readmodels
-from workers.rebuild import reader, shadow
+from workers import errors
+from workers.rebuild import reader, shadow, typebook
 from workers.runtime import retry
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ LOOKS_PER_LEASE = 3
 async def register(pool: db.Pool, worker: str, projections: Sequence[Projection]) -> list[type[Projection]]:
     """Record the types of the worker's read models and that it runs them; return those pending a rebuild."""
     async with pool.acquire() as conn:
-        changes = await readmodels.register(conn, [type(p) for p in projections], worker=worker)
+        changes = await typebook.register(conn, [type(p) for p in projections], worker=worker)
     return [type(p) for p in projections if changes[p.name].pending]
 
 
@@ -37,9 +37,9 @@ async def settle_once(store: EventStore, projection: type[Projection], *, lease_
     """If no worker of other code runs ``projection``: rebuild it and record its code's types. Returns whether
     its types are recorded now (False: other code runs it, another process rebuilds it, or other code ran
     during the rebuild)."""
-    code = readmodels.code_of(projection)
-    started = await readmodels.since(store.pool, lease_seconds)
-    if others := await readmodels.other_code(store.pool, projection.name, code, started):
+    code = typebook.code_of(projection)
+    started = await typebook.since(store.pool, lease_seconds)
+    if others := await typebook.other_code(store.pool, projection.name, code, started):
         logger.info("read model with new types waits for the workers of other code to stop", extra={
             "projection": projection.name, "workers": [str(o) for o in others]})
         return False
@@ -50,7 +50,7 @@ async def settle_once(store: EventStore, projection: type[Projection], *, lease_
     logger.info("read model rebuilt for its new types", extra={
         "projection": projection.name, "events": result.events, "seconds": round(result.seconds, 3)})
     async with store.pool.acquire() as conn:
-        return not await readmodels.settle(conn, projection, started)
+        return not await typebook.settle(conn, projection, started)
 
 
 async def watch(store: EventStore, worker: str, pending: Sequence[type[Projection]], *, lease_seconds: float,
@@ -60,7 +60,7 @@ async def watch(store: EventStore, worker: str, pending: Sequence[type[Projectio
     pause = lease_seconds / LOOKS_PER_LEASE
     while True:
         try:
-            await readmodels.refresh(store.pool, worker, lease_seconds)
+            await typebook.refresh(store.pool, worker, lease_seconds)
             for projection in list(waiting):
                 if await settle_once(store, projection, lease_seconds=lease_seconds, batch_bytes=batch_bytes):
                     waiting.remove(projection)

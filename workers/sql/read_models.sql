@@ -1,4 +1,4 @@
--- The event types of read models (workers/readmodels.py): what each read model was built with
+-- The event types of read models (workers/rebuild/typebook.py): what each read model was built with
 -- (read_model_types) and what the code of each worker running it handles (read_model_workers). Arrays of names
 -- are sorted; NULL stands for every event.
 

@@ -1,5 +1,5 @@
 -- The event types each read model's tables and checkpoints were built with, and the types the code of each
--- worker running it handles (workers/readmodels.py). A release that adds a type to a read model finds the
+-- worker running it handles (workers/rebuild/typebook.py). A release that adds a type to a read model finds the
 -- read model's past events of that type behind its checkpoints, never applied: the read model is rebuilt from
 -- the store with the new code once no worker of other code runs it, and only then records the new types.
 

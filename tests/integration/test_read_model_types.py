@@ -1,0 +1,221 @@
+"""A read model's handled types across releases (issue 25 item 5): recorded per read model, narrowed at once when
+a release handles fewer, and a type added later applied from the store by a rebuild once no worker of other code
+runs the read model, exactly once and in the order a fresh build would have.
+
+``parcels`` keeps, per order, the letters of the events it applied in order (P: placed, S: shipped): an event
+applied twice, missed or out of its place shows in the string."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import ClassVar, LiteralString
+
+import pytest
+
+from eventfleet.examples.orders.events import OrderPlaced, OrderShipped
+from projections.base import Projection, handles
+from projections.reactor import Effects, Reactor
+from store import EventStore, db
+from store.event_store import RecordedEvent
+from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS, Cleanup, delete_topology
+from tests.integration.test_rebuild_helpers import all_events, drop_shadows, write_orders
+from workers import projector, rebuild
+from workers.config import Settings
+from workers.rebuild import typebook, typechange
+from workers.runtime import health
+
+pytestmark = pytest.mark.usefixtures(drop_shadows.__name__)
+
+#: Seconds a worker row stays "running" after its last refresh, in these tests.
+LEASE = 3.0
+
+
+class ParcelsV1(Projection):
+    """The read model as the older release has it: placements only."""
+
+    name = "parcels"
+    tables = ("parcels",)
+    ddl: ClassVar[LiteralString] = "CREATE TABLE IF NOT EXISTS parcels (order_id text PRIMARY KEY, log text NOT NULL)"
+
+    @handles(OrderPlaced)
+    async def placed(self, conn: db.Conn, event: RecordedEvent) -> None:
+        await conn.execute("INSERT INTO parcels AS p VALUES ($1, 'P') ON CONFLICT (order_id)"
+                           " DO UPDATE SET log = p.log || 'P'", event.event.order_id)
+
+
+class ParcelsV2(ParcelsV1):
+    """The next release: shipments too (an UPDATE: applied before its placement, it would change nothing)."""
+
+    @handles(OrderShipped)
+    async def shipped(self, conn: db.Conn, event: RecordedEvent) -> None:
+        await conn.execute("UPDATE parcels SET log = log || 'S' WHERE order_id = $1", event.event.order_id)
+
+
+class Notifier(Reactor):
+    """A reactor whose next release reacts to shipments too."""
+
+    name = "notifier"
+
+    @handles(OrderPlaced, OrderShipped)
+    async def noticed(self, fx: Effects, event: RecordedEvent) -> None:
+        pass
+
+
+async def expected(event_store: EventStore, projection: type[Projection]) -> dict[str, str]:
+    """The fold of the store with ``projection``'s handlers, each stream in version order."""
+    letters = {OrderPlaced: "P", OrderShipped: "S"}
+    rows: dict[str, str] = {}
+    for e in await all_events(event_store):
+        if projection().handles_event(e) and (isinstance(e.event, OrderPlaced) or e.event.order_id in rows):
+            rows[e.event.order_id] = rows.get(e.event.order_id, "") + letters[type(e.event)]
+    return rows
+
+
+async def parcels(pool: db.Pool) -> dict[str, str]:
+    return {r["order_id"]: r["log"] for r in await pool.fetch("SELECT order_id, log FROM parcels")}
+
+
+async def recorded(pool: db.Pool, name: str = "parcels") -> list[str] | None:
+    handled: list[str] | None = await pool.fetchval("SELECT handled FROM read_model_types WHERE projection = $1", name)
+    return handled
+
+
+async def register(pool: db.Pool, projection: type[Projection], worker: str | None) -> typebook.Change:
+    async with pool.acquire() as conn:
+        return (await typebook.register(conn, [projection], worker=worker))[projection.name]
+
+
+async def gone(pool: db.Pool, worker: str) -> None:
+    """The worker stopped long ago: silent for an hour."""
+    await pool.execute("UPDATE read_model_workers SET seen_at = seen_at - interval '1 hour' WHERE worker_id = $1",
+                       worker)
+
+
+@pytest.fixture
+async def built_by_v1(pool: db.Pool, event_store: EventStore) -> dict[str, str]:
+    """A store of 60 orders and ``parcels`` as the older release built it, run by its worker ``old``."""
+    await write_orders(event_store, 60, random.Random(25))
+    await rebuild.rebuild(pool, event_store, ParcelsV1)
+    await register(pool, ParcelsV1, "old")
+    rows = await parcels(pool)
+    assert rows == await expected(event_store, ParcelsV1)
+    assert rows != await expected(event_store, ParcelsV2)  # some orders were shipped
+    return rows
+
+
+async def test_migrate_records_the_types_each_registered_read_model_handles(pool: db.Pool) -> None:
+    rows = {r["projection"]: (r["handled"], r["tables"])
+            for r in await pool.fetch("SELECT projection, handled, tables FROM read_model_types")}
+    assert rows == {
+        "customer_stats": (["OrderCancelled", "OrderPaid", "OrderPlaced"], ["customer_stats"]),
+        "order_summary": (["OrderCancelled", "OrderPaid", "OrderPlaced", "OrderShipped"], ["order_summary"]),
+    }
+
+
+async def test_a_read_model_seen_first_records_its_codes_types(pool: db.Pool) -> None:
+    change = await register(pool, ParcelsV2, "w1")
+    assert (change.built, change.pending) == (frozenset({"OrderPlaced", "OrderShipped"}), False)
+    assert await recorded(pool) == ["OrderPlaced", "OrderShipped"]
+
+
+async def test_code_handling_fewer_types_narrows_the_record_at_once_with_nothing_to_rebuild(pool: db.Pool) -> None:
+    await register(pool, ParcelsV2, "w1")
+    change = await register(pool, ParcelsV1, "w2")
+    assert (change.built, change.pending) == (frozenset({"OrderPlaced"}), False)
+    assert await recorded(pool) == ["OrderPlaced"]
+
+
+async def test_code_adding_a_type_leaves_the_record_and_is_pending(pool: db.Pool, built_by_v1: dict[str, str]) -> None:
+    change = await register(pool, ParcelsV2, "new")
+    assert (change.pending, change.added) == (True, frozenset({"OrderShipped"}))
+    assert await recorded(pool) == ["OrderPlaced"]
+
+
+async def test_the_new_type_waits_while_a_worker_of_the_older_code_runs_the_read_model(
+        pool: db.Pool, event_store: EventStore, built_by_v1: dict[str, str]) -> None:
+    assert await typechange.register(pool, "new", [ParcelsV2()]) == [ParcelsV2]
+    assert not await typechange.settle_once(event_store, ParcelsV2, lease_seconds=LEASE)
+    assert await parcels(pool) == built_by_v1
+    assert await recorded(pool) == ["OrderPlaced"]
+
+
+async def test_the_new_types_past_events_are_applied_once_in_order_when_the_older_code_is_gone(
+        pool: db.Pool, event_store: EventStore, built_by_v1: dict[str, str]) -> None:
+    await typechange.register(pool, "new", [ParcelsV2()])
+    await gone(pool, "old")
+    assert await typechange.settle_once(event_store, ParcelsV2, lease_seconds=LEASE)
+    assert await parcels(pool) == await expected(event_store, ParcelsV2)
+    assert await recorded(pool) == ["OrderPlaced", "OrderShipped"]
+    # The older code's row, silent since before the rebuild, is forgotten with the settlement.
+    assert await pool.fetchval("SELECT count(*) FROM read_model_workers WHERE worker_id = 'old'") == 0
+
+
+async def test_a_worker_of_older_code_running_during_the_rebuild_keeps_the_type_pending(
+        pool: db.Pool, built_by_v1: dict[str, str]) -> None:
+    await typechange.register(pool, "new", [ParcelsV2()])
+    await gone(pool, "old")
+    started = await typebook.since(pool, 0)
+    await register(pool, ParcelsV1, "old-restarted")  # a pod of the older release restarted meanwhile
+    async with pool.acquire() as conn:
+        others = await typebook.settle(conn, ParcelsV2, started)
+    assert [(o.worker_id, o.handled, o.unknown) for o in others] == [("old-restarted", frozenset({"OrderPlaced"}),
+                                                                      False)]
+    assert await recorded(pool) == ["OrderPlaced"]
+
+
+async def test_a_worker_of_older_code_started_after_the_settlement_makes_the_type_pending_again(
+        pool: db.Pool, event_store: EventStore, built_by_v1: dict[str, str]) -> None:
+    await typechange.register(pool, "new", [ParcelsV2()])
+    await gone(pool, "old")
+    assert await typechange.settle_once(event_store, ParcelsV2, lease_seconds=LEASE)
+    await register(pool, ParcelsV1, "old-again")
+    assert await recorded(pool) == ["OrderPlaced"]
+    assert (await register(pool, ParcelsV2, "new")).pending
+
+
+async def test_a_registered_worker_of_a_release_that_records_no_types_counts_as_other_code(
+        pool: db.Pool, event_store: EventStore, built_by_v1: dict[str, str]) -> None:
+    await typechange.register(pool, "new", [ParcelsV2()])
+    await gone(pool, "old")
+    await pool.execute("INSERT INTO workers (worker_id, projections, expires_at)"
+                       " VALUES ('before-0014', '{parcels}', clock_timestamp() + interval '1 minute')")
+    others = await typebook.other_code(pool, "parcels", typebook.code_of(ParcelsV2),
+                                         await typebook.since(pool, LEASE))
+    assert [(o.worker_id, o.unknown) for o in others] == [("before-0014", True)]
+    assert not await typechange.settle_once(event_store, ParcelsV2, lease_seconds=LEASE)
+    assert await recorded(pool) == ["OrderPlaced"]
+
+
+async def test_a_reactors_new_types_are_recorded_at_once(pool: db.Pool) -> None:
+    # Its past shipments are not replayed (that would act on them again): its new types are its types from now on.
+    await pool.execute("INSERT INTO read_model_types (projection, handled) VALUES ('notifier', '{OrderPlaced}')")
+    change = await register(pool, Notifier, "w1")
+    assert not change.pending
+    assert await recorded(pool, "notifier") == ["OrderPlaced", "OrderShipped"]
+
+
+async def test_a_worker_of_the_new_release_rebuilds_the_read_model_itself_and_records_its_types(
+        pool: db.Pool, event_store: EventStore, schema: str, prefix: str, cleanup: Cleanup,
+        built_by_v1: dict[str, str]) -> None:
+    await gone(pool, "old")
+
+    async def delete_queues() -> None:
+        await delete_topology(prefix, ["parcels"], PARTITIONS)
+
+    cleanup(delete_queues)
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0,
+                        lease_seconds=LEASE)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(projector.run_worker(settings, [ParcelsV2()], health.Health(), stop, pool=pool))
+    try:
+        deadline = time.monotonic() + 60
+        while await recorded(pool) != ["OrderPlaced", "OrderShipped"]:
+            assert time.monotonic() < deadline, "the worker did not rebuild the read model"
+            assert not worker.done(), worker
+            await asyncio.sleep(0.05)
+        assert await parcels(pool) == await expected(event_store, ParcelsV2)
+    finally:
+        stop.set()
+        await asyncio.wait_for(worker, 30)
