@@ -8,10 +8,15 @@ applied twice, missed or out of its place shows in the string."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
+import subprocess
+import sys
 import time
-from typing import ClassVar, LiteralString
+from typing import Any, ClassVar, LiteralString
 
+import aio_pika
 import pytest
 
 from eventfleet.examples.orders.events import OrderPlaced, OrderShipped
@@ -21,7 +26,7 @@ from store import EventStore, db
 from store.event_store import RecordedEvent
 from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS, Cleanup, delete_topology
 from tests.integration.test_rebuild_helpers import all_events, drop_shadows, write_orders
-from workers import projector, rebuild
+from workers import broker, projector, rebuild
 from workers.config import Settings
 from workers.rebuild import typebook, typechange
 from workers.runtime import health
@@ -219,3 +224,132 @@ async def test_a_worker_of_the_new_release_rebuilds_the_read_model_itself_and_re
     finally:
         stop.set()
         await asyncio.wait_for(worker, 30)
+
+
+# --- status and retire, as processes ------------------------------------------------------------------------------
+
+
+async def command(schema: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EVENTFLEET_DATABASE_URL": DATABASE_URL, "EVENTFLEET_AMQP_URL": AMQP_URL,
+           "EVENTFLEET_SCHEMA": schema, "EVENTFLEET_PREFIX": prefix, "EVENTFLEET_LEASE_SECONDS": "600"}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "workers", *args, env=env,
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+
+
+def types_of(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    row = next(r for r in doc["projections"] if r["name"] == name)
+    return {k: row[k] for k in ("handled", "types_pending", "types_added", "in_code")}
+
+
+async def test_status_shows_each_read_models_types_and_a_change_waiting_for_a_rebuild(
+        pool: db.Pool, schema: str, prefix: str, built_by_v1: dict[str, str]) -> None:
+    await typechange.register(pool, "new", [ParcelsV2()])
+    result = await command(schema, prefix, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert types_of(doc, "parcels") == {"handled": ["OrderPlaced"], "types_pending": True,
+                                        "types_added": ["OrderShipped"], "in_code": True}
+    assert types_of(doc, "customer_stats") == {"handled": ["OrderCancelled", "OrderPaid", "OrderPlaced"],
+                                               "types_pending": False, "types_added": [], "in_code": True}
+    lines = (await command(schema, prefix, "status")).stdout.splitlines()
+    assert ("types: customer_stats OrderCancelled, OrderPaid, OrderPlaced; order_summary OrderCancelled, OrderPaid, "
+            "OrderPlaced, OrderShipped; parcels OrderPlaced") in lines
+    assert ("types pending: parcels handles OrderShipped in newer code: its workers rebuild it from the store once "
+            "no worker of other code runs it (or: eventfleet rebuild parcels)") in lines
+
+
+async def test_status_shows_a_read_model_no_code_runs_as_no_longer_in_the_code(
+        pool: db.Pool, schema: str, prefix: str, built_by_v1: dict[str, str]) -> None:
+    await gone(pool, "old")
+    result = await command(schema, prefix, "status", "--json")
+    assert types_of(json.loads(result.stdout), "parcels") == {"handled": ["OrderPlaced"], "types_pending": False,
+                                                              "types_added": [], "in_code": False}
+    lines = (await command(schema, prefix, "status")).stdout.splitlines()
+    assert ("not in the code: parcels: no worker runs it, yet its queues still fill on the broker; eventfleet retire "
+            "parcels removes its queues and bookkeeping (--drop-tables: its tables)") in lines
+
+
+@pytest.fixture
+async def parcel_queues(prefix: str, cleanup: Cleanup) -> list[str]:
+    """The partition queues and DLQ of ``parcels``, declared as its workers did."""
+    names = broker.Names(prefix)
+
+    async def delete_queues() -> None:
+        await delete_topology(prefix, ["parcels"], PARTITIONS)
+
+    cleanup(delete_queues)
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        await broker.declare_partitions(channel, names, ["parcels"], PARTITIONS)
+    return [*(names.partition_queue("parcels", i) for i in range(PARTITIONS)), names.dead_letter_queue("parcels")]
+
+
+async def existing_queues(queues: list[str]) -> list[str]:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        return [q for q in queues if await broker.passive_queue(connection, q) is not None]
+
+
+async def kept_of_parcels(pool: db.Pool) -> dict[str, int]:
+    """Rows of ``parcels`` in each bookkeeping table, and whether its table exists."""
+    counts = {table: await pool.fetchval(f"SELECT count(*) FROM {table} WHERE projection = 'parcels'")
+              for table in ("checkpoints", "projection_status", "read_model_types", "read_model_workers")}
+    counts["table"] = int(await pool.fetchval("SELECT to_regclass('parcels') IS NOT NULL"))
+    return counts
+
+
+async def test_retire_without_yes_lists_what_it_would_remove_and_removes_nothing(
+        pool: db.Pool, schema: str, prefix: str, built_by_v1: dict[str, str], parcel_queues: list[str]) -> None:
+    await gone(pool, "old")
+    before = await kept_of_parcels(pool)
+    result = await command(schema, prefix, "retire", "parcels")
+    assert result.returncode == 2
+    assert f"  queues: {', '.join(parcel_queues)}" in result.stderr.splitlines()
+    assert "  kept (--drop-tables drops them): tables parcels" in result.stderr.splitlines()
+    assert await existing_queues(parcel_queues) == parcel_queues
+    assert await kept_of_parcels(pool) == before
+
+
+async def test_retire_removes_the_queues_and_bookkeeping_and_keeps_the_tables(
+        pool: db.Pool, schema: str, prefix: str, built_by_v1: dict[str, str], parcel_queues: list[str]) -> None:
+    await gone(pool, "old")
+    others = await pool.fetchval("SELECT count(*) FROM read_model_types WHERE projection <> 'parcels'")
+    shadow = rebuild.shadow_schema(schema, "parcels")
+    await pool.execute(f'CREATE SCHEMA "{shadow}"')  # a rebuild of it killed once
+    result = await command(schema, prefix, "retire", "parcels", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert await existing_queues(parcel_queues) == []
+    assert await pool.fetchval("SELECT to_regnamespace($1)", shadow) is None
+    assert await kept_of_parcels(pool) == {"checkpoints": 0, "projection_status": 0, "read_model_types": 0,
+                                           "read_model_workers": 0, "table": 1}
+    assert await pool.fetchval("SELECT count(*) FROM read_model_types") == others
+
+
+async def test_retire_with_drop_tables_drops_the_tables_its_types_record(
+        pool: db.Pool, schema: str, prefix: str, built_by_v1: dict[str, str], parcel_queues: list[str]) -> None:
+    await gone(pool, "old")
+    result = await command(schema, prefix, "retire", "parcels", "--drop-tables", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert "retired parcels: tables: parcels" in result.stdout.splitlines()
+    assert (await kept_of_parcels(pool))["table"] == 0
+
+
+async def test_retire_is_refused_while_a_worker_runs_the_read_model(
+        pool: db.Pool, schema: str, prefix: str, built_by_v1: dict[str, str], parcel_queues: list[str]) -> None:
+    result = await command(schema, prefix, "retire", "parcels", "--yes")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "eventfleet retire: read model 'parcels' is run by live workers old: deploy the workers without it first")
+    assert await existing_queues(parcel_queues) == parcel_queues
+    assert (await kept_of_parcels(pool))["read_model_types"] == 1
+
+
+async def test_retire_is_refused_for_a_read_model_in_the_code(schema: str, prefix: str) -> None:
+    result = await command(schema, prefix, "retire", "customer_stats", "--yes")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "eventfleet retire: read model 'customer_stats' is in the loaded code")
