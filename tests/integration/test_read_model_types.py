@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, LiteralString
 
 import aio_pika
@@ -24,6 +25,7 @@ from projections.base import Projection, handles
 from projections.reactor import Effects, Reactor
 from store import EventStore, db
 from store.event_store import RecordedEvent
+from store.partitions import partition_of
 from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS, Cleanup, delete_topology
 from tests.integration.test_rebuild_helpers import all_events, drop_shadows, write_orders
 from workers import broker, projector, rebuild
@@ -224,6 +226,75 @@ async def test_a_worker_of_the_new_release_rebuilds_the_read_model_itself_and_re
     finally:
         stop.set()
         await asyncio.wait_for(worker, 30)
+
+
+
+async def publish(event_store: EventStore, prefix: str, streams: list[str]) -> None:
+    """Publish the streams' events to their partitions, as the relay does."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel(on_return_raises=True)
+        exchange = await channel.get_exchange(broker.Names(prefix).partitions_exchange)
+        for stream in streams:
+            events = await event_store.load(stream)
+            partition = partition_of(stream, PARTITIONS)
+            await exchange.publish(broker.events_message(partition, events), routing_key=str(partition),
+                                   mandatory=True)
+
+
+async def until(condition: Callable[[], Awaitable[bool]], what: str, *workers: asyncio.Task[Any]) -> None:
+    deadline = time.monotonic() + 90
+    while not await condition():
+        assert time.monotonic() < deadline, what
+        for worker in workers:
+            assert not worker.done(), worker
+        await asyncio.sleep(0.05)
+
+
+async def test_a_rolling_upgrade_that_adds_a_type_ends_with_every_event_applied_once_in_order(
+        pool: db.Pool, event_store: EventStore, schema: str, prefix: str, cleanup: Cleanup,
+        built_by_v1: dict[str, str]) -> None:
+    """Workers of both releases consume side by side while events arrive; the older one stops; the newer one
+    rebuilds the read model; later events arrive through its queues: the read model is the fold of the store."""
+    await gone(pool, "old")
+
+    async def delete_queues() -> None:
+        await delete_topology(prefix, ["parcels"], PARTITIONS)
+
+    cleanup(delete_queues)
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0,
+                        lease_seconds=LEASE)
+    stop_old, stop_new = asyncio.Event(), asyncio.Event()
+    old = asyncio.create_task(projector.run_worker(settings, [ParcelsV1()], health.Health(), stop_old))
+    new = asyncio.create_task(projector.run_worker(settings, [ParcelsV2()], health.Health(), stop_new))
+    try:
+        async def both_hold_partitions() -> bool:
+            owners = await pool.fetch("SELECT DISTINCT owner FROM leases WHERE projection = 'parcels'"
+                                      " AND expires_at > clock_timestamp()")
+            return len(owners) == 2
+
+        await until(both_hold_partitions, "the two workers did not share the partitions", old, new)
+        await write_orders(event_store, 30, random.Random(7), prefix="during")
+        await publish(event_store, prefix, [f"order-during{i}" for i in range(30)])
+        stop_old.set()
+        await asyncio.wait_for(old, 30)
+
+        async def recorded_v2() -> bool:
+            return await recorded(pool) == ["OrderPlaced", "OrderShipped"]
+
+        await until(recorded_v2, "the newer worker did not rebuild the read model", new)
+        await write_orders(event_store, 30, random.Random(8), prefix="after")
+        await publish(event_store, prefix, [f"order-after{i}" for i in range(30)])
+        want = await expected(event_store, ParcelsV2)
+
+        async def folded() -> bool:
+            return await parcels(pool) == want
+
+        await until(folded, "the read model is not the fold of the store", new)
+    finally:
+        stop_old.set()
+        stop_new.set()
+        await asyncio.wait_for(asyncio.gather(old, new, return_exceptions=True), 30)
 
 
 # --- status and retire, as processes ------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 #: Looks per lease: how often a worker says it runs its read models, and looks at the pending ones.
 LOOKS_PER_LEASE = 3
+#: The longest wait before trying again a rebuild that failed (doubling from a look's pause).
+LONGEST_RETRY_SECONDS = 300.0
 
 
 async def register(pool: db.Pool, worker: str, projections: Sequence[Projection]) -> list[type[Projection]]:
@@ -58,17 +60,28 @@ async def watch(store: EventStore, worker: str, pending: Sequence[type[Projectio
     """Until cancelled: refresh the worker's rows, and settle the pending read models (see the module doc)."""
     waiting = list(pending)
     pause = lease_seconds / LOOKS_PER_LEASE
+    loop = asyncio.get_running_loop()
+    next_try = {p.name: 0.0 for p in waiting}  # loop time; pushed back after each failed rebuild
+    failures = dict.fromkeys(next_try, 0)
     while True:
         try:
             await typebook.refresh(store.pool, worker, lease_seconds)
-            for projection in list(waiting):
-                if await settle_once(store, projection, lease_seconds=lease_seconds, batch_bytes=batch_bytes):
-                    waiting.remove(projection)
         except retry.OUTAGE_ERRORS as exc:
             logger.warning("read-model types: database unavailable; looking again later",
                            extra={"error": f"{type(exc).__name__}: {exc}"})
-        except Exception:
-            # A rebuild that fails (a handler's bug, no right to create its shadow schema) must not stop the
-            # live consumers: the read model stays pending, status says so, and the next look tries again.
-            logger.exception("rebuild of a read model with new types failed; it stays pending")
+        for projection in [p for p in waiting if next_try[p.name] <= loop.time()]:
+            try:
+                if await settle_once(store, projection, lease_seconds=lease_seconds, batch_bytes=batch_bytes):
+                    waiting.remove(projection)
+            except retry.OUTAGE_ERRORS as exc:
+                logger.warning("read-model types: database unavailable; looking again later",
+                               extra={"error": f"{type(exc).__name__}: {exc}"})
+            except Exception:
+                # A rebuild that fails (a handler's bug, no right to create its shadow schema) must not stop the
+                # live consumers: the read model stays pending (status says so) and is tried again later.
+                failures[projection.name] += 1
+                wait = min(pause * 2 ** failures[projection.name], LONGEST_RETRY_SECONDS)
+                next_try[projection.name] = loop.time() + wait
+                logger.exception("rebuild of a read model with new types failed; it stays pending", extra={
+                    "projection": projection.name, "retry_in_seconds": round(wait, 1)})
         await asyncio.sleep(pause)
