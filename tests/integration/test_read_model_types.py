@@ -8,6 +8,7 @@ applied twice, missed or out of its place shows in the string."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -180,6 +181,28 @@ async def test_a_worker_of_older_code_started_after_the_settlement_makes_the_typ
     await register(pool, ParcelsV1, "old-again")
     assert await recorded(pool) == ["OrderPlaced"]
     assert (await register(pool, ParcelsV2, "new")).pending
+
+
+async def test_the_newer_workers_rebuild_again_after_a_worker_of_older_code_came_and_went(
+        pool: db.Pool, event_store: EventStore, built_by_v1: dict[str, str]) -> None:
+    await typechange.register(pool, "new", [ParcelsV2()])
+    await gone(pool, "old")
+    watching = asyncio.create_task(typechange.watch(event_store, "new", [ParcelsV2], lease_seconds=LEASE))
+    try:
+        async def recorded_v2() -> bool:
+            return await recorded(pool) == ["OrderPlaced", "OrderShipped"]
+
+        await until(recorded_v2, "the watch did not rebuild the read model", watching)
+        await register(pool, ParcelsV1, "old-again")  # a pod of the older release, started after the settlement
+        await pool.execute("UPDATE parcels SET log = 'P' WHERE log LIKE 'P%S%'")  # it applied no shipment
+        assert await recorded(pool) == ["OrderPlaced"]
+        await gone(pool, "old-again")
+        await until(recorded_v2, "the watch did not rebuild the read model again", watching)
+        assert await parcels(pool) == await expected(event_store, ParcelsV2)
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
 
 
 async def test_a_registered_worker_of_a_release_that_records_no_types_counts_as_other_code(

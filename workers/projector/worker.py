@@ -97,8 +97,7 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
         stack.push_async_callback(_leave, keeper)
         # Before it consumes: the types its code handles are recorded, and the read models it adds types to
         # are rebuilt beside the consumers once no worker of other code runs them (workers/rebuild/typebook.py).
-        pending = await _retrying(lambda: typechange.register(pool, keeper.worker_id, projections), health_, stop)
-        if pending is None:
+        if await _retrying(lambda: typechange.register(pool, keeper.worker_id, projections), health_, stop) is None:
             return stats
         progress = Progress(stats)
         fleets: list[Fleet] = []
@@ -110,7 +109,7 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
 
         background = {"lag monitor": lag.run_lag_monitor(pool, [p.name for p in projections], health=health_,
                                                          measured=measured, partitions=partitions)}
-        background["read-model types"] = typechange.watch(store, keeper.worker_id, pending,
+        background["read-model types"] = typechange.watch(store, keeper.worker_id, [type(p) for p in projections],
                                                           lease_seconds=settings.lease_seconds,
                                                           batch_bytes=settings.read_bytes)
         if settings.progress_seconds:

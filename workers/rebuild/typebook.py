@@ -130,6 +130,16 @@ async def refresh(conn: db.Conn | db.Pool, worker: str, lease_seconds: float) ->
         await conn.execute(SQL["forget_workers"], 2 * lease_seconds)
 
 
+async def pending(conn: db.Conn | db.Pool, projections: Sequence[type[Projection]]) -> list[type[Projection]]:
+    """Those of ``projections`` whose code handles types their read model's record lacks (none recorded: not
+    pending, the next registration records them). Never a reactor: its types are recorded as they come."""
+    async with db.translate_errors():
+        rows = await conn.fetch(SQL["built"], [p.name for p in projections])
+    built = {r["projection"]: from_array(r["handled"]) for r in rows}
+    return [p for p in projections
+            if p.name in built and not issubclass(p, Reactor) and not covers(built[p.name], code_of(p))]
+
+
 async def since(conn: db.Conn | db.Pool, seconds: float) -> dt.datetime:
     """The database's clock ``seconds`` ago."""
     async with db.translate_errors():

@@ -55,24 +55,26 @@ async def settle_once(store: EventStore, projection: type[Projection], *, lease_
         return not await typebook.settle(conn, projection, started)
 
 
-async def watch(store: EventStore, worker: str, pending: Sequence[type[Projection]], *, lease_seconds: float,
-                batch_bytes: int = reader.READ_BYTES) -> None:
-    """Until cancelled: refresh the worker's rows, and settle the pending read models (see the module doc)."""
-    waiting = list(pending)
+async def watch(store: EventStore, worker: str, projections: Sequence[type[Projection]], *,
+                lease_seconds: float, batch_bytes: int = reader.READ_BYTES) -> None:
+    """Until cancelled: refresh the worker's rows, and settle those of its read models that are pending now (a
+    worker of older code started after a settlement makes one pending again; another worker's settlement ends
+    it). See the module doc."""
     pause = lease_seconds / LOOKS_PER_LEASE
     loop = asyncio.get_running_loop()
-    next_try = {p.name: 0.0 for p in waiting}  # loop time; pushed back after each failed rebuild
+    next_try = {p.name: 0.0 for p in projections}  # loop time; pushed back after each failed rebuild
     failures = dict.fromkeys(next_try, 0)
     while True:
         try:
             await typebook.refresh(store.pool, worker, lease_seconds)
+            waiting = await typebook.pending(store.pool, projections)
         except retry.OUTAGE_ERRORS as exc:
             logger.warning("read-model types: database unavailable; looking again later",
                            extra={"error": f"{type(exc).__name__}: {exc}"})
+            waiting = []
         for projection in [p for p in waiting if next_try[p.name] <= loop.time()]:
             try:
-                if await settle_once(store, projection, lease_seconds=lease_seconds, batch_bytes=batch_bytes):
-                    waiting.remove(projection)
+                await settle_once(store, projection, lease_seconds=lease_seconds, batch_bytes=batch_bytes)
             except retry.OUTAGE_ERRORS as exc:
                 logger.warning("read-model types: database unavailable; looking again later",
                                extra={"error": f"{type(exc).__name__}: {exc}"})
@@ -84,4 +86,6 @@ async def watch(store: EventStore, worker: str, pending: Sequence[type[Projectio
                 next_try[projection.name] = loop.time() + wait
                 logger.exception("rebuild of a read model with new types failed; it stays pending", extra={
                     "projection": projection.name, "retry_in_seconds": round(wait, 1)})
+            else:
+                failures[projection.name] = 0
         await asyncio.sleep(pause)

@@ -66,3 +66,7 @@ SELECT projection, handled, tables FROM read_model_types ORDER BY projection;
 SELECT DISTINCT r.projection, r.handled FROM read_model_workers AS r
 WHERE r.seen_at > clock_timestamp() - make_interval(secs => $1)
 ORDER BY r.projection;
+
+-- name: built
+-- The recorded types of read models $1.
+SELECT projection, handled FROM read_model_types WHERE projection = ANY($1::text[]);
