@@ -447,3 +447,18 @@ async def test_retire_is_refused_for_a_read_model_in_the_code(schema: str, prefi
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(
         "eventfleet retire: read model 'customer_stats' is in the loaded code")
+
+
+async def test_rebuild_by_hand_records_the_new_types_once_no_worker_of_other_code_runs_it(
+        pool: db.Pool, event_store: EventStore, schema: str, prefix: str, built_by_v1: dict[str, str]) -> None:
+    refused = await command(schema, prefix, "rebuild", "parcels", "--projection-module", "tests.integration.parcels_v2")
+    assert refused.returncode == 0, refused.stderr
+    assert ("  types it handles (OrderPlaced, OrderShipped) not recorded: workers of other code ran it meanwhile: "
+            "old (handles OrderPlaced); rebuild it again once they stopped") in refused.stdout.splitlines()
+    assert await recorded(pool) == ["OrderPlaced"]
+    await gone(pool, "old")
+    ran = await command(schema, prefix, "rebuild", "parcels", "--projection-module", "tests.integration.parcels_v2")
+    assert ran.returncode == 0, ran.stderr
+    assert "  types recorded: OrderPlaced, OrderShipped" in ran.stdout.splitlines()
+    assert await recorded(pool) == ["OrderPlaced", "OrderShipped"]
+    assert await parcels(pool) == await expected(event_store, ParcelsV2)
