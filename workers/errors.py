@@ -86,6 +86,11 @@ class TeardownRefused(WorkerError):
     """This schema is not a deployment that teardown may drop."""
 
 
+class RetireRefused(WorkerError):
+    """``retire`` would remove a read model still in the code or run by a live worker, or one the deployment
+    holds nothing of; nothing was removed."""
+
+
 class DemoFailed(WorkerError):
     """The demo cannot go on; the message says why."""
 

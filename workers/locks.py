@@ -4,11 +4,12 @@
 |---|---|---|---|
 | ``projection`` | every batch applied to a projection (deliveries, catch-ups, re-drives, skips) | shared | its transaction |
 | ``projection`` | a rebuild's swap of the projection's tables | exclusive | the swap's transaction |
+| ``projection`` | ``retire`` deleting a removed read model's bookkeeping | exclusive | its transaction |
 | ``rebuild`` | a running rebuild or backfill of a projection (``status`` asks whether it is held) | try | the run (session) |
 | ``watermark`` | a re-drive or skip releasing a halted stream | exclusive | its transaction |
 | ``watermark`` | the lag monitor advancing the low watermark (skips a round if busy) | try | its transaction |
 | ``leases`` | every lease tick of every worker (heartbeat, renew, claim: workers/projector/leases.py) | exclusive | its transaction |
-| ``store.migrate.lock_key`` | ``migrate`` and the grants of ``migrate --roles`` (the store's own); ``teardown``'s drop | exclusive | its transaction |
+| ``store.migrate.lock_key`` | ``migrate`` and the grants of ``migrate --roles`` (the store's own); ``teardown``'s drop; ``retire`` | exclusive | its transaction |
 | ``store.migrate.lock_key`` | ``migrate`` filling in the partitions of events older than partitions | exclusive | the fill (session) |
 
 Keys name the deployment's schema, so two deployments on one server never contend. Whoever takes more

@@ -42,12 +42,15 @@ GRANT SELECT ON TABLE {schema}.events TO {role};
 GRANT SELECT ON TABLE {schema}.partitioning TO {role};
 
 -- name: grant_worker
--- Reads events, P, subject keys and closed streams (a reactor's follow-up passes the closed-stream trigger); writes checkpoints, projection status and dead letters, its registration and leases.
+-- Reads events, P, subject keys and closed streams (a reactor's follow-up passes the closed-stream trigger); writes
+-- checkpoints, projection status and dead letters, its registration and leases, and the event types its read
+-- models were built with and its code handles (read_model_types, read_model_workers: `status` reads them).
 GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT ON TABLE {schema}.events, {schema}.partitioning, {schema}.subject_keys, {schema}.closed_streams
     TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {schema}.checkpoints, {schema}.projection_status,
-    {schema}.dead_letters, {schema}.workers, {schema}.leases TO {role};
+    {schema}.dead_letters, {schema}.workers, {schema}.leases, {schema}.read_model_types,
+    {schema}.read_model_workers TO {role};
 
 -- name: grant_reactor
 -- A worker running reactors (projections/reactor.py, workers/projector/deadlines.py): the worker's rights

@@ -127,8 +127,8 @@ async def test_the_grants_are_exactly_the_documented_ones(schema: str, granted: 
         ("worker", "subject_keys"): "SELECT",
         ("worker", "closed_streams"): "SELECT",
         **{("worker", t): "DELETE,INSERT,SELECT,UPDATE"
-           for t in ("checkpoints", "projection_status", "dead_letters", "workers", "leases", "order_summary",
-                     "customer_stats")},
+           for t in ("checkpoints", "projection_status", "dead_letters", "workers", "leases", "read_model_types",
+                     "read_model_workers", "order_summary", "customer_stats")},
         ("reactor", "events"): "INSERT",
         ("reactor", "outbox"): "INSERT",
         ("reactor", "deadlines"): "DELETE,INSERT,SELECT,UPDATE",

@@ -72,7 +72,7 @@ async def test_json_reports_the_exact_lag_parked_queue_depth_and_outbox(pool, sc
                              "default_node_handles": 927, "warning": None}
     for row in doc["projections"]:
         assert set(row) == {"name", "state", "applied", "lag_events", "lag_seconds", "parked", "halted",
-                            "queue_depth"}
+                            "queue_depth", "handled", "types_pending", "types_added", "in_code"}
         assert row["lag_seconds"] > 0
     got = {r["name"]: (r["state"], r["applied"], r["lag_events"], r["parked"], r["queue_depth"])
            for r in doc["projections"]}

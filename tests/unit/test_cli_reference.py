@@ -15,7 +15,7 @@ from workers import cli
 from workers.config import ENVIRONMENT, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-NEEDS_REGISTRY = ["migrate", "relay", "worker", "status", "rebuild", "dead-letters", "demo", "teardown"]
+NEEDS_REGISTRY = ["migrate", "relay", "worker", "status", "rebuild", "dead-letters", "demo", "teardown", "retire"]
 
 
 def help_of(*argv: str) -> str:

@@ -7,7 +7,7 @@ from typing import LiteralString
 
 from projections import registry
 from store import db, errors, migrate, queries, roles
-from workers.rebuild import backfill
+from workers.rebuild import backfill, typebook
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ async def run_migrate(database_url: str, schema: str, *, partitions: int | None 
         applied = await migrate.migrate(conn, schema, extra_ddl=read_model_ddl(), partitions=partitions)
         # Projections registered since the last migrate get their state; the workers backfill new ones.
         await backfill.register(conn, list(registry.load()))
+        # Their types: a new read model's are its code's; a known one's are narrowed to the code's (types a
+        # release removed), while types it adds wait for a rebuild (workers/typebook.py).
+        await typebook.register(conn, list(registry.load().values()))
         return applied
     finally:
         await conn.close()

@@ -22,6 +22,7 @@ from projections.reactor import Reactor
 from store import clock, db, errors, outbox, queries
 from workers import broker, locks
 from workers.projector import lag, leases
+from workers.rebuild import typebook
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,29 @@ class ProjectionStatus:
     queue_depth: int | None
     halted: int = 0
     rebuild_running: bool = False
+    #: The event types its tables and checkpoints were built with (None: every event).
+    handled: typebook.Names = None
+    #: The types the code of its live workers (or this process's) adds to those: a change waiting for a
+    #: rebuild (workers/typebook.py); None: a code takes every event; empty: nothing pending.
+    types_added: typebook.Names = frozenset()
+    #: Whether this process's code or a live worker's runs it; False: removed from the code (``retire`` it).
+    in_code: bool = True
+
+    @property
+    def types_pending(self) -> bool:
+        return self.types_added is None or bool(self.types_added)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "applied": self.applied, "lag_events": self.lag_events,
                 "lag_seconds": round(self.lag_seconds, 3), "parked": self.parked, "halted": self.halted,
-                "queue_depth": self.queue_depth}
+                "queue_depth": self.queue_depth, "handled": _names_json(self.handled),
+                "types_pending": self.types_pending,
+                "types_added": _names_json(self.types_added) if self.types_pending else [],
+                "in_code": self.in_code}
+
+
+def _names_json(names: typebook.Names) -> str | list[str]:
+    return "all" if names is None else sorted(names)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -173,7 +192,7 @@ class Report:
 
 
 async def projection_names(pool: db.Pool) -> list[str]:
-    """Registered projections and any other with a status row, sorted."""
+    """Registered projections and any other with a status row or recorded types, sorted."""
     async with db.translate_errors():
         rows = await pool.fetch(SQL["known_projections"])
     return sorted(set(registry.load()) | {r["projection"] for r in rows})
@@ -217,9 +236,30 @@ def is_reactor(name: str) -> bool:
     return isinstance(cls, type) and issubclass(cls, Reactor)
 
 
-async def collect(pool: db.Pool, schema: str, prefix: str, connection: AbstractConnection | None) -> Report:
+def types_of(name: str, recorded: typebook.Recorded | None) -> tuple[typebook.Names, typebook.Names, bool]:
+    """A read model's recorded types, the types its codes add (live workers' and this process's), and whether
+    any of those codes runs it."""
+    cls = registry.REGISTRY.get(name)
+    codes = list(recorded.live_codes) if recorded is not None else []
+    if cls is not None:
+        codes.append(cls.handled_names())
+    # Not registered since the types were first recorded: its code's, if known.
+    code_built = cls.handled_names() if cls is not None else None
+    built = recorded.handled if recorded is not None else code_built
+    added: set[str] = set()
+    for code in codes:
+        if code is None and built is not None:
+            return built, None, True
+        if not typebook.covers(built, code):
+            added |= (code or frozenset()) - (built or frozenset())
+    return built, frozenset(added), bool(codes)
+
+
+async def collect(pool: db.Pool, schema: str, prefix: str, connection: AbstractConnection | None, *,
+                  lease_seconds: float = leases.DEFAULT_LEASE_SECONDS) -> Report:
     """Measure everything the report shows; a store whose clock is behind the ids it holds is refused (its lag
-    would read 0 while every new event waits: see store/clock.py)."""
+    would read 0 while every new event waits: see store/clock.py). ``lease_seconds``: a worker silent longer
+    is not counted among those whose code runs a read model."""
     async with pool.acquire() as conn:
         if (await clock.read(conn, schema)).behind:
             raise errors.ClockBehind()
@@ -231,6 +271,7 @@ async def collect(pool: db.Pool, schema: str, prefix: str, connection: AbstractC
     holds = {(lease.projection, lease.partition): lease.held for lease in live}
     rows: list[ProjectionStatus] = []
     partition_lags: list[PartitionStatus] = []
+    types = await typebook.recorded(pool, lease_seconds)
     for name in names:
         measured = await lag.measure(pool, name)
         partition_lags += [PartitionStatus(name, n, owners.get((name, n)), measured.partitions.get(n, 0),
@@ -242,7 +283,8 @@ async def collect(pool: db.Pool, schema: str, prefix: str, connection: AbstractC
             if row["state"] != "live":
                 running = await locks.is_held(pool, locks.rebuild(schema, name))
         rows.append(ProjectionStatus(name, row["state"], row["applied"], measured.lag_events, measured.lag_seconds,
-                                     row["parked"], depths[name], row["halted"], bool(running)))
+                                     row["parked"], depths[name], row["halted"], bool(running),
+                                     *types_of(name, types.get(name))))
     held: dict[str, dict[str, int]] = {}
     for (projection, _), owner in owners.items():
         if owner is not None:

@@ -34,6 +34,7 @@ _COMMANDS = {
     "demo": "workers.cli.demo:cmd_demo",
     "dead-letters": "workers.cli.dead_letters:cmd_dead_letters",
     "teardown": "workers.cli.teardown:cmd_teardown",
+    "retire": "workers.cli.retire:cmd_retire",
     "verify": "workers.cli.verify:cmd_verify",
     "forget": "workers.cli.forget:cmd_forget",
     "rewrap-keys": "workers.cli.forget:cmd_rewrap_keys",
@@ -109,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     teardown.add_argument("--yes", action="store_true", help="really drop; without it, list what would go, exit 2")
     teardown.add_argument("--force", action="store_true",
                           help="drop even while workers are live or a relay is connected or holds a claim")
+    retire = add("retire", "remove a read model no longer in the code: its queues (still filling on the broker), "
+                 "checkpoints, status, dead letters and rebuild shadows; its tables with --drop-tables")
+    retire.add_argument("name", metavar="NAME")
+    retire.add_argument("--drop-tables", action="store_true", dest="drop_tables",
+                        help="also drop the tables its recorded types name (kept by default)")
+    retire.add_argument("--yes", action="store_true", help="really remove; without it, list what would go, exit 2")
     verify = add("verify", "compare a projection's read model with a replay of the store (exit 1 if any row differs)")
     verify.add_argument("projection", metavar="PROJECTION")
     verify.add_argument("--json", action="store_true", help="print one JSON document")

@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractConnection
 from workers.admin.status import AMQP_TIMEOUT, ReactorStatus, Report, collect
 from workers.config import Settings
 from workers.errors import BrokerUnavailable
+from workers.rebuild import typebook
 from workers.runtime import amqp, lifecycle, redact, retry
 
 #: Partitions ``status`` lists without ``--partitions``: the slowest.
@@ -53,6 +54,7 @@ def render(report: Report, *, all_partitions: bool = False) -> str:
     text.append(f"broker: {report.broker.describe()}")
     if report.broker.warning is not None:
         text.append(f"warning: {report.broker.warning}")
+    text += _types(report)
     projections = [p.name for p in report.projections]
     text.append("")
     if report.workers:
@@ -76,6 +78,20 @@ def render(report: Report, *, all_partitions: bool = False) -> str:
     return "\n".join(text)
 
 
+def _types(report: Report) -> list[str]:
+    """Each read model's handled types; the changes waiting for a rebuild; the read models no code runs."""
+    text = ["types: " + "; ".join(f"{p.name} {typebook.describe(p.handled)}" for p in report.projections)]
+    for p in report.projections:
+        if p.types_pending:
+            added = "every event" if p.types_added is None else typebook.describe(p.types_added)
+            text.append(f"types pending: {p.name} handles {added} in newer code: its workers rebuild it from the "
+                        f"store once no worker of other code runs it (or: eventfleet rebuild {p.name})")
+        if not p.in_code:
+            text.append(f"not in the code: {p.name}: no worker runs it, yet its queues still fill on the broker; "
+                        f"eventfleet retire {p.name} removes its queues and bookkeeping (--drop-tables: its tables)")
+    return text
+
+
 async def _connect_amqp(settings: Settings) -> AbstractConnection | None:
     try:
         return await amqp.connect(settings.amqp_urls, name="eventfleet status", attempt_seconds=AMQP_TIMEOUT)
@@ -92,7 +108,8 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     connection = await _connect_amqp(settings)
     try:  # a schema not migrated: cli.main says so (SchemaNotMigrated)
         async with lifecycle.open_pool(settings, min_size=1, max_size=2) as pool:
-            report = await collect(pool, settings.schema, settings.prefix, connection)
+            report = await collect(pool, settings.schema, settings.prefix, connection,
+                                   lease_seconds=settings.lease_seconds)
     finally:
         if connection is not None:
             await connection.close()

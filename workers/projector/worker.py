@@ -27,7 +27,7 @@ from workers.projector import dlq, lag
 from workers.projector.consumer import Consumer, DecodeCache, Stats
 from workers.projector.fleet import CATCHUPS_AT_ONCE, Fleet
 from workers.projector.leases import LeaseKeeper
-from workers.rebuild import backfill
+from workers.rebuild import backfill, typechange
 from workers.runtime import amqp, health, lifecycle, retry
 
 logger = logging.getLogger(__name__)
@@ -68,8 +68,9 @@ async def consume_until_idle(pool: db.Pool, channel: AbstractChannel, projection
 
 def pool_size(projections: int) -> int:
     """Connections a worker needs: batches of its consumers in flight (they queue beyond), two per catch-up
-    at once (a read ahead of an apply), the lag monitor's one per projection, the lease ticks, one to spare."""
-    return 2 * projections + 2 * CATCHUPS_AT_ONCE + projections + 2
+    at once (a read ahead of an apply), the lag monitor's one per projection, the lease ticks, one to spare, and
+    three for the rebuild of a read model whose types changed (``typechange``: a read ahead, an apply, a look)."""
+    return 2 * projections + 2 * CATCHUPS_AT_ONCE + projections + 2 + 3
 
 
 async def run_worker(settings: Settings, projections: Sequence[Projection], health_: health.Health,
@@ -94,6 +95,10 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
         keeper = LeaseKeeper(pool, settings.schema, [p.name for p in projections], partitions,
                              lease_seconds=settings.lease_seconds)
         stack.push_async_callback(_leave, keeper)
+        # Before it consumes: the types its code handles are recorded, and the read models it adds types to
+        # are rebuilt beside the consumers once no worker of other code runs them (workers/rebuild/typebook.py).
+        if await _retrying(lambda: typechange.register(pool, keeper.worker_id, projections), health_, stop) is None:
+            return stats
         progress = Progress(stats)
         fleets: list[Fleet] = []
 
@@ -104,6 +109,9 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
 
         background = {"lag monitor": lag.run_lag_monitor(pool, [p.name for p in projections], health=health_,
                                                          measured=measured, partitions=partitions)}
+        background["read-model types"] = typechange.watch(store, keeper.worker_id, [type(p) for p in projections],
+                                                          lease_seconds=settings.lease_seconds,
+                                                          batch_bytes=settings.read_bytes)
         if settings.progress_seconds:
             background["progress"] = progress.run(settings.progress_seconds)
         logger.info("joined the fleet", extra={"worker": keeper.worker_id, "partitions": partitions,
