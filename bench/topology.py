@@ -102,10 +102,14 @@ def open_fds(pid: int) -> int | None:
         return None
 
 
+#: The node ``rabbitmqctl`` asks (``--node``; None: its default, the machine's node).
+NODE: list[str] = []
+
+
 async def rabbitmqctl(*args: str) -> str:
     if shutil.which("rabbitmqctl") is None:
         raise BenchError("rabbitmqctl is not on PATH: the broker's pid, reductions and memory come from it")
-    proc = await asyncio.create_subprocess_exec("rabbitmqctl", "-q", *args, stdout=asyncio.subprocess.PIPE,
+    proc = await asyncio.create_subprocess_exec("rabbitmqctl", "-q", *NODE, *args, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -129,29 +133,30 @@ async def broker_pid() -> int:
 
 #: One Erlang expression: the node's reductions, the shared Ra WAL's and segment writer's, each queue of the
 #: prefix's (its process: a quorum queue's Ra server, a stream's writer) and the processes of every connection
-#: named with the tag (the reader's connection supervisor tree: reader, channels, writers, limiters).
+#: named with the tag (its reader, and every process whose ``process_name`` names the connection: its channels,
+#: where a quorum queue's client state lives and a stream consumer reads the log, and their writers).
 SNAPSHOT = r"""
 Prefix = <<"%(prefix)s">>, Tag = <<"%(tag)s">>,
 Red = fun(P) when is_pid(P) -> case erlang:process_info(P, reductions) of {reductions, R} -> R; _ -> 0 end;
          (_) -> 0 end,
 Starts = fun(B, Pre) -> is_binary(B) andalso binary:longest_common_prefix([B, Pre]) =:= byte_size(Pre) end,
-Walk = fun W(S) -> lists:flatmap(fun({_, C, supervisor, _}) when is_pid(C) -> [C | W(C)];
-                                     ({_, C, _, _}) when is_pid(C) -> [C]; (_) -> [] end,
-                                  try supervisor:which_children(S) catch _:_ -> [] end) end,
 Ours = fun(R) -> try [{client_properties, CP}] = rabbit_reader:info(R, [client_properties]),
                      case lists:keyfind(<<"connection_name">>, 1, CP) of {_, _, N} -> Starts(N, Tag); _ -> false end
                  catch _:_ -> false end end,
 Conns = [R || R <- rabbit_networking:connections_local(), Ours(R)],
-Procs = lists:usort(lists:flatmap(fun(R) -> {dictionary, D} = erlang:process_info(R, dictionary),
-                                           case proplists:get_value('$ancestors', D) of
-                                               [Sup | _] when is_pid(Sup) -> [R, Sup | Walk(Sup)]; _ -> [R] end
-                                  end, Conns)),
+Names = [proplists:get_value(name, rabbit_reader:info(R, [name])) || R <- Conns],
+Mine = fun(P) -> case erlang:process_info(P, dictionary) of
+                     {dictionary, D} -> case proplists:get_value(process_name, D) of
+                                            {_, {N, _}} -> lists:member(N, Names); {_, N} -> lists:member(N, Names);
+                                            _ -> false end;
+                     _ -> false end end,
+Procs = lists:usort(Conns ++ [P || P <- erlang:processes(), Mine(P)]),
 QPid = fun({N, _Node}) when is_atom(N) -> whereis(N); (P) when is_pid(P) -> P; (_) -> undefined end,
 Qs = [{element(4, amqqueue:get_name(Q)), Red(QPid(amqqueue:get_pid(Q)))}
       || Q <- rabbit_amqqueue:list(<<"/">>), Starts(element(4, amqqueue:get_name(Q)), Prefix)],
 io:format("node ~b~n", [element(1, erlang:statistics(exact_reductions))]),
 io:format("wal ~b~n", [Red(whereis(ra_log_wal)) + Red(whereis(ra_log_segment_writer))]),
-io:format("connections ~b ~b~n", [length(Conns), lists:sum([Red(P) || P <- Procs])]),
+io:format("connections ~b ~b ~b~n", [length(Conns), lists:sum([Red(P) || P <- Procs]), length(Procs)]),
 [io:format("queue ~s ~b~n", [N, R]) || {N, R} <- Qs],
 io:format("memory ~b~n", [erlang:memory(total)]),
 io:format("handles ~b~n", [proplists:get_value(total_used, file_handle_cache:info([total_used]))]),
@@ -536,7 +541,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=25)
     parser.add_argument("--quick", action="store_true", help="200 messages, 1 s at rest: checks that it works")
     parser.add_argument("--amqp-url", default=os.environ.get("EVENTFLEET_AMQP_URL", Settings().amqp_url))
+    parser.add_argument("--node", help="the RabbitMQ node rabbitmqctl asks (default: its own default), e.g. a "
+                                       "private node of the bench's, whose CPU is then the cases' alone")
     args = parser.parse_args(argv)
+    NODE[:] = ["-n", args.node] if args.node else []
     args.topologies = [int(t) for t in args.topologies.split(",")]
     if any(t not in TOPOLOGIES for t in args.topologies):
         parser.error(f"--topologies takes some of {sorted(TOPOLOGIES)}")
@@ -588,7 +596,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
     beam = await broker_pid()
     run_tag = f"topo.{uuid.uuid4().hex[:8]}"
     print(f"bench.topology {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, load {os.getloadavg()[0]:.2f}, "
-          f"RabbitMQ pid {beam}, {args.messages} messages of {args.events} x {args.event_bytes} B, prefetch "
+          f"RabbitMQ {args.node or 'node'} pid {beam}, {args.messages} messages of {args.events} x {args.event_bytes} B, prefetch "
           f"{Settings().prefetch_messages}, window {args.window}, prefix {run_tag}", flush=True)
     results: list[Result] = []
     baselines: dict[int, list[Result]] = {}
