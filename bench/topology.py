@@ -1,7 +1,8 @@
 """What each broker topology costs RabbitMQ for M read models ("subscribers") and P partitions (issue 25, item 2).
 
     python -m bench.topology [--messages 2000] [--cases 2x4,10x4,34x4,2x16,10x16] [--topologies 1,2,3,4]
-                             [--match 0.25] [--idle 10] [--max-queues 120] [--node-max-queues 250] [--quick]
+                             [--match 0.25] [--stream-prefetch N] [--idle 10] [--max-queues 120]
+                             [--node-max-queues 250] [--node NODE] [--quick]
 
 Standalone: plain aio-pika against ``EVENTFLEET_AMQP_URL`` (no Postgres, no eventfleet processes). The
 messages are the relay's (``workers.broker.batch_message``: ``--events`` events of ``--event-bytes`` bytes of
@@ -26,12 +27,17 @@ wall time from the first publish to the last ack; RabbitMQ CPU (the node's beam.
 /proc: the whole node, so other agents' load is in it); Erlang reductions of this case's processes only
 (its queues' processes: the quorum queues' Ra servers, the streams' writers; and the processes of its two
 connections: readers, channels (where a stream consumer reads the log), writers), of the node's shared
-quorum-queue WAL and segment writer (``ra_log_wal``, ``ra_log_segment_writer``: others' writes too) and of the whole node; "RabbitMQ CPU, ours" = node CPU
-x our reductions / the node's (the isolation: reductions are per process, CPU is not; the WAL's fsyncs and
-the disk are outside both); the publisher's and the consumers' CPU (each runs in a thread of its own:
+quorum-queue WAL and segment writer (``ra_log_wal``, ``ra_log_segment_writer``: others' writes too) and of
+the whole node; "RabbitMQ CPU, ours" = node CPU x our reductions / the node's (the isolation: reductions are
+per process, CPU is not; work in NIFs and the kernel, the WAL's fsyncs, a reader's file reads, weighs little
+in reductions); the publisher's and the consumers' CPU (each runs in a thread of its own:
 ``time.thread_time``); after the run the queues' memory (``list_queues memory``), the node's memory, file
 handles (``file_handle_cache:info()``) and beam's open descriptors against the case's start; then, over
 ``--idle`` seconds with the consumers still attached, the queues' processes' reductions at rest.
+
+The broker is shared with other agents' tests: ``--node`` points rabbitmqctl at a private node of the bench's
+(with ``EVENTFLEET_AMQP_URL`` at its port; bench/TOPOLOGY-NOTES.md says how to start one), whose beam CPU is then
+the cases' alone; on the shared node the reductions are the isolation.
 
 Ratios are against topology (1) at M=2 with the same P, measured in the same run (measured first and, as a
 drift check, again last). The machine is shared: absolute figures are noisy, ratios less so.
