@@ -92,7 +92,7 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
         if partitions is None:
             return stats
         keeper = LeaseKeeper(pool, settings.schema, [p.name for p in projections], partitions,
-                             lease_seconds=settings.lease_seconds)
+                             lease_seconds=settings.lease_seconds, wait_for_peers=True)
         stack.push_async_callback(_leave, keeper)
         progress = Progress(stats)
         fleets: list[Fleet] = []
