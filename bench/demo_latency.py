@@ -1,12 +1,14 @@
 """Where the demo's end-to-end latency goes: the demo's fleet and load, with each stage's figures over time.
 
     python -m bench.demo_latency [--orders 2000] [--workers 3] [--settle] [--catchup-threshold N]
+                                 [--partitions P]
 
 The fleet of ``eventfleet demo`` (``workers.fleet``: one relay and ``--workers`` workers, the example's two read
 models and its payment_timeout reactor with a 3 s timeout, default settings otherwise) and its load
 (``run_load``, 8 writers, seed 1), started as the demo starts it: writing as soon as every process answers
 /readyz (``--settle``: only once the workers' ``eventfleet_worker_partitions_held`` gauges sum to P x
-subscribers and stay so for a second). Meanwhile:
+subscribers and stay so for a second; ``eventfleet demo`` itself waits for the leases to be dealt since
+issue 25). ``--partitions`` migrates the deployment with another P. Meanwhile:
 
 - a transient classic queue of this process bound to every partition of the partitions exchange, consumed
   without database work: recorded_at to the relay's publish reaching the broker, per event (bench.pipeline's
@@ -15,9 +17,11 @@ subscribers and stay so for a second). Meanwhile:
   to commit, per subscriber), ``eventfleet_projection_apply_seconds`` (one batch's transaction), the relay's
   ``eventfleet_relay_publish_batch_seconds`` (publish + confirm of one batch), the partitions each worker holds.
 
-Prints each stage's p50/p99 over the run and, per second of the run, the end-to-end observations, how many
-were over 0.5 s and 1 s, and the partitions each worker held: when the slow ones happened, and what the
-fleet was doing then. A diagnostic for bench/LATENCY-NOTES.md, no targets.
+Prints each stage's p50/p99 over the run, each subscriber's end to end after the first ``WARM_UP`` seconds
+(as ``eventfleet demo`` and bench.pipeline report it), the processes' CPU per event written, and, per second
+of the run, the end-to-end observations, how many were over 0.5 s and 1 s, and the partitions each worker
+held: when the slow ones happened, and what the fleet was doing then. A diagnostic for
+bench/LATENCY-NOTES.md, no targets.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import tempfile
 import time
 import uuid
@@ -44,6 +49,7 @@ E2E = "eventfleet_end_to_end_seconds_bucket"
 APPLY = "eventfleet_projection_apply_seconds_bucket"
 RELAY = "eventfleet_relay_publish_batch_seconds_bucket"
 HELD = "eventfleet_worker_partitions_held"
+WARM_UP = 2.0
 MODULES = (registry.EXAMPLE, reactors.__name__)
 
 
@@ -106,6 +112,13 @@ async def settle(processes: fleet.Fleet, expected: float, subscribers: int) -> f
         await asyncio.sleep(1 if balanced else 0.2)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
@@ -113,7 +126,7 @@ def pct(ordered: list[float], q: float) -> float:
 async def run(args: argparse.Namespace) -> None:
     name = f"bench_latency_{uuid.uuid4().hex[:8]}"
     settings = Settings.from_env().with_projection_modules(*MODULES)
-    settings = dataclasses.replace(settings, schema=name, prefix=name)
+    settings = dataclasses.replace(settings, schema=name, prefix=name, partitions=args.partitions)
     subscribers = list(registry.load(settings.projection_modules))
     env = {"EVENTFLEET_LOG_FORMAT": "text", "EVENTFLEET_EXAMPLE_PAYMENT_TIMEOUT_SECONDS": "3"}
     if args.catchup_threshold is not None:
@@ -139,6 +152,8 @@ async def run(args: argparse.Namespace) -> None:
             return Tick(at, [await processes.scrape(w) or {} for w in processes.workers],
                         await processes.scrape(relay) or {})
         start_tick = await scrape(0.0)
+        pids = {p.name: p.pid for p in processes.processes}
+        cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
         started, wall = time.perf_counter(), time.time()
         writer = asyncio.ensure_future(load.run_load(store, args.orders, concurrency=8, seed=1))
         while True:
@@ -146,11 +161,22 @@ async def run(args: argparse.Namespace) -> None:
             ticks.append(await scrape(time.perf_counter() - started))
             if writer.done() and (await progress.snapshot(pool, subscribers)).drained:
                 break
+        cpu = {name: cpu_seconds(pid) - cpu[name] for name, pid in pids.items()}
         report = writer.result()
         await observer.close()
         await processes.stop_all(30)
     print(f"{report.events} events for {args.orders} orders written in {report.seconds:.1f}s ({report.rate:.0f}/s),"
-          f" {args.workers} workers, settle {'yes' if args.settle else 'no (as the demo)'}; logs {logs}")
+          f" {args.workers} workers, P={partitions}, settle {'yes' if args.settle else 'no'}; logs {logs}")
+    workers_cpu = sum(v for k, v in cpu.items() if k.startswith("worker"))
+    print(f"  CPU ms per event written: workers {1000 * workers_cpu / report.events:.2f},"
+          f" relay {1000 * sum(v for k, v in cpu.items() if k.startswith('relay')) / report.events:.2f}")
+    warm = next((t for t in ticks if t.at >= WARM_UP), ticks[0])
+    after = diff(metrics.merge(ticks[-1].workers), metrics.merge(warm.workers), E2E)
+    for label in sorted({dict(k).get("projection", "") for k in after}):
+        part = only(after, "projection", label)
+        n, over1 = count_over(part, 1.0)
+        print(f"  {f'end to end after {warm.at:.1f}s':<36} {label:<16} p50 {1000 * metrics.quantile(0.5, part):7.1f} ms"
+              f"  p99 {1000 * metrics.quantile(0.99, part):7.1f} ms  n={n:.0f}  >1s {over1:.0f}")
     end = ticks[-1]
     merged_end, merged_start = metrics.merge(end.workers), metrics.merge(start_tick.workers)
     for stage, name_, samples_end, samples_start in (
@@ -186,6 +212,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--settle", action="store_true", help="write only once the leases are dealt and steady")
     parser.add_argument("--catchup-threshold", type=int, default=None)
+    parser.add_argument("--partitions", type=int, default=None, help="P of the deployment (the store's default)")
     asyncio.run(run(parser.parse_args()))
 
 

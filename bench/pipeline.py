@@ -2,6 +2,7 @@
 
     python -m bench.pipeline [--drain-events 60000] [--events 20000] [--es-events 6000] [--rate 500]
                              [--latency-seconds 12] [--tracing-events 10000] [--tracing-rounds 2] [--tracing-only]
+                             [--latency-only]
 
 One run, so that ratios compare figures measured minutes apart on the same noisy machine. The workload is
 order lives (placed; then cancelled, or paid and then shipped or cancelled), one event per append, split
@@ -866,6 +867,13 @@ def report_latency(rate: float, lat: Latency, note: str = "") -> None:
         flush=True)
 
 
+def report_latency_target(rate: float, lat: Latency) -> None:
+    worst99 = max(p99 for _, p99, _, _ in lat.histogram.values())
+    all_within = min(w for _, _, w, _ in lat.histogram.values())
+    print(f"{verdict(all_within >= 0.99)}  p99 end-to-end latency < 50 ms at {rate:.0f} events/s:"
+          f" {worst99 * 1000:.1f} ms ({all_within:.2%} within 50 ms)")
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -875,6 +883,16 @@ async def run(args: argparse.Namespace) -> None:
     registry.load([registry.EXAMPLE])
     lab = Lab(settings, partitions=args.partitions)
     writers = args.writers
+    if args.latency_only:
+        print(f"bench.pipeline, latency only: {args.rate:.0f} events/s for {args.latency_seconds:.0f}s, {writers}"
+              f" writers, {args.partitions} partitions; load average {os.getloadavg()[0]:.2f}", flush=True)
+        try:
+            lat = await latency(lab, plan(int(args.rate * args.latency_seconds), writers), args.rate)
+            report_latency(args.rate, lat)
+            report_latency_target(args.rate, lat)
+        finally:
+            await lab.close()
+        return
     if args.tracing_only:
         print(f"bench.pipeline, tracing only: {args.tracing_events} events per run, {args.tracing_rounds} rounds,"
               f" {writers} writers; load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -942,8 +960,6 @@ async def run(args: argparse.Namespace) -> None:
         print(f"{verdict(half99 < 0.1)}  p99 < 100 ms at half the highest sustained rate ({sustained / 2:.0f}"
               f" events/s): {half99 * 1000:.1f} ms")
         base, one, three = e2e[0].rate, e2e[1].rate, e2e[3].rate
-        worst99 = max(p99 for _, p99, _, _ in lat.histogram.values())
-        all_within = min(w for _, _, w, _ in lat.histogram.values())
         print(f"{verdict(t.drained.current >= 0.5 * t.ceiling)}  one worker >= 50% of the batched upsert ceiling"
               f" (batches of {settings.batch_size}): {t.drained.current / t.ceiling:.0%} (until its queues were"
               f" empty as well: {t.drained.queues_empty / t.ceiling:.0%}; catch-up off: "
@@ -952,8 +968,7 @@ async def run(args: argparse.Namespace) -> None:
               f" catch-up's batches of {settings.catchup_batch_size}: {t.drained.current / t.ceiling_large:.0%}")
         print(f"{verdict(one >= 0.8 * base)}  end to end (1 worker) >= 80% of the hand-written pipeline:"
               f" {one / base:.0%} (3 workers: {three / base:.0%})")
-        print(f"{verdict(all_within >= 0.99)}  p99 end-to-end latency < 50 ms at {args.rate:.0f} events/s:"
-              f" {worst99 * 1000:.1f} ms ({all_within:.2%} within 50 ms)")
+        report_latency_target(args.rate, lat)
         print(f"{verdict(t.appended >= 5 * t.es_saved)}  append >= 5x eventsourcing at {writers} writers:"
               f" {t.appended / t.es_saved:.1f}x")
         print(f"{verdict(t.drained.current >= 4 * t.es_projected)}  projection (1 worker) >= 4x eventsourcing:"
@@ -991,6 +1006,8 @@ def main() -> None:
                              " append: our writers, relay and one in-process worker); 0 skips it")
     parser.add_argument("--tracing-rounds", type=int, default=2, help="runs of every tracing mode")
     parser.add_argument("--tracing-only", action="store_true", help="run the tracing comparison alone")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="run the paced latency phase alone (relay + 1 worker process at --rate)")
     args = parser.parse_args()
     # The in-process worker, ceiling and library baseline run with the process settings of eventfleet's own
     # commands (workers.cli), as do the subprocesses.

@@ -36,6 +36,11 @@ async def test_demo_runs_the_fleet_verifies_every_row_and_cleans_up():
     assert re.search(r"order_summary\s+200 rows\s+match", out)
     assert re.search(r"customer_stats\s+[\d,]+ rows\s+match", out)
     assert re.search(r"end to end:\s+p50 [\d,]+ ms, p99 [\d,]+ ms", out)
+    # Each subscriber's latency apart, read models and the reactor, after the leases were dealt.
+    subscribers = re.findall(r"^\s+(\w+)\s+p50\s+[\d,]+ ms, p99\s+[\d,]+ ms\s+\((reactor|read model),", out, re.MULTILINE)
+    assert dict(subscribers) == {"customer_stats": "read model", "order_summary": "read model",
+                                 "payment_timeout": "reactor"}
+    assert re.search(r"3 workers ready after [\d.]+s, their leases dealt [\d.]+s later", out)
     assert re.search(r"[\d,]+ duplicates skipped, [\d,]+ gaps filled", out)
     assert "lag 0 events" in result.stderr
     found = re.search(r"schema and prefix (eventfleet_demo_\w+)", out)

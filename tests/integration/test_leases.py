@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import types
 
+import aio_pika
 from hypothesis import given
 from hypothesis import strategies as st
 
+from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from store import db
+from store.event_store import EventStore
+from tests.conftest import AMQP_URL, DATABASE_URL
+from workers.config import Settings
 from workers.projector import leases
+from workers.projector.consumer import Stats
+from workers.projector.fleet import Fleet, _Running
 from workers.projector.leases import LeaseKeeper, fair_share
+from workers.runtime import health
 
 P = 4
 PROJECTIONS = ["customer_stats", "order_summary"]
@@ -23,8 +32,9 @@ def test_fair_shares_add_up_to_the_partitions_and_differ_by_at_most_one(partitio
 
 
 def keeper(pool: db.Pool, schema: str, name: str, *, lease_seconds: float = 15.0,
-           projections: list[str] | None = None) -> LeaseKeeper:
-    return LeaseKeeper(pool, schema, projections or PROJECTIONS, P, lease_seconds=lease_seconds, worker=name)
+           projections: list[str] | None = None, wait_for_peers: bool = False) -> LeaseKeeper:
+    return LeaseKeeper(pool, schema, projections or PROJECTIONS, P, lease_seconds=lease_seconds, worker=name,
+                       wait_for_peers=wait_for_peers)
 
 
 async def test_a_lone_worker_takes_every_partition_of_every_projection_on_its_first_tick(pool, schema):
@@ -33,6 +43,59 @@ async def test_a_lone_worker_takes_every_partition_of_every_projection_on_its_fi
     assert tick.acquired == {p: [0, 1, 2, 3] for p in PROJECTIONS}
     assert tick.settled
     assert a.held == {p: {0, 1, 2, 3} for p in PROJECTIONS}
+
+
+async def test_workers_started_together_each_claim_their_share_without_a_handover(pool, schema):
+    a, b = (keeper(pool, schema, name, wait_for_peers=True) for name in ("a", "b"))
+    # a registers alone, b joins; each claims once it saw the same live workers two ticks running.
+    ticks = [await w.tick() for _ in range(3) for w in (a, b)]
+    assert [t.surplus for t in ticks] == [{}] * 6
+    assert [t.acquired for t in ticks] == [{}, {}, {}, {p: [0, 1] for p in PROJECTIONS},
+                                           {p: [2, 3] for p in PROJECTIONS}, {}]
+    assert ((await a.tick()).settled, (await b.tick()).settled) == (True, True)
+
+
+async def test_a_worker_waiting_for_peers_claims_everything_once_none_registered_over_a_tick(pool, schema):
+    a = keeper(pool, schema, "a", wait_for_peers=True)
+    assert (await a.tick()).acquired == {}
+    assert (await a.tick()).acquired == {p: [0, 1, 2, 3] for p in PROJECTIONS}
+
+
+async def test_a_worker_over_its_share_tells_every_surplus_consumer_to_leave_before_waiting_for_any(
+        pool, schema, prefix):
+    # Each surplus consumer here ends only once every surplus consumer was told to leave: a fleet that stopped
+    # them one after the other (waiting for each one's batch in flight) would never get past the first.
+    a, b = keeper(pool, schema, "a"), keeper(pool, schema, "b")
+    await a.tick()
+    await b.tick()
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
+    connection = await aio_pika.connect(AMQP_URL)
+    fleet = Fleet(EventStore(pool, schema=schema), connection, a, [CustomerStats(), OrderSummary()], settings,
+                  health.Health(), {p: Stats() for p in PROJECTIONS})
+    surplus = {(p, n): asyncio.Event() for p in PROJECTIONS for n in (2, 3)}
+
+    async def consuming(leave: asyncio.Event) -> None:
+        await leave.wait()
+        if any(leave is told for told in surplus.values()):
+            await asyncio.gather(*(told.wait() for told in surplus.values()))
+
+    try:
+        for p in PROJECTIONS:
+            for n in range(P):
+                leave = surplus.get((p, n), asyncio.Event())
+                consumer = types.SimpleNamespace(channel=await connection.channel())
+                fleet.running[(p, n)] = _Running(consumer, asyncio.create_task(consuming(leave)), leave)  # type: ignore[arg-type]
+        tick = await a.tick()
+        assert tick.surplus == {p: [2, 3] for p in PROJECTIONS}
+        async with asyncio.timeout(30):  # a guard against the deadlock above, not a measurement
+            await fleet._follow(tick, asyncio.Event())
+        assert sorted(fleet.running) == [(p, n) for p in PROJECTIONS for n in (0, 1)]
+        assert (await b.tick()).acquired == {p: [2, 3] for p in PROJECTIONS}
+    finally:
+        for running in fleet.running.values():
+            running.task.cancel()
+        await fleet.copies.close()
+        await connection.close()
 
 
 async def test_a_joining_worker_gets_its_share_once_the_other_gives_its_surplus_up(pool, schema):

@@ -1,12 +1,16 @@
-"""Where a deployment's pipeline stands: written, published, applied by the slowest projection, and the lag."""
+"""Where a deployment's pipeline stands: written, published, applied by the slowest projection, and the lag;
+and whether the workers' leases are dealt."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sys
+import time
+from collections.abc import Sequence
 
 from store import db, queries
-from workers.projector import lag
+from workers.projector import lag, leases
 
 SQL = queries.load("workers", "ops.sql")
 
@@ -49,3 +53,25 @@ def show(s: Snapshot, final: bool = False) -> None:
         print("\r" + line.ljust(110), end="\n" if final else "", file=sys.stderr, flush=True)
     else:
         print(line, file=sys.stderr, flush=True)
+
+
+async def dealt(pool: db.Pool, projections: Sequence[str], partitions: int, workers: int) -> bool:
+    """Every projection's ``partitions`` are leased to ``min(workers, partitions)`` live workers whose shares
+    differ by at most one: no handover is due."""
+    held: dict[str, dict[str, int]] = {p: {} for p in projections}
+    for lease in await leases.owners(pool):
+        if lease.owner is not None and lease.live and lease.projection in held:
+            held[lease.projection][lease.owner] = held[lease.projection].get(lease.owner, 0) + 1
+    return all(len(shares) == min(workers, partitions) and sum(shares.values()) == partitions
+               and max(shares.values()) - min(shares.values()) <= 1 for shares in held.values())
+
+
+async def wait_dealt(pool: db.Pool, projections: Sequence[str], partitions: int, workers: int,
+                     within: float) -> float | None:
+    """Wait until the leases are ``dealt``; the seconds waited, or None if they were not within ``within``."""
+    began = time.monotonic()
+    while not await dealt(pool, projections, partitions, workers):
+        if time.monotonic() - began > within:
+            return None
+        await asyncio.sleep(0.1)
+    return time.monotonic() - began

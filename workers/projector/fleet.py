@@ -106,19 +106,20 @@ class Fleet:
         self._check_consumers()
 
     async def _follow(self, tick: Tick, stop: asyncio.Event) -> None:
+        """Stop the consumers of every partition lost or given up at once (each after its batch in flight), then
+        release the given-up ones, then start the consumers of the partitions acquired: one step each, whatever
+        the number of partitions and projections, so a handover costs the slowest batch in flight, not their sum."""
+        await self._stop_many([(p, n) for lost_or_surplus in (tick.lost, tick.surplus)
+                               for p, partitions in lost_or_surplus.items() for n in partitions])
         for projection, partitions in tick.lost.items():
-            for partition in partitions:
-                await self._stop(projection, partition)
             metrics.REBALANCES.labels(projection).inc(len(partitions))
+        if tick.surplus:
+            await asyncio.gather(*(self.keeper.release(p, partitions) for p, partitions in tick.surplus.items()))
         for projection, partitions in tick.surplus.items():
-            for partition in partitions:
-                await self._stop(projection, partition)
-            await self.keeper.release(projection, partitions)
             metrics.REBALANCES.labels(projection).inc(len(partitions))
             logger.info("partitions handed over", extra={"projection": projection, "partitions": partitions})
+        await asyncio.gather(*(self._start(p, n, stop) for p, partitions in tick.acquired.items() for n in partitions))
         for projection, partitions in tick.acquired.items():
-            for partition in partitions:
-                await self._start(projection, partition, stop)
             metrics.REBALANCES.labels(projection).inc(len(partitions))
             logger.info("partitions acquired", extra={"projection": projection, "partitions": partitions})
 
@@ -156,9 +157,15 @@ class Fleet:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(channel.close(), 5)
 
+    async def _stop_many(self, keys: Sequence[tuple[str, int]]) -> None:
+        """Stop these consumers together: every one is told to leave first, then each is waited for."""
+        for key in keys:
+            if (running := self.running.get(key)) is not None:
+                running.leave.set()
+        await asyncio.gather(*(self._stop(p, n) for p, n in keys))
+
     async def _stop_all(self) -> None:
-        for projection, partition in list(self.running):
-            running = self.running[(projection, partition)]
+        for running in self.running.values():
             running.leave.set()
         await asyncio.gather(*(self._stop(p, n) for p, n in list(self.running)), return_exceptions=True)
 

@@ -8,6 +8,13 @@ its share is told which partitions to give up (``Tick.surplus``): it stops their
 in flight, then ``release``s them, and the others claim them on their next tick. On SIGTERM ``leave``
 frees everything at once; a killed worker's leases expire after ``lease_seconds``.
 
+Workers started together (a deployment, the demo) register a moment apart. A keeper made with
+``wait_for_peers`` (the worker's) claims nothing on its first ticks until the live workers of a projection are
+the same two ticks running (at most for a lease period): each then claims its share of the free partitions
+once, instead of the first one claiming all of them and handing most back partition by partition while the
+load is already flowing (each handover stops a consumer after its batch, returns its buffered deliveries to
+the queue, and waits for the new owner's next tick).
+
 Exactly-once never depends on a lease. A worker that lost one (a pause longer than the lease) may still
 be applying a batch while the new owner starts; the per-stream checkpoints in both transactions decide,
 so the overlap costs duplicates, never a double effect. RabbitMQ's single active consumer per partition
@@ -20,6 +27,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Sequence
 
@@ -65,13 +73,19 @@ class LeaseKeeper:
     """One worker process's registration and leases (``tick`` every ``interval`` seconds)."""
 
     def __init__(self, pool: db.Pool, schema: str, projections: Sequence[str], partitions: int, *,
-                 lease_seconds: float = DEFAULT_LEASE_SECONDS, worker: str | None = None) -> None:
+                 lease_seconds: float = DEFAULT_LEASE_SECONDS, worker: str | None = None,
+                 wait_for_peers: bool = False) -> None:
         self.pool, self.schema, self.partitions = pool, schema, partitions
         self.projections = list(projections)
         self.lease_seconds = lease_seconds
         self.worker_id = worker or worker_id()
         #: The partitions this worker holds now, per projection (as of the last tick).
         self.held: dict[str, set[int]] = {p: set() for p in self.projections}
+        #: Projections whose first claim waits for the live workers to stay the same over a tick (see the
+        #: module doc), with the live workers each saw at the last tick; and when the first tick was.
+        self._joining: dict[str, tuple[str, ...] | None] = (
+            dict.fromkeys(self.projections) if wait_for_peers else {})
+        self._first_tick: float | None = None
 
     @property
     def interval(self) -> float:
@@ -80,6 +94,9 @@ class LeaseKeeper:
     async def tick(self) -> Tick:
         """Heartbeat, renew, and claim up to the fair share; see the module doc."""
         result = Tick()
+        now = time.monotonic()
+        if self._first_tick is None:
+            self._first_tick = now
         async with db.translate_errors(), self.pool.acquire() as conn, conn.transaction():
             await locks.take(conn, locks.leases(self.schema))
             await conn.execute(SQL["heartbeat"], self.worker_id, self.projections, self.lease_seconds)
@@ -93,7 +110,9 @@ class LeaseKeeper:
                 if lost := sorted(before - renewed):
                     result.lost[projection] = lost
                 acquired: list[int] = []
-                if len(renewed) < share:
+                if self._still_joining(projection, tuple(live), now):
+                    result.settled = False  # peers are still registering: claim with them next tick
+                elif len(renewed) < share:
                     rows = await conn.fetch(SQL["claim"], self.worker_id, projection, self.lease_seconds,
                                             share - len(renewed), self.partitions)
                     acquired = sorted(r["partition"] for r in rows)
@@ -110,6 +129,18 @@ class LeaseKeeper:
             logger.warning("leases lost (expired before renewal)", extra={
                 "worker": self.worker_id, "projection": projection, "partitions": partitions})
         return result
+
+    def _still_joining(self, projection: str, live: tuple[str, ...], now: float) -> bool:
+        """Whether the first claim of ``projection`` waits: the live workers changed since the last tick (or
+        this is the first), within a lease period of the first tick."""
+        if projection not in self._joining:
+            return False
+        assert self._first_tick is not None
+        if self._joining[projection] == live or now - self._first_tick >= self.lease_seconds:
+            del self._joining[projection]
+            return False
+        self._joining[projection] = live
+        return True
 
     async def release(self, projection: str, partitions: Sequence[int]) -> None:
         """Give up leases (their consumers have stopped): free for the other workers at once."""

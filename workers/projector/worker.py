@@ -93,7 +93,7 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
         if partitions is None:
             return stats
         keeper = LeaseKeeper(pool, settings.schema, [p.name for p in projections], partitions,
-                             lease_seconds=settings.lease_seconds)
+                             lease_seconds=settings.lease_seconds, wait_for_peers=True)
         stack.push_async_callback(_leave, keeper)
         # Before it consumes: the types its code handles are recorded, and the read models it adds types to
         # are rebuilt beside the consumers once no worker of other code runs them (workers/rebuild/typebook.py).
