@@ -5,7 +5,8 @@ into it fails (``errors.StreamIsClosed``), by the events trigger, whichever path
 closed stream's events to ``events_archive`` in one transaction, audited: it writes the ``archive_log`` row
 (who, why, how many, which positions) first, and the events trigger lets the stream's rows be deleted only
 in the transaction holding that row. It appends ``StreamArchived`` to ``archived-<stream_id>`` in the same
-transaction, so the fleet hears of it.
+transaction, so the fleet hears of it. Each function takes an ``InMemoryEventStore`` too, which does the same
+in memory (store/memory.py).
 
 What stays consistent, and how:
 
@@ -28,10 +29,11 @@ from typing import TYPE_CHECKING
 
 from store import db, errors, names, queries
 from store.codec import closing
+from store.event_store import EventStore
 from store.records import NO_STREAM, RecordedEvent
 
 if TYPE_CHECKING:
-    from store.event_store import EventStore
+    from store.memory import InMemoryEventStore
 
 #: The named statements of this module, tables written ``{schema}.name``.
 TEMPLATES = queries.load("store", "archive.sql")
@@ -78,8 +80,10 @@ class ArchivePreview:
         return None
 
 
-async def preview(store: EventStore, stream_id: str) -> ArchivePreview:
+async def preview(store: EventStore | InMemoryEventStore, stream_id: str) -> ArchivePreview:
     """What ``archive`` would do with the stream now (nothing is changed or locked)."""
+    if not isinstance(store, EventStore):
+        return store._preview(stream_id)
     sql = queries.bind(TEMPLATES, store.schema)
     async with store.hot.use() as conn:
         row = await conn.fetchrow(sql["archive_preview"], names.stream_id(stream_id))
@@ -92,10 +96,12 @@ def _halted(stream_id: str, projections: Sequence[str]) -> errors.HaltedStream:
     return errors.HaltedStream(stream_id, f"{errors.HaltedStream.__doc__}; halted by {', '.join(projections)}")
 
 
-async def close(store: EventStore, stream_id: str, *, reason: str = "") -> int:
+async def close(store: EventStore | InMemoryEventStore, stream_id: str, *, reason: str = "") -> int:
     """Close a stream: append ``StreamClosed(reason)`` at its end and mark it closed, in one transaction;
     the event's version. ``StreamNotFound`` for a stream without events, ``StreamIsClosed`` if it is closed,
     ``VersionConflict`` if a writer appended meanwhile (call again)."""
+    if not isinstance(store, EventStore):
+        return await store._close(stream_id, reason)
     names.stream_id(stream_id)
     sql = queries.bind(TEMPLATES, store.schema)
     async with db.translate_errors(), store.pool.acquire() as conn, conn.transaction():
@@ -109,13 +115,16 @@ async def close(store: EventStore, stream_id: str, *, reason: str = "") -> int:
     return result.last_version
 
 
-async def archive(store: EventStore, stream_id: str, *, archived_by: str, reason: str) -> ArchiveEntry:
+async def archive(store: EventStore | InMemoryEventStore, stream_id: str, *, archived_by: str,
+                  reason: str) -> ArchiveEntry:
     """Move a closed stream's events to ``events_archive``, its snapshot dropped, with its ``archive_log``
     row and ``StreamArchived`` in ``archived-<stream_id>``, in one transaction; the log row.
 
     Refused (``ArchiveRefused``, nothing changed): ``StreamNotClosed``, ``AlreadyArchived``, or
     ``UnpublishedEvents`` while the outbox still holds any of its events, ``HaltedStream`` while a projection
     holds it halted at a parked dead letter."""
+    if not isinstance(store, EventStore):
+        return await store._archive(stream_id, archived_by, reason)
     names.stream_id(stream_id)
     tombstone_stream = names.stream_id(closing.archived_stream(stream_id))
     if not archived_by or not reason:
@@ -144,16 +153,20 @@ async def archive(store: EventStore, stream_id: str, *, archived_by: str, reason
     return entry
 
 
-async def archived(store: EventStore, stream_id: str) -> ArchiveEntry | None:
+async def archived(store: EventStore | InMemoryEventStore, stream_id: str) -> ArchiveEntry | None:
     """The stream's ``archive_log`` row; None when it was not archived."""
+    if not isinstance(store, EventStore):
+        return store._archive_entry(stream_id)
     sql = queries.bind(TEMPLATES, store.schema)
     async with store.hot.use() as conn:
         row = await conn.fetchrow(sql["archive_entry"], names.stream_id(stream_id))
     return None if row is None else ArchiveEntry(**dict(row))
 
 
-async def load_archived(store: EventStore, stream_id: str) -> list[RecordedEvent]:
+async def load_archived(store: EventStore | InMemoryEventStore, stream_id: str) -> list[RecordedEvent]:
     """An archived stream's events from ``events_archive``, decoded, in version order (audits, exports)."""
+    if not isinstance(store, EventStore):
+        return store._load_archived(stream_id)
     sql = queries.bind(TEMPLATES, store.schema)
     async with store.hot.use() as conn:
         rows = await conn.fetch(sql["load_archived"], names.stream_id(stream_id))

@@ -6,7 +6,9 @@ event that PostgreSQL could not store fails here too, and an event comes back as
 
 Each append call is one transaction: its events share a transaction id (a counter of appends), and every
 event takes the next global position, so ``read_all`` returns them in EventStore's (transaction id,
-global position) order. Every call yields to the event loop once before it acts, as a round trip to a
+global position) order. Streams are closed and archived as in PostgreSQL (``store.archive``'s functions take
+either store): a closed stream refuses appends (``StreamIsClosed``), an archived one's events move to an
+archive of its own, its version kept as a tombstone. Every call yields to the event loop once before it acts, as a round trip to a
 database would, so tasks racing on one stream meet ``VersionConflict`` as they would there; what a call
 checks and writes after that happens at once. tests/contract runs one suite against both stores.
 """
@@ -21,7 +23,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from store import codec, errors, names, subject_keys
-from store.codec import personal
+from store.archive import ArchiveEntry, ArchivePreview
+from store.codec import closing, personal
 from store.encoding import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     Encoded,
@@ -79,6 +82,9 @@ class InMemoryEventStore(Encoding):
         self._by_id: dict[uuid.UUID, Row] = {}
         self._snapshots: dict[str, Row] = {}
         self._transaction_id = 0
+        self._closed: dict[str, int] = {}  # closed streams' last versions (closed_streams): kept for good
+        self._archive_log: dict[str, ArchiveEntry] = {}  # archived streams' audit entries (archive_log)
+        self._archived: dict[str, list[Row]] = {}  # archived streams' events (events_archive)
 
     # --- writing ---------------------------------------------------------------------------------
 
@@ -91,11 +97,14 @@ class InMemoryEventStore(Encoding):
         context = append_context(correlation_id, causation_id)
         encoded = await self.keys.encode_with_keys(lambda: self._encode_all(events, context, stream_id))
         await asyncio.sleep(0)  # see the module's docstring
-        if self._version(stream_id) == expected_version and not self._found(encoded):
+        closed = stream_id in self._closed
+        if self._version(stream_id) == expected_version and not self._found(encoded) and not closed:
             return self._write([(stream_id, expected_version, encoded)])[0]
         existing = original_result(stream_id, expected_version, encoded, self._found(encoded), self.registry)
         if existing is not None:
             return existing
+        if closed:  # whatever the version (archived: its events gone)
+            raise errors.StreamIsClosed(stream_id)
         raise errors.VersionConflict(stream_id, expected_version, self._version(stream_id))
 
     async def append_batch(self, batch: Sequence[tuple[str, Sequence[Any], int]], *,
@@ -114,6 +123,9 @@ class InMemoryEventStore(Encoding):
         await asyncio.sleep(0)
         mismatched = [(s, x) for s, x, _ in appends if self._version(s) != x]
         if not mismatched and not any(self._found(encoded) for _, _, encoded in appends):
+            for stream_id, _, _ in appends:
+                if stream_id in self._closed:
+                    raise errors.StreamIsClosed(stream_id)
             return self._write(appends)
         results = []
         for stream_id, expected, encoded in appends:
@@ -166,9 +178,10 @@ class InMemoryEventStore(Encoding):
     # --- reading ---------------------------------------------------------------------------------
 
     async def stream_version(self, stream_id: str) -> int:
-        """The stream's current version (NO_STREAM when empty)."""
+        """The stream's current version (NO_STREAM when empty); an archived stream's last version."""
         await asyncio.sleep(0)
-        return self._version(stream_id)
+        version = self._version(stream_id)
+        return self._closed.get(stream_id, NO_STREAM) if version == NO_STREAM else version
 
     async def load(self, stream_id: str, from_version: int = 0, to_version: int | None = None) -> list[RecordedEvent]:
         """A stream's events from from_version on (up to to_version inclusive), decoded and upcast, in
@@ -251,3 +264,57 @@ class InMemoryEventStore(Encoding):
         for subject, kek_id, wrapped in stale:
             rows[subject] = keks.wrap(subject, keks.unwrap(subject, kek_id, wrapped))
         return len(stale)
+
+    # --- closing and archiving streams (store.archive) -------------------------------------------
+
+    async def _close(self, stream_id: str, reason: str) -> int:
+        """``store.archive.close`` in memory: ``StreamClosed`` appended and the stream closed at once."""
+        names.stream_id(stream_id)
+        version = await self.stream_version(stream_id)
+        if version == NO_STREAM:
+            raise errors.StreamNotFound(stream_id)
+        result = await self.append(stream_id, [closing.StreamClosed(reason)], version)
+        self._closed[stream_id] = result.last_version  # no await since the append wrote: one transaction
+        return result.last_version
+
+    async def _archive(self, stream_id: str, archived_by: str, reason: str) -> ArchiveEntry:
+        """``store.archive.archive`` in memory: the events moved, the snapshot dropped, the entry logged and
+        ``StreamArchived`` appended at once (nothing waits in an outbox, no projection halts here)."""
+        names.stream_id(stream_id)
+        tombstone_stream = names.stream_id(closing.archived_stream(stream_id))
+        if not archived_by or not reason:
+            raise errors.InvalidInput("an archival needs who (archived_by) and why (reason)")
+        await asyncio.sleep(0)
+        if stream_id not in self._closed:
+            raise errors.StreamNotClosed(stream_id)
+        if stream_id in self._archive_log:
+            raise errors.AlreadyArchived(stream_id)
+        rows = self._streams[stream_id]  # a closed stream holds its StreamClosed at least, until archived
+        entry = ArchiveEntry(len(self._archive_log) + 1, stream_id, archived_by, reason, self.clock(), len(rows),
+                             rows[0]["global_position"], rows[-1]["global_position"], rows[-1]["version"])
+        tombstone = closing.StreamArchived(stream_id, entry.archive_id, entry.events, entry.last_version,
+                                           entry.first_position, entry.last_position, reason)
+        encoded = self._encode_all([tombstone], append_context(None, None), tombstone_stream)
+        if self._version(tombstone_stream) != NO_STREAM or tombstone_stream in self._closed:
+            raise errors.VersionConflict(tombstone_stream, NO_STREAM, self._version(tombstone_stream))
+        # From here on nothing awaits: the archival is one transaction.
+        self._archived[stream_id] = self._streams.pop(stream_id)
+        moved = {id(row) for row in rows}
+        self._rows = [row for row in self._rows if id(row) not in moved]
+        for row in rows:
+            del self._by_id[row["event_id"]]
+        self._snapshots.pop(stream_id, None)
+        self._archive_log[stream_id] = entry
+        self._write([(tombstone_stream, NO_STREAM, encoded)])
+        return entry
+
+    def _archive_entry(self, stream_id: str) -> ArchiveEntry | None:
+        return self._archive_log.get(names.stream_id(stream_id))
+
+    def _load_archived(self, stream_id: str) -> list[RecordedEvent]:
+        return [record_from_row(r, self.registry) for r in self._archived.get(names.stream_id(stream_id), [])]
+
+    def _preview(self, stream_id: str) -> ArchivePreview:
+        names.stream_id(stream_id)
+        return ArchivePreview(stream_id, stream_id in self._closed, stream_id in self._archive_log,
+                              len(self._streams.get(stream_id, ())), 0)

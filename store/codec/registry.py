@@ -12,7 +12,15 @@ from store import errors
 from store.codec import closing, personal
 from store.codec.builders import build
 from store.codec.checking import _check_slowly, check
-from store.codec.cipher import Cipher, Sealed, event_aad, sealed_subjects, snapshot_aad
+from store.codec.cipher import (
+    SEALED_KEY,
+    Cipher,
+    Sealed,
+    event_aad,
+    group_subjects,
+    sealed_subjects,
+    snapshot_aad,
+)
 from store.codec.personal import PersonalField
 from store.codec.wire import packb, unpackb
 
@@ -22,6 +30,7 @@ Fields = dict[str, Any]
 Origin = tuple[uuid.UUID | None, str]
 Upcaster = Callable[[Fields], Fields]
 T = TypeVar("T")
+_ABSENT = object()
 
 
 
@@ -178,30 +187,36 @@ class Registry:
         return event_type, data
 
     def _seal(self, entry: _Registered, fields: Fields, origin: Origin | None) -> None:
-        """Replace the personal values of fields by their sealed forms (store/codec/cipher.py)."""
+        """Take the personal values out of fields and put their sealed groups under ``SEALED_KEY``
+        (store/codec/cipher.py)."""
         if self.cipher is None:
             raise errors.KeyEncryptionKeyMissing()
         if origin is None:
             raise errors.InvalidInput(f"{entry.name} has personal fields: encoding it needs its event id and stream")
         event_id, stream_id = origin
         aad = event_aad(event_id, stream_id) if event_id is not None else snapshot_aad(stream_id)
+        groups: list[bytes] = []
         for subject_field, group in entry.sealing:
             subject = personal.subject_id(fields[subject_field], f"{entry.name}.{subject_field}")
-            values = [fields[group[0].name], *(fields.pop(f.name) for f in group[1:])]
-            fields[group[0].name] = self.cipher.seal(subject, group, values, aad)
+            groups += self.cipher.seal(subject, group, [fields.pop(f.name) for f in group], aad)
+        fields[SEALED_KEY] = groups
 
     def open(self, fields: Fields, origin: Origin | None, names: list[str] | None = None) -> None:
-        """Replace the sealed values of a decoded map (under names, if known) by their values, or their
-        erased values (store/codec/cipher.py)."""
+        """Replace the sealed groups of a decoded map (under ``SEALED_KEY``; in the first layout, values of
+        type ``Sealed``, under names if known) by their values, or their erased values
+        (store/codec/cipher.py)."""
+        if SEALED_KEY in fields:
+            group_subjects(fields[SEALED_KEY])  # CorruptEvent before any other error when malformed
         if self.cipher is None:
             raise errors.KeyEncryptionKeyMissing()
         if origin is None:
             raise errors.CorruptEvent("a personal value outside an event or snapshot")
-        event_id, stream_id = origin
+        if SEALED_KEY in fields:
+            self.cipher.open_groups(fields, origin, fields.pop(SEALED_KEY))
         if names is None:
             names = [k for k, v in fields.items() if type(v) is Sealed]
-        self.cipher.open_fields(fields, event_aad(event_id, stream_id) if event_id is not None
-                                else snapshot_aad(stream_id), names)
+        if names:
+            self.cipher.open_fields(fields, origin, names)
 
     def preload_keys(self, datas: Iterable[bytes]) -> None:
         """Load the data keys the sealed values of these stored maps need in one go, before decoding them one
@@ -221,12 +236,20 @@ class Registry:
         fields = unpackb(data)
         if not isinstance(fields, dict):
             raise errors.CorruptEvent(f"{event_type} data is a {type(fields).__name__}, not a map")
-        sealed = None
-        for key, value in fields.items():
-            if type(value) is Sealed:
-                sealed = [key] if sealed is None else [*sealed, key]
-        if sealed is not None:
-            self.open(fields, origin, sealed)
+        groups = fields.pop(SEALED_KEY, _ABSENT)
+        if groups is not _ABSENT:
+            if self.cipher is not None and origin is not None:
+                self.cipher.open_groups(fields, origin, groups)
+            else:
+                fields[SEALED_KEY] = groups
+                self.open(fields, origin)  # raises, saying which is missing
+        else:
+            sealed = None  # the first layout's groups, of events stored before the second
+            for key, value in fields.items():
+                if type(value) is Sealed:
+                    sealed = [key] if sealed is None else [*sealed, key]
+            if sealed is not None:
+                self.open(fields, origin, sealed)
         for step in range(version, current.version):
             upcast = self._upcasters.get((name, step))
             if upcast is None:

@@ -24,6 +24,19 @@ class CustomerRegistered:
     plan: str
 
 
+@REG.event("MoneySent")
+@dataclasses.dataclass(frozen=True, slots=True)
+class MoneySent:
+    """Personal fields of two subjects in one event: two sealed groups."""
+
+    sender_id: str
+    sender_iban: Annotated[str, Personal(subject="sender_id")]
+    receiver_id: str
+    receiver_iban: Annotated[bytes, Personal(subject="receiver_id")]
+    receiver_name: Annotated[str | None, Personal(subject="receiver_id")]
+    amount: int
+
+
 @REG.event("CustomerCard")
 @dataclasses.dataclass(frozen=True, slots=True)
 class CustomerCard:

@@ -11,6 +11,7 @@ import pytest
 
 from store import (
     ERASED,
+    ERASED_BYTES,
     NO_STREAM,
     EventStore,
     InvalidEvent,
@@ -27,6 +28,7 @@ from tests.contract.personal import (
     UPCASTER_SAW,
     CustomerCard,
     CustomerRegistered,
+    MoneySent,
     Renamed,
     RenamedV1,
     registered,
@@ -61,9 +63,9 @@ async def test_personal_values_are_stored_sealed_and_everything_else_in_the_clea
     assert b"ann@example.com" not in event.data
     assert b"+33 1 23" not in event.data
     stored = msgpack.unpackb(event.data)
-    # The subject's personal values are sealed together, under the first of them.
-    assert sorted(stored) == ["customer_id", "email", "plan"]
-    assert (stored["customer_id"], stored["plan"], type(stored["email"]).__name__) == ("c1", "gold", "ExtType")
+    # The subject's personal values are sealed together, as one group under the key "": head, nonce, ciphertext.
+    assert sorted(stored) == ["", "customer_id", "plan"]
+    assert (stored["customer_id"], stored["plan"], [type(part) for part in stored[""]]) == ("c1", "gold", [bytes] * 3)
 
 
 async def test_forgetting_a_subject_erases_its_personal_fields_and_keeps_the_rest(personal_store):
@@ -76,6 +78,26 @@ async def test_forgetting_a_subject_erases_its_personal_fields_and_keeps_the_res
     assert (str(erased.event.email), erased.event.phone, erased.event.plan) == ("", None, "gold")
     assert erased.event.email != ""  # the erased value equals no real value
     assert kept.event == registered("c2", "bob@example.com")
+
+
+async def test_an_append_batch_of_several_subjects_reads_back_and_a_forget_erases_only_its_own(personal_store):
+    await personal_store.append_batch([("customer-1", [registered("c1")], NO_STREAM),
+                                       ("customer-2", [registered("c2", "bob@example.com")], NO_STREAM)])
+    await personal_store.forget("c2")
+    loaded = {s: [e.event for e in await personal_store.load(s)] for s in ("customer-1", "customer-2")}
+    assert loaded == {"customer-1": [registered("c1")], "customer-2": [registered("c2", ERASED, None)]}
+
+
+async def test_personal_fields_of_two_subjects_in_one_event_are_forgotten_each_on_its_own(personal_store):
+    sent = MoneySent("c1", "FR76 3000 6000", "c2", b"DE89 3704 0044", "Bob", 100)
+    await personal_store.append("transfer-1", [sent], NO_STREAM)
+    assert [e.event for e in await personal_store.load("transfer-1")] == [sent]
+    await personal_store.forget("c2")
+    (event,) = await personal_store.load("transfer-1")
+    assert event.event == MoneySent("c1", "FR76 3000 6000", "c2", ERASED_BYTES, None, 100)
+    await personal_store.forget("c1")
+    (event,) = await personal_store.load("transfer-1")
+    assert event.event == MoneySent("c1", ERASED, "c2", ERASED_BYTES, None, 100)
 
 
 async def test_forgetting_appends_subject_forgotten_to_the_subjects_stream_once(personal_store):

@@ -11,10 +11,12 @@ from typing import Annotated
 
 import msgpack
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from store import ERASED, ERASED_BYTES, Erased, InMemoryEventStore, Personal, codec, errors
+from store.codec.cipher import sealed_subjects
 from store.subject_keys import KeyEncryptionKeys, MemoryKeyTable, SubjectKeys
-from tests.contract.personal import KEKS, REG, CustomerRegistered, registered
+from tests.contract.personal import KEKS, REG, CustomerCard, CustomerRegistered, registered
 from workers.config import Settings
 
 KEY = base64.b64encode(b"k" * 32).decode()
@@ -135,24 +137,24 @@ def test_a_key_wrapped_by_another_kek_under_the_same_id_is_a_mismatch() -> None:
 # --- the seals ------------------------------------------------------------------------------------------
 
 
-async def test_a_subjects_personal_values_are_sealed_together_under_the_first_field() -> None:
+async def test_a_subjects_personal_values_are_sealed_together_under_the_sealed_key() -> None:
     registry, keys = keyed()
     await keys.ensure(["c1"])
     _, data = registry.encode(registered(), (uuid.uuid4(), "customer-1"))
     stored = msgpack.unpackb(data)
-    assert sorted(stored) == ["customer_id", "email", "plan"]
-    assert isinstance(stored["email"], msgpack.ExtType)
-    assert stored["email"].code == 5
+    assert sorted(stored) == ["", "customer_id", "plan"]
+    head, nonce, sealed = stored[""]
+    assert head == b"\x02sn\x00\x02c1\x05email\x05phone"
+    assert (len(nonce), len(sealed)) == (12, len(msgpack.packb(["ann@example.com", "+33 1 23"])) + 16)
 
 
 async def test_every_seal_draws_a_new_nonce() -> None:
     registry, keys = keyed()
     await keys.ensure(["c1"])
     origin = (uuid.uuid4(), "customer-1")
-    first, second = (msgpack.unpackb(registry.encode(registered(), origin)[1])["email"].data for _ in range(2))
-    head = 2 + int.from_bytes(first[:2], "big")
-    assert first[:head] == second[:head]
-    assert first[head:head + 12] != second[head:head + 12]
+    first, second = (msgpack.unpackb(registry.encode(registered(), origin)[1])[""] for _ in range(2))
+    assert first[0] == second[0]
+    assert first[1] != second[1]
 
 
 @pytest.mark.parametrize("elsewhere", ["another event", "another stream"])
@@ -166,14 +168,94 @@ async def test_a_sealed_value_moved_to_another_event_or_stream_does_not_open(els
         registry.decode("CustomerRegistered.v1", data, origin)
 
 
-async def test_a_sealed_value_moved_to_another_field_does_not_open() -> None:
+async def test_a_sealed_group_given_other_field_names_does_not_open() -> None:
     registry, keys = keyed()
     await keys.ensure(["c1"])
     origin = (uuid.uuid4(), "customer-1")
     stored = msgpack.unpackb(registry.encode(registered(), origin)[1])
+    head, nonce, sealed = stored[""]
+    stored[""] = [head.replace(b"email", b"xxxxx").replace(b"phone", b"email").replace(b"xxxxx", b"phone"),
+                  nonce, sealed]
+    with pytest.raises(errors.CorruptEvent, match="does not authenticate"):
+        registry.decode("CustomerRegistered.v1", msgpack.packb(stored), origin)
+
+
+@pytest.mark.parametrize("groups", [[], [b"\x02sn\x00\x02c1\x05email\x05phone", b"n" * 12], ["head", b"", b""],
+                                    [[1], b"", b""], [b"\x02sn\x00\x02c1\x05email", b"", b""], "sealed"])
+async def test_malformed_sealed_groups_are_corrupt(groups: object) -> None:
+    registry, keys = keyed()
+    await keys.ensure(["c1"])
+    data = msgpack.packb({"customer_id": "c1", "plan": "gold", "": groups})
+    with pytest.raises(errors.CorruptEvent):
+        registry.decode("CustomerRegistered.v1", data, (uuid.uuid4(), "customer-1"))
+
+
+# --- the first layout (ext type 5 under the first field), written before the sealed key -----------------
+
+#: Written by the code of 4116818 with data key b"d" * 32 for subject c1 and nonce b"n" * 12: an event
+#: (id FIRST_LAYOUT_ID, stream customer-1), the same for subject c2 forgotten at append (stream
+#: customer-2), and a snapshot of customer-1.
+FIRST_LAYOUT_ID = uuid.UUID("00000000-0000-4000-8000-000000000001")
+FIRST_LAYOUT_EVENT = bytes.fromhex(
+    "83ab637573746f6d65725f6964a26331a5656d61696cc74505000d02736e000263310570686f6e656e6e6e6e6e6e6e6e6e6e6e6e66"
+    "485670ea3750198e0309c958b9b8650c773b9aab29eb8f6190f6e4ec70357cbea1e4c76ce9100b7458a4706c616ea4676f6c64")
+FIRST_LAYOUT_FORGOTTEN = bytes.fromhex(
+    "83ab637573746f6d65725f6964a26332a5656d61696cc70f05000d02736e000263320570686f6e65a4706c616ea4676f6c64")
+FIRST_LAYOUT_SNAPSHOT = bytes.fromhex(
+    "83ab637573746f6d65725f6964a26331a5656d61696cc7350500060173000263316e6e6e6e6e6e6e6e6e6e6e6e65485670ea3750"
+    "198e0309c958b9b8650c1783110b43c40c1f6853586a9299087aa66f726465727303")
+
+
+class FixedKeys:
+    """A keyring holding data key b"d" * 32 for subject c1, the others forgotten."""
+
+    def __init__(self, forgotten: bool = False) -> None:
+        self.forgotten = forgotten
+
+    def key(self, subject: str) -> AESGCM | None:
+        return AESGCM(b"d" * 32) if subject == "c1" and not self.forgotten else None
+
+    def preload(self, subjects: object) -> None:
+        pass
+
+
+def test_an_event_stored_in_the_first_layout_reads_as_ever() -> None:
+    registry = REG.with_cipher(codec.Cipher(FixedKeys()))
+    event = registry.decode("CustomerRegistered.v1", FIRST_LAYOUT_EVENT, (FIRST_LAYOUT_ID, "customer-1"))
+    assert event == registered()
+
+
+def test_a_snapshot_stored_in_the_first_layout_reads_as_ever() -> None:
+    registry = REG.with_cipher(codec.Cipher(FixedKeys()))
+    state = registry.decode("CustomerCard.v1", FIRST_LAYOUT_SNAPSHOT, (None, "customer-1"))
+    assert state == CustomerCard("c1", "ann@example.com", 3)
+
+
+def test_an_event_stored_in_the_first_layout_reads_erased_once_its_subject_is_forgotten() -> None:
+    registry = REG.with_cipher(codec.Cipher(FixedKeys(forgotten=True)))
+    event = registry.decode("CustomerRegistered.v1", FIRST_LAYOUT_EVENT, (FIRST_LAYOUT_ID, "customer-1"))
+    assert event == CustomerRegistered("c1", ERASED, None, "gold")
+
+
+def test_an_event_stored_in_the_first_layout_for_a_forgotten_subject_reads_erased() -> None:
+    registry = REG.with_cipher(codec.Cipher(FixedKeys()))
+    event = registry.decode("CustomerRegistered.v1", FIRST_LAYOUT_FORGOTTEN, (FIRST_LAYOUT_ID, "customer-2"))
+    assert event == CustomerRegistered("c2", ERASED, None, "gold")
+
+
+def test_a_first_layout_sealed_value_moved_to_another_field_does_not_open() -> None:
+    registry = REG.with_cipher(codec.Cipher(FixedKeys()))
+    stored = msgpack.unpackb(FIRST_LAYOUT_EVENT)
     moved = {"customer_id": "c1", "plan": stored["email"], "email": "x"}
     with pytest.raises(errors.CorruptEvent, match="does not authenticate"):
-        registry.decode("CustomerRegistered.v1", msgpack.packb(moved), origin)
+        registry.decode("CustomerRegistered.v1", msgpack.packb(moved), (FIRST_LAYOUT_ID, "customer-1"))
+
+
+async def test_the_subjects_of_both_layouts_are_found_for_preloading() -> None:
+    registry, keys = keyed()
+    await keys.ensure(["c3"])
+    _, data = registry.encode(registered("c3"), (uuid.uuid4(), "customer-3"))
+    assert sealed_subjects([FIRST_LAYOUT_EVENT, data, msgpack.packb({"plan": ""})]) == ["c1", "c3"]
 
 
 async def test_reading_sealed_values_without_a_cipher_is_a_missing_kek() -> None:
