@@ -27,6 +27,7 @@ from projections import (
     register,
     wait_for,
 )
+from projections.publication import Public, Publication, PublishUnavailable
 from projections.reactor import Deadline, Effects, Reactor
 from store import (
     ERASED,
@@ -124,6 +125,9 @@ __all__ = [
     "Position",
     "Projection",
     "PublishFailed",
+    "Public",
+    "Publication",
+    "PublishUnavailable",
     "Reactor",
     "RebuildError",
     "RecordedEvent",

@@ -44,6 +44,7 @@ from workers.config import Settings
 from workers.projector import deadlines, dlq, parking
 from workers.projector.batcher import Batcher
 from workers.projector.checkpoints import BatchResult
+from workers.publication import outlet as publication_outlet
 from workers.runtime import health, metrics, retry
 
 logger = logging.getLogger(__name__)
@@ -166,9 +167,9 @@ class Consumer:
         metrics.CAUGHT_UP.labels(projection.name)  # exported at 0 before any catch-up, not absent
 
     async def open(self) -> None:
-        """Set the prefetch (in messages); a reactor is bound to the store its follow-ups go to."""
-        if isinstance(self.projection, Reactor):
-            self.projection.bind(self.store, await self.store.partitions())
+        """Set the prefetch (in messages); the subscriber is attached (a reactor to the store its follow-ups go
+        to, a publication to its outlet)."""
+        await self.projection.attach(self.store, publication_outlet.Runtime(self.settings))
         await self.channel.set_qos(prefetch_count=self.settings.prefetch_messages)
         self._raw = await self.channel.get_underlay_channel()
 
