@@ -75,15 +75,20 @@ def consumer(service: Path, env: dict[str, str]) -> Iterator[Any]:
     queue = f"{env['EVENTFLEET_PREFIX']}.billing"
     started: list[subprocess.Popen[str]] = []
 
-    async def run(count: int) -> subprocess.Popen[str]:
+    def launch(count: int) -> subprocess.Popen[str]:
         proc = subprocess.Popen([sys.executable, "consumer.py", AMQP_URL, f"{env['EVENTFLEET_PREFIX']}.integration",
                                  queue, "billing.#", str(count)], cwd=service, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env={k: v for k, v in env.items() if k != "PYTHONPATH"})
         started.append(proc)
+        return proc
+
+    async def run(count: int) -> subprocess.Popen[str]:
+        proc = launch(count)
         deadline = time.monotonic() + 60
         while not await queue_exists(queue):  # bound before any event is published
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
         return proc
 

@@ -17,7 +17,16 @@ from cloudevents.core.formats.json import JSONFormat
 from eventfleet.examples.orders.publications import OrdersOut
 from projections import registry
 from projections.base import handles
-from projections.publication import Public, Publication, PublishUnavailable, encode_data, envelope, source_of
+from projections.publication import (
+    Public,
+    Publication,
+    PublishUnavailable,
+    attributes_of,
+    checked,
+    encode_data,
+    envelope,
+    source_of,
+)
 from store import errors
 from store.records import Position, RecordedEvent
 from tests.unit.test_projection_fold import paid, placed
@@ -114,3 +123,17 @@ def test_a_publication_is_no_read_model_to_rebuild_and_declares_no_personal_colu
 
 def test_a_broker_failure_is_an_outage_not_the_events_fault() -> None:
     assert issubclass(PublishUnavailable, errors.TransientError)
+
+
+def test_the_envelope_writes_exactly_the_headers_the_cloudevents_sdk_writes() -> None:
+    event = recorded(paid("1", "c1"), metadata={"correlation_id": "req-9", "causation_id": "cause-1",
+                                                "traceparent": TRACEPARENT, "tracestate": "k=v"})
+    public = Public("orders.paid", 2, {"amount": "1.00"})
+    out = envelope(public, event, "/eventfleet/shop/publications/p")
+    sdk = checked(attributes_of(public, event, "/eventfleet/shop/publications/p"), out.body)
+    assert (out.headers, out.content_type, out.body) == (sdk.headers, sdk.content_type, sdk.body)
+
+
+def test_an_empty_public_type_is_refused() -> None:
+    with pytest.raises(errors.InvalidInput, match="type must not be empty"):
+        envelope(Public(""), recorded(paid("1", "c1")), "/x")
