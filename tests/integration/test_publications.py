@@ -4,6 +4,7 @@ with the events' ids; a raising mapping parked; republish from a position; statu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,7 +18,7 @@ from eventfleet.examples.orders.events import OrderPaid
 from eventfleet.examples.orders.publications import OrdersOut
 from projections import registry
 from projections.base import handles
-from projections.publication import Public, Publication
+from projections.publication import Public, Publication, PublishUnavailable
 from store import NO_STREAM, EventStore, RecordedEvent, db
 from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from tests.unit.test_projection_fold import paid, placed, shipped
@@ -189,3 +190,18 @@ async def test_status_shows_a_publication_with_its_kind_and_exchange(pool, schem
     assert [p.to_json() for p in report.publications] == [
         {"name": "fussy_out", "exchange": f"{prefix}.integration", "format": "json"},
         {"name": "orders_out", "exchange": f"{prefix}.integration", "format": "json"}]
+
+
+async def test_a_broker_that_takes_nothing_is_an_outage_retried_not_a_poison_event(event_store, settings):
+    events = await orders(event_store, 2)
+    unreachable = dataclasses.replace(settings, amqp_url="amqp://guest:guest@127.0.0.1:1/",
+                                      amqp_urls=("amqp://guest:guest@127.0.0.1:1/",))
+    out = OrdersOut()
+    await out.attach(event_store, Runtime(unreachable))
+    try:
+        with pytest.raises(PublishUnavailable, match="orders_out"):
+            await parking.apply_or_park(event_store, out, events, wait=tenacity.wait_none())
+    finally:
+        await out.detach()
+    assert await event_store.pool.fetchval("SELECT count(*) FROM dead_letters") == 0
+    assert await event_store.pool.fetchval("SELECT count(*) FROM checkpoints WHERE projection = 'orders_out'") == 0
