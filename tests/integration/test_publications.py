@@ -26,11 +26,16 @@ from workers import broker, errors, projector, relay
 from workers.admin import status
 from workers.config import Settings
 from workers.projector import parking
+from workers.publication.every_event import EveryEvent
+from workers.publication.every_event_legacy import EveryEventLegacy
 from workers.publication.outlet import Runtime
 from workers.publication.republish import republish
 from workers.runtime import health
 
-registry.REGISTRY.pop(OrdersOut.name, None)  # registered by the import: only while this module's tests run
+# Registered by their imports: only while this module's tests run.
+registry.REGISTRY.pop(OrdersOut.name, None)
+registry.REGISTRY.pop(EveryEventLegacy.name, None)
+registry.REGISTRY.pop(EveryEvent.name, None)
 
 
 class Fussy(Publication):
@@ -205,3 +210,28 @@ async def test_a_broker_that_takes_nothing_is_an_outage_retried_not_a_poison_eve
         await out.detach()
     assert await event_store.pool.fetchval("SELECT count(*) FROM dead_letters") == 0
     assert await event_store.pool.fetchval("SELECT count(*) FROM checkpoints WHERE projection = 'orders_out'") == 0
+
+
+async def test_every_event_legacy_publishes_the_per_event_exchange_messages_in_stream_order(event_store, settings,
+                                                                                             prefix):
+    events = await orders(event_store, 3)
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await broker.declare_exchange(channel, broker.Names(prefix))  # {prefix}.events, as consumers do
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(exchange, "#")
+        legacy = EveryEventLegacy()
+        await legacy.attach(event_store, Runtime(settings))
+        try:
+            await parking.apply_or_park(event_store, legacy, events)
+        finally:
+            await legacy.detach()
+        messages = await received(queue, len(events))
+    decoded = [broker.from_body(m.body, event_store.registry) for m in messages]
+    assert sorted((e.stream_id, e.version, e.event_id) for e in decoded) == sorted(
+        (e.stream_id, e.version, e.event_id) for e in events)
+    assert [(m.routing_key, m.message_id, m.headers["event_type"]) for m in messages] == [
+        (e.event_type, str(e.event_id), e.event_type) for e in decoded]
+    for sid in {e.stream_id for e in events}:
+        assert [e.version for e in decoded if e.stream_id == sid] == [0, 1, 2]
