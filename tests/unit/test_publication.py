@@ -30,6 +30,8 @@ from projections.publication import (
 from store import errors
 from store.records import Position, RecordedEvent
 from tests.unit.test_projection_fold import paid, placed
+from workers.admin.status import ProjectionStatus, PublicationStatus, Report
+from workers.cli.status import render
 
 # Importing the example registered orders_out in this process: unregistered at once, so that later tests' relays,
 # workers and migrations do not run it.
@@ -137,3 +139,10 @@ def test_the_envelope_writes_exactly_the_headers_the_cloudevents_sdk_writes() ->
 def test_an_empty_public_type_is_refused() -> None:
     with pytest.raises(errors.InvalidInput, match="type must not be empty"):
         envelope(Public(""), recorded(paid("1", "c1")), "/x")
+
+
+def test_status_prints_a_table_of_publications_with_their_exchange_and_format() -> None:
+    report = Report([ProjectionStatus("orders_out", "live", 3, 0, 0.0, 0, None, kind="publication")], 0, 0.0,
+                    publications=[PublicationStatus("orders_out", "shop.integration", "json")])
+    text = render(report)
+    assert "PUBLICATION  EXCHANGE          FORMAT\norders_out   shop.integration  json" in text
