@@ -73,6 +73,11 @@ class Projection:
     #: replay would act again. Such a one is also live at once when first seen over a non-empty store: it
     #: works the history off through its queues and catch-up, never by a backfill.
     replayable: ClassVar[bool] = True
+    #: Whether its handlers append events (follow-ups): after each commit the worker counts what they did and
+    #: wakes the relay for them.
+    appends: ClassVar[bool] = False
+    #: Whether it has deadlines to fire: the worker runs a firing task per partition beside its deliveries.
+    fires_deadlines: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

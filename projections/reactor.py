@@ -360,6 +360,8 @@ class Reactor(Projection):
 
     kind: ClassVar[str] = "reactor"
     replayable: ClassVar[bool] = False
+    appends: ClassVar[bool] = True
+    fires_deadlines: ClassVar[bool] = True
 
     async def attach(self, store: EventStore, runtime: Runtime | None) -> None:
         """Bound to the store its follow-ups go to."""

@@ -441,7 +441,7 @@ class Consumer:
         s.dead_lettered += len(result.parked)
         s.batches += 1
         s.messages += messages
-        if isinstance(self.projection, Reactor):
+        if self.projection.appends:
             self._reacted(result.reacted)
         logger.debug("batch applied", extra={"projection": name, "partition": self.partition,
                                              "applied": len(result.applied), "duplicates": duplicates,
@@ -541,7 +541,7 @@ class Consumer:
         ending = False
         firing = (asyncio.create_task(self.fire_deadlines(
             lambda: ending or stop.is_set() or leave.is_set() or lost or self.channel.is_closed),
-            name=f"fire deadlines {self.queue}") if isinstance(self.projection, Reactor) else None)
+            name=f"fire deadlines {self.queue}") if self.projection.fires_deadlines else None)
         if firing is not None:
             firing.add_done_callback(wake)  # it ends early only by failing: the consumer goes down with it
         try:
