@@ -42,10 +42,11 @@ class Fussy(Publication):
     """Publishes payments; its mapping fails on the payment of order 2."""
 
     name = "fussy_out"
+    fixed = False  # the fix deployed: order 2's payment maps
 
     @handles(OrderPaid)
     def paid(self, event: RecordedEvent) -> Public:
-        if event.stream_id == "order-2":
+        if event.stream_id == "order-2" and not self.fixed:
             raise ValueError("cannot map this payment")
         return Public("fussy.paid", 1, {"order": event.stream_id})
 
@@ -235,3 +236,24 @@ async def test_every_event_legacy_publishes_the_per_event_exchange_messages_in_s
         (e.event_type, str(e.event_id), e.event_type) for e in decoded]
     for sid in {e.stream_id for e in events}:
         assert [e.version for e in decoded if e.stream_id == sid] == [0, 1, 2]
+
+
+async def test_a_parked_event_retried_after_the_fix_is_published(event_store, settings, inbox):
+    events = await orders(event_store, 3)
+    fussy = Fussy()
+    await fussy.attach(event_store, Runtime(settings))
+    try:
+        result = await parking.apply_or_park(event_store, fussy, events, wait=tenacity.wait_none())
+    finally:
+        await fussy.detach()
+    assert len(await received(inbox, 2)) == 2  # orders 0 and 1
+    fixed = Fussy()
+    fixed.fixed = True
+    done = await parking.retry(event_store, result.parked[0].dead_letter_id, lambda _: fixed,
+                               runtime=Runtime(settings))
+    await fixed.detach()
+    (message,) = await received(inbox, 1)
+    assert (done.stream_id, done.applied) == ("order-2", 2)  # the payment and the shipment held behind it
+    assert (message.headers["ce-subject"], message.headers["ce-streamversion"], message.routing_key) == (
+        "order-2", "1", "fussy.paid.v1")
+    assert await nothing_more(inbox)
