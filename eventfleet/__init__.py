@@ -27,6 +27,7 @@ from projections import (
     register,
     wait_for,
 )
+from projections.publication import Public, Publication, PublishUnavailable
 from projections.reactor import Deadline, Effects, Reactor
 from store import (
     ERASED,
@@ -123,7 +124,10 @@ __all__ = [
     "Pool",
     "Position",
     "Projection",
+    "Public",
+    "Publication",
     "PublishFailed",
+    "PublishUnavailable",
     "Reactor",
     "RebuildError",
     "RecordedEvent",

@@ -8,17 +8,31 @@ They never commit, ack, retry or log at INFO; the worker does all of that around
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, ClassVar, Literal, LiteralString, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, LiteralString, Protocol, TypeVar
 
 from projections import erasure
 from store import db
 from store.codec.personal import SubjectForgotten
 from store.codec.registry import EVENT_NAME_ATTRIBUTE
-from store.event_store import RecordedEvent
+from store.event_store import EventStore, RecordedEvent
+
+if TYPE_CHECKING:
+    from projections.publication import Outlet, Publication
 
 Policy = Literal["halt", "skip"]
 Handler = Callable[[Any, db.Conn, RecordedEvent], Awaitable[None]]
-H = TypeVar("H", bound=Callable[..., Awaitable[None]])  # a reactor's handlers take Effects, not a connection
+# A reactor's handlers take Effects, not a connection; a publication's map an event to a message.
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+class Runtime(Protocol):
+    """What a worker hands the subscribers it runs (``Projection.attach``): the deployment's name and the
+    outlets to the broker a publication publishes through."""
+
+    @property
+    def deployment(self) -> str: ...
+
+    async def outlet(self, publication: Publication) -> Outlet: ...
 
 
 def handles(*event_classes: type[Any]) -> Callable[[H], H]:
@@ -50,6 +64,21 @@ class Projection:
     personal: ClassVar[Mapping[str, tuple[str, tuple[str, ...]]]] = {}
     _handlers: ClassVar[dict[type[Any], Handler]]
 
+    # --- the runtime's hooks: what sets a kind of subscriber apart (reactors and publications override them) --
+    #: What kind of subscriber it is (``status`` shows it): ``projection`` (a read model), ``reactor``,
+    #: ``publication``.
+    kind: ClassVar[str] = "projection"
+    #: Whether its effects are its tables alone, so a rebuild or a verify may replay the store into fresh ones.
+    #: A subscriber whose effects go elsewhere (a reactor's follow-ups, a publication's messages) is not: a
+    #: replay would act again. Such a one is also live at once when first seen over a non-empty store: it
+    #: works the history off through its queues and catch-up, never by a backfill.
+    replayable: ClassVar[bool] = True
+    #: Whether its handlers append events (follow-ups): after each commit the worker counts what they did and
+    #: wakes the relay for them.
+    appends: ClassVar[bool] = False
+    #: Whether it has deadlines to fire: the worker runs a firing task per partition beside its deliveries.
+    fires_deadlines: ClassVar[bool] = False
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         found: dict[type[Any], Handler] = {}
@@ -61,6 +90,23 @@ class Projection:
             erasure.validate(cls.__name__, cls.personal, getattr(cls, "tables", None))
             found.setdefault(SubjectForgotten, Projection.forget_subject)
         cls._handlers = found
+
+    async def attach(self, store: EventStore, runtime: Runtime | None) -> None:
+        """Before its first batch in a process (each consumer calls it; the first call does the work): connect
+        it to what its effects need besides the batch's connection. ``runtime`` is None outside a worker (a
+        command's re-drive). A read model needs nothing."""
+
+    async def detach(self) -> None:
+        """When the worker's consumers of it have stopped: release what ``attach`` took."""
+
+    def begin(self, conn: db.Conn) -> None:
+        """A batch's transaction on ``conn`` is about to run its handlers (forget what an earlier one on the same
+        connection left half done)."""
+
+    async def before_commit(self, conn: db.Conn) -> None:
+        """Last in a batch's transaction on ``conn``, once its handlers all succeeded: effects that leave the
+        database happen here (a publication publishes its messages), so a commit that fails repeats them (at
+        least once) rather than loses them, and a handler that fails has done none of them."""
 
     async def forget_subject(self, conn: db.Conn, event: RecordedEvent) -> None:
         """The default handler of ``SubjectForgotten`` for a projection that declares ``personal`` columns:

@@ -51,7 +51,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, LiteralString
 
-from projections.base import Projection
+from projections.base import Projection, Runtime
 from store import codec, correlation_ids, db, errors, names, queries
 from store.aggregate import Command, Executed, Repository
 from store.event_store import EventStore
@@ -357,6 +357,15 @@ class Reactor(Projection):
     def __init__(self) -> None:
         self._store: EventStore | None = None
         self._partitions = 0
+
+    kind: ClassVar[str] = "reactor"
+    replayable: ClassVar[bool] = False
+    appends: ClassVar[bool] = True
+    fires_deadlines: ClassVar[bool] = True
+
+    async def attach(self, store: EventStore, runtime: Runtime | None) -> None:
+        """Bound to the store its follow-ups go to."""
+        self.bind(store, await store.partitions())
 
     def bind(self, store: EventStore, partitions: int) -> None:
         """The store the follow-ups go to (the worker's, with P of its schema)."""

@@ -159,7 +159,7 @@ async def delete_topology(prefix: str, projections: Iterable[str] = (), partitio
         channel = await connection.channel()
         for queue in queues:
             await channel.queue_delete(queue)
-        for exchange in (n.partitions_exchange, n.dead_letter_exchange, n.exchange):
+        for exchange in (n.partitions_exchange, n.dead_letter_exchange, n.exchange, n.integration_exchange):
             await channel.exchange_delete(exchange)
 
 

@@ -60,6 +60,11 @@ class Names:
     def partitions_exchange(self) -> str:
         return f"{self.prefix}.partitions"
 
+    @property
+    def integration_exchange(self) -> str:
+        """The topic exchange publications publish their integration events to (routing key: public type)."""
+        return f"{self.prefix}.integration"
+
     def queue(self, projection: str) -> str:
         """The stem of a projection's queue names (its dead-letter queue and its partitions' queues)."""
         return f"{self.prefix}.{names.identifier(projection, what='projection')}"
@@ -129,6 +134,7 @@ async def delete_topology(channel: AbstractChannel, n: Names, projections: Itera
     """Delete what declare_topology declared (tests and benchmarks clean up with it)."""
     await delete_partitions(channel, n, projections, partitions)
     await channel.exchange_delete(n.exchange)
+    await channel.exchange_delete(n.integration_exchange)
 
 
 #: ``x-delivery-limit`` of every quorum queue declared here: deliveries of one message before the broker

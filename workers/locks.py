@@ -7,6 +7,7 @@
 | ``projection`` | ``retire`` deleting a removed read model's bookkeeping | exclusive | its transaction |
 | ``rebuild`` | a running rebuild or backfill of a projection (``status`` asks whether it is held) | try | the run (session) |
 | ``watermark`` | a re-drive or skip releasing a halted stream | exclusive | its transaction |
+| ``projection``, ``watermark`` | ``republish`` moving a publication's checkpoints back | exclusive | its transaction |
 | ``watermark`` | the lag monitor advancing the low watermark (skips a round if busy) | try | its transaction |
 | ``leases`` | every lease tick of every worker (heartbeat, renew, claim: workers/projector/leases.py) | exclusive | its transaction |
 | ``store.migrate.lock_key`` | ``migrate`` and the grants of ``migrate --roles`` (the store's own); ``teardown``'s drop; ``retire`` | exclusive | its transaction |

@@ -92,6 +92,15 @@ def test_the_panels_the_issue_asks_for() -> None:
     assert any("max by (projection) (eventfleet_projection_lag_events" in e for e in expressions())
 
 
+def test_publications_show_beside_the_projections() -> None:
+    """A publication's lag and parked events are its projection series; what it published has a panel."""
+    titles = {p["title"]: p for p in dashboard()["panels"]}
+    assert "Publications" in titles
+    published = titles["Integration events published per second"]["targets"][0]["expr"]
+    assert metric_names(published) == {"eventfleet_publication_published_total"}
+    assert "by (publication)" in published
+
+
 def test_queries_parse(tmp_path: pathlib.Path) -> None:
     """promtool has no query checker: make every panel query a recording rule and check those."""
     promtool = shutil.which("promtool")

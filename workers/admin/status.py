@@ -18,10 +18,11 @@ from typing import Any
 from aio_pika.abc import AbstractConnection
 
 from projections import registry
-from projections.reactor import Reactor
+from projections.publication import Publication
 from store import clock, db, errors, outbox, queries
 from workers import broker, locks
 from workers.projector import lag, leases
+from workers.publication import outlet
 from workers.rebuild import typebook
 
 logger = logging.getLogger(__name__)
@@ -50,13 +51,16 @@ class ProjectionStatus:
     types_added: typebook.Names = frozenset()
     #: Whether this process's code or a live worker's runs it; False: removed from the code (``retire`` it).
     in_code: bool = True
+    #: ``projection`` (a read model), ``reactor`` or ``publication``; ``projection`` for one this process did not
+    #: load.
+    kind: str = "projection"
 
     @property
     def types_pending(self) -> bool:
         return self.types_added is None or bool(self.types_added)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "state": self.state, "applied": self.applied, "lag_events": self.lag_events,
+        return {"name": self.name, "kind": self.kind, "state": self.state, "applied": self.applied, "lag_events": self.lag_events,
                 "lag_seconds": round(self.lag_seconds, 3), "parked": self.parked, "halted": self.halted,
                 "queue_depth": self.queue_depth, "handled": _names_json(self.handled),
                 "types_pending": self.types_pending,
@@ -84,6 +88,19 @@ class ReactorStatus:
                 "next_due_at": None if self.next_due_at is None else self.next_due_at.isoformat(),
                 "next_due_seconds": None if self.next_due_seconds is None else round(self.next_due_seconds, 3),
                 "deadlines_fired": self.deadlines_fired, "refusals": self.refusals}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PublicationStatus:
+    """One publication: the exchange it publishes to and the public types it may publish (its lag, parked
+    events and queue depth are in its projection row)."""
+
+    name: str
+    exchange: str
+    format: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "exchange": self.exchange, "format": self.format}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -173,6 +190,7 @@ class Report:
     #: Every partition of every projection, slowest (most lag) first.
     partition_lags: list[PartitionStatus] = dataclasses.field(default_factory=list)
     reactors: list[ReactorStatus] = dataclasses.field(default_factory=list)
+    publications: list[PublicationStatus] = dataclasses.field(default_factory=list)
 
     @property
     def broker(self) -> BrokerNeeds:
@@ -188,6 +206,7 @@ class Report:
                 "workers": [w.to_json() for w in self.workers],
                 "partition_lags": [p.to_json() for p in self.partition_lags],
                 "reactors": [r.to_json() for r in self.reactors],
+                "publications": [p.to_json() for p in self.publications],
                 "broker": self.broker.to_json()}
 
 
@@ -230,10 +249,22 @@ async def reactor_status(pool: db.Pool, name: str) -> ReactorStatus:
                          row["refusals"])
 
 
+def kind_of(name: str) -> str:
+    """The kind of the subscriber of this name in the loaded code (``projection`` for one it does not know)."""
+    cls = registry.REGISTRY.get(name)
+    return cls.kind if isinstance(cls, type) else "projection"
+
+
 def is_reactor(name: str) -> bool:
     """Whether the projection of this name is a reactor in the loaded code."""
-    cls = registry.REGISTRY.get(name)
-    return isinstance(cls, type) and issubclass(cls, Reactor)
+    return kind_of(name) == "reactor"
+
+
+def publication_status(name: str, prefix: str) -> PublicationStatus:
+    """A loaded publication's exchange and format."""
+    cls = registry.REGISTRY[name]
+    assert issubclass(cls, Publication)
+    return PublicationStatus(name, outlet.exchange_of(cls, prefix), cls.format)
 
 
 def types_of(name: str, recorded: typebook.Recorded | None) -> tuple[typebook.Names, typebook.Names, bool]:
@@ -284,7 +315,7 @@ async def collect(pool: db.Pool, schema: str, prefix: str, connection: AbstractC
                 running = await locks.is_held(pool, locks.rebuild(schema, name))
         rows.append(ProjectionStatus(name, row["state"], row["applied"], measured.lag_events, measured.lag_seconds,
                                      row["parked"], depths[name], row["halted"], bool(running),
-                                     *types_of(name, types.get(name))))
+                                     *types_of(name, types.get(name)), kind_of(name)))
     held: dict[str, dict[str, int]] = {}
     for (projection, _), owner in owners.items():
         if owner is not None:
@@ -297,4 +328,6 @@ async def collect(pool: db.Pool, schema: str, prefix: str, connection: AbstractC
     # A reactor whose module this process did not load still shows by what it left behind.
     reactors = [r for r in reactors if is_reactor(r.name) or r.deadlines_pending or r.deadlines_fired or r.refusals]
     backlog = await outbox.backlog(pool)
-    return Report(rows, backlog.pending, backlog.oldest_age_seconds, partitions, workers, partition_lags, reactors)
+    publications = [publication_status(name, prefix) for name in names if kind_of(name) == "publication"]
+    return Report(rows, backlog.pending, backlog.oldest_age_seconds, partitions, workers, partition_lags, reactors,
+                  publications)

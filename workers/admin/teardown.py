@@ -113,7 +113,7 @@ async def plan(database_url: str, schema: str, prefix: str, amqp: AbstractConnec
     # The partition queues, and the queue of its own each projection had before partitions.
     queues = [q for p in projections
               for q in (*(n.partition_queue(p, i) for i in range(partitions)), n.queue(p), n.dead_letter_queue(p))]
-    exchanges = [n.partitions_exchange, n.exchange, n.dead_letter_exchange]
+    exchanges = [n.partitions_exchange, n.exchange, n.dead_letter_exchange, n.integration_exchange]
     return Plan(schema, prefix, projections, shadows, tuple(await _existing(amqp, queues, queue=True)),
                 tuple(await _existing(amqp, exchanges, queue=False)), found_roles, *users)
 

@@ -24,7 +24,6 @@ from typing import Any
 
 from projections import erasure, registry
 from projections.base import Projection
-from projections.reactor import Reactor
 from store import db, names
 from store.event_store import EventStore
 from workers import errors, rebuild
@@ -127,11 +126,13 @@ async def verify(pool: db.Pool, store: EventStore, projection: type[Projection],
 
     ``limit``: keys reported per table and side (the counts are always complete). ``settled``: read the
     store in position order without waiting for the ``read_all`` horizon (see ``workers.rebuild.replay``).
-    A reactor has no read model: ``ReactorNotRebuildable``.
+    A reactor or a publication has no read model: ``ReactorNotRebuildable``.
     """
-    if issubclass(projection, Reactor):
+    if not projection.replayable:
+        what = ("its effects are events in the store" if projection.kind == "reactor"
+                else "its effects are messages to other services")
         raise errors.ReactorNotRebuildable(
-            f"{projection.name} is a reactor: its effects are events in the store, there is no read model to verify")
+            f"{projection.name} is a {projection.kind}: {what}, there is no read model to verify")
     scratch = rebuild.shadow_schema(store.schema, projection.name, kind="vf")
     try:
         events = await rebuild.replay(pool, store, projection, scratch, settled=settled)
@@ -157,10 +158,11 @@ async def residue(pool: db.Pool, schema: str, table: str, subject_column: str, c
 
 async def verify_all(pool: db.Pool, store: EventStore, projections: Iterable[type[Projection]] | None = None, *,
                      limit: int = LIMIT, settled: bool = True) -> list[Verification]:
-    """``verify`` for each projection (default: every registered one), reactors left out."""
+    """``verify`` for each projection (default: every registered one), reactors and publications
+    left out."""
     found = registry.load().values() if projections is None else projections
     return [await verify(pool, store, cls, limit=limit, settled=settled)
-            for cls in found if not issubclass(cls, Reactor)]
+            for cls in found if cls.replayable]
 
 
 async def _compare(pool: db.Pool, schema: str, scratch: str, table: str, limit: int) -> TableDiff:

@@ -40,6 +40,7 @@ _COMMANDS = {
     "rewrap-keys": "workers.cli.forget:cmd_rewrap_keys",
     "close-stream": "workers.cli.archive:cmd_close_stream",
     "archive": "workers.cli.archive:cmd_archive",
+    "republish": "workers.cli.republish:cmd_republish",
 }
 
 
@@ -138,7 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="who archives, kept in archive_log (default: the OS user@host)")
     archive.add_argument("--yes", action="store_true",
                          help="really archive; without it, say what it would do and exit 2")
+    republish = add("republish", "publish a publication's events again from a global position (for a consumer "
+                    "that lost its data; the workers running it publish them)")
+    republish.add_argument("name", metavar="NAME")
+    republish.add_argument("--from", dest="from_position", required=True, metavar="POSITION",
+                           type=_republish_position, help="a global position (an event's position attribute), "
+                           "or start")
     return parser
+
+
+def _republish_position(value: str) -> int:
+    from workers.cli.republish import position  # imported on use, like the commands
+
+    return position(value)
 
 
 def _version() -> str:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from projections import registry
+from projections.base import Projection
 from workers.config import Settings
 from workers.projector.parking import DeadLetter, Redriven, Skipped, dead_letter, list_parked, retry, skip
+from workers.publication.outlet import Runtime
 from workers.runtime import lifecycle
 
 
@@ -75,8 +78,18 @@ async def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{len(rows)} parked")
             return 0
         store = lifecycle.open_store(pool, settings)
-        if args.action == "skip":
-            print(skipped_line(await skip(store, args.id)))
+        made: list[Projection] = []  # detached at the end (a publication's outlet is closed)
+
+        def resolve(name: str) -> Projection:
+            made.append(registry.get(name)())
+            return made[-1]
+
+        try:
+            if args.action == "skip":
+                print(skipped_line(await skip(store, args.id, resolve, runtime=Runtime(settings))))
+                return 0
+            print(retried_line(await retry(store, args.id, resolve, runtime=Runtime(settings))))
             return 0
-        print(retried_line(await retry(store, args.id)))
-        return 0
+        finally:
+            for projection in made:
+                await projection.detach()

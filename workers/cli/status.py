@@ -51,6 +51,10 @@ def render(report: Report, *, all_partitions: bool = False) -> str:
         reactors += [(r.name, f"{r.deadlines_pending:,}", _due(r), f"{r.deadlines_fired:,}", f"{r.refusals:,}")
                      for r in report.reactors]
         text += ["", *_table(reactors, 1)]
+    if report.publications:
+        publications: list[tuple[str, ...]] = [("PUBLICATION", "EXCHANGE", "FORMAT")]
+        publications += [(p.name, p.exchange, p.format) for p in report.publications]
+        text += ["", *_table(publications, 3)]
     text.append(f"broker: {report.broker.describe()}")
     if report.broker.warning is not None:
         text.append(f"warning: {report.broker.warning}")

@@ -137,7 +137,9 @@ async def _apply(store: EventStore, projection: Projection, delivered: dict[str,
             halted = await _walk(conn, projection, sid, plan, filled.get(sid, {}), park, result, to_apply)
             if halted is not None and plan.halted is None:
                 halts.append((sid, halted))
+        projection.begin(conn)
         await handlers.apply(conn, projection, to_apply, set_based=set_based)
+        await projection.before_commit(conn)
         if halts:
             await conn.execute(SQL["halt_streams"], projection.name, [h[0] for h in halts], [h[1] for h in halts])
         if to_apply:

@@ -44,6 +44,7 @@ from workers.config import Settings
 from workers.projector import deadlines, dlq, parking
 from workers.projector.batcher import Batcher
 from workers.projector.checkpoints import BatchResult
+from workers.publication import outlet as publication_outlet
 from workers.runtime import health, metrics, retry
 
 logger = logging.getLogger(__name__)
@@ -166,9 +167,9 @@ class Consumer:
         metrics.CAUGHT_UP.labels(projection.name)  # exported at 0 before any catch-up, not absent
 
     async def open(self) -> None:
-        """Set the prefetch (in messages); a reactor is bound to the store its follow-ups go to."""
-        if isinstance(self.projection, Reactor):
-            self.projection.bind(self.store, await self.store.partitions())
+        """Set the prefetch (in messages); the subscriber is attached (a reactor to the store its follow-ups go
+        to, a publication to its outlet)."""
+        await self.projection.attach(self.store, publication_outlet.Runtime(self.settings))
         await self.channel.set_qos(prefetch_count=self.settings.prefetch_messages)
         self._raw = await self.channel.get_underlay_channel()
 
@@ -440,7 +441,7 @@ class Consumer:
         s.dead_lettered += len(result.parked)
         s.batches += 1
         s.messages += messages
-        if isinstance(self.projection, Reactor):
+        if self.projection.appends:
             self._reacted(result.reacted)
         logger.debug("batch applied", extra={"projection": name, "partition": self.partition,
                                              "applied": len(result.applied), "duplicates": duplicates,
@@ -540,7 +541,7 @@ class Consumer:
         ending = False
         firing = (asyncio.create_task(self.fire_deadlines(
             lambda: ending or stop.is_set() or leave.is_set() or lost or self.channel.is_closed),
-            name=f"fire deadlines {self.queue}") if isinstance(self.projection, Reactor) else None)
+            name=f"fire deadlines {self.queue}") if self.projection.fires_deadlines else None)
         if firing is not None:
             firing.add_done_callback(wake)  # it ends early only by failing: the consumer goes down with it
         try:

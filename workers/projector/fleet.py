@@ -103,6 +103,8 @@ class Fleet:
                 task.cancel()
             await asyncio.gather(*batching, return_exceptions=True)
             await self.copies.close()
+            for subscriber in self.projections.values():  # e.g. a publication's outlet: reopened next session
+                await subscriber.detach()
         self._check_consumers()
 
     async def _follow(self, tick: Tick, stop: asyncio.Event) -> None:

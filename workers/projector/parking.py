@@ -19,8 +19,7 @@ from typing import Any, Literal, overload
 import tenacity
 
 from projections import registry
-from projections.base import Projection
-from projections.reactor import Reactor
+from projections.base import Projection, Runtime
 from store import correlation_ids, db
 from store.codec import personal
 from store.event_store import EventStore, RecordedEvent
@@ -117,7 +116,8 @@ class Redriven:
 
 
 async def retry(store: EventStore, dead_letter_id: int,
-                resolve: Callable[[str], Projection] = lambda name: registry.get(name)()) -> Redriven:
+                resolve: Callable[[str], Projection] = lambda name: registry.get(name)(), *,
+                runtime: Runtime | None = None) -> Redriven:
     """Re-drive a parked dead letter: apply its stream from the checkpoint to the store's head, release it.
 
     A dead letter holding a whole batch message (a delivery dead-lettered whole: undecodable then, or naming
@@ -129,7 +129,7 @@ async def retry(store: EventStore, dead_letter_id: int,
     """
     try:
         async with db.translate_errors(), store.pool.acquire() as conn, conn.transaction():
-            return await _redrive(conn, store, dead_letter_id, resolve)
+            return await _redrive(conn, store, dead_letter_id, resolve, runtime)
     except errors.HandlerFailed as failed:
         failure = Failure.of(failed, 1)
         async with db.translate_errors():
@@ -138,7 +138,7 @@ async def retry(store: EventStore, dead_letter_id: int,
 
 
 async def _redrive(conn: db.Conn, store: EventStore, dead_letter_id: int,
-                   resolve: Callable[[str], Projection]) -> Redriven:
+                   resolve: Callable[[str], Projection], runtime: Runtime | None) -> Redriven:
     row = await _lock_parked(conn, dead_letter_id, "re-driven")
     projection = resolve(row["projection"])
     stream_id, version = row["stream_id"], row["version"]
@@ -147,8 +147,8 @@ async def _redrive(conn: db.Conn, store: EventStore, dead_letter_id: int,
         if isinstance(streams, RecordedEvent):  # a one-event message
             stream_id, version = streams.stream_id, streams.version
         else:
-            return await _redrive_batch(conn, store, projection, dead_letter_id, streams)
-    applied, last = await _release(conn, store, projection, stream_id)
+            return await _redrive_batch(conn, store, projection, dead_letter_id, streams, runtime)
+    applied, last = await _release(conn, store, projection, stream_id, runtime=runtime)
     await conn.execute(SQL["resolve_dead_letter"], dead_letter_id, stream_id, version)
     logger.info("dead letter re-driven", extra={"dead_letter": dead_letter_id, "projection": projection.name,
                                                 "stream_id": stream_id, "applied": applied})
@@ -173,11 +173,11 @@ def _streams_of(dead_letter_id: int, body: bytes, store: EventStore) -> Recorded
 
 
 async def _redrive_batch(conn: db.Conn, store: EventStore, projection: Projection, dead_letter_id: int,
-                         streams: list[str]) -> Redriven:
+                         streams: list[str], runtime: Runtime | None) -> Redriven:
     """Release every stream of a batch message that no other dead letter halts; mark the dead letter retried."""
     applied, released, held = 0, [], []
     for sid in streams:
-        done = await _release(conn, store, projection, sid, keep_halted=True)
+        done = await _release(conn, store, projection, sid, keep_halted=True, runtime=runtime)
         if done is None:
             held.append(sid)
             continue
@@ -205,7 +205,8 @@ class Skipped:
 
 
 async def skip(store: EventStore, dead_letter_id: int,
-               resolve: Callable[[str], Projection] = lambda name: registry.get(name)()) -> Skipped:
+               resolve: Callable[[str], Projection] = lambda name: registry.get(name)(), *,
+               runtime: Runtime | None = None) -> Skipped:
     """Move a parked dead letter's stream past its event without applying it; mark the dead letter skipped.
 
     One transaction, with the locks and the path of a re-drive: the checkpoint goes to the parked version,
@@ -218,7 +219,7 @@ async def skip(store: EventStore, dead_letter_id: int,
         name, stream_id, skipped = row["projection"], row["stream_id"], row["version"]
         applied, last = 0, None
         if stream_id is not None:
-            applied, last = await _release(conn, store, resolve(name), stream_id, past=skipped)
+            applied, last = await _release(conn, store, resolve(name), stream_id, past=skipped, runtime=runtime)
         await conn.execute(SQL["skip_dead_letter"], dead_letter_id)
     logger.info("dead letter skipped", extra={"dead_letter": dead_letter_id, "projection": name,
                                               "stream_id": stream_id, "version": skipped, "applied": applied})
@@ -237,12 +238,14 @@ async def _lock_parked(conn: db.Conn, dead_letter_id: int, verb: str) -> Any:
 
 @overload
 async def _release(conn: db.Conn, store: EventStore, projection: Projection, stream_id: str, *,
-                   past: int = -1, keep_halted: Literal[False] = False) -> tuple[int, int]: ...
+                   past: int = -1, keep_halted: Literal[False] = False, runtime: Runtime | None = None,
+                   ) -> tuple[int, int]: ...
 @overload
 async def _release(conn: db.Conn, store: EventStore, projection: Projection, stream_id: str, *,
-                   past: int = -1, keep_halted: bool) -> tuple[int, int] | None: ...
+                   past: int = -1, keep_halted: bool, runtime: Runtime | None = None) -> tuple[int, int] | None: ...
 async def _release(conn: db.Conn, store: EventStore, projection: Projection, stream_id: str, *,
-                   past: int = -1, keep_halted: bool = False) -> tuple[int, int] | None:
+                   past: int = -1, keep_halted: bool = False, runtime: Runtime | None = None,
+                   ) -> tuple[int, int] | None:
     """Apply a stream's events after its checkpoint (and after version ``past``) up to the store's head, move
     the checkpoint to the last of them and lift its halt; return (events applied, the new checkpoint).
     ``keep_halted``: leave a halted stream as it is (its dead letter releases it) and return None.
@@ -250,8 +253,7 @@ async def _release(conn: db.Conn, store: EventStore, projection: Projection, str
     Takes the projection's lock shared, as every batch does, then the watermark lock, so the lag monitor
     never passes the released events unseen (see ``locks``).
     """
-    if isinstance(projection, Reactor):  # its follow-ups go to this store
-        projection.bind(store, await store.partitions())
+    await projection.attach(store, runtime)  # a reactor's follow-ups go to this store, a publication's messages out
     name = projection.name
     await locks.share(conn, locks.projection(store.schema, name))
     await locks.take(conn, locks.watermark(store.schema, name))
@@ -265,7 +267,9 @@ async def _release(conn: db.Conn, store: EventStore, projection: Projection, str
                                   f"before {past}: retry or skip the dead letter of that version first")
     start = max(head["version"], past)
     events = await store.load(stream_id, start + 1, conn=conn)
+    projection.begin(conn)
     await handlers.apply_each(conn, projection, events)
+    await projection.before_commit(conn)
     last = events[-1].version if events else start
     await conn.execute(SQL["release_stream"], name, stream_id, last, len(events))
     return len(events), last

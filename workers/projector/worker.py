@@ -52,6 +52,7 @@ async def run_consumer(pool: db.Pool, connection: AbstractConnection, projection
             with contextlib.suppress(Exception):
                 await consumer.channel.close()
         await copies.close()
+        await projection.detach()
     return stats
 
 
@@ -61,8 +62,11 @@ async def consume_until_idle(pool: db.Pool, channel: AbstractChannel, projection
     benchmarks: no sleeps needed)."""
     store = lifecycle.open_store(pool, settings)
     stats, cache = Stats(), DecodeCache.of(settings)
-    for partition in range(await store.partitions()):
-        await Consumer(store, channel, projection, partition, settings, stats=stats, cache=cache).until_idle()
+    try:
+        for partition in range(await store.partitions()):
+            await Consumer(store, channel, projection, partition, settings, stats=stats, cache=cache).until_idle()
+    finally:
+        await projection.detach()
     return stats
 
 

@@ -21,7 +21,6 @@ from aio_pika.abc import AbstractConnection
 
 from projections import registry
 from projections.base import Projection
-from projections.reactor import Reactor
 from store import db
 from store.event_store import EventStore
 from workers import broker, errors, rebuild
@@ -35,9 +34,11 @@ SQL = shadow.SQL
 
 async def register(conn: db.Conn | db.Pool, projections: Sequence[str]) -> list[str]:
     """Give each projection without a status row one (see the module doc); return those to backfill."""
-    reactors = [p for p in projections if isinstance(cls := registry.REGISTRY.get(p), type) and issubclass(cls, Reactor)]
+    # Reactors and publications (not replayable) are live at once: they work the history off through their
+    # queues and catch-up.
+    live = [p for p in projections if isinstance(cls := registry.REGISTRY.get(p), type) and not cls.replayable]
     async with db.translate_errors():
-        rows = await conn.fetch(SQL["register_projections"], list(projections), reactors)
+        rows = await conn.fetch(SQL["register_projections"], list(projections), live)
     new = [r["projection"] for r in rows if r["state"] == "backfilling"]
     if new:
         logger.info("new projections will be backfilled by the workers", extra={"projections": new})

@@ -30,7 +30,6 @@ from typing import Any, Literal, LiteralString
 import asyncpg
 
 from projections.base import Projection
-from projections.reactor import Reactor
 from store import db, errors, names, queries, roles
 from store.event_store import EventStore, Position
 from store.records import records_or_undecodable
@@ -353,6 +352,19 @@ class Rebuild:
         return len(behind)
 
 
+def not_replayable(projection: type[Projection], what: str) -> str:
+    """Why a subscriber whose effects are not its tables (``Projection.replayable``) has nothing to ``what``."""
+    if projection.kind == "reactor":
+        return (f"{projection.name} is a reactor: its effects are events in the store, not tables a rebuild could "
+                "replay into; replaying it would act again (its follow-up ids make that a no-op, its deadlines "
+                f"would not be). There is nothing to {what}")
+    if projection.kind == "publication":
+        return (f"{projection.name} is a publication: its effects are messages to other services, not tables; "
+                f"there is nothing to {what} (`eventfleet republish {projection.name} --from POSITION` publishes "
+                "again from a position)")
+    return f"{projection.name} is a {projection.kind}: its effects are not its tables; there is nothing to {what}"
+
+
 async def replay(pool: db.Pool, store: EventStore, projection: type[Projection], shadow: str, *,
                  settled: bool = False) -> int:
     """Replay the whole store into fresh tables in schema ``shadow`` and leave them there (verification).
@@ -367,12 +379,9 @@ async def replay(pool: db.Pool, store: EventStore, projection: type[Projection],
 
 
 async def rebuild(pool: db.Pool, store: EventStore, projection: type[Projection], **kwargs: Any) -> RebuildResult:
-    """Rebuild one projection (see Rebuild); a reactor is refused (``ReactorNotRebuildable``)."""
-    if issubclass(projection, Reactor):
-        raise worker_errors.ReactorNotRebuildable(
-            f"{projection.name} is a reactor: its effects are events in the store, not tables a rebuild could "
-            "replay into; replaying it would act again (its follow-up ids make that a no-op, its deadlines would "
-            "not be). There is nothing to rebuild")
+    """Rebuild one projection (see Rebuild); a reactor or a publication is refused (``ReactorNotRebuildable``)."""
+    if not projection.replayable:
+        raise worker_errors.ReactorNotRebuildable(not_replayable(projection, "rebuild"))
     return await Rebuild(pool, store, projection, **kwargs).run()
 
 

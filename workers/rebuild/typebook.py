@@ -17,7 +17,8 @@ applying them now, out of their place among the others, is not what a fresh buil
   then, in a transaction that finds no worker of other code seen since the rebuild began, is the code's set
   recorded (``settle``). A worker of other code that ran meanwhile keeps it pending: the next rebuild (once it
   is gone) makes it exact. The rebuild replaces the tables, so whatever the live path did before is moot.
-- A reactor's types are recorded as they come: it acts on new events, and replaying old ones would act again.
+- A reactor's (or a publication's: any subscriber not ``replayable``) types are recorded as they come: it acts
+  on new events, and replaying old ones would act again (a publication replays with ``republish``).
 
 Each worker says every few seconds that it still runs its read models (``refresh``); its rows stay after it
 stops until nothing needs them. A worker of a release before these tables says nothing: a registered worker
@@ -32,7 +33,6 @@ import logging
 from collections.abc import Sequence
 
 from projections.base import Projection
-from projections.reactor import Reactor
 from store import db, queries
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ async def register(conn: db.Conn, projections: Sequence[type[Projection]], *,
                 built = code
             else:
                 before = from_array(await conn.fetchval(SQL["lock_types"], cls.name))
-                built = code if issubclass(cls, Reactor) else narrowed(before, code)
+                built = code if not cls.replayable else narrowed(before, code)
                 await conn.execute(SQL["set_types"], cls.name, to_array(built), tables)
                 if built != before:
                     logger.info("read model's types narrowed to the code's", extra={
@@ -137,7 +137,7 @@ async def pending(conn: db.Conn | db.Pool, projections: Sequence[type[Projection
         rows = await conn.fetch(SQL["built"], [p.name for p in projections])
     built = {r["projection"]: from_array(r["handled"]) for r in rows}
     return [p for p in projections
-            if p.name in built and not issubclass(p, Reactor) and not covers(built[p.name], code_of(p))]
+            if p.name in built and p.replayable and not covers(built[p.name], code_of(p))]
 
 
 async def since(conn: db.Conn | db.Pool, seconds: float) -> dt.datetime:

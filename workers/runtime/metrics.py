@@ -122,3 +122,6 @@ REACTOR_REFUSALS = Counter("eventfleet_reactor_refusals_total",
                            "Commands of a reactor the domain refused (recorded in reactor_refusals)", ["reactor"])
 HORIZON_AGE = Gauge("eventfleet_store_horizon_age_seconds",
                     "Age of the oldest open transaction holding back the read_all frontier")
+PUBLISHED = Counter("eventfleet_publication_published_total",
+                    "Integration messages a publication published, confirmed by the broker (a batch whose commit "
+                    "then failed publishes its messages again: at least once)", ["publication"])

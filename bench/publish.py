@@ -1,0 +1,269 @@
+"""A publication of every event against the relay alone, and the pipeline with and without a publication.
+
+    python -m bench.publish [--events 30000] [--rounds 2] [--e2e-events 12000] [--partitions 4] [--skip-e2e]
+
+One run, so each ratio compares figures measured side by side on the same (busy, shared) machine.
+
+1. Relay against publication (issue 21: the publication of every event, JSON, through the fleet at >= 50% of
+   the relay's own rate; the per-event exchange got 12%). A fresh deployment with P partitions; per round,
+   ``--events`` events (orders of three) are appended, then timed: the relay (``relay_until_idle``) drains the
+   outbox into the partition queues of the ``every_event`` publication; then the publication's consumers of
+   every partition at once (``run_consumer``: the worker's path without leases, batches of ``batch_size``, its
+   checkpoints, its outlet with publisher confirms), until it applied them all, publish every event as a CloudEvents JSON message to ``{prefix}.integration``, where a
+   queue of the bench's own is bound to every type (messages routed and stored, as with a consumer; purged
+   after each round). Rates in events/s; the ratio of the medians.
+2. End to end (>= 80% of the same without the publication): 8 writers (``EventStore.append``, one event per
+   append: each writer its own orders, placed, paid and shipped) into a fresh deployment with a relay process and one worker process
+   running the example's read models (``order_summary``, ``customer_stats``), from the first append to both
+   having applied everything (and, with the publication, ``orders_out`` too); without, then with, ``orders_out``
+   (the example's publication, every order event) in the same worker.
+
+Servers: ``EVENTFLEET_DATABASE_URL`` and ``EVENTFLEET_AMQP_URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+import asyncpg
+
+from bench.relay import order
+from eventfleet.examples.orders.publications import OrdersOut
+from projections import registry
+from store import EventStore, db
+from workers import admin, broker, projector, relay
+from workers.config import Settings
+from workers.publication.every_event import EveryEvent
+
+DATABASE_URL = os.environ.get("EVENTFLEET_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+AMQP_URL = os.environ.get("EVENTFLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+RELAY_TARGET, E2E_TARGET = 0.5, 0.8
+#: The example's read models (bench/pipeline.py's too).
+READ_MODELS = ("order_summary", "customer_stats")
+WRITERS = 8
+
+# Both publications were registered by their imports: the bench names what each phase runs. The example's read
+# models are loaded, so that migrate creates their tables.
+for _name in (EveryEvent.name, OrdersOut.name):
+    registry.REGISTRY.pop(_name, None)
+registry.load([registry.EXAMPLE])
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+async def prefill(store: EventStore, events: int, tag: str) -> None:
+    """``events`` events, orders of three (placed, paid, shipped) in streams of this round's own."""
+    orders = events // 3
+    for start in range(0, orders, 500):
+        await store.append_batch([(f"order-{tag}-{i:07d}", order(i), -1) for i in range(start, min(start + 500, orders))])
+
+
+async def publish_all(pool: db.Pool, connection: aio_pika.abc.AbstractConnection, settings: Settings,
+                      events: int) -> None:
+    """The publication's consumers on every partition at once, as a worker holding them all runs them, until it
+    applied (published) ``events`` events."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(projector.run_consumer(pool, connection, EveryEvent(), settings, stop=stop))
+
+    async def done() -> bool:
+        if task.done():
+            task.result()
+        applied = await pool.fetchval("SELECT applied FROM projection_status WHERE projection = $1", EveryEvent.name)
+        return bool((applied or 0) >= events)
+
+    try:
+        await until(done, 900, "the publication published everything", every=0.01)
+    finally:
+        stop.set()
+        await task
+
+
+async def relay_against_publication(args: argparse.Namespace, tag: str) -> tuple[list[float], list[float]]:
+    """Per round: the relay's rate, and the publication's (events/s)."""
+    schema, prefix = f"bench_pub_{tag}", f"bench.pub.{tag}"
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
+    names = broker.Names(prefix)
+    await admin.run_migrate(DATABASE_URL, schema, partitions=args.partitions)
+    connection = await aio_pika.connect(AMQP_URL)
+    relays, publications = [], []
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        targets = await broker.declare_topology(channel, names, [EveryEvent.name], args.partitions)
+        sink_channel = await connection.channel()
+        exchange = await sink_channel.declare_exchange(names.integration_exchange, aio_pika.ExchangeType.TOPIC,
+                                                       durable=True)
+        sink = await sink_channel.declare_queue(f"{prefix}.sink", durable=True)
+        await sink.bind(exchange, "#")
+        async with db.create_pool(DATABASE_URL, schema, min_size=2, max_size=6) as pool:
+            store = EventStore(pool, schema=schema)
+            total = 0
+            for n in range(args.rounds):
+                await prefill(store, args.events, f"{n}")
+                started = time.perf_counter()
+                published = await relay.relay_until_idle(pool, targets)
+                relays.append(published / (time.perf_counter() - started))
+                total += published
+                started = time.perf_counter()
+                await publish_all(pool, connection, settings, total)
+                publications.append(published / (time.perf_counter() - started))
+                routed = (await sink_channel.declare_queue(sink.name, passive=True)).declaration_result.message_count
+                assert routed == published, (routed, published)
+                await sink.purge()
+                print(f"  round: relay {relays[-1]:,.0f} events/s, publication {publications[-1]:,.0f} events/s",
+                      flush=True)
+            await sink.delete(if_unused=False, if_empty=False)
+    finally:
+        with contextlib.suppress(Exception):
+            cleanup = await connection.channel()
+            await broker.delete_topology(cleanup, names, [EveryEvent.name], args.partitions)
+            await cleanup.queue_delete(f"{prefix}.sink")
+        await connection.close()
+        conn = await asyncpg.connect(DATABASE_URL)
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+    return relays, publications
+
+
+@dataclasses.dataclass
+class Deployment:
+    settings: Settings
+    modules: str
+    processes: list[asyncio.subprocess.Process] = dataclasses.field(default_factory=list)
+
+
+async def until(check: Callable[[], Awaitable[bool]], within: float, what: str, every: float = 0.02) -> float:
+    """Poll ``check`` until true; return perf_counter() at that moment; raise after ``within`` seconds."""
+    deadline = time.perf_counter() + within
+    while not await check():
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"not within {within}s: {what}")
+        await asyncio.sleep(every)
+    return time.perf_counter()
+
+
+async def write(store: EventStore, events: int, tag: str) -> None:
+    """``WRITERS`` writers, each its own orders (no conflicts), one event per append: every order placed, then
+    paid, then shipped, ``events`` in all."""
+    orders = events // 3
+
+    async def writer(w: int) -> None:
+        mine = range(w, orders, WRITERS)
+        for step in range(3):
+            for i in mine:
+                await store.append(f"order-{tag}-{i:07d}", [order(i)[step]], step - 1)
+
+    await asyncio.gather(*(writer(w) for w in range(WRITERS)))
+
+
+async def spawn(d: Deployment, role: str, logs: str) -> None:
+    s = d.settings
+    env = {**os.environ, "EVENTFLEET_DATABASE_URL": s.database_url, "EVENTFLEET_AMQP_URL": s.amqp_url,
+           "EVENTFLEET_SCHEMA": s.schema, "EVENTFLEET_PREFIX": s.prefix, "EVENTFLEET_HTTP_PORT": "0",
+           "EVENTFLEET_PROJECTION_MODULES": d.modules, "EVENTFLEET_PARTITIONS": str(s.partitions)}
+    log = os.open(f"{logs}/{s.schema}-{role}.log", os.O_WRONLY | os.O_CREAT)
+    try:
+        d.processes.append(await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "workers", role, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=log))
+    finally:
+        os.close(log)
+
+
+async def end_to_end(args: argparse.Namespace, tag: str, publish: bool, logs: str) -> float:
+    """Events/s from the first append to every subscriber having applied everything."""
+    kind = "with" if publish else "without"
+    schema, prefix = f"bench_pub_{tag}_{kind}", f"bench.pub.{tag}.{kind}"
+    subscribers = [*READ_MODELS, *([OrdersOut.name] if publish else [])]
+    modules = ",".join([registry.EXAMPLE, *(["eventfleet.examples.orders.publications"] if publish else [])])
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0,
+                        partitions=args.partitions)
+    await admin.run_migrate(DATABASE_URL, schema, partitions=args.partitions)
+    deployment = Deployment(settings, modules)
+    events: int = args.e2e_events // 3 * 3
+    try:
+        await spawn(deployment, "relay", logs)
+        await spawn(deployment, "worker", logs)
+        conn = await db.connect(DATABASE_URL, schema)
+        try:
+            async def consuming() -> bool:
+                held = await conn.fetchval("SELECT count(*) FROM leases WHERE owner IS NOT NULL AND expires_at > now()")
+                return bool(held == len(subscribers) * args.partitions)
+            await until(consuming, 90, "the worker holding every subscriber's partitions", every=0.1)
+            await asyncio.sleep(1)  # its consumers on their queues
+            async with db.create_pool(DATABASE_URL, schema, min_size=WRITERS, max_size=WRITERS) as pool:
+                started = time.perf_counter()
+                writing = asyncio.ensure_future(write(EventStore(pool, schema=schema), events, tag))
+
+                async def applied() -> bool:
+                    if writing.done() and writing.exception() is not None:
+                        writing.result()
+                    rows = await conn.fetch("SELECT projection, applied FROM projection_status")
+                    done = {r["projection"]: r["applied"] for r in rows}
+                    return all(done.get(p, 0) >= events for p in subscribers)
+                finished = await until(applied, 600, "every subscriber at lag 0")
+                await writing
+        finally:
+            await conn.close()
+    finally:
+        for proc in deployment.processes:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in deployment.processes:
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+        async with await aio_pika.connect(AMQP_URL) as connection:
+            channel = await connection.channel()
+            await broker.delete_topology(channel, broker.Names(prefix), subscribers, args.partitions)
+        c = await asyncpg.connect(DATABASE_URL)
+        await c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await c.close()
+    return events / (finished - started)
+
+
+async def run(args: argparse.Namespace) -> None:
+    tag = uuid.uuid4().hex[:8]
+    print(f"bench.publish: {args.events:,} events x {args.rounds} rounds, P={args.partitions}; this machine is "
+          "shared and busy: only the ratios, measured side by side, mean anything", flush=True)
+    relays, publications = await relay_against_publication(args, tag)
+    r, p = statistics.median(relays), statistics.median(publications)
+    print(f"relay alone:                       {r:,.0f} events/s (median)")
+    print(f"publication of every event (JSON): {p:,.0f} events/s (median)")
+    print(f"publication / relay: {p / r:.2f} (target >= {RELAY_TARGET}) {verdict(p / r >= RELAY_TARGET)}", flush=True)
+    if args.skip_e2e:
+        return
+    logs = tempfile.mkdtemp(prefix="bench_publish_")
+    without = await end_to_end(args, tag, False, logs)
+    print(f"end to end, 8 writers, relay, 1 worker (2 read models):               {without:,.0f} events/s", flush=True)
+    with_ = await end_to_end(args, tag, True, logs)
+    print(f"end to end, 8 writers, relay, 1 worker (2 read models + orders_out):  {with_:,.0f} events/s")
+    print(f"with / without the publication: {with_ / without:.2f} (target >= {E2E_TARGET}) "
+          f"{verdict(with_ / without >= E2E_TARGET)} (logs in {logs})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=30_000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--e2e-events", type=int, default=12_000)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--skip-e2e", action="store_true")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
