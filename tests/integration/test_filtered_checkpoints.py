@@ -12,7 +12,7 @@ import itertools
 import random
 import uuid
 from collections.abc import Sequence
-from typing import Any, ClassVar, LiteralString
+from typing import Any, LiteralString
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from eventfleet.examples.orders.events import OrderCancelled, OrderPaid, OrderPlaced, OrderShipped
 from projections.base import Projection, handles
 from store import NO_STREAM, EventStore, RecordedEvent, db
+from store.codec.registry import EVENT_NAME_ATTRIBUTE
 from tests.integration.test_worker_checkpoints import payloads_of
 from tests.unit.test_projection_fold import paid, placed, shipped
 from workers import broker
@@ -151,7 +152,7 @@ async def test_random_type_subsets_apply_exactly_the_sequential_model(pool, even
         for model in models:
             await checkpoints.apply_batch(event_store, model, batch, set_based=set_based)
     for model, subset in zip(models, (SUBSETS[i] for i in picks), strict=True):
-        names = {getattr(c, "__eventfleet_event_name__") for c in subset}
+        names = {getattr(c, EVENT_NAME_ATTRIBUTE) for c in subset}
         mine = [e for e in events if e.event_type.rpartition(".v")[0] in names]
         newest: dict[str, int] = {}
         for e, n in zip(events, counts, strict=True):
