@@ -116,14 +116,19 @@ async def test_any_delivery_yields_the_fold_of_the_store(pool, event_store, hist
         batch, deliveries = deliveries[:size], deliveries[size:]
         for projection in (CustomerStats(), OrderSummary()):
             await checkpoints.apply_batch(event_store, projection, batch, set_based=set_based)
-    # A lost event is filled from the store once a later one of its stream arrives; a lost tail is not.
-    delivered: dict[str, int] = {}
-    for e, n in zip(events, counts, strict=True):
-        if n:
-            delivered[e.stream_id] = max(e.version, delivered.get(e.stream_id, -1))
-    expected = fold(e.event for s in streams for e in s if e.version <= delivered.get(e.stream_id, -1))
+    # A lost event is filled from the store once a later one of its stream arrives; a lost tail is not. "Later
+    # one" is of the read model's types: customer_stats never sees an OrderShipped (issue 25).
+    def folded(projection: CustomerStats | OrderSummary) -> Any:
+        delivered: dict[str, int] = {}
+        for e, n in zip(events, counts, strict=True):
+            if n and projection.handles_type(e.event_type):
+                delivered[e.stream_id] = max(e.version, delivered.get(e.stream_id, -1))
+        return fold(e.event for s in streams for e in s if e.version <= delivered.get(e.stream_id, -1))
+
     async with pool.acquire() as conn:
-        assert await read_models(conn, f"{ex}c%") == expected
+        models = await read_models(conn, f"{ex}c%")
+    assert (models.customer_stats, models.order_summary) == (
+        folded(CustomerStats()).customer_stats, folded(OrderSummary()).order_summary)
 
 
 @pytest.mark.parametrize("set_based", [True, False])
