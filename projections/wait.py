@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import LiteralString, NoReturn
 
+from projections import registry
 from store import db, errors, queries
 
 SQL = queries.load("projections", "wait.sql")
@@ -56,10 +57,16 @@ async def wait_for(pool: db.Pool, projection: str, stream_id: str, version: int,
     is visible so are they. A rebuild's swap only moves checkpoints forward, so this holds across it.
     ``schema`` is the store's (as in ``EventStore(pool, schema=...)``); the pool's search_path is not used.
 
+    A read model that handles a few event types (``Projection.handled_names()``, looked up by name in this
+    process's registry) moves its checkpoint only over the events it handles: awaiting a version of another type
+    returns ``version`` once every event of its types up to it is applied.
+
     It fails at once when waiting cannot succeed: ``UnknownProjection`` for a name the deployment does not have,
     ``StreamHalted`` when the stream is halted below ``version`` by a parked event.
     """
     sql = queries.bind(SQL, schema)  # InvalidName for a bad schema
+    cls = registry.REGISTRY.get(projection)
+    names = cls.handled_names() if isinstance(cls, type) else None
     deadline = time.monotonic() + timeout
     pause = _FIRST_PAUSE
     first = True
@@ -69,6 +76,10 @@ async def wait_for(pool: db.Pool, projection: str, stream_id: str, version: int,
         current: int | None = None if row is None else row["version"]
         if current is not None and current >= version:
             return current
+        if names is not None:
+            async with db.translate_errors():
+                if await pool.fetchval(sql["settled_of"], projection, stream_id, version, sorted(names)):
+                    return version
         if row is not None and row["halted_version"] is not None:
             await _halted(pool, sql["halting_dead_letter"], projection, stream_id, row["halted_version"])
         if row is None and first:  # a checkpoint row says the projection exists; none yet, so ask

@@ -440,17 +440,24 @@ class Batch:
 
     events: list[RecordedEvent]
     dropped: int = 0
+    #: Events of names the reader does not handle, left out undecoded (``from_batch_body``'s ``names``).
+    unhandled: int = 0
 
 
 def from_batch_body(body: bytes, registry: codec.Registry = codec.REGISTRY, *,
-                    max_bytes: int = MAX_MESSAGE_BYTES) -> Batch:
+                    max_bytes: int = MAX_MESSAGE_BYTES, names: frozenset[str] | None = None) -> Batch:
     """Decode a batch body. A body that is not an array of maps, or is over ``max_bytes``, raises
     MalformedMessage (dead-lettered whole); an event whose payload cannot be decoded comes back with an
     ``Undecodable`` payload (parked per policy, alone); a map without the coordinates of an event is dropped
-    and counted."""
+    and counted. With ``names`` (a read model's handled event names), the events of other names are left out
+    undecoded: only their type is read."""
     entries = _unpack(body, max_bytes)
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise MalformedMessage("batch body is not a msgpack array of maps")
+    unhandled = 0
+    if names is not None:
+        kept = [e for e in entries if not isinstance(t := e.get("event_type"), str) or t.rpartition(".v")[0] in names]
+        entries, unhandled = kept, len(entries) - len(kept)
     registry.preload_keys(fields.get("data") for fields in entries)  # one round trip for the batch's new subjects
     events: list[RecordedEvent] = []
     dropped = 0
@@ -469,4 +476,4 @@ def from_batch_body(body: bytes, registry: codec.Registry = codec.REGISTRY, *,
                                         global_position=position, position=Position(txid, position),
                                         event_type=event_type, event=Undecodable(cause), data=data, metadata={},
                                         recorded_at=recorded_at))
-    return Batch(events, dropped)
+    return Batch(events, dropped, unhandled)

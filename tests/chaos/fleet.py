@@ -28,7 +28,7 @@ LEDGER_MODULE = "tests.chaos.ledger"
 #: The orders example's reactor runs in every scenario: its deadlines fire, and its follow-ups are checked.
 REACTORS_MODULE = "eventfleet.examples.orders.reactors"
 PAYMENT_TIMEOUT_SECONDS = 5
-PROJECTIONS = ("order_summary", "customer_stats", "chaos_ledger", "payment_timeout")
+PROJECTIONS = ("order_summary", "customer_stats", "chaos_ledger", "chaos_shipments", "payment_timeout")
 #: Counters summed over incarnations: worker counters per projection, and the relays' published total.
 COUNTERS = {
     "eventfleet_projection_applied_total": "applied",

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from projections import registry
 from store import EventStore, db
 from store.queries import load
 from tests.chaos import faults as faults_mod
@@ -132,6 +133,8 @@ class Report:
     memory: list[dict[str, Any]]
     samples: list[tuple[float, int | None, float | None]]  # (t, lag summed over projections, worst lag s)
     timeouts: int = 0  # orders payment_timeout cancelled (each exactly once: checked by verify)
+    #: Per read model, the store's events of the types it handles: what it must have applied (issue 25).
+    handled: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def line(self) -> str:
         recover = "-" if self.recover_seconds_max is None else f"{self.recover_seconds_max:.1f}s"
@@ -176,6 +179,16 @@ class Deployment:
                 "EVENTFLEET_CATCHUP_THRESHOLD": "50", "EVENTFLEET_CATCHUP_BATCH_SIZE": "100"}
 
 
+def handled_counts(names: dict[str, int]) -> dict[str, int]:
+    """What each read model must have applied: the store's events of the types it handles."""
+    counts: dict[str, int] = {}
+    for projection in PROJECTIONS:
+        cls = registry.REGISTRY.get(projection)
+        handled = None if not isinstance(cls, type) else cls.handled_names()
+        counts[projection] = sum(n for name, n in names.items() if handled is None or name in handled)
+    return counts
+
+
 def vhost_url(amqp_url: str, vhost: str) -> str:
     return amqp_url.rstrip("/") + "/" + vhost
 
@@ -184,6 +197,7 @@ async def prepare(deployment: Deployment) -> None:
     """Create the chaos ledger's tables (the schema is migrated by the caller)."""
     async with db.create_pool(deployment.database_url, deployment.schema, min_size=1, max_size=1) as pool:
         await pool.execute(LEDGER["ddl"])
+        await pool.execute(LEDGER["ddl_shipments"])
 
 
 async def remove(deployment: Deployment) -> None:
@@ -256,6 +270,7 @@ async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, 
             drained = max(drained, await monitor.wait_drained(fleet, drain_within))
         verdict = await retrying(lambda: verify(store))
         stats = await pool.fetch("SELECT projection, applied FROM projection_status")
+        names = {r["name"]: r["events"] for r in await pool.fetch(LEDGER["store_names"])}
         dead = await pool.fetchval("SELECT count(*) FROM dead_letters WHERE status = 'parked'")
         exit_codes = await fleet.stop_all()
     samples = [(round(x.t, 1), x.total, None if x.lag_seconds is None else round(x.lag_seconds, 2))
@@ -274,7 +289,7 @@ async def run_scenario(name: str, kinds: Sequence[str], deployment: Deployment, 
         max_lag=monitor.max_between(0, drained), drain_seconds=round(drained - load_end, 2),
         recover_seconds_max=max(recovers, default=None), lost=verdict.lost, doubled=verdict.doubled,
         exact=verdict.exact, exit_codes=exit_codes, injections=injections, memory=fleet.memory(),
-        samples=samples, timeouts=verdict.timeouts)
+        samples=samples, timeouts=verdict.timeouts, handled=handled_counts(names))
     report.emit()
     assert verdict.exact, (verdict.summary_mismatches[:5], verdict.stats_mismatches[:5], verdict.timeouts_missing,
                            verdict.follow_ups_doubled)

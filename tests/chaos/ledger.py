@@ -1,4 +1,5 @@
-"""``chaos_ledger``: a test-only projection that counts each stream's events and fails on poisoned ones.
+"""``chaos_ledger``: a test-only projection that counts each stream's events and fails on poisoned ones;
+``chaos_shipments``: the same count of one type's events only (a filtered read model).
 
 Loaded into worker processes with ``EVENTFLEET_PROJECTION_MODULES=tests.chaos.ledger`` (importing this
 module registers it). It has a handler for every orders event, and only increments, so a count equal to
@@ -46,3 +47,24 @@ class ChaosLedger(Projection):
             row[1] = max(row[1], event.version)
         await conn.execute(SQL["count_events"], list(counts), [c[0] for c in counts.values()],
                            [c[1] for c in counts.values()])
+
+
+@register
+class ChaosShipments(Projection):
+    """Per stream: how many OrderShipped events were applied. A read model of one type (issue 25): it sees a
+    few versions of each stream, far apart, and must still apply each of its events exactly once."""
+
+    name = "chaos_shipments"
+    tables = ("chaos_shipments",)
+    ddl = SQL["ddl_shipments"]
+
+    @handles(OrderShipped)
+    async def count(self, conn: db.Conn, event: RecordedEvent) -> None:
+        await self.apply_batch(conn, [event])
+
+    async def apply_batch(self, conn: db.Conn, events: Sequence[RecordedEvent]) -> None:
+        """Add each stream's shipments in one statement."""
+        counts: dict[str, int] = {}
+        for event in events:
+            counts[event.stream_id] = counts.get(event.stream_id, 0) + 1
+        await conn.execute(SQL["count_shipments"], list(counts), list(counts.values()))

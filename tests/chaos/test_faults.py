@@ -30,8 +30,9 @@ async def chaos(name: str, kinds: list[str], deployment: harness.Deployment, tmp
     assert report.doubled == 0
     assert report.exact
     assert report.written > 0
-    assert all(report.applied.get(p) == report.written for p in ("order_summary", "customer_stats", "chaos_ledger")), \
-        report.applied
+    read_models = ("order_summary", "customer_stats", "chaos_ledger", "chaos_shipments")
+    assert {p: report.applied.get(p) for p in read_models} == {p: report.handled[p] for p in read_models}
+    assert report.handled["chaos_ledger"] == report.written
     assert set(report.exit_codes.values()) == {0}, report.exit_codes  # every process stops cleanly at the end
     return report
 

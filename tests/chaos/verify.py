@@ -66,10 +66,13 @@ async def verify(store: EventStore) -> Verdict:
         actual = await read_models(conn)
         ledger = {r["stream_id"]: r["events"] for r in await conn.fetch(LEDGER["ledger"])}
         counts = {r["stream_id"]: r["events"] for r in await conn.fetch(LEDGER["store_counts"])}
+        shipments = {r["stream_id"]: r["events"] for r in await conn.fetch(LEDGER["shipments"])}
+        shipped = {r["stream_id"]: r["events"] for r in await conn.fetch(LEDGER["store_shipments"])}
     ledger_lost = ledger_doubled = stats_lost = stats_doubled = 0
-    for stream in counts.keys() | ledger.keys():
-        delta = ledger.get(stream, 0) - counts.get(stream, 0)
-        ledger_lost, ledger_doubled = ledger_lost + max(0, -delta), ledger_doubled + max(0, delta)
+    for applied, stored in ((ledger, counts), (shipments, shipped)):  # every event; the one-type ledger's
+        for stream in applied.keys() | stored.keys():
+            delta = applied.get(stream, 0) - stored.get(stream, 0)
+            ledger_lost, ledger_doubled = ledger_lost + max(0, -delta), ledger_doubled + max(0, delta)
     # customer_stats counts placements and cancellations one per event: a difference is a number of events.
     for customer in expected.customer_stats.keys() | actual.customer_stats.keys():
         want = expected.customer_stats.get(customer, (0, 0, Decimal(0)))

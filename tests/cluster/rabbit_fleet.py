@@ -11,7 +11,7 @@ Figures (``Figures``):
 
 - written: events appended (and acknowledged by the store); applied, duplicates, gap fills, caught up:
   the customer_stats totals of the workers' stats;
-- lost: events of the store customer_stats never applied (a stream checkpoint short of the stream's last
+- lost: events of the store order_summary never applied (a stream checkpoint short of the stream's last
   version), plus any counter of customer_stats below the fold; doubled: counters above the fold (orders placed
   or cancelled counted twice, money added twice): both must be 0;
 - time without progress: the longest stretch during which events were waiting and none was applied
@@ -44,6 +44,7 @@ import asyncpg
 from projections import registry
 from store import NO_STREAM, EventStore, db
 from store.event_store import record_from_row
+from tests.applied import all_applied as applied_by_all
 from tests.cluster.rabbit import RabbitCluster
 from tests.conftest import DATABASE_URL
 from tests.unit.test_projection_fold import fold, order_life, read_models
@@ -135,7 +136,7 @@ class Sample:
 
 
 class Sampler:
-    """Stored events vs customer_stats' applied events (the sum of its stream checkpoints), every 0.2 s."""
+    """Stored events vs order_summary' applied events (the sum of its stream checkpoints), every 0.2 s."""
 
     def __init__(self, pool: db.Pool) -> None:
         self.pool = pool
@@ -145,7 +146,7 @@ class Sampler:
         with contextlib.suppress(*RETRYABLE):
             row = await self.pool.fetchrow(
                 "SELECT (SELECT count(*) FROM events) AS stored, (SELECT coalesce(sum(version + 1), 0) "
-                "FROM checkpoints WHERE projection = 'customer_stats') AS applied, "
+                "FROM checkpoints WHERE projection = 'order_summary') AS applied, "
                 "(SELECT count(*) FROM outbox) AS outbox")
             assert row is not None
             sample = Sample(time.monotonic(), int(row["stored"]), int(row["applied"]), int(row["outbox"]))
@@ -231,7 +232,7 @@ async def exactness(pool: db.Pool) -> tuple[int, int, bool]:
     unapplied: int = await pool.fetchval(
         "SELECT coalesce(sum(s.v - coalesce(c.version, -1)), 0) FROM "
         "(SELECT stream_id, max(version) AS v FROM events GROUP BY stream_id) AS s "
-        "LEFT JOIN checkpoints AS c ON c.projection = 'customer_stats' AND c.stream_id = s.stream_id "
+        "LEFT JOIN checkpoints AS c ON c.projection = 'order_summary' AND c.stream_id = s.stream_id "
         "WHERE c.version IS NULL OR c.version < s.v")
     lost, doubled = int(unapplied), 0
     for customer in set(expected.customer_stats) | set(actual.customer_stats):
@@ -247,12 +248,7 @@ async def exactness(pool: db.Pool) -> tuple[int, int, bool]:
 
 
 async def all_applied(pool: db.Pool) -> bool:
-    missing: int = await pool.fetchval(
-        "SELECT count(*) FROM (SELECT stream_id, max(version) AS v FROM events GROUP BY stream_id) AS s "
-        "CROSS JOIN unnest($1::text[]) AS p(projection) "
-        "LEFT JOIN checkpoints AS c ON c.projection = p.projection AND c.stream_id = s.stream_id "
-        "WHERE c.version IS NULL OR c.version < s.v", list(PROJECTIONS))
-    return missing == 0
+    return await applied_by_all(pool, PROJECTIONS)
 
 
 @dataclasses.dataclass

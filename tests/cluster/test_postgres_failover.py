@@ -190,7 +190,7 @@ async def deployment(pair: PostgresPair, logs: Path) -> AsyncIterator[Fleet]:
 
 @dataclasses.dataclass
 class Timeline:
-    """Samples of the events customer_stats has applied (sum of its checkpoints; when each was asked for), and
+    """Samples of the events order_summary has applied (sum of its checkpoints; when each was asked for), and
     when the first event acknowledged after the promotion was seen applied."""
 
     samples: list[tuple[float, int]] = dataclasses.field(default_factory=list)
@@ -202,11 +202,11 @@ async def watch(pool: db.Pool, writers: Writers, ledger: Ledger, timeline: Timel
         with contextlib.suppress(Exception):  # the outage: nothing to sample
             asked = time.monotonic()  # a sample asked after the kill comes from the new primary
             applied = await pool.fetchval("SELECT coalesce(sum(version + 1), 0) FROM checkpoints "
-                                          "WHERE projection = 'customer_stats'")
+                                          "WHERE projection = 'order_summary'")
             timeline.samples.append((asked, applied))
             first = ledger.first_ack_after.get("promotion")
             if first is not None and timeline.recovered_at is None:
-                version = await pool.fetchval("SELECT version FROM checkpoints WHERE projection = 'customer_stats' "
+                version = await pool.fetchval("SELECT version FROM checkpoints WHERE projection = 'order_summary' "
                                               "AND stream_id = $1", first.stream)
                 if version is not None and version >= first.version:
                     timeline.recovered_at = time.monotonic()

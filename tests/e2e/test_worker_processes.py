@@ -123,9 +123,15 @@ def stop_worker(proc: subprocess.Popen[str], within: float) -> dict[str, Any]:
 
 
 async def applied(pool: db.Pool) -> int:
+    """The events customer_stats applied (projection_status moves with the checkpoints, in their transaction)."""
     total: int = await pool.fetchval(
-        "SELECT coalesce(sum(version + 1), 0) FROM checkpoints WHERE projection = $1", PROJECTION)
+        "SELECT coalesce((SELECT applied FROM projection_status WHERE projection = $1), 0)", PROJECTION)
     return total
+
+
+def handled(events: list[RecordedEvent]) -> int:
+    """How many of the events customer_stats handles (every order event but OrderShipped: issue 25)."""
+    return sum(CustomerStats().handles_type(e.event_type) for e in events)
 
 
 async def until(check: Callable[[], Awaitable[bool]], within: float, *procs: subprocess.Popen[str]) -> None:
@@ -145,7 +151,7 @@ async def until(check: Callable[[], Awaitable[bool]], within: float, *procs: sub
 async def assert_exact(pool: db.Pool, events: list[RecordedEvent]) -> None:
     async with pool.acquire() as conn:
         assert (await read_models(conn)).customer_stats == fold(e.event for e in events).customer_stats
-    assert await pool.fetchval("SELECT applied FROM projection_status WHERE projection = $1", PROJECTION) == len(events)
+    assert await pool.fetchval("SELECT applied FROM projection_status WHERE projection = $1", PROJECTION) == handled(events)
 
 
 async def test_three_workers_share_a_projection_exactly_once(pool, event_store, topology, schema, prefix, tmp_path):
@@ -161,13 +167,13 @@ async def test_three_workers_share_a_projection_exactly_once(pool, event_store, 
 
         await until(shared, 60, *procs)
         await publish(pool, topology, events)
-        await until(lambda: _at_least(pool, len(events)), 300, *procs)
+        await until(lambda: _at_least(pool, handled(events)), 300, *procs)
         reports = [stop_worker(p, 15) for p in procs]
     finally:
         reap(*procs)
     shares = [r["projections"][PROJECTION]["applied"] for r in reports]
     assert all(share > 0 for share in shares), shares
-    assert sum(shares) == len(events), "every event applied by exactly one worker"
+    assert sum(shares) == handled(events), "every event applied by exactly one worker"
     await assert_exact(pool, events)
 
 
@@ -187,7 +193,7 @@ async def test_sigkill_mid_batch_and_sigterm_during_load_lose_and_double_nothing
             killed.kill()
         killed.communicate()
     progress = await applied(pool)
-    assert progress < len(events), "the load was over before the kill; make it longer"
+    assert progress < handled(events), "the load was over before the kill; make it longer"
     # The next worker owns the partitions once the killed one's leases expired.
     stopped = start_worker(schema, prefix, tmp_path / "stopped.log", **small)
     try:
@@ -200,11 +206,11 @@ async def test_sigkill_mid_batch_and_sigterm_during_load_lose_and_double_nothing
             stopped.kill()
             stopped.communicate()
     assert report["projections"][PROJECTION]["applied"] > 0
-    assert await applied(pool) < len(events), "SIGTERM came after the load; make it longer"
+    assert await applied(pool) < handled(events), "SIGTERM came after the load; make it longer"
     # Whatever is left (redeliveries included) is finished in-process; the sums must be exact.
     settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
     await projector.consume_until_idle(pool, topology.channel, CustomerStats(), settings)
-    assert await applied(pool) == len(events)
+    assert await applied(pool) == handled(events)
     await assert_exact(pool, events)
 
 
@@ -228,11 +234,11 @@ async def test_a_worker_killed_during_a_catch_up_loses_and_doubles_nothing(pool,
         if killed.poll() is None:
             killed.kill()
         killed.communicate()
-    assert await applied(pool) < len(events), "the catch-up was over before the kill; make it longer"
+    assert await applied(pool) < handled(events), "the catch-up was over before the kill; make it longer"
     procs = [start_worker(schema, prefix, tmp_path / f"worker{i}.log", **catch_up) for i in range(2)]
     try:
         async def drained() -> bool:
-            return (await applied(pool) == len(events)
+            return (await applied(pool) == handled(events)
                     and [q.message_count for q in await queues(topology)] == [0] * PARTITIONS)
 
         await until(drained, 300, *procs)

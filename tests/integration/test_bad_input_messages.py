@@ -159,15 +159,16 @@ async def test_hostile_events_in_a_batch_are_dropped_or_recorded_as_ghosts_alone
     stats = await projector.consume_until_idle(pool, channel, CustomerStats(), settings)
 
     # The ones that decode but name events the store does not hold are ghosts: recorded, never applied, and
-    # nothing halts (the store is the truth: what it does not hold is no event of any stream).
-    assert (stats.applied, stats.ghosts, stats.dead_lettered, stats.undecodable, stats.held) == (
-        len(good), len(PARKED), 0, 0, 0)
+    # nothing halts (the store is the truth: what it does not hold is no event of any stream). ``Unknown.v1``
+    # (x0) is of no type customer_stats handles: left undecoded, never its business (issue 25).
+    assert (stats.applied, stats.ghosts, stats.unhandled, stats.dead_lettered, stats.undecodable, stats.held) == (
+        len(good), len(PARKED) - 1, 1, 0, 0, 0)
     (warning,) = [r for r in caplog.records if r.getMessage().startswith("batch message with events that name no")]
     assert getattr(warning, "dropped", None) == len(DROPPED)
     rows = await pool.fetch("SELECT stream_id, version, status, error FROM dead_letters"
                             " WHERE projection = 'customer_stats'")
     assert sorted((r["stream_id"], r["version"], r["status"]) for r in rows) == [
-        (f"order-x{i}", 0, "skipped") for i in range(len(PARKED))]
+        (f"order-x{i}", 0, "skipped") for i in range(1, len(PARKED))]
     assert {r["error"] for r in rows} == {checkpoints.GHOST_ERROR}
     dlq = await channel.declare_queue(names.dead_letter_queue("customer_stats"), passive=True)
     assert dlq.declaration_result.message_count == 0

@@ -227,7 +227,8 @@ async def test_a_stored_event_of_a_type_this_code_never_heard_of_is_passed_by_a_
     (v0,) = await event_store.load("order-v")
     await publish(channel, prefix, [u0, u2, v0])
     stats = await projector.consume_until_idle(pool, channel, Probe(), settings)
-    assert (stats.applied, stats.dead_lettered, stats.held) == (4, 0, 0)
+    # order-u's version 1 is not read from the store at all: its checkpoint moves over it (issue 25).
+    assert (stats.applied, stats.gaps_filled, stats.dead_lettered, stats.held) == (3, 0, 0, 0)
     assert await checkpoint(pool, "poison_probe", "order-u") == (2, None)
     assert await pool.fetchval("SELECT count(*) FROM dead_letters") == 0
     assert await seen(pool, "poison_probe") == [("order-u", 0), ("order-u", 2), ("order-v", 0)]

@@ -58,7 +58,8 @@ async def dead_letters(pool: db.Pool) -> int:
 async def test_an_event_of_a_newer_version_a_read_model_does_not_handle_is_passed_by(pool, event_store, order):
     result = await parking.apply_or_park(event_store, CustomerStats(), order)
 
-    assert [e.version for e in result.applied] == [0, 1, 2, 3]
+    # OrderShipped.v2 (version 2) is not customer_stats's: dropped before anything, never decoded (issue 25).
+    assert ([e.version for e in result.applied], result.unhandled) == ([0, 1, 3], 1)
     assert (await dead_letters(pool), result.parked) == (0, [])
     assert await pool.fetchval("SELECT version FROM checkpoints WHERE projection = 'customer_stats'") == 3
 
@@ -104,7 +105,7 @@ async def test_a_type_this_code_has_never_heard_of_is_passed_by_by_named_read_mo
     with pytest.raises(errors.HeldForNewerCode):
         await checkpoints.apply_batch(event_store, EveryEvent(), [first, unheard])
 
-    assert [e.version for e in applied.applied] == [0, 1]
+    assert ([e.version for e in applied.applied], applied.unhandled) == ([0], 1)
     assert (EveryEvent.handled_names(), OrderSummary.handled_names()) == (
         None, frozenset({"OrderPlaced", "OrderPaid", "OrderShipped", "OrderCancelled"}))
 

@@ -376,7 +376,8 @@ async def test_workers_park_the_undecodable_row_and_apply_the_rest(pool, event_s
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         stats = await projector.consume_until_idle(pool, await connection.channel(), CustomerStats(), settings)
-    assert (stats.applied, stats.dead_lettered) == (n, 1)
+    # Each order's OrderShipped is not customer_stats's: acked, never applied (issue 25).
+    assert (stats.applied, stats.unhandled, stats.dead_lettered) == (n * 2 // 3, n // 3, 1)
     rows = await pool.fetch("SELECT status, stream_id, version, error FROM dead_letters"
                             " WHERE projection = 'customer_stats'")
     assert [(r["status"], r["stream_id"], r["version"]) for r in rows] == [("parked", "order-corrupt", 0)]

@@ -16,7 +16,7 @@ from projections.base import Projection, handles
 from store import NO_STREAM, RecordedEvent, db
 from store.partitions import partition_of
 from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
-from tests.unit.test_projection_fold import paid, placed
+from tests.unit.test_projection_fold import paid, placed, shipped
 from workers import broker, projector
 from workers.config import Settings
 from workers.projector import parking
@@ -37,6 +37,19 @@ async def test_returns_once_the_version_is_applied(pool, schema):
     assert not done, "returned before version 2 was applied"
     await pool.execute(SET_CHECKPOINT, "order_summary", "order-1", 3)
     assert await waiting == 3
+
+
+async def test_a_version_of_a_type_the_read_model_does_not_handle_is_settled_by_the_events_before_it(
+        pool, schema, event_store):
+    # customer_stats does not handle OrderShipped: its checkpoint stops at 1, the OrderPaid before it.
+    await event_store.append("order-s", [placed("s", "c"), paid("s", "c"), shipped("s", "c")], NO_STREAM)
+    waiting = asyncio.create_task(projections.wait_for(pool, "customer_stats", "order-s", 2, timeout=30,
+                                                       schema=schema))
+    await pool.execute(SET_CHECKPOINT, "customer_stats", "order-s", 0)
+    done, _ = await asyncio.wait({waiting}, timeout=0.3)
+    assert not done, "returned before the OrderPaid at version 1 was applied"
+    await pool.execute(SET_CHECKPOINT, "customer_stats", "order-s", 1)
+    assert await waiting == 2
 
 
 async def test_returns_at_once_when_already_applied(pool, schema):

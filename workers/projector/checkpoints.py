@@ -12,6 +12,14 @@ stream, version and id, one index probe each in the same statement). One the sto
 published from a primary that then lost it to an asynchronous failover (or a store restored from an older
 backup), perhaps with another event stored since at its version. A ghost is never applied and never moves a
 checkpoint; its version, if the store holds one, is read from the store like any gap.
+
+A read model that handles a few event types (``Projection.handled_names()``) pays only for those: the events
+of other types are dropped from the batch before anything (``BatchResult.unhandled``), and its checkpoint is
+the last store version up to which every event *it handles* is applied. Its versions then have gaps by design
+(it sees 0, 3 and 7 of a stream), so contiguity cannot tell a gap from a duplicate: the claim returns, from
+the store in the same statement, the versions of its types in (checkpoint, newest delivered]
+(``claim_checkpoints_of``), and those, not the range, are what the batch applies, delivered or read from the
+store. Nothing it handles can lie between two of them unseen.
 """
 
 from __future__ import annotations
@@ -57,9 +65,12 @@ class BatchResult:
     parked: list[Parked] = dataclasses.field(default_factory=list)
     ghosts: list[RecordedEvent] = dataclasses.field(default_factory=list)
     reacted: reactor.Outcome = dataclasses.field(default_factory=reactor.Outcome)
+    #: Delivered events of types the read model does not handle: never decoded for it, never applied, no checkpoint.
+    unhandled: int = 0
 
     def add(self, other: BatchResult) -> None:
         self.applied += other.applied
+        self.unhandled += other.unhandled
         self.duplicates += other.duplicates
         self.gaps_filled += other.gaps_filled
         self.held += other.held
@@ -76,7 +87,14 @@ class _Stream:
     halted: int | None
     delivered: dict[int, RecordedEvent]
     target: int  # the newest delivered version
-    contiguous: bool = False  # delivered is exactly checkpoint + 1 .. target: nothing to drop or fill
+    #: A filtered read model's: the store versions of its types in (checkpoint, claimed version]; None: every
+    #: version in that range is the projection's.
+    handled: list[int] | None = None
+    contiguous: bool = False  # delivered is exactly what is due: nothing to drop or fill
+
+    def due(self) -> Sequence[int]:
+        """The versions this batch must apply to the stream, in order, delivered or not."""
+        return self.handled if self.handled is not None else range(self.checkpoint + 1, self.target + 1)
 
 
 async def apply_batch(store: EventStore, projection: Projection, events: Sequence[RecordedEvent], *,
@@ -90,6 +108,11 @@ async def apply_batch(store: EventStore, projection: Projection, events: Sequenc
     database errors raise TransientError instead, to be retried as a whole).
     """
     result = BatchResult()
+    names = projection.handled_names()
+    if names is not None:
+        mine = [e for e in events if e.event_type.rpartition(".v")[0] in names]
+        result.unhandled = len(events) - len(mine)
+        events = mine
     delivered: dict[str, dict[int, RecordedEvent]] = {}
     for event in events:
         versions = delivered.get(event.stream_id)
@@ -103,7 +126,7 @@ async def apply_batch(store: EventStore, projection: Projection, events: Sequenc
         return result
     park = park or {}
     with reactor.recording() as outcomes:  # what a reactor's handlers did, counted once they commit
-        to_apply = await _apply(store, projection, delivered, park, result, set_based)
+        to_apply = await _apply(store, projection, delivered, park, result, set_based, names)
     result.applied = to_apply
     result.reacted = outcomes.committed(e.event_id for e in to_apply)
     return result
@@ -111,20 +134,22 @@ async def apply_batch(store: EventStore, projection: Projection, events: Sequenc
 
 async def _apply(store: EventStore, projection: Projection, delivered: dict[str, dict[int, RecordedEvent]],
                  park: Mapping[tuple[str, int], Failure], result: BatchResult, set_based: bool,
-                 ) -> list[RecordedEvent]:
+                 names: frozenset[str] | None) -> list[RecordedEvent]:
     """The batch's transaction; returns the events it applied, in order."""
     every = [e for versions in delivered.values() for e in versions.values()]
+    claim = (SQL["claim_checkpoints"],) if names is None else (SQL["claim_checkpoints_of"], sorted(names))
     async with db.translate_errors(), store.pool.acquire() as conn, conn.transaction():
         await locks.share(conn, locks.projection(store.schema, projection.name))
-        claimed = await conn.fetch(SQL["claim_checkpoints"], projection.name, [e.stream_id for e in every],
-                                   [e.version for e in every], [e.event_id for e in every])
+        claimed = await conn.fetch(claim[0], projection.name, [e.stream_id for e in every],
+                                   [e.version for e in every], [e.event_id for e in every], *claim[1:])
         streams: dict[str, _Stream] = {}
         for row in sorted(claimed, key=lambda r: r["stream_id"]):
             sid, versions = row["stream_id"], delivered[row["stream_id"]]
             for ghost in row["ghosts"] or ():
                 result.ghosts.append(versions.pop(ghost))
             if versions:
-                streams[sid] = _Stream(row["previous_version"], row["halted_version"], versions, max(versions))
+                streams[sid] = _Stream(row["previous_version"], row["halted_version"], versions, max(versions),
+                                       None if names is None else row["handled"])
         if result.ghosts:
             await _record_ghosts(conn, projection, result.ghosts)
         filled = await _load_gaps(conn, store, projection, streams, result, park)
@@ -132,7 +157,7 @@ async def _apply(store: EventStore, projection: Projection, delivered: dict[str,
         halts: list[tuple[str, int]] = []
         for sid, plan in streams.items():
             if plan.contiguous and not park:  # the common case: apply what was delivered, in version order
-                to_apply += [plan.delivered[v] for v in range(plan.checkpoint + 1, plan.target + 1)]
+                to_apply += [plan.delivered[v] for v in plan.due()]
                 continue
             halted = await _walk(conn, projection, sid, plan, filled.get(sid, {}), park, result, to_apply)
             if halted is not None and plan.halted is None:
@@ -166,19 +191,18 @@ async def _load_gaps(conn: db.Conn, store: EventStore, projection: Projection, s
     ranges: list[tuple[str, int, int]] = []
     for sid, plan in streams.items():
         checkpoint, versions = plan.checkpoint, plan.delivered
-        if plan.halted is None and len(versions) == plan.target - checkpoint and min(versions) > checkpoint:
-            plan.contiguous = True  # distinct versions, as many as the range holds, all in it
+        if plan.halted is None and min(versions) > checkpoint and (
+                len(versions) == plan.target - checkpoint if plan.handled is None
+                else sorted(versions) == plan.handled):
+            plan.contiguous = True  # distinct versions above the checkpoint, as many as are due: all of them
             continue
         result.duplicates += sum(1 for v in versions if v <= checkpoint)
         plan.delivered = {v: e for v, e in versions.items() if v > checkpoint}
         if plan.halted is not None:
             result.held += len(plan.delivered)
             plan.delivered = {}
-        expected = checkpoint + 1
-        for v in sorted(plan.delivered):
-            if v > expected:
-                ranges.append((sid, expected, v - 1))
-            expected = v + 1
+            continue
+        ranges += _missing(sid, plan)
     if not ranges:
         return {}
     rows = await conn.fetch(EVENTS["load_ranges"], [r[0] for r in ranges], [r[1] for r in ranges],
@@ -190,6 +214,21 @@ async def _load_gaps(conn: db.Conn, store: EventStore, projection: Projection, s
     if len(rows) != wanted:
         raise store_errors.GapNotInStore(len(rows), wanted)
     return filled
+
+
+def _missing(sid: str, plan: _Stream) -> list[tuple[str, int, int]]:
+    """The ranges of versions due below the newest delivered one that were not delivered (gaps to read)."""
+    if not plan.delivered:
+        return []
+    newest = max(plan.delivered)
+    missing = [v for v in plan.due() if v < newest and v not in plan.delivered]
+    ranges: list[tuple[str, int, int]] = []
+    for v in missing:  # consecutive versions in one range
+        if ranges and ranges[-1][2] == v - 1:
+            ranges[-1] = (sid, ranges[-1][1], v)
+        else:
+            ranges.append((sid, v, v))
+    return ranges
 
 
 def _decode_stored(row: Any, store: EventStore, projection: Projection,
@@ -210,7 +249,10 @@ async def _walk(conn: db.Conn, projection: Projection, sid: str, plan: _Stream, 
     halts, if it does."""
     if plan.halted is not None or not plan.delivered:
         return plan.halted
-    for v in range(plan.checkpoint + 1, plan.target + 1):
+    newest = max(plan.delivered)
+    for v in plan.due():
+        if v > newest:
+            break
         event = plan.delivered.get(v) or filled[v]
         failure = park.get((sid, v))
         if failure is None:

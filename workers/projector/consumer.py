@@ -35,6 +35,7 @@ from projections.base import Projection
 from projections.reactor import Outcome, Reactor
 from store import codec, db, tracing
 from store import errors as store_errors
+from store.codec.registry import EVENT_NAME_ATTRIBUTE
 from store.event_store import EventStore, Position, RecordedEvent
 from store.partitions import partition_of
 from store.queries import load
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 SQL = load("workers", "rebuild.sql")
 
 T = TypeVar("T")
+
+_FORGOTTEN = getattr(codec.SubjectForgotten, EVENT_NAME_ATTRIBUTE, "SubjectForgotten")
 
 #: How long an unapplied event of a partition may wait before the partition catches up from the store, however
 #: few events it lags (``Consumer.note_lag``): several lag refreshes (``lag.REFRESH_SECONDS``), far above the
@@ -74,6 +77,7 @@ class Stats:
     caught_up: int = 0  # events read from the store by catch-ups
     handover_duplicates: int = 0
     ghosts: int = 0  # delivered events the store does not hold: dropped
+    unhandled: int = 0  # delivered events of types the projection does not handle: acked, never applied
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -105,26 +109,29 @@ class DecodeCache:
                  ) -> None:
         self.max_bytes, self.largest, self.max_message_bytes = max_bytes, max_bytes // 4, max_message_bytes
         self.bytes = 0  # the cached bodies' length
-        self._batches: dict[bytes, broker.Batch] = {}
+        #: Per body and the event names decoded (None: all; a read model that handles a few names decodes only
+        #: those, and read models of the same names share it).
+        self._batches: dict[tuple[frozenset[str] | None, bytes], broker.Batch] = {}
 
     @classmethod
     def of(cls, settings: Settings) -> DecodeCache:
         """The cache a worker of these settings keeps (EVENTFLEET_DECODE_CACHE_BYTES)."""
         return cls(settings.decode_cache_bytes, max_message_bytes=settings.broker_max_message_bytes)
 
-    def decode(self, body: bytes, registry: codec.Registry) -> broker.Batch:
-        """The batch of a body; raises MalformedMessage (never cached) like ``broker.from_batch_body``."""
-        batch = self._batches.get(body)
+    def decode(self, body: bytes, registry: codec.Registry, names: frozenset[str] | None = None) -> broker.Batch:
+        """The batch of a body, its events of ``names`` only when given; raises MalformedMessage (never cached)
+        like ``broker.from_batch_body``."""
+        batch = self._batches.get((names, body))
         if batch is None:
-            batch = broker.from_batch_body(body, registry, max_bytes=self.max_message_bytes)
+            batch = broker.from_batch_body(body, registry, max_bytes=self.max_message_bytes, names=names)
             if len(body) > self.largest or any(registry.personal(type(e.event)) for e in batch.events):
                 return batch
-            self._batches[body] = batch
+            self._batches[(names, body)] = batch
             self.bytes += len(body)
             while self.bytes > self.max_bytes:  # the oldest first: dicts keep insertion order
                 oldest = next(iter(self._batches))
                 del self._batches[oldest]
-                self.bytes -= len(oldest)
+                self.bytes -= len(oldest[1])
         return batch
 
 
@@ -143,6 +150,11 @@ class Consumer:
                  on_hold: Callable[[int, str], Awaitable[None]] | None = None) -> None:
         self.store, self.channel, self.projection, self.settings = store, channel, projection, settings
         self.partition = partition
+        #: The event names the projection handles (None: all): a delivered event of another name is never decoded,
+        #: applied or checkpointed here (it only gets acked with its message).
+        #: SubjectForgotten is always decoded: this process drops the subject's key on sight (``decode``).
+        names = projection.handled_names()
+        self.names_handled = None if names is None else names | {_FORGOTTEN}
         self.cache = cache or DecodeCache.of(settings)
         self.names = broker.Names(settings.prefix)
         self.queue = self.names.partition_queue(projection.name, partition)
@@ -201,7 +213,7 @@ class Consumer:
     def decode(self, tag: int, body: bytes, message_id: str | None = None) -> Delivery:
         """A delivery with its decoded batch, or why it cannot be decoded."""
         try:
-            decoded: broker.Batch | errors.MalformedMessage = self.cache.decode(body, self.store.registry)
+            decoded: broker.Batch | errors.MalformedMessage = self.cache.decode(body, self.store.registry, self.names_handled)
         except errors.MalformedMessage as exc:
             decoded = exc
         for event in () if isinstance(decoded, errors.MalformedMessage) else decoded.events:
@@ -258,9 +270,7 @@ class Consumer:
         for parked_event in result.parked:
             if partition_of(parked_event.event.stream_id, partitions) == self.partition:
                 self._copy_dead_letter(parked_event.event)
-        good = [d.tag for d in deliveries if not isinstance(d.decoded, errors.MalformedMessage)]
-        if good:
-            await self._raw.basic_ack(max(good), multiple=True)
+        await self._ack(deliveries)
 
     async def handle_decoded(self, deliveries: Sequence[Delivery]) -> BatchResult:
         """Settle deliveries alone: dead-letter the undecodable messages whole, apply the events of the rest in
@@ -306,11 +316,22 @@ class Consumer:
         self.count(result, time.perf_counter() - started, messages=len(deliveries))
         for parked in result.parked:
             self._copy_dead_letter(parked.event)
-        good = [d.tag for d in deliveries if not isinstance(d.decoded, errors.MalformedMessage)]
-        if good:
-            # Every delivery up to this tag is in this batch or settled before: one frame acks them all.
-            await self._raw.basic_ack(max(good), multiple=True)
+        await self._ack(deliveries)
         return result
+
+    async def _ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack the decodable deliveries (the undecodable ones are rejected already) and count the events of theirs
+        the projection does not handle."""
+        assert self._raw is not None
+        good = [d for d in deliveries if not isinstance(d.decoded, errors.MalformedMessage)]
+        if not good:
+            return
+        # Every delivery up to this tag is in this batch or settled before: one frame acks them all.
+        await self._raw.basic_ack(max(d.tag for d in good), multiple=True)
+        unhandled = sum(d.decoded.unhandled for d in good if not isinstance(d.decoded, errors.MalformedMessage))
+        if unhandled:
+            metrics.UNHANDLED.labels(self.projection.name).inc(unhandled)
+            self.stats.unhandled += unhandled
 
     async def apply_from_store(self, events: Sequence[RecordedEvent]) -> BatchResult:
         """Apply events read from the store (a catch-up) exactly as deliveries are applied; parked events
@@ -431,6 +452,7 @@ class Consumer:
         s.duplicates += duplicates
         s.gaps_filled += result.gaps_filled
         s.ghosts += len(result.ghosts)
+        s.unhandled += result.unhandled  # a catch-up's reads are of its types: none there
         if result.ghosts:
             logger.warning("delivered events the store does not hold were dropped (lost with a primary by an "
                            "asynchronous failover, or a store restored from an older backup)", extra={

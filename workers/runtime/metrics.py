@@ -107,6 +107,9 @@ PARTITIONS_HELD_FOR_NEWER_CODE = Gauge(
 GHOSTS = Counter("eventfleet_projection_ghosts_total",
                  "Delivered events the store does not hold (lost with a primary, or from an older backup): "
                  "dropped, never applied", ["projection"])
+UNHANDLED = Counter("eventfleet_projection_unhandled_total",
+                    "Delivered events of types the read model does not handle: acked with their message, never "
+                    "decoded, applied or checkpointed for it", ["projection"])
 HANDOVER_DUPLICATES = Counter("eventfleet_projection_handover_duplicates_total",
                               "Duplicates a new owner of a partition skipped before its first new event "
                               "(the previous owner's committed, unacked batch)", ["projection"])

@@ -16,13 +16,9 @@ SELECT coalesce((SELECT state FROM projection_status WHERE projection = $1), 'li
        (SELECT count(*) FROM checkpoints WHERE projection = $1 AND halted_version IS NOT NULL) AS halted;
 
 -- name: pipeline_counts
--- From one snapshot: events in the store, those not yet published (an append writes both at once) and
--- the fewest events any of the projections $1 has covered with its checkpoints.
+-- From one snapshot: events in the store and those not yet published (an append writes both at once).
 SELECT (SELECT count(*) FROM events) AS written,
-       (SELECT count(*) FROM outbox) AS pending,
-       (SELECT coalesce(min(covered), 0) FROM (
-            SELECT (SELECT coalesce(sum(c.version + 1), 0) FROM checkpoints AS c WHERE c.projection = p) AS covered
-            FROM unnest($1::text[]) AS p) AS per_projection) AS applied;
+       (SELECT count(*) FROM outbox) AS pending;
 
 -- name: deadlines_pending
 -- Deadlines of every reactor not yet fired or cancelled.

@@ -16,6 +16,35 @@ CREATE TABLE IF NOT EXISTS chaos_poison (
     CONSTRAINT chaos_poison_pkey PRIMARY KEY (stream_id, version)
 );
 
+-- name: ddl_shipments
+-- Idempotent DDL of the one-type ledger: OrderShipped events applied per stream.
+CREATE TABLE IF NOT EXISTS chaos_shipments (
+    stream_id text   NOT NULL,
+    events    bigint NOT NULL,
+    CONSTRAINT chaos_shipments_pkey PRIMARY KEY (stream_id)
+);
+
+-- name: count_shipments
+-- Add a batch's shipments to their streams' counts (distinct streams), rows locked in stream order.
+INSERT INTO chaos_shipments AS l (stream_id, events)
+SELECT u.stream_id, u.events
+FROM unnest($1::text[], $2::bigint[]) AS u(stream_id, events)
+ORDER BY u.stream_id
+ON CONFLICT (stream_id) DO UPDATE SET events = l.events + EXCLUDED.events;
+
+-- name: shipments
+-- The one-type ledger.
+SELECT stream_id, events FROM chaos_shipments;
+
+-- name: store_shipments
+-- OrderShipped events per stream in the store: what the one-type ledger must show.
+SELECT stream_id, count(*) AS events FROM events WHERE split_part(event_type, '.v', 1) = 'OrderShipped'
+GROUP BY stream_id;
+
+-- name: store_names
+-- Events in the store per event name (any version): what each read model must have applied.
+SELECT split_part(event_type, '.v', 1) AS name, count(*) AS events FROM events GROUP BY 1;
+
 -- name: poisoned
 -- How many of the given (stream, version) pairs are poisoned and not yet fixed.
 SELECT count(*)
