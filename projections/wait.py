@@ -58,7 +58,7 @@ async def wait_for(pool: db.Pool, projection: str, stream_id: str, version: int,
     ``schema`` is the store's (as in ``EventStore(pool, schema=...)``); the pool's search_path is not used.
 
     A read model that handles a few event types (``Projection.handled_names()``, looked up by name in this
-    process's registry) moves its checkpoint only over the events it handles: awaiting a version of another type
+    process's registry, else the types its workers record in ``read_model_types``) moves its checkpoint only over the events it handles: awaiting a version of another type
     returns ``version`` once every event of its types up to it is applied.
 
     It fails at once when waiting cannot succeed: ``UnknownProjection`` for a name the deployment does not have,
@@ -66,7 +66,12 @@ async def wait_for(pool: db.Pool, projection: str, stream_id: str, version: int,
     """
     sql = queries.bind(SQL, schema)  # InvalidName for a bad schema
     cls = registry.REGISTRY.get(projection)
-    names = cls.handled_names() if isinstance(cls, type) else None
+    names: frozenset[str] | list[str] | None
+    if isinstance(cls, type):
+        names = cls.handled_names()
+    else:  # a caller without the read model's code: the types its workers record
+        async with db.translate_errors():
+            names = await pool.fetchval(sql["recorded_types"], projection)
     deadline = time.monotonic() + timeout
     pause = _FIRST_PAUSE
     first = True

@@ -27,3 +27,7 @@ SELECT projection FROM {schema}.projection_status ORDER BY projection;
 SELECT id, error FROM {schema}.dead_letters
 WHERE projection = $1 AND stream_id = $2 AND version = $3 AND status = 'parked'
 ORDER BY id DESC LIMIT 1;
+
+-- name: recorded_types
+-- The event names a read model's checkpoints move over the others of (read_model_types; NULL: every event).
+SELECT handled FROM {schema}.read_model_types WHERE projection = $1;

@@ -64,11 +64,19 @@ REGISTERED = _Registered.NAMES
 EventNames = Collection[str] | None | _Registered
 
 
-def handled_names(projection: str, event_names: EventNames = REGISTERED) -> list[str] | None:
-    """The event names the lag of ``projection`` counts (None: every event), sorted."""
+async def handled_names(pool: db.Pool, projection: str, event_names: EventNames = REGISTERED) -> list[str] | None:
+    """The event names the lag of ``projection`` counts (None: every event), sorted. By default the registered
+    projection's; one this process does not know (a tool run without the service's modules) is measured by the
+    types its read model records (``read_model_types``, what the workers' code applies: workers/rebuild/typebook),
+    since its checkpoints stop at its own last event (issue 25)."""
     if event_names is REGISTERED:
         cls = registry.REGISTRY.get(projection)
-        event_names = None if cls is None else cls.handled_names()
+        if cls is not None:
+            event_names = cls.handled_names()
+        else:
+            async with db.translate_errors():
+                recorded = await pool.fetchval(SQL["recorded_types"], projection)
+            event_names = None if recorded is None else recorded
     return None if event_names is None else sorted(event_names)
 
 
@@ -82,7 +90,7 @@ async def advance(pool: db.Pool, projection: str, *, step: int = ADVANCE_STEP, m
                   event_names: EventNames = REGISTERED) -> bool:
     """Advance the projection's watermark as far as it may go now; False if another process holds it.
     ``event_names``: the events it handles (None: all; by default the registered projection's)."""
-    names = handled_names(projection, event_names)
+    names = await handled_names(pool, projection, event_names)
     async with db.translate_errors(), pool.acquire() as conn:
         key = locks.watermark(await current_schema(conn), projection)
         for _ in range(max_steps):
@@ -107,7 +115,7 @@ async def count(pool: db.Pool, projection: str, *, event_names: EventNames = REG
 async def count_partitions(pool: db.Pool, projection: str, *, event_names: EventNames = REGISTERED,
                            ) -> tuple[int, float, Position, dict[int, int], dict[int, float]]:
     """``count``, and per partition the unapplied events and the age of the oldest of them."""
-    names = handled_names(projection, event_names)
+    names = await handled_names(pool, projection, event_names)
     async with db.translate_errors(), pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
         # One snapshot: the watermark the tail is counted after is the one returned.
         rows = await (conn.fetch(SQL["measure_lag"], projection) if names is None

@@ -159,3 +159,8 @@ SELECT coalesce(extract(epoch FROM clock_timestamp() - least(
            (SELECT min(xact_start) FROM pg_stat_activity
             WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()),
            (SELECT min(prepared) FROM pg_prepared_xacts)))::float8, 0) AS oldest_transaction_age;
+
+-- name: recorded_types
+-- The event names a read model's tables and checkpoints were built with (read_model_types; NULL: every event,
+-- or no row: a read model no worker or migrate has registered).
+SELECT handled FROM read_model_types WHERE projection = $1;
