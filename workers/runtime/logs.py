@@ -67,9 +67,23 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler to whatever ``sys.stderr`` is when a record is emitted, not the one it was made with: a CLI
+    command run in-process (tests, a notebook) under a replaced stderr must not leave the root logger writing to
+    a stream closed since."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup(log_format: str = "text", level: int = logging.INFO, secrets: Iterable[str] = ()) -> None:
     """Send the root logger to stderr in the chosen format, with ``secrets`` and URL passwords masked."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     formatter = JsonFormatter() if log_format == "json" else TextFormatter()
     handler.setFormatter(redact.RedactingFormatter(formatter, secrets))
     root = logging.getLogger()
