@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import shutil
 import subprocess
@@ -86,6 +87,17 @@ def new_schema(stem: str = "t", length: int = 16) -> str:
     """A schema name of its own for a test (``t_<hex>``), remembered for the session check: the schema, its
     shadows (``<schema>_rb_...``) and its roles (``<schema>_worker``...) must not outlive the session."""
     return CREATED.add_schema(f"{stem}_{uuid.uuid4().hex[:length]}")
+
+
+@pytest.fixture(autouse=True)
+def root_logger() -> Iterator[None]:
+    """The root logger as it was before the test: a CLI command run in-process configures it (workers/runtime/
+    logs.py), and its handler would print every later test's INFO records into that test's captured stderr."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture
