@@ -18,7 +18,7 @@ from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from workers import locks
 from workers.config import Settings
 from workers.projector import handlers, lag
-from workers.projector.consumer import Stats
+from workers.projector.batcher import Stats
 from workers.projector.fleet import Fleet
 from workers.projector.leases import LeaseKeeper
 from workers.runtime import health, lifecycle

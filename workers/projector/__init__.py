@@ -13,14 +13,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from workers.projector.batcher import Stats
     from workers.projector.checkpoints import BatchResult, apply_batch
-    from workers.projector.consumer import Consumer, Stats
+    from workers.projector.consumer import Consumer
     from workers.projector.worker import consume_until_idle, resolve, run_consumer, run_worker
 
 # Loaded on first use, not with the package: the rebuild applies events through ``handlers`` and the worker
 # runs backfills through the rebuild, so importing every module here would make the two packages import
 # each other.
-_LAZY = {"BatchResult": "checkpoints", "apply_batch": "checkpoints", "Consumer": "consumer", "Stats": "consumer",
+_LAZY = {"BatchResult": "checkpoints", "apply_batch": "checkpoints", "Consumer": "consumer", "Stats": "batcher",
          "consume_until_idle": "worker", "resolve": "worker", "run_consumer": "worker", "run_worker": "worker"}
 
 

@@ -24,7 +24,9 @@ from store.event_store import EventStore
 from workers import broker, errors
 from workers.config import Settings
 from workers.projector import dlq, lag
-from workers.projector.consumer import Consumer, DecodeCache, Stats
+from workers.projector.batcher import Stats
+from workers.projector.consumer import Consumer
+from workers.projector.deliveries import DecodeCache
 from workers.projector.fleet import CATCHUPS_AT_ONCE, Fleet
 from workers.projector.leases import LeaseKeeper
 from workers.rebuild import backfill
@@ -58,11 +60,16 @@ async def run_consumer(pool: db.Pool, connection: AbstractConnection, projection
 async def consume_until_idle(pool: db.Pool, channel: AbstractChannel, projection: Projection,
                              settings: Settings) -> Stats:
     """Apply everything in one projection's partition queues, one after the other, then return (tests,
-    benchmarks: no sleeps needed)."""
+    benchmarks: no sleeps needed), through the apply step a worker uses (``Consumer.until_idle``)."""
     store = lifecycle.open_store(pool, settings)
     stats, cache = Stats(), DecodeCache.of(settings)
-    for partition in range(await store.partitions()):
-        await Consumer(store, channel, projection, partition, settings, stats=stats, cache=cache).until_idle()
+    copies = dlq.DeadLetterCopies(settings.amqp_urls, settings.prefix)
+    try:
+        for partition in range(await store.partitions()):
+            await Consumer(store, channel, projection, partition, settings, stats=stats, cache=cache,
+                           copies=copies).until_idle()
+    finally:
+        await copies.close()
     return stats
 
 
