@@ -23,8 +23,7 @@ from projections.reactor import Deadline, Reactor
 from store import codec, db
 from store.event_store import EventStore
 from store.queries import load
-from workers import errors, locks
-from workers.projector import handlers
+from workers import errors, handlers, locks
 from workers.projector.batcher import Batcher
 from workers.runtime import metrics, retry
 

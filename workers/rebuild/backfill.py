@@ -24,13 +24,14 @@ from projections.base import Projection
 from projections.reactor import Reactor
 from store import db
 from store.event_store import EventStore
+from store.queries import load
 from workers import broker, errors, rebuild
-from workers.rebuild import reader, shadow
+from workers.rebuild import reader
 from workers.runtime import retry
 
 logger = logging.getLogger(__name__)
 
-SQL = shadow.SQL
+SQL = load("workers", "backfill.sql")
 
 
 async def register(conn: db.Conn | db.Pool, projections: Sequence[str]) -> list[str]:
@@ -120,3 +121,16 @@ async def _backfill_all(store: EventStore, projections: Sequence[Projection], ba
         except Exception:
             # A broken backfill must not stop the live consumers; it stays 'backfilling' for the next start.
             logger.exception("backfill failed", extra={"projection": projection.name})
+
+
+class Backfills:
+    """The backfill job a worker runs (``workers.projector.worker.Backfills``): ``claim_backfills``, then
+    ``run_backfills`` beside the consumers."""
+
+    async def claim(self, store: EventStore, connection: AbstractConnection, prefix: str,
+                    projections: Sequence[Projection], partitions: int) -> list[Projection]:
+        return await claim_backfills(store, connection, prefix, projections, partitions)
+
+    async def run(self, store: EventStore, projections: Sequence[Projection], stop: asyncio.Event, *,
+                  batch_bytes: int) -> None:
+        await run_backfills(store, projections, stop, batch_bytes=batch_bytes)
