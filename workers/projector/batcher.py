@@ -165,7 +165,11 @@ class Batcher:
             if isinstance(exc, store_errors.TransientError):  # given up retrying: stopping, or the channels died
                 self._fail(group, exc)
                 return
-            await self._apply_alone(group, exc)
+            try:
+                await self._apply_alone(group, exc)
+            except BaseException as stopped:  # cancelled meanwhile: nobody is left waiting for ever
+                self._fail(group, stopped)
+                raise
             return
         except Exception as exc:  # noqa: BLE001 - handed to the consumers that wait for it
             self._fail(group, exc)
