@@ -157,8 +157,12 @@ class Batcher:
 
     async def _apply_group(self, group: list[HandOver]) -> None:
         events = [e for h in group for e in h.events]
+        # The stop condition reaches the consumers' predicates only, never the hand-overs: one that reached them
+        # kept batches' events alive long past their commit (a worker of 1 MiB events peaked at 960 MiB instead
+        # of about 100 in tests/e2e/test_memory_budget.py with catch-up off).
+        gones = [h.gone for h in group]
         try:
-            result = await self._apply(events, lambda: all(h.gone() for h in group),
+            result = await self._apply(events, lambda: all(gone() for gone in gones),
                                        messages=sum(len(h.deliveries) for h in group),
                                        partitions=sorted({h.partition for h in group}))
         except (store_errors.StoreError, errors.HeldForNewerCode) as exc:

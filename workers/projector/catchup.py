@@ -82,13 +82,13 @@ class CatchUp:
                     self.partition, events[-1].position, limit, max_bytes=max_bytes, event_names=names))
                     if events.full else None)
                 try:
-                    result = await self.batcher.apply_read(events, self.partition, self.gone)
+                    # Counted at once, not kept: the batch read next must not wait beside this one's events.
+                    self.applied += len((await self.batcher.apply_read(events, self.partition, self.gone)).applied)
                 except BaseException:
                     if pending is not None:  # a cancelled query would spoil its connection: let it finish
                         with contextlib.suppress(Exception):
                             await pending
                     raise
-                self.applied += len(result.applied)
                 read += len(events)
                 if pending is None or (stop is not None and stop.is_set()) or self.gone():
                     if pending is not None:
