@@ -24,8 +24,7 @@ from workers.admin.verify import verify
 from workers.cli.verify import render
 from workers.config import Settings
 from workers.projector import checkpoints, parking
-from workers.projector.consumer import Consumer
-from workers.projector.deliveries import DecodeCache
+from workers.projector.consumer import Consumer, DecodeCache
 
 pytestmark = pytest.mark.usefixtures(drop_shadows.__name__)
 
