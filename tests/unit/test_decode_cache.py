@@ -25,20 +25,29 @@ def body(size: int) -> bytes:
 
 def test_the_cache_keeps_bodies_up_to_its_byte_budget_forgetting_the_oldest() -> None:
     cache = DecodeCache(100 * KIB)
-    bodies = [body(20 * KIB) for _ in range(6)]
+    bodies = [body(7 * KIB) for _ in range(6)]
     first = [cache.decode(b, codec.REGISTRY) for b in bodies]
 
-    assert cache.bytes == sum(len(b) for b in bodies[2:])  # 4 bodies of just over 20 KiB fit, 5 do not
+    # Each costs its body and its data twice (just over 21 KiB): 4 fit in 100 KiB, 5 do not.
+    assert cache.bytes == sum(len(b) + 2 * 7 * KIB for b in bodies[2:])
     assert cache.decode(bodies[-1], codec.REGISTRY) is first[-1]
     assert cache.decode(bodies[0], codec.REGISTRY) is not first[0]
 
 
 def test_a_body_over_a_quarter_of_the_budget_is_decoded_not_kept() -> None:
     cache = DecodeCache(100 * KIB)
-    big = body(30 * KIB)
+    big = body(9 * KIB)  # 9 KiB of data: over 27 KiB with its body and decoded copies
 
     assert cache.decode(big, codec.REGISTRY) is not cache.decode(big, codec.REGISTRY)
     assert cache.bytes == 0
+
+
+def test_a_kept_batch_counts_what_decoding_it_made_not_only_its_body() -> None:
+    cache = DecodeCache(2048 * KIB)
+    one = body(100 * KIB)
+    cache.decode(one, codec.REGISTRY)
+
+    assert cache.bytes == len(one) + 2 * 100 * KIB
 
 
 def test_a_worker_refuses_a_body_over_its_largest_message() -> None:
