@@ -18,7 +18,7 @@ of other types are dropped from the batch before anything (``BatchResult.unhandl
 the last store version up to which every event *it handles* is applied. Its versions then have gaps by design
 (it sees 0, 3 and 7 of a stream), so contiguity cannot tell a gap from a duplicate: the claim returns, from
 the store in the same statement, the versions of its types in (checkpoint, newest delivered]
-(``claim_checkpoints_of``), and those, not the range, are what the batch applies, delivered or read from the
+(``claim_checkpoints`` given its names), and those, not the range, are what the batch applies, delivered or read from the
 store. Nothing it handles can lie between two of them unseen.
 """
 
@@ -137,11 +137,11 @@ async def _apply(store: EventStore, projection: Projection, delivered: dict[str,
                  names: frozenset[str] | None) -> list[RecordedEvent]:
     """The batch's transaction; returns the events it applied, in order."""
     every = [e for versions in delivered.values() for e in versions.values()]
-    claim = (SQL["claim_checkpoints"],) if names is None else (SQL["claim_checkpoints_of"], sorted(names))
     async with db.translate_errors(), store.pool.acquire() as conn, conn.transaction():
         await locks.share(conn, locks.projection(store.schema, projection.name))
-        claimed = await conn.fetch(claim[0], projection.name, [e.stream_id for e in every],
-                                   [e.version for e in every], [e.event_id for e in every], *claim[1:])
+        claimed = await conn.fetch(SQL["claim_checkpoints"], projection.name, [e.stream_id for e in every],
+                                   [e.version for e in every], [e.event_id for e in every],
+                                   None if names is None else sorted(names))
         streams: dict[str, _Stream] = {}
         for row in sorted(claimed, key=lambda r: r["stream_id"]):
             sid, versions = row["stream_id"], delivered[row["stream_id"]]
@@ -149,7 +149,7 @@ async def _apply(store: EventStore, projection: Projection, delivered: dict[str,
                 result.ghosts.append(versions.pop(ghost))
             if versions:
                 streams[sid] = _Stream(row["previous_version"], row["halted_version"], versions, max(versions),
-                                       None if names is None else row["handled"])
+                                       row["handled"])
         if result.ghosts:
             await _record_ghosts(conn, projection, result.ghosts)
         filled = await _load_gaps(conn, store, projection, streams, result, park)

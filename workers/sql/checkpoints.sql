@@ -9,38 +9,10 @@
 -- versions are returned (ghosts) for the caller to take from the store instead. The row lock is taken on the
 -- latest committed row, also after waiting for another worker's batch, and previous_version records where it
 -- was: the caller applies (previous_version, version] in this same transaction, or rolls all of it back.
-WITH delivered AS (
-    SELECT d.stream_id, d.version, coalesce(e.event_id = d.event_id, false) AS stored
-    FROM unnest($2::text[], $3::bigint[], $4::uuid[]) AS d(stream_id, version, event_id)
-    LEFT JOIN events AS e ON e.stream_id = d.stream_id AND e.version = d.version
-), targets AS (
-    SELECT stream_id, coalesce(max(version) FILTER (WHERE stored), -1) AS version,
-           array_agg(version ORDER BY version) FILTER (WHERE NOT stored) AS ghosts
-    FROM delivered
-    GROUP BY stream_id
-), claimed AS (
-    INSERT INTO checkpoints AS c (projection, stream_id, version, previous_version)
-    SELECT $1, t.stream_id, t.version, -1
-    FROM targets AS t
-    ORDER BY t.stream_id
-    ON CONFLICT (projection, stream_id) DO UPDATE
-        SET previous_version = c.version,
-            version = CASE WHEN c.halted_version IS NULL THEN greatest(c.version, EXCLUDED.version)
-                           ELSE c.version END,
-            updated_at = clock_timestamp()
-    RETURNING c.stream_id, c.previous_version, c.version, c.halted_version
-)
-SELECT c.stream_id, c.previous_version, c.version, c.halted_version, t.ghosts
-FROM claimed AS c
-JOIN targets AS t USING (stream_id);
-
--- name: claim_checkpoints_of
--- claim_checkpoints for a read model that handles the event names $5 only (Projection.handled_names()): its
--- checkpoint is the last store version up to which every event it handles is applied, and moves past the events
--- it does not handle without their ever reaching it. So besides the claim, each stream's handled store versions
--- in (previous_version, version] are returned (handled): what this transaction must apply, those delivered and
--- the gaps to read from the store, however far apart they lie (versions 0, 3, 7 of a stream). One index range
--- scan per stream (events_pkey), in the same statement and snapshot as the claim.
+-- A read model that handles the event names $5 only (Projection.handled_names(); NULL: every event) has a
+-- checkpoint that moves past the events it does not handle without their ever reaching it: for it, each stream's
+-- handled store versions in (previous_version, version] are returned (handled), what this transaction must apply,
+-- delivered or read from the store as gaps, however far apart they lie (one index range scan per stream).
 WITH delivered AS (
     SELECT d.stream_id, d.version, coalesce(e.event_id = d.event_id, false) AS stored
     FROM unnest($2::text[], $3::bigint[], $4::uuid[]) AS d(stream_id, version, event_id)
@@ -63,10 +35,11 @@ WITH delivered AS (
     RETURNING c.stream_id, c.previous_version, c.version, c.halted_version
 )
 SELECT c.stream_id, c.previous_version, c.version, c.halted_version, t.ghosts,
-       ARRAY(SELECT e.version FROM events AS e
-             WHERE e.stream_id = c.stream_id AND e.version > c.previous_version AND e.version <= c.version
-               AND split_part(e.event_type, '.v', 1) = ANY($5::text[])
-             ORDER BY e.version) AS handled
+       CASE WHEN $5::text[] IS NOT NULL THEN ARRAY(
+           SELECT e.version FROM events AS e
+           WHERE e.stream_id = c.stream_id AND e.version > c.previous_version AND e.version <= c.version
+             AND split_part(e.event_type, '.v', 1) = ANY($5::text[])
+           ORDER BY e.version) END AS handled
 FROM claimed AS c
 JOIN targets AS t USING (stream_id);
 
