@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 import asyncpg
 
+from bench import pipeline
 from bench.relay import order
 from eventfleet.examples.orders.publications import OrdersOut
 from projections import registry
@@ -207,12 +208,8 @@ async def end_to_end(args: argparse.Namespace, tag: str, publish: bool, logs: st
                 started = time.perf_counter()
                 writing = asyncio.ensure_future(write(EventStore(pool, schema=schema), events, tag))
 
-                async def applied() -> bool:
-                    if writing.done() and writing.exception() is not None:
-                        writing.result()
-                    rows = await conn.fetch("SELECT projection, applied FROM projection_status")
-                    done = {r["projection"]: r["applied"] for r in rows}
-                    return all(done.get(p, 0) >= events for p in subscribers)
+                applied = pipeline.applied_all(conn, events, writing, [registry.get(p) for p in READ_MODELS]
+                                               + ([OrdersOut] if publish else []))
                 finished = await until(applied, 600, "every subscriber at lag 0")
                 await writing
         finally:
