@@ -43,9 +43,11 @@ from bench import pipeline
 from bench.relay import order
 from eventfleet.examples.orders.publications import OrdersOut
 from projections import registry
-from store import EventStore, db
+from projections.publication import envelope
+from store import EventStore, Position, db
 from workers import admin, broker, projector, relay
 from workers.config import Settings
+from workers.publication import frames
 from workers.publication.every_event import EveryEvent
 
 DATABASE_URL = os.environ.get("EVENTFLEET_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -93,14 +95,44 @@ async def publish_all(pool: db.Pool, connection: aio_pika.abc.AbstractConnection
         await task
 
 
-async def relay_against_publication(args: argparse.Namespace, tag: str) -> tuple[list[float], list[float]]:
-    """Per round: the relay's rate, and the publication's (events/s)."""
+async def raw_ceiling(store: EventStore, exchange: str, batch: int) -> float:
+    """Events/s of publishing the publication's own messages (the store's events, enveloped up front) on one
+    confirming channel, ``batch`` messages per write awaiting their confirms, as the outlet does, and nothing
+    else: no queue, no decoding, no checkpoint. What one message per event costs the client and the broker,
+    the publication's ceiling on this machine."""
+    publication = EveryEvent()
+    source = f"/eventfleet/bench/publications/{publication.name}"
+    messages = []
+    after = Position.START
+    while page := await store.read_all(after, 5000):
+        after = page[-1].position
+        for event in page:
+            public = publication.public(event)
+            if public is not None:
+                messages.append(envelope(public, event, source))
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=False)
+        raw = await channel.get_underlay_channel()
+        started = time.perf_counter()
+        for at in range(0, len(messages), batch):
+            await asyncio.gather(*await frames.publish_batch(raw, exchange, messages[at:at + batch]))
+        return len(messages) / (time.perf_counter() - started)
+    finally:
+        await connection.close()
+
+
+async def relay_against_publication(args: argparse.Namespace, tag: str
+                                    ) -> tuple[list[float], list[float], list[float]]:
+    """Per round: the relay's rate, the publication's and the raw ceiling's (events/s)."""
     schema, prefix = f"bench_pub_{tag}", f"bench.pub.{tag}"
     settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
     names = broker.Names(prefix)
     await admin.run_migrate(DATABASE_URL, schema, partitions=args.partitions)
     connection = await aio_pika.connect(AMQP_URL)
-    relays, publications = [], []
+    relays: list[float] = []
+    publications: list[float] = []
+    ceilings: list[float] = []
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         targets = await broker.declare_topology(channel, names, [EveryEvent.name], args.partitions)
@@ -124,8 +156,10 @@ async def relay_against_publication(args: argparse.Namespace, tag: str) -> tuple
                 routed = (await sink_channel.declare_queue(sink.name, passive=True)).declaration_result.message_count
                 assert routed == published, (routed, published)
                 await sink.purge()
-                print(f"  round: relay {relays[-1]:,.0f} events/s, publication {publications[-1]:,.0f} events/s",
-                      flush=True)
+                ceilings.append(await raw_ceiling(store, names.integration_exchange, settings.batch_size))
+                await sink.purge()
+                print(f"  round: relay {relays[-1]:,.0f} events/s, publication {publications[-1]:,.0f} events/s, "
+                      f"raw ceiling {ceilings[-1]:,.0f} events/s", flush=True)
             await sink.delete(if_unused=False, if_empty=False)
     finally:
         with contextlib.suppress(Exception):
@@ -136,7 +170,7 @@ async def relay_against_publication(args: argparse.Namespace, tag: str) -> tuple
         conn = await asyncpg.connect(DATABASE_URL)
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.close()
-    return relays, publications
+    return relays, publications, ceilings
 
 
 @dataclasses.dataclass
@@ -236,11 +270,14 @@ async def run(args: argparse.Namespace) -> None:
     tag = uuid.uuid4().hex[:8]
     print(f"bench.publish: {args.events:,} events x {args.rounds} rounds, P={args.partitions}; this machine is "
           "shared and busy: only the ratios, measured side by side, mean anything", flush=True)
-    relays, publications = await relay_against_publication(args, tag)
-    r, p = statistics.median(relays), statistics.median(publications)
+    relays, publications, ceilings = await relay_against_publication(args, tag)
+    r, p, c = statistics.median(relays), statistics.median(publications), statistics.median(ceilings)
     print(f"relay alone:                       {r:,.0f} events/s (median)")
     print(f"publication of every event (JSON): {p:,.0f} events/s (median)")
+    print(f"raw ceiling, its messages alone:   {c:,.0f} events/s (median; one message per event, confirms)")
     print(f"publication / relay: {p / r:.2f} (target >= {RELAY_TARGET}) {verdict(p / r >= RELAY_TARGET)}", flush=True)
+    print(f"raw ceiling / relay: {c / r:.2f}; publication / raw ceiling: {p / c:.2f} (information: what the "
+          f"fleet's path costs beyond the messages themselves)", flush=True)
     if args.skip_e2e:
         return
     logs = tempfile.mkdtemp(prefix="bench_publish_")

@@ -186,6 +186,9 @@ def envelope(public: Public, event: RecordedEvent, source: str, format_: Format 
             raise errors.InvalidInput(f"header {key!r}: the ce- headers are the CloudEvents envelope's own")
     if not public.type:
         raise errors.InvalidInput("a public message's type must not be empty")
+    if len(public.type_name.encode()) > 255:
+        raise errors.InvalidInput(f"a public message's type with its version is its routing key: at most 255 "
+                                  f"bytes, got {len(public.type_name.encode())}")
     attributes = attributes_of(public, event, source, format_)
     content_type = attributes.pop("datacontenttype")
     headers: dict[str, Any] = dict(public.headers)

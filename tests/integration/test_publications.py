@@ -18,7 +18,7 @@ from eventfleet.examples.orders.events import OrderPaid
 from eventfleet.examples.orders.publications import OrdersOut
 from projections import registry
 from projections.base import handles
-from projections.publication import Public, Publication, PublishUnavailable
+from projections.publication import Public, Publication, PublishUnavailable, envelope
 from store import NO_STREAM, EventStore, RecordedEvent, db
 from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from tests.unit.test_projection_fold import paid, placed, shipped
@@ -26,9 +26,10 @@ from workers import broker, errors, projector, relay
 from workers.admin import status
 from workers.config import Settings
 from workers.projector import parking
+from workers.publication import frames
 from workers.publication.every_event import EveryEvent
 from workers.publication.every_event_legacy import EveryEventLegacy
-from workers.publication.outlet import Runtime
+from workers.publication.outlet import AmqpOutlet, Runtime
 from workers.publication.republish import republish
 from workers.runtime import health
 
@@ -257,3 +258,40 @@ async def test_a_parked_event_retried_after_the_fix_is_published(event_store, se
     assert (message.headers["ce-subject"], message.headers["ce-streamversion"], message.routing_key) == (
         "order-2", "1", "fussy.paid.v1")
     assert await nothing_more(inbox)
+
+
+async def test_the_outlet_writes_a_batch_at_once_and_every_message_arrives_in_order_as_built(
+        event_store, settings, inbox):
+    events = await orders(event_store, 40)
+    source = "/eventfleet/test/publications/t"
+    sent = [envelope(Public("orders.any", 1, {"n": n}), e, source) for n, e in enumerate(events)]
+    outlet = AmqpOutlet(settings.amqp_urls, broker.Names(settings.prefix).integration_exchange, "t")
+    try:
+        await outlet.publish(sent)
+        assert frames.supported(await outlet._opened())  # the installed aiormq takes the batch path
+    finally:
+        await outlet.close()
+    got = await received(inbox, len(sent))
+    assert [(m.routing_key, m.message_id, m.headers, m.body, m.content_type, m.delivery_mode) for m in got] == [
+        (m.routing_key, m.message_id, m.headers, m.body, m.content_type, aio_pika.DeliveryMode.PERSISTENT)
+        for m in sent]
+
+
+async def test_a_batch_the_broker_refuses_is_an_outage_and_the_outlet_publishes_the_next_on_a_new_channel(
+        event_store, settings, inbox):
+    events = await orders(event_store, 2)
+    sent = [envelope(Public("orders.any", 1, {"n": n}), e, "/x") for n, e in enumerate(events)]
+    outlet = AmqpOutlet(settings.amqp_urls, f"{settings.prefix}.gone", "t", confirm_seconds=10)
+    try:
+        await outlet._opened()
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            await (await connection.channel()).exchange_delete(f"{settings.prefix}.gone")
+        with pytest.raises(PublishUnavailable, match="NOT_FOUND"):
+            await outlet.publish(sent)  # the broker closes the channel: no confirm
+        await outlet.publish(sent)  # reconnected, the exchange declared again
+    finally:
+        await outlet.close()
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            await (await connection.channel()).exchange_delete(f"{settings.prefix}.gone")

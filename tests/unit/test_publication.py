@@ -146,3 +146,8 @@ def test_status_prints_a_table_of_publications_with_their_exchange_and_format() 
                     publications=[PublicationStatus("orders_out", "shop.integration", "json")])
     text = render(report)
     assert "PUBLICATION  EXCHANGE          FORMAT\norders_out   shop.integration  json" in text
+
+
+def test_a_public_type_longer_than_a_routing_key_takes_is_refused() -> None:
+    with pytest.raises(errors.InvalidInput, match="at most 255 bytes, got 258"):
+        envelope(Public("t" * 255), recorded(paid("1", "c1")), "/x")
