@@ -136,7 +136,11 @@ def encode_data(data: Any, format_: Format) -> bytes:
         return bytes(data)
     if format_ == "msgpack":
         return msgpack.packb(data, default=_default)
-    return json.dumps(data, default=_default, separators=(",", ":"), ensure_ascii=False).encode()
+    return _JSON.encode(data).encode()
+
+
+#: Compact JSON, UTF-8 as it is; one encoder for every body (``json.dumps`` with options makes one per call).
+_JSON = json.JSONEncoder(default=_default, separators=(",", ":"), ensure_ascii=False)
 
 
 def source_of(deployment: str, publication: str) -> str:
@@ -186,20 +190,33 @@ def envelope(public: Public, event: RecordedEvent, source: str, format_: Format 
             raise errors.InvalidInput(f"header {key!r}: the ce- headers are the CloudEvents envelope's own")
     if not public.type:
         raise errors.InvalidInput("a public message's type must not be empty")
-    if len(public.type_name.encode()) > 255:
+    type_name = public.type_name
+    if len(type_name) > 63 and len(type_name.encode()) > 255:
         raise errors.InvalidInput(f"a public message's type with its version is its routing key: at most 255 "
-                                  f"bytes, got {len(public.type_name.encode())}")
-    attributes = attributes_of(public, event, source, format_)
-    content_type = attributes.pop("datacontenttype")
-    headers: dict[str, Any] = dict(public.headers)
-    for name, value in attributes.items():
-        headers[rabbitmq.CE_PREFIX + name] = _rfc3339(value) if name == "time" else str(value)
-    correlation = attributes.get(CORRELATION_ID)
-    if correlation is not None and len(correlation.encode()) > correlation_ids.MAX_ID_BYTES:
-        correlation = None  # longer than the AMQP property (a shortstr) takes: in its ce- header only
-    type_name = attributes["type"]
-    return Outgoing(type_name, attributes["id"], type_name, content_type, headers,
+                                  f"bytes, got {len(type_name.encode())}")
+    # attributes_of's attributes, written straight into their headers (a hot path: one message per event).
+    event_id = str(event.event_id)
+    headers: dict[str, Any] = dict(public.headers) if public.headers else {}
+    headers.update({"ce-specversion": "1.0", "ce-id": event_id, "ce-source": source, "ce-type": type_name,
+                    "ce-subject": event.stream_id, "ce-time": _rfc3339(event.recorded_at),
+                    _CE_STREAM_VERSION: str(event.version), _CE_POSITION: str(event.global_position)})
+    metadata = event.metadata
+    correlation = None
+    if metadata:
+        for key, header in _CARRIED_HEADERS:
+            value = metadata.get(key)
+            if isinstance(value, str) and value:
+                headers[header] = value
+        correlation = headers.get(_CE_CORRELATION_ID)
+        if correlation is not None and len(correlation.encode()) > correlation_ids.MAX_ID_BYTES:
+            correlation = None  # longer than the AMQP property (a shortstr) takes: in its ce- header only
+    return Outgoing(type_name, event_id, type_name, CONTENT_TYPES[format_], headers,
                     encode_data(public.data, format_), event.recorded_at, correlation)
+
+
+_CE_STREAM_VERSION, _CE_POSITION = rabbitmq.CE_PREFIX + STREAM_VERSION, rabbitmq.CE_PREFIX + POSITION
+_CE_CORRELATION_ID = rabbitmq.CE_PREFIX + CORRELATION_ID
+_CARRIED_HEADERS = tuple((key, rabbitmq.CE_PREFIX + attribute) for key, attribute in _CARRIED)
 
 
 Mapper = Callable[[Any, RecordedEvent], "Public | None"]
