@@ -8,7 +8,7 @@ into a fresh schema of ``--partitions`` partitions; then each round empties the 
 and catches every partition of both projections up from the store, as one worker holding them all would:
 a ``Consumer`` per projection and partition on a channel of its own (no queue is consumed), ``--at-once``
 catch-ups at a time (the worker's ``CATCHUPS_AT_ONCE``), each reading its partition in reads of ``--batch``
-(``Consumer.catch_up``), in this process, with the process settings of ``eventfleet`` commands. Right after
+(``CatchUp.run``), in this process, with the process settings of ``eventfleet`` commands. Right after
 it the ceiling: the same events pre-decoded, applied by ``bench.pipeline_handwritten.ceiling`` in
 transactions of ``--batch``, into a schema of its own. Each round prints both rates, the catch-up's CPU per
 event, and their ratio; the last line gives the median.
@@ -30,7 +30,7 @@ from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from store import EventStore, Position, db
 from store.partitions import DEFAULT_PARTITIONS
 from workers.config import Settings
-from workers.projector import consumer, fleet
+from workers.projector import consumer, deliveries, fleet
 from workers.runtime import tuning
 
 
@@ -43,14 +43,14 @@ async def catch_up_once(store: EventStore, connection: aio_pika.abc.AbstractConn
     catchups = asyncio.Semaphore(at_once)
     consumers = []
     for cls in (CustomerStats, OrderSummary):
-        projection, cache = cls(), consumer.DecodeCache()
+        projection, cache = cls(), deliveries.DecodeCache()
         for partition in range(partitions):
             c = consumer.Consumer(store, await connection.channel(), projection, partition, settings, cache=cache,
                                   catchups=catchups)
             await c.open()
             consumers.append(c)
     cpu, started = time.process_time(), time.perf_counter()
-    read = await asyncio.gather(*(c.catch_up(Position.START) for c in consumers))
+    read = await asyncio.gather(*(c.catchup.run(Position.START) for c in consumers))
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     per_projection = {name: sum(n for c, n in zip(consumers, read, strict=True) if c.projection.name == name)
                       for name in (CustomerStats.name, OrderSummary.name)}

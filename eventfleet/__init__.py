@@ -8,10 +8,14 @@ The one import an application needs::
     @dataclasses.dataclass(frozen=True, slots=True)
     class MoneyDeposited: ...
 
-Everything here is re-exported from ``store``, ``projections`` and ``workers``, which stay importable too.
+Everything here is re-exported from ``store``, ``projections`` and ``workers``, which stay importable too, but
+``run_worker``: the projector's, handed the backfill job of new read models as the ``worker`` command hands it.
 """
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
 
 from eventfleet import _guard
 
@@ -82,8 +86,20 @@ from workers.errors import (
     RebuildError,
     WorkerError,
 )
-from workers.projector.worker import consume_until_idle, run_worker
+from workers.projector import worker as _worker
+from workers.projector.batcher import Stats as _Stats
+from workers.projector.worker import consume_until_idle
+from workers.rebuild.backfill import Backfills as _Backfills
 from workers.relay import RelayConfig, relay_until_idle, run_relay
+from workers.runtime.health import Health
+
+
+async def run_worker(settings: Settings, projections: Sequence[Projection], health_: Health, stop: asyncio.Event, *,
+                     pool: Pool | None = None) -> dict[str, _Stats]:
+    """Join the fleet and consume the partitions held until ``stop`` (``workers.projector.worker.run_worker``),
+    backfilling read models first seen from the store beside (``workers.rebuild.backfill``)."""
+    return await _worker.run_worker(settings, projections, health_, stop, pool=pool, backfills=_Backfills())
+
 
 __version__ = "0.1.0"
 

@@ -49,7 +49,7 @@ from tests.unit.test_projection_fold import Models, fold, order_life, read_model
 from workers.config import Settings
 from workers.fleet import Fleet as Processes
 from workers.fleet import open_fleet
-from workers.projector.consumer import STALL_SECONDS
+from workers.projector.catchup import STALL_SECONDS
 from workers.projector.lag import REFRESH_SECONDS
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]

@@ -209,13 +209,13 @@ async def test_through_the_batcher_a_ghost_is_dropped_and_every_delivery_acked_o
     stop = asyncio.Event()
     async with connection:
         projection = CustomerStats()
-        batcher = Batcher(event_store, projection, settings.batch_size)
+        batcher = Batcher(event_store, projection, settings)
         batching = asyncio.create_task(batcher.run())
         consumers = [Consumer(event_store, await connection.channel(), projection, p, settings, batcher=batcher)
                      for p in range(PARTITIONS)]
         running = [asyncio.create_task(c.run(stop)) for c in consumers]
         deadline = asyncio.get_running_loop().time() + 30
-        while len(await customer_rows(pool)) < 3 or sum(c.stats.ghosts for c in consumers) < 1:
+        while len(await customer_rows(pool)) < 3 or batcher.stats.ghosts < 1:
             assert asyncio.get_running_loop().time() < deadline
             assert not any(t.done() for t in running), [t.exception() for t in running if t.done()]
             await asyncio.sleep(0.05)
@@ -223,9 +223,10 @@ async def test_through_the_batcher_a_ghost_is_dropped_and_every_delivery_acked_o
         stop.set()
         await asyncio.gather(*running)
         batching.cancel()
+        await batcher.close()
         assert not any(c.channel.is_closed for c in consumers)
     assert await customer_rows(pool) == sorted((c, 1, Decimal(2)) for c in HOSTILE_CUSTOMERS[:3])
     assert await pool.fetchval("SELECT count(*) FROM dead_letters WHERE status = 'skipped'") == 1
-    assert sum(c.stats.ghosts for c in consumers) == 1
+    assert batcher.stats.ghosts == 1
     dlq = await channel.declare_queue(names.dead_letter_queue("customer_stats"), passive=True)
     assert dlq.declaration_result.message_count == 0

@@ -23,7 +23,8 @@ from tests.unit.test_projection_fold import cancelled, fold, paid, placed, read_
 from workers import broker, projector
 from workers.config import Settings
 from workers.projector import checkpoints, lag
-from workers.projector.consumer import STALL_SECONDS, Consumer
+from workers.projector.catchup import STALL_SECONDS
+from workers.projector.consumer import Consumer
 from workers.runtime import health
 
 Declare = Callable[[list[str]], Awaitable[aio_pika.abc.AbstractExchange]]
@@ -130,7 +131,7 @@ async def test_a_catch_up_reads_in_reads_bounded_in_bytes_and_applies_the_whole_
 
     event_store.read_partition = counting
 
-    read = await c.catch_up(Position.START)
+    read = await c.catchup.run(Position.START)
 
     assert read == len(mine)
     assert await applied_count(pool, "customer_stats") == len(mine)
@@ -147,7 +148,7 @@ async def test_a_catch_up_applies_its_partitions_backlog_from_the_store_exactly_
     await checkpoints.apply_batch(event_store, CustomerStats(), mine[:20])  # a consumer got this far before
     c = await consumer_of(event_store, connection, settings, CustomerStats(), p)
 
-    read = await c.catch_up(Position.START)  # no watermark yet: from the start
+    read = await c.catchup.run(Position.START)  # no watermark yet: from the start
 
     assert read == len(mine)
     assert (c.stats.applied, c.stats.caught_up, c.stats.duplicates) == (len(mine) - 20, len(mine), 0)
@@ -162,7 +163,7 @@ async def test_a_catch_up_reads_only_its_partitions_streams(pool, event_store, c
     p = busiest(events)
     c = await consumer_of(event_store, connection, settings, CustomerStats(), p)
 
-    await c.catch_up(Position.START)
+    await c.catchup.run(Position.START)
 
     streams = {r["stream_id"] for r in await pool.fetch("SELECT stream_id FROM checkpoints")}
     assert streams == {e.stream_id for e in of_partition(events, p)}
@@ -179,7 +180,7 @@ async def test_two_partitions_catch_up_at_once_each_its_own_in_reads_that_split_
     first, second = [await consumer_of(event_store, connection, small, CustomerStats(), p, catchups=at_once)
                      for p in (0, 1)]
 
-    read = await asyncio.gather(first.catch_up(Position.START), second.catch_up(Position.START))
+    read = await asyncio.gather(first.catchup.run(Position.START), second.catchup.run(Position.START))
 
     both = of_partition(events, 0), of_partition(events, 1)
     assert tuple(read) == (len(both[0]), len(both[1]))
@@ -195,7 +196,7 @@ async def test_a_catch_up_waits_while_the_workers_catch_ups_at_once_are_taken(po
     taken = asyncio.Semaphore(1)
     c = await consumer_of(event_store, connection, settings, CustomerStats(), busiest(events), catchups=taken)
     async with taken:  # another partition of this worker is catching up
-        waiting = asyncio.create_task(c.catch_up(Position.START))
+        waiting = asyncio.create_task(c.catchup.run(Position.START))
         done, _ = await asyncio.wait({waiting}, timeout=0.3)
         assert not done
         assert await applied_count(pool, "customer_stats") == 0
@@ -213,7 +214,7 @@ async def test_a_catch_up_starts_after_the_position_it_is_given(pool, event_stor
     after = [e for e in of_partition(events, p) if e.position > watermark]
     c = await consumer_of(event_store, connection, settings, CustomerStats(), p)
 
-    assert await c.catch_up(watermark) == len(after)
+    assert await c.catchup.run(watermark) == len(after)
 
     assert c.stats.applied == len(after)
     async with pool.acquire() as conn:
@@ -227,13 +228,13 @@ async def test_the_lag_monitor_asks_a_catch_up_from_the_watermark_at_the_thresho
     mark = Position(10, 20)
 
     c.note_lag(99, mark)
-    assert c._catchup_from is None
+    assert c.catchup.due_from is None
     c.note_lag(100, mark)
-    assert c._catchup_from == mark
+    assert c.catchup.due_from == mark
     never = await consumer_of(event_store, connection, dataclasses.replace(settings, catchup_threshold=0),
                               CustomerStats(), 0)
     never.note_lag(10**6, mark)
-    assert never._catchup_from is None
+    assert never.catchup.due_from is None
 
 
 async def test_a_running_consumer_told_it_is_far_behind_catches_up_from_the_store(pool, event_store, connection,
@@ -291,7 +292,7 @@ async def test_deliveries_a_catch_up_passed_are_acked_as_duplicates_of_their_che
     p = busiest(events)
     mine = of_partition(events, p)
     c = await consumer_of(event_store, connection, settings, CustomerStats(), p)
-    await c.catch_up(Position.START)
+    await c.catchup.run(Position.START)
     await publish(exchange, mine)
 
     drained = await c.until_idle()
@@ -307,7 +308,7 @@ async def test_deliveries_a_catch_up_passed_are_no_handover_duplicates(pool, eve
     events = await visible(event_store, await append_orders(event_store, 10, 5))
     p = busiest(events)
     c = await consumer_of(event_store, connection, settings, CustomerStats(), p)
-    await c.catch_up(Position.START)
+    await c.catchup.run(Position.START)
     before = counter("eventfleet_projection_handover_duplicates_total", "customer_stats")
     await publish(exchange, of_partition(events, p))
 
@@ -330,7 +331,7 @@ async def test_a_catch_up_does_not_pass_over_an_event_whose_partition_is_not_rec
     await event_store.append("order-ok", [paid("ok", "c")], 0)
     await below_horizon(pool, 3)
     c = await consumer_of(event_store, connection, settings, CustomerStats(), 1)
-    await c.catch_up(Position.START)
+    await c.catchup.run(Position.START)
     await publish(exchange, await event_store.load("order-x"))  # the relay routes it by its stream's partition
 
     await c.until_idle()
@@ -375,8 +376,8 @@ async def test_a_poison_event_met_by_a_catch_up_is_parked_per_policy_with_a_copy
     assert {partition(e) for e in events} == {3}  # one partition, one catch-up
     c = await consumer_of(event_store, connection, settings, probe(), 3)
 
-    assert await c.catch_up(Position.START) == 5
-    await c.close_copies()  # the DLQ copies go out behind the acks, on their own connection
+    assert await c.catchup.run(Position.START) == 5
+    await c.batcher.close()  # the DLQ copies go out behind the acks, on their own connection
 
     assert await seen(pool, probe.name) == seen_after
     assert await checkpoint(pool, probe.name, "order-a") == stream_checkpoint
@@ -397,7 +398,7 @@ async def test_a_catch_up_that_meets_an_undecodable_stored_event_stops_and_the_q
     await below_horizon(pool, 3)
     c = Consumer(event_store, await connection.channel(), CustomerStats(), 1, settings)
     stop = asyncio.Event()
-    caplog.set_level(logging.WARNING, logger="workers.projector.consumer")
+    caplog.set_level(logging.WARNING, logger="workers.projector.catchup")
     running = asyncio.create_task(c.run(stop))
     await asyncio.sleep(0.1)
 
@@ -467,10 +468,10 @@ async def test_a_partition_whose_oldest_unapplied_event_waited_too_long_catches_
     mark = Position(10, 20)
 
     c.note_lag(3, mark, oldest_age=STALL_SECONDS - 0.1)
-    assert c._catchup_from is None
+    assert c.catchup.due_from is None
     c.note_lag(3, mark, oldest_age=STALL_SECONDS)
-    assert c._catchup_from == mark
+    assert c.catchup.due_from == mark
     off = await consumer_of(event_store, connection, dataclasses.replace(settings, catchup_threshold=0),
                             CustomerStats(), 0)
     off.note_lag(3, mark, oldest_age=10 * STALL_SECONDS)
-    assert off._catchup_from is None
+    assert off.catchup.due_from is None

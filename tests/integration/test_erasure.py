@@ -24,7 +24,8 @@ from workers.admin.verify import verify
 from workers.cli.verify import render
 from workers.config import Settings
 from workers.projector import checkpoints, parking
-from workers.projector.consumer import Consumer, DecodeCache
+from workers.projector.consumer import Consumer
+from workers.projector.deliveries import DecodeCache
 
 pytestmark = pytest.mark.usefixtures(drop_shadows.__name__)
 

@@ -17,7 +17,7 @@ from store import db
 from store.event_store import EventStore
 from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from workers.config import Settings
-from workers.projector.consumer import Stats
+from workers.projector.batcher import Stats
 from workers.projector.fleet import Fleet
 from workers.projector.leases import LeaseKeeper
 from workers.runtime import health, retry

@@ -15,7 +15,7 @@ from store.event_store import EventStore
 from tests.conftest import AMQP_URL, DATABASE_URL
 from workers.config import Settings
 from workers.projector import leases
-from workers.projector.consumer import Stats
+from workers.projector.batcher import Stats
 from workers.projector.fleet import Fleet, _Running
 from workers.projector.leases import LeaseKeeper, fair_share
 from workers.runtime import health

@@ -31,7 +31,7 @@ from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS, Cleanup, delete_t
 from tests.integration.test_rebuild_helpers import all_events, drop_shadows, write_orders
 from workers import broker, projector, rebuild
 from workers.config import Settings
-from workers.rebuild import typebook, typechange
+from workers.rebuild import backfill, typebook, typechange
 from workers.runtime import health
 
 pytestmark = pytest.mark.usefixtures(drop_shadows.__name__)
@@ -238,7 +238,8 @@ async def test_a_worker_of_the_new_release_rebuilds_the_read_model_itself_and_re
     settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0,
                         lease_seconds=LEASE)
     stop = asyncio.Event()
-    worker = asyncio.create_task(projector.run_worker(settings, [ParcelsV2()], health.Health(), stop, pool=pool))
+    worker = asyncio.create_task(projector.run_worker(settings, [ParcelsV2()], health.Health(), stop, pool=pool,
+                                                      backfills=backfill.Backfills()))
     try:
         deadline = time.monotonic() + 60
         while await recorded(pool) != ["OrderPlaced", "OrderShipped"]:
@@ -288,8 +289,10 @@ async def test_a_rolling_upgrade_that_adds_a_type_ends_with_every_event_applied_
     settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0,
                         lease_seconds=LEASE)
     stop_old, stop_new = asyncio.Event(), asyncio.Event()
-    old = asyncio.create_task(projector.run_worker(settings, [ParcelsV1()], health.Health(), stop_old))
-    new = asyncio.create_task(projector.run_worker(settings, [ParcelsV2()], health.Health(), stop_new))
+    old = asyncio.create_task(projector.run_worker(settings, [ParcelsV1()], health.Health(), stop_old,
+                                                   backfills=backfill.Backfills()))
+    new = asyncio.create_task(projector.run_worker(settings, [ParcelsV2()], health.Health(), stop_new,
+                                                   backfills=backfill.Backfills()))
     try:
         async def both_hold_partitions() -> bool:
             owners = await pool.fetch("SELECT DISTINCT owner FROM leases WHERE projection = 'parcels'"

@@ -9,11 +9,12 @@ import time
 import aio_pika
 import pytest
 
+import eventfleet as ef
 from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from store.partitions import partition_of
 from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from tests.integration.test_rebuild_helpers import drop_shadows, expected, read_models, write_orders
-from workers import admin, broker, projector
+from workers import admin, broker
 from workers.config import Settings
 from workers.rebuild import backfill
 from workers.runtime import health
@@ -83,7 +84,8 @@ async def test_a_worker_backfills_a_new_projection_whose_events_predate_its_queu
     cleanup(delete_topology)
     settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0)
     stop = asyncio.Event()
-    worker = asyncio.create_task(projector.run_worker(settings, [CustomerStats()], health.Health(), stop, pool=pool))
+    # The facade's worker, as the worker command: handed the backfill job (the projector knows no rebuild).
+    worker = asyncio.create_task(ef.run_worker(settings, [CustomerStats()], health.Health(), stop, pool=pool))
     try:
         deadline = time.monotonic() + 60
         while await state_of(pool, "customer_stats") != "live":

@@ -34,6 +34,7 @@ from workers.config import Settings
 from workers.projector import checkpoints, deadlines, lag, leases, parking
 from workers.projector.consumer import Consumer
 from workers.projector.worker import pool_size
+from workers.rebuild import backfill
 from workers.runtime import health
 
 # Importing the reactors module registered payment_timeout in this process: only the test that runs it has it
@@ -348,7 +349,9 @@ async def test_a_worker_logged_in_as_the_reactor_role_runs_the_reactor_and_the_r
     settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0,
                         lease_seconds=3)
     stop = asyncio.Event()
-    worker = asyncio.create_task(projector.run_worker(settings, running, health.Health(), stop, pool=worker_pool))
+    # The worker command's jobs too (backfills, read-model types): what the role must be allowed.
+    worker = asyncio.create_task(projector.run_worker(settings, running, health.Health(), stop, pool=worker_pool,
+                                                      backfills=backfill.Backfills()))
     orders = 20
     try:
         for i in range(orders):

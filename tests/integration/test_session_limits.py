@@ -15,10 +15,10 @@ from eventfleet.examples.orders.projections import CustomerStats
 from store import db
 from store import errors as store_errors
 from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
-from workers import locks
+from workers import handlers, locks
 from workers.config import Settings
-from workers.projector import handlers, lag
-from workers.projector.consumer import Stats
+from workers.projector import lag
+from workers.projector.batcher import Stats
 from workers.projector.fleet import Fleet
 from workers.projector.leases import LeaseKeeper
 from workers.runtime import health, lifecycle

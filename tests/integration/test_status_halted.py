@@ -7,8 +7,8 @@ import json
 from eventfleet.examples.orders.projections import CustomerStats
 from store import NO_STREAM
 from tests.unit.test_projection_fold import paid, placed
+from workers.handlers import Failure
 from workers.projector import checkpoints
-from workers.projector.handlers import Failure
 
 BOOM = Failure("ValueError: boom", "Traceback (most recent call last):\nValueError: boom\n", 3)
 

@@ -121,7 +121,7 @@ async def test_a_batch_links_each_distinct_trace_context_of_its_events_once(pool
     events = [e for s in ("order-1", "order-2", "order-3") for e in await event_store.load(s)]
     async with await aio_pika.connect(AMQP_URL) as connection:
         consumer = projector.Consumer(event_store, await connection.channel(), OrderSummary(), 1, settings)
-        result = await consumer.apply_from_store(events)
+        result = await consumer.batcher.apply_read(events, 1, consumer.gone)
     process = one(spans, trace.SpanKind.CONSUMER)
     assert len(result.applied) == 4
     assert (links(process), process.attributes and process.attributes["messaging.batch.message_count"]) == (

@@ -190,7 +190,7 @@ async def test_a_catch_up_of_a_one_type_read_model_reads_only_its_events(pool, e
 
     event_store.read_partition = counting
 
-    assert await c.catch_up(Position.START) == len(mine)
+    assert await c.catchup.run(Position.START) == len(mine)
 
     assert types == ["OrderShipped.v1"] * len(mine)
     assert await shipment_rows(pool) == expected_rows(mine)

@@ -27,7 +27,9 @@ from workers import broker, projector
 from workers.cli import dead_letters as cli_dead_letters
 from workers.config import Settings
 from workers.projector import checkpoints, lag
-from workers.projector.consumer import Consumer, Delivery, Stats
+from workers.projector.batcher import Batcher, Stats
+from workers.projector.consumer import Consumer
+from workers.projector.deliveries import Delivery
 from workers.projector.worker import Progress
 from workers.runtime import health, metrics
 
@@ -129,6 +131,29 @@ async def test_until_idle_applies_everything_in_batches_and_counts(pool, event_s
     assert len({p for p, _ in batches(events)}) <= stats.batches <= messages
     delta = {n: counter(n, "customer_stats") - before[n] for n in names}
     assert delta == {names[0]: 10, names[1]: 100, names[2]: 100, names[3]: stats.batches, names[4]: 20}
+    async with pool.acquire() as conn:
+        assert (await read_models(conn)).customer_stats == fold(e.event for e in events).customer_stats
+
+
+async def test_the_bounded_twin_applies_through_the_batcher_the_fleet_uses(pool, event_store, channel, connection,
+                                                                          declare, settings):
+    """``until_idle`` hands its deliveries to the projection's batcher, the apply step ``run`` uses: every
+    partition's consumer given the worker's shared one applies through it, and it counts what they all did."""
+    exchange = await declare(["customer_stats"])
+    events = await append_orders(event_store, 20, 3)
+    messages = await publish(exchange, events, per_message=10)
+    projection = CustomerStats()
+    batcher = Batcher(event_store, projection, settings)
+    async with batcher.running():
+        consumers = [Consumer(event_store, await connection.channel(), projection, p, settings, batcher=batcher)
+                     for p in range(PARTITIONS)]
+        await asyncio.gather(*(c.until_idle() for c in consumers))
+    await batcher.close()
+
+    # customer_stats does not handle OrderShipped: those are acked, never applied (issue 25).
+    assert (batcher.stats.applied, batcher.stats.unhandled, batcher.stats.messages) == (
+        _handled(events), len(events) - _handled(events), messages)
+    assert all(c.stats is batcher.stats for c in consumers)
     async with pool.acquire() as conn:
         assert (await read_models(conn)).customer_stats == fold(e.event for e in events).customer_stats
 

@@ -10,7 +10,7 @@ import pytest
 from store import codec
 from workers import broker, errors
 from workers.config import Settings
-from workers.projector.consumer import DecodeCache
+from workers.projector.deliveries import DecodeCache
 
 KIB = 1024
 

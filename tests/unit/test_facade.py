@@ -23,7 +23,8 @@ def test_the_facade_is_the_api_of_the_packages_it_comes_from() -> None:
         store.EventFleetError)
     assert (ef.Projection, ef.handles, ef.register, ef.wait_for) == (
         projections.Projection, projections.handles, projections.register, projections.wait_for)
-    assert (ef.run_worker, ef.run_relay) == (workers.projector.worker.run_worker, workers.relay.run_relay)
+    assert (ef.consume_until_idle, ef.run_relay) == (workers.projector.worker.consume_until_idle,
+                                                      workers.relay.run_relay)
 
 
 def test_every_name_in_all_is_importable() -> None:

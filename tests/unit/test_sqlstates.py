@@ -9,8 +9,7 @@ import pytest
 from store import db, sqlstates
 from store import errors as store_errors
 from tests.unit.test_reference import rows, section
-from workers import errors
-from workers.projector import handlers
+from workers import errors, handlers
 
 
 def test_the_reference_lists_every_retried_sqlstate_with_its_condition_and_kind():

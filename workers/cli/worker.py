@@ -13,6 +13,7 @@ import signal
 
 from workers.config import Settings
 from workers.projector.worker import resolve, run_worker
+from workers.rebuild.backfill import Backfills
 from workers.runtime import health, http
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with http.serve(settings.port("worker"), health_.ready, reason=health_.reason, next_free=settings.free_ports):
-        worker = asyncio.create_task(run_worker(settings, projections, health_, stop))
+        worker = asyncio.create_task(run_worker(settings, projections, health_, stop, backfills=Backfills()))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({worker, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()

@@ -35,9 +35,8 @@ from store import errors as store_errors
 from store.event_store import EventStore, RecordedEvent
 from store.queries import load
 from store.records import Undecodable, record_or_undecodable
-from workers import errors, locks
-from workers.projector import handlers
-from workers.projector.handlers import Failure
+from workers import errors, handlers, locks
+from workers.handlers import Failure
 
 SQL = load("workers", "checkpoints.sql")
 EVENTS = load("workers", "events.sql")

@@ -11,19 +11,21 @@ dead letter (``deadline:<key>``, its payload as the body) and removed, so the de
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import traceback
 import uuid
+from collections.abc import Callable
 
 from projections import reactor as reactors
 from projections.reactor import Deadline, Reactor
 from store import codec, db
 from store.event_store import EventStore
 from store.queries import load
-from workers import errors, locks
-from workers.projector import handlers
-from workers.runtime import metrics
+from workers import errors, handlers, locks
+from workers.projector.batcher import Batcher
+from workers.runtime import metrics, retry
 
 logger = logging.getLogger(__name__)
 
@@ -149,3 +151,23 @@ class Firing:
         self._failures.pop(deadline.key, None)
         metrics.DEAD_LETTERED.labels(self.reactor.name).inc()
         return True
+
+
+async def fire(batcher: Batcher, partition: int, done: Callable[[], bool]) -> None:
+    """A reactor's partition: fire its due deadlines until ``done()``, looking again when the next is due, or
+    every ``POLL_SECONDS`` (deadlines scheduled by other partitions' consumers). Outages are retried until
+    ``done()``; what their handlers did is counted by the reactor's apply step (``Batcher.reacted``)."""
+    assert isinstance(batcher.projection, Reactor)
+    firing = Firing(batcher.store, batcher.projection, partition)
+    while not done():
+        try:
+            fired = await batcher.retrying(firing.round, done)
+        except retry.OUTAGE_ERRORS:
+            return  # stopping, or the channel is gone: the next owner fires them
+        if fired.fired:
+            batcher.reacted(fired.reacted)
+        wait = POLL_SECONDS if fired.next_due is None else min(max(fired.next_due, 0.0), POLL_SECONDS)
+        slept = 0.0
+        while slept < wait and not done():
+            await asyncio.sleep(min(0.1, wait - slept))
+            slept += 0.1

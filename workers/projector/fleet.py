@@ -24,8 +24,9 @@ from store.event_store import EventStore
 from workers import errors
 from workers.config import Settings
 from workers.projector import dlq, lag
-from workers.projector.batcher import Batcher
-from workers.projector.consumer import Consumer, DecodeCache, Stats
+from workers.projector.batcher import Batcher, Stats
+from workers.projector.consumer import Consumer
+from workers.projector.deliveries import DecodeCache
 from workers.projector.leases import REBALANCE_TICK_SECONDS, LeaseKeeper, Tick
 from workers.runtime import health, metrics, retry
 
@@ -54,12 +55,13 @@ class Fleet:
         self.cache = DecodeCache.of(settings)
         self.catchups = asyncio.Semaphore(CATCHUPS_AT_ONCE)
         self.running: dict[tuple[str, int], _Running] = {}
-        #: One per projection: its consumers' deliveries applied together (workers/projector/batcher.py).
-        self.batchers = {p.name: Batcher(store, p, settings.batch_size) for p in projections}
         self.lags: dict[str, lag.Lag] = {}
         #: Every consumer's DLQ copies, on a connection of their own (a broker alarm must not hold the acks).
         self.copies = dlq.DeadLetterCopies(settings.amqp_urls, settings.prefix,
                                            name=f"{settings.prefix} worker dead-letter copies")
+        #: One per projection: its apply step, its consumers' deliveries applied together (``batcher``).
+        self.batchers = {p.name: Batcher(store, p, settings, health_=health_, stats=stats[p.name], copies=self.copies)
+                         for p in projections}
         self._ended = asyncio.Event()  # a consumer ended by itself: look at once
 
     def note_lag(self, projection: str, measured: lag.Lag) -> None:
@@ -133,8 +135,8 @@ class Fleet:
         except RuntimeError as exc:  # aiormq's "<Connection ...> closed": it died under this session (an outage)
             raise errors.ChannelLost(f"cannot open a channel for {projection}.{partition}: {exc}") from exc
         consumer = Consumer(self.store, channel, self.projections[projection], partition, self.settings,
-                            health_=self.health, stats=self.stats[projection], cache=self.cache,
-                            catchups=self.catchups, batcher=self.batchers[projection], copies=self.copies,
+                            health_=self.health, cache=self.cache, catchups=self.catchups,
+                            batcher=self.batchers[projection],
                             on_hold=functools.partial(self.keeper.note_hold, projection))
         measured = self.lags.get(projection)
         if measured is not None:  # a partition taken over far behind catches up at once

@@ -24,10 +24,10 @@ from store import correlation_ids, db
 from store.codec import personal
 from store.event_store import EventStore, RecordedEvent
 from store.queries import load
-from workers import broker, errors, locks
-from workers.projector import checkpoints, handlers
+from workers import broker, errors, handlers, locks
+from workers.handlers import Failure
+from workers.projector import checkpoints
 from workers.projector.checkpoints import BatchResult
-from workers.projector.handlers import Failure
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
@@ -24,13 +24,36 @@ from store.event_store import EventStore
 from workers import broker, errors
 from workers.config import Settings
 from workers.projector import dlq, lag
-from workers.projector.consumer import Consumer, DecodeCache, Stats
+from workers.projector.batcher import Stats
+from workers.projector.consumer import Consumer
+from workers.projector.deliveries import DecodeCache
 from workers.projector.fleet import CATCHUPS_AT_ONCE, Fleet
 from workers.projector.leases import LeaseKeeper
-from workers.rebuild import backfill, typechange
 from workers.runtime import amqp, health, lifecycle, retry
 
 logger = logging.getLogger(__name__)
+
+
+class Backfills(Protocol):
+    """The job that fills projections first seen from the store, handed to ``run_worker`` by its caller (the
+    ``worker`` command and ``eventfleet.run_worker`` hand ``workers.rebuild.backfill.Backfills()``): the
+    projector knows nothing of the rebuild it runs."""
+
+    async def claim(self, store: EventStore, connection: AbstractConnection, prefix: str,
+                    projections: Sequence[Projection], partitions: int) -> list[Projection]:
+        """Claim the projections to backfill (declaring their queues); return them."""
+
+    async def run(self, store: EventStore, projections: Sequence[Projection], stop: asyncio.Event, *,
+                  batch_bytes: int) -> None:
+        """Backfill the claimed projections until done or ``stop``."""
+
+    async def register_types(self, pool: db.Pool, worker: str, projections: Sequence[Projection]) -> object:
+        """Record the event types the worker's code handles per read model (workers/rebuild/typebook.py)."""
+
+    async def watch_types(self, store: EventStore, worker: str, projections: Sequence[type[Projection]], *,
+                          lease_seconds: float, batch_bytes: int) -> None:
+        """Until cancelled: say the worker runs its read models, and rebuild those whose types it adds once no
+        worker of other code runs them."""
 
 
 async def run_consumer(pool: db.Pool, connection: AbstractConnection, projection: Projection, settings: Settings, *,
@@ -59,13 +82,16 @@ async def run_consumer(pool: db.Pool, connection: AbstractConnection, projection
 async def consume_until_idle(pool: db.Pool, channel: AbstractChannel, projection: Projection,
                              settings: Settings) -> Stats:
     """Apply everything in one projection's partition queues, one after the other, then return (tests,
-    benchmarks: no sleeps needed)."""
+    benchmarks: no sleeps needed), through the apply step a worker uses (``Consumer.until_idle``)."""
     store = lifecycle.open_store(pool, settings)
     stats, cache = Stats(), DecodeCache.of(settings)
+    copies = dlq.DeadLetterCopies(settings.amqp_urls, settings.prefix)
     try:
         for partition in range(await store.partitions()):
-            await Consumer(store, channel, projection, partition, settings, stats=stats, cache=cache).until_idle()
+            await Consumer(store, channel, projection, partition, settings, stats=stats, cache=cache,
+                           copies=copies).until_idle()
     finally:
+        await copies.close()
         await projection.detach()
     return stats
 
@@ -78,9 +104,12 @@ def pool_size(projections: int) -> int:
 
 
 async def run_worker(settings: Settings, projections: Sequence[Projection], health_: health.Health,
-                     stop: asyncio.Event, *, pool: db.Pool | None = None) -> dict[str, Stats]:
+                     stop: asyncio.Event, *, pool: db.Pool | None = None,
+                     backfills: Backfills | None = None) -> dict[str, Stats]:
     """Open Postgres (unless given a pool), register with the fleet, then (re)connect to RabbitMQ and consume
-    the partitions this worker holds until ``stop``; then hand them over (``LeaseKeeper.leave``).
+    the partitions this worker holds until ``stop``; then hand them over (``LeaseKeeper.leave``). Each session
+    first lets ``backfills`` claim the projections first seen, and runs their backfill beside the consumers
+    (without: none is backfilled here).
 
     A broker outage ends the session: its unacked deliveries return to the queues, and a new connection
     picks them up again (the checkpoints absorb the duplicates); the leases are kept meanwhile. Postgres
@@ -101,7 +130,8 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
         stack.push_async_callback(_leave, keeper)
         # Before it consumes: the types its code handles are recorded, and the read models it adds types to
         # are rebuilt beside the consumers once no worker of other code runs them (workers/rebuild/typebook.py).
-        if await _retrying(lambda: typechange.register(pool, keeper.worker_id, projections), health_, stop) is None:
+        if backfills is not None and await _retrying(
+                lambda: backfills.register_types(pool, keeper.worker_id, projections), health_, stop) is None:
             return stats
         progress = Progress(stats)
         fleets: list[Fleet] = []
@@ -113,21 +143,23 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
 
         background = {"lag monitor": lag.run_lag_monitor(pool, [p.name for p in projections], health=health_,
                                                          measured=measured, partitions=partitions)}
-        background["read-model types"] = typechange.watch(store, keeper.worker_id, [type(p) for p in projections],
-                                                          lease_seconds=settings.lease_seconds,
-                                                          batch_bytes=settings.read_bytes)
+        if backfills is not None:
+            background["read-model types"] = backfills.watch_types(
+                store, keeper.worker_id, [type(p) for p in projections], lease_seconds=settings.lease_seconds,
+                batch_bytes=settings.read_bytes)
         if settings.progress_seconds:
             background["progress"] = progress.run(settings.progress_seconds)
         logger.info("joined the fleet", extra={"worker": keeper.worker_id, "partitions": partitions,
                                                "projections": [p.name for p in projections]})
         await _beside(_sessions(store, settings, projections, health_, stop, stats, keeper, fleets, partitions,
-                                progress.lags), background)
+                                progress.lags, backfills), background)
     return stats
 
 
 async def _sessions(store: EventStore, settings: Settings, projections: Sequence[Projection],
                     health_: health.Health, stop: asyncio.Event, stats: dict[str, Stats], keeper: LeaseKeeper,
-                    fleets: list[Fleet], partitions: int, lags: dict[str, lag.Lag]) -> None:
+                    fleets: list[Fleet], partitions: int, lags: dict[str, lag.Lag], backfills: Backfills | None
+                    ) -> None:
     """Broker sessions one after the other, through RabbitMQ outages, until ``stop``."""
     while not stop.is_set():
         try:
@@ -135,7 +167,7 @@ async def _sessions(store: EventStore, settings: Settings, projections: Sequence
                 with attempt:
                     try:
                         await _session(store, settings, projections, health_, stop, stats, keeper, fleets,
-                                       partitions, lags)
+                                       partitions, lags, backfills)
                     except retry.OUTAGE_ERRORS as exc:
                         health_.down("rabbitmq", exc)
                         raise
@@ -240,7 +272,8 @@ async def _open_pool(stack: contextlib.AsyncExitStack, settings: Settings, size:
 
 async def _session(store: EventStore, settings: Settings, projections: Sequence[Projection],
                    health_: health.Health, stop: asyncio.Event, stats: dict[str, Stats], keeper: LeaseKeeper,
-                   fleets: list[Fleet], partitions: int, lags: dict[str, lag.Lag]) -> None:
+                   fleets: list[Fleet], partitions: int, lags: dict[str, lag.Lag], backfills: Backfills | None
+                   ) -> None:
     """One broker connection: the topology declared, the backfills of new projections, and the consumers of
     the partitions held, until stop or the connection dies."""
     name = f"eventfleet worker {socket.gethostname()}:{os.getpid()}"
@@ -249,8 +282,9 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
     async with connection:
         health_.up("rabbitmq", broker=amqp.connection_endpoint(connection))
         try:
-            # Projections first seen (no status row, no queue yet) are backfilled alongside: see rebuild_backfill.
-            backfills = await backfill.claim_backfills(store, connection, settings.prefix, projections, partitions)
+            # Projections first seen (no status row, no queue yet) are backfilled alongside (rebuild.backfill).
+            claimed = ([] if backfills is None else
+                       await backfills.claim(store, connection, settings.prefix, projections, partitions))
             channel = await connection.channel()
             await broker.declare_partitions(channel, broker.Names(settings.prefix), [p.name for p in projections],
                                             partitions)
@@ -266,8 +300,9 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(fleet.run(stop))
-                if backfills:
-                    group.create_task(backfill.run_backfills(store, backfills, stop, batch_bytes=settings.read_bytes))
+                if claimed:
+                    assert backfills is not None
+                    group.create_task(backfills.run(store, claimed, stop, batch_bytes=settings.read_bytes))
         except BaseExceptionGroup as group:
             # One lost connection ends every consumer of it: report it as the single outage it is.
             if all(isinstance(e, retry.OUTAGE_ERRORS) for e in group.exceptions):

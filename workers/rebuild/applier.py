@@ -25,8 +25,7 @@ from projections.base import Projection
 from store import correlation_ids, db, queries
 from store.event_store import EventStore, RecordedEvent
 from store.records import Undecodable, records_or_undecodable
-from workers import errors
-from workers.projector import handlers
+from workers import errors, handlers
 
 logger = logging.getLogger(__name__)
 

@@ -23,13 +23,14 @@ from projections import registry
 from projections.base import Projection
 from store import db
 from store.event_store import EventStore
+from store.queries import load
 from workers import broker, errors, rebuild
-from workers.rebuild import reader, shadow
+from workers.rebuild import reader, typechange
 from workers.runtime import retry
 
 logger = logging.getLogger(__name__)
 
-SQL = shadow.SQL
+SQL = load("workers", "backfill.sql")
 
 
 async def register(conn: db.Conn | db.Pool, projections: Sequence[str]) -> list[str]:
@@ -121,3 +122,24 @@ async def _backfill_all(store: EventStore, projections: Sequence[Projection], ba
         except Exception:
             # A broken backfill must not stop the live consumers; it stays 'backfilling' for the next start.
             logger.exception("backfill failed", extra={"projection": projection.name})
+
+
+class Backfills:
+    """The rebuild room's jobs a worker runs (``workers.projector.worker.Backfills``): ``claim_backfills``, then
+    ``run_backfills`` beside the consumers; and the read models' types (``typechange``: recorded at start, a
+    read model whose code adds types rebuilt)."""
+
+    async def claim(self, store: EventStore, connection: AbstractConnection, prefix: str,
+                    projections: Sequence[Projection], partitions: int) -> list[Projection]:
+        return await claim_backfills(store, connection, prefix, projections, partitions)
+
+    async def run(self, store: EventStore, projections: Sequence[Projection], stop: asyncio.Event, *,
+                  batch_bytes: int) -> None:
+        await run_backfills(store, projections, stop, batch_bytes=batch_bytes)
+
+    async def register_types(self, pool: db.Pool, worker: str, projections: Sequence[Projection]) -> object:
+        return await typechange.register(pool, worker, projections)
+
+    async def watch_types(self, store: EventStore, worker: str, projections: Sequence[type[Projection]], *,
+                          lease_seconds: float, batch_bytes: int) -> None:
+        await typechange.watch(store, worker, projections, lease_seconds=lease_seconds, batch_bytes=batch_bytes)

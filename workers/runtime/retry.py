@@ -14,7 +14,7 @@ from workers import errors
 
 #: What an outage of Postgres or RabbitMQ looks like from here; anything else is a bug and propagates.
 #: Postgres errors reach here translated (``store.db.translate_errors``: by SQLSTATE, ``store.sqlstates``),
-#: and a handler's own errors as ``HandlerFailed`` (``workers.projector.handlers``), so the bare socket
+#: and a handler's own errors as ``HandlerFailed`` (``workers.handlers``), so the bare socket
 #: errors below are the broker's (a handler's FileNotFoundError is no outage).
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     store_errors.TransientError,

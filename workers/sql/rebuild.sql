@@ -181,15 +181,6 @@ SELECT state FROM projection_status WHERE projection = $1;
 INSERT INTO projection_status AS s (projection, state) VALUES ($1, $2)
 ON CONFLICT (projection) DO UPDATE SET state = EXCLUDED.state, updated_at = clock_timestamp();
 
--- name: register_projections
--- Projections first seen: over a non-empty store they must be backfilled before they are live; reactors ($2)
--- are live at once (their effects go to the store: they work the history off through their queues and catch-up).
-INSERT INTO projection_status (projection, state)
-SELECT p, CASE WHEN p <> ALL($2::text[]) AND EXISTS (SELECT 1 FROM events) THEN 'backfilling' ELSE 'live' END
-FROM unnest($1::text[]) AS p
-ON CONFLICT (projection) DO NOTHING
-RETURNING projection, state;
-
 -- name: live_ahead
 -- Streams whose live checkpoint is ahead of the shadow's: the swap applies what the shadow lacks.
 SELECT l.stream_id, coalesce(s.version, -1) AS shadow_version, l.version AS live_version
