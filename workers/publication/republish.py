@@ -5,7 +5,7 @@ workers running the publication: in one transaction, the publication's checkpoin
 an event moves back to just before the stream's first one (never forward), and its low watermark to just before
 the first such event in read_all order. The workers' lag monitor then sees those events unapplied and their
 consumers catch the partitions up from the store (the oldest unapplied event is older than
-``consumer.STALL_SECONDS``, so at once), publishing them again with the ids they had: a consumer that kept
+``catchup.STALL_SECONDS``, so at once), publishing them again with the ids they had: a consumer that kept
 some de-duplicates them. Messages published meanwhile for newer events go on; per stream, the republished
 ones come before any newer one.
 
