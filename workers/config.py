@@ -41,7 +41,7 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("EVENTFLEET_HTTP_PORT", "9108 worker, 9109 relay", "port of /metrics, /healthz, /readyz (0 = off)"),
     ("EVENTFLEET_LOG_FORMAT", "text", "text or json (one object per line)"),
     ("EVENTFLEET_PREFETCH", "500", "events a worker's partition channel may hold unacked (in whole messages)"),
-    ("EVENTFLEET_PREFETCH_BYTES", "3145728", "bytes of messages a worker's partition channel may hold unacked, at most"),
+    ("EVENTFLEET_PREFETCH_BYTES", "6291456", "bytes of messages a worker's partition channel may hold unacked, at most"),
     ("EVENTFLEET_BATCH_SIZE", "200", "events per worker transaction (whole messages, at least one)"),
     ("EVENTFLEET_RELAY_BATCH_SIZE", "1000", "outbox rows per relay transaction"),
     ("EVENTFLEET_RELAY_BATCH_BYTES", "16777216", "event bytes per relay transaction (the event reaching it included)"),
@@ -95,7 +95,7 @@ class Settings:
     message_bytes: int = 1024 * 1024  # bytes per batch message, about (EVENTFLEET_MESSAGE_BYTES)
     # The memory budgets, in bytes (check_limits says which combinations cannot all hold).
     relay_batch_bytes: int = 16 * 1024 * 1024  # event bytes per relay claim (EVENTFLEET_RELAY_BATCH_BYTES)
-    prefetch_bytes: int = 3 * 1024 * 1024  # a partition channel's unacked messages (EVENTFLEET_PREFETCH_BYTES)
+    prefetch_bytes: int = 6 * 1024 * 1024  # a partition channel's unacked messages (EVENTFLEET_PREFETCH_BYTES)
     read_bytes: int = 4 * 1024 * 1024  # event bytes per store read of a catch-up/rebuild (EVENTFLEET_READ_BYTES)
     decode_cache_bytes: int = 16 * 1024 * 1024  # bodies kept decoded per process (EVENTFLEET_DECODE_CACHE_BYTES)
     #: The broker's max_message_size (EVENTFLEET_BROKER_MAX_MESSAGE_BYTES): no message may be bigger.
@@ -213,7 +213,7 @@ class Settings:
             message_events=_int(environ, "EVENTFLEET_MESSAGE_EVENTS", 100, 1, 10_000),
             message_bytes=_int(environ, "EVENTFLEET_MESSAGE_BYTES", 1024 * 1024, 1024, 2 * 1024 * 1024),
             relay_batch_bytes=_int(environ, "EVENTFLEET_RELAY_BATCH_BYTES", 16 * MIB, 1024, 1024 * MIB),
-            prefetch_bytes=_int(environ, "EVENTFLEET_PREFETCH_BYTES", 3 * MIB, 1024, 1024 * MIB),
+            prefetch_bytes=_int(environ, "EVENTFLEET_PREFETCH_BYTES", 6 * MIB, 1024, 1024 * MIB),
             read_bytes=_int(environ, "EVENTFLEET_READ_BYTES", 4 * MIB, 1024, 1024 * MIB),
             decode_cache_bytes=_int(environ, "EVENTFLEET_DECODE_CACHE_BYTES", 16 * MIB, 0, 1024 * MIB),
             broker_max_message_bytes=_int(environ, "EVENTFLEET_BROKER_MAX_MESSAGE_BYTES",
