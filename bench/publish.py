@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 import asyncpg
 
-from bench import pipeline
+from bench import fanout, pipeline
 from bench.relay import order
 from eventfleet.examples.orders.publications import OrdersOut
 from projections import registry
@@ -114,10 +114,15 @@ async def raw_ceiling(store: EventStore, exchange: str, batch: int) -> float:
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=False)
         raw = await channel.get_underlay_channel()
-        started = time.perf_counter()
+        beam = await fanout.broker_pid()
+        started, client, brokered = time.perf_counter(), time.process_time(), fanout.cpu_seconds(beam)
         for at in range(0, len(messages), batch):
             await asyncio.gather(*await frames.publish_batch(raw, exchange, messages[at:at + batch]))
-        return len(messages) / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        client, brokered = time.process_time() - client, fanout.cpu_seconds(beam) - brokered
+        print(f"  raw ceiling: CPU per message: this process {client / len(messages) * 1e6:.0f} us, RabbitMQ "
+              f"{brokered / len(messages) * 1e6:.0f} us", flush=True)
+        return len(messages) / elapsed
     finally:
         await connection.close()
 
@@ -150,9 +155,13 @@ async def relay_against_publication(args: argparse.Namespace, tag: str
                 published = await relay.relay_until_idle(pool, targets)
                 relays.append(published / (time.perf_counter() - started))
                 total += published
-                started = time.perf_counter()
+                beam = await fanout.broker_pid()
+                started, client, brokered = time.perf_counter(), time.process_time(), fanout.cpu_seconds(beam)
                 await publish_all(pool, connection, settings, total)
                 publications.append(published / (time.perf_counter() - started))
+                client, brokered = time.process_time() - client, fanout.cpu_seconds(beam) - brokered
+                print(f"  publication: CPU per event: the worker's path (this process) {client / published * 1e6:.0f}"
+                      f" us, RabbitMQ {brokered / published * 1e6:.0f} us", flush=True)
                 routed = (await sink_channel.declare_queue(sink.name, passive=True)).declaration_result.message_count
                 assert routed == published, (routed, published)
                 await sink.purge()
