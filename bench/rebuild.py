@@ -100,8 +100,11 @@ async def fresh_rebuild(pool: db.Pool, store: EventStore, projection: type[Proje
 
 
 async def analyze(pool: db.Pool) -> None:
+    """VACUUM and ANALYZE the seeded events, as autovacuum would have on a store in service (it is off on this
+    machine's cluster): without it the first rebuild to read every row sets their hint bits, and one round of
+    bench.typefilter at 300,000 events read all types in 176.8 s against 12.6 s in the next."""
     async with db.translate_errors():
-        await pool.execute("ANALYZE events")
+        await pool.execute("VACUUM (ANALYZE) events")
 
 
 async def redo_on_restart(measure: Callable[[], Awaitable[T]]) -> T:

@@ -88,10 +88,12 @@ async def main(args: argparse.Namespace) -> None:
                           f"{result.seconds:.3f}s (read and applied in {progress[-1]:.3f}s)")
             for what, figures in (("rebuild", seconds), ("its reads and applies", filling)):
                 filtered, full = statistics.mean(figures["its type"]), statistics.mean(figures["every event"])
-                ratio = full / filtered
-                verdict = "PASS" if ratio >= TARGET else "MISS"
+                # Judged on the round least in its favour: a mean lets one slow round carry the other.
+                ratios = [f / t for f, t in zip(figures["every event"], figures["its type"], strict=True)]
+                verdict = "PASS" if min(ratios) >= TARGET else "MISS"
                 print(f"{what} of a one-type read model: {full:.3f}s reading every event, {filtered:.3f}s "
-                      f"reading its type: {ratio:.1f}x faster (target >= {TARGET:.0f}x) {verdict}")
+                      f"reading its type (means); per round {', '.join(f'{r:.1f}x' for r in ratios)} faster, "
+                      f"the least {min(ratios):.1f}x (target >= {TARGET:.0f}x) {verdict}")
     finally:
         await drop_schema(dsn, schema)
 

@@ -155,8 +155,11 @@ SELECT store_xmax();
 SELECT store_xmin() >= $1::xid8;
 
 -- name: shadow_versions
--- The shadow's checkpoints of some streams.
-SELECT stream_id, version, halted_version FROM rebuild_checkpoints WHERE stream_id = ANY($1::text[]);
+-- The shadow's checkpoints of some streams. A join on the unnested names, not `stream_id = ANY($1)`: the table is
+-- new and never analyzed (its stats say empty), so a generic plan of `= ANY` scanned it comparing each row with every
+-- name (bench.typefilter at 300,000 events: 1-1.5 s per batch, a rebuild of every event 187 s instead of 11).
+SELECT c.stream_id, c.version, c.halted_version
+FROM unnest($1::text[]) AS s(stream_id) JOIN rebuild_checkpoints AS c ON c.stream_id = s.stream_id;
 
 -- name: save_shadow_versions
 -- Set the shadow's checkpoints of some streams.
