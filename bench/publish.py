@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aio_pika
 import asyncpg
@@ -89,10 +89,34 @@ async def publish_all(pool: db.Pool, connection: aio_pika.abc.AbstractConnection
         return bool((applied or 0) >= events)
 
     try:
-        await until(done, 900, "the publication published everything", every=0.01)
+        await pipeline.until(done, 900, "the publication published everything", every=0.01)
     finally:
         stop.set()
         await task
+
+
+@dataclasses.dataclass
+class Timed:
+    """Wall seconds, this process's CPU seconds and the RabbitMQ node's, of a ``timed`` block."""
+
+    wall: float = 0.0
+    client: float = 0.0
+    broker: float = 0.0
+
+    def per(self, count: int) -> str:
+        """CPU per item, in microseconds: this process's and the broker's."""
+        return f"this process {self.client / count * 1e6:.0f} us, RabbitMQ {self.broker / count * 1e6:.0f} us"
+
+
+@contextlib.asynccontextmanager
+async def timed() -> AsyncIterator[Timed]:
+    """Time the block: wall clock, this process's CPU, the broker node's CPU (bench.fanout reads it from /proc)."""
+    beam = await fanout.broker_pid()
+    spent = Timed()
+    wall, client, broker = time.perf_counter(), time.process_time(), fanout.cpu_seconds(beam)
+    yield spent
+    spent.wall, spent.client = time.perf_counter() - wall, time.process_time() - client
+    spent.broker = fanout.cpu_seconds(beam) - broker
 
 
 async def raw_ceiling(store: EventStore, exchange: str, batch: int) -> float:
@@ -114,15 +138,11 @@ async def raw_ceiling(store: EventStore, exchange: str, batch: int) -> float:
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=False)
         raw = await channel.get_underlay_channel()
-        beam = await fanout.broker_pid()
-        started, client, brokered = time.perf_counter(), time.process_time(), fanout.cpu_seconds(beam)
-        for at in range(0, len(messages), batch):
-            await asyncio.gather(*await frames.publish_batch(raw, exchange, messages[at:at + batch]))
-        elapsed = time.perf_counter() - started
-        client, brokered = time.process_time() - client, fanout.cpu_seconds(beam) - brokered
-        print(f"  raw ceiling: CPU per message: this process {client / len(messages) * 1e6:.0f} us, RabbitMQ "
-              f"{brokered / len(messages) * 1e6:.0f} us", flush=True)
-        return len(messages) / elapsed
+        async with timed() as spent:
+            for at in range(0, len(messages), batch):
+                await asyncio.gather(*await frames.publish_batch(raw, exchange, messages[at:at + batch]))
+        print(f"  raw ceiling: CPU per message: {spent.per(len(messages))}", flush=True)
+        return len(messages) / spent.wall
     finally:
         await connection.close()
 
@@ -155,13 +175,11 @@ async def relay_against_publication(args: argparse.Namespace, tag: str
                 published = await relay.relay_until_idle(pool, targets)
                 relays.append(published / (time.perf_counter() - started))
                 total += published
-                beam = await fanout.broker_pid()
-                started, client, brokered = time.perf_counter(), time.process_time(), fanout.cpu_seconds(beam)
-                await publish_all(pool, connection, settings, total)
-                publications.append(published / (time.perf_counter() - started))
-                client, brokered = time.process_time() - client, fanout.cpu_seconds(beam) - brokered
-                print(f"  publication: CPU per event: the worker's path (this process) {client / published * 1e6:.0f}"
-                      f" us, RabbitMQ {brokered / published * 1e6:.0f} us", flush=True)
+                async with timed() as spent:
+                    await publish_all(pool, connection, settings, total)
+                publications.append(published / spent.wall)
+                print(f"  publication: CPU per event (this process: the worker's path): {spent.per(published)}",
+                      flush=True)
                 routed = (await sink_channel.declare_queue(sink.name, passive=True)).declaration_result.message_count
                 assert routed == published, (routed, published)
                 await sink.purge()
@@ -187,16 +205,6 @@ class Deployment:
     settings: Settings
     modules: str
     processes: list[asyncio.subprocess.Process] = dataclasses.field(default_factory=list)
-
-
-async def until(check: Callable[[], Awaitable[bool]], within: float, what: str, every: float = 0.02) -> float:
-    """Poll ``check`` until true; return perf_counter() at that moment; raise after ``within`` seconds."""
-    deadline = time.perf_counter() + within
-    while not await check():
-        if time.perf_counter() > deadline:
-            raise TimeoutError(f"not within {within}s: {what}")
-        await asyncio.sleep(every)
-    return time.perf_counter()
 
 
 async def write(store: EventStore, events: int, tag: str) -> None:
@@ -245,7 +253,7 @@ async def end_to_end(args: argparse.Namespace, tag: str, publish: bool, logs: st
             async def consuming() -> bool:
                 held = await conn.fetchval("SELECT count(*) FROM leases WHERE owner IS NOT NULL AND expires_at > now()")
                 return bool(held == len(subscribers) * args.partitions)
-            await until(consuming, 90, "the worker holding every subscriber's partitions", every=0.1)
+            await pipeline.until(consuming, 90, "the worker holding every subscriber's partitions", every=0.1)
             await asyncio.sleep(1)  # its consumers on their queues
             async with db.create_pool(DATABASE_URL, schema, min_size=WRITERS, max_size=WRITERS) as pool:
                 started = time.perf_counter()
@@ -253,7 +261,7 @@ async def end_to_end(args: argparse.Namespace, tag: str, publish: bool, logs: st
 
                 applied = pipeline.applied_all(conn, events, writing, [registry.get(p) for p in READ_MODELS]
                                                + ([OrdersOut] if publish else []))
-                finished = await until(applied, 600, "every subscriber at lag 0")
+                finished = await pipeline.until(applied, 600, "every subscriber at lag 0")
                 await writing
         finally:
             await conn.close()

@@ -120,6 +120,11 @@ async def peaks_until_applied(pool: db.Pool, events: int, procs: list[subprocess
                 p.wait()
 
 
+def catchups_budget(settings: Settings) -> int:
+    """What the catch-ups at once (workers.projector.fleet) may hold: each a read and the next, decoded, and a margin."""
+    return 3 * fleet.CATCHUPS_AT_ONCE * 2 * (settings.read_bytes + settings.max_payload_bytes)
+
+
 async def test_a_relay_and_a_worker_stay_within_their_byte_budgets_with_events_of_the_maximum_size(
         pool: db.Pool, event_store: EventStore, schema: str, prefix: str, topology: None, tmp_path: Path) -> None:
     env = environment(schema, prefix)
@@ -133,7 +138,7 @@ async def test_a_relay_and_a_worker_stay_within_their_byte_budgets_with_events_o
     # store beside its deliveries (without this term the bound failed on loaded machines: 146-153 MiB of 142).
     worker_bound = (BASELINE + 3 * PARTITIONS * settings.prefetch_messages * settings.max_message_bytes
                     + settings.decode_cache_bytes
-                    + 3 * fleet.CATCHUPS_AT_ONCE * 2 * (settings.read_bytes + settings.max_payload_bytes))
+                    + catchups_budget(settings))
 
     relay_peak, worker_peak = await peaks_until_applied(pool, EVENTS, [
         start(["relay"], env, tmp_path / "relay.log"),
@@ -151,8 +156,7 @@ async def test_a_worker_catching_up_from_the_store_stays_within_its_read_budget_
     await migrate(env)
     await append_big_events(event_store, CATCHUP_EVENTS)
     settings = Settings()
-    # Catch-ups at once (workers.projector.fleet), each holding a read and the next, decoded, and a margin.
-    bound = BASELINE + 3 * fleet.CATCHUPS_AT_ONCE * 2 * (settings.read_bytes + settings.max_payload_bytes)
+    bound = BASELINE + catchups_budget(settings)
 
     (peak,) = await peaks_until_applied(pool, CATCHUP_EVENTS, [
         start(["worker", "--projection", PROJECTION], env, tmp_path / "worker.log")])

@@ -53,6 +53,8 @@ class AmqpOutlet:
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._raw: aiormq.abc.AbstractChannel | None = None
+        #: Whether the channel takes a batch's frames in one write (``frames.supported``), known once it opens.
+        self._batched = False
         self._lock = asyncio.Lock()
 
     async def _opened(self) -> aiormq.abc.AbstractChannel:
@@ -67,6 +69,7 @@ class AmqpOutlet:
             # Published on the underlying aiormq channel, as the consumers take deliveries: aio-pika's message
             # and exchange objects cost more per message than the publish does.
             self._raw = await self._channel.get_underlay_channel()
+            self._batched = frames.supported(self._raw)
             return self._raw
 
     async def publish(self, messages: Sequence[Outgoing]) -> None:
@@ -76,7 +79,7 @@ class AmqpOutlet:
         try:
             raw = await self._opened()
             async with asyncio.timeout(self.confirm_seconds):
-                if frames.supported(raw):
+                if self._batched:
                     futures = await frames.publish_batch(raw, self.exchange_name, messages)
                     confirms = await asyncio.gather(*futures, return_exceptions=True)
                 else:
