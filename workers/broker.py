@@ -75,6 +75,22 @@ class Names:
     def dead_letter_queue(self, projection: str) -> str:
         return f"{self.queue(projection)}.dlq"
 
+    def group_queue(self, group: str, partition: int) -> str:
+        """A worker group's queue of one partition (``EVENTFLEET_GROUP``): it feeds every read model the group
+        runs. A projection name has no dots, so ``{prefix}.group.{group}.{p}`` is never a projection's queue."""
+        return f"{self.prefix}.group.{names.identifier(group, what='worker group')}.{partition}"
+
+
+def group_lease(group: str) -> str:
+    """The name a worker group's partitions are leased under (``leases.projection``): never a projection's
+    (a projection name has no colon)."""
+    return f"group:{names.identifier(group, what='worker group')}"
+
+
+def group_of_lease(lease: str) -> str | None:
+    """The worker group a lease name is of, or None for a projection's."""
+    return lease.removeprefix("group:") if lease.startswith("group:") else None
+
 
 async def passive_queue(connection: AbstractConnection, name: str) -> spec.Queue.DeclareOk | None:
     """A queue's passive declaration (its message and consumer counts), or None when it does not exist.
@@ -121,11 +137,15 @@ class Targets:
 
 async def declare_topology(channel: AbstractChannel, n: Names, projections: Iterable[str], partitions: int, *,
                            events_exchange: bool = False, message_events: int = 100,
-                           message_bytes: int = 1024 * 1024) -> Targets:
+                           message_bytes: int = 1024 * 1024, group: str | None = None) -> Targets:
     """Declare (idempotently) everything the relay publishes to and the workers consume: the partitions
-    exchange and queues of every projection (``declare_partitions``) and, with ``events_exchange``, the
+    exchange and queues of every projection (``declare_partitions``), or with ``group`` that worker group's
+    queues and the projections' dead-letter queues only (``declare_group``), and, with ``events_exchange``, the
     per-event topic exchange for other consumers. Returns the relay's targets."""
-    exchange = await declare_partitions(channel, n, projections, partitions)
+    if group is None:
+        exchange = await declare_partitions(channel, n, projections, partitions)
+    else:
+        exchange = await declare_group(channel, n, group, projections, partitions)
     events = await declare_exchange(channel, n) if events_exchange else None
     return Targets(exchange, partitions, events, message_events, message_bytes)
 
@@ -194,6 +214,39 @@ async def declare_partitions(channel: AbstractChannel, n: Names, projections: It
                        "dead-letters a message of theirs after 20 deliveries; redeclare them (docs/reference.md, "
                        "Messages)", extra={"queues": declaring.without_limit, "server": server_version(channel)})
     return exchange
+
+
+def group_queue_arguments() -> dict[str, Any]:
+    """The arguments a worker group's partition queue is declared with: a partition queue's, without a
+    dead-letter exchange (its consumer never rejects: what a read model dead-letters is copied to that read
+    model's DLQ, and the message is acked once every read model of the group settled it)."""
+    return {
+        "x-queue-type": "quorum",
+        "x-single-active-consumer": True,
+        "x-queue-leader-locator": "balanced",
+        "x-delivery-limit": DELIVERY_LIMIT,
+    }
+
+
+async def declare_group(channel: AbstractChannel, n: Names, group: str, projections: Iterable[str],
+                        partitions: int) -> AbstractExchange:
+    """Declare (idempotently) the partitions exchange, the projections' dead-letter queues (no partition queue
+    of theirs) and the worker group's P queues, bound by partition number. Returns the partitions exchange."""
+    exchange = await declare_partitions(channel, n, projections, 0)
+    declaring = _Declaring(await _connection_of(channel).channel())
+    try:
+        for partition in range(partitions):
+            queue = await declaring.queue(n.group_queue(group, partition), group_queue_arguments())
+            await queue.bind(n.partitions_exchange, routing_key=str(partition))
+    finally:
+        await declaring.close()
+    return exchange
+
+
+async def delete_group(channel: AbstractChannel, n: Names, group: str, partitions: int) -> None:
+    """Delete a worker group's queues."""
+    for partition in range(partitions):
+        await channel.queue_delete(n.group_queue(group, partition))
 
 
 class _Declaring:

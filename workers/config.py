@@ -56,6 +56,7 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("EVENTFLEET_MESSAGE_BYTES", "1048576", "bytes per batch message, at most (an event bigger goes alone)"),
     ("EVENTFLEET_BROKER_MAX_MESSAGE_BYTES", "16777216", "the broker's max_message_size (RabbitMQ 4.x default)"),
     ("EVENTFLEET_EVENTS_EXCHANGE", "0", "1: the relay also publishes one message per event to PREFIX.events"),
+    ("EVENTFLEET_GROUP", "(none)", "worker group: its P shared queues feed all its read models (none: P per read model)"),
     ("EVENTFLEET_LEASE_SECONDS", "15", "a worker's partition leases expire this long after its last heartbeat"),
     ("EVENTFLEET_PROGRESS_SECONDS", "60", "a worker's progress line per projection every N s (0 = off)"),
     ("EVENTFLEET_TRANSACTION_IDLE_SECONDS", "EVENTFLEET_LEASE_SECONDS/3",
@@ -102,6 +103,9 @@ class Settings:
     broker_max_message_bytes: int = BROKER_MAX_MESSAGE_BYTES
     events_exchange: bool = False  # the relay also feeds the per-event topic exchange (EVENTFLEET_EVENTS_EXCHANGE)
     lease_seconds: float = 15.0  # partition leases expire this long after the last heartbeat
+    #: The worker group (EVENTFLEET_GROUP): its P shared queues feed every read model its workers run, each message
+    #: decoded once and dispatched in-process (docs/reference.md 6.0); None: a queue per read model per partition.
+    group: str | None = None
     #: Every RabbitMQ node's URL (EVENTFLEET_AMQP_URL, comma-separated), tried in turn; () = (amqp_url,).
     amqp_urls: tuple[str, ...] = ()
     #: Postgres ends a worker's transaction whose process sent nothing for this long (idle_in_transaction_
@@ -190,6 +194,12 @@ class Settings:
         log_format = get("EVENTFLEET_LOG_FORMAT", "text")
         if log_format not in ("text", "json"):
             raise errors.ConfigError("EVENTFLEET_LOG_FORMAT must be 'text' or 'json'")
+        group = get("EVENTFLEET_GROUP", "").strip() or None
+        if group is not None:
+            try:
+                names.identifier(group, what="worker group")
+            except errors.InvalidName as exc:
+                raise errors.ConfigError(f"EVENTFLEET_GROUP: {exc}") from exc
         max_payload_bytes = _int(environ, "EVENTFLEET_MAX_PAYLOAD_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024)
         return cls(
             database_url=database_url,
@@ -220,6 +230,7 @@ class Settings:
                                           BROKER_MAX_MESSAGE_BYTES, 64 * 1024, 512 * MIB),
             events_exchange=bool(_int(environ, "EVENTFLEET_EVENTS_EXCHANGE", 0, 0, 1)),
             lease_seconds=float(_int(environ, "EVENTFLEET_LEASE_SECONDS", 15, 3, 3600)),
+            group=group,
             transaction_idle_seconds=_int(environ, "EVENTFLEET_TRANSACTION_IDLE_SECONDS", None, 0, 3600),
             lock_timeout_seconds=_int(environ, "EVENTFLEET_LOCK_TIMEOUT_SECONDS", None, 0, 3600),
             keks=KeyEncryptionKeys.from_env({"EVENTFLEET_KEK": get("EVENTFLEET_KEK", ""),

@@ -87,9 +87,10 @@ def _sql(name: str, **identifiers: str) -> LiteralString:
 
 
 async def plan(database_url: str, schema: str, prefix: str, amqp: AbstractConnection,
-               also: Iterable[str] = ()) -> Plan:
+               also: Iterable[str] = (), *, groups: Iterable[str] = ()) -> Plan:
     """Find what of the deployment exists; raise ``TeardownRefused`` unless ``schema`` is a migrated one.
-    ``also`` adds projections to the registered ones (a supervisor whose processes load modules it does not)."""
+    ``also`` adds projections to the registered ones (a supervisor whose processes load modules it does not);
+    ``groups`` adds worker groups (``EVENTFLEET_GROUP``) to those whose partitions were leased."""
     n = broker.Names(prefix)
     conn = await db.connect(database_url, schema)
     try:
@@ -107,12 +108,15 @@ async def plan(database_url: str, schema: str, prefix: str, amqp: AbstractConnec
             found_roles = tuple([r for r in roles.Roles(schema).all()
                                  if await conn.fetchval(roles.SQL["role_exists"], r)])
             partitions = await conn.fetchval(SQL["partitions"]) or 0
+            leased = [r["grp"] for r in await conn.fetch(SQL["lease_groups"])]
             users = await _users(conn, schema)
     finally:
         await conn.close()
     # The partition queues, and the queue of its own each projection had before partitions.
     queues = [q for p in projections
               for q in (*(n.partition_queue(p, i) for i in range(partitions)), n.queue(p), n.dead_letter_queue(p))]
+    # The worker groups' queues (EVENTFLEET_GROUP): each fed every read model its workers ran.
+    queues += [n.group_queue(g, i) for g in sorted({*groups, *leased}) if _is_identifier(g) for i in range(partitions)]
     exchanges = [n.partitions_exchange, n.exchange, n.dead_letter_exchange, n.integration_exchange]
     return Plan(schema, prefix, projections, shadows, tuple(await _existing(amqp, queues, queue=True)),
                 tuple(await _existing(amqp, exchanges, queue=False)), found_roles, *users)

@@ -31,7 +31,8 @@ async def cmd_teardown(settings: Settings, args: argparse.Namespace) -> int:
         why = f"{exc}" if isinstance(exc, errors.BrokerUnavailable) else type(exc).__name__
         raise errors.BrokerUnavailable(f"{why}; nothing dropped") from exc
     async with connection:
-        found = await plan(settings.database_url, settings.schema, settings.prefix, connection)
+        found = await plan(settings.database_url, settings.schema, settings.prefix, connection,
+                           groups=() if settings.group is None else (settings.group,))
         if not args.yes:
             print(f"eventfleet teardown: refusing without --yes; it would drop, for schema {settings.schema} "
                   f"and prefix {settings.prefix}:", file=sys.stderr)

@@ -52,7 +52,7 @@ async def remove(settings: Settings, projections: Iterable[str] = ()) -> None:
                     wait=tenacity.wait_fixed(0.5), stop=tenacity.stop_after_delay(POSTGRES_WITHIN), reraise=True):
                 with attempt:
                     found = await teardown.plan(settings.database_url, settings.schema, settings.prefix,
-                                                connection, names)
+                                                connection, names, groups=_groups(settings))
                     # Its processes are gone (killed at worst: their registrations not yet expired).
                     await teardown.tear_down(settings.database_url, found, connection, force=True)
         except errors.TeardownRefused:  # never migrated, or dropped already: its broker names only
@@ -67,6 +67,9 @@ async def _delete_by_name(connection: AbstractConnection, settings: Settings, pr
     try:
         await broker.delete_topology(channel, broker.Names(settings.prefix), projections,
                                      settings.partitions or DEFAULT_PARTITIONS)
+        for group in _groups(settings):
+            await broker.delete_group(channel, broker.Names(settings.prefix), group,
+                                      settings.partitions or DEFAULT_PARTITIONS)
     finally:
         await channel.close()
 
@@ -102,3 +105,8 @@ async def open_deployment(settings: Settings, projections: Iterable[str] = (), *
             if not failed:
                 raise
             logger.exception("deployment not removed", extra={"schema": settings.schema, "prefix": settings.prefix})
+
+
+def _groups(settings: Settings) -> tuple[str, ...]:
+    """The worker group of the deployment's processes (EVENTFLEET_GROUP), if any."""
+    return () if settings.group is None else (settings.group,)

@@ -61,6 +61,8 @@ def environment(settings: Settings) -> dict[str, str]:
            "EVENTFLEET_PROJECTION_MODULES": ",".join(settings.projection_modules)}
     if settings.partitions:
         env["EVENTFLEET_PARTITIONS"] = str(settings.partitions)
+    if settings.group is not None:
+        env["EVENTFLEET_GROUP"] = settings.group
     return env
 
 

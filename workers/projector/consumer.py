@@ -21,10 +21,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import aiormq.abc
 from aio_pika.abc import AbstractChannel
+from pamqp import commands as spec
 
 from projections.base import Projection
 from store import codec
@@ -36,12 +37,29 @@ from workers.projector import deadlines, dlq
 from workers.projector.batcher import Batcher, HandOver, Stats
 from workers.projector.catchup import CatchUp
 from workers.projector.deliveries import DecodeCache, Delivery
+from workers.projector.feed import View
 from workers.publication import outlet as publication_outlet
 from workers.runtime import health, metrics, retry
 
 logger = logging.getLogger(__name__)
 
 _FORGOTTEN = getattr(codec.SubjectForgotten, EVENT_NAME_ATTRIBUTE, "SubjectForgotten")
+
+
+class Underlay(Protocol):
+    """What a consumer asks of its channel's aiormq channel (or of a worker group's ``feed.View``)."""
+
+    async def basic_consume(self, queue: str, consumer_callback: Callable[[aiormq.abc.DeliveredMessage],
+                                                                          Awaitable[None]],
+                            *, no_ack: bool = False) -> spec.Basic.ConsumeOk: ...
+
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> Any: ...
+
+    async def basic_reject(self, delivery_tag: int, *, requeue: bool = True) -> Any: ...
+
+    async def basic_cancel(self, consumer_tag: str) -> Any: ...
+
+    async def queue_declare(self, queue: str, *, passive: bool = False) -> spec.Queue.DeclareOk: ...
 
 
 class Consumer:
@@ -52,7 +70,7 @@ class Consumer:
     cost more per delivery than the batched transaction does.
     """
 
-    def __init__(self, store: EventStore, channel: AbstractChannel, projection: Projection, partition: int,
+    def __init__(self, store: EventStore, channel: AbstractChannel | View, projection: Projection, partition: int,
                  settings: Settings, *, health_: health.Health | None = None, stats: Stats | None = None,
                  cache: DecodeCache | None = None, catchups: asyncio.Semaphore | None = None,
                  batcher: Batcher | None = None, copies: dlq.DeadLetterCopies | None = None,
@@ -83,14 +101,14 @@ class Consumer:
         self.held: errors.HeldForNewerCode | None = None
         self.stopping = False  # give up retrying through an outage, leave the rest unacked
         self._fresh = True  # no new event applied yet since this consumer started: duplicates are the handover's
-        self._raw: aiormq.abc.AbstractChannel | None = None
+        self._raw: Underlay | None = None
 
     async def open(self) -> None:
         """Set the prefetch (in messages); the subscriber is attached (a reactor to the store its follow-ups go
         to, a publication to its outlet)."""
         await self.projection.attach(self.store, publication_outlet.Runtime(self.settings))
         await self.channel.set_qos(prefetch_count=self.settings.prefetch_messages)
-        self._raw = await self.channel.get_underlay_channel()
+        self._raw = await self.channel.get_underlay_channel()  # type: ignore[assignment]
 
     def gone(self) -> bool:
         """Whether this consumer will ack nothing more: it is stopping, or its channel closed."""

@@ -15,18 +15,20 @@ import contextlib
 import dataclasses
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from projections.base import Projection
 from store.event_store import EventStore
-from workers import errors
+from workers import broker, errors
 from workers.config import Settings
 from workers.projector import dlq, lag
 from workers.projector.batcher import Batcher, Stats
 from workers.projector.consumer import Consumer
 from workers.projector.deliveries import DecodeCache
+from workers.projector.feed import GroupFeed
 from workers.projector.leases import REBALANCE_TICK_SECONDS, LeaseKeeper, Tick
 from workers.runtime import health, metrics, retry
 
@@ -38,9 +40,13 @@ CATCHUPS_AT_ONCE = 2
 
 @dataclasses.dataclass(slots=True)
 class _Running:
-    consumer: Consumer
-    task: asyncio.Task[None]
+    """A leased partition's consumers: one (a read model's queue), or one per read model of a worker group fed by
+    the group's queue on one channel (``feed``)."""
+
+    consumers: list[Consumer]
+    tasks: list[asyncio.Task[None]]
     leave: asyncio.Event
+    channel: AbstractChannel
 
 
 class Fleet:
@@ -54,6 +60,7 @@ class Fleet:
         self.health, self.stats = health_, stats
         self.cache = DecodeCache.of(settings)
         self.catchups = asyncio.Semaphore(CATCHUPS_AT_ONCE)
+        #: Per lease (a projection's, or with ``settings.group`` the group's: ``broker.group_lease``) and partition.
         self.running: dict[tuple[str, int], _Running] = {}
         self.lags: dict[str, lag.Lag] = {}
         #: Every consumer's DLQ copies, on a connection of their own (a broker alarm must not hold the acks).
@@ -67,10 +74,11 @@ class Fleet:
     def note_lag(self, projection: str, measured: lag.Lag) -> None:
         """The lag monitor's measurement: each running consumer hears its partition's lag and the watermark."""
         self.lags[projection] = measured
-        for (name, partition), running in self.running.items():
-            if name == projection:
-                running.consumer.note_lag(measured.partitions.get(partition, 0), measured.watermark,
-                                          measured.partition_ages.get(partition, 0.0))
+        for (_, partition), running in self.running.items():
+            for consumer in running.consumers:
+                if consumer.projection.name == projection:
+                    consumer.note_lag(measured.partitions.get(partition, 0), measured.watermark,
+                                      measured.partition_ages.get(partition, 0.0))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the leases until ``stop`` (every consumer's batch in flight commits) or the connection dies."""
@@ -127,25 +135,43 @@ class Fleet:
             metrics.REBALANCES.labels(projection).inc(len(partitions))
             logger.info("partitions acquired", extra={"projection": projection, "partitions": partitions})
 
-    async def _start(self, projection: str, partition: int, stop: asyncio.Event) -> None:
-        if (projection, partition) in self.running:
+    async def _start(self, lease: str, partition: int, stop: asyncio.Event) -> None:
+        """Start the consumers of a partition just leased: the projection's (its queue), or every read model's of
+        the worker group (``lease`` is the group's), fed by the group's queue (``feed.GroupFeed``)."""
+        if (lease, partition) in self.running:
             return
         try:
             channel = await self.connection.channel()
         except RuntimeError as exc:  # aiormq's "<Connection ...> closed": it died under this session (an outage)
-            raise errors.ChannelLost(f"cannot open a channel for {projection}.{partition}: {exc}") from exc
-        consumer = Consumer(self.store, channel, self.projections[projection], partition, self.settings,
-                            health_=self.health, cache=self.cache, catchups=self.catchups,
-                            batcher=self.batchers[projection],
-                            on_hold=functools.partial(self.keeper.note_hold, projection))
-        measured = self.lags.get(projection)
+            raise errors.ChannelLost(f"cannot open a channel for {lease}.{partition}: {exc}") from exc
+        on_hold = functools.partial(self.keeper.note_hold, lease)
+        group = broker.group_of_lease(lease)
+        if group is None:
+            consumers = [self._consumer(channel, self.projections[lease], partition, on_hold)]
+        else:
+            feed = GroupFeed(channel, broker.Names(self.settings.prefix).group_queue(group, partition),
+                             list(self.projections), group=group, prefetch=self.settings.prefetch_messages,
+                             copies=self.copies)
+            consumers = [self._consumer(feed.views[name], projection, partition, on_hold)
+                         for name, projection in self.projections.items()]
+        leave = asyncio.Event()
+        tasks = []
+        for consumer in consumers:
+            task = asyncio.create_task(consumer.run(stop, leave), name=f"consume {consumer.queue}")
+            task.add_done_callback(lambda _: self._ended.set())
+            tasks.append(task)
+        self.running[(lease, partition)] = _Running(consumers, tasks, leave, channel)
+
+    def _consumer(self, channel: Any, projection: Projection, partition: int,
+                  on_hold: Callable[[int, str], Awaitable[None]]) -> Consumer:
+        consumer = Consumer(self.store, channel, projection, partition, self.settings, health_=self.health,
+                            cache=self.cache, catchups=self.catchups, batcher=self.batchers[projection.name],
+                            on_hold=on_hold)
+        measured = self.lags.get(projection.name)
         if measured is not None:  # a partition taken over far behind catches up at once
             consumer.note_lag(measured.partitions.get(partition, 0), measured.watermark,
                               measured.partition_ages.get(partition, 0.0))
-        leave = asyncio.Event()
-        task = asyncio.create_task(consumer.run(stop, leave), name=f"consume {consumer.queue}")
-        task.add_done_callback(lambda _: self._ended.set())
-        self.running[(projection, partition)] = _Running(consumer, task, leave)
+        return consumer
 
     async def _stop(self, projection: str, partition: int) -> None:
         """Stop one consumer after its batch in flight, and close its channel (its buffered deliveries go
@@ -154,9 +180,10 @@ class Fleet:
         if running is None:
             return
         running.leave.set()
-        with contextlib.suppress(errors.ChannelLost, *retry.OUTAGE_ERRORS):
-            await running.task
-        channel = running.consumer.channel
+        for task in running.tasks:
+            with contextlib.suppress(errors.ChannelLost, *retry.OUTAGE_ERRORS):
+                await task
+        channel = running.channel
         if not channel.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(channel.close(), 5)
@@ -177,12 +204,13 @@ class Fleet:
         """A consumer that ended by itself lost its channel (the connection is going): end the session."""
         self._ended.clear()
         for key, running in list(self.running.items()):
-            if running.task.done():
+            for task in running.tasks:
+                if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+                    raise exc  # the entry stays: the session's end stops the partition's other consumers
+            if all(task.done() for task in running.tasks):
                 del self.running[key]
-                exc = running.task.exception()
-                if exc is not None:
-                    raise exc
 
     def _export(self) -> None:
+        group = None if self.settings.group is None else broker.group_lease(self.settings.group)
         for projection in self.projections:
-            metrics.PARTITIONS_HELD.labels(projection).set(len(self.keeper.held.get(projection, ())))
+            metrics.PARTITIONS_HELD.labels(projection).set(len(self.keeper.held.get(group or projection, ())))

@@ -40,8 +40,9 @@ class Backfills(Protocol):
     projector knows nothing of the rebuild it runs."""
 
     async def claim(self, store: EventStore, connection: AbstractConnection, prefix: str,
-                    projections: Sequence[Projection], partitions: int) -> list[Projection]:
-        """Claim the projections to backfill (declaring their queues); return them."""
+                    projections: Sequence[Projection], partitions: int, *, group: str | None = None
+                    ) -> list[Projection]:
+        """Claim the projections to backfill (declaring their queues, or the worker group's); return them."""
 
     async def run(self, store: EventStore, projections: Sequence[Projection], stop: asyncio.Event, *,
                   batch_bytes: int) -> None:
@@ -125,7 +126,9 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
         partitions = await _retrying(store.partitions, health_, stop)
         if partitions is None:
             return stats
-        keeper = LeaseKeeper(pool, settings.schema, [p.name for p in projections], partitions,
+        # With a worker group, its partitions are leased as one (each feeds every read model of the group).
+        leased = ([p.name for p in projections] if settings.group is None else [broker.group_lease(settings.group)])
+        keeper = LeaseKeeper(pool, settings.schema, leased, partitions,
                              lease_seconds=settings.lease_seconds, wait_for_peers=True)
         stack.push_async_callback(_leave, keeper)
         # Before it consumes: the types its code handles are recorded, and the read models it adds types to
@@ -284,10 +287,14 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
         try:
             # Projections first seen (no status row, no queue yet) are backfilled alongside (rebuild.backfill).
             claimed = ([] if backfills is None else
-                       await backfills.claim(store, connection, settings.prefix, projections, partitions))
+                       await backfills.claim(store, connection, settings.prefix, projections, partitions,
+                                             group=settings.group))
             channel = await connection.channel()
-            await broker.declare_partitions(channel, broker.Names(settings.prefix), [p.name for p in projections],
-                                            partitions)
+            names = broker.Names(settings.prefix)
+            if settings.group is None:
+                await broker.declare_partitions(channel, names, [p.name for p in projections], partitions)
+            else:
+                await broker.declare_group(channel, names, settings.group, [p.name for p in projections], partitions)
             await channel.close()
         except RuntimeError as exc:  # aiormq's bare "<Connection ...> closed": the connection died under us
             if not connection.is_closed:

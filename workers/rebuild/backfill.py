@@ -78,9 +78,11 @@ async def _queue_exists(connection: AbstractConnection, queue: str) -> bool:
 
 
 async def claim_backfills(store: EventStore, connection: AbstractConnection, prefix: str,
-                          projections: Sequence[Projection], partitions: int) -> list[Projection]:
-    """The worker's start-up check: claim the new projections, then declare their queues; return them.
-    A projection consumed before has its partition queues (or, from before partitions, a queue of its own)."""
+                          projections: Sequence[Projection], partitions: int, *, group: str | None = None
+                          ) -> list[Projection]:
+    """The worker's start-up check: claim the new projections, then declare their queues (with ``group``, the
+    worker group's, which feed them from now on); return them. A projection consumed before has its status row,
+    or from before status rows its partition queues (or, from before partitions, a queue of its own)."""
     names, claimed = broker.Names(prefix), []
     for projection in projections:
         exists = (await _queue_exists(connection, names.partition_queue(projection.name, 0))
@@ -90,7 +92,10 @@ async def claim_backfills(store: EventStore, connection: AbstractConnection, pre
     if claimed:
         channel = await connection.channel()
         async with channel:
-            await broker.declare_partitions(channel, names, [p.name for p in claimed], partitions)
+            if group is None:
+                await broker.declare_partitions(channel, names, [p.name for p in claimed], partitions)
+            else:
+                await broker.declare_group(channel, names, group, [p.name for p in claimed], partitions)
     return claimed
 
 
@@ -130,8 +135,9 @@ class Backfills:
     read model whose code adds types rebuilt)."""
 
     async def claim(self, store: EventStore, connection: AbstractConnection, prefix: str,
-                    projections: Sequence[Projection], partitions: int) -> list[Projection]:
-        return await claim_backfills(store, connection, prefix, projections, partitions)
+                    projections: Sequence[Projection], partitions: int, *, group: str | None = None
+                    ) -> list[Projection]:
+        return await claim_backfills(store, connection, prefix, projections, partitions, group=group)
 
     async def run(self, store: EventStore, projections: Sequence[Projection], stop: asyncio.Event, *,
                   batch_bytes: int) -> None:

@@ -76,6 +76,9 @@ class RelayConfig:
     stop_timeout: float = 10.0  # on SIGTERM, time the batch in flight gets to commit
     partitions: int | None = None  # P; None: the schema's (read once per session)
     events_exchange: bool = False  # also publish one message per event to the topic exchange
+    #: The worker group whose shared queues the relay declares (EVENTFLEET_GROUP), instead of a queue per
+    #: projection per partition; None: the latter.
+    group: str | None = None
     message_events: int = 100
     message_bytes: int = 1024 * 1024
     amqp_urls: tuple[str, ...] = ()  # every node's URL, tried in turn (amqp.connect); () = (amqp_url,)
@@ -103,6 +106,7 @@ class RelayConfig:
             "batch_bytes": settings.relay_batch_bytes,
             "poll_interval": settings.relay_poll_ms / 1000, "stop_timeout": settings.stop_timeout,
             "events_exchange": settings.events_exchange, "message_events": settings.message_events,
+            "group": settings.group,
             "message_bytes": settings.message_bytes,
         }
         fields |= overrides
@@ -289,7 +293,7 @@ async def _open_broker(stack: contextlib.AsyncExitStack, config: RelayConfig,
     channel.close_callbacks.add(lost)
     targets = await broker.declare_topology(
         channel, broker.Names(config.prefix), config.projections, partitions, events_exchange=config.events_exchange,
-        message_events=config.message_events, message_bytes=config.message_bytes)
+        message_events=config.message_events, message_bytes=config.message_bytes, group=config.group)
     session.status.up("rabbitmq", broker=amqp.connection_endpoint(connection))
     return targets
 
