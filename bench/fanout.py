@@ -2,6 +2,7 @@
 
     python -m bench.fanout [--orders 2000] [--scenarios a,b,c] [--partitions 16] [--max-queues 250]
                            [--rebuild-events 100000] [--rounds 2] [--timeout 300] [--quick]
+                           [--topology group|read-model]
 
 Three scenarios, in order, each a fresh deployment (``workers.fleet.open_fleet``: a new schema with P
 ``--partitions`` and a new prefix, torn down at the end whatever happened) with one relay and one worker
@@ -12,7 +13,11 @@ through their queues.
   (b) the same + 8 read models that each handle only ``OrderShipped`` (bench/fanout_models.py);
   (c) the same + 32 of them (bench/fanout_models_more.py besides).
 
-A scenario whose quorum queues (today P + 1 per read model: (c) at P=16 declares 578) would bring the
+``--topology group`` (the default) runs the worker in a worker group (``EVENTFLEET_GROUP``, docs/reference.md
+6.0): P queues for the group and a dead-letter queue per read model ((c) at P=16: 50); ``--topology read-model``
+gives each read model P queues of its own, as before groups.
+
+A scenario whose quorum queues (per read model: P + 1 each, (c) at P=16 declares 578) would bring the
 node's queues above ``--max-queues`` is skipped and said so: this RabbitMQ 3.10 runs out of file handles at
 about 300-450 quorum queues, for everybody on the machine (``--partitions 4`` fits (c) in 170).
 
@@ -362,9 +367,11 @@ async def one_scenario(base: Settings, tag: str, logs: Path, scenario: str, args
     names = [n for n in names if n in EXAMPLE_PROJECTIONS or n in scenario_models(scenario)]
     settings = dataclasses.replace(base.with_projection_modules(*modules), schema=f"bench_fanout_{tag}_{scenario}",
                                    prefix=f"bench.fanout.{tag}.{scenario}", http_port=0, catchup_threshold=0,
-                                   partitions=args.partitions)
+                                   partitions=args.partitions, group=GROUP if args.topology == "group" else None)
     logdir = logs / scenario
-    declares = len(names) * (args.partitions + 1)  # P partition queues and a dead-letter queue per read model
+    # A worker group: P queues of the group's and a dead-letter queue per read model; else P + 1 per read model.
+    declares = (len(names) + args.partitions if settings.group is not None
+                else len(names) * (args.partitions + 1))
     on_node = (await broker_footprint(settings.prefix))[3]
     print(f"({scenario}) {LABELS[scenario]}: {len(names)} read models, P={args.partitions}: {declares} quorum"
           f" queues (the node has {on_node})", flush=True)
@@ -381,6 +388,10 @@ async def one_scenario(base: Settings, tag: str, logs: Path, scenario: str, args
         raise BenchError(f"({scenario}): timed out after {args.timeout:.0f} s; logs in {logdir}") from exc
     except errors.FleetFailed as exc:
         raise BenchError(f"({scenario}): {exc}") from exc
+
+
+#: The worker group of ``--topology group`` (EVENTFLEET_GROUP of the scenario's processes).
+GROUP = "fanout"
 
 
 def scenario_models(scenario: str) -> set[str]:
@@ -531,7 +542,7 @@ def report(results: dict[str, Result], built: Rebuilds | None, args: argparse.Na
     print(f"command: {command}")
     figures = ", ".join(f"({r.scenario}) lag 0 {r.seconds:.2f}s CPU {r.total:.2f}s broker {r.broker:.2f}s"
                         f" queues {r.queues}" for r in results.values())
-    print(f"summary: bench.fanout, {args.orders} orders, catch-up off, {os.cpu_count()} cores: {figures};"
+    print(f"summary: bench.fanout, {args.orders} orders, topology {args.topology}, catch-up off, {os.cpu_count()} cores: {figures};"
           f" {'; '.join(verdicts)}", flush=True)
     return verdicts
 
@@ -542,7 +553,7 @@ async def run(args: argparse.Namespace, command: str) -> None:
     tag, logs = uuid.uuid4().hex[:8], Path(tempfile.mkdtemp(prefix="bench_fanout_"))
     beam = await broker_pid()
     print(f"bench.fanout: {args.orders} orders per scenario ({','.join(args.scenarios)}), {WRITERS} writers,"
-          f" one relay and one worker, catch-up off; {os.cpu_count()} cores, load average"
+          f" one relay and one worker, topology {args.topology}, catch-up off; {os.cpu_count()} cores, load average"
           f" {os.getloadavg()[0]:.2f}; RabbitMQ pid {beam}", flush=True)
     started, results, skipped = time.perf_counter(), {}, []
     try:
@@ -581,6 +592,9 @@ def main() -> int:
                         help="skip a scenario whose quorum queues would bring the node's queues above this")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per scenario, start-up to lag 0")
     parser.add_argument("--quick", action="store_true", help="500 orders, a 20,000-event rebuild, one round")
+    parser.add_argument("--topology", choices=("group", "read-model"), default="group",
+                        help="group: the read models' worker in a worker group (EVENTFLEET_GROUP, one queue per "
+                             "partition); read-model: P queues per read model")
     args = parser.parse_args()
     if args.quick:
         args.orders, args.rebuild_events, args.rounds = 500, 20_000, 1

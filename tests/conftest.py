@@ -166,6 +166,8 @@ async def delete_topology(prefix: str, projections: Iterable[str] = (), partitio
     found = sorted({*registry.load(), *projections})
     queues = [q for p in found for q in (n.queue(p), n.dead_letter_queue(p),
                                          *(n.partition_queue(p, i) for i in range(max(partitions, PARTITIONS))))]
+    # The worker group the tests run (EVENTFLEET_GROUP=main): its queues, one per partition.
+    queues += [n.group_queue("main", i) for i in range(max(partitions, PARTITIONS))]
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel()
