@@ -14,8 +14,20 @@ import pytest
 
 from store import EventStore, db
 from tests.conftest import AMQP_URL, DATABASE_URL, new_prefix, new_schema
-from tests.e2e.test_partition_fleet import (ENV, LEASE_SECONDS, MODULES, PARTITIONS, PROJECTIONS, RECORDER, Fleet,
-                                            Writer, all_applied, assert_exact, overlaps, until)
+from tests.e2e.test_partition_fleet import (
+    ENV,
+    LEASE_SECONDS,
+    MODULES,
+    PARTITIONS,
+    PROJECTIONS,
+    RECORDER,
+    Fleet,
+    Writer,
+    all_applied,
+    assert_exact,
+    overlaps,
+    until,
+)
 from workers import broker
 from workers.config import Settings
 from workers.fleet import open_fleet

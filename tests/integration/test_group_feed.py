@@ -71,7 +71,7 @@ async def fed(connection: aio_pika.abc.AbstractConnection, prefix: str, messages
 
 
 async def test_every_read_model_of_the_group_receives_every_delivery(connection, prefix):
-    feed, received, channel, copies = await fed(connection, prefix, 3)
+    _, received, channel, copies = await fed(connection, prefix, 3)
     assert received == {m: [1, 2, 3] for m in MODELS}
     await channel.close()
     await copies.close()
@@ -136,7 +136,7 @@ async def test_a_group_worker_applies_each_event_once_to_each_read_model_and_dea
     finally:
         stop.set()
         stats = await worker
-    handled = CustomerStats.handled_names() or set()
+    handled: frozenset[str] = CustomerStats.handled_names() or frozenset()
     assert {name: (s.applied, s.undecodable) for name, s in stats.items()} == {
         "customer_stats": (sum(1 for e in events if e.event_type.split(".v")[0] in handled), 1),
         "order_summary": (len(events), 1)}
