@@ -37,6 +37,7 @@ from workers import broker, errors
 from workers.config import Settings
 from workers.projector import dlq, parking
 from workers.projector.checkpoints import BatchResult
+from workers.projector.combiner import Combiner, combines
 from workers.projector.deliveries import Delivery
 from workers.runtime import health, metrics, retry
 
@@ -94,8 +95,12 @@ class Batcher:
 
     def __init__(self, store: EventStore, projection: Projection, settings: Settings, *,
                  health_: health.Health | None = None, stats: Stats | None = None,
-                 copies: dlq.DeadLetterCopies | None = None) -> None:
+                 copies: dlq.DeadLetterCopies | None = None, combiner: Combiner | None = None) -> None:
+        """``combiner``: a worker group's, to apply this read model's batches in one transaction with the group's
+        other read models' where they can be (``workers.projector.combiner``); ignored for a reactor or a
+        publication."""
         self.store, self.projection, self.batch_size = store, projection, settings.batch_size
+        self.combiner = combiner if combiner is not None and combines(projection) else None
         self.names = broker.Names(settings.prefix)
         self.health = health_ or health.Health()
         self.stats = stats or Stats()
@@ -243,14 +248,19 @@ class Batcher:
         if events:
             with tracing.process_span(self._queue(partitions), self.projection.name, len(events),
                                       (e.metadata for e in events)):
-                result = await self.retrying(lambda: parking.apply_or_park(self.store, self.projection, events),
-                                             gone)
+                result = await self.retrying(lambda: self._apply_or_park(events), gone)
         else:
             result = BatchResult()
         self._count(result, time.perf_counter() - started, partitions, deliveries=deliveries, messages=messages)
         for parked in result.parked:
             self._copy_dead_letter(parked.event)
         return result
+
+    async def _apply_or_park(self, events: Sequence[RecordedEvent]) -> BatchResult:
+        """One attempt: in a combined transaction of the group's read models if it commits there, else alone."""
+        if self.combiner is not None and (combined := await self.combiner.apply(self.projection, events)) is not None:
+            return combined
+        return await parking.apply_or_park(self.store, self.projection, events)
 
     async def apply_read(self, events: Sequence[RecordedEvent], partition: int, gone: Callable[[], bool]
                          ) -> BatchResult:

@@ -28,6 +28,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import asyncpg.pool
+
 from projections import reactor
 from projections.base import Policy, Projection
 from store import db
@@ -106,6 +108,21 @@ async def apply_batch(store: EventStore, projection: Projection, events: Sequenc
     checkpoint past it. A handler exception rolls everything back and raises errors.HandlerFailed (transient
     database errors raise TransientError instead, to be retried as a whole).
     """
+    result, delivered, names = _prepare(projection, events)
+    if not delivered:
+        return result
+    park = park or {}
+    with reactor.recording() as outcomes:  # what a reactor's handlers did, counted once they commit
+        to_apply = await _apply(store, projection, delivered, park, result, set_based, names)
+    result.applied = to_apply
+    result.reacted = outcomes.committed(e.event_id for e in to_apply)
+    return result
+
+
+def _prepare(projection: Projection, events: Sequence[RecordedEvent]
+             ) -> tuple[BatchResult, dict[str, dict[int, RecordedEvent]], frozenset[str] | None]:
+    """A batch's result so far (its unhandled events and duplicates within it counted), its events of the
+    projection's types by stream and version, and those types."""
     result = BatchResult()
     names = projection.handled_names()
     if names is not None:
@@ -121,14 +138,42 @@ async def apply_batch(store: EventStore, projection: Projection, events: Sequenc
             result.duplicates += 1
         else:
             versions[event.version] = event
-    if not delivered:
-        return result
-    park = park or {}
-    with reactor.recording() as outcomes:  # what a reactor's handlers did, counted once they commit
-        to_apply = await _apply(store, projection, delivered, park, result, set_based, names)
-    result.applied = to_apply
-    result.reacted = outcomes.committed(e.event_id for e in to_apply)
-    return result
+    return result, delivered, names
+
+
+async def apply_batches(store: EventStore, batches: Sequence[tuple[Projection, Sequence[RecordedEvent]]]
+                        ) -> list[BatchResult]:
+    """Several read models' batches in one transaction (a worker group's: ``workers.projector.combiner``), each
+    as ``apply_batch`` applies it set-based with nothing to park: all commit or none does. Their checkpoint
+    claims run in the order given (sort by name: every worker takes the read models' rows in one order). Not
+    for a read model that appends (a reactor): its outcomes are counted per batch. Raises what ``apply_batch``
+    raises; the caller then applies each batch on its own (``parking.apply_or_park``)."""
+    prepared = [(projection, *_prepare(projection, events)) for projection, events in batches]
+    async with db.translate_errors():
+        conn = await store.pool.acquire()
+        committed = False
+        try:
+            async with conn.transaction():
+                for projection, result, delivered, names in prepared:
+                    if delivered:
+                        every = [e for versions in delivered.values() for e in versions.values()]
+                        result.applied = await _apply_in(conn, store, projection, delivered, {}, result, names,
+                                                         every, True)
+            committed = True
+        finally:
+            await _release(store.pool, conn, clean=committed)
+    return [result for _, result, _, _ in prepared]
+
+
+async def _release(pool: db.Pool, conn: asyncpg.pool.PoolConnectionProxy[Any], *, clean: bool) -> None:
+    """Hand a batch's connection back. A committed batch leaves no session state (its lock is the transaction's;
+    a projection's statements run inside it and must not SET, LISTEN or lock for the session: docs/reference.md
+    3.4), so it goes back without asyncpg's reset round trip; after an error, the full reset decides."""
+    if clean:
+        with db.clean_use():
+            await pool.release(conn)
+    else:
+        await pool.release(conn)
 
 
 async def _apply(store: EventStore, projection: Projection, delivered: dict[str, dict[int, RecordedEvent]],
@@ -136,38 +181,54 @@ async def _apply(store: EventStore, projection: Projection, delivered: dict[str,
                  names: frozenset[str] | None) -> list[RecordedEvent]:
     """The batch's transaction; returns the events it applied, in order."""
     every = [e for versions in delivered.values() for e in versions.values()]
-    async with db.translate_errors(), store.pool.acquire() as conn, conn.transaction():
-        await locks.share(conn, locks.projection(store.schema, projection.name))
-        claimed = await conn.fetch(SQL["claim_checkpoints"], projection.name, [e.stream_id for e in every],
-                                   [e.version for e in every], [e.event_id for e in every],
-                                   None if names is None else sorted(names))
-        streams: dict[str, _Stream] = {}
-        for row in sorted(claimed, key=lambda r: r["stream_id"]):
-            sid, versions = row["stream_id"], delivered[row["stream_id"]]
-            for ghost in row["ghosts"] or ():
-                result.ghosts.append(versions.pop(ghost))
-            if versions:
-                streams[sid] = _Stream(row["previous_version"], row["halted_version"], versions, max(versions),
-                                       row["handled"])
-        if result.ghosts:
-            await _record_ghosts(conn, projection, result.ghosts)
-        filled = await _load_gaps(conn, store, projection, streams, result, park)
-        to_apply: list[RecordedEvent] = []
-        halts: list[tuple[str, int]] = []
-        for sid, plan in streams.items():
-            if plan.contiguous and not park:  # the common case: apply what was delivered, in version order
-                to_apply += [plan.delivered[v] for v in plan.due()]
-                continue
-            halted = await _walk(conn, projection, sid, plan, filled.get(sid, {}), park, result, to_apply)
-            if halted is not None and plan.halted is None:
-                halts.append((sid, halted))
-        projection.begin(conn)
-        await handlers.apply(conn, projection, to_apply, set_based=set_based)
-        await projection.before_commit(conn)
-        if halts:
-            await conn.execute(SQL["halt_streams"], projection.name, [h[0] for h in halts], [h[1] for h in halts])
-        if to_apply:
-            await conn.execute(SQL["count_applied"], projection.name, len(to_apply))
+    async with db.translate_errors():
+        conn = await store.pool.acquire()
+        committed = False
+        try:
+            async with conn.transaction():
+                applied = await _apply_in(conn, store, projection, delivered, park, result, names, every, set_based)
+            committed = True
+        finally:
+            await _release(store.pool, conn, clean=committed)
+    return applied
+
+
+async def _apply_in(conn: db.Conn, store: EventStore, projection: Projection,
+                    delivered: dict[str, dict[int, RecordedEvent]], park: Mapping[tuple[str, int], Failure],
+                    result: BatchResult, names: frozenset[str] | None, every: list[RecordedEvent], set_based: bool
+                    ) -> list[RecordedEvent]:
+    """The batch's statements on ``conn``, inside its transaction."""
+    await locks.share(conn, locks.projection(store.schema, projection.name))
+    claimed = await conn.fetch(SQL["claim_checkpoints"], projection.name, [e.stream_id for e in every],
+                               [e.version for e in every], [e.event_id for e in every],
+                               None if names is None else sorted(names))
+    streams: dict[str, _Stream] = {}
+    for row in sorted(claimed, key=lambda r: r["stream_id"]):
+        sid, versions = row["stream_id"], delivered[row["stream_id"]]
+        for ghost in row["ghosts"] or ():
+            result.ghosts.append(versions.pop(ghost))
+        if versions:
+            streams[sid] = _Stream(row["previous_version"], row["halted_version"], versions, max(versions),
+                                   row["handled"])
+    if result.ghosts:
+        await _record_ghosts(conn, projection, result.ghosts)
+    filled = await _load_gaps(conn, store, projection, streams, result, park)
+    to_apply: list[RecordedEvent] = []
+    halts: list[tuple[str, int]] = []
+    for sid, plan in streams.items():
+        if plan.contiguous and not park:  # the common case: apply what was delivered, in version order
+            to_apply += [plan.delivered[v] for v in plan.due()]
+            continue
+        halted = await _walk(conn, projection, sid, plan, filled.get(sid, {}), park, result, to_apply)
+        if halted is not None and plan.halted is None:
+            halts.append((sid, halted))
+    projection.begin(conn)
+    await handlers.apply(conn, projection, to_apply, set_based=set_based)
+    await projection.before_commit(conn)
+    if halts:
+        await conn.execute(SQL["halt_streams"], projection.name, [h[0] for h in halts], [h[1] for h in halts])
+    if to_apply:
+        await conn.execute(SQL["count_applied"], projection.name, len(to_apply))
     return to_apply
 
 

@@ -26,6 +26,7 @@ from workers import broker, errors
 from workers.config import Settings
 from workers.projector import dlq, lag
 from workers.projector.batcher import Batcher, Stats
+from workers.projector.combiner import Combiner
 from workers.projector.consumer import Consumer
 from workers.projector.deliveries import DecodeCache
 from workers.projector.feed import GroupFeed
@@ -67,7 +68,10 @@ class Fleet:
         self.copies = dlq.DeadLetterCopies(settings.amqp_urls, settings.prefix,
                                            name=f"{settings.prefix} worker dead-letter copies")
         #: One per projection: its apply step, its consumers' deliveries applied together (``batcher``).
-        self.batchers = {p.name: Batcher(store, p, settings, health_=health_, stats=stats[p.name], copies=self.copies)
+        #: A worker group's read models share transactions where they can (``combiner``).
+        self.combiner = Combiner(store) if settings.group is not None else None
+        self.batchers = {p.name: Batcher(store, p, settings, health_=health_, stats=stats[p.name], copies=self.copies,
+                                         combiner=self.combiner)
                          for p in projections}
         self._ended = asyncio.Event()  # a consumer ended by itself: look at once
 
