@@ -258,7 +258,7 @@ def test_the_message_properties_are_in_the_messages_section() -> None:
 
 
 #: What the reference writes for the parts of a name (``{prefix}.{projection}.{partition}``), and a value of each.
-PLACEHOLDERS = {"prefix": "PREFIX", "projection": "projection", "partition": 0}
+PLACEHOLDERS = {"prefix": "PREFIX", "projection": "projection", "partition": 0, "group": "group"}
 
 
 def _broker_names() -> list[str]:
