@@ -29,6 +29,8 @@ from workers.runtime import redact, retry
 
 #: The example's demo, imported when the command runs: the runtime does not import the example.
 DEMO = "eventfleet.examples.orders.demo"
+#: The worker group the demo's workers run in, unless EVENTFLEET_GROUP names one.
+DEMO_GROUP = "demo"
 CONNECT_TIMEOUT = 5.0
 
 
@@ -60,8 +62,10 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     """``eventfleet demo [--orders N]``."""
     demo = importlib.import_module(DEMO)
     name = f"eventfleet_demo_{uuid.uuid4().hex[:8]}"
-    # The demo runs the orders example: it names its modules itself (and whatever else is configured).
-    settings = dataclasses.replace(settings, schema=name, prefix=name).with_projection_modules(*demo.MODULES)
+    # The demo runs the orders example: it names its modules itself (and whatever else is configured), and its
+    # workers in one worker group (docs/reference.md 6.0), EVENTFLEET_GROUP's if set.
+    settings = dataclasses.replace(settings, schema=name, prefix=name, group=settings.group or DEMO_GROUP
+                                   ).with_projection_modules(*demo.MODULES)
     registry.load(settings.projection_modules)
     try:
         await preflight(settings)

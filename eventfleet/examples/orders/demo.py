@@ -22,7 +22,7 @@ from projections import registry
 from projections.reactor import Reactor
 from store import EventStore, db
 from store.records import record_from_row
-from workers import errors, fleet
+from workers import broker, errors, fleet
 from workers.admin import verify as admin_verify
 from workers.config import Settings
 from workers.fleet import metrics, progress
@@ -145,7 +145,8 @@ async def run_demo(settings: Settings, orders: int, logs: Path) -> bool:
         store = lifecycle.open_store(pool, settings)
         # Writing before the leases are dealt would load a worker that holds every partition while it hands
         # most of them over: the first seconds' events would wait for the handovers.
-        dealing = await progress.wait_dealt(pool, projections, await store.partitions(), WORKERS, DEAL_WITHIN)
+        leased = projections if settings.group is None else [broker.group_lease(settings.group)]
+        dealing = await progress.wait_dealt(pool, leased, await store.partitions(), WORKERS, DEAL_WITHIN)
         dealt = (f"their leases dealt {dealing:.1f}s later" if dealing is not None
                  else f"their leases not dealt after {DEAL_WITHIN:.0f}s")
         print(f"demo: 1 relay and {WORKERS} workers ready after {ready:.1f}s, {dealt}; writing {orders:,} orders "
