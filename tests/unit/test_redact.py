@@ -178,6 +178,6 @@ def test_relay_config_repr_hides_both_passwords_and_keeps_the_rest() -> None:
         "RelayConfig(database_url='postgresql://app:***@db.example:5432/prod?sslmode=verify-full', schema='s', "
         "amqp_url='amqps://svc:***@mq.example:5671/vhost?cafile=/etc/ca.pem', prefix='p', projections=('a',), "
         "batch_size=1000, poll_interval=1.0, metrics_interval=5.0, confirm_timeout=30.0, stop_timeout=10.0, "
-        "partitions=None, events_exchange=False, message_events=100, message_bytes=1048576, "
+        "partitions=None, events_exchange=False, group=None, message_events=100, message_bytes=1048576, "
         "amqp_urls=('amqps://svc:***@mq.example:5671/vhost?cafile=/etc/ca.pem',), "
         "timeouts=Timeouts(idle_in_transaction=0.0, lock=0.0, statement=0.0), batch_bytes=16777216)")
