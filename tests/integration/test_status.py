@@ -68,12 +68,14 @@ async def test_json_reports_the_exact_lag_parked_queue_depth_and_outbox(pool, sc
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert set(doc) == {"projections", "outbox", "partitions", "workers", "partition_lags", "reactors",
-                        "publications", "broker"}
+                        "publications", "broker", "groups"}
     assert doc["broker"] == {"quorum_queues": 2 * (PARTITIONS + 1), "file_handles": 6 * (PARTITIONS + 1),
                              "default_node_handles": 927, "warning": None}
     for row in doc["projections"]:
         assert set(row) == {"name", "kind", "state", "applied", "lag_events", "lag_seconds", "parked", "halted",
-                            "queue_depth", "handled", "types_pending", "types_added", "in_code"}
+                            "queue_depth", "handled", "types_pending", "types_added", "in_code", "group",
+                            "queue_groups"}
+        assert (row["group"], row["queue_groups"]) == (None, [])  # no worker group: its own queues
         assert row["kind"] == "projection"
         assert row["lag_seconds"] > 0
     got = {r["name"]: (r["state"], r["applied"], r["lag_events"], r["parked"], r["queue_depth"])

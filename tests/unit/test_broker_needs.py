@@ -31,3 +31,20 @@ def test_status_prints_the_arithmetic_below_the_outbox_and_the_warning_under_it(
     assert lines[at + 2] == f"warning: {report.broker.warning}"
     assert report.to_json()["broker"] == {"quorum_queues": 170, "file_handles": 510, "default_node_handles": 927,
                                           "warning": report.broker.warning}
+
+
+def test_a_worker_group_counts_its_partitions_once_and_the_projections_it_feeds_their_dlq_only() -> None:
+    needs = BrokerNeeds(projections=5, partitions=16, groups=1, grouped=4)
+    assert (needs.quorum_queues, needs.file_handles) == (16 + 5 + 16, 111)
+    assert needs.describe() == ("this deployment declares 37 quorum queues (1 worker group x 16 partitions + "
+                                "5 projections x 1 DLQ + 1 projection outside a group x 16 partitions), ~111 file "
+                                "handles of the broker; a node with the Debian default of 1,024 descriptors has ~927")
+
+
+def test_status_counts_the_groups_of_the_report_and_the_projections_their_queues_feed() -> None:
+    rows = [ProjectionStatus("a", "live", 0, 0, 0.0, 0, 3, queue_groups=("x",)),
+            ProjectionStatus("b", "live", 0, 0, 0.0, 0, 3, queue_groups=("x",)),
+            ProjectionStatus("c", "live", 0, 0, 0.0, 0, 0)]
+    report = Report(rows, 0, 0.0, 16, groups=("x", "y"))
+    assert report.broker == BrokerNeeds(projections=3, partitions=16, groups=2, grouped=2)
+    assert report.broker.quorum_queues == 2 * 16 + 3 + 16

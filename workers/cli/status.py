@@ -35,12 +35,16 @@ def _due(reactor: ReactorStatus) -> str:
 
 def render(report: Report, *, all_partitions: bool = False) -> str:
     """The report as aligned tables: projections, workers and their partitions, the slowest partitions."""
-    header = ("PROJECTION", "STATE", "APPLIED", "LAG EVENTS", "LAG SECONDS", "PARKED", "HALTED STREAMS", "QUEUE")
+    # GROUP (shown once a worker group feeds a projection): the groups whose queues QUEUE counts.
+    grouped = any(p.queue_groups for p in report.projections)
+    header: tuple[str, ...] = ("PROJECTION", "STATE", "APPLIED", "LAG EVENTS", "LAG SECONDS", "PARKED",
+                               "HALTED STREAMS", "QUEUE", *(("GROUP",) if grouped else ()))
     lines = [header]
     for p in report.projections:
         state = p.state if p.state == "live" or p.rebuild_running else f"{p.state} (not running)"
         lines.append((p.name, state, f"{p.applied:,}", f"{p.lag_events:,}", f"{p.lag_seconds:.1f}",
-                      f"{p.parked:,}", f"{p.halted:,}", "-" if p.queue_depth is None else f"{p.queue_depth:,}"))
+                      f"{p.parked:,}", f"{p.halted:,}", "-" if p.queue_depth is None else f"{p.queue_depth:,}",
+                      *(("+".join(p.queue_groups) or "-",) if grouped else ())))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths,
                                                                                                strict=True)))
@@ -58,8 +62,16 @@ def render(report: Report, *, all_partitions: bool = False) -> str:
     text.append(f"broker: {report.broker.describe()}")
     if report.broker.warning is not None:
         text.append(f"warning: {report.broker.warning}")
+    unsure = [p for p in report.projections if len(p.queue_groups) > 1]
+    if unsure:
+        summed = sorted({g for p in unsure for g in p.queue_groups})
+        text.append(f"queue: {', '.join(p.name for p in unsure)}: no registered worker tells which worker group "
+                    f"runs {'it' if len(unsure) == 1 else 'them'}: QUEUE is the sum of the queues of groups "
+                    f"{', '.join(summed)}")
     text += _types(report)
+    # A worker group's partitions are leased under its own name (group:<name>): a column of their own.
     projections = [p.name for p in report.projections]
+    projections += sorted({lease for w in report.workers for lease in w.held} - set(projections))
     text.append("")
     if report.workers:
         workers: list[tuple[str, ...]] = [("WORKER", "HEARTBEAT", *(p.upper() for p in projections))]
@@ -113,7 +125,7 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     try:  # a schema not migrated: cli.main says so (SchemaNotMigrated)
         async with lifecycle.open_pool(settings, min_size=1, max_size=2) as pool:
             report = await collect(pool, settings.schema, settings.prefix, connection,
-                                   lease_seconds=settings.lease_seconds)
+                                   lease_seconds=settings.lease_seconds, group=settings.group)
     finally:
         if connection is not None:
             await connection.close()

@@ -5,7 +5,7 @@
 SELECT projection FROM projection_status ORDER BY projection;
 
 -- name: partitions
--- P of the schema: each projection has one queue per partition, whose depths status sums.
+-- P of the schema: each projection (or worker group) has one queue per partition, whose depths status sums.
 SELECT partitions FROM partitioning;
 
 -- name: projection_summary
@@ -45,3 +45,18 @@ FROM deadlines AS d WHERE d.reactor = $1;
 -- Whether schema $1 holds an eventfleet deployment (migrate creates schema_migrations first).
 SELECT EXISTS (SELECT 1 FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
                WHERE n.nspname = $1 AND c.relname = 'schema_migrations');
+
+-- name: lease_groups
+-- The worker groups whose partitions were leased (leases.projection 'group:<name>', workers.broker.group_lease).
+SELECT DISTINCT substr(projection, 7) AS grp FROM leases WHERE starts_with(projection, 'group:') ORDER BY 1;
+
+-- name: projection_groups
+-- The worker group of each read model a registered worker of a group runs: the lease names the worker registered
+-- (workers.projections: 'group:<name>' for a worker of a group) joined with the read models its code registered
+-- (read_model_workers). Several rows for one read model: workers of several groups run it (a move between them).
+SELECT DISTINCT r.projection, substr(l.name, 7) AS grp
+FROM workers AS w
+CROSS JOIN LATERAL unnest(w.projections) AS l(name)
+JOIN read_model_workers AS r ON r.worker_id = w.worker_id
+WHERE starts_with(l.name, 'group:')
+ORDER BY 1, 2;
