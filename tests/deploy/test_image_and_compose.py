@@ -117,6 +117,15 @@ def test_compose_runs_every_projection_with_a_valid_configuration() -> None:
     assert sorted(projections) == sorted(registry.load([registry.EXAMPLE]))
 
 
+def test_each_compose_worker_is_the_worker_group_of_its_name_and_the_relay_declares_one() -> None:
+    services = eventfleet_services()
+    groups = {name: service["environment"].get("EVENTFLEET_GROUP") for name, service in services.items()
+              if service["command"][0] == "worker"}
+    assert groups == {name: name.removeprefix("worker-") for name in groups}
+    assert services["relay"]["environment"]["EVENTFLEET_GROUP"] in groups.values()
+    assert "EVENTFLEET_GROUP" not in compose()["x-eventfleet"]["environment"]
+
+
 def test_compose_mounts_existing_files() -> None:
     for service in compose()["services"].values():
         for volume in service.get("volumes", []):

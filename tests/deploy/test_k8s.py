@@ -320,6 +320,27 @@ def test_each_registered_projection_runs_in_exactly_one_worker_group(deployed: d
         assert worker_projections(deployment), "no --projection runs every projection: name them"
 
 
+def literal_env(workload: Doc) -> dict[str, str]:
+    """The variables its container sets to a literal value."""
+    (container,) = containers(workload)
+    return {v["name"]: v["value"] for v in container.get("env", []) if "value" in v}
+
+
+def test_each_worker_deployment_is_the_worker_group_of_its_label_and_the_relay_declares_one(
+        deployed: dict[tuple[str, str], Doc]) -> None:
+    labels = [d["spec"]["template"]["metadata"]["labels"]["eventfleet.io/projection-group"]
+              for d in worker_deployments(deployed)]
+    groups = [literal_env(d).get("EVENTFLEET_GROUP") for d in worker_deployments(deployed)]
+    assert groups == labels
+    assert len(set(groups)) == len(groups)  # two Deployments in one group would split its read models' feed
+    for group in groups:
+        assert Settings.from_env({**config(deployed), "EVENTFLEET_GROUP": group}).group == group
+    # Its queues exist from the relay's start: the partitions exchange routes from the first publish.
+    assert literal_env(deployed["Deployment", "eventfleet-relay"])["EVENTFLEET_GROUP"] in groups
+    # Per Deployment, never shared: a worker of the ConfigMap's group would feed another group's read models.
+    assert "EVENTFLEET_GROUP" not in config(deployed)
+
+
 def test_relay_and_migrate_job(deployed: dict[tuple[str, str], Doc]) -> None:
     relay = deployed["Deployment", "eventfleet-relay"]
     assert relay["spec"]["replicas"] == 2
