@@ -3,7 +3,9 @@ queues' depth per projection, its lease's owners per partition, and the broker's
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -13,11 +15,14 @@ import pytest
 from eventfleet.examples.orders.projections import CustomerStats, OrderSummary
 from store import NO_STREAM, EventStore
 from store.partitions import partition_of
-from tests.conftest import AMQP_URL, PARTITIONS
+from tests.conftest import AMQP_URL, DATABASE_URL, PARTITIONS
 from tests.unit.test_projection_fold import placed, shipped
 from workers import broker
+from workers.config import Settings
+from workers.projector import worker as projector
 from workers.projector.leases import LeaseKeeper
-from workers.rebuild import typebook
+from workers.rebuild import backfill, typebook
+from workers.runtime import health
 
 pytestmark = pytest.mark.slow
 
@@ -159,3 +164,29 @@ async def test_the_workers_table_has_a_column_of_the_groups_lease(pool, schema, 
     header = next(i for i, line in enumerate(lines) if line.startswith("WORKER"))
     assert lines[header].split() == ["WORKER", "HEARTBEAT", "CUSTOMER_STATS", "ORDER_SUMMARY", "GROUP:MAIN"]
     assert (lines[header + 1].split()[0], lines[header + 1].split()[-3:]) == ("host:1:a", ["0", "0", str(PARTITIONS)])
+
+
+async def test_a_running_worker_of_a_group_is_what_tells_its_read_models_group(pool, schema, prefix, run_cli,
+                                                                               delete_prefixed):
+    names = broker.Names(prefix)
+    delete_prefixed([names.group_queue("main", p) for p in range(PARTITIONS)], [])
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0,
+                        group="main")
+    stop = asyncio.Event()
+    worker = asyncio.create_task(projector.run_worker(settings, [CustomerStats(), OrderSummary()], health.Health(),
+                                                      stop, pool=pool, backfills=backfill.Backfills()))
+    try:
+        deadline = time.monotonic() + 30
+        while await pool.fetchval("SELECT count(*) FROM leases WHERE projection = 'group:main' "
+                                  "AND expires_at > clock_timestamp()") < PARTITIONS:
+            assert time.monotonic() < deadline, "the worker did not lease the group's partitions"
+            assert not worker.done(), worker
+            await asyncio.sleep(0.05)
+        document = await status_json(run_cli, schema, prefix)
+    finally:
+        stop.set()
+        await asyncio.wait_for(worker, 30)
+    (registered,) = document["workers"]
+    assert registered["partitions"] == {"group:main": PARTITIONS}
+    assert queues(document) == dict.fromkeys(PROJECTIONS, (0, "main", ["main"]))
+    assert {p["owner"] for p in document["partition_lags"]} == {registered["worker_id"]}
