@@ -330,7 +330,7 @@ def test_each_worker_deployment_is_the_worker_group_of_its_label_and_the_relay_d
         deployed: dict[tuple[str, str], Doc]) -> None:
     labels = [d["spec"]["template"]["metadata"]["labels"]["eventfleet.io/projection-group"]
               for d in worker_deployments(deployed)]
-    groups = [literal_env(d).get("EVENTFLEET_GROUP") for d in worker_deployments(deployed)]
+    groups = [literal_env(d).get("EVENTFLEET_GROUP", "(unset)") for d in worker_deployments(deployed)]
     assert groups == labels
     assert len(set(groups)) == len(groups)  # two Deployments in one group would split its read models' feed
     for group in groups:
