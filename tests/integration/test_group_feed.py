@@ -148,3 +148,24 @@ async def test_a_group_worker_applies_each_event_once_to_each_read_model_and_dea
     async with pool.acquire() as conn:
         assert (await read_models(conn)).customer_stats == fold(e.event for e in events).customer_stats
     assert await ready(connection, names.group_queue(GROUP, 3)) == 0
+
+
+async def test_a_group_worker_deletes_its_read_models_own_partition_queues_left_from_before_groups(
+        pool: db.Pool, connection, prefix, schema):
+    names = broker.Names(prefix)
+    await broker.declare_partitions(await connection.channel(), names, ["customer_stats"], PARTITIONS)
+    own = [names.partition_queue("customer_stats", p) for p in range(PARTITIONS)]
+    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0,
+                        group=GROUP, lease_seconds=3)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(settings, [CustomerStats()], health.Health(), stop, pool=pool))
+    try:
+        for _ in range(200):
+            if [q for q in own if await broker.passive_queue(connection, q) is not None] == []:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await worker
+    assert [q for q in own if await broker.passive_queue(connection, q) is not None] == []
+    assert await broker.passive_queue(connection, names.dead_letter_queue("customer_stats")) is not None

@@ -16,7 +16,7 @@ import asyncpg
 
 from projections import registry
 from store import errors
-from workers.admin.status import BrokerNeeds, projection_names, schema_partitions
+from workers.admin.status import BrokerNeeds, known_groups, projection_names, schema_partitions
 from workers.admin.verify import TableDiff, Verification, verify
 from workers.config import Settings
 from workers.runtime import lifecycle
@@ -64,7 +64,12 @@ async def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     try:
         async with lifecycle.open_pool(settings, min_size=1, max_size=3) as pool:
             result = await verify(pool, lifecycle.open_store(pool, settings), projection, limit=args.limit)
-            needs = BrokerNeeds(len(await projection_names(pool)), await schema_partitions(pool))
+            # Without a broker connection: the worker groups its Postgres knows (leased, or this process's), and
+            # the read models their registered workers run (no partition queues of their own).
+            leased, group_of = await known_groups(pool)
+            groups = {*leased, *(() if settings.group is None else (settings.group,))}
+            needs = BrokerNeeds(len(await projection_names(pool)), await schema_partitions(pool), len(groups),
+                                len(group_of))
     except errors.StoreError as exc:
         if isinstance(exc.__cause__, asyncpg.UndefinedTableError):
             raise errors.StoreError(f"schema {settings.schema!r} is not migrated: run `eventfleet migrate`") from exc

@@ -295,6 +295,7 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
                 await broker.declare_partitions(channel, names, [p.name for p in projections], partitions)
             else:
                 await broker.declare_group(channel, names, settings.group, [p.name for p in projections], partitions)
+                await _leave_own_queues(connection, names, projections, partitions)
             await channel.close()
         except RuntimeError as exc:  # aiormq's bare "<Connection ...> closed": the connection died under us
             if not connection.is_closed:
@@ -317,6 +318,28 @@ async def _session(store: EventStore, settings: Settings, projections: Sequence[
             raise
         finally:
             fleets.clear()
+
+
+async def _leave_own_queues(connection: AbstractConnection, names: broker.Names, projections: Sequence[Projection],
+                            partitions: int) -> None:
+    """A worker group's read models are fed by the group's queues: partition queues of their own, left by the
+    topology before groups (docs/reference.md 6.0, "Moving a deployment to groups"), would stay bound and fill up
+    with copies nobody consumes. They are deleted; what they held is in the store, and each read model reads from it
+    whatever its checkpoints lack."""
+    # The first partition's queue tells (they were declared together); a delete of a missing queue is a no-op.
+    left = [names.partition_queue(p.name, i) for p in projections
+            if await broker.passive_queue(connection, names.partition_queue(p.name, 0)) is not None
+            for i in range(partitions)]
+    if not left:
+        return
+    channel = await connection.channel()
+    try:
+        for queue in left:
+            await channel.queue_delete(queue)
+    finally:
+        await channel.close()
+    logger.warning("deleted the read models' own partition queues: a worker group's queues feed them now",
+                   extra={"queues": left})
 
 
 def resolve(names: Sequence[str]) -> list[Projection]:
