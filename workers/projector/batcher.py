@@ -45,9 +45,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Transactions of one read model in flight at once in a worker (each of other partitions' hand-overs).
-IN_FLIGHT = 2
-
 
 @dataclasses.dataclass(slots=True)
 class Stats:
@@ -131,27 +128,15 @@ class Batcher:
         return await handover.done
 
     async def run(self) -> None:
-        """Apply the hand-overs as they come, until cancelled: up to ``IN_FLIGHT`` transactions at once, each of
-        the hand-overs waiting when it starts. A consumer hands over again only once its last hand-over committed,
-        so transactions in flight together hold other partitions, hence other streams: a partition's events still
-        apply in order, and a hand-over arriving while one transaction commits need not wait for it."""
-        in_flight: set[asyncio.Task[None]] = set()
+        """Apply the hand-overs as they come, until cancelled."""
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                while self._waiting and len(in_flight) < IN_FLIGHT:
-                    task = asyncio.create_task(self._apply_group(self._take()),
-                                               name=f"apply {self.projection.name}")
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-                    task.add_done_callback(lambda _: self._wake.set())  # a slot is free: take what waits
+                while self._waiting:
+                    await self._apply_group(self._take())
         finally:
             self.stopped = True
-            for task in in_flight:
-                task.cancel()
-            if in_flight:
-                await asyncio.gather(*in_flight, return_exceptions=True)
             for waiting in self._waiting:  # stopping: they were never applied; their deliveries come back
                 if not waiting.done.done():
                     waiting.done.set_exception(asyncio.CancelledError())
