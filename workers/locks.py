@@ -19,6 +19,8 @@ than one in a transaction takes ``projection`` before ``watermark``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from store import db
 from store import migrate as store_migrate
 from store.queries import load
@@ -52,6 +54,11 @@ def watermark(schema: str, name: str) -> str:
 async def share(conn: db.Conn, key: str) -> None:
     """Take ``key`` shared until the end of the current transaction."""
     await conn.execute(SQL["share_xact"], key)
+
+
+async def share_many(conn: db.Conn, keys: Sequence[str]) -> None:
+    """Take ``keys`` shared until the end of the current transaction, in their order (one round trip)."""
+    await conn.execute(SQL["share_many_xact"], list(keys))
 
 
 async def take(conn: db.Conn, key: str) -> None:

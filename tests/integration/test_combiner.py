@@ -38,6 +38,8 @@ async def test_two_read_models_batches_commit_in_one_transaction_with_their_chec
     assert [len(r.applied) for r in results] == [8, 8]
     assert len(await transactions_of(pool)) == 1
     assert await pool.fetchval("SELECT count(*) FROM checkpoints WHERE version = 1") == 8  # 4 streams x 2 models
+    counted = await pool.fetch("SELECT projection, applied FROM projection_status WHERE applied > 0 ORDER BY 1")
+    assert [(r["projection"], r["applied"]) for r in counted] == [("customer_stats", 8), ("order_summary", 8)]
     async with pool.acquire() as conn:
         models = await read_models(conn)
     expected = fold(e.event for e in events)

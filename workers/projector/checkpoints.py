@@ -154,11 +154,16 @@ async def apply_batches(store: EventStore, batches: Sequence[tuple[Projection, S
         committed = False
         try:
             async with conn.transaction():
+                # One statement takes every read model's lock, and one counts what each applied.
+                await locks.share_many(conn, [locks.projection(store.schema, p.name) for p, *_ in prepared])
                 for projection, result, delivered, names in prepared:
                     if delivered:
                         every = [e for versions in delivered.values() for e in versions.values()]
                         result.applied = await _apply_in(conn, store, projection, delivered, {}, result, names,
-                                                         every, True)
+                                                         every, True, alone=False)
+                counted = [(p.name, len(r.applied)) for p, r, *_ in prepared if r.applied]
+                if counted:
+                    await conn.execute(SQL["count_applied_many"], [c[0] for c in counted], [c[1] for c in counted])
             committed = True
         finally:
             await _release(store.pool, conn, clean=committed)
@@ -195,10 +200,12 @@ async def _apply(store: EventStore, projection: Projection, delivered: dict[str,
 
 async def _apply_in(conn: db.Conn, store: EventStore, projection: Projection,
                     delivered: dict[str, dict[int, RecordedEvent]], park: Mapping[tuple[str, int], Failure],
-                    result: BatchResult, names: frozenset[str] | None, every: list[RecordedEvent], set_based: bool
-                    ) -> list[RecordedEvent]:
-    """The batch's statements on ``conn``, inside its transaction."""
-    await locks.share(conn, locks.projection(store.schema, projection.name))
+                    result: BatchResult, names: frozenset[str] | None, every: list[RecordedEvent], set_based: bool,
+                    *, alone: bool = True) -> list[RecordedEvent]:
+    """The batch's statements on ``conn``, inside its transaction (``alone``: its own, so they take the
+    projection's lock first and count what they applied last; else ``apply_batches`` does both for all)."""
+    if alone:
+        await locks.share(conn, locks.projection(store.schema, projection.name))
     claimed = await conn.fetch(SQL["claim_checkpoints"], projection.name, [e.stream_id for e in every],
                                [e.version for e in every], [e.event_id for e in every],
                                None if names is None else sorted(names))
@@ -227,7 +234,7 @@ async def _apply_in(conn: db.Conn, store: EventStore, projection: Projection,
     await projection.before_commit(conn)
     if halts:
         await conn.execute(SQL["halt_streams"], projection.name, [h[0] for h in halts], [h[1] for h in halts])
-    if to_apply:
+    if to_apply and alone:
         await conn.execute(SQL["count_applied"], projection.name, len(to_apply))
     return to_apply
 

@@ -55,6 +55,13 @@ WHERE c.projection = $1 AND c.stream_id = h.stream_id;
 INSERT INTO projection_status AS s (projection, applied) VALUES ($1, $2)
 ON CONFLICT (projection) DO UPDATE SET applied = s.applied + EXCLUDED.applied, updated_at = clock_timestamp();
 
+-- name: count_applied_many
+-- count_applied for several projections at once ($1 text[], $2 bigint[]; a worker group's combined batch), in
+-- the order given (callers sort them by name: rows locked in one order).
+INSERT INTO projection_status AS s (projection, applied)
+SELECT p, n FROM unnest($1::text[], $2::bigint[]) AS u(p, n)
+ON CONFLICT (projection) DO UPDATE SET applied = s.applied + EXCLUDED.applied, updated_at = clock_timestamp();
+
 -- name: insert_dead_letter
 -- Park an event whose handler kept failing ('parked': its stream halts; 'skipped': the stream moved on).
 INSERT INTO dead_letters (projection, stream_id, version, global_position, event_id, event_type, error,
