@@ -275,6 +275,8 @@ class Lab:
             for prefix in prefixes:
                 names = broker.Names(prefix)
                 await broker.delete_topology(channel, names, PROJECTIONS, self.partitions)
+                if self.settings.group is not None:  # EVENTFLEET_GROUP: the worker group's queues
+                    await broker.delete_group(channel, names, self.settings.group, self.partitions)
                 for p in PROJECTIONS:
                     await channel.queue_delete(names.queue(p))
 
@@ -300,14 +302,16 @@ async def declared(channel: aio_pika.abc.AbstractChannel, settings: Settings, pa
     every partition queue of both projections (or the hand-written pipeline's queue per read model)."""
     names = broker.Names(settings.prefix)
     queues = ([names.queue(p) for p in PROJECTIONS] if per_event
+              else [names.group_queue(settings.group, n) for n in range(partitions)] if settings.group is not None
               else [names.partition_queue(p, n) for p in PROJECTIONS for n in range(partitions)])
     return [(await channel.declare_queue(q, passive=True)).declaration_result for q in queues]
 
 
-async def balanced(conn: db.Conn, workers: int, partitions: int) -> bool:
-    """The leases are dealt: per projection, ``workers`` live owners (at most P) whose shares add up to P and
-    differ by at most one."""
-    held: dict[str, dict[str, int]] = {p: {} for p in PROJECTIONS}
+async def balanced(conn: db.Conn, workers: int, partitions: int, group: str | None = None) -> bool:
+    """The leases are dealt: per projection (or the worker group's, ``EVENTFLEET_GROUP``), ``workers`` live owners
+    (at most P) whose shares add up to P and differ by at most one."""
+    held: dict[str, dict[str, int]] = ({p: {} for p in PROJECTIONS} if group is None
+                                       else {broker.group_lease(group): {}})
     for lease in await leases.owners(conn):
         if lease.owner is not None and lease.live and lease.projection in held:
             held[lease.projection][lease.owner] = held[lease.projection].get(lease.owner, 0) + 1
@@ -383,7 +387,8 @@ async def start_ours(lab: Lab, settings: Settings, workers: int, http_port: int 
         await until(relay_listening, 60, "the relay listening")
 
         async def consuming() -> bool:
-            return await balanced(conn, workers, lab.partitions) and await lab.consumers(settings) >= 1
+            return (await balanced(conn, workers, lab.partitions, settings.group)
+                    and await lab.consumers(settings) >= 1)
         await until(consuming, 60, f"{workers} workers holding fair shares and consuming", every=0.1)
     finally:
         await conn.close()
