@@ -1,6 +1,7 @@
 """A publication of every event against the relay alone, and the pipeline with and without a publication.
 
     python -m bench.publish [--events 30000] [--rounds 2] [--e2e-events 12000] [--partitions 4] [--skip-e2e]
+                            [--group NAME]
 
 One run, so each ratio compares figures measured side by side on the same (busy, shared) machine.
 
@@ -16,7 +17,8 @@ One run, so each ratio compares figures measured side by side on the same (busy,
    append: each writer its own orders, placed, paid and shipped) into a fresh deployment with a relay process and one worker process
    running the example's read models (``order_summary``, ``customer_stats``), from the first append to both
    having applied everything (and, with the publication, ``orders_out`` too); without, then with, ``orders_out``
-   (the example's publication, every order event) in the same worker.
+   (the example's publication, every order event) in the same worker. ``--group``: both runs' relay and worker in
+   that worker group (EVENTFLEET_GROUP: one queue per partition feeds the read models and the publication).
 
 Servers: ``EVENTFLEET_DATABASE_URL`` and ``EVENTFLEET_AMQP_URL``.
 """
@@ -225,7 +227,8 @@ async def spawn(d: Deployment, role: str, logs: str) -> None:
     s = d.settings
     env = {**os.environ, "EVENTFLEET_DATABASE_URL": s.database_url, "EVENTFLEET_AMQP_URL": s.amqp_url,
            "EVENTFLEET_SCHEMA": s.schema, "EVENTFLEET_PREFIX": s.prefix, "EVENTFLEET_HTTP_PORT": "0",
-           "EVENTFLEET_PROJECTION_MODULES": d.modules, "EVENTFLEET_PARTITIONS": str(s.partitions)}
+           "EVENTFLEET_PROJECTION_MODULES": d.modules, "EVENTFLEET_PARTITIONS": str(s.partitions),
+           **({} if s.group is None else {"EVENTFLEET_GROUP": s.group})}
     log = os.open(f"{logs}/{s.schema}-{role}.log", os.O_WRONLY | os.O_CREAT)
     try:
         d.processes.append(await asyncio.create_subprocess_exec(
@@ -241,7 +244,9 @@ async def end_to_end(args: argparse.Namespace, tag: str, publish: bool, logs: st
     subscribers = [*READ_MODELS, *([OrdersOut.name] if publish else [])]
     modules = ",".join([registry.EXAMPLE, *(["eventfleet.examples.orders.publications"] if publish else [])])
     settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=schema, prefix=prefix, http_port=0,
-                        partitions=args.partitions)
+                        partitions=args.partitions, group=args.group)
+    # The leases the worker holds once it consumes: each subscriber's partitions, or its group's.
+    leases = args.partitions * (1 if args.group is not None else len(subscribers))
     await admin.run_migrate(DATABASE_URL, schema, partitions=args.partitions)
     deployment = Deployment(settings, modules)
     events: int = args.e2e_events // 3 * 3
@@ -252,7 +257,7 @@ async def end_to_end(args: argparse.Namespace, tag: str, publish: bool, logs: st
         try:
             async def consuming() -> bool:
                 held = await conn.fetchval("SELECT count(*) FROM leases WHERE owner IS NOT NULL AND expires_at > now()")
-                return bool(held == len(subscribers) * args.partitions)
+                return bool(held == leases)
             await pipeline.until(consuming, 90, "the worker holding every subscriber's partitions", every=0.1)
             await asyncio.sleep(1)  # its consumers on their queues
             async with db.create_pool(DATABASE_URL, schema, min_size=WRITERS, max_size=WRITERS) as pool:
@@ -277,6 +282,8 @@ async def end_to_end(args: argparse.Namespace, tag: str, publish: bool, logs: st
         async with await aio_pika.connect(AMQP_URL) as connection:
             channel = await connection.channel()
             await broker.delete_topology(channel, broker.Names(prefix), subscribers, args.partitions)
+            if args.group is not None:
+                await broker.delete_group(channel, broker.Names(prefix), args.group, args.partitions)
         c = await asyncpg.connect(DATABASE_URL)
         await c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await c.close()
@@ -313,6 +320,9 @@ def main() -> None:
     parser.add_argument("--e2e-events", type=int, default=12_000)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--group", default=None,
+                        help="end to end: the worker in this worker group (EVENTFLEET_GROUP), its subscribers fed by "
+                             "one queue per partition")
     asyncio.run(run(parser.parse_args()))
 
 

@@ -32,10 +32,14 @@ def vhost() -> Iterator[str]:
 
 
 @pytest.fixture
-async def deployment(schema: str, prefix: str, vhost: str) -> AsyncIterator[harness.Deployment]:
-    """This test's schema (migrated) and prefix, in the chaos vhost; torn down after (workers.fleet)."""
+async def deployment(schema: str, prefix: str, vhost: str, request: pytest.FixtureRequest
+                     ) -> AsyncIterator[harness.Deployment]:
+    """This test's schema (migrated) and prefix, in the chaos vhost; torn down after (workers.fleet). A test marked
+    ``grouped`` runs its fleet in the worker group ``chaos`` (EVENTFLEET_GROUP: one queue per partition for every
+    read model; docs/reference.md 6.0)."""
+    group = "chaos" if request.node.get_closest_marker("grouped") is not None else None
     deployment = harness.Deployment(DATABASE_URL, harness.vhost_url(AMQP_URL, vhost), vhost, schema, prefix,
-                                    PARTITIONS)
+                                    PARTITIONS, group)
     yield deployment
     # Another test may be restarting Postgres: let it come back before the deployment is torn down.
     await faults.wait_postgres(DATABASE_URL)

@@ -164,13 +164,16 @@ class Deployment:
     vhost: str
     schema: str
     prefix: str
-    partitions: int  # P of the schema: each projection has as many queues
+    partitions: int  # P of the schema: each projection (or the worker group) has as many queues
+    #: The fleet's worker group (EVENTFLEET_GROUP of every process); None: P queues per read model.
+    group: str | None = None
 
     def settings(self) -> Settings:
         return Settings.from_env(self.env())
 
     def env(self) -> dict[str, str]:
-        return {"EVENTFLEET_DATABASE_URL": self.database_url, "EVENTFLEET_AMQP_URL": self.amqp_url,
+        return {**({} if self.group is None else {"EVENTFLEET_GROUP": self.group}),
+                "EVENTFLEET_DATABASE_URL": self.database_url, "EVENTFLEET_AMQP_URL": self.amqp_url,
                 "EVENTFLEET_SCHEMA": self.schema, "EVENTFLEET_PREFIX": self.prefix,
                 "EVENTFLEET_PARTITIONS": str(self.partitions),
                 "EVENTFLEET_STOP_TIMEOUT": "5", "EVENTFLEET_LOG_FORMAT": "text",

@@ -1,6 +1,7 @@
 """Fault injection against a real fleet: each fault alone, then all of them in one mixed run.
 
-Every scenario runs two relays and three workers under a steady write load, injects its faults on a seeded
+Every scenario runs two relays and three workers under a steady write load (those marked ``grouped`` in a worker
+group: EVENTFLEET_GROUP, one queue per partition for every read model; the others with P queues per read model), injects its faults on a seeded
 schedule, waits for lag 0 and proves every read model equal to the fold of the store: nothing lost, nothing
 doubled. Short in CI; ``make chaos`` lengthens the load (EVENTFLEET_CHAOS_SECONDS) and repeats the faults
 (EVENTFLEET_CHAOS_REPEAT). EVENTFLEET_CHAOS_SEED replays a schedule.
@@ -37,6 +38,7 @@ async def chaos(name: str, kinds: list[str], deployment: harness.Deployment, tmp
     return report
 
 
+@pytest.mark.grouped  # a worker group's fleet (one queue per partition feeds every read model)
 async def test_sigkill_of_a_random_relay_or_worker(deployment, tmp_path):
     await chaos("kill", ["kill"] * harness.REPEAT, deployment, tmp_path)
 
@@ -45,6 +47,7 @@ async def test_rabbitmq_closes_all_connections(deployment, tmp_path):
     await chaos("close_connections", ["close_connections"] * harness.REPEAT, deployment, tmp_path)
 
 
+@pytest.mark.grouped  # a worker group's fleet (one queue per partition feeds every read model)
 async def test_rabbitmq_stop_app_start_app(deployment, tmp_path):
     await chaos("broker_restart", ["broker_restart"] * harness.REPEAT, deployment, tmp_path)
 
@@ -63,11 +66,13 @@ async def test_worker_frozen_beyond_the_consumer_timeout(deployment, tmp_path):
     assert all(i.details["channels_timed_out"] > 0 for i in report.injections), "the broker never timed out"
 
 
+@pytest.mark.grouped  # a worker group's fleet (one queue per partition feeds every read model)
 async def test_poison_event_mid_stream_halts_then_is_retried(deployment, tmp_path):
     report = await chaos("poison", ["poison"] * harness.REPEAT, deployment, tmp_path)
     assert report.dead_lettered >= harness.REPEAT  # parked by a worker, re-driven by `dead-letters retry`
 
 
+@pytest.mark.grouped  # a worker group's fleet (one queue per partition feeds every read model)
 async def test_rebalance_storm_of_workers_killed_and_started(deployment, tmp_path):
     report = await chaos("rebalance_storm", ["rebalance_storm"] * harness.REPEAT, deployment, tmp_path)
     assert report.timeouts > 0  # payment_timeout's deadlines fired through it, each once (verify)
