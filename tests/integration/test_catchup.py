@@ -381,6 +381,7 @@ async def test_a_poison_event_met_by_a_catch_up_is_parked_per_policy_with_a_copy
 
     assert await seen(pool, probe.name) == seen_after
     assert await checkpoint(pool, probe.name, "order-a") == stream_checkpoint
+    assert isinstance(c.channel, aio_pika.abc.AbstractChannel)  # a queue of its own (not a worker group's view)
     assert await dlq(c.channel, prefix, probe.name) == [("order-a", 1)]
     assert (c.stats.dead_lettered, c.stats.held) == (1, held)
     assert await pool.fetchval("SELECT status FROM dead_letters WHERE projection = $1", probe.name) == status

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import types
 
 import aio_pika
 from hypothesis import given
@@ -83,8 +82,8 @@ async def test_a_worker_over_its_share_tells_every_surplus_consumer_to_leave_bef
         for p in PROJECTIONS:
             for n in range(P):
                 leave = surplus.get((p, n), asyncio.Event())
-                consumer = types.SimpleNamespace(channel=await connection.channel())
-                fleet.running[(p, n)] = _Running(consumer, asyncio.create_task(consuming(leave)), leave)  # type: ignore[arg-type]
+                channel = await connection.channel()
+                fleet.running[(p, n)] = _Running([], [asyncio.create_task(consuming(leave))], leave, channel)
         tick = await a.tick()
         assert tick.surplus == {p: [2, 3] for p in PROJECTIONS}
         async with asyncio.timeout(30):  # a guard against the deadlock above, not a measurement
@@ -93,7 +92,8 @@ async def test_a_worker_over_its_share_tells_every_surplus_consumer_to_leave_bef
         assert (await b.tick()).acquired == {p: [2, 3] for p in PROJECTIONS}
     finally:
         for running in fleet.running.values():
-            running.task.cancel()
+            for task in running.tasks:
+                task.cancel()
         await fleet.copies.close()
         await connection.close()
 
