@@ -110,7 +110,8 @@ class Running:
             return self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise
+            self.proc.wait()  # reaped here, not by a later test's garbage collection
+            raise AssertionError(f"did not stop within 60 s of SIGTERM; its log ends: {self.output()[-4000:]}") from None
 
     def output(self) -> str:
         return self.out.read_text() + self.err.read_text()

@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 Check = Callable[[], bool]
 
 DEFAULT_STALL_AFTER = 5.0
+#: Seconds a stopping server waits for requests in flight and open connections before it closes them.
+SHUTDOWN_SECONDS = 3.0
 ENDPOINTS = ("/metrics", "/healthz", "/readyz")
 
 
@@ -200,7 +202,10 @@ async def serve(port: int, ready: Check, host: str = "0.0.0.0", *,
     port = sock.getsockname()[1]
     sock.setblocking(False)
     watchdog = Watchdog(stall_after)
-    runner = web.AppRunner(make_app(ready, watchdog, reason), access_log=None, handle_signals=False)
+    # A stop waits this long at most for requests in flight and open connections (aiohttp's default, 60 s, is
+    # longer than the process's own stop bound: a scrape left open would hold SIGTERM's exit for a minute).
+    runner = web.AppRunner(make_app(ready, watchdog, reason), access_log=None, handle_signals=False,
+                           shutdown_timeout=SHUTDOWN_SECONDS)
     await runner.setup()
     stop = threading.Event()
     fallback = _StalledServer(sock.dup(), watchdog)
