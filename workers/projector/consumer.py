@@ -87,7 +87,9 @@ class Consumer:
         self.names_handled = None if names is None else names | {_FORGOTTEN}
         self.cache = cache or DecodeCache.of(settings)
         self.names = broker.Names(settings.prefix)
-        self.queue = self.names.partition_queue(projection.name, partition)
+        #: The queue it consumes: its read model's partition queue, or its worker group's (through a ``View``).
+        self.queue = (channel.feed.queue if isinstance(channel, View)
+                      else self.names.partition_queue(projection.name, partition))
         self.health = health_ or health.Health()
         self._own_batcher = batcher is None
         self.batcher = batcher or Batcher(store, projection, settings, health_=self.health, stats=stats,

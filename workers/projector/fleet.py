@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
@@ -29,7 +28,7 @@ from workers.projector.batcher import Batcher, Stats
 from workers.projector.combiner import Combiner
 from workers.projector.consumer import Consumer
 from workers.projector.deliveries import DecodeCache
-from workers.projector.feed import GroupFeed
+from workers.projector.feed import GroupFeed, View
 from workers.projector.leases import REBALANCE_TICK_SECONDS, LeaseKeeper, Tick
 from workers.runtime import health, metrics, retry
 
@@ -42,7 +41,7 @@ CATCHUPS_AT_ONCE = 2
 @dataclasses.dataclass(slots=True)
 class _Running:
     """A leased partition's consumers: one (a read model's queue), or one per read model of a worker group fed by
-    the group's queue on one channel (``feed``)."""
+    the group's queue on one channel (``feed.GroupFeed``)."""
 
     consumers: list[Consumer]
     tasks: list[asyncio.Task[None]]
@@ -166,7 +165,7 @@ class Fleet:
             tasks.append(task)
         self.running[(lease, partition)] = _Running(consumers, tasks, leave, channel)
 
-    def _consumer(self, channel: Any, projection: Projection, partition: int,
+    def _consumer(self, channel: AbstractChannel | View, projection: Projection, partition: int,
                   on_hold: Callable[[int, str], Awaitable[None]]) -> Consumer:
         consumer = Consumer(self.store, channel, projection, partition, self.settings, health_=self.health,
                             cache=self.cache, catchups=self.catchups, batcher=self.batchers[projection.name],
