@@ -139,6 +139,7 @@ class Rebuild:
         self.applier = applier.Applier(projection(), store, reference=reference)
         self.events = 0
         self.resolved = 0  # parked dead letters the swap settled
+        self._created = False  # the shadow schema was created by this run (empty)
         self.settled = settled
 
     async def run(self) -> RebuildResult:
@@ -200,6 +201,8 @@ class Rebuild:
             # run starts over; a killed rebuild (the server lives on) resumes.
             await conn.execute("SET synchronous_commit = off")
             async with conn.transaction():
+                # A shadow this run creates holds nothing: ``_open_cursor`` need not drop and create it again.
+                self._created = not await conn.fetchval(SQL["schema_exists"], self.shadow)
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {shadow}")
                 # Only the shadow on the path: CREATE TABLE IF NOT EXISTS must not see the live tables.
                 await conn.execute(f"SET LOCAL search_path TO {shadow}")
@@ -245,9 +248,10 @@ class Rebuild:
                                                        "events_done": row["events"]})
                 return cursor, True
             # No cursor (a first run, or a crash emptied the unlogged shadow) or other projection code:
-            # whatever the shadow holds is of no use, and would be applied twice.
-            await conn.execute(f"DROP SCHEMA {_quote(self.shadow)} CASCADE")
-            await self._create_shadow(conn)
+            # whatever the shadow holds is of no use, and would be applied twice (unless this run created it).
+            if not self._created:
+                await conn.execute(f"DROP SCHEMA {_quote(self.shadow)} CASCADE")
+                await self._create_shadow(conn)
             await conn.execute(SQL["start_cursor"], self.projection.name, fingerprint)
         return Position.START, False
 

@@ -2,6 +2,10 @@
 -- "<shadow>", "<schema>": the shadow's own tables (rebuild_checkpoints, rebuild_cursor and the projection's
 -- read-model tables) resolve there, everything else (events, checkpoints, projection_status) in the schema.
 
+-- name: schema_exists
+-- Whether a schema of this name ($1) exists (a rebuild's shadow, before it creates it).
+SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1);
+
 -- name: create_rebuild_tables
 -- The rebuild's bookkeeping in the shadow schema (run with the shadow alone on the search_path).
 -- Unlogged like the shadow's tables: a server crash empties them all together (the rebuild starts over).
