@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import random
 import signal
@@ -99,18 +100,25 @@ class Fleet:
         self.processes.check()
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    """The deployment with the recorder's table, torn down after (workers.fleet) whatever happened."""
+@contextlib.asynccontextmanager
+async def deployment(logs: Path, group: str | None = None) -> AsyncIterator[Fleet]:
+    """The deployment with the recorder's table (its processes in ``group``, EVENTFLEET_GROUP, when given), torn
+    down after (workers.fleet) whatever happened."""
     settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=new_schema(),
-                        prefix=new_prefix(), partitions=PARTITIONS, projection_modules=MODULES)
-    async with open_fleet(settings, tmp_path, env=ENV, projections=PROJECTIONS) as processes:
+                        prefix=new_prefix(), partitions=PARTITIONS, projection_modules=MODULES, group=group)
+    async with open_fleet(settings, logs, env=ENV, projections=PROJECTIONS) as processes:
         conn = await db.connect(DATABASE_URL, settings.schema)
         try:
             await conn.execute(RECORDER["ddl"])
         finally:
             await conn.close()
         yield Fleet(processes)
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    async with deployment(tmp_path) as f:
+        yield f
 
 
 @pytest.fixture

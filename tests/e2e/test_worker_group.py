@@ -20,11 +20,11 @@ from tests.e2e.test_partition_fleet import (
     MODULES,
     PARTITIONS,
     PROJECTIONS,
-    RECORDER,
     Fleet,
     Writer,
     all_applied,
     assert_exact,
+    deployment,
     overlaps,
     until,
 )
@@ -42,15 +42,8 @@ LEASE = broker.group_lease(GROUP)
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     """test_partition_fleet's deployment, its processes in the worker group ``main``; torn down after."""
-    settings = Settings(database_url=DATABASE_URL, amqp_url=AMQP_URL, schema=new_schema(), prefix=new_prefix(),
-                        partitions=PARTITIONS, projection_modules=MODULES, group=GROUP)
-    async with open_fleet(settings, tmp_path, env=ENV, projections=PROJECTIONS) as processes:
-        conn = await db.connect(DATABASE_URL, settings.schema)
-        try:
-            await conn.execute(RECORDER["ddl"])
-        finally:
-            await conn.close()
-        yield Fleet(processes)
+    async with deployment(tmp_path, GROUP) as f:
+        yield f
 
 
 @pytest.fixture
