@@ -311,8 +311,8 @@ def _is_group(name: str) -> bool:
 async def known_groups(pool: db.Pool) -> tuple[list[str], dict[str, tuple[str, ...]]]:
     """The worker groups whose partitions were leased, and per projection the groups whose registered workers run
     it (see the module doc)."""
+    leased = await leases.groups(pool)
     async with db.translate_errors():
-        leased = [r["grp"] for r in await pool.fetch(SQL["lease_groups"])]
         rows = await pool.fetch(SQL["projection_groups"])
     group_of: dict[str, tuple[str, ...]] = {}
     for row in rows:

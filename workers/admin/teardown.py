@@ -27,6 +27,7 @@ from projections import registry
 from store import db, names, queries, roles
 from store import errors as store_errors
 from workers import broker, errors, locks
+from workers.projector import leases
 from workers.rebuild.shadow import shadow_schema
 from workers.relay.session import application_name
 
@@ -108,7 +109,7 @@ async def plan(database_url: str, schema: str, prefix: str, amqp: AbstractConnec
             found_roles = tuple([r for r in roles.Roles(schema).all()
                                  if await conn.fetchval(roles.SQL["role_exists"], r)])
             partitions = await conn.fetchval(SQL["partitions"]) or 0
-            leased = [r["grp"] for r in await conn.fetch(SQL["lease_groups"])]
+            leased = await leases.groups(conn)
             users = await _users(conn, schema)
     finally:
         await conn.close()
@@ -116,7 +117,7 @@ async def plan(database_url: str, schema: str, prefix: str, amqp: AbstractConnec
     queues = [q for p in projections
               for q in (*(n.partition_queue(p, i) for i in range(partitions)), n.queue(p), n.dead_letter_queue(p))]
     # The worker groups' queues (EVENTFLEET_GROUP): each fed every read model its workers ran.
-    queues += [n.group_queue(g, i) for g in sorted({*groups, *leased}) if _is_identifier(g) for i in range(partitions)]
+    queues += [n.group_queue(g, i) for g in sorted({*groups, *leased}) for i in range(partitions)]
     exchanges = [n.partitions_exchange, n.exchange, n.dead_letter_exchange, n.integration_exchange]
     return Plan(schema, prefix, projections, shadows, tuple(await _existing(amqp, queues, queue=True)),
                 tuple(await _existing(amqp, exchanges, queue=False)), found_roles, *users)

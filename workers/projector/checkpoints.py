@@ -24,8 +24,9 @@ store. Nothing it handles can lie between two of them unseen.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import asyncpg.pool
@@ -149,36 +150,39 @@ async def apply_batches(store: EventStore, batches: Sequence[tuple[Projection, S
     for a read model that appends (a reactor): its outcomes are counted per batch. Raises what ``apply_batch``
     raises; the caller then applies each batch on its own (``parking.apply_or_park``)."""
     prepared = [(projection, *_prepare(projection, events)) for projection, events in batches]
-    async with db.translate_errors():
-        conn = await store.pool.acquire()
-        committed = False
-        try:
-            async with conn.transaction():
-                # One statement takes every read model's lock, and one counts what each applied.
-                await locks.share_many(conn, [locks.projection(store.schema, p.name) for p, *_ in prepared])
-                for projection, result, delivered, names in prepared:
-                    if delivered:
-                        every = [e for versions in delivered.values() for e in versions.values()]
-                        result.applied = await _apply_in(conn, store, projection, delivered, {}, result, names,
-                                                         every, True, alone=False)
-                counted = [(p.name, len(r.applied)) for p, r, *_ in prepared if r.applied]
-                if counted:
-                    await conn.execute(SQL["count_applied_many"], [c[0] for c in counted], [c[1] for c in counted])
-            committed = True
-        finally:
-            await _release(store.pool, conn, clean=committed)
+    async with _transaction(store.pool) as conn:
+        # One statement takes every read model's lock, and one counts what each applied.
+        await locks.share_many(conn, [locks.projection(store.schema, p.name) for p, *_ in prepared])
+        for projection, result, delivered, names in prepared:
+            if delivered:
+                every = [e for versions in delivered.values() for e in versions.values()]
+                result.applied = await _apply_in(conn, store, projection, delivered, {}, result, names, every, True,
+                                                 alone=False)
+        counted = [(p.name, len(r.applied)) for p, r, *_ in prepared if r.applied]
+        if counted:
+            await conn.execute(SQL["count_applied_many"], [c[0] for c in counted], [c[1] for c in counted])
     return [result for _, result, _, _ in prepared]
 
 
-async def _release(pool: db.Pool, conn: asyncpg.pool.PoolConnectionProxy[Any], *, clean: bool) -> None:
-    """Hand a batch's connection back. A committed batch leaves no session state (its lock is the transaction's;
-    a projection's statements run inside it and must not SET, LISTEN or lock for the session: docs/reference.md
-    3.4), so it goes back without asyncpg's reset round trip; after an error, the full reset decides."""
-    if clean:
-        with db.clean_use():
-            await pool.release(conn)
-    else:
-        await pool.release(conn)
+@contextlib.asynccontextmanager
+async def _transaction(pool: db.Pool) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Any]]:
+    """A batch's connection, inside its transaction. A committed batch leaves no session state (its lock is the
+    transaction's; a projection's statements run inside it and must not SET, LISTEN or lock for the session:
+    docs/reference.md 3.4), so the connection goes back without asyncpg's reset round trip; after an error, the
+    full reset decides."""
+    async with db.translate_errors():
+        conn = await pool.acquire()
+        committed = False
+        try:
+            async with conn.transaction():
+                yield conn
+            committed = True
+        finally:
+            if committed:
+                with db.clean_use():
+                    await pool.release(conn)
+            else:
+                await pool.release(conn)
 
 
 async def _apply(store: EventStore, projection: Projection, delivered: dict[str, dict[int, RecordedEvent]],
@@ -186,16 +190,8 @@ async def _apply(store: EventStore, projection: Projection, delivered: dict[str,
                  names: frozenset[str] | None) -> list[RecordedEvent]:
     """The batch's transaction; returns the events it applied, in order."""
     every = [e for versions in delivered.values() for e in versions.values()]
-    async with db.translate_errors():
-        conn = await store.pool.acquire()
-        committed = False
-        try:
-            async with conn.transaction():
-                applied = await _apply_in(conn, store, projection, delivered, park, result, names, every, set_based)
-            committed = True
-        finally:
-            await _release(store.pool, conn, clean=committed)
-    return applied
+    async with _transaction(store.pool) as conn:
+        return await _apply_in(conn, store, projection, delivered, park, result, names, every, set_based)
 
 
 async def _apply_in(conn: db.Conn, store: EventStore, projection: Projection,

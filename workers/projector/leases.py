@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from store import db
+from store import db, errors, names
 from store.queries import load
 from workers import locks
 
@@ -179,6 +179,19 @@ async def owners(conn: db.Conn | db.Pool) -> list[Lease]:
         rows = await conn.fetch(SQL["owners"])
     return [Lease(r["projection"], r["partition"], r["owner"], r["live"], r["generation"],
                   r["expires_in_seconds"], r["held"]) for r in rows]
+
+
+async def groups(conn: db.Conn | db.Pool) -> list[str]:
+    """The worker groups whose partitions were leased (``EVENTFLEET_GROUP``), those whose names can name queues."""
+    async with db.translate_errors():
+        rows = await conn.fetch(SQL["groups"])
+    found = []
+    for row in rows:
+        try:
+            found.append(names.identifier(row["grp"], what="worker group"))
+        except errors.InvalidName:  # not a name broker.group_lease wrote
+            continue
+    return found
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

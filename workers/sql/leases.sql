@@ -73,3 +73,7 @@ SELECT worker_id, projections, extract(epoch FROM clock_timestamp() - heartbeat_
        expires_at > clock_timestamp() AS live
 FROM workers
 ORDER BY started_at, worker_id;
+
+-- name: groups
+-- The worker groups whose partitions were leased (leases.projection 'group:<name>', workers.broker.group_lease).
+SELECT DISTINCT substr(projection, 7) AS grp FROM leases WHERE starts_with(projection, 'group:') ORDER BY 1;

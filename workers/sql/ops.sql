@@ -46,9 +46,6 @@ FROM deadlines AS d WHERE d.reactor = $1;
 SELECT EXISTS (SELECT 1 FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
                WHERE n.nspname = $1 AND c.relname = 'schema_migrations');
 
--- name: lease_groups
--- The worker groups whose partitions were leased (leases.projection 'group:<name>', workers.broker.group_lease).
-SELECT DISTINCT substr(projection, 7) AS grp FROM leases WHERE starts_with(projection, 'group:') ORDER BY 1;
 
 -- name: projection_groups
 -- The worker group of each read model a registered worker of a group runs: the lease names the worker registered

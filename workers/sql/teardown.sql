@@ -58,6 +58,3 @@ ORDER BY pid;
 SELECT (SELECT count(*) FROM outbox)
        - (SELECT count(*) FROM (SELECT 1 FROM outbox FOR KEY SHARE SKIP LOCKED) AS free) AS claimed;
 
--- name: lease_groups
--- The worker groups whose partitions were leased (leases.projection 'group:<name>', workers.broker.group_lease).
-SELECT DISTINCT substr(projection, 7) AS grp FROM leases WHERE starts_with(projection, 'group:') ORDER BY 1;
