@@ -10,7 +10,7 @@ import inspect
 import os
 import socket
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -130,19 +130,19 @@ class Timeouts:
         return {name: str(round(seconds * 1000)) for name, seconds in limits.items() if seconds > 0}
 
 
-def connect_kwargs(schema: str, application_name: str = "eventfleet",
-                   timeouts: Timeouts | None = None) -> dict[str, Any]:
+def connect_kwargs(schema: str, application_name: str = "eventfleet", timeouts: Timeouts | None = None,
+                   settings: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Connection settings shared by pools and single connections: every name resolves in ``schema``, and
     the session gets ``timeouts`` (none by default: commands such as ``migrate`` and ``rebuild`` run long
     statements and transactions on purpose).
 
     The workers' own SQL and the projection handlers rely on it; the event store does not (it names its
-    schema in every statement, so it works over any pool).
+    schema in every statement, so it works over any pool). ``settings``: more session parameters (the relay's).
     """
-    settings = {"search_path": names.quote(schema), "application_name": application_name}
+    server_settings = {"search_path": names.quote(schema), "application_name": application_name}
     if timeouts is not None:
-        settings |= timeouts.server_settings()
-    return {"server_settings": settings}
+        server_settings |= timeouts.server_settings()
+    return {"server_settings": server_settings | dict(settings or {})}
 
 
 _CLEAN_USE: contextvars.ContextVar[bool] = contextvars.ContextVar("eventfleet_clean_use", default=False)
@@ -171,6 +171,26 @@ async def _reset(conn: asyncpg.Connection[Any]) -> None:
         query = conn.get_reset_query()
         if query:
             await conn.execute(query)
+
+
+@contextlib.asynccontextmanager
+async def committing(pool: Pool) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Any]]:
+    """A pooled connection inside a transaction, for a block that changes no session state (see ``clean_use``):
+    once the transaction committed, the connection goes back without asyncpg's reset round trip; after an error
+    (rolled back, perhaps mid-statement) the pool's full reset decides. The relay's claims and the projector's
+    batches, one transaction each, many a second."""
+    conn = await pool.acquire()
+    committed = False
+    try:
+        async with conn.transaction():
+            yield conn
+        committed = True
+    finally:
+        if committed:
+            with clean_use():
+                await pool.release(conn)
+        else:
+            await pool.release(conn)
 
 
 # --- several hosts, and hosts that vanish ---------------------------------------------------------------------
@@ -320,9 +340,9 @@ async def _connect_hosts(dsn: str, hosts: list[str], **kwargs: Any) -> asyncpg.C
 @contextlib.asynccontextmanager
 async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10,
                       application_name: str = "eventfleet", timeouts: Timeouts | None = None,
-                      **kwargs: Any) -> AsyncIterator[Pool]:
+                      settings: Mapping[str, str] | None = None, **kwargs: Any) -> AsyncIterator[Pool]:
     """Open a pool whose connections resolve unqualified names in ``schema`` (with ``timeouts``, if given,
-    on every session); close it on exit.
+    and ``settings`` on every session); close it on exit.
 
     A DSN naming several hosts (``?target_session_attrs=read-write`` for the primary) is tried host by host
     (``HOST_TIMEOUT`` each) whenever the pool opens a connection, so after a failover the pool's new
@@ -333,7 +353,7 @@ async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int
         kwargs.setdefault("connect", _connect)
     async with translate_errors():
         pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                         **connect_kwargs(schema, application_name, timeouts), **kwargs)
+                                         **connect_kwargs(schema, application_name, timeouts, settings), **kwargs)
     try:
         yield pool
     finally:

@@ -6,7 +6,6 @@ The relay calls ``claim`` and ``delete`` inside one transaction of its own; noth
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 from store import db, queries
@@ -29,18 +28,14 @@ UNBOUNDED = 2**62
 async def claim(conn: db.Conn, limit: int, max_bytes: int = UNBOUNDED) -> list[Any]:
     """Lock up to ``limit`` unclaimed rows (skipping locked ones) and return their events rows in order, while
     the events' bytes (data + metadata) before each are under ``max_bytes`` (so at least one; the last row
-    returned reaches the budget when its ``reached`` column is true: more may wait then).
+    returned reaches the budget when its ``reached`` column is true: more may wait then). The rows returned are
+    deleted in the same statement.
 
-    Must run inside a transaction: the locks, and the rows' fate, end with it.
+    Must run inside a transaction: the locks, and the rows' fate, end with it (a commit forgets the rows
+    returned, a rollback leaves every row where it was).
     """
     async with db.translate_errors():
         return await conn.fetch(SQL["claim"], limit, max_bytes)
-
-
-async def delete(conn: db.Conn, positions: Sequence[int]) -> None:
-    """Delete the rows of ``positions`` (published); takes effect when the caller's transaction commits."""
-    async with db.translate_errors():
-        await conn.execute(SQL["delete"], positions)
 
 
 async def backlog(conn: db.Conn | db.Pool) -> Backlog:

@@ -5,40 +5,47 @@
 -- name: claim
 -- Lock the oldest unclaimed outbox rows (rows another relay holds are skipped, not waited for), at most $1,
 -- and return their events in position order while the bytes (data + metadata) before each are under $2:
--- the event reaching the budget is the last one returned, and the first is returned whatever its size. Rows
--- locked past the budget stay in the outbox for the next claim (the lock ends with the transaction).
+-- the event reaching the budget is the last one returned, and the first is returned whatever its size.
+-- The rows returned are deleted by this same statement, in the caller's transaction: the relay commits once
+-- the broker confirmed every message, or rolls back (the rows stay, to be claimed again). Rows locked past the
+-- budget stay in the outbox for the next claim (the lock ends with the transaction). One statement, not a
+-- claim and a delete: one round trip less per relay batch.
 -- Locks only the outbox rows: events rows are immutable. `reached` is true on a row that reached the budget.
 -- Each event is fetched by its primary key (the LATERAL ... LIMIT 1 cannot be flattened into a join): with a
 -- plain join, stale statistics of the churning outbox (before autovacuum or ANALYZE caught up) made the
 -- planner merge or hash join against the whole events table, a claim cost growing with the store's size.
 -- The sizes come first (octet_length reads a TOASTed value's size without fetching it), the payloads only
--- for the rows returned.
+-- for the rows returned. The delete finds its rows by ctid (a Tid Scan whatever the statistics: the rows are
+-- locked, so their ctid holds, and nothing updates outbox rows): Postgres keeps a generic plan of this statement
+-- after a few runs, and one planned while the outbox was small would otherwise scan the whole outbox on every
+-- claim once a broker outage let a backlog grow (tests/integration/test_outbox_claim.py).
 WITH claimed AS (
-    SELECT global_position FROM outbox
+    SELECT ctid AS row_id, global_position FROM outbox
     ORDER BY global_position
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ), sized AS (
-    SELECT c.global_position,
+    SELECT c.row_id, c.global_position,
            sum(s.bytes) OVER (ORDER BY c.global_position ROWS UNBOUNDED PRECEDING) AS running, s.bytes
     FROM claimed AS c
     CROSS JOIN LATERAL (
         SELECT octet_length(x.data) + octet_length(x.metadata) AS bytes
         FROM events AS x WHERE x.global_position = c.global_position LIMIT 1
     ) AS s
+), taken AS (
+    DELETE FROM outbox AS o
+    USING sized AS z
+    WHERE o.ctid = z.row_id AND z.running - z.bytes < $2
+    RETURNING o.global_position
 )
 SELECT e.global_position, e.event_id, e.stream_id, e.version, e.event_type, e.data, e.metadata,
        e.recorded_at, e.transaction_id, e.partition, z.running >= $2 AS reached
-FROM sized AS z
+FROM taken AS t
+JOIN sized AS z USING (global_position)
 CROSS JOIN LATERAL (
-    SELECT * FROM events AS x WHERE x.global_position = z.global_position LIMIT 1
+    SELECT * FROM events AS x WHERE x.global_position = t.global_position LIMIT 1
 ) AS e
-WHERE z.running - z.bytes < $2
 ORDER BY e.global_position;
-
--- name: delete
--- Forget published rows; runs in the claiming transaction, after the broker confirmed every message.
-DELETE FROM outbox WHERE global_position = ANY($1::bigint[]);
 
 -- name: pending
 -- How many rows wait to be published and the age in seconds of the oldest (0 when none).

@@ -324,6 +324,11 @@ async def test_a_terminated_backend_is_an_outage_logged_once_and_outlived(
     assert [r.service for r in caplog.records if r.getMessage() == "recovered"].count("postgres") == 1
 
 
+async def test_the_relays_sessions_never_scan_the_outbox_sequentially(config):
+    async with relay.open_pool(config) as relay_pool:
+        assert await relay_pool.fetchval("SHOW enable_seqscan") == "off"
+
+
 async def test_pending_backlog_query(pool, event_store):
     assert await outbox.backlog(pool) == outbox.Backlog(0, 0.0)
     await append_orders(event_store, 1)

@@ -224,12 +224,15 @@ async def test_relay_claims_publishes_and_deletes_outbox_rows(
         amqp: AbstractRobustConnection, delete_prefixed: Callable[[list[str], list[str]], None]) -> None:
     await seed(event_store)
     relay_pool = await login(granted.relay)
-    # The claim itself: FOR UPDATE SKIP LOCKED, held by one relay, skipped by another.
-    async with relay_pool.acquire() as conn, conn.transaction():
+    # The claim itself: FOR UPDATE SKIP LOCKED (and delete), held by one relay, skipped by another; rolled back.
+    async with relay_pool.acquire() as conn:
+        claiming = conn.transaction()
+        await claiming.start()
         claimed = await outbox.claim(conn, 10)
         assert [r["version"] for r in claimed] == [0, 1]
         async with relay_pool.acquire() as other, other.transaction():
             assert await outbox.claim(other, 10) == []
+        await claiming.rollback()
     assert (await outbox.backlog(relay_pool)).pending == 2
     # The whole job against RabbitMQ: publish with confirms, then delete. P is read from the schema as the
     # relay role, and the batch messages go to a queue of the test's own bound to every partition.

@@ -168,21 +168,9 @@ async def apply_batches(store: EventStore, batches: Sequence[tuple[Projection, S
 async def _transaction(pool: db.Pool) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Any]]:
     """A batch's connection, inside its transaction. A committed batch leaves no session state (its lock is the
     transaction's; a projection's statements run inside it and must not SET, LISTEN or lock for the session:
-    docs/reference.md 3.4), so the connection goes back without asyncpg's reset round trip; after an error, the
-    full reset decides."""
-    async with db.translate_errors():
-        conn = await pool.acquire()
-        committed = False
-        try:
-            async with conn.transaction():
-                yield conn
-            committed = True
-        finally:
-            if committed:
-                with db.clean_use():
-                    await pool.release(conn)
-            else:
-                await pool.release(conn)
+    docs/reference.md 3.4), so the connection goes back without asyncpg's reset round trip (``db.committing``)."""
+    async with db.translate_errors(), db.committing(pool) as conn:
+        yield conn
 
 
 async def _apply(store: EventStore, projection: Projection, delivered: dict[str, dict[int, RecordedEvent]],

@@ -1,4 +1,4 @@
-"""One relay batch, one transaction: claim outbox rows, publish them with confirms, delete them, commit."""
+"""One relay batch, one transaction: claim (and delete) outbox rows, publish them with confirms, commit."""
 
 from __future__ import annotations
 
@@ -140,9 +140,9 @@ class Published:
 
 async def publish_batch(pool: db.Pool, targets: broker.Targets, batch_size: int, *,
                         confirm_timeout: float = 30.0, batch_bytes: int = outbox.UNBOUNDED) -> int:
-    """Claim up to batch_size rows and about ``batch_bytes`` of events, publish them as partition batches (and
-    one message per event to the events exchange when it is a target), delete them after every confirm,
-    commit; return the count (``publish_claim`` also says whether the claim was full)."""
+    """Claim up to batch_size rows and about ``batch_bytes`` of events (deleting them in the claim's statement),
+    publish them as partition batches (and one message per event to the events exchange when it is a target),
+    commit after every confirm (else roll back: the rows stay); return the count (``publish_claim`` also says whether the claim was full)."""
     return (await publish_claim(pool, targets, batch_size, confirm_timeout=confirm_timeout,
                                 batch_bytes=batch_bytes)).events
 
@@ -155,7 +155,7 @@ async def publish_claim(pool: db.Pool, targets: broker.Targets, batch_size: int,
     events go out one per message at once and a busy one's fill their messages. The claim stops at the event
     that reaches ``batch_bytes`` (always one): the rows, their message bodies and the frames in flight are
     what the relay holds, so its memory follows the bytes, not the row count."""
-    async with db.translate_errors(), pool.acquire() as conn, conn.transaction():
+    async with db.translate_errors(), db.committing(pool) as conn:
         rows = await outbox.claim(conn, batch_size, batch_bytes)
         if not rows:
             return Published(0, False)
@@ -173,7 +173,6 @@ async def publish_claim(pool: db.Pool, targets: broker.Targets, batch_size: int,
                 await asyncio.gather(publish_confirmed(exchange, batches, confirm_timeout),
                                      publish_confirmed(targets.events_exchange, singles, confirm_timeout,
                                                        mandatory=False))
-        await outbox.delete(conn, [r["global_position"] for r in rows])
     metrics.RELAY_PUBLISHED.inc(len(rows))
     metrics.RELAY_MESSAGES.inc(len(batches))
     for row, reason in undecodable:  # once committed: a rolled-back batch publishes them again
