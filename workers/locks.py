@@ -2,7 +2,7 @@
 
 | key | taken by | mode | held |
 |---|---|---|---|
-| ``projection`` | every batch applied to a projection (deliveries, catch-ups, re-drives, skips) | shared | its transaction |
+| ``projection`` | every batch applied to a projection (deliveries, catch-ups, re-drives, skips; a batch's in its checkpoint claim, the function ``claim_checkpoints``) | shared | its transaction |
 | ``projection`` | a rebuild's swap of the projection's tables | exclusive | the swap's transaction |
 | ``projection`` | ``retire`` deleting a removed read model's bookkeeping | exclusive | its transaction |
 | ``rebuild`` | a running rebuild or backfill of a projection (``status`` asks whether it is held) | try | the run (session) |
@@ -18,8 +18,6 @@ than one in a transaction takes ``projection`` before ``watermark``.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 from store import db
 from store import migrate as store_migrate
@@ -54,11 +52,6 @@ def watermark(schema: str, name: str) -> str:
 async def share(conn: db.Conn, key: str) -> None:
     """Take ``key`` shared until the end of the current transaction."""
     await conn.execute(SQL["share_xact"], key)
-
-
-async def share_many(conn: db.Conn, keys: Sequence[str]) -> None:
-    """Take ``keys`` shared until the end of the current transaction, in their order (one round trip)."""
-    await conn.execute(SQL["share_many_xact"], list(keys))
 
 
 async def take(conn: db.Conn, key: str) -> None:

@@ -151,13 +151,15 @@ async def apply_batches(store: EventStore, batches: Sequence[tuple[Projection, S
     raises; the caller then applies each batch on its own (``parking.apply_or_park``)."""
     prepared = [(projection, *_prepare(projection, events)) for projection, events in batches]
     async with _transaction(store.pool) as conn:
-        # One statement takes every read model's lock, and one counts what each applied.
-        await locks.share_many(conn, [locks.projection(store.schema, p.name) for p, *_ in prepared])
+        # The first claim takes every read model's lock (one round trip for both), and one statement counts what
+        # each applied.
+        keys = [locks.projection(store.schema, p.name) for p, *_ in prepared]
         for projection, result, delivered, names in prepared:
             if delivered:
                 every = [e for versions in delivered.values() for e in versions.values()]
                 result.applied = await _apply_in(conn, store, projection, delivered, {}, result, names, every, True,
-                                                 alone=False)
+                                                 alone=False, lock_keys=keys)
+                keys = []
         counted = [(p.name, len(r.applied)) for p, r, *_ in prepared if r.applied]
         if counted:
             await conn.execute(SQL["count_applied_many"], [c[0] for c in counted], [c[1] for c in counted])
@@ -185,12 +187,12 @@ async def _apply(store: EventStore, projection: Projection, delivered: dict[str,
 async def _apply_in(conn: db.Conn, store: EventStore, projection: Projection,
                     delivered: dict[str, dict[int, RecordedEvent]], park: Mapping[tuple[str, int], Failure],
                     result: BatchResult, names: frozenset[str] | None, every: list[RecordedEvent], set_based: bool,
-                    *, alone: bool = True) -> list[RecordedEvent]:
-    """The batch's statements on ``conn``, inside its transaction (``alone``: its own, so they take the
-    projection's lock first and count what they applied last; else ``apply_batches`` does both for all)."""
-    if alone:
-        await locks.share(conn, locks.projection(store.schema, projection.name))
-    claimed = await conn.fetch(SQL["claim_checkpoints"], projection.name, [e.stream_id for e in every],
+                    *, alone: bool = True, lock_keys: Sequence[str] = ()) -> list[RecordedEvent]:
+    """The batch's statements on ``conn``, inside its transaction (``alone``: its own, so its claim takes the
+    projection's lock first and they count what they applied last; else ``apply_batches`` does both for all,
+    the locks ``lock_keys`` in its first claim)."""
+    keys = [locks.projection(store.schema, projection.name)] if alone else list(lock_keys)
+    claimed = await conn.fetch(SQL["claim_checkpoints"], keys, projection.name, [e.stream_id for e in every],
                                [e.version for e in every], [e.event_id for e in every],
                                None if names is None else sorted(names))
     streams: dict[str, _Stream] = {}

@@ -1,47 +1,12 @@
 -- Per-stream checkpoints of projections: locked, checked and moved in the batch's own transaction.
 
 -- name: claim_checkpoints
--- Lock the batch's checkpoint rows in stream_id order, so concurrent workers queue in one order and never
--- deadlock, and move each to the newest delivered version the store holds (unless halted or already past it).
--- Input: one row per delivered event ($2 stream, $3 version, $4 event id). A delivered event the store does not
--- hold at its stream and version under the same id is a ghost (published, then lost with a primary by an
--- asynchronous failover, or a store restored from an older backup): it never moves a checkpoint, and its
--- versions are returned (ghosts) for the caller to take from the store instead. The row lock is taken on the
--- latest committed row, also after waiting for another worker's batch, and previous_version records where it
--- was: the caller applies (previous_version, version] in this same transaction, or rolls all of it back.
--- A read model that handles the event names $5 only (Projection.handled_names(); NULL: every event) has a
--- checkpoint that moves past the events it does not handle without their ever reaching it: for it, each stream's
--- handled store versions in (previous_version, version] are returned (handled), what this transaction must apply,
--- delivered or read from the store as gaps, however far apart they lie (one index range scan per stream).
-WITH delivered AS (
-    SELECT d.stream_id, d.version, coalesce(e.event_id = d.event_id, false) AS stored
-    FROM unnest($2::text[], $3::bigint[], $4::uuid[]) AS d(stream_id, version, event_id)
-    LEFT JOIN events AS e ON e.stream_id = d.stream_id AND e.version = d.version
-), targets AS (
-    SELECT stream_id, coalesce(max(version) FILTER (WHERE stored), -1) AS version,
-           array_agg(version ORDER BY version) FILTER (WHERE NOT stored) AS ghosts
-    FROM delivered
-    GROUP BY stream_id
-), claimed AS (
-    INSERT INTO checkpoints AS c (projection, stream_id, version, previous_version)
-    SELECT $1, t.stream_id, t.version, -1
-    FROM targets AS t
-    ORDER BY t.stream_id
-    ON CONFLICT (projection, stream_id) DO UPDATE
-        SET previous_version = c.version,
-            version = CASE WHEN c.halted_version IS NULL THEN greatest(c.version, EXCLUDED.version)
-                           ELSE c.version END,
-            updated_at = clock_timestamp()
-    RETURNING c.stream_id, c.previous_version, c.version, c.halted_version
-)
-SELECT c.stream_id, c.previous_version, c.version, c.halted_version, t.ghosts,
-       CASE WHEN $5::text[] IS NOT NULL THEN ARRAY(
-           SELECT e.version FROM events AS e
-           WHERE e.stream_id = c.stream_id AND e.version > c.previous_version AND e.version <= c.version
-             AND split_part(e.event_type, '.v', 1) = ANY($5::text[])
-           ORDER BY e.version) END AS handled
-FROM claimed AS c
-JOIN targets AS t USING (stream_id);
+-- The batch's claim of its checkpoint rows, after the locks $1 (text[], taken shared in the order given): the
+-- function claim_checkpoints (store/sql/migrations/0015_claim_checkpoints.sql says what it does, and why it is a
+-- function). $2 the read model, $3-$5 one row per delivered event (stream, version, event id), $6 its handled
+-- names (NULL: every event).
+SELECT stream_id, previous_version, version, halted_version, ghosts, handled
+FROM claim_checkpoints($1::text[], $2, $3::text[], $4::bigint[], $5::uuid[], $6::text[]);
 
 -- name: halt_streams
 -- Stop streams at a parked event: the checkpoint stays just before it (claimed rows, locked).

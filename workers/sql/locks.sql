@@ -4,11 +4,6 @@
 -- name: share_xact
 SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0));
 
--- name: share_many_xact
--- Take several keys ($1, text[]) shared until the end of the transaction, in the order given (callers sort them).
-SELECT pg_advisory_xact_lock_shared(hashtextextended(k, 0)) FROM unnest($1::text[]) WITH ORDINALITY AS u(k, i)
-ORDER BY i;
-
 -- name: take_xact
 SELECT pg_advisory_xact_lock(hashtextextended($1, 0));
 
