@@ -141,3 +141,27 @@ async def test_set_based_and_one_by_one_agree_on_a_mixed_batch(pool, event_store
         await checkpoints.apply_batch(event_store, projection, [*b, *a], set_based=set_based)
     async with pool.acquire() as conn:
         assert await read_models(conn, tag) == fold(e.event for e in [*a, *b])
+
+
+async def test_the_claims_plan_made_on_a_young_store_reads_events_by_index_once_the_store_has_grown(
+        pool: db.Pool, event_store: EventStore) -> None:
+    # Postgres keeps the claim's plan for the session: one made while the store held a few events must not scan
+    # the events table on every batch once it has grown.
+    young = [e for i in range(3) for e in await append(event_store, f"young-{i}", [placed(str(i), "c")])]
+    async with pool.acquire() as conn:
+        for _ in range(8):  # past Postgres's five custom plans of a statement
+            async with conn.transaction():
+                await conn.fetch(checkpoints.SQL["claim_checkpoints"], [], "probe", [e.stream_id for e in young],
+                                 [e.version for e in young], [e.event_id for e in young], None)
+        await event_store.append_batch([(f"grown-{i}", [placed(str(i), "c")], NO_STREAM) for i in range(3000)])
+        grown = await event_store.load("grown-2999")
+        async with conn.transaction():
+            claimed = await conn.fetch(checkpoints.SQL["claim_checkpoints"], [], "probe", ["grown-2999"], [0],
+                                       [grown[0].event_id], ["OrderPlaced"])
+            scans = await conn.fetchrow("SELECT pg_stat_get_xact_numscans('events'::regclass) AS scans, "
+                                        "pg_stat_get_xact_tuples_returned('events'::regclass) AS read")
+
+    assert [(r["stream_id"], r["previous_version"], r["version"], r["handled"]) for r in claimed] == [
+        ("grown-2999", -1, 0, [0])]
+    assert scans["read"] < 10  # index lookups of one stream, not 3,003 events read
+
