@@ -151,16 +151,31 @@ async def test_the_claims_plan_made_on_a_young_store_reads_events_by_index_once_
     async with pool.acquire() as conn:
         for _ in range(8):  # past Postgres's five custom plans of a statement
             async with conn.transaction():
-                await conn.fetch(checkpoints.SQL["claim_checkpoints"], [], "probe", [e.stream_id for e in young],
-                                 [e.version for e in young], [e.event_id for e in young], None)
+                await conn.fetch(checkpoints.SQL["claim_checkpoints"], [], ["probe"] * 3, [e.stream_id for e in young],
+                                 [e.version for e in young], [e.event_id for e in young], [], [])
         await event_store.append_batch([(f"grown-{i}", [placed(str(i), "c")], NO_STREAM) for i in range(3000)])
         grown = await event_store.load("grown-2999")
         async with conn.transaction():
-            claimed = await conn.fetch(checkpoints.SQL["claim_checkpoints"], [], "probe", ["grown-2999"], [0],
-                                       [grown[0].event_id], ["OrderPlaced"])
+            claimed = await conn.fetch(checkpoints.SQL["claim_checkpoints"], [], ["probe"], ["grown-2999"], [0],
+                                       [grown[0].event_id], ["probe"], ["OrderPlaced"])
             read = await conn.fetchval("SELECT pg_stat_get_xact_tuples_returned('events'::regclass)")
 
     assert [(r["stream_id"], r["previous_version"], r["version"], r["handled"]) for r in claimed] == [
         ("grown-2999", -1, 0, [0])]
     assert read < 10  # index lookups of one stream, not 3,003 events read
 
+
+
+async def test_one_claim_for_two_read_models_moves_each_ones_checkpoints_and_returns_each_its_handled_versions(
+        pool: db.Pool, event_store: EventStore) -> None:
+    e = await append(event_store, "order-1", [placed("1", "c"), paid("1", "c", "2.50"), shipped("1", "c")])
+    await pool.execute("INSERT INTO checkpoints (projection, stream_id, version) VALUES ('every', 'order-1', 0)")
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(checkpoints.SQL["claim_checkpoints"], [], ["every", "shipping", "shipping"],
+                                ["order-1"] * 3, [2, 0, 2], [e[2].event_id, e[0].event_id, e[2].event_id],
+                                ["shipping", "shipping"], ["OrderPlaced", "OrderShipped"])
+
+    assert sorted((r["projection"], r["previous_version"], r["version"], r["handled"]) for r in rows) == [
+        ("every", 0, 2, None), ("shipping", -1, 2, [0, 2])]
+    assert await checkpoint(pool, "every", "order-1") == 2
+    assert await checkpoint(pool, "shipping", "order-1") == 2

@@ -151,15 +151,15 @@ async def apply_batches(store: EventStore, batches: Sequence[tuple[Projection, S
     raises; the caller then applies each batch on its own (``parking.apply_or_park``)."""
     prepared = [(projection, *_prepare(projection, events)) for projection, events in batches]
     async with _transaction(store.pool) as conn:
-        # The first claim takes every read model's lock (one round trip for both), and one statement counts what
-        # each applied.
-        keys = [locks.projection(store.schema, p.name) for p, *_ in prepared]
-        for projection, result, delivered, names in prepared:
-            if delivered:
-                every = [e for versions in delivered.values() for e in versions.values()]
-                result.applied = await _apply_in(conn, store, projection, delivered, {}, result, names, every, True,
-                                                 alone=False, lock_keys=keys)
-                keys = []
+        # One call takes every read model's lock and claims every read model's checkpoints, and one statement
+        # counts what each applied.
+        claiming = [(p, [e for versions in delivered.values() for e in versions.values()], names)
+                    for p, _, delivered, names in prepared if delivered]
+        claimed = await _claim(conn, [locks.projection(store.schema, p.name) for p, *_ in prepared], claiming)
+        for (projection, result, delivered, names), (_, every, _) in zip(
+                [entry for entry in prepared if entry[2]], claiming, strict=True):
+            result.applied = await _apply_in(conn, store, projection, delivered, {}, result, names, every, True,
+                                             alone=False, claimed=claimed.get(projection.name, []))
         counted = [(p.name, len(r.applied)) for p, r, *_ in prepared if r.applied]
         if counted:
             await conn.execute(SQL["count_applied_many"], [c[0] for c in counted], [c[1] for c in counted])
@@ -184,17 +184,37 @@ async def _apply(store: EventStore, projection: Projection, delivered: dict[str,
         return await _apply_in(conn, store, projection, delivered, park, result, names, every, set_based)
 
 
+async def _claim(conn: db.Conn, lock_keys: Sequence[str],
+                 batches: Sequence[tuple[Projection, Sequence[RecordedEvent], frozenset[str] | None]]
+                 ) -> dict[str, list[Any]]:
+    """Take the locks ``lock_keys`` (shared), then claim the checkpoints of each read model's delivered events (its
+    handled names, or None: every event), in one call; the claimed rows by read model."""
+    readers, streams, versions, ids, handled_readers, handled_names = [], [], [], [], [], []
+    for projection, every, names in batches:
+        readers += [projection.name] * len(every)
+        streams += [e.stream_id for e in every]
+        versions += [e.version for e in every]
+        ids += [e.event_id for e in every]
+        if names is not None:
+            handled_readers += [projection.name] * len(names)
+            handled_names += sorted(names)
+    by_reader: dict[str, list[Any]] = {}
+    for row in await conn.fetch(SQL["claim_checkpoints"], list(lock_keys), readers, streams, versions, ids,
+                                handled_readers, handled_names):
+        by_reader.setdefault(row["projection"], []).append(row)
+    return by_reader
+
+
 async def _apply_in(conn: db.Conn, store: EventStore, projection: Projection,
                     delivered: dict[str, dict[int, RecordedEvent]], park: Mapping[tuple[str, int], Failure],
                     result: BatchResult, names: frozenset[str] | None, every: list[RecordedEvent], set_based: bool,
-                    *, alone: bool = True, lock_keys: Sequence[str] = ()) -> list[RecordedEvent]:
+                    *, alone: bool = True, claimed: Sequence[Any] | None = None) -> list[RecordedEvent]:
     """The batch's statements on ``conn``, inside its transaction (``alone``: its own, so its claim takes the
     projection's lock first and they count what they applied last; else ``apply_batches`` does both for all,
-    the locks ``lock_keys`` in its first claim)."""
-    keys = [locks.projection(store.schema, projection.name)] if alone else list(lock_keys)
-    claimed = await conn.fetch(SQL["claim_checkpoints"], keys, projection.name, [e.stream_id for e in every],
-                               [e.version for e in every], [e.event_id for e in every],
-                               None if names is None else sorted(names))
+    and the claims: ``claimed``, its rows)."""
+    if claimed is None:
+        claimed = (await _claim(conn, [locks.projection(store.schema, projection.name)],
+                                [(projection, every, names)])).get(projection.name, [])
     streams: dict[str, _Stream] = {}
     for row in sorted(claimed, key=lambda r: r["stream_id"]):
         sid, versions = row["stream_id"], delivered[row["stream_id"]]

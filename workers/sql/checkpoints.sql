@@ -1,12 +1,12 @@
 -- Per-stream checkpoints of projections: locked, checked and moved in the batch's own transaction.
 
 -- name: claim_checkpoints
--- The batch's claim of its checkpoint rows, after the locks $1 (text[], taken shared in the order given): the
--- function claim_checkpoints (store/sql/migrations/0015_claim_checkpoints.sql says what it does, and why it is a
--- function). $2 the read model, $3-$5 one row per delivered event (stream, version, event id), $6 its handled
--- names (NULL: every event).
-SELECT stream_id, previous_version, version, halted_version, ghosts, handled
-FROM claim_checkpoints($1::text[], $2, $3::text[], $4::bigint[], $5::uuid[], $6::text[]);
+-- The claim of checkpoint rows of one batch, or of a worker group's combined batch, after the locks $1 (text[],
+-- taken shared in the order given): the function claim_checkpoints (store/sql/migrations/0015_claim_checkpoints.sql
+-- says what it does, and why it is a function). $2-$5 one row per delivered event and read model (read model,
+-- stream, version, event id), $6-$7 (read model, name) pairs of the read models that handle some names only.
+SELECT projection, stream_id, previous_version, version, halted_version, ghosts, handled
+FROM claim_checkpoints($1::text[], $2::text[], $3::text[], $4::bigint[], $5::uuid[], $6::text[], $7::text[]);
 
 -- name: halt_streams
 -- Stop streams at a parked event: the checkpoint stays just before it (claimed rows, locked).
