@@ -197,6 +197,16 @@ class DomainError(EventFleetError):
     """A command was rejected by the domain model."""
 
 
+class SchemaBehind(StoreError):
+    """The schema lacks migrations this release's workers need: run `eventfleet migrate` before starting them."""
+
+    def __init__(self, schema: str, missing: list[int]) -> None:
+        super().__init__(f"schema {schema!r} lacks migrations {', '.join(map(str, missing))}, which this release's "
+                         "workers need: run `eventfleet migrate` first")
+        self.schema = schema
+        self.missing = missing
+
+
 class ClockBehind(StoreError):
     """The store holds transaction ids ahead of this Postgres cluster's (restored or moved from another cluster): run `eventfleet migrate` to move its clock past them."""
 

@@ -41,6 +41,17 @@ def store_migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
+async def check_current(conn: db.Conn | db.Pool, schema: str) -> None:
+    """Raise ``SchemaBehind`` unless ``schema`` has every migration this code ships applied (a worker's start: its
+    statements may need the newest, e.g. the function ``claim_checkpoints`` of 0015; without it every batch would
+    fail as the event's fault and park)."""
+    async with db.translate_errors():
+        done = {r["version"] for r in await conn.fetch(f"SELECT version FROM {names.quote(schema)}.schema_migrations")}
+    missing = [m.version for m in store_migrations() if m.version not in done]
+    if missing:
+        raise errors.SchemaBehind(schema, missing)
+
+
 async def migrate(conn: db.Conn, schema: str, *, extra_ddl: Sequence[LiteralString] = (),
                   partitions: int | None = None) -> list[int]:
     """Create or upgrade ``schema``; return the versions applied now (empty when already current).

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from store import db, migrate, queries
-from tests.conftest import DATABASE_URL, new_schema
+from store import db, errors, migrate, queries
+from tests.conftest import AMQP_URL, DATABASE_URL, new_schema
 from workers import admin
 
 
@@ -70,3 +70,31 @@ def test_the_command_line_migrates_then_reports_up_to_date(fresh_schema):
     second = run_cli("migrate", schema=fresh_schema)
     assert second.returncode == 0, second.stderr
     assert "up to date" in second.stdout
+
+
+async def test_a_schema_missing_the_newest_migration_is_behind_the_code(pool: db.Pool, schema: str) -> None:
+    newest = migrate.store_migrations()[-1].version
+    await pool.execute("DELETE FROM schema_migrations WHERE version = $1", newest)
+
+    with pytest.raises(errors.SchemaBehind) as refused:
+        await migrate.check_current(pool, schema)
+
+    assert refused.value.missing == [newest]
+    assert str(refused.value) == (f"schema {schema!r} lacks migrations {newest}, which this release's workers need: "
+                                  "run `eventfleet migrate` first")
+
+
+async def test_a_migrated_schema_is_current(pool: db.Pool, schema: str) -> None:
+    await migrate.check_current(pool, schema)
+
+
+async def test_a_worker_refuses_to_start_on_a_schema_behind_its_code(pool: db.Pool, schema: str, prefix: str) -> None:
+    await pool.execute("DELETE FROM schema_migrations WHERE version = $1", migrate.store_migrations()[-1].version)
+    env = {**os.environ, "EVENTFLEET_DATABASE_URL": DATABASE_URL, "EVENTFLEET_AMQP_URL": AMQP_URL,
+           "EVENTFLEET_SCHEMA": schema, "EVENTFLEET_PREFIX": prefix, "EVENTFLEET_HTTP_PORT": "0"}
+    worker = await asyncio.create_subprocess_exec(sys.executable, "-m", "workers", "worker", env=env,
+                                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = await asyncio.wait_for(worker.communicate(), 60)
+
+    assert worker.returncode == 1
+    assert err.decode().splitlines()[-1].startswith(f"eventfleet worker: schema {schema!r} lacks migrations ")

@@ -20,6 +20,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from projections import registry
 from projections.base import Projection
 from store import db
+from store import migrate as store_migrate
 from store.event_store import EventStore
 from workers import broker, errors
 from workers.config import Settings
@@ -126,6 +127,8 @@ async def run_worker(settings: Settings, projections: Sequence[Projection], heal
         partitions = await _retrying(store.partitions, health_, stop)
         if partitions is None:
             return stats
+        # A schema without the migrations this code needs is refused before anything is consumed.
+        await _retrying(lambda: store_migrate.check_current(pool, settings.schema), health_, stop)
         # With a worker group, its partitions are leased as one (each feeds every read model of the group).
         leased = ([p.name for p in projections] if settings.group is None else [broker.group_lease(settings.group)])
         keeper = LeaseKeeper(pool, settings.schema, leased, partitions,
