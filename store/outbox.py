@@ -1,6 +1,7 @@
-"""The transactional outbox: claim rows with their events, delete them once published, measure the backlog.
+"""The transactional outbox: claim rows with their events (deleting them), measure the backlog.
 
-The relay calls ``claim`` and ``delete`` inside one transaction of its own; nothing here commits.
+The relay calls ``claim`` inside a transaction of its own and commits once the broker confirmed what it
+published (else rolls back: the rows stay); nothing here commits.
 """
 
 from __future__ import annotations

@@ -188,7 +188,8 @@ async def _claim(conn: db.Conn, lock_keys: Sequence[str],
                  batches: Sequence[tuple[Projection, Sequence[RecordedEvent], frozenset[str] | None]]
                  ) -> dict[str, list[Any]]:
     """Take the locks ``lock_keys`` (shared), then claim the checkpoints of each read model's delivered events (its
-    handled names, or None: every event), in one call; the claimed rows by read model."""
+    handled names, or None: every event), in one call; the claimed rows by read model. (A read model that handles
+    no names never claims: ``_prepare`` leaves it no event.)"""
     readers, streams, versions, ids, handled_readers, handled_names = [], [], [], [], [], []
     for projection, every, names in batches:
         readers += [projection.name] * len(every)
