@@ -41,13 +41,22 @@ def store_migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
+#: What this release's workers need of a schema, by the migration that creates it: a function's signature, found
+#: in the catalog (``to_regprocedure``), which every role may read (a worker's role may not read schema_migrations).
+WORKERS_NEED: dict[int, str] = {
+    15: "claim_checkpoints(text[], text[], text[], bigint[], uuid[], text[], text[])",
+}
+
+
 async def check_current(conn: db.Conn | db.Pool, schema: str) -> None:
-    """Raise ``SchemaBehind`` unless ``schema`` has every migration this code ships applied (a worker's start: its
-    statements may need the newest, e.g. the function ``claim_checkpoints`` of 0015; without it every batch would
-    fail as the event's fault and park)."""
+    """Raise ``SchemaBehind`` unless ``schema`` holds what this release's workers need (``WORKERS_NEED``): without
+    the function ``claim_checkpoints`` of 0015, say, every batch would fail with an undefined function, the event's
+    fault (sqlstates), and park."""
+    missing = []
     async with db.translate_errors():
-        done = {r["version"] for r in await conn.fetch(f"SELECT version FROM {names.quote(schema)}.schema_migrations")}
-    missing = [m.version for m in store_migrations() if m.version not in done]
+        for version, signature in sorted(WORKERS_NEED.items()):
+            if not await conn.fetchval("SELECT to_regprocedure($1) IS NOT NULL", f"{names.quote(schema)}.{signature}"):
+                missing.append(version)
     if missing:
         raise errors.SchemaBehind(schema, missing)
 
