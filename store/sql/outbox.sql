@@ -15,10 +15,11 @@
 -- plain join, stale statistics of the churning outbox (before autovacuum or ANALYZE caught up) made the
 -- planner merge or hash join against the whole events table, a claim cost growing with the store's size.
 -- The sizes come first (octet_length reads a TOASTed value's size without fetching it), the payloads only
--- for the rows returned. The delete finds its rows by ctid (a Tid Scan whatever the statistics: the rows are
--- locked, so their ctid holds, and nothing updates outbox rows): Postgres keeps a generic plan of this statement
--- after a few runs, and one planned while the outbox was small would otherwise scan the whole outbox on every
--- claim once a broker outage let a backlog grow (tests/integration/test_outbox_claim.py).
+-- for the rows returned. The delete finds its rows by ctid (the rows are locked, so their ctid holds, and
+-- nothing updates outbox rows): with the relay's sessions' enable_seqscan off (workers/relay/session.py), a Tid
+-- Scan whatever the statistics. Postgres keeps a generic plan of this statement after a few runs, and one planned
+-- while the outbox was small would otherwise scan the whole outbox on every claim once a broker outage let a
+-- backlog grow (tests/integration/test_outbox_claim.py).
 WITH claimed AS (
     SELECT ctid AS row_id, global_position FROM outbox
     ORDER BY global_position

@@ -142,7 +142,8 @@ async def publish_batch(pool: db.Pool, targets: broker.Targets, batch_size: int,
                         confirm_timeout: float = 30.0, batch_bytes: int = outbox.UNBOUNDED) -> int:
     """Claim up to batch_size rows and about ``batch_bytes`` of events (deleting them in the claim's statement),
     publish them as partition batches (and one message per event to the events exchange when it is a target),
-    commit after every confirm (else roll back: the rows stay); return the count (``publish_claim`` also says whether the claim was full)."""
+    commit after every confirm (else roll back: the rows stay); return the count (``publish_claim`` also says
+    whether the claim was full)."""
     return (await publish_claim(pool, targets, batch_size, confirm_timeout=confirm_timeout,
                                 batch_bytes=batch_bytes)).events
 
