@@ -142,6 +142,11 @@ def _prepare(projection: Projection, events: Sequence[RecordedEvent]
     return result, delivered, names
 
 
+def _every(delivered: dict[str, dict[int, RecordedEvent]]) -> list[RecordedEvent]:
+    """A batch's delivered events, stream by stream."""
+    return [e for versions in delivered.values() for e in versions.values()]
+
+
 async def apply_batches(store: EventStore, batches: Sequence[tuple[Projection, Sequence[RecordedEvent]]]
                         ) -> list[BatchResult]:
     """Several read models' batches in one transaction (a worker group's: ``workers.projector.combiner``), each
@@ -153,11 +158,11 @@ async def apply_batches(store: EventStore, batches: Sequence[tuple[Projection, S
     async with _transaction(store.pool) as conn:
         # One call takes every read model's lock and claims every read model's checkpoints, and one statement
         # counts what each applied.
-        claiming = [(p, [e for versions in delivered.values() for e in versions.values()], names)
-                    for p, _, delivered, names in prepared if delivered]
-        claimed = await _claim(conn, [locks.projection(store.schema, p.name) for p, *_ in prepared], claiming)
-        for (projection, result, delivered, names), (_, every, _) in zip(
-                [entry for entry in prepared if entry[2]], claiming, strict=True):
+        delivering = [(p, result, delivered, names, _every(delivered))
+                      for p, result, delivered, names in prepared if delivered]
+        claimed = await _claim(conn, [locks.projection(store.schema, p.name) for p, *_ in prepared],
+                               [(p, every, names) for p, _, _, names, every in delivering])
+        for projection, result, delivered, names, every in delivering:
             result.applied = await _apply_in(conn, store, projection, delivered, {}, result, names, every, True,
                                              alone=False, claimed=claimed.get(projection.name, []))
         counted = [(p.name, len(r.applied)) for p, r, *_ in prepared if r.applied]
@@ -179,7 +184,7 @@ async def _apply(store: EventStore, projection: Projection, delivered: dict[str,
                  park: Mapping[tuple[str, int], Failure], result: BatchResult, set_based: bool,
                  names: frozenset[str] | None) -> list[RecordedEvent]:
     """The batch's transaction; returns the events it applied, in order."""
-    every = [e for versions in delivered.values() for e in versions.values()]
+    every = _every(delivered)
     async with _transaction(store.pool) as conn:
         return await _apply_in(conn, store, projection, delivered, park, result, names, every, set_based)
 

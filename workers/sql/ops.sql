@@ -46,7 +46,6 @@ FROM deadlines AS d WHERE d.reactor = $1;
 SELECT EXISTS (SELECT 1 FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
                WHERE n.nspname = $1 AND c.relname = 'schema_migrations');
 
-
 -- name: projection_groups
 -- The worker group of each read model a registered worker of a group runs: the lease names the worker registered
 -- (workers.projections: 'group:<name>' for a worker of a group) joined with the read models its code registered
